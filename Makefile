@@ -1,0 +1,30 @@
+# Two user-facing targets (see README): `make demo` and `make test`.
+# Both are idempotent: the venv is created once and re-installed only when pyproject.toml changes.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0.5
+
+.PHONY: demo test install install-test
+
+$(VENV)/.stamp-base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-base
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.stamp-base
+install-test: $(VENV)/.stamp-test
+
+demo: install
+	$(PY) -m jaxdiff.cli generate --prompt "a small red circle on the left" \
+	  --prompt "a big blue square" --prompt "a green triangle at the top" \
+	  --prompt "a yellow star on a black background" --batch 2 --out outputs/demo
+
+test: install-test
+	$(PY) -m pytest -q tests
