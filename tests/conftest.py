@@ -1,0 +1,20 @@
+"""Shared pytest set-up: persistent compilation cache, deterministic CPU threads."""
+import os
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """The PyTorch reference (tests only)."""
+    import torch as _torch
+    _torch.manual_seed(0)
+    _torch.set_num_threads(2)
+    return _torch
