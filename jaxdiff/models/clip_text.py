@@ -1,0 +1,150 @@
+"""CLIP text transformer (transformers ``CLIPTextModel``), as Stable Diffusion uses it.
+
+``apply({"params": p}, input_ids [B,L]) -> last_hidden_state [B,L,D]`` (after the final
+LayerNorm). ``output_hidden_states=True`` also returns the input embeddings and every
+layer's output (before the final LayerNorm), like transformers' ``hidden_states``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.models import config as config_lib
+from jaxdiff.models.attention import attend
+
+_ACTS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def validate(self, source="text_encoder config"):
+        if self.hidden_act not in _ACTS:
+            raise config_lib.UnsupportedConfigError(
+                f"{source}: hidden_act={self.hidden_act!r} is not supported "
+                f"(supported: {sorted(_ACTS)}).")
+        if self.hidden_size % self.num_attention_heads:
+            raise config_lib.UnsupportedConfigError(
+                f"{source}: hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}.")
+
+    @classmethod
+    def from_dict(cls, d, source="text_encoder/config.json"):
+        return config_lib.from_dict(cls, d, source=source)
+
+    def to_dict(self):
+        return config_lib.to_dict(self, "CLIPTextModel", extra={
+            "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+            "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1})
+
+
+class _SelfAttention(nn.Module):
+    cfg: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg = self.cfg
+        heads, dh = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        proj = lambda n, y: nn.Dense(cfg.hidden_size, dtype=self.dtype, name=n)(y)
+        split = lambda y: y.reshape(y.shape[0], y.shape[1], heads, dh)
+        q, k, v = (split(proj(n, x)) for n in ("q_proj", "k_proj", "v_proj"))
+        a = attend(q, k, v, scale=dh ** -0.5, upcast=False, impl="einsum", mask=mask)
+        return proj("out_proj", a.reshape(x.shape))
+
+
+class _EncoderLayer(nn.Module):
+    cfg: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask):
+        ln = lambda n: nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, dtype=self.dtype, name=n)
+        x = x + _SelfAttention(self.cfg, self.dtype, name="self_attn")(ln("layer_norm1")(x), mask)
+        return x + _MLP(self.cfg, self.dtype, name="mlp")(ln("layer_norm2")(x))
+
+
+class _Encoder(nn.Module):
+    cfg: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask):
+        hidden = [x]
+        for i in range(self.cfg.num_hidden_layers):
+            x = _EncoderLayer(self.cfg, self.dtype, name=f"layers_{i}")(x, mask)
+            hidden.append(x)
+        return x, hidden
+
+
+class _MLP(nn.Module):
+    cfg: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.cfg.intermediate_size, dtype=self.dtype, name="fc1")(x)
+        h = _ACTS[self.cfg.hidden_act](h)
+        return nn.Dense(self.cfg.hidden_size, dtype=self.dtype, name="fc2")(h)
+
+
+class CLIPTextModel(nn.Module):
+    """CLIP text encoder with a causal mask. Params live under ``text_model``."""
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, output_hidden_states: bool = False, embeddings=None):
+        """input_ids: [B, L] int32. ``embeddings`` optionally replaces the token-embedding
+        lookup with given [B, L, D] vectors (used by Textual Inversion)."""
+        return _TextTransformer(self.config, self.dtype, name="text_model")(
+            input_ids, output_hidden_states, embeddings)
+
+
+class _TextTransformer(nn.Module):
+    cfg: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, output_hidden_states, embeddings):
+        cfg = self.cfg
+        b, length = input_ids.shape
+        if length > cfg.max_position_embeddings:
+            raise ValueError(f"token sequence length {length} exceeds the text encoder's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}.")
+        x = _Embeddings(cfg, name="embeddings")(input_ids, embeddings).astype(self.dtype)
+        mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        x, hidden = _Encoder(cfg, self.dtype, name="encoder")(x, mask)
+        out = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
+                           name="final_layer_norm")(x).astype(jnp.float32)
+        if output_hidden_states:
+            return out, tuple(h.astype(jnp.float32) for h in hidden)
+        return out
+
+
+class _Embeddings(nn.Module):
+    cfg: CLIPTextConfig
+
+    @nn.compact
+    def __call__(self, input_ids, embeddings=None):
+        tok = nn.Embed(self.cfg.vocab_size, self.cfg.hidden_size, name="token_embedding")
+        pos = nn.Embed(self.cfg.max_position_embeddings, self.cfg.hidden_size,
+                       name="position_embedding")
+        x = tok(input_ids) if embeddings is None else embeddings
+        return x + pos(jnp.arange(input_ids.shape[1]))[None]

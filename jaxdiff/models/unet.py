@@ -1,0 +1,235 @@
+"""The conditional UNet of Stable Diffusion 1.x / 2.x (diffusers ``UNet2DConditionModel``).
+
+NHWC: ``apply({"params": p}, sample [B,h,w,C], t [B] or scalar, context [B,L,D]) ->
+[B,h,w,out_channels]``. Config fields are named as in diffusers' ``unet/config.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Tuple, Union
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxdiff.models import config as config_lib
+from jaxdiff.models.attention import Transformer2DModel
+from jaxdiff.models.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D,
+                                   conv3x3, timestep_embedding)
+
+_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: Tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    up_block_types: Tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: Union[int, Tuple[int, ...]] = 2
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280
+    transformer_layers_per_block: Union[int, Tuple[int, ...]] = 1
+    attention_head_dim: Union[int, Tuple[int, ...]] = 8
+    num_attention_heads: Any = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+
+    def validate(self, source="unet config"):
+        n = len(self.block_out_channels)
+        for name, types, ok in (("down_block_types", self.down_block_types, _DOWN),
+                                ("up_block_types", self.up_block_types, _UP)):
+            bad = [t for t in types if t not in ok]
+            if bad or len(types) != n:
+                raise config_lib.UnsupportedConfigError(
+                    f"{source}: {name}={list(types)} is not supported: need {n} entries from "
+                    f"{list(ok)}.")
+        if self.mid_block_type != "UNetMidBlock2DCrossAttn":
+            raise config_lib.UnsupportedConfigError(
+                f"{source}: mid_block_type={self.mid_block_type!r} is not supported "
+                "(only 'UNetMidBlock2DCrossAttn').")
+        if self.act_fn != "silu":
+            raise config_lib.UnsupportedConfigError(f"{source}: act_fn={self.act_fn!r} is not "
+                                                    "supported (only 'silu').")
+        for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
+            v = getattr(self, name)
+            if isinstance(v, tuple) and (len(v) != n or not all(isinstance(x, int) for x in v)):
+                raise config_lib.UnsupportedConfigError(
+                    f"{source}: {name}={list(v)} must be an int or {n} ints.")
+
+    def per_block(self, name) -> Tuple[int, ...]:
+        v = getattr(self, name)
+        return v if isinstance(v, tuple) else (v,) * len(self.block_out_channels)
+
+    def heads(self) -> Tuple[int, ...]:
+        # diffusers' legacy naming: attention_head_dim holds the number of heads.
+        v = self.num_attention_heads if self.num_attention_heads is not None else None
+        if v is None:
+            return self.per_block("attention_head_dim")
+        return v if isinstance(v, tuple) else (v,) * len(self.block_out_channels)
+
+    @classmethod
+    def from_dict(cls, d, source="unet/config.json"):
+        return config_lib.from_dict(cls, d, fixed=UNET_FIXED, source=source)
+
+    def to_dict(self):
+        return config_lib.to_dict(self, "UNet2DConditionModel")
+
+
+# Upstream UNet fields jaxdiff accepts only at these values.
+UNET_FIXED = {
+    "only_cross_attention": (False,), "dual_cross_attention": (False,),
+    "class_embed_type": (None,), "addition_embed_type": (None,), "num_class_embeds": (None,),
+    "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0, 1), "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,), "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,), "projection_class_embeddings_input_dim": (None,),
+    "attention_type": ("default",), "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None, False), "cross_attention_norm": (None,),
+    "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,),
+    "addition_time_embed_dim": (None,), "addition_embed_type_num_heads": (64,),
+    "reverse_transformer_layers_per_block": (None,), "dropout": (0.0, 0),
+}
+
+
+class _Stage(nn.Module):
+    """One down or up block: resnets, optional transformers, optional resampler."""
+    out_channels: int
+    num_resnets: int
+    cross: bool
+    heads: int
+    transformer_layers: int
+    resample: str  # "down" | "up" | ""
+    first_layer: int
+    cfg: Any  # UNetConfig (hashable, frozen)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context, skips=None, control=None, up_size=None):
+        cfg, outputs = self.cfg, []
+        skips = None if skips is None else list(skips)
+        for j in range(self.num_resnets):
+            if skips is not None:
+                x = jnp.concatenate([x, skips.pop()], axis=-1)
+            x = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps,
+                              dtype=self.dtype, name=f"resnets_{j}")(x, temb)
+            if self.cross:
+                x = Transformer2DModel(
+                    self.heads, self.out_channels // self.heads, self.transformer_layers,
+                    cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention,
+                    first_layer=self.first_layer + j * self.transformer_layers,
+                    dtype=self.dtype, name=f"attentions_{j}")(x, context, control)
+            outputs.append(x)
+        if self.resample == "down":
+            x = Downsample2D(self.out_channels, dtype=self.dtype, name="downsamplers_0")(x)
+            outputs.append(x)
+        elif self.resample == "up":
+            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, up_size)
+        return x, outputs
+
+
+class _MidBlock(nn.Module):
+    channels: int
+    heads: int
+    transformer_layers: int
+    first_layer: int
+    cfg: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context, control=None):
+        cfg = self.cfg
+        res = lambda i: ResnetBlock2D(self.channels, cfg.norm_num_groups, cfg.norm_eps,
+                                      dtype=self.dtype, name=f"resnets_{i}")
+        x = res(0)(x, temb)
+        x = Transformer2DModel(self.heads, self.channels // self.heads, self.transformer_layers,
+                               cfg.norm_num_groups, cfg.use_linear_projection,
+                               cfg.upcast_attention, first_layer=self.first_layer,
+                               dtype=self.dtype, name="attentions_0")(x, context, control)
+        return res(1)(x, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    """SD 1.x / 2.x conditional UNet.
+
+    Attributes:
+      config: a ``UNetConfig``.
+      dtype: compute dtype (params stay float32); bf16 on accelerators.
+    """
+    config: UNetConfig
+    dtype: Any = jnp.float32
+
+    def layer_count(self) -> int:
+        """Number of controllable transformer blocks (controller ``layer`` indices)."""
+        return sum(s["transformer_layers"] * s["num_resnets"] for s in self._plan() if s["cross"])
+
+    def _plan(self):
+        """Static description of every stage, in forward order: down..., mid, up..."""
+        cfg, n = self.config, len(self.config.block_out_channels)
+        boc, heads = cfg.block_out_channels, cfg.heads()
+        lpb, tlpb = cfg.per_block("layers_per_block"), cfg.per_block("transformer_layers_per_block")
+        plan, layer = [], 0
+        for i, kind in enumerate(cfg.down_block_types):
+            cross = kind == "CrossAttnDownBlock2D"
+            plan.append(dict(name=f"down_blocks_{i}", out_channels=boc[i], num_resnets=lpb[i],
+                             cross=cross, heads=heads[i], transformer_layers=tlpb[i],
+                             resample="down" if i < n - 1 else "", first_layer=layer))
+            layer += lpb[i] * tlpb[i] if cross else 0
+        plan.append(dict(name="mid_block", out_channels=boc[-1], num_resnets=1, cross=True,
+                         heads=heads[-1], transformer_layers=tlpb[-1], resample="mid",
+                         first_layer=layer))
+        layer += tlpb[-1]
+        r_heads, r_lpb, r_tlpb, r_boc = heads[::-1], lpb[::-1], tlpb[::-1], boc[::-1]
+        for i, kind in enumerate(cfg.up_block_types):
+            cross = kind == "CrossAttnUpBlock2D"
+            plan.append(dict(name=f"up_blocks_{i}", out_channels=r_boc[i],
+                             num_resnets=r_lpb[i] + 1, cross=cross, heads=r_heads[i],
+                             transformer_layers=r_tlpb[i],
+                             resample="up" if i < n - 1 else "", first_layer=layer))
+            layer += (r_lpb[i] + 1) * r_tlpb[i] if cross else 0
+        return plan
+
+    @nn.compact
+    def __call__(self, sample, timesteps, encoder_hidden_states, control=None):
+        cfg = self.config
+        sample = sample.astype(self.dtype)
+        b = sample.shape[0]
+        n_down = len(cfg.block_out_channels) - 1
+        if sample.shape[1] % (2 ** n_down) or sample.shape[2] % (2 ** n_down):
+            raise ValueError(f"UNet input spatial size {sample.shape[1:3]} must be a multiple "
+                             f"of {2 ** n_down}; choose height/width accordingly.")
+        t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
+        temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
+                                  cfg.freq_shift).astype(self.dtype)
+        temb = TimestepEmbedding(cfg.block_out_channels[0] * 4, self.dtype,
+                                 name="time_embedding")(temb)
+        context = encoder_hidden_states.astype(self.dtype)
+
+        x = conv3x3(cfg.block_out_channels[0], self.dtype, "conv_in")(sample)
+        skips = [x]
+        for stage in self._plan():
+            kw = {k: v for k, v in stage.items() if k != "name"}
+            if stage["resample"] == "mid":
+                x = _MidBlock(stage["out_channels"], stage["heads"], stage["transformer_layers"],
+                              stage["first_layer"], cfg, self.dtype, name="mid_block")(
+                                  x, temb, context, control)
+            elif stage["name"].startswith("down"):
+                x, outs = _Stage(**kw, cfg=cfg, dtype=self.dtype, name=stage["name"])(
+                    x, temb, context, control=control)
+                skips.extend(outs)
+            else:
+                k = stage["num_resnets"]
+                mine, skips = skips[-k:], skips[:-k]
+                up_size = skips[-1].shape[1:3] if skips else None
+                x, _ = _Stage(**kw, cfg=cfg, dtype=self.dtype, name=stage["name"])(
+                    x, temb, context, skips=mine, control=control, up_size=up_size)
+        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype,
+                         name="conv_norm_out")(x)
+        return conv3x3(cfg.out_channels, self.dtype, "conv_out")(nn.silu(x))

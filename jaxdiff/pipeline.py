@@ -1,0 +1,102 @@
+"""The Pipeline bundle: modules + configs + tokenizer, and the pure encode/decode functions.
+
+A ``Pipeline`` holds no parameters. Every method that computes takes the params pytree
+``{"text_encoder": ..., "unet": ..., "vae": ...}`` explicitly (DESIGN contract 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from jaxdiff.models.vae import sample_posterior
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pipeline:
+    """Stable-Diffusion-style text-to-image pipeline (modules only, no weights).
+
+    Attributes:
+      unet, vae, text_encoder: flax modules (their ``config`` fields are upstream's).
+      tokenizer: a transformers ``CLIPTokenizer`` loaded from the checkpoint.
+      scheduler: a ``jaxdiff.schedules.SchedulerConfig``.
+      scheduler_class: the diffusers scheduler class named in the checkpoint.
+    """
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: Any
+    scheduler: Any
+    scheduler_class: str = "DDIMScheduler"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downscale
+
+    @property
+    def max_length(self) -> int:
+        return int(min(self.tokenizer.model_max_length,
+                       self.text_encoder.config.max_position_embeddings))
+
+    def with_dtype(self, dtype) -> "Pipeline":
+        """The same pipeline computing in ``dtype`` (params stay as they are)."""
+        return dataclasses.replace(
+            self, unet=self.unet.clone(dtype=dtype), vae=self.vae.clone(dtype=dtype),
+            text_encoder=self.text_encoder.clone(dtype=dtype))
+
+    def tokenize(self, prompts: Sequence[str], warn: bool = True) -> np.ndarray:
+        """Prompts -> int32 [B, L] ids, padded/truncated to the model's max length.
+
+        Over-long prompts are truncated with a warning, as diffusers does.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="np").input_ids
+        if warn:
+            full = self.tokenizer(list(prompts), padding="longest", return_tensors="np").input_ids
+            if full.shape[1] > self.max_length:
+                dropped = self.tokenizer.batch_decode(full[:, self.max_length - 1:-1])
+                warnings.warn("The following part of your input was truncated because the "
+                              f"text encoder can only handle {self.max_length} tokens: "
+                              f"{[d for d in dropped if d.strip()]}")
+        return ids.astype(np.int32)
+
+    def encode_text(self, params, ids) -> jax.Array:
+        """ids [B, L] -> last hidden state [B, L, D] (float32)."""
+        return self.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids))
+
+    def encode_images(self, params, images, key: Optional[jax.Array] = None) -> jax.Array:
+        """images [B, H, W, 3] in [-1, 1] -> scaled latents [B, H/f, W/f, C].
+
+        The posterior mean, or a posterior sample when ``key`` is given.
+        """
+        mean, logvar = self.vae.apply({"params": params["vae"]}, images,
+                                      method=AutoencoderKL.encode)
+        z = mean if key is None else sample_posterior(key, mean, logvar)
+        cfg = self.vae.config
+        shift = cfg.shift_factor or 0.0
+        return (z - shift) * cfg.scaling_factor
+
+    def decode_latents(self, params, latents) -> jax.Array:
+        """Scaled latents [B, h, w, C] -> images [B, H, W, 3] in [-1, 1] (clipped)."""
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        images = self.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode)
+        return jnp.clip(images, -1.0, 1.0)
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] float images -> uint8 (rounded as diffusers' ``numpy_to_pil``)."""
+    x = (np.asarray(images, np.float32) + 1.0) / 2.0
+    return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def from_uint8(images) -> jax.Array:
+    """uint8 [..., H, W, 3] -> float32 in [-1, 1]."""
+    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0

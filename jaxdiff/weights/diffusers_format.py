@@ -1,0 +1,153 @@
+"""Load and save diffusers-layout pipeline directories (safetensors).
+
+Layout: ``model_index.json``, ``unet/``, ``vae/`` (``config.json`` +
+``diffusion_pytorch_model.safetensors``), ``text_encoder/`` (``config.json`` +
+``model.safetensors``), ``tokenizer/`` and ``scheduler/scheduler_config.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
+                            UNetConfig, VAEConfig)
+from jaxdiff.models.config import read_json
+from jaxdiff.pipeline import Pipeline
+from jaxdiff.weights import convert, files
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "shapes")
+_TEXT_PREFIX = "text_model."
+
+
+def init_shapes(module, kind: str):
+    """Param shapes of ``module`` (no compute), used to drive weight conversion."""
+    if kind == "unet":
+        cfg = module.config
+        s = 2 ** (len(cfg.block_out_channels) - 1)
+        args = (jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,)),
+                jnp.zeros((1, 1, cfg.cross_attention_dim)))
+    elif kind == "vae":
+        s = module.config.downscale
+        args = (jnp.zeros((1, s, s, module.config.in_channels)),)
+    else:
+        args = (jnp.zeros((1, 1), jnp.int32),)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
+
+
+def load_component(folder: str, kind: str, dtype=jnp.float32, variant=None,
+                   allow_pickle=False):
+    """Loads one network from a diffusers/transformers component folder.
+
+    Returns:
+      (module, params): params are float32 numpy arrays in jaxdiff's layout.
+    """
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: missing; a diffusers-layout {kind} folder needs "
+                                "config.json next to its weights.")
+    raw = read_json(cfg_path)
+    if kind == "unet":
+        module = UNet2DConditionModel(UNetConfig.from_dict(raw, cfg_path), dtype)
+        stem, prefixes = "diffusion_pytorch_model", ("",)
+    elif kind == "vae":
+        module = AutoencoderKL(VAEConfig.from_dict(raw, cfg_path), dtype)
+        stem, prefixes = "diffusion_pytorch_model", ("",)
+    else:
+        module = CLIPTextModel(CLIPTextConfig.from_dict(raw, cfg_path), dtype)
+        stem, prefixes = "model", (_TEXT_PREFIX,)
+    path = files.find_weights(folder, stem, variant, allow_pickle)
+    params = convert.torch_to_flax(files.read_tensors(path), init_shapes(module, kind),
+                                   source=path, strip_prefixes=prefixes)
+    return module, params
+
+
+def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None,
+                  allow_pickle: bool = False) -> Tuple[Pipeline, dict]:
+    """Reads a diffusers-layout directory (``None``: the embedded default model).
+
+    Args:
+      path: checkpoint directory with ``model_index.json``.
+      dtype: compute dtype of the networks (params are always float32).
+      variant: weight-file variant such as ``"fp16"`` (``*.fp16.safetensors``).
+      allow_pickle: permit ``.bin``/``.ckpt`` weights (they can execute code).
+    Returns:
+      ``(pipe, params)`` with params ``{"text_encoder", "unet", "vae"}``.
+    """
+    from transformers import CLIPTokenizer
+    from jaxdiff.schedules import SchedulerConfig
+
+    path = DEFAULT_MODEL if path is None else path
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.exists(index_path):
+        raise FileNotFoundError(f"{index_path}: not found; --model must be a diffusers-layout "
+                                "pipeline directory (with model_index.json).")
+    index = read_json(index_path)
+    modules, params = {}, {}
+    for kind in ("unet", "vae", "text_encoder"):
+        modules[kind], params[kind] = load_component(os.path.join(path, kind), kind, dtype,
+                                                     variant, allow_pickle)
+    tok_dir = os.path.join(path, "tokenizer")
+    if not os.path.isdir(tok_dir):
+        raise FileNotFoundError(f"{tok_dir}: missing tokenizer folder.")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    max_pos = modules["text_encoder"].config.max_position_embeddings
+    if tokenizer.model_max_length > max_pos:
+        tokenizer.model_max_length = max_pos
+    sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    if not os.path.exists(sched_path):
+        raise FileNotFoundError(f"{sched_path}: missing scheduler config.")
+    sched_raw = read_json(sched_path)
+    scheduler_class = sched_raw.get("_class_name") or index.get("scheduler", [None, None])[1]
+    pipe = Pipeline(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer,
+                    SchedulerConfig.from_dict(sched_raw), scheduler_class or "DDIMScheduler")
+    return pipe, jax.tree.map(jnp.asarray, params)
+
+
+def save_pipeline(pipe: Pipeline, params, out_dir: str, *, overwrite: bool = True) -> str:
+    """Writes ``pipe`` + ``params`` as a diffusers directory (loadable by diffusers).
+
+    The write is atomic: ``out_dir`` is replaced only once every file is written.
+    """
+    with files.atomic_directory(out_dir, overwrite) as tmp:
+        _write_json(os.path.join(tmp, "model_index.json"), _model_index(pipe))
+        for kind, module, stem, prefix in (
+                ("unet", pipe.unet, "diffusion_pytorch_model", ""),
+                ("vae", pipe.vae, "diffusion_pytorch_model", ""),
+                ("text_encoder", pipe.text_encoder, "model", "")):
+            os.makedirs(os.path.join(tmp, kind))
+            cfg = module.config.to_dict()
+            if kind == "text_encoder":
+                cfg.update(bos_token_id=pipe.tokenizer.bos_token_id,
+                           eos_token_id=pipe.tokenizer.eos_token_id,
+                           pad_token_id=pipe.tokenizer.pad_token_id)
+            _write_json(os.path.join(tmp, kind, "config.json"), cfg)
+            files.write_tensors(os.path.join(tmp, kind, f"{stem}.safetensors"),
+                                convert.flax_to_torch(params[kind], prefix))
+        pipe.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        os.makedirs(os.path.join(tmp, "scheduler"))
+        sched = dict(pipe.scheduler.to_dict(), _class_name=pipe.scheduler_class)
+        _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
+    return out_dir
+
+
+def _model_index(pipe: Pipeline) -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None], "image_encoder": [None, None],
+        "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", pipe.scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")

@@ -1,0 +1,106 @@
+"""Reading and writing weight files: safetensors (sharded or not); pickle only on request.
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed
+into place at the end, so an interrupted save never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional
+
+import numpy as np
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+class PickleRefusedError(ValueError):
+    """A checkpoint has only pickle-based weights and allow_pickle was not given."""
+
+
+def find_weights(folder: str, stem: str, variant: Optional[str] = None,
+                 allow_pickle: bool = False) -> str:
+    """Locates ``<stem>[.<variant>].safetensors`` (or its ``.index.json``) in ``folder``."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: folder not found; is this a diffusers-layout "
+                                "checkpoint directory?")
+    name = f"{stem}.{variant}" if variant else stem
+    for candidate in (f"{name}.safetensors", f"{name}.safetensors.index.json"):
+        path = os.path.join(folder, candidate)
+        if os.path.exists(path):
+            return path
+    pickles = [f for f in sorted(os.listdir(folder)) if f.endswith(PICKLE_SUFFIXES)]
+    if pickles and not allow_pickle:
+        raise PickleRefusedError(
+            f"{os.path.join(folder, pickles[0])}: pickle-based weights can run arbitrary code "
+            "when loaded; convert them to safetensors, or pass allow_pickle=True if you "
+            "trust the file.")
+    if pickles:
+        return os.path.join(folder, pickles[0])
+    raise FileNotFoundError(f"{folder}: no {name}.safetensors found; the checkpoint is "
+                            "incomplete (re-download or re-export it).")
+
+
+def read_tensors(path: str) -> Dict[str, np.ndarray]:
+    """Reads a safetensors file, a sharded ``.index.json``, or (if allowed) a pickle."""
+    if path.endswith(".index.json"):
+        with open(path, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        out = {}
+        for shard in shards:
+            out.update(read_tensors(os.path.join(os.path.dirname(path), shard)))
+        return out
+    if path.endswith(PICKLE_SUFFIXES):
+        return _read_pickle(path)
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="flax") as f:
+            return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); the file is "
+                         "corrupt or truncated — re-download or re-export it.") from None
+
+
+def _read_pickle(path):
+    try:
+        import torch  # only for explicitly allowed legacy pickle checkpoints
+    except ImportError:
+        raise PickleRefusedError(f"{path}: reading pickle weights needs PyTorch; convert the "
+                                 "file to safetensors instead.") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
+
+
+def write_tensors(path: str, tensors: Dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
+              metadata={"format": "pt"})
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str, overwrite: bool = True):
+    """Yields a temporary directory that replaces ``out_dir`` only if the body succeeds."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists; pass overwrite=True or choose "
+                              "another output directory.")
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        backup = None
+        if os.path.exists(out_dir):
+            backup = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rmdir(backup)
+            os.rename(out_dir, backup)
+        os.rename(tmp, out_dir)
+        if backup:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
