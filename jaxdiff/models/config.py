@@ -33,10 +33,10 @@ def from_dict(cls, d: Mapping[str, Any], *, fixed: Mapping[str, tuple] = (),
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs, unknown = {}, []
     for key, value in d.items():
-        if key.startswith("_") or key in _IGNORED_KEYS:
-            continue
         if key in names:
             kwargs[key] = _tupled(value)
+        elif key.startswith("_") or key in _IGNORED_KEYS:
+            continue
         elif key in fixed:
             if _tupled(value) not in fixed[key]:
                 raise UnsupportedConfigError(

@@ -22,6 +22,7 @@ _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
+    sample_size: int = 64
     in_channels: int = 4
     out_channels: int = 4
     flip_sin_to_cos: bool = True
