@@ -1,0 +1,181 @@
+"""Shapes world generator and its TFDS builder (array_record, no TensorFlow)."""
+import dataclasses
+import os
+import itertools
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from jaxdiff.data import shapes
+from jaxdiff.data.shapes import ShapeObject, WorldSpec
+
+SPEC = WorldSpec()
+
+
+def _take(seed, spec=SPEC, n=300, split=None):
+    return list(itertools.islice(shapes.iterate(seed, spec, split), n))
+
+
+def test_deterministic_and_seeded():
+    a, b, c = _take(0, n=50), _take(0, n=50), _take(1, n=50)
+    assert all(x["caption"] == y["caption"] and np.array_equal(x["image"], y["image"])
+               for x, y in zip(a, b))
+    assert [x["caption"] for x in a] != [x["caption"] for x in c]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_example_ground_truth_is_consistent(size):
+    spec = WorldSpec(image_size=size)
+    for ex in _take(2, spec, n=200):
+        k = int(ex["num_objects"])
+        assert ex["image"].shape == (size, size, 3) and ex["image"].dtype == np.uint8
+        assert ex["masks"].shape == (2, size, size) and ex["masks"].dtype == bool
+        assert not ex["masks"][k:].any() and all(ex["masks"][i].any() for i in range(k))
+        assert not (ex["masks"][0] & ex["masks"][1]).any()
+        for key in ("shape", "colour", "size", "position"):
+            assert ex[key].shape == (2,) and (ex[key][k:] == -1).all() and (ex[key][:k] >= 0).all()
+        bg = spec.background_names[ex["background"]]
+        background_pixels = ~ex["masks"].any(0)
+        assert (ex["image"][background_pixels] == dict(spec.backgrounds)[bg]).all()
+        for i, obj in enumerate(ex["objects"]):
+            assert obj.colour != bg
+            assert (ex["image"][ex["masks"][i]] == dict(spec.colours)[obj.colour]).all()
+            assert spec.colour_names[ex["colour"][i]] == obj.colour
+        if k == 2:
+            assert (ex["objects"][0].position, ex["objects"][1].position) in shapes.PAIRS
+
+
+def test_every_attribute_value_occurs():
+    exs = _take(3, n=600)
+    for key, names in (("shape", SPEC.shapes), ("colour", SPEC.colour_names),
+                       ("size", SPEC.size_names), ("position", SPEC.position_names)):
+        seen = {names[i] for ex in exs for i in ex[key] if i >= 0}
+        assert seen == set(names), key
+    assert {int(ex["num_objects"]) for ex in exs} == {1, 2}
+
+
+def test_caption_grammar_and_parse_round_trip():
+    exs = _take(4, n=500)
+    vocab = set(SPEC.words())
+    for ex in exs:
+        words = ex["caption"].split()
+        assert set(words) <= vocab and len(words) <= 14
+        objs, bg = shapes.parse_caption(ex["caption"], SPEC)
+        truth_bg = SPEC.background_names[ex["background"]]
+        assert bg == (truth_bg if ex["mention_background"] else None)
+        for o, t in zip(objs, ex["objects"], strict=True):
+            assert (o.shape, o.colour) == (t.shape, t.colour)
+            assert o.size == (t.size if ex["mention_size"] else None)
+            assert o.position == (t.position if ex["mention_position"] else None)
+
+
+def test_caption_examples():
+    red = ShapeObject("circle", "red", "small", "left")
+    star = ShapeObject("star", "orange", "big", "right")
+    assert shapes.caption([red]) == "a small red circle on the left"
+    assert shapes.caption([red, star], "gray") == (
+        "a small red circle left of a big orange star on a gray background")
+    assert shapes.caption([star], mention_size=False, mention_position=False) == "an orange star"
+    top = dataclasses.replace(red, position="top")
+    bottom = dataclasses.replace(star, position="bottom")
+    assert shapes.caption([top, bottom]).split()[4] == "above"
+    with pytest.raises(ValueError):
+        shapes.caption([red, dataclasses.replace(star, position="top")])
+
+
+def test_render_one_attribute_edit_changes_only_that_object():
+    objs = [ShapeObject("square", "blue", "big", "top"),
+            ShapeObject("cross", "red", "small", "bottom")]
+    img, masks = shapes.render(SPEC, objs, "gray")
+    edited = [dataclasses.replace(objs[0], colour="yellow"), objs[1]]
+    img2, masks2 = shapes.render(SPEC, edited, "gray")
+    assert np.array_equal(masks, masks2)
+    changed = (img != img2).any(-1)
+    assert changed.any() and not (changed & ~masks[0]).any()
+    reshaped = [dataclasses.replace(objs[0], shape="circle"), objs[1]]
+    img3, masks3 = shapes.render(SPEC, reshaped, "gray")
+    assert np.array_equal(masks3[1], masks[1]) and np.array_equal(img3[masks[1]], img[masks[1]])
+
+
+def test_held_out_split_is_fixed_and_disjoint():
+    test = shapes.held_out_examples(SPEC, 40)
+    again = shapes.held_out_examples(SPEC, 40)
+    assert [e["caption"] for e in test] == [e["caption"] for e in again]
+    key = lambda e: shapes.scene_key(e["objects"], SPEC.background_names[e["background"]])
+    train_keys = {key(e) for e in _take(5, n=300, split="train")}
+    assert not train_keys & {key(e) for e in test}
+    assert all(shapes.split_of(SPEC, e["objects"], SPEC.background_names[e["background"]])
+               == "test" for e in test)
+    # ~10% of scenes are held out, by a stable (sha256) hash
+    frac = np.mean([shapes.split_of(SPEC, e["objects"], SPEC.background_names[e["background"]])
+                    == "test" for e in _take(6, n=1000)])
+    assert 0.06 < frac < 0.14
+
+
+def test_jitter_keeps_pairs_apart():
+    spec = WorldSpec(jitter=0.04, p_two_objects=1.0)
+    for ex in _take(7, spec, n=150):
+        assert any(o.offset != (0.0, 0.0) for o in ex["objects"])
+        grown = ndimage.binary_dilation(ex["masks"][0], np.ones((3, 3), bool))
+        assert not (grown & ex["masks"][1]).any()
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError):
+        WorldSpec(shapes=("circle", "hexagon"))
+    with pytest.raises(ValueError):
+        WorldSpec(image_size=8)
+    with pytest.raises(ValueError):
+        shapes.sample_example(np.random.default_rng(0), SPEC, num_objects=3)
+    with pytest.raises(ValueError):
+        shapes.parse_caption("a dog on the moon", SPEC)
+
+
+def test_restricted_vocabulary():
+    spec = WorldSpec(shapes=("circle", "square"), colours=shapes.COLOURS[:3])
+    exs = _take(8, spec, n=100)
+    assert {o.shape for e in exs for o in e["objects"]} == {"circle", "square"}
+    assert {o.colour for e in exs for o in e["objects"]} <= {"red", "green", "blue"}
+
+
+# ---------------------------------------------------------------- TFDS builder
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from jaxdiff.data import tfds_shapes
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    cfg = tfds_shapes.ShapesConfig(name="tiny", num_train=24, num_test=8)
+    return tfds_shapes.prepare(data_dir, cfg), cfg, data_dir
+
+
+def test_tfds_builder_writes_array_record_and_reads_back(prepared):
+    from jaxdiff.data import tfds_shapes
+    builder, cfg, _ = prepared
+    src = builder.as_data_source()
+    assert len(src["train"]) == 24 and len(src["test"]) == 8
+    assert all("array_record" in f.name for f in builder.data_path.iterdir()
+               if "jaxdiff_shapes-" in f.name)
+    expected = _take(cfg.seed, cfg.spec(), n=24, split="train")
+    for i in (0, 5, 23):
+        rec = src["train"][i]
+        assert tfds_shapes.decode_caption(rec["caption"]) == expected[i]["caption"]
+        for k in tfds_shapes.ARRAY_KEYS:
+            np.testing.assert_array_equal(rec[k], expected[i][k], err_msg=k)
+    held = shapes.held_out_examples(cfg.spec(), 8)
+    for i in range(8):
+        np.testing.assert_array_equal(src["test"][i]["image"], held[i]["image"])
+    assert builder.info.metadata["shapes"] == list(SPEC.shapes)
+
+
+def test_tfds_data_source_by_name_and_rebuild_is_reuse(prepared):
+    import tensorflow_datasets as tfds
+    from jaxdiff.data import tfds_shapes
+    builder, cfg, data_dir = prepared
+    ds = tfds.data_source("jaxdiff_shapes/tiny", data_dir=data_dir)
+    assert len(ds["test"]) == 8
+    assert ds["train"][3]["image"].shape == (32, 32, 3)
+    files = {f.name: os.stat(f).st_mtime for f in builder.data_path.iterdir()}
+    again = tfds_shapes.prepare(data_dir, cfg)
+    assert {f.name: os.stat(f).st_mtime for f in again.data_path.iterdir()} == files
+    assert [c.name for c in tfds_shapes.ShapesWorld.BUILDER_CONFIGS] == ["32px", "64px"]
