@@ -91,6 +91,29 @@ class Pipeline:
         return jnp.clip(images, -1.0, 1.0)
 
 
+def dummy_inputs(module, kind: str):
+    """Smallest valid inputs for ``module.init`` ("unet" | "vae" | "text_encoder")."""
+    if kind == "unet":
+        cfg = module.config
+        s = 2 ** (len(cfg.block_out_channels) - 1)
+        return (jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,)),
+                jnp.zeros((1, 1, cfg.cross_attention_dim)))
+    if kind == "vae":
+        s = module.config.downscale
+        return (jnp.zeros((1, s, s, module.config.in_channels)),)
+    return (jnp.zeros((1, 1), jnp.int32),)
+
+
+def init_params(pipe: Pipeline, seed: int = 0) -> dict:
+    """Randomly initialised params ``{"text_encoder", "unet", "vae"}`` for ``pipe``."""
+    key = jax.random.key(seed)
+    out = {}
+    for i, kind in enumerate(("text_encoder", "unet", "vae")):
+        module = getattr(pipe, kind)
+        out[kind] = module.init(jax.random.fold_in(key, i), *dummy_inputs(module, kind))["params"]
+    return out
+
+
 def to_uint8(images) -> np.ndarray:
     """[-1, 1] float images -> uint8 (rounded as diffusers' ``numpy_to_pil``)."""
     x = (np.asarray(images, np.float32) + 1.0) / 2.0

@@ -19,6 +19,7 @@ from jaxdiff.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv3
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
+    sample_size: int = 32
     in_channels: int = 3
     out_channels: int = 3
     down_block_types: Tuple[str, ...] = ("DownEncoderBlock2D",)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
                             UNetConfig, VAEConfig)
 from jaxdiff.models.config import read_json
-from jaxdiff.pipeline import Pipeline
+from jaxdiff.pipeline import Pipeline, dummy_inputs
 from jaxdiff.weights import convert, files
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "shapes")
@@ -25,16 +25,7 @@ _TEXT_PREFIX = "text_model."
 
 def init_shapes(module, kind: str):
     """Param shapes of ``module`` (no compute), used to drive weight conversion."""
-    if kind == "unet":
-        cfg = module.config
-        s = 2 ** (len(cfg.block_out_channels) - 1)
-        args = (jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,)),
-                jnp.zeros((1, 1, cfg.cross_attention_dim)))
-    elif kind == "vae":
-        s = module.config.downscale
-        args = (jnp.zeros((1, s, s, module.config.in_channels)),)
-    else:
-        args = (jnp.zeros((1, 1), jnp.int32),)
+    args = dummy_inputs(module, kind)
     return jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
 
 
@@ -127,7 +118,7 @@ def save_pipeline(pipe: Pipeline, params, out_dir: str, *, overwrite: bool = Tru
             _write_json(os.path.join(tmp, kind, "config.json"), cfg)
             files.write_tensors(os.path.join(tmp, kind, f"{stem}.safetensors"),
                                 convert.flax_to_torch(params[kind], prefix))
-        pipe.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        _save_tokenizer(pipe.tokenizer, os.path.join(tmp, "tokenizer"))
         os.makedirs(os.path.join(tmp, "scheduler"))
         sched = dict(pipe.scheduler.to_dict(), _class_name=pipe.scheduler_class)
         _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
@@ -145,6 +136,28 @@ def _model_index(pipe: Pipeline) -> dict:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+
+
+def _save_tokenizer(tokenizer, folder):
+    """Saves the tokenizer in SD's layout: ``vocab.json`` + ``merges.txt`` (+ configs).
+
+    transformers 5 writes only ``tokenizer.json``; the BPE tables are taken from it so
+    that older readers (transformers 4, maxdiffusion) find the files they expect.
+    """
+    tokenizer.save_pretrained(folder)
+    fast = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(fast):
+        return
+    with open(fast, encoding="utf-8") as f:
+        model = json.load(f)["model"]
+    if model.get("type") != "BPE":
+        return
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(model["vocab"], f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        for m in model["merges"]:
+            f.write((m if isinstance(m, str) else " ".join(m)) + "\n")
 
 
 def _write_json(path, obj):
