@@ -1,0 +1,69 @@
+"""Trains the embedded default model: a tiny SD-architecture pipeline on the shapes world.
+
+    python train/text_to_image.py --config configs/shapes.py --workdir runs/shapes
+    python train/text_to_image.py --config configs/shapes.py:tiny --workdir /tmp/smoke
+
+The ``tiny`` variant shrinks everything for a smoke run (tests use it).
+"""
+import ml_collections
+
+
+def get_config(variant: str = ""):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stages = "autoencoder,diffusion"   # comma-separated, run in order
+    c.export_dir = ""                    # diffusers-layout output ("" = <workdir>/export)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.data_dir = ""                 # TFDS data_dir ("" = <workdir>/tfds)
+    c.data.image_size = 32
+    c.data.num_train = 20_000
+    c.data.num_test = 1_000
+    c.data.p_two_objects = 0.5
+
+    c.model = ml_collections.ConfigDict()
+    c.model.tokenizer_max_length = 16
+    c.model.text_encoder = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=16,
+                                hidden_act="quick_gelu")
+    # Sized for 2 CPU cores and a <= 10 MB checkpoint: f=4 VAE (32x32 -> 8x8x4 latents,
+    # 0.24 M params), 1.1 M-param UNet, 0.1 M-param text encoder.
+    c.model.vae = dict(sample_size=32, block_out_channels=[16, 32, 32], layers_per_block=1,
+                       down_block_types=["DownEncoderBlock2D"] * 3,
+                       up_block_types=["UpDecoderBlock2D"] * 3, latent_channels=4,
+                       norm_num_groups=8)
+    c.model.unet = dict(sample_size=8, block_out_channels=[32, 64], layers_per_block=1,
+                        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
+    c.model.scheduler = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                             beta_schedule="scaled_linear", prediction_type="epsilon",
+                             timestep_spacing="leading", steps_offset=1,
+                             set_alpha_to_one=False, clip_sample=False)
+
+    c.autoencoder = ml_collections.ConfigDict(dict(
+        steps=2000, batch_size=32, lr=1e-3, warmup=100, kl_weight=1e-6))
+    c.diffusion = ml_collections.ConfigDict(dict(
+        steps=8000, batch_size=64, lr=5e-4, warmup=300, caption_dropout=0.1,
+        ema_decay=0.999, train_text_encoder=True))
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.sample_every = 2000               # 0 disables periodic sample grids
+    c.sample_prompts = ["a small red circle on the left", "a big blue square",
+                        "a green triangle at the top", "a yellow star on a black background"]
+
+    if variant == "tiny":
+        c.data.num_train, c.data.num_test = 64, 16
+        c.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2)
+        c.model.vae.update(block_out_channels=[8, 8, 8], norm_num_groups=4)
+        c.model.unet.update(block_out_channels=[16, 16], cross_attention_dim=16,
+                            attention_head_dim=2, norm_num_groups=4)
+        c.autoencoder.update(steps=4, batch_size=8, warmup=1)
+        c.diffusion.update(steps=4, batch_size=8, warmup=1)
+        c.log_every = c.checkpoint_every = 2
+        c.sample_every = 4
+        c.sample_prompts = ["a red circle"]
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of configs/shapes.py (use '' or 'tiny').")
+    return c

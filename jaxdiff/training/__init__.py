@@ -1,0 +1,1 @@
+"""Training pieces: losses, train state, jitted step, Orbax checkpoints."""
