@@ -33,7 +33,8 @@ def _loop(step_fn, state, batch_fn, num_steps, workdir, *, log_every, ckpt_every
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     state, _ = restore_or(state, ckpt)
     rep = parallel.replicated(mesh)
-    state = jax.device_put(state, rep)
+    # Copy first: the step donates its state, which must not consume the caller's arrays.
+    state = jax.device_put(jax.tree.map(jnp.array, state), rep)
     jstep = jax.jit(step_fn, donate_argnums=(0,),
                     in_shardings=(rep, parallel.batch_sharded(mesh)), out_shardings=(rep, rep))
     start = int(state.step)
