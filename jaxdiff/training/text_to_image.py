@@ -65,7 +65,11 @@ def _loop(step_fn, state, batch_fn, num_steps, workdir, *, log_every, ckpt_every
 def train_autoencoder(pipe: Pipeline, params, source, workdir: str, *, steps: int,
                       batch_size: int, lr: float, kl_weight: float = 1e-6, seed: int = 0,
                       warmup: int = 100, log_every: int = 50, ckpt_every: int = 500):
-    """Trains ``params["vae"]`` on images (L1 + L2 reconstruction + small KL)."""
+    """Trains ``params["vae"]`` on images (L1 + L2 reconstruction + small KL).
+
+    Returns the raw (not EMA) weights: on runs of a few thousand steps an EMA with decay
+    0.999 lags far behind (measured: 17.5 dB vs 25.5 dB PSNR at step 1000).
+    """
     os.makedirs(workdir, exist_ok=True)
     vae = pipe.vae
     opt = state_lib.adamw_with_warmup(lr, warmup, steps, weight_decay=0.0)
@@ -84,7 +88,7 @@ def train_autoencoder(pipe: Pipeline, params, source, workdir: str, *, steps: in
     state = state_lib.create(params["vae"], opt, seed)
     state = _loop(make_train_step(loss_fn, opt), state, batch_fn, steps, workdir,
                   log_every=log_every, ckpt_every=ckpt_every, desc="autoencoder")
-    return dict(params, vae=state.ema_params)
+    return dict(params, vae=state.params)
 
 
 def encode_dataset(pipe: Pipeline, params, source, batch_size: int = 256):
