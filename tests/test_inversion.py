@@ -1,0 +1,117 @@
+"""Inversion: timestep alignment (analytic), batch independence, and the published ordering
+of reconstruction quality on the embedded model's held-out shapes-world images."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff
+from jaxdiff.data import WorldSpec, held_out_examples
+from jaxdiff.editing import inversion as inv
+from jaxdiff.schedules import SchedulerConfig, alphas_cumprod
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+          set_alpha_to_one=False)
+SIGMA = 0.5
+
+
+def _gaussian_denoiser(cfg):
+    """The exact denoiser of data ~ N(0, SIGMA^2 I), in the config's prediction type."""
+    ac = jnp.asarray(alphas_cumprod(cfg))
+
+    def denoise(x, t, context):
+        a = ac[t]
+        x0 = a ** 0.5 * SIGMA ** 2 / (a * SIGMA ** 2 + 1 - a) * x
+        eps = (x - a ** 0.5 * x0) / (1 - a) ** 0.5
+        return eps if cfg.prediction_type == "epsilon" else a ** 0.5 * eps - (1 - a) ** 0.5 * x0
+
+    return denoise
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_inversion_round_trip_converges(prediction_type):
+    cfg = SchedulerConfig(**SD, prediction_type=prediction_type)
+    den = _gaussian_denoiser(cfg)
+    z0 = SIGMA * jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+    errors = []
+    for steps in (10, 50):
+        tab = inv.ddim_tables(cfg, steps)
+        traj = inv.ddim_invert(den, tab, z0, None, prediction_type)
+        assert traj.shape == (steps + 1,) + z0.shape
+        np.testing.assert_array_equal(traj[0], z0)
+        assert 0.8 < float(traj[-1].std()) < 1.3  # inverted to (roughly) unit noise
+        rec = inv.ddim_sample(den, tab, traj[-1], jnp.zeros((2, 1, 1)),
+                              jnp.zeros((steps, 2, 1, 1)), 1.0, prediction_type)
+        errors.append(float(jnp.abs(rec - z0).max() / jnp.abs(z0).max()))
+    assert errors[1] < 0.1 and errors[1] < errors[0] / 3, errors  # first-order convergence
+
+
+def test_inversion_visits_sampling_levels_in_reverse():
+    cfg = SchedulerConfig(**SD)
+    tab = inv.ddim_tables(cfg, 50)
+    assert int(tab.timesteps[0]) == 981 and int(tab.timesteps[-1]) == 1
+    ac = alphas_cumprod(cfg)
+    np.testing.assert_allclose(tab.alpha_prev[:-1], tab.alpha[1:])
+    assert float(tab.alpha_prev[-1]) == pytest.approx(float(ac[0]))  # set_alpha_to_one=False
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Embedded model + 4 held-out images with their captions."""
+    pipe, params = jaxdiff.load_pipeline(None)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    ex = held_out_examples(WorldSpec(image_size=side), 4)
+    images = np.stack([e["image"] for e in ex])
+    z0 = pipe.encode_images(params, jaxdiff.pipeline.from_uint8(images))
+    cond = pipe.encode_text(params, pipe.tokenize([e["caption"] for e in ex]))
+    uncond = pipe.encode_text(params, pipe.tokenize([""] * len(ex)))
+    den = lambda x, t, c: pipe.unet.apply({"params": params["unet"]}, x, t, c)
+    return pipe, den, z0, cond, uncond
+
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def inverted(world):
+    pipe, den, z0, cond, uncond = world
+    pt = pipe.scheduler.prediction_type
+    tab = inv.ddim_tables(pipe.scheduler, STEPS)
+    traj = jax.jit(lambda z, c: inv.ddim_invert(den, tab, z, c, pt))(z0, cond)
+    nulls, taken = jax.jit(lambda: inv.null_text_invert(den, tab, traj, cond, uncond, 7.5, pt))()
+    return tab, traj, nulls, taken
+
+
+def _rec_mse(world, tab, traj, nulls, guidance, offsets=None):
+    pipe, den, z0, cond, _ = world
+    rec = inv.ddim_sample(den, tab, traj[-1], cond, nulls, guidance,
+                          pipe.scheduler.prediction_type, offsets)
+    return np.asarray(jnp.mean((rec - z0) ** 2, axis=(1, 2, 3)))
+
+
+def test_published_reconstruction_ordering(world, inverted):
+    pipe, den, z0, cond, uncond = world
+    tab, traj, nulls, taken = inverted
+    empty = jnp.broadcast_to(uncond, (STEPS,) + uncond.shape)
+    ddim_1 = _rec_mse(world, tab, traj, empty, 1.0)
+    ddim_75 = _rec_mse(world, tab, traj, empty, 7.5)
+    npi = _rec_mse(world, tab, traj, inv.negative_prompt_nulls(cond, STEPS), 7.5)
+    null_text = _rec_mse(world, tab, traj, nulls, 7.5)
+    offsets = inv.direct_offsets(den, tab, traj, cond, empty, 7.5, pipe.scheduler.prediction_type)
+    direct = _rec_mse(world, tab, traj, empty, 7.5, offsets)
+    assert ddim_75.mean() > 3 * null_text.mean(), (ddim_75, null_text)
+    assert ddim_75.mean() > 3 * npi.mean(), (ddim_75, npi)
+    assert direct.max() < 1e-8
+    assert (np.asarray(taken) >= 1).all() and (np.asarray(taken) <= 10).all()
+    assert ddim_1.mean() < ddim_75.mean()
+
+
+def test_null_text_batch_equals_single_images(world, inverted):
+    pipe, den, z0, cond, uncond = world
+    tab, traj, nulls, taken = inverted
+    pt = pipe.scheduler.prediction_type
+    for i in (0, 3):
+        one = lambda a: a[i:i + 1]
+        n1, t1 = inv.null_text_invert(den, tab, traj[:, i:i + 1], one(cond), one(uncond), 7.5, pt)
+        np.testing.assert_array_equal(np.asarray(t1[:, 0]), np.asarray(taken[:, i]))
+        np.testing.assert_allclose(np.asarray(n1[:, 0]), np.asarray(nulls[:, i]), atol=2e-4)
