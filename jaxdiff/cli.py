@@ -68,7 +68,7 @@ def run_generate(args) -> int:
     from tqdm import tqdm
 
     import jaxdiff
-    from jaxdiff import parallel
+    from jaxdiff import parallel, sampling
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}.")
@@ -82,19 +82,23 @@ def run_generate(args) -> int:
         pipe = pipe.with_dtype(jnp.bfloat16)
     jobs = [(p, j) for p in args.prompt for j in range(args.batch)]
     prompts = [p for p, _ in jobs]
-    os.makedirs(args.out, exist_ok=True)
+    # Check sizes before the progress bar and before anything is written.
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height = side if args.height is None else args.height
+    width = side if args.width is None else args.width
+    sampling._validate(pipe, len(prompts), args.steps, height, width, args.sampler)
     images, t0 = [], time.perf_counter()
-    bar = tqdm(total=len(jobs), unit="img", desc="generate")
-    for start in range(0, len(jobs), args.max_batch):
-        chunk = prompts[start:start + args.max_batch]
-        out = jaxdiff.generate(pipe, params, chunk, args.negative_prompt, args.sampler,
-                               args.steps, args.guidance, args.seed, height=args.height,
-                               width=args.width, eta=args.eta, sample_offset=start)
-        images.append(out)
-        bar.update(len(chunk))
-        bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
-    bar.close()
+    with tqdm(total=len(jobs), unit="img", desc="generate") as bar:
+        for start in range(0, len(jobs), args.max_batch):
+            chunk = prompts[start:start + args.max_batch]
+            out = jaxdiff.generate(pipe, params, chunk, args.negative_prompt, args.sampler,
+                                   args.steps, args.guidance, args.seed, height=height,
+                                   width=width, eta=args.eta, sample_offset=start)
+            images.append(out)
+            bar.update(len(chunk))
+            bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
     images = np.concatenate(images)
+    os.makedirs(args.out, exist_ok=True)
     settings = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                     seed=args.seed, negative_prompt=args.negative_prompt or "",
                     model=args.model or "embedded:shapes")

@@ -107,8 +107,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     b = len(prompts)
     negative = _negatives(negative_prompts, b)
     f = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * f
-    width = width or pipe.unet.config.sample_size * f
+    height = pipe.unet.config.sample_size * f if height is None else height
+    width = pipe.unet.config.sample_size * f if width is None else width
     _validate(pipe, b, steps, height, width, sampler)
     mesh = mesh or parallel.make_mesh()
     n = parallel.padded_batch(b, mesh)
