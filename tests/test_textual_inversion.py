@@ -1,0 +1,146 @@
+"""Textual Inversion: only the new rows train; diffusers' load_textual_inversion reads the file."""
+import dataclasses
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxdiff
+import reference as ref
+from jaxdiff.data.tokenizer import build_tokenizer, load_tokenizer
+from jaxdiff.models import UNet2DConditionModel, UNetConfig
+from jaxdiff.pipeline import dummy_inputs
+from jaxdiff.training import state as state_lib
+from jaxdiff.training import textual_inversion as ti
+from jaxdiff.training.step import make_train_step
+
+PLACEHOLDER, N = "<cat-toy>", 2
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    import torch  # noqa: F401  (reference)
+    folder = str(tmp_path_factory.mktemp("sd_ti"))
+    ref.make_torch_pipeline(folder)
+    pipe, params = jaxdiff.load_pipeline(folder)
+    return folder, pipe, params
+
+
+def _with_micro_unet(pipe, params):
+    """The pipeline with a one-attention-block UNet: a cheap backward pass for train tests."""
+    cfg = UNetConfig.from_dict(dict(
+        block_out_channels=(8,), layers_per_block=1, down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",), cross_attention_dim=32, attention_head_dim=2,
+        norm_num_groups=4, sample_size=4))
+    unet = UNet2DConditionModel(cfg)
+    # Random values from numpy: compiling flax's init of even this UNet takes ~10 s on CPU.
+    shapes = jax.eval_shape(unet.init, jax.random.key(0), *dummy_inputs(unet, "unet"))
+    rng = np.random.default_rng(0)
+    unet_params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32),
+                               shapes["params"])
+    return dataclasses.replace(pipe, unet=unet), dict(params, unet=unet_params)
+
+
+def _tokenize(pipe, tokenizer, prompts):
+    prompts = [ti.expand_prompt(p, PLACEHOLDER, N) for p in prompts]
+    return dataclasses.replace(pipe, tokenizer=tokenizer).tokenize(prompts)
+
+
+def test_add_tokens_follows_diffusers_multi_vector_convention(sd):
+    _, pipe, params = sd
+    tok = ti.add_tokens(pipe.tokenizer, PLACEHOLDER, N)
+    v = len(pipe.tokenizer)
+    assert len(pipe.tokenizer) == v and len(tok) == v + N  # the input is not modified
+    assert tok.convert_tokens_to_ids(["<cat-toy>", "<cat-toy>_1"]) == [v, v + 1]
+    assert ti.expand_prompt("a <cat-toy> x", PLACEHOLDER, N) == "a <cat-toy> <cat-toy>_1 x"
+    ids = _tokenize(pipe, tok, ["a <cat-toy> x"])[0]
+    assert list(ids[1:5]) == [tok.convert_tokens_to_ids("a</w>"), v, v + 1,
+                              tok.convert_tokens_to_ids("x</w>")]
+    rows = ti.init_embeddings(params, tok, "a", N)
+    table = np.asarray(ti.token_table(params))
+    assert rows.shape == (N, 32)
+    np.testing.assert_array_equal(rows, np.stack([table[ids[1]]] * N))
+
+
+def test_clear_errors(sd):
+    _, pipe, params = sd
+    with pytest.raises(ValueError, match="already exist"):
+        ti.add_tokens(pipe.tokenizer, "a")  # a character token of the tiny vocabulary
+    tok = ti.add_tokens(pipe.tokenizer, PLACEHOLDER, N)
+    with pytest.raises(ValueError, match="already exist"):
+        ti.add_tokens(tok, PLACEHOLDER)
+    with pytest.raises(ValueError, match="already exist"):
+        ti.add_tokens(tok, "<cat-toy>_1")
+    shapes_tok = load_tokenizer(build_tokenizer(tempfile.mkdtemp()))
+    for word in ("sks", "zwx", "star"):  # whole-word tokens of the shapes-world BPE
+        with pytest.raises(ValueError, match="already exist"):
+            ti.add_tokens(shapes_tok, word)
+    assert len(ti.add_tokens(shapes_tok, "<sks>")) == len(shapes_tok) + 1
+    with pytest.raises(ValueError, match="single token"):
+        ti.init_embeddings(params, tok, "ab", 1)
+    with pytest.raises(ValueError, match="without spaces"):
+        ti.add_tokens(pipe.tokenizer, "<a b>")
+
+
+def test_only_new_rows_train(sd):
+    pipe, params = _with_micro_unet(*sd[1:])
+    tok = ti.add_tokens(pipe.tokenizer, PLACEHOLDER, N)
+    rows = ti.init_embeddings(params, tok, "a", N)
+    opt = optax.adam(1e-2)
+    state = state_lib.create(rows, opt, ema=False)
+    step = jax.jit(make_train_step(ti.make_ti_loss(pipe, params), opt))
+    ids = jnp.asarray(_tokenize(pipe, tok, ["a <cat-toy> x", "<cat-toy> b"]))
+    batch = (jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 4)), jnp.float32), ids)
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    # The optimizer holds only the new rows (adam mu, nu + a count).
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state)) <= 2 * rows.size + 8
+    assert (np.abs(np.asarray(state.params) - np.asarray(rows)).max(axis=1) > 1e-4).all()
+    pipe2, merged = ti.merge_embeddings(pipe, params, tok, state.params)
+    table, new_table = np.asarray(ti.token_table(params)), np.asarray(ti.token_table(merged))
+    np.testing.assert_array_equal(new_table[: len(table)], table)  # bit-identical old rows
+    np.testing.assert_array_equal(new_table[len(table):], state.params)
+    # A prompt without the placeholder encodes exactly as before.
+    plain = jnp.asarray(pipe.tokenize(["a red star"]))
+    encode = jax.jit(lambda p, r: (ti.encode_text(pipe, p, r, plain), pipe.encode_text(p, plain)))
+    np.testing.assert_allclose(*encode(params, state.params), atol=1e-6, rtol=0)
+
+
+def test_diffusers_load_textual_inversion_matches(sd, tmp_path, torch):
+    from diffusers import StableDiffusionPipeline
+    folder, pipe, params = sd
+    rows = jnp.asarray(np.random.default_rng(1).normal(0, 1.0, (N, 32)), jnp.float32)
+    file = ti.save_learned_embeds(str(tmp_path / "emb"), PLACEHOLDER, rows)
+    assert file.endswith("emb/learned_embeds.safetensors")
+    name, back = ti.load_learned_embeds(file)
+    assert name == PLACEHOLDER and np.array_equal(back, rows)
+
+    tp = StableDiffusionPipeline.from_pretrained(folder)
+    tp.load_textual_inversion(str(tmp_path / "emb"))
+    prompts = ["a <cat-toy> x", "b <cat-toy>"]
+    with torch.no_grad():
+        want = tp.encode_prompt(prompts, "cpu", 1, False)[0].numpy()
+    tok = ti.add_tokens(pipe.tokenizer, PLACEHOLDER, N)
+    ids = _tokenize(pipe, tok, prompts)
+    want_ids = tp.tokenizer(tp.maybe_convert_prompt(prompts, tp.tokenizer), padding="max_length",
+                            max_length=tp.tokenizer.model_max_length, return_tensors="np")
+    np.testing.assert_array_equal(ids, want_ids.input_ids)
+    got = jax.jit(lambda p, r: ti.encode_text(pipe, p, r, ids))(params, rows)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    pipe2, merged = ti.merge_embeddings(pipe, params, tok, rows)
+    ids2 = pipe2.tokenize([ti.expand_prompt(p, PLACEHOLDER, N) for p in prompts])
+    np.testing.assert_allclose(jax.jit(pipe2.encode_text)(merged, ids2), want, atol=1e-4, rtol=0)
+    # The merged pipeline exports as a diffusers directory with the new tokens.
+    exported = StableDiffusionPipeline.from_pretrained(
+        jaxdiff.save_pipeline(pipe2, merged, str(tmp_path / "export")))
+    with torch.no_grad():
+        np.testing.assert_allclose(exported.encode_prompt(prompts, "cpu", 1, False)[0].numpy(),
+                                   want, atol=1e-5, rtol=0)
+    # Not vacuous: the learned rows matter.
+    init = ti.init_embeddings(params, tok, "a", N)
+    assert np.abs(want - jax.jit(lambda p, r: ti.encode_text(pipe, p, r, ids))(params, init)
+                  ).max() > 1e-2
