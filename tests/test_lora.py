@@ -131,7 +131,7 @@ def test_file_round_trip(sd, tmp_path):
 
 
 def test_diffusers_load_lora_weights_matches(sd, tmp_path, torch):
-    pytest.importorskip("peft")  # diffusers' LoRA loading needs the peft backend
+    # diffusers' LoRA loading needs peft (a pinned test dependency in pyproject.toml).
     from diffusers import StableDiffusionPipeline
     folder, pipe, params = sd
     lora = _lora(params, seed=1)
