@@ -23,6 +23,57 @@ def _split_heads(x, heads):
     return x.reshape(b, l, heads, d // heads)
 
 
+# Largest [B, N, q_block, Lk] float32 score block the CPU path materialises at once.
+# XLA:CPU gets a call's large buffers afresh from the OS each time, so every page of a
+# whole [B, N, Lq, Lk] score tensor page-faults on every call (64 MiB for 8 heads at 32x32
+# latents and batch 2; 2 GiB at SD's 64x64), which cost more than the arithmetic: blocking
+# the queries cut the SD-like "reduced" UNet forward from ~309k minor faults and ~1 s to
+# ~1-5k and ~0.3 s (bench/models.py). 4-16 MiB blocks timed alike; 1 MiB and less lose to
+# the per-block loop overhead.
+_CPU_SCORE_BLOCK_BYTES = 4 << 20
+_IMPLS = ("auto", "blockwise", "einsum", "xla", "cudnn")
+
+
+def _scores_to_probs(q, k, scale, mask):
+    """[B, Lq, N, H] x [B, Lk, N, H] -> float32 softmax probs [B, N, Lq, Lk]."""
+    scores = jnp.einsum("bqnh,bknh->bnqk", q, k) * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+
+
+def _attend_blockwise(q, k, v, scale):
+    """Softmax attention over query blocks of at most ``_CPU_SCORE_BLOCK_BYTES`` scores.
+
+    Same arithmetic as the einsum path (scores in q's dtype, softmax in float32, probs cast
+    to v's dtype); only the peak size of the score tensor changes. Layouts [B, N, L, H] and
+    [B, N, H, Lk] make both products plain batched matmuls. Returns [B, Lq, N, H].
+    """
+    b, lq, n, h = q.shape
+    lk = k.shape[1]
+    kt = k.transpose(0, 2, 3, 1)
+    vt = v.transpose(0, 2, 1, 3)
+
+    def block(qb):  # [B, N, q_block, H] -> [B, N, q_block, H]
+        scores = jnp.matmul(qb, kt) * scale
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        return jnp.matmul(probs.astype(v.dtype), vt)
+
+    n_blocks = -(-b * n * lq * lk * 4 // _CPU_SCORE_BLOCK_BYTES)
+    qt = q.transpose(0, 2, 1, 3)
+    if n_blocks <= 1:
+        out = block(qt)
+    else:
+        n_blocks = min(n_blocks, lq)
+        q_block = -(-lq // n_blocks)
+        pad = n_blocks * q_block - lq  # zero query rows: finite, computed, then dropped
+        qt = jnp.pad(qt, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        blocks = qt.reshape(b, n, n_blocks, q_block, h).transpose(2, 0, 1, 3, 4)
+        out = jax.lax.map(block, blocks).transpose(1, 2, 0, 3, 4).reshape(b, n, -1, h)
+        out = out[:, :, :lq]
+    return out.transpose(0, 2, 1, 3)
+
+
 def attend(q, k, v, *, scale: float, upcast: bool, impl: str = "auto", mask=None,
            control: Any = None, layer: int = -1, cross: bool = False):
     """Multi-head scaled dot-product attention.
@@ -31,34 +82,36 @@ def attend(q, k, v, *, scale: float, upcast: bool, impl: str = "auto", mask=None
       q: [B, Lq, N, H]; k, v: [B, Lk, N, H].
       scale: softmax temperature (usually H ** -0.5).
       upcast: compute the scores and softmax in float32 (SD2 ``upcast_attention``).
-      impl: "auto" | "einsum" | "xla" | "cudnn". "auto" uses cuDNN on GPU for
-        16-bit inputs, an explicit einsum elsewhere (faster than XLA's fused op on CPU).
+      impl: "auto" | "blockwise" | "einsum" | "xla" | "cudnn". "auto" uses cuDNN on GPU for
+        16-bit inputs, XLA's fused op for other GPU inputs, and on CPU "blockwise": the
+        einsum arithmetic over query blocks, so the [B, N, Lq, Lk] scores are never
+        materialised whole. "einsum" materialises them (it and a ``mask`` or a ``control``
+        always take that path).
       mask: optional bool [B or 1, 1, Lq, Lk], True = attend.
       control: optional attention controller (see module docstring).
     Returns:
       [B, Lq, N, H] in q's dtype.
     """
+    if impl not in _IMPLS:
+        raise ValueError(f"attend: unknown {impl=}; expected one of {_IMPLS}.")
     dtype = q.dtype
-    if control is None and impl != "einsum":
-        if impl == "auto":
+    if impl == "auto":
+        if jax.default_backend() == "cpu":
+            impl = "blockwise"
+        else:
             gpu16 = jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
-            impl = "cudnn" if gpu16 and mask is None else None
-            if impl is None and jax.default_backend() == "cpu":
-                impl = "einsum"
-        elif impl == "xla":
-            impl = None
-        if impl != "einsum":
-            if upcast:
-                q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask,
-                                               implementation=impl)
-            return out.astype(dtype)
+            impl = "cudnn" if gpu16 and mask is None else "xla"
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    scores = jnp.einsum("bqnh,bknh->bnqk", q, k) * scale
-    if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    if control is None and impl in ("xla", "cudnn"):
+        if upcast:
+            v = v.astype(jnp.float32)
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask,
+                                           implementation=None if impl == "xla" else impl)
+        return out.astype(dtype)
+    if control is None and mask is None and impl == "blockwise":
+        return _attend_blockwise(q, k, v, scale).astype(dtype)
+    probs = _scores_to_probs(q, k, scale, mask)
     if control is not None:
         probs = control.edit(probs, layer=layer, cross=cross)
     return jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)

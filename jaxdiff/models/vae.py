@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.models import config as config_lib
+from jaxdiff.models.attention import attend
 from jaxdiff.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv3x3
 
 
@@ -67,11 +68,13 @@ class VAEAttention(nn.Module):
     def __call__(self, x):
         b, h, w, c = x.shape
         y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="group_norm")(x)
-        y = y.reshape(b, h * w, c)
+        y = y.reshape(b, h * w, 1, c)
         q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(y) for n in ("to_q", "to_k", "to_v"))
-        scores = jnp.einsum("bqc,bkc->bqk", q, k) * c ** -0.5
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-        y = nn.Dense(c, dtype=self.dtype, name="to_out_0")(jnp.einsum("bqk,bkc->bqc", probs, v))
+        # One head of width c (512 in SD) is beyond cuDNN's head sizes, so accelerators keep
+        # the einsum; the CPU blocks the queries (see attention._CPU_SCORE_BLOCK_BYTES).
+        impl = "blockwise" if jax.default_backend() == "cpu" else "einsum"
+        y = attend(q, k, v, scale=c ** -0.5, upcast=False, impl=impl)
+        y = nn.Dense(c, dtype=self.dtype, name="to_out_0")(y.reshape(b, h * w, c))
         return x + y.reshape(b, h, w, c)
 
 
