@@ -137,6 +137,27 @@ def make_torch_pipeline(folder, unet="sd1", vae="sd1", text="sd1", scheduler=Non
     return pipe
 
 
+def with_micro_unet(pipe, params):
+    """The pipeline with a one-block UNet (random params): a cheap backward pass for
+    training tests. Params come from numpy: compiling flax's init of even this UNet takes
+    ~10 s on CPU."""
+    import dataclasses
+    import jax
+    import jax.numpy as jnp
+    from jaxdiff.models import UNet2DConditionModel, UNetConfig
+    from jaxdiff.pipeline import dummy_inputs
+    cfg = UNetConfig.from_dict(dict(
+        block_out_channels=(8,), layers_per_block=1, down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",), cross_attention_dim=32, attention_head_dim=2,
+        norm_num_groups=4, sample_size=4))
+    unet = UNet2DConditionModel(cfg)
+    shapes = jax.eval_shape(unet.init, jax.random.key(0), *dummy_inputs(unet, "unet"))
+    rng = np.random.default_rng(0)
+    unet_params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32),
+                               shapes["params"])
+    return dataclasses.replace(pipe, unet=unet), dict(params, unet=unet_params)
+
+
 def nchw(x):
     return np.asarray(x).transpose(0, 3, 1, 2)
 

@@ -1,5 +1,4 @@
 """LoRA: pure merge, adapter-only training, peft-style files that diffusers loads exactly."""
-import dataclasses
 import json
 
 import jax
@@ -11,8 +10,6 @@ from flax import traverse_util
 
 import jaxdiff
 import reference as ref
-from jaxdiff.models import UNet2DConditionModel, UNetConfig
-from jaxdiff.pipeline import dummy_inputs
 from jaxdiff.training import lora as lora_lib
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.step import make_train_step
@@ -32,19 +29,7 @@ def sd(tmp_path_factory):
     return folder, pipe, params
 
 
-def _with_micro_unet(pipe, params):
-    """The pipeline with a one-attention-block UNet: a cheap backward pass for train tests."""
-    cfg = UNetConfig.from_dict(dict(
-        block_out_channels=(8,), layers_per_block=1, down_block_types=("DownBlock2D",),
-        up_block_types=("UpBlock2D",), cross_attention_dim=32, attention_head_dim=2,
-        norm_num_groups=4, sample_size=4))
-    unet = UNet2DConditionModel(cfg)
-    # Random values from numpy: compiling flax's init of even this UNet takes ~10 s on CPU.
-    shapes = jax.eval_shape(unet.init, jax.random.key(0), *dummy_inputs(unet, "unet"))
-    rng = np.random.default_rng(0)
-    unet_params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32),
-                               shapes["params"])
-    return dataclasses.replace(pipe, unet=unet), dict(params, unet=unet_params)
+_with_micro_unet = ref.with_micro_unet
 
 
 def _equal(a, b):

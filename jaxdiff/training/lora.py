@@ -38,6 +38,7 @@ from flax import traverse_util
 
 from jaxdiff import schedules
 from jaxdiff.training import losses
+from jaxdiff.weights import files
 from jaxdiff.weights.convert import torch_key
 
 DEFAULT_TARGETS = {
@@ -316,15 +317,7 @@ def _by_scope(lora) -> Dict[str, list]:
 
 
 def _file(path: str, create: bool) -> str:
-    if path.endswith(".safetensors") or (not create and os.path.isfile(path)):
-        if create:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return path
-    if create:
-        os.makedirs(path, exist_ok=True)
-    elif not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such LoRA file or directory.")
-    return os.path.join(path, WEIGHT_NAME)
+    return files.weight_file(path, WEIGHT_NAME, create, "LoRA")
 
 
 def _alpha(meta: dict, rank: int, source: str) -> float:

@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxdiff import schedules
 from jaxdiff.training import losses
+from jaxdiff.weights import files
 
 WEIGHT_NAME = "learned_embeds.safetensors"
 
@@ -252,12 +253,4 @@ def load_learned_embeds(path: str) -> Tuple[str, jax.Array]:
 
 
 def _file(path: str, create: bool) -> str:
-    if path.endswith(".safetensors") or (not create and os.path.isfile(path)):
-        if create:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return path
-    if create:
-        os.makedirs(path, exist_ok=True)
-    elif not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such embeddings file or directory.")
-    return os.path.join(path, WEIGHT_NAME)
+    return files.weight_file(path, WEIGHT_NAME, create, "embeddings")

@@ -75,6 +75,23 @@ def _read_pickle(path):
     return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
 
 
+def weight_file(path: str, default_name: str, create: bool, what: str = "weights") -> str:
+    """Resolves a file-or-directory argument to a ``.safetensors`` path.
+
+    ``path`` is either the file itself or a directory holding ``default_name``; with
+    ``create`` the needed directories are made.
+    """
+    if path.endswith(".safetensors") or (not create and os.path.isfile(path)):
+        if create:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return path
+    if create:
+        os.makedirs(path, exist_ok=True)
+    elif not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such {what} file or directory.")
+    return os.path.join(path, default_name)
+
+
 def write_tensors(path: str, tensors: Dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
