@@ -41,6 +41,6 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
         ema = None if state.ema_params is None else ema_update(state.ema_params, params,
                                                                ema_decay)
         new = TrainState(state.step + 1, params, opt_state, ema, state.rng)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return step
