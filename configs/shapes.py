@@ -44,7 +44,7 @@ def get_config(variant: str = ""):
     c.autoencoder = ml_collections.ConfigDict(dict(
         steps=4000, batch_size=32, lr=1e-3, warmup=100, kl_weight=1e-6))
     c.diffusion = ml_collections.ConfigDict(dict(
-        steps=3500, batch_size=64, lr=5e-4, warmup=300, caption_dropout=0.1,
+        steps=6000, batch_size=64, lr=5e-4, warmup=300, caption_dropout=0.1,
         ema_decay=0.999, train_text_encoder=True))
     c.log_every = 50
     c.checkpoint_every = 500
