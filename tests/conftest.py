@@ -18,3 +18,15 @@ def torch():
     _torch.manual_seed(0)
     _torch.set_num_threads(2)
     return _torch
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_dir(tmp_path_factory, torch):
+    """A tiny random diffusers StableDiffusionPipeline (SD1-style) saved once per session.
+
+    Read-only for tests: copy it before editing files inside.
+    """
+    import reference as ref
+    folder = str(tmp_path_factory.mktemp("sd_tiny_shared"))
+    ref.make_torch_pipeline(folder, unet="sd1", vae="sd1", text="sd1")
+    return folder

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 import jaxdiff
-import reference as ref
 from jaxdiff import cli
 
 # The tiny tokenizer is character-level with 16 positions: 14 characters fit.
@@ -18,11 +17,8 @@ SETTINGS = ["--sampler", "ddim", "--steps", "2", "--guidance", "3.5", "--seed", 
 
 
 @pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory):
-    import torch  # noqa: F401  (reference)
-    folder = str(tmp_path_factory.mktemp("sd_tiny_cli"))
-    ref.make_torch_pipeline(folder, unet="sd1", vae="sd1", text="sd1")
-    return folder
+def pipe_dir(tiny_pipe_dir):
+    return tiny_pipe_dir
 
 
 @pytest.fixture(scope="module")

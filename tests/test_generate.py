@@ -17,11 +17,8 @@ PROMPTS = ["a red circle", "blue square"]
 
 
 @pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory):
-    import torch  # noqa: F401  (reference)
-    folder = str(tmp_path_factory.mktemp("sd_tiny"))
-    ref.make_torch_pipeline(folder, unet="sd1", vae="sd1", text="sd1")
-    return folder
+def pipe_dir(tiny_pipe_dir):
+    return tiny_pipe_dir
 
 
 @pytest.fixture(scope="module")

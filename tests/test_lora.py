@@ -21,12 +21,8 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1")
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    import torch  # noqa: F401  (reference)
-    folder = str(tmp_path_factory.mktemp("sd_lora"))
-    ref.make_torch_pipeline(folder)
-    pipe, params = jaxdiff.load_pipeline(folder)
-    return folder, pipe, params
+def sd(tiny_pipe_dir):
+    return (tiny_pipe_dir,) + tuple(jaxdiff.load_pipeline(tiny_pipe_dir))
 
 
 _with_micro_unet = ref.with_micro_unet
