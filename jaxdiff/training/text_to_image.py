@@ -7,59 +7,24 @@ state with Orbax (resume is exact: the data position is the step) and log JSONL.
 """
 from __future__ import annotations
 
-import json
 import os
-import time
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from jaxdiff import parallel, schedules
+from jaxdiff import schedules
 from jaxdiff.pipeline import Pipeline, from_uint8
 from jaxdiff.training import data as data_lib
 from jaxdiff.training import losses
 from jaxdiff.training import state as state_lib
-from jaxdiff.training.checkpoint import Checkpointer, restore_or
+from jaxdiff.training.loop import train_loop
 from jaxdiff.training.step import make_train_step
 
 
-def _loop(step_fn, state, batch_fn, num_steps, workdir, *, log_every, ckpt_every, desc,
-          on_sample: Optional[Callable] = None, sample_every: int = 0, mesh=None):
-    """Generic resumable loop: jit(step) with donation, Orbax saves, JSONL + progress bar."""
-    mesh = mesh or parallel.make_mesh()
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    state, _ = restore_or(state, ckpt)
-    rep = parallel.replicated(mesh)
-    # Copy first: the step donates its state, which must not consume the caller's arrays.
-    state = jax.device_put(jax.tree.map(jnp.array, state), rep)
-    jstep = jax.jit(step_fn, donate_argnums=(0,),
-                    in_shardings=(rep, parallel.batch_sharded(mesh)), out_shardings=(rep, rep))
-    start = int(state.step)
-    log = open(os.path.join(workdir, "log.jsonl"), "a", encoding="utf-8")
-    bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step")
-    t0, done = time.perf_counter(), 0
-    for s in range(start, num_steps):
-        state, metrics = jstep(state, batch_fn(s))
-        done += 1
-        bar.update(1)
-        if (s + 1) % log_every == 0 or s + 1 == num_steps:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            rate = done / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", steps_per_s=f"{rate:.2f}")
-            log.write(json.dumps(dict(stage=desc, step=s + 1, steps_per_s=rate, **m)) + "\n")
-            log.flush()
-        if (s + 1) % ckpt_every == 0 or s + 1 == num_steps:
-            ckpt.save(state, {"data_position": s + 1})
-        if on_sample and sample_every and (s + 1) % sample_every == 0:
-            on_sample(state, s + 1)
-    bar.close()
-    log.close()
-    ckpt.wait()
-    ckpt.close()
-    return state
+# Backward-compatible name: the loop now lives in jaxdiff.training.loop.
+_loop = train_loop
 
 
 def train_autoencoder(pipe: Pipeline, params, source, workdir: str, *, steps: int,
@@ -107,9 +72,12 @@ def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,
                     batch_size: int, lr: float, caption_dropout: float = 0.1,
                     train_text_encoder: bool = True, ema_decay: float = 0.999, seed: int = 0,
                     warmup: int = 200, log_every: int = 50, ckpt_every: int = 500,
+                    snr_gamma: float = 0.0,
                     on_sample: Optional[Callable] = None, sample_every: int = 0):
     """Trains the UNet (and text encoder) on cached VAE latents with caption dropout.
 
+    ``snr_gamma > 0`` weights the loss with Min-SNR-gamma (``losses.min_snr_weight``).
+    Training starts from the given ``params`` (random init or a pipeline to fine-tune).
     Returns params with the EMA weights of the trained parts.
     """
     os.makedirs(workdir, exist_ok=True)
@@ -131,7 +99,8 @@ def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,
         context = pipe.text_encoder.apply({"params": text_params}, tok)
         unet = lambda x, t, c: pipe.unet.apply({"params": p["unet"]}, x, t, c)
         per = losses.denoising_loss(unet, schedules.alphas_cumprod(sched),
-                                    sched.prediction_type)(x0, context, k_loss)
+                                    sched.prediction_type,
+                                    snr_gamma if snr_gamma > 0 else None)(x0, context, k_loss)
         return jnp.mean(per)
 
     def batch_fn(s):
