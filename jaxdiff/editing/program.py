@@ -1,0 +1,100 @@
+"""Pipeline-level plumbing shared by the mask/strength editing methods (host side + jit).
+
+Each method file has a latent-space core (a pure function of a denoiser and arrays) and a
+``run`` wrapper that compiles image-encode -> edit -> decode into one program per
+(pipeline, shapes, static options). These helpers build the pieces those wrappers share:
+the UNet as a denoiser, per-image keys and noise, prompt ids, per-image traced scalars.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.sampling import sample_keys
+
+
+def unet_denoiser(pipe, params):
+    """``(x, t, context) -> model output`` with the UNet params closed over."""
+    return lambda x, t, c: pipe.unet.apply({"params": params["unet"]}, x, t, c)
+
+
+def step_noise(keys, i, shape):
+    """N(0, 1) [B, *shape] for loop step ``i`` (stream ``i + 1``; stream 0 is the start)."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), shape))(keys)
+
+
+def start_noise(keys, shape):
+    """N(0, 1) [B, *shape] start noise (stream 0, as ``sampling.initial_noise``)."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
+
+
+def prompt_list(prompts: Union[str, Sequence[str], None], b: int, name: str,
+                default: str = "") -> list:
+    """One prompt per image: a string is repeated; None gives ``default``."""
+    if prompts is None:
+        return [default] * b
+    if isinstance(prompts, str):
+        return [prompts] * b
+    prompts = list(prompts)
+    if len(prompts) != b:
+        raise ValueError(f"got {len(prompts)} {name} for {b} images; give one, or one per "
+                         "image.")
+    return prompts
+
+
+def per_image(value, b: int, name: str) -> jax.Array:
+    """A traced float32 [B] from a scalar or a length-B sequence."""
+    v = np.asarray(value, np.float32)
+    if v.ndim == 0:
+        v = np.full((b,), v, np.float32)
+    if v.shape != (b,):
+        raise ValueError(f"{name} has shape {v.shape}; give a number or one per image ({b}).")
+    return jnp.asarray(v)
+
+
+def check_images(images, pipe) -> jax.Array:
+    """images float [B, H, W, 3] in [-1, 1] with H, W valid for the model."""
+    x = jnp.asarray(images, jnp.float32)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] < 1:
+        raise ValueError(f"images must be [B, H, W, 3] floats in [-1, 1], got {x.shape}.")
+    mult = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if x.shape[1] % mult or x.shape[2] % mult:
+        raise ValueError(f"image size {x.shape[2]}x{x.shape[1]} must be a multiple of {mult} "
+                         "for this model (VAE factor x UNet downsampling).")
+    return x
+
+
+def latent_shape(pipe, images) -> tuple:
+    f = pipe.vae_scale_factor
+    return (images.shape[1] // f, images.shape[2] // f, pipe.unet.config.in_channels)
+
+
+def keys_for(seed, b: int) -> jax.Array:
+    """Per-image keys [B] (``fold_in(key(seed), index)``, as ``jaxdiff.generate``)."""
+    return sample_keys(seed, b)
+
+
+def given_noise(noise, shape, name="noise") -> Optional[jax.Array]:
+    if noise is None:
+        return None
+    x = jnp.asarray(noise, jnp.float32)
+    if x.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {x.shape}; expected {tuple(shape)} (NHWC latents).")
+    return x
+
+
+def latent_mask(masks, latent_hw) -> jax.Array:
+    """Pixel masks [B, H, W] (1 = edit) -> latent masks [B, h, w, 1] by area averaging,
+    binarised at 0.5 (a latent cell is edited when at least half its pixels are)."""
+    m = jnp.asarray(masks, jnp.float32)
+    if m.ndim != 3:
+        raise ValueError(f"masks must be [B, H, W], got {m.shape}.")
+    h, w = latent_hw
+    if m.shape[1] % h or m.shape[2] % w:
+        raise ValueError(f"mask size {m.shape[1:]} is not a multiple of the latent size {(h, w)}.")
+    fh, fw = m.shape[1] // h, m.shape[2] // w
+    area = m.reshape(m.shape[0], h, fh, w, fw).mean(axis=(2, 4))
+    return (area >= 0.5).astype(jnp.float32)[..., None]
