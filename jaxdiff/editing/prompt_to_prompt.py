@@ -12,14 +12,14 @@ References: Hertz et al., "Prompt-to-Prompt Image Editing with Cross Attention C
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Union
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.editing import alignment
+from jaxdiff.editing import alignment, local_blend
 from jaxdiff.samplers.base import x0_eps_vp
 from jaxdiff.samplers.ddim import ddim_update
 
@@ -138,37 +138,59 @@ def make_control(pipe, sources: Sequence[str], targets: Sequence[str], num_steps
         refine=mode == "refine", self_max_tokens=self_max_tokens)
 
 
+class P2POutput(NamedTuple):
+    """Final latents of both branches, [N, h, w, C] each, and the LocalBlend mask
+    [N, h, w, 1] of the last step (all ones without LocalBlend)."""
+    source: jax.Array
+    target: jax.Array
+    mask: jax.Array
+
+
 def edit_loop(denoise: Callable, tables, z_T, cond_src, cond_tgt, nulls, guidance,
-              control: P2PControl, prediction_type: str, src_offsets=None, z_T_target=None):
+              control: P2PControl, prediction_type: str, src_offsets=None, z_T_target=None,
+              blend: Optional[local_blend.LocalBlend] = None) -> P2POutput:
     """Samples source and target branches together under P2P control.
 
     Args:
-      denoise: ``(x, t, context, control) -> model output``.
+      denoise: ``(x, t, context, control) -> model output``; with ``blend`` it must also
+        return the cross-attention maps: ``-> (output, maps [B, res, res, L])``
+        (``local_blend.capturing_denoiser``).
       z_T: [N, h, w, C] inverted (or random) start latents, shared by both branches
         unless ``z_T_target`` is given.
       cond_src, cond_tgt: [N, L, D]; nulls: [S, N, L, D] per-step unconditional
         embeddings (null-text, negative-prompt or plain empty-prompt).
       src_offsets: [S, N, h, w, C] direct-inversion offsets for the source branch.
+      blend: LocalBlend data; after each step from ``blend.start`` on, the target
+        latents outside the blend words' mask are set to the source latents.
     Returns:
-      (source latents, target latents), each [N, h, w, C].
+      P2POutput(source, target, mask).
     """
     to_x0_eps = x0_eps_vp(prediction_type)
     n = z_T.shape[0]
     x0 = jnp.concatenate([z_T, z_T if z_T_target is None else z_T_target])
     cond = jnp.concatenate([cond_src, cond_tgt])
+    mask0 = jnp.ones(z_T.shape[:3] + (1,), z_T.dtype)
+    acc0 = jnp.zeros((2 * n, blend.res, blend.res) if blend is not None else (0,), z_T.dtype)
 
-    def body(x, i):
+    def body(carry, i):
+        x, acc, mask = carry
         null = jnp.concatenate([nulls[i], nulls[i]])
         ctrl = control.replace(step=i)
         out = denoise(jnp.concatenate([x, x]), tables.timesteps[i],
                       jnp.concatenate([null, cond]), ctrl)
+        if blend is not None:
+            out, maps = out
+            acc = acc + local_blend.word_maps(blend, maps[2 * n:])
         out_u, out_c = jnp.split(out, 2)
         guided = out_u + guidance * (out_c - out_u)
         x, _ = ddim_update(guided, x, tables.alpha[i], tables.alpha_prev[i],
                            to_x0_eps=to_x0_eps)
         if src_offsets is not None:
             x = x.at[:n].add(src_offsets[i])
-        return x, None
+        if blend is not None:
+            tgt, mask = local_blend.apply_blend(blend, i, x[:n], x[n:], acc)
+            x = jnp.concatenate([x[:n], tgt])
+        return (x, acc, mask), None
 
-    x, _ = jax.lax.scan(body, x0, jnp.arange(tables.timesteps.shape[0]))
-    return x[:n], x[n:]
+    (x, _, mask), _ = jax.lax.scan(body, (x0, acc0, mask0), jnp.arange(tables.timesteps.shape[0]))
+    return P2POutput(x[:n], x[n:], mask)
