@@ -1,0 +1,137 @@
+"""edit/p2p.py and jaxdiff.editing.p2p_pipeline end to end on the embedded model (32x32)."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+import jaxdiff
+from jaxdiff.data import WorldSpec, held_out_examples
+from jaxdiff.editing import io
+from jaxdiff.editing import p2p_pipeline as pp
+
+_spec = importlib.util.spec_from_file_location(
+    "edit_p2p", os.path.join(os.path.dirname(__file__), "..", "edit", "p2p.py"))
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+FAST = ["--steps", "2", "--inversion", "negative_prompt", "--max-batch", "2"]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return jaxdiff.load_pipeline(None)
+
+
+@pytest.fixture(autouse=True)
+def _reuse(loaded, monkeypatch):
+    """The CLI gets the already loaded pipeline object, so runs share compiled programs."""
+    monkeypatch.setattr(jaxdiff, "load_pipeline", lambda path=None, **kw: loaded)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("world")
+    ex = held_out_examples(WorldSpec(image_size=32), 3)
+    for i, e in enumerate(ex):
+        Image.fromarray(e["image"]).save(folder / f"w{i}.png")
+    return folder, ex
+
+
+def _read(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_manifest_batch_writes_results_and_reports_bad_jobs(world, loaded, capsys):
+    folder, ex = world
+    (folder / "broken.png").write_bytes(b"not a png")
+    cap = [e["caption"] for e in ex]
+    swap = lambda c, a, b: c.replace(a, b, 1)
+    lines = [dict(image="w0.png", source_prompt=cap[0],
+                  target_prompt=swap(cap[0], "purple", "green")),
+             dict(image="w1.png", source_prompt=cap[1],
+                  target_prompts=[swap(cap[1], "red", "blue"), swap(cap[1], "cross", "star")]),
+             dict(image="broken.png", source_prompt="a", target_prompt="b"),
+             dict(image="w2.png", source_prompt=cap[2], target_prompt="a big square")]
+    manifest = folder / "jobs.jsonl"
+    manifest.write_text("\n".join(json.dumps(x) for x in lines))
+    out = folder / "out"
+    rc = cli.main(["--manifest", str(manifest), "--out", str(out)] + FAST)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 2
+    assert "broken.png: not a readable image" in err[0]
+    assert "w2.png: replace edit needs the same number of words" in err[1]
+    assert sorted(os.listdir(out)) == ["summary.json", "w0", "w1"]
+    assert sorted(os.listdir(out / "w1")) == ["edit_0.png", "edit_1.png", "input.png",
+                                             "panel.png", "reconstruction.png",
+                                             "settings.json"]
+    np.testing.assert_array_equal(_read(out / "w0" / "input.png"), ex[0]["image"])
+    panel = _read(out / "w1" / "panel.png")
+    parts = [_read(out / "w1" / f) for f in ("input.png", "reconstruction.png",
+                                              "edit_0.png", "edit_1.png")]
+    np.testing.assert_array_equal(panel, io.make_panel(parts))
+    settings = json.load(open(out / "w1" / "settings.json"))
+    assert settings["inversion"] == "negative_prompt" and settings["steps"] == 2
+    assert settings["target_prompts"][1].endswith(cap[1].split(" ", 4)[-1])
+    assert json.load(open(out / "summary.json"))["done"] == ["w0", "w1"]
+    # The CLI's images are the library's: the same edit of w1 through p2p_edit.
+    s = pp.P2PSettings(inversion="negative_prompt", steps=2)
+    pipe, params = loaded
+    lib = pp.p2p_edit_chunked(pipe, params, np.stack([ex[0]["image"], ex[1]["image"]]),
+                              cap[:2], [lines[0]["target_prompt"],
+                                        lines[1]["target_prompts"][0]], s, max_batch=2)
+    np.testing.assert_array_equal(_read(out / "w1" / "edit_0.png"), lib.edited[1])
+    np.testing.assert_array_equal(_read(out / "w1" / "reconstruction.png"),
+                                  lib.reconstruction[1])
+
+
+def test_photo_with_null_text_and_local_blend(tmp_path, capsys):
+    photo = tmp_path / "cat.jpg"
+    Image.fromarray(skimage.data.chelsea()).save(photo)  # 451x300 -> centre crop to 32x32
+    out = tmp_path / "out"
+    rc = cli.main(["--image", str(photo), "--source-prompt", "a red circle",
+                   "--target-prompt", "a blue circle", "--blend-words", "red", "blue",
+                   "--steps", "2", "--inner-steps", "2", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    files = sorted(os.listdir(out / "cat"))
+    assert files == ["edit.png", "input.png", "mask.png", "panel.png", "reconstruction.png",
+                     "settings.json"]
+    mask = _read(out / "cat" / "mask.png")
+    assert mask.shape == (32, 32, 3) and set(np.unique(mask)) <= {0, 255}
+    settings = json.load(open(out / "cat" / "settings.json"))
+    assert settings["inversion"] == "null_text" and settings["blend_words"] == ["red", "blue"]
+    assert 1 <= settings["null_text_mean_inner_steps"] <= 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reweight", "red2"], "--reweight 'red2': expected WORD=FACTOR"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--cross-replace-steps", "1.5"], "cross_replace_steps must be in [0, 1]"),
+    (["--image", "/nonexistent.png"], "/nonexistent.png: no such file"),
+])
+def test_bad_input_is_one_line(world, tmp_path, capsys, argv, message):
+    folder, ex = world
+    base = ["--image", str(folder / "w0.png"), "--source-prompt", "a b", "--target-prompt",
+            "a c", "--out", str(tmp_path / "o")]
+    if argv[0] == "--image":
+        base = base[2:]
+    rc = cli.main(base + argv)
+    err = capsys.readouterr().err
+    assert rc in (1, 2) and message in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "o" / "w0")
+
+
+def test_traced_settings_do_not_recompile(world, loaded):
+    folder, ex = world
+    pipe, params = loaded
+    images = np.stack([e["image"] for e in ex[:2]])
+    cap = [e["caption"] for e in ex[:2]]
+    before = pp._program._cache_size()
+    for g, cross, self_ in [(7.5, 0.8, 0.4), (3.0, 0.2, 0.9)]:
+        pp.p2p_edit(pipe, params, images, cap, cap, pp.P2PSettings(
+            inversion="negative_prompt", steps=2, guidance=g, cross_replace_steps=cross,
+            self_replace_steps=self_, mode="reweight", reweight={cap[0].split()[1]: 2.0}))
+    assert pp._program._cache_size() - before <= 1
