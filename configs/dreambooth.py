@@ -1,0 +1,64 @@
+"""DreamBooth (with prior preservation), full fine-tuning or LoRA.
+
+    python train/dreambooth.py --config configs/dreambooth.py --workdir runs/db \
+        --config.instance_dir=my_subject/ --config.instance_prompt="a sks circle" \
+        --config.class_prompt="a circle"
+    python train/dreambooth.py --config configs/dreambooth.py:lora --workdir runs/db_lora \
+        --config.instance_dir=my_subject/
+    python train/dreambooth.py --config configs/dreambooth.py:tiny --workdir /tmp/smoke \
+        --config.instance_dir=my_subject/
+
+Defaults suit the embedded shapes model (``model=""``). For Stable Diffusion use the
+reference settings (``--config.model=/path/to/sd15 --config.lr=5e-6 --config.steps=800
+--config.num_class_images=200``, ALGORITHMS.md). Unknown keys are an error.
+"""
+import ml_collections
+
+
+def get_config(variant: str = ""):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ""                    # diffusers-layout pipeline directory; "" = embedded model
+    c.export_dir = ""               # "" = <workdir>/export (pipeline dir, or LoRA file dir)
+
+    c.instance_dir = ""             # folder of subject images (required)
+    c.fit = "crop"                  # mixed sizes: crop | resize | reject
+    c.instance_prompt = "a sks circle"
+    c.class_prompt = "a circle"
+
+    c.prior_preservation = True
+    c.prior_loss_weight = 1.0       # lambda (traced: changing it does not recompile)
+    c.num_class_images = 64
+    c.class_cache_dir = ""          # "" = ~/.cache/jaxdiff/class_images (shared by runs)
+    c.class_sampling = ml_collections.ConfigDict(dict(
+        sampler="dpmpp_2m", steps=25, guidance_scale=5.0, seed=0))
+
+    c.train_text_encoder = False
+    c.lora_rank = 0                 # 0 = full UNet fine-tuning; r > 0 = LoRA adapters only
+    c.lora_alpha = 0.0              # 0 = rank (scale 1)
+
+    c.steps = 200
+    c.batch_size = 4                # instance rows per step (+ as many class rows)
+    c.lr = 1e-4
+    c.warmup = 0
+
+    c.log_every = 10
+    c.checkpoint_every = 100
+    c.sample_every = 100            # 0 disables sample grids
+    c.sample_prompts = []           # [] = [instance_prompt, class_prompt]
+
+    if variant == "lora":
+        c.lora_rank = 4
+        c.lr = 1e-3
+    elif variant == "tiny":
+        c.num_class_images = 2
+        c.class_sampling.steps = 2
+        c.steps = 2
+        c.batch_size = 2
+        c.log_every = 1
+        c.checkpoint_every = 2
+        c.sample_every = 2
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of configs/dreambooth.py "
+                         "(use '', 'lora' or 'tiny').")
+    return c

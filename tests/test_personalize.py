@@ -1,0 +1,241 @@
+"""DreamBooth (prior preservation, LoRA mode, class-image cache) and Textual Inversion
+training: defining properties of the loss, what trains, and the entrypoints end to end
+(their exports load in diffusers PyTorch)."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+from PIL import Image
+
+import jaxdiff
+from jaxdiff.models import UNet2DConditionModel, UNetConfig
+from jaxdiff.pipeline import dummy_inputs
+from jaxdiff.training import class_images as class_lib
+from jaxdiff.training import dreambooth as db
+from jaxdiff.training import lora as lora_lib
+from jaxdiff.training import state as state_lib
+from jaxdiff.training.step import make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def micro(tiny_pipe_dir, tmp_path_factory):
+    """The tiny diffusers pipeline with a one-block cross-attention UNet (cheap to compile,
+    still has attention projections for LoRA), saved as a diffusers directory."""
+    pipe, params = jaxdiff.load_pipeline(tiny_pipe_dir)
+    cfg = UNetConfig.from_dict(dict(
+        block_out_channels=(8,), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=32, attention_head_dim=2,
+        norm_num_groups=4, sample_size=8))
+    unet = UNet2DConditionModel(cfg)
+    shapes = jax.eval_shape(unet.init, jax.random.key(0), *dummy_inputs(unet, "unet"))
+    rng = np.random.default_rng(0)
+    unet_params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32),
+                               shapes["params"])
+    pipe, params = dataclasses.replace(pipe, unet=unet), dict(params, unet=unet_params)
+    folder = str(tmp_path_factory.mktemp("micro") / "pipe")
+    jaxdiff.save_pipeline(pipe, params, folder)
+    return folder, pipe, params
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    """Four 16x16 images of a 'new subject' (a ring) plus one 24x20 image (mixed sizes)."""
+    folder = tmp_path_factory.mktemp("subject")
+    yy, xx = np.mgrid[:16, :16]
+    for i in range(4):
+        r = np.hypot(yy - 7.5 - (i % 2), xx - 7.5)
+        img = np.full((16, 16, 3), 255, np.uint8)
+        img[(r > 3 + i % 2) & (r < 6)] = [(200, 30, 30), (30, 30, 200), (30, 160, 30),
+                                           (220, 180, 20)][i]
+        Image.fromarray(img).save(folder / f"{i}.png")
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(folder / "odd.jpg")
+    return str(folder)
+
+
+def _batch(pipe, params, class_latents, weight, b=2):
+    ctx = np.asarray(pipe.encode_text(params, pipe.tokenize(["sks o", "o"])))
+    inst = np.asarray(jax.random.normal(jax.random.key(1), (b, 8, 8, 4)))
+    return {"instance_latents": inst, "instance_text": np.repeat(ctx[:1], b, 0),
+            "class_latents": class_latents, "class_text": np.repeat(ctx[1:], b, 0),
+            "prior_weight": np.full((b,), weight, np.float32)}
+
+
+def test_prior_weight_is_traced_and_weights_only_the_class_term(micro):
+    _, pipe, params = micro
+    tr = db.make_trainable(params)
+    traces = []
+
+    def counted(p, batch, rng):
+        traces.append(1)
+        return loss(p, batch, rng)
+
+    loss = db.make_dreambooth_loss(pipe, tr.merge, train_text_encoder=False,
+                                   prior_preservation=True)
+    value_and_grad = jax.jit(jax.value_and_grad(counted))
+    rng = jax.random.key(0)
+    cls_a = np.asarray(jax.random.normal(jax.random.key(2), (2, 8, 8, 4)))
+    cls_b = cls_a[::-1] * 0.5 + 1.0
+    out = {(w, name): value_and_grad(tr.params, _batch(pipe, params, c, w), rng)
+           for w in (0.0, 1.0, 2.0) for name, c in (("a", cls_a), ("b", cls_b))}
+    assert len(traces) == 1  # lambda is data: one trace for every value
+    same = lambda x, y: jax.tree.all(jax.tree.map(lambda u, v: bool(np.array_equal(u, v)), x, y))
+    assert same(out[0.0, "a"], out[0.0, "b"])        # lambda = 0: class rows irrelevant
+    assert not same(out[1.0, "a"][1], out[1.0, "b"][1])
+    l0, l1, l2 = (float(out[w, "a"][0]) for w in (0.0, 1.0, 2.0))
+    assert l1 - l0 > 1e-3
+    np.testing.assert_allclose(l2 - l1, l1 - l0, rtol=1e-4)  # L = L_inst + lambda * L_class
+
+
+def test_lora_mode_trains_only_adapters(micro):
+    _, pipe, params = micro
+    tr = db.make_trainable(params, lora_rank=2, train_text_encoder=True)
+    assert set(tr.params) == {"unet", "text_encoder"}
+    names = {p[-2] for p in traverse_util.flatten_dict(tr.params)}
+    assert names == {"to_q", "to_k", "to_v", "to_out_0", "q_proj", "k_proj", "v_proj",
+                     "out_proj"}
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), tr.merge(tr.params), params)
+    assert jax.tree.all(same)  # fresh adapters (up = 0) leave the model unchanged
+    opt = optax.adam(1e-2)
+    state = state_lib.create(tr.params, opt, ema=False)
+    sizes = {x.size for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0}
+    adapter_sizes = {x.size for x in jax.tree.leaves(tr.params)}
+    assert sizes == adapter_sizes  # the optimizer holds adapter-shaped moments only
+    loss = db.make_dreambooth_loss(pipe, tr.merge, train_text_encoder=True,
+                                   prior_preservation=False)
+    ids = pipe.tokenize(["sks o"] * 2)
+    batch = {"instance_latents": np.ones((2, 8, 8, 4), np.float32), "instance_text": ids}
+    new, _ = jax.jit(make_train_step(loss, opt))(state, batch)
+    merged = tr.merge(new.params)
+    assert not np.array_equal(merged["unet"]["conv_in"]["kernel"], 0) and jax.tree.all(
+        jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), merged["vae"], params["vae"]))
+    q = ("text_model", "encoder", "layers_0", "self_attn", "q_proj", "kernel")
+    flat_m, flat_p = (traverse_util.flatten_dict(t["text_encoder"]) for t in (merged, params))
+    assert not np.array_equal(flat_m[q], flat_p[q])  # the text-encoder adapters trained
+    np.testing.assert_array_equal(flat_m[("text_model", "final_layer_norm", "scale")],
+                                  flat_p[("text_model", "final_layer_norm", "scale")])
+
+
+def test_class_images_are_cached_by_model_prompt_count_and_settings(micro, tmp_path):
+    _, pipe, params = micro
+    settings = dict(steps=2)
+    imgs, folder, generated = class_lib.class_images(pipe, params, "o", 2, str(tmp_path),
+                                                     settings=settings)
+    assert generated and imgs.shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(
+        imgs, jaxdiff.generate(pipe, params, ["o"] * 2, None, "dpmpp_2m", 2, 5.0, 0))
+    again, folder2, generated2 = class_lib.class_images(pipe, params, "o", 2, str(tmp_path),
+                                                        settings=settings)
+    assert not generated2 and folder2 == folder and np.array_equal(again, imgs)
+    with open(os.path.join(folder, "meta.json")) as f:
+        assert json.load(f)["class_prompt"] == "o"
+    changed = dict(params, unet=jax.tree.map(lambda x: x * 1.01, params["unet"]))
+    key = lambda p, prompt="o", n=2, s=None: class_lib.cache_key(
+        class_lib.params_digest(p), prompt, n, dict(class_lib.DEFAULT_SETTINGS, **(s or {})),
+        (16, 16))
+    base = key(params, s=settings)
+    assert len({base, key(changed, s=settings), key(params, "x", s=settings),
+                key(params, n=3, s=settings), key(params, s=dict(steps=3))}) == 5
+    with pytest.raises(ValueError, match="unknown class-image settings"):
+        class_lib.class_images(pipe, params, "o", 1, str(tmp_path), settings={"cfg": 1})
+
+
+def _run(script, args, timeout=900):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train", script)] + args,
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+def test_dreambooth_entrypoint_end_to_end(micro, subject, tmp_path, torch):
+    folder, pipe, params = micro
+    cache = str(tmp_path / "cache")
+    common = ["--config", "configs/dreambooth.py:tiny", f"--config.model={folder}",
+              f"--config.instance_dir={subject}", "--config.instance_prompt=sks o",
+              "--config.class_prompt=o", f"--config.class_cache_dir={cache}"]
+    work = str(tmp_path / "db")
+    r = _run("dreambooth.py", common + ["--workdir", work])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "generated 2 class images" in r.stdout
+    with open(os.path.join(work, "log.jsonl")) as f:
+        logs = [json.loads(line) for line in f]
+    assert [m["step"] for m in logs] == [1, 2] and all(np.isfinite(m["loss"]) for m in logs)
+    assert os.path.isfile(os.path.join(work, "samples", "step_000002.png"))
+    _, trained = jaxdiff.load_pipeline(os.path.join(work, "export"))
+    assert not np.array_equal(trained["unet"]["conv_in"]["kernel"],
+                              params["unet"]["conv_in"]["kernel"])
+    np.testing.assert_array_equal(trained["vae"]["encoder"]["conv_in"]["kernel"],
+                                  params["vae"]["encoder"]["conv_in"]["kernel"])
+    from diffusers import StableDiffusionPipeline
+    tp = StableDiffusionPipeline.from_pretrained(os.path.join(work, "export"))
+    out = tp("sks o", num_inference_steps=2, output_type="np").images
+    assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
+    # A second experiment with the same class prompt reuses the cached class images; LoRA
+    # mode exports only the adapters, which diffusers loads.
+    work2 = str(tmp_path / "db_lora")
+    r = _run("dreambooth.py", common + ["--workdir", work2, "--config.lora_rank=2",
+                                        "--config.sample_every=0", "--config.steps=1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reused 2 class images" in r.stdout
+    lora_file = os.path.join(work2, "export", lora_lib.WEIGHT_NAME)
+    assert os.listdir(os.path.join(work2, "export")) == [lora_lib.WEIGHT_NAME]
+    tp = StableDiffusionPipeline.from_pretrained(folder)
+    tp.load_lora_weights(lora_file)
+    # Bad input: one line naming the folder.
+    r = _run("dreambooth.py", common[:3] + ["--workdir", str(tmp_path / "bad"),
+                                            f"--config.instance_dir={tmp_path / 'none'}"])
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'none'}: instance image folder not found; pass the folder "
+        "that holds your subject's images.")
+
+
+def test_textual_inversion_entrypoint_end_to_end(micro, subject, tmp_path, torch):
+    from jaxdiff.training import textual_inversion as ti
+    folder, pipe, params = micro
+    work = str(tmp_path / "ti")
+    r = _run("textual_inversion.py", [
+        "--config", "configs/textual_inversion.py:tiny", "--workdir", work,
+        f"--config.model={folder}", f"--config.instance_dir={subject}",
+        "--config.placeholder_token=<ring>", "--config.initializer_token=o",
+        "--config.num_vectors=2", "--config.lr=0.1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    file = os.path.join(work, "export", ti.WEIGHT_NAME)
+    name, rows = ti.load_learned_embeds(file)
+    assert name == "<ring>" and rows.shape == (2, 32)
+    tok = ti.add_tokens(pipe.tokenizer, "<ring>", 2)
+    init = ti.init_embeddings(params, tok, "o", 2)
+    assert np.abs(np.asarray(rows) - np.asarray(init)).min() > 1e-3  # both vectors trained
+    assert os.path.isfile(os.path.join(work, "samples", "step_000002.png"))
+    from diffusers import StableDiffusionPipeline
+    tp = StableDiffusionPipeline.from_pretrained(folder)
+    tp.load_textual_inversion(file)
+    with torch.no_grad():
+        want = tp.encode_prompt(["a <ring>"], "cpu", 1, False)[0].numpy()
+    ids = dataclasses.replace(pipe, tokenizer=tok).tokenize([ti.expand_prompt("a <ring>",
+                                                                              "<ring>", 2)])
+    got = jax.jit(lambda p, r: ti.encode_text(pipe, p, r, ids))(params, rows)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_textual_inversion_refuses_an_existing_token(micro, subject, tmp_path):
+    import importlib.util
+    from jaxdiff.training.personalize import run_textual_inversion
+    folder, _, _ = micro
+    spec = importlib.util.spec_from_file_location(
+        "ti_config", os.path.join(ROOT, "configs", "textual_inversion.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.update(model=folder, instance_dir=subject, placeholder_token="o")
+    with pytest.raises(ValueError, match=r"placeholder token\(s\) \['o'\] already exist") as e:
+        run_textual_inversion(config, str(tmp_path / "w"))
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "w")
