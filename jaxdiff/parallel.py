@@ -1,12 +1,22 @@
 """Device mesh, shardings and multi-host start-up (SPMD over ``jax.sharding.Mesh``).
 
 One code path for one CPU, 8 forced host devices, a GPU and a TPU pod: the batch is
-sharded on the ``data`` axis, parameters are replicated (or FSDP-sharded by the training
-code through logical-axis rules).
+sharded on the ``data`` axis (and, in training, also on ``fsdp``); parameters are
+replicated, or FSDP-sharded over the ``fsdp`` axis by a rule table (``tree_shardings``).
+
+Why a shape rule instead of flax logical-axis annotations: the networks load upstream
+checkpoints and keep upstream parameter names, and every parameter of a UNet, VAE or
+text encoder is a plain conv/dense/norm tensor. Sharding the largest dimension that the
+``fsdp`` size divides (big_vision's ``fsdp`` rule) covers all of them without touching
+the modules; a table of ``(regex over the state path, strategy)`` pairs, kept as data in
+the config, overrides it per parameter group (maxdiffusion keeps its table in the config
+the same way).
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from typing import Optional, Sequence
 
 import jax
@@ -14,6 +24,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
+FSDP = "fsdp"
+
+# (regex searched in the "/"-joined path of a state leaf, strategy); the first match wins,
+# leaves that match nothing are replicated. Strategies: "fsdp" | "replicate".
+DEFAULT_RULES = (("^(step|rng)$", "replicate"), (".*", "fsdp"))
+STRATEGIES = ("fsdp", "replicate")
 
 
 def maybe_initialize_distributed() -> bool:
@@ -36,10 +52,97 @@ def maybe_initialize_distributed() -> bool:
     return True
 
 
-def make_mesh(devices: Optional[Sequence] = None) -> Mesh:
-    """A 1-D data-parallel mesh over ``devices`` (default: all devices of all hosts)."""
+def make_mesh(devices: Optional[Sequence] = None, fsdp: int = 1) -> Mesh:
+    """A data-parallel mesh over ``devices`` (default: all devices of all hosts).
+
+    ``fsdp > 1`` gives a 2-D ``(data, fsdp)`` mesh: groups of ``fsdp`` consecutive devices
+    (in ``jax.devices()`` order, so a group stays inside a host where possible) share
+    one copy of the FSDP-sharded parameters.
+    """
     devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA,))
+    if fsdp == 1:
+        return Mesh(np.asarray(devices), (DATA,))
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f"fsdp={fsdp} must be >= 1 and divide the {len(devices)} devices.")
+    return Mesh(np.asarray(devices).reshape(-1, fsdp), (DATA, FSDP))
+
+
+def batch_axes(mesh: Mesh) -> tuple:
+    """Mesh axes a training batch is split over: every data-like axis of the mesh."""
+    return tuple(a for a in (DATA, FSDP) if a in mesh.shape)
+
+
+def train_batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
+    """Batch axis (after ``leading`` unsharded axes, e.g. micro-batches) over all of
+    ``batch_axes``: with FSDP every device still reads a different slice of the batch."""
+    return NamedSharding(mesh, P(*([None] * leading), batch_axes(mesh)))
+
+
+def fsdp_spec(shape: Sequence[int], size: int, min_size: int = 0) -> P:
+    """big_vision's rule: shard the largest dimension that ``size`` divides over ``fsdp``.
+
+    Leaves with fewer than ``min_size`` elements, or with no divisible dimension, are
+    replicated (the all-gather would cost more than the memory saved).
+    """
+    if size <= 1 or math.prod(shape) < max(min_size, 1):
+        return P()
+    for d in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+        if shape[d] % size == 0:
+            return P(*[FSDP if i == d else None for i in range(len(shape))])
+    return P()
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+def tree_shardings(tree, mesh: Mesh, rules: Sequence = DEFAULT_RULES, min_size: int = 0):
+    """A ``NamedSharding`` for every leaf of ``tree`` (params, optimizer state, or a whole
+    ``TrainState``) from a rule table of ``(regex, strategy)`` pairs.
+
+    The regex is searched in the leaf's path (e.g. ``params/unet/conv_in/kernel``,
+    ``opt_state/1/0/mu/unet/conv_in/kernel``); the first matching rule decides. Without an
+    ``fsdp`` axis in ``mesh`` everything is replicated.
+    """
+    compiled = []
+    for rule in rules:
+        if len(rule) != 2 or rule[1] not in STRATEGIES:
+            raise ValueError(f"sharding rule {tuple(rule)!r}: expected (regex, strategy) with "
+                             f"strategy one of {STRATEGIES}.")
+        compiled.append((re.compile(rule[0]), rule[1]))
+    size = mesh.shape.get(FSDP, 1)
+
+    def one(path, leaf):
+        name = _path_str(path)
+        strategy = next((s for r, s in compiled if r.search(name)), "replicate")
+        shape = np.shape(leaf)
+        spec = fsdp_spec(shape, size, min_size) if strategy == "fsdp" else P()
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def put_global(tree, shardings):
+    """Places host values (identical on every process) as global arrays with ``shardings``.
+
+    Works on one host and on many (each process fills only its addressable shards).
+    """
+    def one(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return jax.tree.map(one, jax.device_get(tree), shardings)
+
+
+def put_batch(tree, sharding):
+    """This process's part of a batch -> global arrays sharded with ``sharding``."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -100,6 +100,14 @@ UNET_FIXED = {
 }
 
 
+def _maybe_remat(remat: bool):
+    """(resnet, transformer) classes; rematerialised (activations recomputed in the
+    backward pass instead of stored) when ``remat``. Parameter names are unchanged."""
+    if not remat:
+        return ResnetBlock2D, Transformer2DModel
+    return nn.remat(ResnetBlock2D), nn.remat(Transformer2DModel)
+
+
 class _Stage(nn.Module):
     """One down or up block: resnets, optional transformers, optional resampler."""
     out_channels: int
@@ -111,18 +119,20 @@ class _Stage(nn.Module):
     first_layer: int
     cfg: Any  # UNetConfig (hashable, frozen)
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, temb, context, skips=None, control=None, up_size=None):
         cfg, outputs = self.cfg, []
+        Res, Tr = _maybe_remat(self.remat)
         skips = None if skips is None else list(skips)
         for j in range(self.num_resnets):
             if skips is not None:
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps,
-                              dtype=self.dtype, name=f"resnets_{j}")(x, temb)
+            x = Res(self.out_channels, cfg.norm_num_groups, cfg.norm_eps,
+                    dtype=self.dtype, name=f"resnets_{j}")(x, temb)
             if self.cross:
-                x = Transformer2DModel(
+                x = Tr(
                     self.heads, self.out_channels // self.heads, self.transformer_layers,
                     cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention,
                     first_layer=self.first_layer + j * self.transformer_layers,
@@ -143,14 +153,16 @@ class _MidBlock(nn.Module):
     first_layer: int
     cfg: Any
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, temb, context, control=None):
         cfg = self.cfg
-        res = lambda i: ResnetBlock2D(self.channels, cfg.norm_num_groups, cfg.norm_eps,
-                                      dtype=self.dtype, name=f"resnets_{i}")
+        Res, Tr = _maybe_remat(self.remat)
+        res = lambda i: Res(self.channels, cfg.norm_num_groups, cfg.norm_eps,
+                            dtype=self.dtype, name=f"resnets_{i}")
         x = res(0)(x, temb)
-        x = Transformer2DModel(self.heads, self.channels // self.heads, self.transformer_layers,
+        x = Tr(self.heads, self.channels // self.heads, self.transformer_layers,
                                cfg.norm_num_groups, cfg.use_linear_projection,
                                cfg.upcast_attention, first_layer=self.first_layer,
                                dtype=self.dtype, name="attentions_0")(x, context, control)
@@ -163,9 +175,12 @@ class UNet2DConditionModel(nn.Module):
     Attributes:
       config: a ``UNetConfig``.
       dtype: compute dtype (params stay float32); bf16 on accelerators.
+      remat: rematerialise every resnet and transformer block in the backward pass
+        (training memory ~ one block's activations instead of the whole network's).
     """
     config: UNetConfig
     dtype: Any = jnp.float32
+    remat: bool = False
 
     def layer_count(self) -> int:
         """Number of controllable transformer blocks (controller ``layer`` indices)."""
@@ -219,18 +234,19 @@ class UNet2DConditionModel(nn.Module):
             kw = {k: v for k, v in stage.items() if k != "name"}
             if stage["resample"] == "mid":
                 x = _MidBlock(stage["out_channels"], stage["heads"], stage["transformer_layers"],
-                              stage["first_layer"], cfg, self.dtype, name="mid_block")(
-                                  x, temb, context, control)
+                              stage["first_layer"], cfg, self.dtype, self.remat,
+                              name="mid_block")(x, temb, context, control)
             elif stage["name"].startswith("down"):
-                x, outs = _Stage(**kw, cfg=cfg, dtype=self.dtype, name=stage["name"])(
-                    x, temb, context, control=control)
+                x, outs = _Stage(**kw, cfg=cfg, dtype=self.dtype, remat=self.remat,
+                                 name=stage["name"])(x, temb, context, control=control)
                 skips.extend(outs)
             else:
                 k = stage["num_resnets"]
                 mine, skips = skips[-k:], skips[:-k]
                 up_size = skips[-1].shape[1:3] if skips else None
-                x, _ = _Stage(**kw, cfg=cfg, dtype=self.dtype, name=stage["name"])(
-                    x, temb, context, skips=mine, control=control, up_size=up_size)
+                x, _ = _Stage(**kw, cfg=cfg, dtype=self.dtype, remat=self.remat,
+                              name=stage["name"])(x, temb, context, skips=mine,
+                                                  control=control, up_size=up_size)
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype,
                          name="conv_norm_out")(x)
         return conv3x3(cfg.out_channels, self.dtype, "conv_out")(nn.silu(x))

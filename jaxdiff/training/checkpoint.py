@@ -5,11 +5,14 @@ process killed mid-save never shadows the last good checkpoint.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import multihost
 
 from jaxdiff.training.state import TrainState
 
@@ -37,16 +40,41 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def restore(self, template: TrainState) -> Tuple[Optional[TrainState], Optional[dict]]:
-        """Restores the latest checkpoint into ``template``'s structure (None if none)."""
-        step = self.manager.latest_step()
-        if step is None:
-            return None, None
+        """Restores the newest readable checkpoint into ``template``'s structure and
+        shardings (None if there is none).
+
+        Unfinished saves (Orbax's ``*.orbax-checkpoint-tmp-*`` directories) are never
+        listed; a finalised step that still fails to read (e.g. files lost afterwards) is
+        skipped with a warning in favour of the next older one.
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._tree(template))
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        tree = dict(out["state"])
-        fields = {k: tree.get(k) for k in TrainState._fields}
-        return TrainState(**fields), dict(out["meta"])
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 -- any unreadable step: fall back
+                logging.warning("checkpoint step %d in %s is unreadable (%s: %s); moved aside, "
+                                "trying an older one.", step, self.directory,
+                                type(e).__name__, e)
+                self._move_aside(step)
+                continue
+            tree = dict(out["state"])
+            fields = {k: tree.get(k) for k in TrainState._fields}
+            return TrainState(**fields), dict(out["meta"])
+        return None, None
+
+    def _move_aside(self, step: int):
+        """Renames an unreadable step dir so Orbax neither lists it nor skips saves at
+        steps <= it (it only saves steps newer than the latest one it sees)."""
+        if jax.process_index() == 0:
+            path = os.path.join(self.directory, str(step))
+            os.rename(path, f"{path}.unreadable-{int(time.time())}")
+        multihost.sync_global_processes(f"jaxdiff_move_aside_{step}")
+        self.manager.reload()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when the job received a preemption notice (synchronised over hosts)."""
+        return bool(self.manager.reached_preemption(step))
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -6,7 +6,7 @@ jobs every process reads only its own slice of each global batch.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -20,9 +20,19 @@ def batch_indices(num_examples: int, global_batch: int, step: int, seed: int) ->
     return perm[pos * global_batch:(pos + 1) * global_batch]
 
 
-def host_slice(indices: np.ndarray) -> np.ndarray:
-    """This process's part of a global batch of indices."""
-    n, p = jax.process_count(), jax.process_index()
+def host_slice(indices: np.ndarray, process_count: Optional[int] = None,
+               process_index: Optional[int] = None) -> np.ndarray:
+    """This process's contiguous part of a global batch of indices.
+
+    Process ``p`` takes rows ``[p * per, (p + 1) * per)``, which are the rows its devices
+    hold when the batch is sharded over a mesh built from ``jax.devices()`` (devices are
+    ordered by process), so ``parallel.put_batch`` assembles exactly the global batch.
+    """
+    n = jax.process_count() if process_count is None else process_count
+    p = jax.process_index() if process_index is None else process_index
+    if len(indices) % n:
+        raise ValueError(f"global batch of {len(indices)} is not divisible by the {n} "
+                         "processes; choose a batch size that is a multiple of it.")
     per = len(indices) // n
     return indices[p * per:(p + 1) * per]
 
