@@ -52,6 +52,19 @@ def get_config(variant: str = ""):
     c.sample_prompts = ["a small red circle on the left", "a big blue square",
                         "a green triangle at the top", "a yellow star on a black background"]
 
+    # Training at scale (README "Training at scale"). The mesh is (data, fsdp): each group
+    # of `fsdp` devices holds one FSDP-sharded copy of the train state, sharded by `rules`
+    # ((regex on the state path, "fsdp" | "replicate"), first match wins; leaves under
+    # `fsdp_min_size` elements stay replicated). See jaxdiff.parallel.tree_shardings.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.fsdp = 1                      # 1 = pure data parallel
+    c.mesh.rules = [["^(step|rng)$", "replicate"], [".*", "fsdp"]]
+    c.mesh.fsdp_min_size = 2 ** 14
+    c.autoencoder.accum_steps = 1        # micro-batches per step (batch_size is the total)
+    c.diffusion.accum_steps = 1
+    c.diffusion.remat = False            # rematerialise UNet blocks (less memory)
+    c.diffusion.dtype = "float32"        # UNet compute dtype: float32 | bfloat16
+
     if variant == "tiny":
         c.data.num_train, c.data.num_test = 64, 16
         c.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -139,6 +139,16 @@ def put_global(tree, shardings):
     return jax.tree.map(one, jax.device_get(tree), shardings)
 
 
+def gather(tree):
+    """Host (numpy) copies of the arrays of a possibly FSDP-sharded, possibly multi-host
+    ``tree`` (e.g. to sample or export from a train state), on every process."""
+    def one(x):
+        if isinstance(getattr(x, "sharding", None), NamedSharding):
+            x = jax.device_put(x, NamedSharding(x.sharding.mesh, P()))
+        return jax.device_get(x)
+    return jax.tree.map(one, tree)
+
+
 def put_batch(tree, sharding):
     """This process's part of a batch -> global arrays sharded with ``sharding``."""
     return jax.tree.map(

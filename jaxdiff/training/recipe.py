@@ -14,6 +14,7 @@ import os
 import jax
 import numpy as np
 
+from jaxdiff import parallel
 from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
                             UNetConfig, VAEConfig)
 from jaxdiff.pipeline import Pipeline, from_uint8, init_params
@@ -72,7 +73,9 @@ def train_and_evaluate(config, workdir: str) -> str:
         raise ValueError(f"config.stages: unknown stage(s) {sorted(unknown)}; use "
                          "'autoencoder' and/or 'diffusion'.")
     common = dict(log_every=config.log_every, ckpt_every=config.checkpoint_every,
-                  seed=config.seed)
+                  seed=config.seed, mesh=parallel.make_mesh(fsdp=config.mesh.fsdp),
+                  rules=[tuple(r) for r in config.mesh.rules],
+                  fsdp_min_size=config.mesh.fsdp_min_size)
     if "autoencoder" in stages:
         params = t2i.train_autoencoder(pipe, params, source, os.path.join(workdir, "autoencoder"),
                                        **config.autoencoder.to_dict(), **common)

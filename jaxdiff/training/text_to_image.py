@@ -8,13 +8,13 @@ state with Orbax (resume is exact: the data position is the step) and log JSONL.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import schedules
+from jaxdiff import parallel, schedules
 from jaxdiff.pipeline import Pipeline, from_uint8
 from jaxdiff.training import data as data_lib
 from jaxdiff.training import losses
@@ -29,8 +29,12 @@ _loop = train_loop
 
 def train_autoencoder(pipe: Pipeline, params, source, workdir: str, *, steps: int,
                       batch_size: int, lr: float, kl_weight: float = 1e-6, seed: int = 0,
-                      warmup: int = 100, log_every: int = 50, ckpt_every: int = 500):
+                      warmup: int = 100, log_every: int = 50, ckpt_every: int = 500,
+                      accum_steps: int = 1, mesh=None,
+                      rules: Sequence = parallel.DEFAULT_RULES, fsdp_min_size: int = 0):
     """Trains ``params["vae"]`` on images (L1 + L2 reconstruction + small KL).
+
+    ``accum_steps``, ``mesh``, ``rules`` and ``fsdp_min_size``: see ``loop.train_loop``.
 
     Returns the raw (not EMA) weights: on runs of a few thousand steps an EMA with decay
     0.999 lags far behind (measured: 17.5 dB vs 25.5 dB PSNR at step 1000).
@@ -51,9 +55,11 @@ def train_autoencoder(pipe: Pipeline, params, source, workdir: str, *, steps: in
         return from_uint8(images)
 
     state = state_lib.create(params["vae"], opt, seed)
-    state = _loop(make_train_step(loss_fn, opt), state, batch_fn, steps, workdir,
-                  log_every=log_every, ckpt_every=ckpt_every, desc="autoencoder")
-    return dict(params, vae=state.params)
+    state = train_loop(make_train_step(loss_fn, opt, accum_steps=accum_steps), state,
+                       batch_fn, steps, workdir, log_every=log_every, ckpt_every=ckpt_every,
+                       desc="autoencoder", mesh=mesh, rules=rules,
+                       fsdp_min_size=fsdp_min_size, accum_steps=accum_steps)
+    return dict(params, vae=parallel.gather(state.params))
 
 
 def encode_dataset(pipe: Pipeline, params, source, batch_size: int = 256):
@@ -73,8 +79,15 @@ def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,
                     train_text_encoder: bool = True, ema_decay: float = 0.999, seed: int = 0,
                     warmup: int = 200, log_every: int = 50, ckpt_every: int = 500,
                     snr_gamma: float = 0.0,
-                    on_sample: Optional[Callable] = None, sample_every: int = 0):
+                    on_sample: Optional[Callable] = None, sample_every: int = 0,
+                    dtype: str = "float32", remat: bool = False, accum_steps: int = 1,
+                    mesh=None, rules: Sequence = parallel.DEFAULT_RULES,
+                    fsdp_min_size: int = 0):
     """Trains the UNet (and text encoder) on cached VAE latents with caption dropout.
+
+    ``dtype="bfloat16"`` computes the UNet in bf16 (params, gradients and optimizer state
+    stay float32); ``remat`` rematerialises its blocks in the backward pass.
+    ``accum_steps``, ``mesh``, ``rules`` and ``fsdp_min_size``: see ``loop.train_loop``.
 
     ``snr_gamma > 0`` weights the loss with Min-SNR-gamma (``losses.min_snr_weight``).
     Training starts from the given ``params`` (random init or a pipeline to fine-tune).
@@ -89,6 +102,9 @@ def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,
     if train_text_encoder:
         trainable["text_encoder"] = params["text_encoder"]
     frozen_text = params["text_encoder"]
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"train_diffusion: {dtype=} must be 'float32' or 'bfloat16'.")
+    train_unet = pipe.unet.clone(dtype=jnp.dtype(dtype), remat=remat)
 
     def loss_fn(p, batch, rng):
         x0, tok = batch
@@ -97,7 +113,7 @@ def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,
         tok = jnp.where(drop[:, None], jnp.asarray(empty)[None], tok)
         text_params = p.get("text_encoder", frozen_text)
         context = pipe.text_encoder.apply({"params": text_params}, tok)
-        unet = lambda x, t, c: pipe.unet.apply({"params": p["unet"]}, x, t, c)
+        unet = lambda x, t, c: train_unet.apply({"params": p["unet"]}, x, t, c)
         per = losses.denoising_loss(unet, schedules.alphas_cumprod(sched),
                                     sched.prediction_type,
                                     snr_gamma if snr_gamma > 0 else None)(x0, context, k_loss)
@@ -110,8 +126,10 @@ def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,
     state = state_lib.create(trainable, opt, seed)
     sample_cb = None
     if on_sample is not None:
-        sample_cb = lambda st, s: on_sample(dict(params, **st.ema_params), s)
-    state = _loop(make_train_step(loss_fn, opt, ema_decay), state, batch_fn, steps, workdir,
-                  log_every=log_every, ckpt_every=ckpt_every, desc="diffusion",
-                  on_sample=sample_cb, sample_every=sample_every)
-    return dict(params, **state.ema_params)
+        sample_cb = lambda st, s: on_sample(dict(params, **parallel.gather(st.ema_params)), s)
+    state = train_loop(make_train_step(loss_fn, opt, ema_decay, accum_steps), state, batch_fn,
+                       steps, workdir, log_every=log_every, ckpt_every=ckpt_every,
+                       desc="diffusion", on_sample=sample_cb, sample_every=sample_every,
+                       mesh=mesh, rules=rules, fsdp_min_size=fsdp_min_size,
+                       accum_steps=accum_steps)
+    return dict(params, **parallel.gather(state.ema_params))
