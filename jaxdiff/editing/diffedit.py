@@ -134,14 +134,15 @@ def _compiled(pipe, steps, num_maps):
 
 
 def diffedit(pipe, params, images, source_prompts, target_prompts, negative_prompts=None, *,
-             masks=None, strength=0.8, mask_strength=0.5, num_maps: int = 10,
+             masks=None, mask_given=None, strength=0.8, mask_strength=0.5, num_maps: int = 10,
              threshold_ratio=3.0, steps: int = 50, guidance_scale=7.5, seed=0):
     """DiffEdit on a batch of images [B, H, W, 3] in [-1, 1].
 
     Args:
       source_prompts / target_prompts: the reference and query texts (one or one per image).
-      masks: optional [B, H, W] masks (1 = edit) used instead of the automatic ones
-        (every image then uses its given mask).
+      masks: optional [B, H, W] masks (1 = edit) used instead of the automatic ones.
+      mask_given: optional [B] bools: which images use their given mask (default: all
+        when ``masks`` is given); the others get the automatic mask.
     Returns:
       {"edited", "reconstruction": [B, H, W, 3] in [-1, 1]; "latents";
        "latent_mask": [B, h, w] the mask used; "mask_map": [B, h, w] normalised map}.
@@ -151,7 +152,8 @@ def diffedit(pipe, params, images, source_prompts, target_prompts, negative_prom
     src = pipe.tokenize(program.prompt_list(source_prompts, b, "source prompts"))
     tgt = pipe.tokenize(program.prompt_list(target_prompts, b, "target prompts"))
     neg = pipe.tokenize(program.prompt_list(negative_prompts, b, "negative prompts"))
-    use_given = jnp.full((b,), masks is not None)
+    use_given = (jnp.full((b,), masks is not None) if mask_given is None else
+                 jnp.asarray(mask_given, bool).reshape(b))
     masks = jnp.zeros(images.shape[:3]) if masks is None else jnp.asarray(masks, jnp.float32)
     if masks.shape != images.shape[:3]:
         raise ValueError(f"masks have shape {masks.shape}; expected {images.shape[:3]}.")
