@@ -35,8 +35,59 @@ def _generate_parser(sub):
     p.add_argument("--width", type=int, default=None, help="pixels (default: model's)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (params stay float32)")
+    p.add_argument("--lora", default=None,
+                   help="LoRA adapters to merge: a diffusers/peft safetensors file, or a folder "
+                   "holding pytorch_lora_weights.safetensors")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="LoRA strength, multiplied by the file's alpha/rank (default 1.0; "
+                   "0 = no effect)")
+    p.add_argument("--textual-inversion", default=None,
+                   help="learned_embeds.safetensors (file or folder) from Textual Inversion; "
+                   "its placeholder token may then be used in --prompt")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     return p
+
+
+def apply_adapters(pipe, params, lora=None, lora_scale=1.0, textual_inversion=None):
+    """Merges a LoRA file and/or adds a Textual Inversion token to (pipe, params).
+
+    Returns ``(pipe, params, expand)``: ``expand(prompt)`` rewrites a prompt's
+    placeholder into its tokens (identity without ``textual_inversion``).
+    """
+    from jaxdiff.training import lora as lora_lib
+    from jaxdiff.training import textual_inversion as ti
+    expand = lambda prompt: prompt
+    if lora:
+        adapters, alpha = _read_weights(lora_lib.load_lora, lora, "--lora")
+        scale = lora_lib.lora_scale(alpha, lora_lib.lora_rank(adapters), lora_scale)
+        try:
+            params = lora_lib.merge_lora(params, adapters, scale)
+        except ValueError as e:
+            raise ValueError(f"--lora {lora}: does not fit this model ({e})") from None
+    if textual_inversion:
+        name, rows = _read_weights(ti.load_learned_embeds, textual_inversion,
+                                   "--textual-inversion")
+        n = rows.shape[0]
+        if rows.shape[1] != ti.token_table(params).shape[1]:
+            raise ValueError(f"--textual-inversion {textual_inversion}: embeddings have "
+                             f"{rows.shape[1]} dims, this model's text encoder "
+                             f"{ti.token_table(params).shape[1]}; it was trained for another "
+                             "model.")
+        tok = ti.add_tokens(pipe.tokenizer, name, n)
+        pipe, params = ti.merge_embeddings(pipe, params, tok, rows)
+        expand = lambda prompt: ti.expand_prompt(prompt, name, n)
+    return pipe, params, expand
+
+
+def _read_weights(load, path, flag):
+    """``load(path)`` with any unreadable-file error turned into one ValueError line."""
+    try:
+        return load(path)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
+        raise ValueError(f"{flag} {path}: not a readable safetensors file "
+                         f"({type(e).__name__}: {e}).") from None
 
 
 def _save_png(path, image, meta):
@@ -80,6 +131,8 @@ def run_generate(args) -> int:
     pipe, params = jaxdiff.load_pipeline(args.model)
     if args.dtype == "bfloat16":
         pipe = pipe.with_dtype(jnp.bfloat16)
+    pipe, params, expand = apply_adapters(pipe, params, args.lora, args.lora_scale,
+                                          args.textual_inversion)
     jobs = [(p, j) for p in args.prompt for j in range(args.batch)]
     prompts = [p for p, _ in jobs]
     # Check sizes before the progress bar and before anything is written.
@@ -90,7 +143,7 @@ def run_generate(args) -> int:
     images, t0 = [], time.perf_counter()
     with tqdm(total=len(jobs), unit="img", desc="generate") as bar:
         for start in range(0, len(jobs), args.max_batch):
-            chunk = prompts[start:start + args.max_batch]
+            chunk = [expand(p) for p in prompts[start:start + args.max_batch]]
             out = jaxdiff.generate(pipe, params, chunk, args.negative_prompt, args.sampler,
                                    args.steps, args.guidance, args.seed, height=height,
                                    width=width, eta=args.eta, sample_offset=start)
@@ -102,6 +155,10 @@ def run_generate(args) -> int:
     settings = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                     seed=args.seed, negative_prompt=args.negative_prompt or "",
                     model=args.model or "embedded:shapes")
+    if args.lora:
+        settings.update(lora=args.lora, lora_scale=args.lora_scale)
+    if args.textual_inversion:
+        settings.update(textual_inversion=args.textual_inversion)
     for i, (img, prompt) in enumerate(zip(images, prompts)):
         _save_png(os.path.join(args.out, f"{i:04d}.png"), img,
                   dict(settings, prompt=prompt, index=i))

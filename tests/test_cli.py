@@ -144,3 +144,106 @@ def test_help_lists_the_options(capsys):
         assert flag in text, flag
     for name in cli.SAMPLER_NAMES:
         assert name in text
+
+
+@pytest.fixture(scope="module")
+def adapter_files(loaded, tmp_path_factory):
+    """A LoRA file with non-zero adapters (rank 2, alpha 4) and a Textual Inversion file."""
+    import jax
+    from jaxdiff.training import lora as lora_lib
+    from jaxdiff.training import textual_inversion as ti
+    _, params = loaded
+    lora = lora_lib.init_lora(params, 2, key=jax.random.key(0))
+    lora = jax.tree.map(lambda x: x + 0.3, lora)  # up = 0.3, not 0: the adapters act
+    folder = tmp_path_factory.mktemp("adapters")
+    lora_file = lora_lib.save_lora(lora, str(folder / "lora"), alpha=4)
+    rows = np.random.default_rng(0).normal(0, 1, (2, 32)).astype(np.float32)
+    ti_file = ti.save_learned_embeds(str(folder / "ti"), "<ring>", rows)
+    return lora_file, ti_file, lora
+
+
+def _images(folder, n):
+    return np.stack([_read(os.path.join(folder, f"{i:04d}.png"))[0] for i in range(n)])
+
+
+def test_lora_scale_zero_is_the_base_model_and_scale_is_applied(
+        pipe_dir, loaded, generated, adapter_files, tmp_path, monkeypatch):
+    from jaxdiff.training import lora as lora_lib
+    _reuse(loaded, monkeypatch)
+    lora_file, _, lora = adapter_files
+    base = _images(generated, 4)
+    outs = {}
+    for scale in ("0", "0.5"):
+        out = str(tmp_path / scale)
+        argv = ["generate", "--model", pipe_dir, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                "--batch", "2", "--max-batch", "2", "--out", out, "--lora",
+                os.path.dirname(lora_file), "--lora-scale", scale] + SETTINGS
+        assert cli.main(argv) == 0
+        outs[scale] = _images(out, 4)
+    np.testing.assert_array_equal(outs["0"], base)
+    # scale 0.5 with alpha 4 / rank 2 merges 1.0 * down @ up, as the library does.
+    pipe, params = loaded
+    merged = lora_lib.merge_lora(params, lora, 1.0)
+    want = jaxdiff.generate(pipe, merged, [PROMPTS[0]] * 2, sampler="ddim", steps=2,
+                            guidance_scale=3.5, seed=7)
+    assert np.abs(outs["0.5"][:2].astype(int) - want.astype(int)).max() <= 1
+    assert np.abs(outs["0.5"].astype(int) - base.astype(int)).max() > 10
+    with open(os.path.join(str(tmp_path / "0.5"), "settings.json")) as f:
+        assert json.load(f)["lora_scale"] == 0.5
+
+
+def test_textual_inversion_token_in_prompt(pipe_dir, loaded, adapter_files, tmp_path,
+                                           monkeypatch):
+    from jaxdiff.training import textual_inversion as ti
+    _reuse(loaded, monkeypatch)
+    _, ti_file, _ = adapter_files
+    built = []
+    real = cli.apply_adapters
+    monkeypatch.setattr(cli, "apply_adapters", lambda *a: built.append(real(*a)) or built[-1])
+    out = str(tmp_path / "ti")
+    argv = ["generate", "--model", pipe_dir, "--prompt", "a <ring>", "--out", out,
+            "--textual-inversion", ti_file] + SETTINGS
+    assert cli.main(argv) == 0
+    (pipe2, params2, expand), = built
+    _, params = loaded
+    name, rows = ti.load_learned_embeds(ti_file)
+    v = len(loaded[0].tokenizer)
+    table = np.asarray(ti.token_table(params2))
+    np.testing.assert_array_equal(table[v:], rows)
+    np.testing.assert_array_equal(table[:v], ti.token_table(params))
+    assert expand("a <ring>") == "a <ring> <ring>_1"
+    assert pipe2.tokenizer.convert_tokens_to_ids(["<ring>", "<ring>_1"]) == [v, v + 1]
+    # Same pipeline object as the CLI's: reuses its compiled program.
+    want = jaxdiff.generate(pipe2, params2, ["a <ring> <ring>_1"], sampler="ddim", steps=2,
+                            guidance_scale=3.5, seed=7)
+    img, meta = _read(os.path.join(out, "0000.png"))
+    assert meta["prompt"] == "a <ring>"
+    assert np.abs(img.astype(int) - want[0].astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("flag,make,match", [
+    ("--lora", "garbage", "not a readable safetensors file"),
+    ("--lora", "ti", "is not a diffusers/peft key"),
+    ("--lora", "missing", "no such LoRA file or directory"),
+    ("--textual-inversion", "lora", "expected one tensor"),
+    ("--textual-inversion", "existing", "already exist"),
+])
+def test_bad_adapter_file_is_one_error_line(pipe_dir, loaded, adapter_files, tmp_path, capsys,
+                                            monkeypatch, flag, make, match):
+    from jaxdiff.training import textual_inversion as ti
+    _reuse(loaded, monkeypatch)
+    lora_file, ti_file, _ = adapter_files
+    path = {"lora": lora_file, "ti": ti_file, "missing": str(tmp_path / "nope"),
+            "garbage": str(tmp_path / "x.safetensors")}.get(make)
+    if make == "garbage":
+        (tmp_path / "x.safetensors").write_bytes(b"\x00" * 64)
+    if make == "existing":  # a placeholder that already is a word of the vocabulary
+        path = ti.save_learned_embeds(str(tmp_path / "e.safetensors"), "a",
+                                      np.zeros((1, 32), np.float32))
+    out = tmp_path / "out"
+    argv = ["generate", "--model", pipe_dir, "--prompt", "x", "--out", str(out), flag, path]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and match in errors[0], err
+    assert "Traceback" not in err and not out.exists()
