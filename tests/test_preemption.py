@@ -77,3 +77,30 @@ def test_sigkill_resume_matches_uninterrupted_run(tmp_path):
     assert sorted(set(steps)) == list(range(1, STEPS + 1)) and steps[-1] == STEPS
     assert glob.glob(broken + ".unreadable-*")  # the broken step was moved aside
     assert STEPS in _saved_steps(ckpt_dir)
+
+
+def test_preemption_notice_saves_and_stops(tmp_path, monkeypatch):
+    """On Orbax's preemption notice the loop saves at once and raises ``Preempted``; a
+    re-run resumes from that step (a quadratic loss keeps this test cheap)."""
+    import jax.numpy as jnp
+    import optax
+    import pytest
+
+    from jaxdiff.training import state as state_lib
+    from jaxdiff.training.checkpoint import Checkpointer
+    from jaxdiff.training.loop import Preempted, train_loop
+    from jaxdiff.training.step import make_train_step
+
+    opt = optax.sgd(0.1)
+    step = make_train_step(lambda p, b, r: jnp.sum((p["w"] - b) ** 2), opt)
+    state = state_lib.create({"w": jnp.zeros(4)}, opt, ema=False)
+    batch_fn = lambda s: np.full((4,), float(s), np.float32)
+    kw = dict(log_every=1, ckpt_every=100, desc="notice", async_save=False)
+    monkeypatch.setattr(Checkpointer, "reached_preemption", lambda self, s: s == 3)
+    with pytest.raises(Preempted, match="step 3"):
+        train_loop(step, state, batch_fn, 10, str(tmp_path), **kw)
+    assert _saved_steps(str(tmp_path / "checkpoints")) == [3]
+    monkeypatch.setattr(Checkpointer, "reached_preemption", lambda self, s: False)
+    out = train_loop(step, state, batch_fn, 10, str(tmp_path), **kw)
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "log.jsonl")]
+    assert steps == [1, 2, 3] + list(range(4, 11)) and int(out.step) == 10
