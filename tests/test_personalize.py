@@ -21,6 +21,7 @@ from jaxdiff.pipeline import dummy_inputs
 from jaxdiff.training import class_images as class_lib
 from jaxdiff.training import dreambooth as db
 from jaxdiff.training import lora as lora_lib
+from jaxdiff.training import personalize
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.step import make_train_step
 
@@ -149,6 +150,15 @@ def test_class_images_are_cached_by_model_prompt_count_and_settings(micro, tmp_p
         class_lib.class_images(pipe, params, "o", 1, str(tmp_path), settings={"cfg": 1})
 
 
+def _config(name, variant):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_config",
+                                                  os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
 def _run(script, args, timeout=900):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
@@ -156,7 +166,7 @@ def _run(script, args, timeout=900):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
-def test_dreambooth_entrypoint_end_to_end(micro, subject, tmp_path, torch):
+def test_dreambooth_entrypoint_end_to_end(micro, subject, tmp_path, torch, capsys):
     folder, pipe, params = micro
     cache = str(tmp_path / "cache")
     common = ["--config", "configs/dreambooth.py:tiny", f"--config.model={folder}",
@@ -180,23 +190,23 @@ def test_dreambooth_entrypoint_end_to_end(micro, subject, tmp_path, torch):
     out = tp("sks o", num_inference_steps=2, output_type="np").images
     assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
     # A second experiment with the same class prompt reuses the cached class images; LoRA
-    # mode exports only the adapters, which diffusers loads.
+    # mode exports only the adapters, which diffusers loads. (In-process: same recipe.)
+    config = _config("dreambooth", "tiny")
+    config.update(model=folder, instance_dir=subject, instance_prompt="sks o", class_prompt="o",
+                  class_cache_dir=cache, lora_rank=2, sample_every=0, steps=1)
     work2 = str(tmp_path / "db_lora")
-    r = _run("dreambooth.py", common + ["--workdir", work2, "--config.lora_rank=2",
-                                        "--config.sample_every=0", "--config.steps=1"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "reused 2 class images" in r.stdout
-    lora_file = os.path.join(work2, "export", lora_lib.WEIGHT_NAME)
+    lora_file = personalize.run_dreambooth(config, work2)
+    assert "reused 2 class images" in capsys.readouterr().out
+    assert lora_file == os.path.join(work2, "export", lora_lib.WEIGHT_NAME)
     assert os.listdir(os.path.join(work2, "export")) == [lora_lib.WEIGHT_NAME]
     tp = StableDiffusionPipeline.from_pretrained(folder)
     tp.load_lora_weights(lora_file)
     # Bad input: one line naming the folder.
-    r = _run("dreambooth.py", common[:3] + ["--workdir", str(tmp_path / "bad"),
-                                            f"--config.instance_dir={tmp_path / 'none'}"])
-    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'none'}: instance image folder not found; pass the folder "
-        "that holds your subject's images.")
-
+    config.instance_dir = str(tmp_path / "none")
+    with pytest.raises(ValueError) as e:
+        personalize.run_dreambooth(config, str(tmp_path / "bad"))
+    assert str(e.value) == (f"{tmp_path / 'none'}: instance image folder not found; pass the "
+                            "folder that holds your subject's images.")
 
 def test_textual_inversion_entrypoint_end_to_end(micro, subject, tmp_path, torch):
     from jaxdiff.training import textual_inversion as ti
@@ -227,15 +237,9 @@ def test_textual_inversion_entrypoint_end_to_end(micro, subject, tmp_path, torch
 
 
 def test_textual_inversion_refuses_an_existing_token(micro, subject, tmp_path):
-    import importlib.util
-    from jaxdiff.training.personalize import run_textual_inversion
     folder, _, _ = micro
-    spec = importlib.util.spec_from_file_location(
-        "ti_config", os.path.join(ROOT, "configs", "textual_inversion.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = _config("textual_inversion", "tiny")
     config.update(model=folder, instance_dir=subject, placeholder_token="o")
     with pytest.raises(ValueError, match=r"placeholder token\(s\) \['o'\] already exist") as e:
-        run_textual_inversion(config, str(tmp_path / "w"))
+        personalize.run_textual_inversion(config, str(tmp_path / "w"))
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "w")
