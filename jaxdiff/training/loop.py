@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from orbax.checkpoint import multihost
 from tqdm import tqdm
 
 from jaxdiff import parallel
@@ -48,6 +49,18 @@ def compile_step(step_fn, state_shardings, batch_sharding):
     rep = parallel.replicated(batch_sharding.mesh)
     return jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, rep))
+
+
+def compile_synced(jstep, state, batch):
+    """AOT-compiles ``jstep`` for these arguments, then waits for every process.
+
+    Multi-host CPU jobs run collectives over gloo, whose set-up gives up after 30 s; a
+    process that starts its first step while a peer is still compiling would fail.
+    """
+    compiled = jstep.lower(state, batch).compile()
+    if jax.process_count() > 1:
+        multihost.sync_global_processes("jaxdiff_train_step_compiled")
+    return compiled
 
 
 def train_loop(step_fn, state, batch_fn: Callable, num_steps: int, workdir: str, *,
@@ -84,12 +97,15 @@ def train_loop(step_fn, state, batch_fn: Callable, num_steps: int, workdir: str,
     start = int(jax.device_get(state.step))
     log = open(os.path.join(workdir, "log.jsonl"), "a", encoding="utf-8") if lead else None
     bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", disable=not lead)
-    t0, done = time.perf_counter(), 0
+    t0, done, compiled = time.perf_counter(), 0, None
     for s in range(start, num_steps):
         batch = batch_fn(s)
         if accum_steps > 1:
             batch = split_micro_batches(batch, accum_steps)
-        state, metrics = jstep(state, parallel.put_batch(batch, batch_sharding))
+        batch = parallel.put_batch(batch, batch_sharding)
+        if compiled is None:
+            compiled = compile_synced(jstep, state, batch)
+        state, metrics = compiled(state, batch)
         done += 1
         bar.update(1)
         if (s + 1) % log_every == 0 or s + 1 == num_steps:
