@@ -243,3 +243,23 @@ def test_textual_inversion_refuses_an_existing_token(micro, subject, tmp_path):
     with pytest.raises(ValueError, match=r"placeholder token\(s\) \['o'\] already exist") as e:
         personalize.run_textual_inversion(config, str(tmp_path / "w"))
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "w")
+
+
+def test_target_follows_the_scheduler_prediction_type(micro):
+    """A UNet that outputs 0 on x0 = 0 latents: the epsilon loss is E[eps^2] ~ 1, the
+    v-prediction loss E[alpha_bar_t * eps^2] (v = sqrt(a) eps - sqrt(1 - a) x0) is smaller."""
+    _, pipe, params = micro
+    flat = traverse_util.flatten_dict(params["unet"])
+    flat = {k: (jnp.zeros_like(v) if k[0] == "conv_out" else v) for k, v in flat.items()}
+    zero = dict(params, unet=traverse_util.unflatten_dict(flat))
+    batch = _batch(pipe, zero, np.zeros((2, 8, 8, 4), np.float32), 1.0)
+    batch["instance_latents"] = np.zeros_like(batch["instance_latents"])
+    out = {}
+    for kind in ("epsilon", "v_prediction"):
+        p = dataclasses.replace(pipe, scheduler=dataclasses.replace(pipe.scheduler,
+                                                                    prediction_type=kind))
+        loss = db.make_dreambooth_loss(p, lambda tr: dict(zero, **tr), train_text_encoder=False,
+                                       prior_preservation=True)
+        out[kind] = float(jax.jit(loss)({"unet": zero["unet"]}, batch, jax.random.key(3)))
+    assert abs(out["epsilon"] / 2 - 1) < 0.1            # two terms (lambda = 1), each ~1
+    assert out["v_prediction"] < 0.9 * out["epsilon"]
