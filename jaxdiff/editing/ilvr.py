@@ -5,9 +5,10 @@ noised (fresh noise) to the level the step arrived at and ``LP`` down-samples by
 factor N and up-samples back. Here ``LP`` is N x N box averaging followed by nearest
 up-sampling (the reference uses a bicubic resizer): an orthogonal projection, so after
 every refined step the low-pass of the sample *equals* that of the noised reference.
-Runs in latent space (the reference is pixel-space DDPM) from N(0, 1) noise with DDIM steps
-(``eta`` traced; eta = 1 is DDPM-like); refinement applies to the first ``int(S * refine_fraction)`` steps
-(``refine_fraction`` traced, per image; the paper's "range_t" stops it early).
+Runs in latent space (the reference is pixel-space DDPM) from N(0, 1) noise with DDIM
+steps (``eta`` traced; eta = 1 is DDPM-like); refinement applies to the first
+``int(S * refine_fraction)`` steps (``refine_fraction`` traced, per image; the paper's
+"range_t" stops it early).
 
 References: Choi et al., "ILVR: Conditioning Method for Denoising Diffusion Probabilistic
 Models", ICCV 2021.
