@@ -133,3 +133,67 @@ def test_eight_devices_equal_one_device(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env=env, timeout=600)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_two_hosts_equal_one_device(tmp_path):
+    """A real 2-process job (``jax.distributed`` over gloo, 4 CPU devices each, started
+    through ``parallel.maybe_initialize_distributed``): each process feeds only its half of
+    every global batch, the state is FSDP-sharded across both, Orbax saves from both; 2
+    steps equal 2 plain steps on one device."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        sys.path.insert(0, {HERE!r})
+        import jax, numpy as np
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        from jaxdiff import parallel
+        assert parallel.maybe_initialize_distributed()
+        assert jax.process_count() == 2 and jax.device_count() == 8
+        import train_problem as tp
+        from jaxdiff.training.loop import train_loop
+
+        state, step = tp.setup()
+        reads = []
+        host_batch = tp.host_batch_fn(8)
+        def batch_fn(s):
+            b = host_batch(s)
+            reads.append(len(b["x0"]))
+            return b
+        out = train_loop(step, state, batch_fn, 2, {str(tmp_path)!r}, log_every=1,
+                         ckpt_every=1, desc="mh", mesh=parallel.make_mesh(fsdp=4))
+        assert reads == [4, 4], reads  # this process read only its half
+        assert not out.params["conv_in"]["kernel"].is_fully_addressable  # spans both hosts
+        got = parallel.gather((out.params, out.opt_state))  # collective: both processes
+        if jax.process_index() == 0:
+            np.savez({str(tmp_path / "got.npz")!r}, *jax.tree.leaves(got))
+        print("OK", jax.process_index())
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                       JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                       JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    try:  # meanwhile, the reference here: one device, the whole global batch, plain jit
+        ref, step = tp.setup()
+        for s in range(2):
+            ref, _ = jax.jit(step)(ref, tp.global_batch(s, 8))
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"OK {i}" in out, err[-3000:]
+    with np.load(tmp_path / "got.npz") as z:
+        got = [z[f"arr_{i}"] for i in range(len(z.files))]
+    want = jax.tree.leaves(jax.device_get((ref.params, ref.opt_state)))
+    assert len(got) == len(want)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert steps == [1, 2]
