@@ -1,0 +1,197 @@
+"""Personalization on the embedded model: teach a subject the shapes world lacks, measure.
+
+The subject is a hollow red ring on white (the world has only filled shapes; the
+evaluator's templates fit rings < 0.6). Five 32x32 instance images are drawn with PIL.
+
+* DreamBooth ("a sks circle" / class "a circle"), full UNet, with prior_loss_weight
+  lambda = 1 and lambda = 0 (same steps, same class images):
+  - subject fidelity: share of "a sks circle" generations that show one red object with
+    a hole (a ring: ``binary_fill_holes(mask)`` adds >= 8 % area);
+  - language drift: class-prompt generations "a <colour> circle" (6 colours) before vs
+    after: shape+colour accuracy from ``shapes_eval.attribute_accuracy`` and the share
+    that came out as rings.
+* Textual Inversion ("<ring>", initialised from "circle"): fidelity of "a <ring>".
+* Train-step speed: one DreamBooth step (batch 4 instance + 4 class, full UNet, AdamW)
+  in jaxdiff vs diffusers' PyTorch UNet on the same weights, as a ratio.
+
+    python bench/personalize.py --steps 400 --lr 3e-4 --ti-steps 600 --ti-lr 1e-2
+
+Prints JSON (and writes it with --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange")
+
+
+def draw_rings(folder: str, n: int = 5, size: int = 32):
+    from PIL import Image, ImageDraw
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        im = Image.new("RGB", (size, size), (255, 255, 255))
+        d = ImageDraw.Draw(im)
+        r, c = 9 + i % 3, 16 + (i % 2) - (i // 3)
+        d.ellipse([c - r, c - r, c + r, c + r], outline=(220, 30, 30), width=3)
+        im.save(os.path.join(folder, f"ring_{i}.png"))
+    return folder
+
+
+def is_ring(image, spec) -> bool:
+    from scipy import ndimage
+
+    from jaxdiff.eval.shapes_eval import evaluate
+    objs = evaluate(image, spec)["objects"]
+    if len(objs) != 1 or objs[0]["colour"] != "red":
+        return False
+    m = objs[0]["mask"]
+    return ndimage.binary_fill_holes(m).sum() >= 1.08 * m.sum()
+
+
+def evaluate_model(pipe, params, spec, prompt, seeds=16, steps=25):
+    from jaxdiff import generate
+    from jaxdiff.data.shapes import ShapeObject
+    from jaxdiff.eval.shapes_eval import aggregate, attribute_accuracy
+    subj = generate(pipe, params, [prompt] * seeds, sampler="dpmpp_2m", steps=steps,
+                    guidance_scale=5.0, seed=1)
+    cls_prompts = [f"a {c} circle" for c in COLOURS for _ in range(4)]
+    cls = generate(pipe, params, cls_prompts, sampler="dpmpp_2m", steps=steps,
+                   guidance_scale=5.0, seed=2)
+    acc = aggregate([attribute_accuracy(img, [ShapeObject(shape="circle", colour=c, size=None, position=None)], spec)
+                     for img, c in zip(cls, [c for c in COLOURS for _ in range(4)])])
+    return dict(subject_fidelity=float(np.mean([is_ring(x, spec) for x in subj])),
+                class_shape_acc=acc["shape"], class_colour_acc=acc["colour"],
+                class_all_acc=acc["all"],
+                class_ring_rate=float(np.mean([is_ring(x, spec) for x in cls])))
+
+
+def step_speed(pipe, params, iters=10, torch_threads=1):
+    """Seconds per DreamBooth train step: jaxdiff vs diffusers PyTorch (same weights)."""
+    import jax
+    import torch
+    from diffusers import UNet2DConditionModel
+    torch.set_num_threads(torch_threads)
+
+    from jaxdiff.training import dreambooth as db
+    from jaxdiff.training import state as state_lib
+    from jaxdiff.training.step import make_train_step
+    b = 4
+    rng = np.random.default_rng(0)
+    lat = rng.normal(size=(2 * b, 8, 8, 4)).astype(np.float32)
+    ctx = np.asarray(pipe.encode_text(params, pipe.tokenize(["a sks circle", "a circle"])))
+    batch = {"instance_latents": lat[:b], "instance_text": np.repeat(ctx[:1], b, 0),
+             "class_latents": lat[b:], "class_text": np.repeat(ctx[1:], b, 0),
+             "prior_weight": np.ones((b,), np.float32)}
+    tr = db.make_trainable(params)
+    opt = db.constant_adamw(1e-4)
+    step = jax.jit(make_train_step(db.make_dreambooth_loss(
+        pipe, tr.merge, train_text_encoder=False, prior_preservation=True), opt),
+        donate_argnums=(0,))
+    state = state_lib.create(jax.tree.map(np.array, tr.params), opt, ema=False)
+    t = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(iters):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    jax_s = (time.perf_counter() - t) / iters
+
+    import jaxdiff
+    folder = os.path.join(os.path.dirname(jaxdiff.__file__), "assets", "shapes", "unet")
+    unet = UNet2DConditionModel.from_pretrained(folder).train()
+    topt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-2)
+    alphas = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)
+    x0 = torch.from_numpy(lat).permute(0, 3, 1, 2)
+    c = torch.from_numpy(np.concatenate([batch["instance_text"], batch["class_text"]]))
+
+    def tstep():
+        noise = torch.randn_like(x0)
+        tt = torch.randint(0, 1000, (2 * b,))
+        a = alphas[tt].view(-1, 1, 1, 1)
+        pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, tt, c).sample
+        inst, cls = pred.chunk(2)
+        loss = (torch.nn.functional.mse_loss(inst, noise[:b])
+                + torch.nn.functional.mse_loss(cls, noise[b:]))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        topt.step()
+        topt.zero_grad()
+
+    tstep()
+    t = time.perf_counter()
+    for _ in range(iters):
+        tstep()
+    torch_s = (time.perf_counter() - t) / iters
+    return dict(batch=f"{b} instance + {b} class, 8x8x4 latents", jax_step_s=jax_s,
+                jax_compile_s=compile_s, torch_step_s=torch_s, torch_threads=torch.get_num_threads(),
+                speed_ratio_jax_over_torch=torch_s / jax_s)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=150, help="DreamBooth steps per run")
+    ap.add_argument("--ti-steps", type=int, default=300, help="Textual Inversion steps (0: skip)")
+    ap.add_argument("--num-class", type=int, default=32, help="class images")
+    ap.add_argument("--lr", type=float, default=1e-4, help="DreamBooth learning rate")
+    ap.add_argument("--ti-lr", type=float, default=5e-3, help="Textual Inversion learning rate")
+    ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    import jaxdiff
+    from jaxdiff.data.image_folder import load_image_folder
+    from jaxdiff.data.shapes import WorldSpec
+    from jaxdiff.training import class_images as class_lib
+    from jaxdiff.training import dreambooth as db
+    from jaxdiff.training import ti_train
+
+    spec = WorldSpec()
+    work = tempfile.mkdtemp(prefix="personalize_")
+    pipe, params = jaxdiff.load_pipeline(None)
+    instances, _ = load_image_folder(draw_rings(os.path.join(work, "rings")), (32, 32))
+    result = dict(model="embedded:shapes", subject="hollow red ring, 5 images",
+                  instance_prompt="a sks circle", class_prompt="a circle",
+                  dreambooth=dict(steps=args.steps, lr=args.lr, batch=4,
+                                  num_class_images=args.num_class))
+    t = time.perf_counter()
+    result["before"] = evaluate_model(pipe, params, spec, "a sks circle")
+    classes, _, _ = class_lib.class_images(pipe, params, "a circle", args.num_class,
+                                           os.path.join(work, "cache"))
+    for lam in (1.0, 0.0):
+        tuned, _ = db.train_dreambooth(
+            pipe, params, instances, os.path.join(work, f"db_{lam}"),
+            instance_prompt="a sks circle", class_images=classes, class_prompt="a circle",
+            prior_loss_weight=lam, steps=args.steps, batch_size=4, lr=args.lr,
+            log_every=max(1, args.steps), ckpt_every=10 ** 9)
+        result[f"dreambooth_lambda_{lam:g}"] = evaluate_model(pipe, tuned, spec, "a sks circle")
+    if args.ti_steps:
+        r = ti_train.train_textual_inversion(
+            pipe, params, instances, os.path.join(work, "ti"), placeholder="<ring>",
+            initializer_token="circle", steps=args.ti_steps, batch_size=4, lr=args.ti_lr,
+            log_every=max(1, args.ti_steps), ckpt_every=10 ** 9)
+        ti_eval = evaluate_model(r.pipe, r.params, spec, "a <ring>")
+        result["textual_inversion"] = dict(steps=args.ti_steps, lr=args.ti_lr,
+                                           subject_fidelity=ti_eval["subject_fidelity"],
+                                           class_ring_rate=ti_eval["class_ring_rate"])
+    result["quality_wall_s"] = time.perf_counter() - t
+    if not args.skip_speed:
+        result["train_step"] = step_speed(pipe, params, torch_threads=args.torch_threads)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
