@@ -42,9 +42,9 @@ def test_mask_matches_diffusers_generate_mask(tiny_pipe_dir, loaded, torch):
     ac = jnp.asarray(schedules.alphas_cumprod(pipe.scheduler))
     enc = lambda p: pipe.encode_text(params, pipe.tokenize([p]))
     noise = jnp.asarray(ref.nhwc(tnoise.numpy()))[None]
-    mask, norm = de.diffedit_mask(program.unet_denoiser(pipe, params), tables, ac,
-                                  jnp.asarray(z0), noise, enc("blue sq"), enc(""),
-                                  enc("red dot"), enc(""), 5.0, 0.5)
+    mask, norm = jax.jit(lambda *a: de.diffedit_mask(program.unet_denoiser(pipe, params),
+                                                     tables, ac, *a, 5.0, 0.5))(
+        jnp.asarray(z0), noise, enc("blue sq"), enc(""), enc("red dot"), enc(""))
     np.testing.assert_array_equal(np.asarray(mask), want)
     assert 0 < want.mean() < 1  # a real mask, not all/none
     assert float(jnp.abs(norm - 0.5).min()) > 1e-4  # no pixel sits on the threshold
