@@ -3,7 +3,12 @@
     python train/text_to_image.py --config configs/shapes.py --workdir runs/shapes
     python train/text_to_image.py --config configs/shapes.py:tiny --workdir /tmp/smoke
 
-The ``tiny`` variant shrinks everything for a smoke run (tests use it).
+The ``tiny`` variant shrinks everything for a smoke run (tests use it). ``finetune``
+continues the diffusion stage of an existing pipeline (``init_from``), as was done for
+the shipped model:
+
+    python train/text_to_image.py --config configs/shapes.py:finetune --workdir runs/shapes_ft \
+        --config.init_from=runs/shapes/export
 """
 import ml_collections
 
@@ -13,6 +18,7 @@ def get_config(variant: str = ""):
     c.seed = 0
     c.stages = "autoencoder,diffusion"   # comma-separated, run in order
     c.export_dir = ""                    # diffusers-layout output ("" = <workdir>/export)
+    c.init_from = ""                     # "" = random init; a pipeline dir or "embedded"
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = ""                 # TFDS data_dir ("" = <workdir>/tfds)
@@ -45,7 +51,7 @@ def get_config(variant: str = ""):
         steps=4000, batch_size=32, lr=1e-3, warmup=100, kl_weight=1e-6))
     c.diffusion = ml_collections.ConfigDict(dict(
         steps=6000, batch_size=64, lr=5e-4, warmup=300, caption_dropout=0.1,
-        ema_decay=0.999, train_text_encoder=True))
+        ema_decay=0.999, train_text_encoder=True, snr_gamma=0.0))
     c.log_every = 50
     c.checkpoint_every = 500
     c.sample_every = 2000               # 0 disables periodic sample grids
@@ -65,7 +71,13 @@ def get_config(variant: str = ""):
     c.diffusion.remat = False            # rematerialise UNet blocks (less memory)
     c.diffusion.dtype = "float32"        # UNet compute dtype: float32 | bfloat16
 
-    if variant == "tiny":
+    if variant == "finetune":
+        # Second stage of the shipped model: continue the diffusion stage of the embedded
+        # model (fresh optimizer, Min-SNR-5 weighting), keeping its VAE and tokenizer.
+        c.init_from = "runs/shapes/export"   # the first command's output (or "embedded")
+        c.stages = "diffusion"
+        c.diffusion.update(steps=8000, lr=3e-4, warmup=100, snr_gamma=5.0)
+    elif variant == "tiny":
         c.data.num_train, c.data.num_test = 64, 16
         c.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2)
@@ -78,5 +90,5 @@ def get_config(variant: str = ""):
         c.sample_every = 4
         c.sample_prompts = ["a red circle"]
     elif variant:
-        raise ValueError(f"unknown variant {variant!r} of configs/shapes.py (use '' or 'tiny').")
+        raise ValueError(f"unknown variant {variant!r} of configs/shapes.py (use '', 'finetune' or 'tiny').")
     return c

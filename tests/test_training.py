@@ -80,3 +80,18 @@ def test_batches_are_a_pure_function_of_step():
     assert np.array_equal(a, data_lib.batch_indices(100, 8, 37, seed=3))
     epoch = np.concatenate([data_lib.batch_indices(96, 8, s, 0) for s in range(12)])
     assert sorted(epoch.tolist()) == list(range(96))  # one epoch sees every example once
+
+
+def test_init_from_fine_tunes_an_existing_pipeline(trained, tmp_path):
+    """config.init_from: the VAE and tokenizer come from the given pipeline; the UNet moves."""
+    _, export = trained
+    cfg = _tiny_config()
+    cfg.init_from, cfg.stages = export, "diffusion"
+    cfg.sample_every = 0
+    out = recipe.train_and_evaluate(cfg, str(tmp_path / "ft"))
+    (p0, before), (p1, after) = jaxdiff.load_pipeline(export), jaxdiff.load_pipeline(out)
+    assert p1.vae.config.scaling_factor == p0.vae.config.scaling_factor
+    for a, b in zip(jax.tree.leaves(before["vae"]), jax.tree.leaves(after["vae"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["unet"]),
+                                                         jax.tree.leaves(after["unet"])))

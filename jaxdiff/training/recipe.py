@@ -63,10 +63,17 @@ def train_and_evaluate(config, workdir: str) -> str:
         num_test=config.data.num_test, seed=config.seed,
         p_two_objects=config.data.p_two_objects))
     source = builder.as_data_source()["train"]
-    tok_dir = build_tokenizer(os.path.join(workdir, "tokenizer"),
-                              model_max_length=config.model.tokenizer_max_length)
-    pipe = build_pipeline(config.model.to_dict(), load_tokenizer(tok_dir))
-    params = init_params(pipe, config.seed)
+    if config.init_from:
+        # Fine-tune an existing pipeline: its modules, tokenizer, latent scaling factor and
+        # weights replace config.model (which is then ignored).
+        from jaxdiff import load_pipeline
+        pipe, params = load_pipeline(None if config.init_from == "embedded"
+                                     else config.init_from)
+    else:
+        tok_dir = build_tokenizer(os.path.join(workdir, "tokenizer"),
+                                  model_max_length=config.model.tokenizer_max_length)
+        pipe = build_pipeline(config.model.to_dict(), load_tokenizer(tok_dir))
+        params = init_params(pipe, config.seed)
     stages = [s.strip() for s in config.stages.split(",") if s.strip()]
     unknown = set(stages) - {"autoencoder", "diffusion"}
     if unknown:
