@@ -5,6 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0.5
+# Test workers: most of the suite's time is single-threaded XLA compilation, so two
+# workers use both CI cores; whole files go to one worker (module fixtures built once).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install install-test
 
@@ -27,4 +30,4 @@ demo: install
 	  --prompt "a yellow star on a black background" --batch 2 --out outputs/demo
 
 test: install-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

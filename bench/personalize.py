@@ -11,6 +11,10 @@ evaluator's templates fit rings < 0.6). Five 32x32 instance images are drawn wit
     after: shape+colour accuracy from ``shapes_eval.attribute_accuracy`` and the share
     that came out as rings.
 * Textual Inversion ("<ring>", initialised from "circle"): fidelity of "a <ring>".
+* Textual Inversion of a concept the model can draw but the prompt does not name: five
+  world images of stars (five colours, both sizes) taught as "<s>", initialised from
+  "circle"; fidelity = share of "a <s>" generations the evaluator reads as one star
+  (before training, i.e. the "circle" embedding: its star rate is reported too).
 * Train-step speed: one DreamBooth step (batch 4 instance + 4 class, full UNet, AdamW)
   in jaxdiff vs diffusers' PyTorch UNet on the same weights, as a ratio.
 
@@ -42,6 +46,31 @@ def draw_rings(folder: str, n: int = 5, size: int = 32):
         d.ellipse([c - r, c - r, c + r, c + r], outline=(220, 30, 30), width=3)
         im.save(os.path.join(folder, f"ring_{i}.png"))
     return folder
+
+
+def draw_stars(folder: str, spec, n: int = 5):
+    """World renders of one star each (colours, sizes and positions vary, white ground)."""
+    from PIL import Image
+
+    from jaxdiff.data.shapes import ShapeObject, render
+    os.makedirs(folder, exist_ok=True)
+    colours = ("red", "blue", "green", "yellow", "purple")
+    positions = ("centre", "left", "right", "top", "bottom")
+    for i in range(n):
+        obj = ShapeObject(shape="star", colour=colours[i % 5], size=("big", "small")[i % 2],
+                          position=positions[i % 5])
+        image, _ = render(spec, [obj], "white")
+        Image.fromarray(image).save(os.path.join(folder, f"star_{i}.png"))
+    return folder
+
+
+def star_rate(pipe, params, spec, prompt, seeds=32, steps=25) -> float:
+    from jaxdiff import generate
+    from jaxdiff.eval.shapes_eval import evaluate
+    images = generate(pipe, params, [prompt] * seeds, sampler="dpmpp_2m", steps=steps,
+                      guidance_scale=5.0, seed=3)
+    reads = [evaluate(x, spec)["objects"] for x in images]
+    return float(np.mean([len(o) == 1 and o[0]["shape"] == "star" for o in reads]))
 
 
 def is_ring(image, spec) -> bool:
@@ -183,6 +212,18 @@ def main(argv=None):
         result["textual_inversion"] = dict(steps=args.ti_steps, lr=args.ti_lr,
                                            subject_fidelity=ti_eval["subject_fidelity"],
                                            class_ring_rate=ti_eval["class_ring_rate"])
+        stars, _ = load_image_folder(draw_stars(os.path.join(work, "stars"), spec),
+                                     (32, 32))
+        r = ti_train.train_textual_inversion(
+            pipe, params, stars, os.path.join(work, "ti_star"), placeholder="<s>",
+            initializer_token="circle", steps=args.ti_steps, batch_size=4, lr=args.ti_lr,
+            log_every=max(1, args.ti_steps), ckpt_every=10 ** 9)
+        result["textual_inversion_star"] = dict(
+            concept="star, 5 world images (5 colours, 2 sizes, 5 positions, white)",
+            placeholder="<s>", initializer="circle", steps=args.ti_steps, lr=args.ti_lr,
+            star_rate_before=star_rate(pipe, params, spec, "a circle"),
+            star_rate_after=star_rate(r.pipe, r.params, spec, "a <s>"),
+            star_rate_named=star_rate(pipe, params, spec, "a star"))
     result["quality_wall_s"] = time.perf_counter() - t
     if not args.skip_speed:
         result["train_step"] = step_speed(pipe, params, torch_threads=args.torch_threads)

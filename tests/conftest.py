@@ -30,3 +30,20 @@ def tiny_pipe_dir(tmp_path_factory, torch):
     folder = str(tmp_path_factory.mktemp("sd_tiny_shared"))
     ref.make_torch_pipeline(folder, unet="sd1", vae="sd1", text="sd1")
     return folder
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(pipe, params) of the shipped model, loaded once: the same Pipeline object across
+    modules, so programs compiled for it (cached per pipeline) are shared."""
+    import jaxdiff
+    return jaxdiff.load_pipeline(None)
+
+
+@pytest.fixture
+def reuse_embedded(embedded, monkeypatch):
+    """Entrypoints under test get the already loaded embedded pipeline."""
+    import jaxdiff
+    monkeypatch.setattr(jaxdiff, "load_pipeline", lambda path=None, **kw: embedded)
+    return embedded
+

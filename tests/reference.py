@@ -5,6 +5,7 @@ a test-only reference, never a dependency of the library.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -164,3 +165,13 @@ def nchw(x):
 
 def nhwc(x):
     return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def load_script(folder: str, name: str):
+    """Import ``<repo>/<folder>/<name>.py`` (entrypoints, configs and benches are scripts,
+    not packages)."""
+    path = os.path.join(os.path.dirname(__file__), "..", folder, f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,6 +1,5 @@
 """edit/{sdedit,diffedit,blended,repaint,ilvr}.py end to end on the embedded model (32x32),
 few steps: files written, CLI output equals the library, bad input gives one line."""
-import importlib.util
 import json
 import os
 
@@ -8,29 +7,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import jaxdiff
 from jaxdiff.data import WorldSpec, held_out_examples
 from jaxdiff.editing import sdedit
 from jaxdiff.pipeline import from_uint8, to_uint8
+from reference import load_script
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(
-        f"edit_{name}", os.path.join(os.path.dirname(__file__), "..", "edit", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return jaxdiff.load_pipeline(None)
+    return load_script("edit", name)
 
 
 @pytest.fixture(autouse=True)
-def _reuse(loaded, monkeypatch):
+def loaded(reuse_embedded):
     """The CLI gets the already loaded pipeline object, so runs share compiled programs."""
-    monkeypatch.setattr(jaxdiff, "load_pipeline", lambda path=None, **kw: loaded)
+    return reuse_embedded
 
 
 @pytest.fixture(scope="module")

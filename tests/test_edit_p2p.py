@@ -1,5 +1,4 @@
 """edit/p2p.py and jaxdiff.editing.p2p_pipeline end to end on the embedded model (32x32)."""
-import importlib.util
 import json
 import os
 
@@ -8,28 +7,20 @@ import pytest
 import skimage.data
 from PIL import Image
 
-import jaxdiff
 from jaxdiff.data import WorldSpec, held_out_examples
 from jaxdiff.editing import io
 from jaxdiff.editing import p2p_pipeline as pp
+from reference import load_script
 
-_spec = importlib.util.spec_from_file_location(
-    "edit_p2p", os.path.join(os.path.dirname(__file__), "..", "edit", "p2p.py"))
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
+cli = load_script("edit", "p2p")
 
 FAST = ["--steps", "2", "--inversion", "negative_prompt", "--max-batch", "2"]
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    return jaxdiff.load_pipeline(None)
-
-
 @pytest.fixture(autouse=True)
-def _reuse(loaded, monkeypatch):
+def loaded(reuse_embedded):
     """The CLI gets the already loaded pipeline object, so runs share compiled programs."""
-    monkeypatch.setattr(jaxdiff, "load_pipeline", lambda path=None, **kw: loaded)
+    return reuse_embedded
 
 
 @pytest.fixture(scope="module")

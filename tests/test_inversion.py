@@ -56,9 +56,9 @@ def test_inversion_visits_sampling_levels_in_reverse():
 
 
 @pytest.fixture(scope="module")
-def world():
+def world(embedded):
     """Embedded model + 4 held-out images with their captions."""
-    pipe, params = jaxdiff.load_pipeline(None)
+    pipe, params = embedded
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     ex = held_out_examples(WorldSpec(image_size=side), 4)
     images = np.stack([e["image"] for e in ex])

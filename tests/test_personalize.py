@@ -151,12 +151,8 @@ def test_class_images_are_cached_by_model_prompt_count_and_settings(micro, tmp_p
 
 
 def _config(name, variant):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"{name}_config",
-                                                  os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    from reference import load_script
+    return load_script("configs", name).get_config(variant)
 
 
 def _run(script, args, timeout=900):

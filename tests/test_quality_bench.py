@@ -5,9 +5,7 @@ attribute changed, PSNR on arrays with a known answer, and the driver end to end
 random pipeline.
 """
 import dataclasses
-import importlib.util
 import json
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +16,6 @@ from jaxdiff.data.shapes import WorldSpec
 from jaxdiff.eval import generation as gen
 
 SPEC = WorldSpec()
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +153,7 @@ def test_bench_runs_end_to_end_on_a_tiny_random_pipeline(tmp_path, torch):
     import reference as ref
     folder = str(tmp_path / "pipe")
     ref.make_torch_pipeline(folder)               # 16 x 16 images
-    spec = importlib.util.spec_from_file_location("quality", os.path.join(ROOT, "bench",
-                                                                          "quality.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = ref.load_script("bench", "quality")
     out = str(tmp_path / "q.json")
     with pytest.warns(UserWarning, match="truncated"):   # 16-token char-level tokenizer
         result = bench.main(["--model", folder, "--num-one", "3", "--num-two", "2",

@@ -13,16 +13,11 @@ from jaxdiff.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxdiff.training import data as data_lib
 from jaxdiff.training import recipe, text_to_image as t2i
 
-ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
 def _tiny_config():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("shapes_cfg", os.path.join(ROOT, "configs",
-                                                                            "shapes.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config("tiny")
+    from reference import load_script
+    return load_script("configs", "shapes").get_config("tiny")
 
 
 @pytest.fixture(scope="module")

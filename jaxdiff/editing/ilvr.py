@@ -111,8 +111,7 @@ def ilvr(pipe, params, images, prompts, negative_prompts=None, *, factor: int = 
     hw = program.latent_shape(pipe, images)[:2]
     if factor < 1 or hw[0] % factor or hw[1] % factor:
         raise ValueError(f"factor must be >= 1 and divide the latent size {hw}, got {factor}.")
-    ids = pipe.tokenize(program.prompt_list(prompts, b, "prompts"))
-    neg = pipe.tokenize(program.prompt_list(negative_prompts, b, "negative prompts"))
+    ids, neg = program.tokenize_pair(pipe, prompts, negative_prompts, b)
     run = _compiled(pipe, sampler, int(steps), int(factor))
     return run(params, images, ids, neg, program.keys_for(seed, b), jnp.float32(guidance_scale),
                program.per_image(refine_fraction, b, "refine_fraction"), jnp.float32(eta))

@@ -45,6 +45,20 @@ def prompt_list(prompts: Union[str, Sequence[str], None], b: int, name: str,
     return prompts
 
 
+def tokenize_pair(pipe, prompts, negative_prompts, b: int):
+    """Token ids [B, L] of the prompts and of the negative prompts ("" when None)."""
+    return (pipe.tokenize(prompt_list(prompts, b, "prompts")),
+            pipe.tokenize(prompt_list(negative_prompts, b, "negative prompts")))
+
+
+def check_masks(masks, images) -> jax.Array:
+    """Pixel masks float [B, H, W] matching images [B, H, W, 3]."""
+    m = jnp.asarray(masks, jnp.float32)
+    if m.shape != images.shape[:3]:
+        raise ValueError(f"masks have shape {m.shape}; expected {images.shape[:3]}.")
+    return m
+
+
 def per_image(value, b: int, name: str) -> jax.Array:
     """A traced float32 [B] from a scalar or a length-B sequence."""
     v = np.asarray(value, np.float32)

@@ -146,10 +146,8 @@ def repaint(pipe, params, images, masks, prompts, negative_prompts=None, *, step
     """
     images = program.check_images(images, pipe)
     b = images.shape[0]
-    if tuple(jnp.shape(masks)) != images.shape[:3]:
-        raise ValueError(f"masks have shape {jnp.shape(masks)}; expected {images.shape[:3]}.")
-    ids = pipe.tokenize(program.prompt_list(prompts, b, "prompts"))
-    neg = pipe.tokenize(program.prompt_list(negative_prompts, b, "negative prompts"))
+    masks = program.check_masks(masks, images)
+    ids, neg = program.tokenize_pair(pipe, prompts, negative_prompts, b)
     run = _compiled(pipe, int(steps), int(jump_length), int(jump_n_sample))
-    return run(params, images, jnp.asarray(masks, jnp.float32), ids, neg,
+    return run(params, images, masks, ids, neg,
                program.keys_for(seed, b), jnp.float32(guidance_scale), jnp.float32(eta))

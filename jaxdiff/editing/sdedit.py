@@ -88,8 +88,7 @@ def sdedit(pipe, params, images, prompts, negative_prompts=None, *, strength=0.8
         raise ValueError(f"SDEdit supports samplers {SAMPLERS}, got {sampler!r}.")
     images = program.check_images(images, pipe)
     b = images.shape[0]
-    ids = pipe.tokenize(program.prompt_list(prompts, b, "prompts"))
-    neg = pipe.tokenize(program.prompt_list(negative_prompts, b, "negative prompts"))
+    ids, neg = program.tokenize_pair(pipe, prompts, negative_prompts, b)
     noise = program.given_noise(noise, (b,) + program.latent_shape(pipe, images))
     run = _compiled(pipe, sampler, int(steps))
     return run(params, images, ids, neg, noise, program.keys_for(seed, b),
