@@ -123,7 +123,8 @@ def test_eight_devices_equal_one_device(pipe_dir):
     """Same seeds on a mesh of 8 forced host devices and on 1 device give the same images."""
     script = textwrap.dedent(f"""
         import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_force_host_platform_device_count=8")
         import jax, numpy as np, jaxdiff
         from jaxdiff import parallel
         assert jax.device_count() == 8

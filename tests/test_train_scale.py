@@ -92,7 +92,8 @@ def test_eight_devices_equal_one_device(tmp_path):
     over 2 micro-batches of 4 (so accumulation 2 x 4 == batch 8 is checked here too)."""
     script = textwrap.dedent(f"""
         import os, sys
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_force_host_platform_device_count=8")
         sys.path.insert(0, {HERE!r})
         import jax, numpy as np
         import train_problem as tp
@@ -146,7 +147,8 @@ def test_two_hosts_equal_one_device(tmp_path):
         port = s.getsockname()[1]
     script = textwrap.dedent(f"""
         import os, sys
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_force_host_platform_device_count=4")
         sys.path.insert(0, {HERE!r})
         import jax, numpy as np
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

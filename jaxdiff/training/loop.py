@@ -8,7 +8,6 @@ resumed run continues the exact stream.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from jaxdiff import parallel
 from jaxdiff.training.checkpoint import Checkpointer, restore_or
+from jaxdiff.training.metrics_log import MetricsLog
 
 
 class Preempted(RuntimeError):
@@ -80,6 +80,8 @@ def train_loop(step_fn, state, batch_fn: Callable, num_steps: int, workdir: str,
         an ``fsdp`` axis the state is sharded by ``rules`` (leaves below
         ``fsdp_min_size`` elements stay replicated).
       accum_steps: each process batch is split into this many micro-batches.
+      Every ``log_every`` steps the metrics go to ``<workdir>/log.jsonl`` and, when
+      tensorboardX is installed, to ``<workdir>/tensorboard/`` (``MetricsLog``).
     Returns:
       the final state (sharded on ``mesh``).
     Raises:
@@ -95,7 +97,7 @@ def train_loop(step_fn, state, batch_fn: Callable, num_steps: int, workdir: str,
     batch_sharding = parallel.train_batch_sharding(mesh, 1 if accum_steps > 1 else 0)
     jstep = compile_step(step_fn, shardings, batch_sharding)
     start = int(jax.device_get(state.step))
-    log = open(os.path.join(workdir, "log.jsonl"), "a", encoding="utf-8") if lead else None
+    log = MetricsLog(workdir, desc, enabled=lead)
     bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", disable=not lead)
     t0, done, compiled = time.perf_counter(), 0, None
     for s in range(start, num_steps):
@@ -112,9 +114,7 @@ def train_loop(step_fn, state, batch_fn: Callable, num_steps: int, workdir: str,
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             rate = done / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{m['loss']:.4f}", steps_per_s=f"{rate:.2f}")
-            if log:
-                log.write(json.dumps(dict(stage=desc, step=s + 1, steps_per_s=rate, **m)) + "\n")
-                log.flush()
+            log.write(s + 1, dict(steps_per_s=rate, **m))
         preempted = ckpt.reached_preemption(s + 1)
         if (s + 1) % ckpt_every == 0 or s + 1 == num_steps or preempted:
             ckpt.save(state, {"data_position": s + 1}, force=preempted)
@@ -124,8 +124,7 @@ def train_loop(step_fn, state, batch_fn: Callable, num_steps: int, workdir: str,
         if on_sample and sample_every and (s + 1) % sample_every == 0:
             on_sample(state, s + 1)
     bar.close()
-    if log:
-        log.close()
+    log.close()
     ckpt.wait()
     ckpt.close()
     return state
