@@ -16,7 +16,8 @@ evaluator's templates fit rings < 0.6). Five 32x32 instance images are drawn wit
   "circle"; fidelity = share of "a <s>" generations the evaluator reads as one star
   (before training, i.e. the "circle" embedding: its star rate is reported too).
 * Train-step speed: one DreamBooth step (batch 4 instance + 4 class, full UNet, AdamW)
-  in jaxdiff vs diffusers' PyTorch UNet on the same weights, as a ratio.
+  and one Textual Inversion step (batch 4, one new row) in jaxdiff vs diffusers'
+  PyTorch models on the same weights, as ratios.
 
     python bench/personalize.py --steps 400 --lr 3e-4 --ti-steps 600 --ti-lr 1e-2
 
@@ -165,6 +166,80 @@ def step_speed(pipe, params, iters=10, torch_threads=1):
                 speed_ratio_jax_over_torch=torch_s / jax_s)
 
 
+def ti_step_speed(pipe, params, iters=10, torch_threads=1):
+    """Seconds per Textual Inversion step (batch 4, one new token): jaxdiff (grad w.r.t.
+    the new row only, frozen encoder + UNet closed over) vs diffusers' textual_inversion
+    example in PyTorch (the whole token-embedding matrix is the AdamW parameter, the other
+    rows are restored after each step; text encoder and UNet frozen) on the same weights."""
+    import dataclasses
+
+    import jax
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+    torch.set_num_threads(torch_threads)
+
+    import jaxdiff
+    from jaxdiff.training import state as state_lib
+    from jaxdiff.training import textual_inversion as ti
+    from jaxdiff.training.dreambooth import constant_adamw
+    from jaxdiff.training.step import make_train_step
+    b = 4
+    tok = ti.add_tokens(pipe.tokenizer, "<s>", 1)
+    ids = np.asarray(dataclasses.replace(pipe, tokenizer=tok).tokenize(["a <s>"] * b))
+    lat = np.random.default_rng(0).normal(size=(b, 8, 8, 4)).astype(np.float32)
+    rows0 = ti.init_embeddings(params, pipe.tokenizer, "circle", 1)
+    opt = constant_adamw(5e-3)
+    step = jax.jit(make_train_step(ti.make_ti_loss(pipe, params, len(pipe.tokenizer)), opt),
+                   donate_argnums=(0,))
+    state = state_lib.create(np.asarray(rows0), opt, ema=False)
+    t = time.perf_counter()
+    state, m = step(state, (lat, ids))
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(iters):
+        state, m = step(state, (lat, ids))
+    jax.block_until_ready(m)
+    jax_s = (time.perf_counter() - t) / iters
+
+    root = os.path.join(os.path.dirname(jaxdiff.__file__), "assets", "shapes")
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(root, "unet"))
+    text = CLIPTextModel.from_pretrained(os.path.join(root, "text_encoder"))
+    text.resize_token_embeddings(len(tok))
+    emb = text.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[-1] = torch.tensor(np.array(rows0[0]))
+    for p in list(unet.parameters()) + list(text.parameters()):
+        p.requires_grad_(False)
+    emb.requires_grad_(True)
+    keep = emb.detach().clone()
+    topt = torch.optim.AdamW([emb], lr=5e-3, weight_decay=1e-2)
+    alphas = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)
+    x0, tids = torch.from_numpy(lat).permute(0, 3, 1, 2), torch.from_numpy(ids).long()
+
+    def tstep():
+        noise = torch.randn_like(x0)
+        tt = torch.randint(0, 1000, (b,))
+        a = alphas[tt].view(-1, 1, 1, 1)
+        ctx = text(tids)[0]
+        pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, tt, ctx).sample
+        torch.nn.functional.mse_loss(pred, noise).backward()
+        topt.step()
+        topt.zero_grad()
+        with torch.no_grad():  # only the new row may change
+            emb[:-1] = keep[:-1]
+
+    tstep()
+    t = time.perf_counter()
+    for _ in range(iters):
+        tstep()
+    torch_s = (time.perf_counter() - t) / iters
+    return dict(batch=f"{b} prompts 'a <s>', 8x8x4 latents", jax_step_s=jax_s,
+                jax_compile_s=compile_s, torch_step_s=torch_s,
+                torch_threads=torch.get_num_threads(), speed_ratio_jax_over_torch=torch_s / jax_s)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150, help="DreamBooth steps per run")
@@ -227,6 +302,7 @@ def main(argv=None):
     result["quality_wall_s"] = time.perf_counter() - t
     if not args.skip_speed:
         result["train_step"] = step_speed(pipe, params, torch_threads=args.torch_threads)
+        result["ti_train_step"] = ti_step_speed(pipe, params, torch_threads=args.torch_threads)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
