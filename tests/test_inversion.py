@@ -82,23 +82,33 @@ def inverted(world):
     return tab, traj, nulls, taken
 
 
-def _rec_mse(world, tab, traj, nulls, guidance, offsets=None):
-    pipe, den, z0, cond, _ = world
-    rec = inv.ddim_sample(den, tab, traj[-1], cond, nulls, guidance,
-                          pipe.scheduler.prediction_type, offsets)
+@pytest.fixture(scope="module")
+def sample(world, inverted):
+    """Jitted DDIM sampling from an inverted latent (guidance traced: one compile per
+    batch size and offsets/no offsets)."""
+    pipe, den = world[:2]
+    tab = inverted[0]
+    return jax.jit(lambda x, c, nulls, g, offsets=None: inv.ddim_sample(
+        den, tab, x, c, nulls, g, pipe.scheduler.prediction_type, offsets))
+
+
+def _rec_mse(world, sample, traj, nulls, guidance, offsets=None):
+    z0, cond = world[2], world[3]
+    rec = sample(traj[-1], cond, nulls, jnp.float32(guidance), offsets)
     return np.asarray(jnp.mean((rec - z0) ** 2, axis=(1, 2, 3)))
 
 
-def test_published_reconstruction_ordering(world, inverted):
+def test_published_reconstruction_ordering(world, inverted, sample):
     pipe, den, z0, cond, uncond = world
     tab, traj, nulls, taken = inverted
     empty = jnp.broadcast_to(uncond, (STEPS,) + uncond.shape)
-    ddim_1 = _rec_mse(world, tab, traj, empty, 1.0)
-    ddim_75 = _rec_mse(world, tab, traj, empty, 7.5)
-    npi = _rec_mse(world, tab, traj, inv.negative_prompt_nulls(cond, STEPS), 7.5)
-    null_text = _rec_mse(world, tab, traj, nulls, 7.5)
-    offsets = inv.direct_offsets(den, tab, traj, cond, empty, 7.5, pipe.scheduler.prediction_type)
-    direct = _rec_mse(world, tab, traj, empty, 7.5, offsets)
+    ddim_1 = _rec_mse(world, sample, traj, empty, 1.0)
+    ddim_75 = _rec_mse(world, sample, traj, empty, 7.5)
+    npi = _rec_mse(world, sample, traj, inv.negative_prompt_nulls(cond, STEPS), 7.5)
+    null_text = _rec_mse(world, sample, traj, nulls, 7.5)
+    offsets = jax.jit(lambda: inv.direct_offsets(den, tab, traj, cond, empty, 7.5,
+                                                 pipe.scheduler.prediction_type))()
+    direct = _rec_mse(world, sample, traj, empty, 7.5, offsets)
     assert ddim_75.mean() > 3 * null_text.mean(), (ddim_75, null_text)
     assert ddim_75.mean() > 3 * npi.mean(), (ddim_75, npi)
     assert direct.max() < 1e-8
@@ -106,13 +116,15 @@ def test_published_reconstruction_ordering(world, inverted):
     assert ddim_1.mean() < ddim_75.mean()
 
 
-def test_null_text_batch_equals_single_images(world, inverted):
+def test_null_text_batch_equals_single_images(world, inverted, sample):
     pipe, den, z0, cond, uncond = world
     tab, traj, nulls, taken = inverted
     pt = pipe.scheduler.prediction_type
+    invert = jax.jit(lambda tr, c, u: inv.null_text_invert(den, tab, tr, c, u, 7.5, pt))
+    rec_all = sample(traj[-1], cond, nulls, jnp.float32(7.5))
     for i in (0, 3):
         one = lambda a: a[i:i + 1]
-        n1, t1 = inv.null_text_invert(den, tab, traj[:, i:i + 1], one(cond), one(uncond), 7.5, pt)
+        n1, t1 = invert(traj[:, i:i + 1], one(cond), one(uncond))
         # Each image is optimised independently, but float32 round-off differs between batch
         # sizes and Adam's normalised steps amplify it over the late steps (and can flip an
         # early stop sitting at its threshold). So: the first step's null agrees, most
@@ -120,8 +132,7 @@ def test_null_text_batch_equals_single_images(world, inverted):
         same = np.asarray(t1[:, 0]) == np.asarray(taken[:, i])
         assert same.mean() >= 0.8, same
         assert float(jnp.max(jnp.abs(n1[0, 0] - nulls[0, i]))) < 1e-3
-        rec_one = inv.ddim_sample(den, tab, traj[-1, i:i + 1], one(cond), n1, 7.5, pt)
-        rec_all = inv.ddim_sample(den, tab, traj[-1], cond, nulls, 7.5, pt)
+        rec_one = sample(traj[-1, i:i + 1], one(cond), n1, jnp.float32(7.5))
         err_one = float(jnp.mean((rec_one[0] - z0[i]) ** 2))
         err_all = float(jnp.mean((rec_all[i] - z0[i]) ** 2))
         assert err_one < 2 * err_all + 1e-4 and err_all < 2 * err_one + 1e-4, (err_one, err_all)
