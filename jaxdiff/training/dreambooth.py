@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdiff import schedules
+from jaxdiff import parallel, schedules
 from jaxdiff.pipeline import Pipeline, from_uint8
 from jaxdiff.training import lora as lora_lib
 from jaxdiff.training import losses
@@ -198,6 +198,6 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
     state = train_loop(make_train_step(loss_fn, opt), state, batch_fn, steps, workdir,
                        log_every=log_every, ckpt_every=ckpt_every, desc="dreambooth",
                        on_sample=sample_cb, sample_every=sample_every, mesh=mesh)
-    trained = jax.device_get(state.params)
+    trained = parallel.gather(state.params)  # also across hosts of an FSDP-sharded state
     lora = trained if lora_rank > 0 else None
     return trainable.merge(trained), lora

@@ -17,9 +17,9 @@ import dataclasses
 import os
 from typing import NamedTuple, Optional, Sequence
 
-import jax
 import numpy as np
 
+from jaxdiff import parallel
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.training import state as state_lib
 from jaxdiff.training import textual_inversion as ti
@@ -89,7 +89,7 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
                        batch_fn, steps, workdir, log_every=log_every, ckpt_every=ckpt_every,
                        desc="textual_inversion", on_sample=on_sample,
                        sample_every=sample_every, mesh=mesh)
-    rows = np.asarray(jax.device_get(state.params))
+    rows = np.asarray(parallel.gather(state.params))
     _, merged = ti.merge_embeddings(pipe, params, tok, rows)
     return TIResult(placeholder, rows, sample_pipe, merged)
 
