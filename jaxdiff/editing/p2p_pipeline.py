@@ -75,15 +75,19 @@ class P2PResult(NamedTuple):
     inner_steps: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("pipe", "steps", "inversion", "num_inner_steps"))
-def _program(pipe, params, images, src_ids, tgt_ids, empty_ids, pair_image, control, blend,
-             guidance, *, steps, inversion, num_inner_steps):
+def edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image, control, blend,
+                 guidance, *, steps: int, inversion: str, num_inner_steps: int):
+    """The latent part of ``p2p_edit`` (pure; jit it): invert image latents z0 [M, h, w, C],
+    then run P edits (edit p on ``z0[pair_image[p]]``) under ``control`` / ``blend``.
+
+    Returns:
+      (P2POutput of [P, h, w, C] latents, null-text inner steps [S, M]).
+    """
     pt = pipe.scheduler.prediction_type
     tab = inv.ddim_tables(pipe.scheduler, steps)
     unet = lambda x, t, c, ctrl=None: pipe.unet.apply({"params": params["unet"]}, x, t, c,
                                                       control=ctrl)
     den = lambda x, t, c: unet(x, t, c)
-    z0 = pipe.encode_images(params, from_uint8(images))
     cond, uncond = pipe.encode_text(params, src_ids), pipe.encode_text(params, empty_ids)
     traj = inv.ddim_invert(den, tab, z0, cond, pt)
     empty = jnp.broadcast_to(uncond, (steps,) + uncond.shape)
@@ -103,6 +107,16 @@ def _program(pipe, params, images, src_ids, tgt_ids, empty_ids, pair_image, cont
     out = p2p.edit_loop(edit_den, tab, traj[-1][pair_image], cond[pair_image],
                         pipe.encode_text(params, tgt_ids), nulls[:, pair_image], guidance,
                         control, pt, src_offsets=offsets, blend=blend)
+    return out, taken
+
+
+@functools.partial(jax.jit, static_argnames=("pipe", "steps", "inversion", "num_inner_steps"))
+def _program(pipe, params, images, src_ids, tgt_ids, empty_ids, pair_image, control, blend,
+             guidance, *, steps, inversion, num_inner_steps):
+    z0 = pipe.encode_images(params, from_uint8(images))
+    out, taken = edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image,
+                              control, blend, guidance, steps=steps, inversion=inversion,
+                              num_inner_steps=num_inner_steps)
     return (pipe.decode_latents(params, out.target), pipe.decode_latents(params, out.source),
             out.mask[..., 0] > 0, taken)
 
