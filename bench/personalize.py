@@ -156,14 +156,19 @@ def step_speed(pipe, params, iters=10, torch_threads=1):
         topt.step()
         topt.zero_grad()
 
-    tstep()
-    t = time.perf_counter()
-    for _ in range(iters):
-        tstep()
-    torch_s = (time.perf_counter() - t) / iters
+    torch_s = _seconds_per_call(tstep, iters)
     return dict(batch=f"{b} instance + {b} class, 8x8x4 latents", jax_step_s=jax_s,
                 jax_compile_s=compile_s, torch_step_s=torch_s, torch_threads=torch.get_num_threads(),
                 speed_ratio_jax_over_torch=torch_s / jax_s)
+
+
+def _seconds_per_call(fn, iters):
+    """Mean seconds of ``iters`` calls of ``fn()`` after one warm-up call."""
+    fn()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t) / iters
 
 
 def ti_step_speed(pipe, params, iters=10, torch_threads=1):
@@ -230,11 +235,7 @@ def ti_step_speed(pipe, params, iters=10, torch_threads=1):
         with torch.no_grad():  # only the new row may change
             emb[:-1] = keep[:-1]
 
-    tstep()
-    t = time.perf_counter()
-    for _ in range(iters):
-        tstep()
-    torch_s = (time.perf_counter() - t) / iters
+    torch_s = _seconds_per_call(tstep, iters)
     return dict(batch=f"{b} prompts 'a <s>', 8x8x4 latents", jax_step_s=jax_s,
                 jax_compile_s=compile_s, torch_step_s=torch_s,
                 torch_threads=torch.get_num_threads(), speed_ratio_jax_over_torch=torch_s / jax_s)
