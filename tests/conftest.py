@@ -7,10 +7,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The suite's time is mostly XLA:CPU compilation of small programs; LLVM at -O0 compiles
 # them about a third faster and runs them fast enough. Results are the same programs, only
 # less optimised machine code (the library itself runs at XLA's default level). Inherited
-# by the subprocesses tests start. JAXDIFF_TEST_XLA_OPT=default keeps XLA's default.
-if os.environ.get("JAXDIFF_TEST_XLA_OPT", "0") != "default":
+# by the subprocesses tests start. JAXDIFF_TEST_XLA_OPT=default keeps XLA's default;
+# JAXDIFF_TEST_XLA_OPT=<n> picks another level.
+_OPT = os.environ.get("JAXDIFF_TEST_XLA_OPT", "0")
+if _OPT != "default":
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_backend_optimization_level=0").strip()
+                               + f" --xla_backend_optimization_level={int(_OPT)}").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
