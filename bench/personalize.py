@@ -15,6 +15,10 @@ evaluator's templates fit rings < 0.6). Five 32x32 instance images are drawn wit
   world images of stars (five colours, both sizes) taught as "<s>", initialised from
   "circle"; fidelity = share of "a <s>" generations the evaluator reads as one star
   (before training, i.e. the "circle" embedding: its star rate is reported too).
+* Textual Inversion of a colour the world lacks: five pink circles on black taught as
+  "<p>" (template "a {} circle", initialised from "red"); fidelity = share of "a <p>
+  circle on a black background" generations that the evaluator, given the palette plus
+  pink, reads as one pink object (vs "a red circle ...", the initial embedding).
 * Train-step speed: one DreamBooth step (batch 4 instance + 4 class, full UNet, AdamW)
   and one Textual Inversion step (batch 4, one new row) in jaxdiff vs diffusers'
   PyTorch models on the same weights, as ratios.
@@ -26,6 +30,7 @@ Prints JSON (and writes it with --out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -72,6 +77,42 @@ def star_rate(pipe, params, spec, prompt, seeds=32, steps=25) -> float:
                       guidance_scale=5.0, seed=3)
     reads = [evaluate(x, spec)["objects"] for x in images]
     return float(np.mean([len(o) == 1 and o[0]["shape"] == "star" for o in reads]))
+
+
+NEW_COLOUR = ("pink", (250, 120, 190))  # not in the world's palette
+
+
+def draw_new_colour(folder: str, spec, n: int = 5):
+    """World renders of one pink circle each (sizes and positions vary, black ground)."""
+    from PIL import Image
+
+    from jaxdiff.data.shapes import ShapeObject, render
+    os.makedirs(folder, exist_ok=True)
+    spec = dataclasses.replace(spec, colours=spec.colours + (NEW_COLOUR,))
+    positions = ("centre", "left", "right", "top", "bottom")
+    for i in range(n):
+        obj = ShapeObject(shape="circle", colour=NEW_COLOUR[0], size=("big", "small")[i % 2],
+                          position=positions[i % 5])
+        image, _ = render(spec, [obj], "black")
+        Image.fromarray(image).save(os.path.join(folder, f"pink_{i}.png"))
+    return folder
+
+
+def colour_rate(pipe, params, spec, prompt, seeds=32, steps=25) -> dict:
+    """Share of generations the evaluator (palette + pink) reads as one pink object / one
+    pink circle, and the colours it read."""
+    from jaxdiff import generate
+    from jaxdiff.eval.shapes_eval import evaluate
+    spec = dataclasses.replace(spec, colours=spec.colours + (NEW_COLOUR,))
+    images = generate(pipe, params, [prompt] * seeds, sampler="dpmpp_2m", steps=steps,
+                      guidance_scale=5.0, seed=4)
+    reads = [evaluate(x, spec)["objects"] for x in images]
+    one = [o[0] for o in reads if len(o) == 1]
+    return dict(pink=float(np.mean([len(o) == 1 and o[0]["colour"] == "pink" for o in reads])),
+                pink_circle=float(np.mean([len(o) == 1 and o[0]["colour"] == "pink"
+                                           and o[0]["shape"] == "circle" for o in reads])),
+                colours_read={c: sum(x["colour"] == c for x in one)
+                              for c in sorted({x["colour"] for x in one})})
 
 
 def is_ring(image, spec) -> bool:
@@ -300,6 +341,17 @@ def main(argv=None):
             star_rate_before=star_rate(pipe, params, spec, "a circle"),
             star_rate_after=star_rate(r.pipe, r.params, spec, "a <s>"),
             star_rate_named=star_rate(pipe, params, spec, "a star"))
+        pinks, _ = load_image_folder(draw_new_colour(os.path.join(work, "pink"), spec),
+                                     (32, 32))
+        r = ti_train.train_textual_inversion(
+            pipe, params, pinks, os.path.join(work, "ti_pink"), placeholder="<p>",
+            initializer_token="red", templates=("a {} circle",), steps=args.ti_steps,
+            batch_size=4, lr=args.ti_lr, log_every=max(1, args.ti_steps), ckpt_every=10 ** 9)
+        result["textual_inversion_new_colour"] = dict(
+            concept=f"{NEW_COLOUR[0]} {NEW_COLOUR[1]} (not in the palette), 5 circles on black",
+            placeholder="<p>", initializer="red", template="a {} circle",
+            before=colour_rate(pipe, params, spec, "a red circle on a black background"),
+            after=colour_rate(r.pipe, r.params, spec, "a <p> circle on a black background"))
     result["quality_wall_s"] = time.perf_counter() - t
     if not args.skip_speed:
         result["train_step"] = step_speed(pipe, params, torch_threads=args.torch_threads)
