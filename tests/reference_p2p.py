@@ -3,7 +3,7 @@
 A line-by-line re-implementation of google/prompt-to-prompt's ``null_text_w_ptp.ipynb``
 (``NullInversion.ddim_loop`` / ``null_optimization``, ``AttentionReplace`` /
 ``AttentionRefine`` / ``AttentionReweight`` applied to the conditional half of the batch,
-``text2image_ldm_stable``), plus negative-prompt inversion (Miyake et al.: the source
+``text2image_ldm_stable``, ``LocalBlend`` on the stored unedited maps), plus negative-prompt inversion (Miyake et al.: the source
 prompt as every step's null) and direct inversion (Ju et al., PnP-Inversion's
 ``offset_calculate``: the source branch is put back on the inversion trajectory after
 every step). One image per call, host-side loops and a stateful attention processor, as
@@ -33,8 +33,10 @@ class TorchP2P:
         self.ac = self.scheduler.alphas_cumprod
         self.final = self.scheduler.final_alpha_cumprod
         self.control = None
+        self.blend = None
         self.step = 0
-        pipe.unet.set_attn_processor({name: self._processor()
+        self.step_maps = []
+        pipe.unet.set_attn_processor({name: self._processor(name)
                                       for name in pipe.unet.attn_processors})
 
     # -- the attention controller (AttentionControlEdit.forward on the cond half) --------
@@ -60,8 +62,35 @@ class TorchP2P:
             mapped = self.t.einsum("hqw,wk->hqk", base, c["mapper"])
         return mapped * c["equalizer"][None, None, :]  # AttentionReweight
 
-    def _processor(self):
+    def set_blend(self, blend, pair: int = 0):
+        """LocalBlend data of pair ``pair`` of a jaxdiff ``LocalBlend`` (None: no blend)."""
+        if blend is None:
+            self.blend = None
+            return
+        n = np.asarray(blend.words).shape[0] // 2
+        words = np.array(blend.words)[[pair, n + pair]]
+        self.blend = dict(words=self.t.from_numpy(words), threshold=float(blend.threshold),
+                          start=int(blend.start), res=blend.res)
+
+    def _blend_step(self, x, acc):
+        """LocalBlend.__call__: word maps summed over steps, 3x3 max-pool, nearest
+        up-sampling, / per-image max, > threshold, source mask OR target mask."""
+        torch, b = self.t, self.blend
+        acc = acc + torch.stack(self.step_maps).mean(0)  # [2, res, res, L]
+        self.step_maps = []
+        maps = (acc * b["words"][:, None, None, :]).sum(-1)[:, None]  # [2, 1, res, res]
+        maps = torch.nn.functional.max_pool2d(maps, (3, 3), (1, 1), padding=(1, 1))
+        mask = torch.nn.functional.interpolate(maps, size=x.shape[2:])
+        mask = mask / mask.amax(dim=(2, 3), keepdim=True)
+        mask = mask.gt(b["threshold"])
+        mask = (mask[:1] | mask[1:]).float()
+        if self.step >= b["start"]:
+            x = torch.cat([x[:1], x[:1] + mask * (x[1:] - x[:1])])
+        return x, acc
+
+    def _processor(self, name):
         torch, outer = self.t, self
+        records = name.endswith("attn2.processor") and not name.startswith("mid_block")
 
         def proc(attn, hidden_states, encoder_hidden_states=None, **kw):
             cross = encoder_hidden_states is not None
@@ -73,6 +102,10 @@ class TorchP2P:
             if c is not None:  # batch [uncond src, uncond tgt, cond src, cond tgt]
                 b = hidden_states.shape[0]
                 p = probs.view(b, attn.heads, *probs.shape[1:]).clone()
+                bl = outer.blend
+                if records and bl is not None and p.shape[2] == bl["res"] ** 2:
+                    # AttentionStore keeps the unedited conditional maps.
+                    outer.step_maps.append(p[2:].mean(1).reshape(2, bl["res"], bl["res"], -1))
                 base, tgt = p[2], p[3]
                 if cross:
                     a = c["alpha"][outer.step][None, None, :]
@@ -170,11 +203,13 @@ class TorchP2P:
         return offsets
 
     # -- text2image_ldm_stable with the controller -----------------------------------------
-    def edit(self, z_T, nulls, cond, tgt, control, offsets=None):
+    def edit(self, z_T, nulls, cond, tgt, control, offsets=None, blend=None):
         """Source and target branches sampled together; returns their final latents."""
         torch = self.t
         x = torch.cat([z_T, z_T])
         self.set_control(control)
+        self.set_blend(blend)
+        acc, self.step_maps = 0.0, []
         try:
             for i, t in enumerate(self.timesteps):
                 self.step = i
@@ -182,12 +217,15 @@ class TorchP2P:
                 x = self.scheduler.step(eps, t, x).prev_sample
                 if offsets is not None:
                     x = torch.cat([x[:1] + offsets[i], x[1:]])
+                if self.blend is not None:
+                    x, acc = self._blend_step(x, acc)
         finally:
             self.set_control(None)
+            self.set_blend(None)
         return x[:1], x[1:]
 
     def __call__(self, image_uint8, source, target, control, inversion="null_text",
-                 inner_steps=10):
+                 inner_steps=10, blend=None):
         """(source latent, target latent, inner Adam steps per timestep) of one edit."""
         if inversion not in INVERSIONS:
             raise ValueError(f"unknown inversion {inversion!r}")
@@ -202,5 +240,5 @@ class TorchP2P:
             nulls = [uncond] * self.steps
             if inversion == "direct":
                 offsets = self.direct_offsets(traj, cond, uncond)
-        src, edit = self.edit(traj[-1], nulls, cond, tgt, control, offsets)
+        src, edit = self.edit(traj[-1], nulls, cond, tgt, control, offsets, blend)
         return src, edit, taken

@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff.editing import p2p_pipeline as pp, prompt_to_prompt as p2p
+from jaxdiff.editing import local_blend as lb, p2p_pipeline as pp, prompt_to_prompt as p2p
 
 STEPS = 6
 INNER = 5  # null-text Adam steps per timestep (the reference's 10 only costs time here)
 SOURCES = ["a red ball", "a big cat"]
+BLEND_THRESHOLD = 0.99  # this random UNet's word maps are flat: 0.98 already keeps ~all
 # Guidance 7.5 except for direct inversion: its source branch is pinned to the inversion
 # trajectory, where this random UNet's guided DDIM step amplifies float32 round-off about
 # 5x per step at 7.5 (both sides drift ~1e-2 from the trajectory in 8 steps, differently);
 # at 2.0 the drift stays below 5e-5.
-CASES = {  # name: (inversion, mode, targets, reweight, guidance)
+BLEND_WORDS = [["red", "blue"], ["cat", "dog"]]
+CASES = {  # name: (inversion, mode, targets, reweight, guidance[, LocalBlend threshold])
     "ddim-replace": ("ddim", "replace", ["a blue ball", "a big dog"], None, 7.5),
     "ddim-replace-reweight": ("ddim", "replace", ["a blue ball", "a big dog"],
                               {"blue": 2.0, "dog": 0.5}, 7.5),
@@ -30,6 +32,8 @@ CASES = {  # name: (inversion, mode, targets, reweight, guidance)
     "negative_prompt": ("negative_prompt", "replace", ["a blue ball", "a big dog"], None, 7.5),
     "direct": ("direct", "replace", ["a blue ball", "a big dog"], None, 2.0),
     "null_text": ("null_text", "replace", ["a blue ball", "a big dog"], None, 7.5),
+    "ddim-replace-localblend": ("ddim", "replace", ["a blue ball", "a big dog"], None, 7.5,
+                                BLEND_THRESHOLD),
 }
 
 
@@ -51,30 +55,37 @@ def world(tiny_pipe_dir, torch):
 
 
 @functools.partial(jax.jit, static_argnames=("pipe", "inversion"))
-def _latents(pipe, params, images, src_ids, tgt_ids, empty_ids, control, guidance, *,
+def _latents(pipe, params, images, src_ids, tgt_ids, empty_ids, control, blend, guidance, *,
              inversion):
     z0 = pipe.encode_images(params, jnp.asarray(images, jnp.float32) / 127.5 - 1)
     return pp.edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids,
-                           jnp.arange(images.shape[0]), control, None, guidance,
+                           jnp.arange(images.shape[0]), control, blend, guidance,
                            steps=STEPS, inversion=inversion, num_inner_steps=INNER)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_edit_equals_the_reference(world, case):
     pipe, params, images, ref = world
-    inversion, mode, targets, reweight, guidance = CASES[case]
+    inversion, mode, targets, reweight, guidance, *threshold = CASES[case]
     ref.g = guidance
     control = p2p.make_control(pipe, SOURCES, targets, STEPS, mode=mode,
                                cross_replace_steps={"default_": 0.8, targets[0].split()[1]: 0.5},
                                self_replace_steps=0.4, reweight=reweight)
     assert int(control.self_steps) > 0
+    blend = None
+    if threshold:
+        blend = lb.make_local_blend(pipe, SOURCES, targets, STEPS, BLEND_WORDS,
+                                    threshold=threshold[0], start_fraction=0.2)
     out, taken = _latents(pipe, params, images, pipe.tokenize(SOURCES),
-                          pipe.tokenize(targets), pipe.tokenize(["", ""]), control,
+                          pipe.tokenize(targets), pipe.tokenize(["", ""]), control, blend,
                           jnp.float32(guidance), inversion=inversion)
+    if blend is not None:  # the mask really selects part of the latent
+        assert 0.1 < float(out.mask.mean()) < 0.9, float(out.mask.mean())
     for k in range(2):
         want_src, want_tgt, want_taken = ref(images[k], SOURCES[k], targets[k],
                                              control_pair(control, k), inversion,
-                                             inner_steps=INNER)
+                                             inner_steps=INNER,
+                                             blend=blend_pair(blend, k))
         got_src = np.asarray(out.source[k]).transpose(2, 0, 1)
         got_tgt = np.asarray(out.target[k]).transpose(2, 0, 1)
         # The edit really differs from the reconstruction (the controller is not a no-op).
@@ -83,6 +94,14 @@ def test_edit_equals_the_reference(world, case):
         np.testing.assert_allclose(got_tgt, want_tgt[0].numpy(), atol=2e-4, rtol=1e-3)
         if inversion == "null_text":
             assert list(np.asarray(taken[:, k])) == want_taken
+
+
+def blend_pair(blend, k):
+    """The LocalBlend data of pair k alone (rows: its source and its target words)."""
+    if blend is None:
+        return None
+    n = blend.words.shape[0] // 2
+    return blend.replace(words=blend.words[jnp.array([k, n + k])])
 
 
 def control_pair(control, k):
