@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import sys
 
-from jaxdiff.editing import io
+from jaxdiff.editing import io, results
 from jaxdiff.editing.p2p_pipeline import INVERSIONS, MODES, P2PSettings
 
 
@@ -119,15 +119,16 @@ def run(args) -> int:
                 continue
             up = side // res.mask.shape[1]
             extra = {"mask": res.mask[rows[0]].repeat(up, 0).repeat(up, 1)} if use_blend else None
-            io.write_result(args.out, job, source=batch.images[k],
-                            reconstruction=res.reconstruction[rows[0]],
-                            edits=[res.edited[i] for i in rows], extra_images=extra,
-                            settings=dict(record, blend_words=pairs[rows[0]][2],
-                                          null_text_mean_inner_steps=float(
-                                              res.inner_steps[:, rows[0]].mean())))
+            results.write_result(args.out, job, source=batch.images[k],
+                                 reconstruction=res.reconstruction[rows[0]],
+                                 edits=[res.edited[i] for i in rows], extra_images=extra,
+                                 settings=dict(record, blend_words=pairs[rows[0]][2],
+                                               null_text_mean_inner_steps=float(
+                                                   res.inner_steps[:, rows[0]].mean())))
             done.append(job.name)
-    io.write_summary(args.out, done, errors, dict(inversion=args.inversion, mode=args.mode,
-                                                  steps=args.steps, guidance=args.guidance))
+    results.write_summary(args.out, done, errors,
+                          dict(inversion=args.inversion, mode=args.mode, steps=args.steps,
+                               guidance=args.guidance))
     io.report_errors(errors)
     print(f"edited {len(done)} image(s) -> {args.out}" + (f"; {len(errors)} error(s)"
                                                          if errors else ""))

@@ -12,7 +12,7 @@ import pytest
 import skimage.data
 from PIL import Image, ImageOps
 
-from jaxdiff.editing import io
+from jaxdiff.editing import io, results
 
 
 def _save(tmp_path, name, arr_or_im, **kw):
@@ -229,8 +229,8 @@ def _result(tmp_path, name="job", **kw):
     job = io.EditJob(name=name, image="in.png", source_prompt="s", target_prompts=("t1", "t2"))
     src = np.zeros((8, 8, 3), np.uint8)
     edits = [np.full((8, 8, 3), 100, np.uint8), np.full((8, 8, 3), 200, np.uint8)]
-    return io.write_result(str(tmp_path), job, source=src, reconstruction=src + 1, edits=edits,
-                           settings=dict(steps=3), **kw)
+    return results.write_result(str(tmp_path), job, source=src, reconstruction=src + 1,
+                                edits=edits, settings=dict(steps=3), **kw)
 
 
 def test_write_result_files_panel_and_settings(tmp_path):
@@ -245,7 +245,7 @@ def test_write_result_files_panel_and_settings(tmp_path):
     assert settings["steps"] == 3 and settings["target_prompts"] == ["t1", "t2"]
     assert Image.open(os.path.join(folder, "edit_1.png")).text["prompt"] == "t2"
     assert sorted(os.listdir(tmp_path)) == ["job"]  # no temporaries left
-    io.write_summary(str(tmp_path), ["job"], ["x.png: bad"], dict(steps=3))
+    results.write_summary(str(tmp_path), ["job"], ["x.png: bad"], dict(steps=3))
     assert json.load(open(tmp_path / "summary.json"))["errors"] == ["x.png: bad"]
 
 
@@ -253,7 +253,7 @@ def test_failed_write_leaves_nothing_and_rewrite_replaces(tmp_path, monkeypatch)
     _result(tmp_path)
     first = os.path.getmtime(tmp_path / "job" / "settings.json")
     calls = []
-    real = io._write_png
+    real = results._write_png
 
     def failing(path, *a, **k):
         calls.append(path)
@@ -261,12 +261,12 @@ def test_failed_write_leaves_nothing_and_rewrite_replaces(tmp_path, monkeypatch)
             raise OSError("disk full")
         return real(path, *a, **k)
 
-    monkeypatch.setattr(io, "_write_png", failing)
+    monkeypatch.setattr(results, "_write_png", failing)
     with pytest.raises(OSError, match="disk full"):
         _result(tmp_path, name="other")
     with pytest.raises(OSError):
         _result(tmp_path)  # the earlier complete result stays as it was
-    monkeypatch.setattr(io, "_write_png", real)
+    monkeypatch.setattr(results, "_write_png", real)
     assert sorted(os.listdir(tmp_path)) == ["job"]
     assert os.path.getmtime(tmp_path / "job" / "settings.json") == first
     _result(tmp_path)

@@ -8,7 +8,7 @@ import skimage.data
 from PIL import Image
 
 from jaxdiff.data import WorldSpec, held_out_examples
-from jaxdiff.editing import io
+from jaxdiff.editing import results
 from jaxdiff.editing import p2p_pipeline as pp
 from reference import load_script
 
@@ -63,7 +63,7 @@ def test_manifest_batch_writes_results_and_reports_bad_jobs(world, loaded, capsy
     panel = _read(out / "w1" / "panel.png")
     parts = [_read(out / "w1" / f) for f in ("input.png", "reconstruction.png",
                                               "edit_0.png", "edit_1.png")]
-    np.testing.assert_array_equal(panel, io.make_panel(parts))
+    np.testing.assert_array_equal(panel, results.make_panel(parts))
     settings = json.load(open(out / "w1" / "settings.json"))
     assert settings["inversion"] == "negative_prompt" and settings["steps"] == 2
     assert settings["target_prompts"][1].endswith(cap[1].split(" ", 4)[-1])

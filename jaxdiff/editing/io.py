@@ -1,4 +1,5 @@
-"""Shared input/output of the ``edit/`` entrypoints: images, masks, batch jobs, results.
+"""Shared inputs of the ``edit/`` entrypoints: images, masks, batch jobs (results are
+written by ``results.py``).
 
 Stable API (every edit entrypoint uses it):
 
@@ -6,8 +7,6 @@ Stable API (every edit entrypoint uses it):
     load_mask(path, size, fit="crop", image_size=None) -> bool [H, W]   (True = edit here)
     jobs_from_args(args, options=(), need=(...)) -> (jobs [EditJob], errors [str])
     load_jobs(jobs, size, fit=, alpha=, mask=) -> Batch(jobs, images, masks, errors)
-    write_result(out_dir, job, source=, reconstruction=, edits=, settings=) -> folder
-    write_summary(out_dir, done, errors, settings) ; make_panel(images)
     add_common_args(parser, ...) ; run_main(fn, parser, argv)
 
 Images of any mode are converted to RGB uint8: grayscale and 1-bit are replicated to
@@ -26,17 +25,13 @@ resize as its image (bilinear, then the 50 % threshold); it must have the image'
 aspect ratio, and an all-black mask is an error.
 
 Every problem is an ``InputError`` with one line naming the file, what is wrong and what
-to do. In batch mode a bad job is reported and skipped; the rest are processed. Outputs
-are written atomically: each job's folder is assembled under a temporary name and
-renamed into place, files are written to a temporary name and renamed.
+to do. In batch mode a bad job is reported and skipped; the rest are processed.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -326,92 +321,6 @@ def load_jobs(jobs: Sequence[EditJob], size: Tuple[int, int], *, fit: str = "cro
     return Batch(ok, np.stack(images) if images else np.zeros((0, H, W, 3), np.uint8),
                  np.stack(masks) if masks else (None if mask == "none" else
                                                 np.zeros((0, H, W), bool)), errors)
-
-
-# ---------------------------------------------------------------------------- outputs
-
-def make_panel(images: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
-    """Side by side with ``gap`` white columns between: uint8 [H, sum(W) + gaps, 3]."""
-    h = images[0].shape[0]
-    white = np.full((h, gap, 3), 255, np.uint8)
-    parts = []
-    for i, img in enumerate(images):
-        parts += ([white] if i else []) + [np.asarray(img, np.uint8)]
-    return np.concatenate(parts, axis=1)
-
-
-def _write_png(path: str, image: np.ndarray, meta: Mapping[str, Any] = None):
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    for k, v in (meta or {}).items():
-        info.add_text(k, str(v))
-    tmp = path + ".tmp"
-    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj: Any):
-    """Writes JSON atomically (temporary file + rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def write_result(out_dir: str, job: EditJob, *, source: np.ndarray,
-                 edits: Sequence[np.ndarray], reconstruction: Optional[np.ndarray] = None,
-                 settings: Optional[Mapping[str, Any]] = None,
-                 extra_images: Optional[Mapping[str, np.ndarray]] = None) -> str:
-    """Writes ``<out_dir>/<job.name>/``: ``input.png``, ``reconstruction.png`` (if given),
-    ``edit.png`` (or ``edit_<k>.png`` for several targets), any ``extra_images``
-    (name -> uint8 HxWx3 or bool HxW mask), ``panel.png`` (input | reconstruction |
-    edits) and ``settings.json``. The folder appears complete or not at all; an existing
-    folder of the same name is replaced. Returns the folder path.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    final = os.path.join(out_dir, job.name)
-    tmp = tempfile.mkdtemp(prefix=f".{job.name}.", dir=out_dir)
-    try:
-        _write_png(os.path.join(tmp, "input.png"), source)
-        panel = [source]
-        if reconstruction is not None:
-            _write_png(os.path.join(tmp, "reconstruction.png"), reconstruction)
-            panel.append(reconstruction)
-        names = ["edit.png"] if len(edits) == 1 else [f"edit_{k}.png" for k in range(len(edits))]
-        for name, img, prompt in zip(names, edits, list(job.target_prompts) + [""] * len(edits)):
-            _write_png(os.path.join(tmp, name), img, {"prompt": prompt} if prompt else None)
-            panel.append(img)
-        for name, img in (extra_images or {}).items():
-            img = np.asarray(img)
-            if img.dtype == bool:
-                img = np.repeat((img * 255).astype(np.uint8)[..., None], 3, axis=-1)
-            _write_png(os.path.join(tmp, f"{name}.png"), img)
-        _write_png(os.path.join(tmp, "panel.png"), make_panel(panel))
-        record = dict(name=job.name, image=job.image, source_prompt=job.source_prompt,
-                      target_prompts=list(job.target_prompts), mask=job.mask,
-                      options=dict(job.options), edits=names, **dict(settings or {}))
-        write_json(os.path.join(tmp, "settings.json"), record)
-        os.chmod(tmp, 0o755)
-        if os.path.exists(final):
-            old = tempfile.mkdtemp(prefix=f".{job.name}.old.", dir=out_dir)
-            os.replace(final, os.path.join(old, "x"))
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def write_summary(out_dir: str, done: Sequence[str], errors: Sequence[str],
-                  settings: Mapping[str, Any]):
-    """``<out_dir>/summary.json``: finished job names, error lines and the settings."""
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "summary.json"),
-               dict(done=list(done), errors=list(errors), **dict(settings)))
 
 
 # The command-line helpers live in args.py (one concept per file); importable from here.

@@ -5,7 +5,7 @@ An entrypoint supplies ``edit_fn(pipe, params, images, masks, mask_given, source
 targets, seed) -> dict`` (``images`` float [N, H, W, 3] in [-1, 1], ``masks`` float
 [N, H, W] or None) returning at least "edited" and "reconstruction" ([-1, 1] floats) and
 optionally "latent_mask" [N, h, w]; everything else (inputs, batching, outputs, errors)
-is here and in ``editing.io``.
+is here and in ``editing.io`` / ``editing.results``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from jaxdiff.editing import io
+from jaxdiff.editing import io, results
 from jaxdiff.pipeline import from_uint8, to_uint8
 
 
@@ -32,7 +32,7 @@ def run_edits(args, edit_fn: Callable, *, method: str, settings: Mapping, mask: 
     errors = list(errors) + batch.errors
     pairs = [(k, t) for k, job in enumerate(batch.jobs)
              for t in (job.target_prompts or (job.source_prompt,))]
-    results = {}
+    outputs = {}
     for lo in range(0, len(pairs), args.max_batch):
         chunk = pairs[lo:lo + args.max_batch]
         idx = [k for k, _ in chunk]
@@ -42,24 +42,24 @@ def run_edits(args, edit_fn: Callable, *, method: str, settings: Mapping, mask: 
                       [batch.jobs[k].source_prompt for k in idx], [t for _, t in chunk],
                       args.seed + lo)
         for j, pair in enumerate(chunk):
-            results[lo + j] = {name: np.asarray(v[j]) for name, v in out.items()}
+            outputs[lo + j] = {name: np.asarray(v[j]) for name, v in out.items()}
     record = dict(settings, method=method, model=args.model or "embedded:shapes",
                   steps=args.steps, guidance=args.guidance, seed=args.seed, fit=args.fit,
                   alpha=args.alpha, max_batch=args.max_batch)
     done = []
     for k, job in enumerate(batch.jobs):
         rows = [i for i, (kk, _) in enumerate(pairs) if kk == k]
-        first = results[rows[0]]
+        first = outputs[rows[0]]
         extra = {}
         if "latent_mask" in first:
             up = side // first["latent_mask"].shape[0]
             extra["mask"] = first["latent_mask"].repeat(up, 0).repeat(up, 1) > 0.5
-        io.write_result(args.out, job, source=batch.images[k],
-                        reconstruction=to_uint8(first["reconstruction"]),
-                        edits=[to_uint8(results[i]["edited"]) for i in rows],
-                        extra_images=extra, settings=record)
+        results.write_result(args.out, job, source=batch.images[k],
+                             reconstruction=to_uint8(first["reconstruction"]),
+                             edits=[to_uint8(outputs[i]["edited"]) for i in rows],
+                             extra_images=extra, settings=record)
         done.append(job.name)
-    io.write_summary(args.out, done, errors, record)
+    results.write_summary(args.out, done, errors, record)
     io.report_errors(errors)
     print(f"{method}: edited {len(done)} image(s) -> {args.out}"
           + (f"; {len(errors)} error(s)" if errors else ""))
