@@ -54,20 +54,29 @@ def draw_rings(folder: str, n: int = 5, size: int = 32):
     return folder
 
 
-def draw_stars(folder: str, spec, n: int = 5):
-    """World renders of one star each (colours, sizes and positions vary, white ground)."""
+POSITIONS = ("centre", "left", "right", "top", "bottom")
+
+
+def draw_world(folder: str, spec, name: str, shapes, colours, background: str, n: int = 5):
+    """n world renders of one object each: shape ``shapes[i % len]``, colour
+    ``colours[i % len]``, size alternating big/small, the five positions in turn; files
+    ``<name>_<i>.png``."""
     from PIL import Image
 
     from jaxdiff.data.shapes import ShapeObject, render
     os.makedirs(folder, exist_ok=True)
-    colours = ("red", "blue", "green", "yellow", "purple")
-    positions = ("centre", "left", "right", "top", "bottom")
     for i in range(n):
-        obj = ShapeObject(shape="star", colour=colours[i % 5], size=("big", "small")[i % 2],
-                          position=positions[i % 5])
-        image, _ = render(spec, [obj], "white")
-        Image.fromarray(image).save(os.path.join(folder, f"star_{i}.png"))
+        obj = ShapeObject(shape=shapes[i % len(shapes)], colour=colours[i % len(colours)],
+                          size=("big", "small")[i % 2], position=POSITIONS[i % 5])
+        image, _ = render(spec, [obj], background)
+        Image.fromarray(image).save(os.path.join(folder, f"{name}_{i}.png"))
     return folder
+
+
+def draw_stars(folder: str, spec, n: int = 5):
+    """Stars in five colours on white."""
+    return draw_world(folder, spec, "star", ("star",),
+                      ("red", "blue", "green", "yellow", "purple"), "white", n)
 
 
 def star_rate(pipe, params, spec, prompt, seeds=32, steps=25) -> float:
@@ -83,19 +92,9 @@ NEW_COLOUR = ("pink", (250, 120, 190))  # not in the world's palette
 
 
 def draw_new_colour(folder: str, spec, n: int = 5):
-    """World renders of one pink circle each (sizes and positions vary, black ground)."""
-    from PIL import Image
-
-    from jaxdiff.data.shapes import ShapeObject, render
-    os.makedirs(folder, exist_ok=True)
+    """Pink circles (a colour the world's palette lacks) on black."""
     spec = dataclasses.replace(spec, colours=spec.colours + (NEW_COLOUR,))
-    positions = ("centre", "left", "right", "top", "bottom")
-    for i in range(n):
-        obj = ShapeObject(shape="circle", colour=NEW_COLOUR[0], size=("big", "small")[i % 2],
-                          position=positions[i % 5])
-        image, _ = render(spec, [obj], "black")
-        Image.fromarray(image).save(os.path.join(folder, f"pink_{i}.png"))
-    return folder
+    return draw_world(folder, spec, "pink", ("circle",), (NEW_COLOUR[0],), "black", n)
 
 
 def colour_rate(pipe, params, spec, prompt, seeds=32, steps=25) -> dict:
