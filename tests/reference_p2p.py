@@ -203,12 +203,13 @@ class TorchP2P:
         return offsets
 
     # -- text2image_ldm_stable with the controller -----------------------------------------
-    def edit(self, z_T, nulls, cond, tgt, control, offsets=None, blend=None):
-        """Source and target branches sampled together; returns their final latents."""
+    def edit(self, z_T, nulls, cond, tgt, control, offsets=None, blend=None, pair=0):
+        """Source and target branches sampled together under pair ``pair`` of the
+        controller (and LocalBlend) data; returns their final latents."""
         torch = self.t
         x = torch.cat([z_T, z_T])
-        self.set_control(control)
-        self.set_blend(blend)
+        self.set_control(control, pair)
+        self.set_blend(blend, pair)
         acc, self.step_maps = 0.0, []
         try:
             for i, t in enumerate(self.timesteps):
@@ -225,8 +226,9 @@ class TorchP2P:
         return x[:1], x[1:]
 
     def __call__(self, image_uint8, source, target, control, inversion="null_text",
-                 inner_steps=10, blend=None):
-        """(source latent, target latent, inner Adam steps per timestep) of one edit."""
+                 inner_steps=10, blend=None, pair=0):
+        """(source latent, target latent, inner Adam steps per timestep) of one edit, with
+        pair ``pair`` of the controller / LocalBlend data."""
         if inversion not in INVERSIONS:
             raise ValueError(f"unknown inversion {inversion!r}")
         cond, uncond, tgt = self.text([source]), self.text([""]), self.text([target])
@@ -240,5 +242,5 @@ class TorchP2P:
             nulls = [uncond] * self.steps
             if inversion == "direct":
                 offsets = self.direct_offsets(traj, cond, uncond)
-        src, edit = self.edit(traj[-1], nulls, cond, tgt, control, offsets, blend)
+        src, edit = self.edit(traj[-1], nulls, cond, tgt, control, offsets, blend, pair)
         return src, edit, taken

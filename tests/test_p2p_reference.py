@@ -83,9 +83,8 @@ def test_edit_equals_the_reference(world, case):
         assert 0.1 < float(out.mask.mean()) < 0.9, float(out.mask.mean())
     for k in range(2):
         want_src, want_tgt, want_taken = ref(images[k], SOURCES[k], targets[k],
-                                             control_pair(control, k), inversion,
-                                             inner_steps=INNER,
-                                             blend=blend_pair(blend, k))
+                                             control, inversion, inner_steps=INNER,
+                                             blend=blend, pair=k)
         got_src = np.asarray(out.source[k]).transpose(2, 0, 1)
         got_tgt = np.asarray(out.target[k]).transpose(2, 0, 1)
         # The edit really differs from the reconstruction (the controller is not a no-op).
@@ -94,21 +93,3 @@ def test_edit_equals_the_reference(world, case):
         np.testing.assert_allclose(got_tgt, want_tgt[0].numpy(), atol=2e-4, rtol=1e-3)
         if inversion == "null_text":
             assert list(np.asarray(taken[:, k])) == want_taken
-
-
-def blend_pair(blend, k):
-    """The LocalBlend data of pair k alone (rows: its source and its target words)."""
-    if blend is None:
-        return None
-    n = blend.words.shape[0] // 2
-    return blend.replace(words=blend.words[jnp.array([k, n + k])])
-
-
-def control_pair(control, k):
-    """The controller data of pair k alone (what the one-image reference runs with)."""
-    take = lambda a: a[k:k + 1]
-    return control.replace(cross_mapper=take(control.cross_mapper),
-                           cross_alpha=control.cross_alpha[:, k:k + 1],
-                           equalizer=take(control.equalizer),
-                           refine_index=take(control.refine_index),
-                           refine_alpha=take(control.refine_alpha), num_pairs=1)
