@@ -1,9 +1,11 @@
-"""Classifier-free guidance as a wrapper around a denoiser (DESIGN contract 6).
+"""Classifier-free guidance, the one implementation (docs/design.md, "Traced vs static").
 
 A *denoiser* is ``denoise(x [B,h,w,C], t [] or [B], context [B,L,D]) -> model output``.
 ``cfg`` turns it into a guided denoiser over a ``(cond, uncond)`` context pair, evaluated
 as one UNet call on the concatenated batch (as diffusers does). ``scale`` and ``rescale``
 are traced values, so a sweep over scales is a ``jax.vmap`` sharing one parameter pytree.
+Loops that call the UNet themselves (editing: attention control, per-step null
+embeddings) combine its raw ``[2B]`` output with ``guide``, or call ``guided_call``.
 """
 from __future__ import annotations
 
@@ -24,6 +26,28 @@ def rescale_noise_cfg(guided, cond, rescale):
     return rescale * rescaled + (1.0 - rescale) * guided
 
 
+def guide(out, scale, rescale=None):
+    """Guided output from a raw ``[2B]`` model output ``[uncond; cond]``: ``u + s (c - u)``.
+
+    Args:
+      out: the denoiser's output on the concatenated batch, unconditional half first.
+      scale: guidance weight, scalar or per-image [B] (broadcast against the latents).
+      rescale: guidance-rescale factor (traced; 0 disables it) or None (no rescale code
+        in the program at all).
+    """
+    out_uncond, out_cond = jnp.split(out, 2)
+    g = out_uncond + scale * (out_cond - out_uncond)
+    if rescale is None:
+        return g
+    return jnp.where(rescale > 0, rescale_noise_cfg(g, out_cond, rescale), g)
+
+
+def guided_call(denoise: Callable, x, t, cond, uncond, scale, rescale=None):
+    """One UNet call on the concatenated batch ``[x; x]`` with ``[uncond; cond]``, guided."""
+    return guide(denoise(jnp.concatenate([x, x]), t, jnp.concatenate([uncond, cond])),
+                 scale, rescale)
+
+
 def cfg(denoise: Callable, scale, rescale=0.0) -> Callable:
     """Classifier-free guidance: ``u + scale * (c - u)`` (optionally rescaled).
 
@@ -37,9 +61,6 @@ def cfg(denoise: Callable, scale, rescale=0.0) -> Callable:
 
     def guided(x, t, contexts):
         cond, uncond = contexts
-        out = denoise(jnp.concatenate([x, x]), t, jnp.concatenate([uncond, cond]))
-        out_uncond, out_cond = jnp.split(out, 2)
-        g = out_uncond + scale * (out_cond - out_uncond)
-        return jnp.where(rescale > 0, rescale_noise_cfg(g, out_cond, rescale), g)
+        return guided_call(denoise, x, t, cond, uncond, scale, rescale)
 
     return guided

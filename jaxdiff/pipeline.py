@@ -1,7 +1,8 @@
 """The Pipeline bundle: modules + configs + tokenizer, and the pure encode/decode functions.
 
 A ``Pipeline`` holds no parameters. Every method that computes takes the params pytree
-``{"text_encoder": ..., "unet": ..., "vae": ...}`` explicitly (DESIGN contract 1).
+``{"text_encoder": ..., "unet": ..., "vae": ...}`` explicitly (docs/design.md,
+"Parameters are one pytree").
 """
 from __future__ import annotations
 
@@ -37,6 +38,29 @@ class Pipeline:
     @property
     def vae_scale_factor(self) -> int:
         return self.vae.config.downscale
+
+    @property
+    def image_size(self) -> int:
+        """The model's native image side in pixels (UNet sample size x VAE factor)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE factor x UNet downsampling)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raises a one-line ValueError unless (height, width) is valid for this model."""
+        mult = self.size_multiple
+        for name, v in (("height", height), ("width", width)):
+            if v <= 0 or v % mult:
+                raise ValueError(f"{name}={v} must be a positive multiple of {mult} for this "
+                                 "model (VAE factor x UNet downsampling).")
+
+    def latent_shape(self, height: int, width: int) -> tuple:
+        """(h, w, C) of the latents of a height x width image."""
+        f = self.vae_scale_factor
+        return (height // f, width // f, self.unet.config.in_channels)
 
     @property
     def max_length(self) -> int:

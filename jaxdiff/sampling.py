@@ -17,7 +17,7 @@ import numpy as np
 from jaxdiff import parallel
 from jaxdiff.guidance import cfg
 from jaxdiff.pipeline import Pipeline, to_uint8
-from jaxdiff.samplers import make_sampler
+from jaxdiff.samplers import SAMPLERS, make_sampler
 
 
 def sample_keys(seed, n: int, offset: int = 0) -> jax.Array:
@@ -106,13 +106,12 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     b = len(prompts)
     negative = _negatives(negative_prompts, b)
-    f = pipe.vae_scale_factor
-    height = pipe.unet.config.sample_size * f if height is None else height
-    width = pipe.unet.config.sample_size * f if width is None else width
-    _validate(pipe, b, steps, height, width, sampler)
+    height = pipe.image_size if height is None else height
+    width = pipe.image_size if width is None else width
+    check_request(pipe, b, steps, height, width, sampler)
     mesh = mesh or parallel.make_mesh()
     n = parallel.padded_batch(b, mesh)
-    shape = (height // f, width // f, pipe.unet.config.in_channels)
+    shape = pipe.latent_shape(height, width)
     keys = sample_keys(seed, n, sample_offset)
     if latents is None:
         noise = initial_noise(keys, shape)
@@ -145,19 +144,16 @@ def _negatives(negative_prompts, b):
     return negative
 
 
-def _validate(pipe, b, steps, height, width, sampler):
-    from jaxdiff.samplers import SAMPLERS
+def check_request(pipe: Pipeline, b: int, steps: int, height: int, width: int,
+                  sampler: str) -> None:
+    """One-line ValueError for a request ``generate`` cannot run (before any compile)."""
     if b < 1:
         raise ValueError("no prompts given; pass at least one prompt.")
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps=}.")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}.")
-    mult = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    for name, v in (("height", height), ("width", width)):
-        if v <= 0 or v % mult:
-            raise ValueError(f"{name}={v} must be a positive multiple of {mult} for this "
-                             "model (VAE factor x UNet downsampling).")
+    pipe.check_size(height, width)
 
 
 def _pad(x, n):

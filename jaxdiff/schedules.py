@@ -256,7 +256,8 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low + w * (low + 1)).reshape(sigma.shape)
 
 
-def _broadcast(v, x):
+def expand_like(v, x):
+    """Per-sample values ``v`` [B] (or a scalar) reshaped to broadcast against x [B, ...]."""
     v = jnp.asarray(v)
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
@@ -271,7 +272,7 @@ def add_noise(alphas_cumprod, x0, noise, t):
     Returns:
       [B, ...] noisy samples x_t.
     """
-    a = _broadcast(jnp.asarray(alphas_cumprod, x0.dtype)[t], x0)
+    a = expand_like(jnp.asarray(alphas_cumprod, x0.dtype)[t], x0)
     return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
 
 
@@ -280,7 +281,7 @@ def velocity(alphas_cumprod, x0, noise, t):
 
     Shapes as in ``add_noise``.
     """
-    a = _broadcast(jnp.asarray(alphas_cumprod, x0.dtype)[t], x0)
+    a = expand_like(jnp.asarray(alphas_cumprod, x0.dtype)[t], x0)
     return a ** 0.5 * noise - (1 - a) ** 0.5 * x0
 
 

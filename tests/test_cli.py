@@ -30,7 +30,7 @@ def _reuse(loaded, mp):
     """The CLI gets the already loaded pipeline object, so the runs share one compiled
     program (jaxdiff caches programs per pipeline object). Loading from disk is exercised
     by the bad-input tests."""
-    mp.setattr(jaxdiff, "load_pipeline", lambda path=None, **kw: loaded)
+    mp.setattr(cli.generate, "load_pipeline", lambda path=None, **kw: loaded)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_help_lists_the_options(capsys):
     for flag in ("--model", "--prompt", "--negative-prompt", "--sampler", "--steps",
                  "--guidance", "--seed", "--batch", "--height", "--width", "--dtype", "--out"):
         assert flag in text, flag
-    for name in cli.SAMPLER_NAMES:
+    for name in cli.generate.SAMPLER_NAMES:
         assert name in text
 
 
@@ -198,8 +198,8 @@ def test_textual_inversion_token_in_prompt(pipe_dir, loaded, adapter_files, tmp_
     _reuse(loaded, monkeypatch)
     _, ti_file, _ = adapter_files
     built = []
-    real = cli.apply_adapters
-    monkeypatch.setattr(cli, "apply_adapters", lambda *a: built.append(real(*a)) or built[-1])
+    real = cli.generate.apply_adapters
+    monkeypatch.setattr(cli.generate, "apply_adapters", lambda *a: built.append(real(*a)) or built[-1])
     out = str(tmp_path / "ti")
     argv = ["generate", "--model", pipe_dir, "--prompt", "a <ring>", "--out", out,
             "--textual-inversion", ti_file] + SETTINGS

@@ -253,7 +253,7 @@ def test_failed_write_leaves_nothing_and_rewrite_replaces(tmp_path, monkeypatch)
     _result(tmp_path)
     first = os.path.getmtime(tmp_path / "job" / "settings.json")
     calls = []
-    real = results._write_png
+    real = results.save_png
 
     def failing(path, *a, **k):
         calls.append(path)
@@ -261,12 +261,12 @@ def test_failed_write_leaves_nothing_and_rewrite_replaces(tmp_path, monkeypatch)
             raise OSError("disk full")
         return real(path, *a, **k)
 
-    monkeypatch.setattr(results, "_write_png", failing)
+    monkeypatch.setattr(results, "save_png", failing)
     with pytest.raises(OSError, match="disk full"):
         _result(tmp_path, name="other")
     with pytest.raises(OSError):
         _result(tmp_path)  # the earlier complete result stays as it was
-    monkeypatch.setattr(results, "_write_png", real)
+    monkeypatch.setattr(results, "save_png", real)
     assert sorted(os.listdir(tmp_path)) == ["job"]
     assert os.path.getmtime(tmp_path / "job" / "settings.json") == first
     _result(tmp_path)

@@ -5,7 +5,7 @@
 hidden files and other extensions such as caption ``.txt`` files are ignored) and returns
 uint8 ``[N, H, W, 3]`` at the model resolution ``size = (H, W)``.
 
-Modes are converted as ``jaxdiff.editing.io.load_image`` does (grayscale, palette,
+Modes are converted as ``jaxdiff.data.images.load_image`` does (grayscale, palette,
 16-bit, RGBA/LA composited on white, EXIF orientation). Mixed sizes policy (``fit``):
 
 * ``"crop"`` (default, what DreamBooth / Textual Inversion scripts do): every image is
@@ -24,7 +24,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from jaxdiff.editing.io import FITS, IMAGE_EXTENSIONS, InputError, load_image
+from jaxdiff.data.images import FITS, IMAGE_EXTENSIONS, InputError, load_image
 
 
 def list_images(folder: str) -> List[str]:

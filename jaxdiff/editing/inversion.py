@@ -27,35 +27,8 @@ import optax
 
 from jaxdiff import schedules
 from jaxdiff.samplers.base import x0_eps_vp
-from jaxdiff.samplers.ddim import ddim_update
-
-
-class DDIMTables(NamedTuple):
-    """DDIM levels in sampling order (descending t).
-
-    timesteps: [S] int32 UNet timesteps; alpha: [S] alpha-bar at each timestep;
-    alpha_prev: [S] alpha-bar after the step (the level of ``t - T/S``).
-    """
-    timesteps: jax.Array
-    alpha: jax.Array
-    alpha_prev: jax.Array
-
-
-def ddim_tables(cfg: schedules.SchedulerConfig, num_steps: int) -> DDIMTables:
-    ts = schedules.timesteps(cfg, num_steps, "ddim")
-    ac = schedules.alphas_cumprod(cfg)
-    final = np.float32(1.0) if cfg.set_alpha_to_one else ac[0]
-    prev = ts - cfg.num_train_timesteps // num_steps
-    return DDIMTables(jnp.asarray(ts, jnp.int32), jnp.asarray(ac[ts], jnp.float32),
-                      jnp.asarray(np.where(prev >= 0, ac[np.maximum(prev, 0)], final),
-                                  jnp.float32))
-
-
-def _guided(denoise, x, t, cond, uncond, scale):
-    """CFG in one UNet call on the concatenated batch (uncond first, as diffusers)."""
-    out = denoise(jnp.concatenate([x, x]), t, jnp.concatenate([uncond, cond]))
-    out_u, out_c = jnp.split(out, 2)
-    return out_u + scale * (out_c - out_u)
+from jaxdiff.guidance import guided_call
+from jaxdiff.samplers.ddim import DDIMTables, ddim_tables, ddim_update  # noqa: F401 (re-export)
 
 
 def ddim_invert(denoise: Callable, tables: DDIMTables, z0, context, prediction_type: str):
@@ -96,7 +69,7 @@ def ddim_sample(denoise: Callable, tables: DDIMTables, z_T, cond, nulls, guidanc
     to_x0_eps = x0_eps_vp(prediction_type)
 
     def body(x, i):
-        out = _guided(denoise, x, tables.timesteps[i], cond, nulls[i], guidance)
+        out = guided_call(denoise, x, tables.timesteps[i], cond, nulls[i], guidance)
         x, _ = ddim_update(out, x, tables.alpha[i], tables.alpha_prev[i], to_x0_eps=to_x0_eps)
         if offsets is not None:
             x = x + offsets[i]
@@ -164,7 +137,7 @@ def null_text_invert(denoise: Callable, tables: DDIMTables, trajectory, cond, un
         b = x.shape[0]
         init = (0, null, opt.init(null), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32))
         _, null, _, _, taken = jax.lax.while_loop(keep_going, inner, init)
-        out = _guided(denoise, x, t, cond, null, guidance)
+        out = guided_call(denoise, x, t, cond, null, guidance)
         x_next, _ = ddim_update(out, x, a, a_prev, to_x0_eps=to_x0_eps)
         return (x_next, null), (null, taken)
 
@@ -186,7 +159,7 @@ def direct_offsets(denoise: Callable, tables: DDIMTables, trajectory, cond, null
 
     def one(i):
         x = trajectory[n - i]
-        out = _guided(denoise, x, tables.timesteps[i], cond, nulls[i], guidance)
+        out = guided_call(denoise, x, tables.timesteps[i], cond, nulls[i], guidance)
         x_prev, _ = ddim_update(out, x, tables.alpha[i], tables.alpha_prev[i],
                                 to_x0_eps=to_x0_eps)
         return trajectory[n - 1 - i] - x_prev

@@ -36,130 +36,8 @@ from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-FITS = ("crop", "resize", "reject")
-ALPHAS = ("white", "drop")
-
-
-class InputError(ValueError):
-    """Bad user input; the message is one line (file, what is wrong, what to do)."""
-
-
-# ----------------------------------------------------------------------------- images
-
-def _open(path: str):
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file.")
-    try:
-        im = Image.open(path)
-        im.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable image ({type(e).__name__}); "
-                         "use PNG, JPEG, BMP, GIF, TIFF or WebP.") from None
-    return ImageOps.exif_transpose(im)
-
-
-def _to_float_planes(im, path: str) -> np.ndarray:
-    """PIL image -> float32 [H, W, C] in [0, 1], C = 3 (RGB) or 4 (RGBA)."""
-    mode = im.mode
-    if mode.startswith("I;16") or mode == "I":
-        x = np.asarray(im).astype(np.float32) / 65535.0
-        return np.repeat(np.clip(x, 0.0, 1.0)[..., None], 3, axis=-1)
-    if mode == "F":
-        raise InputError(f"{path}: 32-bit float images are not supported; "
-                         "save it as an 8- or 16-bit PNG.")
-    transparent = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode == "P" and "transparency" in im.info)
-    try:
-        im = im.convert("RGBA" if transparent else "RGB")
-    except (ValueError, OSError):
-        raise InputError(f"{path}: image mode {mode} cannot be converted to RGB; "
-                         "save it as an RGB PNG.") from None
-    return np.asarray(im).astype(np.float32) / 255.0
-
-
-def _crop_box(w: int, h: int, size: Tuple[int, int], fit: str, path: str, what: str):
-    """Source box (l, t, r, b) whose content is resized to ``size``; validates ``fit``."""
-    H, W = size
-    if fit not in FITS:
-        raise InputError(f"unknown fit {fit!r}; use one of {', '.join(FITS)}.")
-    if fit == "reject" and (h, w) != (H, W):
-        raise InputError(f"{path}: {what} is {w}x{h} but the model needs {W}x{H}; resize "
-                         "it or use --fit crop / --fit resize.")
-    if fit != "crop":
-        return (0.0, 0.0, float(w), float(h))
-    if w * H > h * W:  # too wide: keep the full height
-        cw = h * W / H
-        return ((w - cw) / 2, 0.0, (w + cw) / 2, float(h))
-    ch = w * H / W
-    return (0.0, (h - ch) / 2, float(w), (h + ch) / 2)
-
-
-def _resize_planes(x: np.ndarray, size, box, resample) -> np.ndarray:
-    """float32 [h, w, C] -> [H, W, C], each plane resized in float mode."""
-    from PIL import Image
-    H, W = size
-    if box == (0.0, 0.0, float(x.shape[1]), float(x.shape[0])) and x.shape[:2] == (H, W):
-        return x
-    planes = [np.asarray(Image.fromarray(x[..., c]).resize((W, H), resample, box=box))
-              for c in range(x.shape[-1])]
-    return np.stack(planes, axis=-1)
-
-
-def load_image(path: str, size: Tuple[int, int], *, fit: str = "crop",
-               alpha: str = "white") -> np.ndarray:
-    """Reads any image file as uint8 [H, W, 3] at the model resolution ``size = (H, W)``.
-
-    See the module docstring for the mode conversions and the ``fit`` / ``alpha`` options.
-    Raises InputError with a one-line message.
-    """
-    from PIL import Image
-    if alpha not in ALPHAS:
-        raise InputError(f"unknown alpha handling {alpha!r}; use one of {', '.join(ALPHAS)}.")
-    im = _open(path)
-    box = _crop_box(im.width, im.height, size, fit, path, "image")
-    x = _to_float_planes(im, path)
-    if x.shape[-1] == 4:
-        a = x[..., 3:]
-        x = x[..., :3] * a + (1.0 - a) if alpha == "white" else x[..., :3]
-    x = _resize_planes(x, size, box, Image.LANCZOS)
-    return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def load_mask(path: str, size: Tuple[int, int], *, fit: str = "crop",
-              image_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    """Reads a mask file of any mode as bool [H, W] (True = region to edit).
-
-    Args:
-      size: (H, W) model resolution (the size of the loaded image).
-      image_size: (h, w) of the original image file; the mask must have its aspect ratio.
-    """
-    from PIL import Image
-    im = _open(path)
-    if image_size is not None:
-        h, w = image_size
-        if abs(im.width * h - im.height * w) > 0.01 * w * h:
-            raise InputError(f"{path}: mask is {im.width}x{im.height} but its image is "
-                             f"{w}x{h} (another aspect ratio); draw the mask on the image.")
-    box = _crop_box(im.width, im.height, size, "resize" if fit == "reject" else fit, path,
-                    "mask")
-    x = _to_float_planes(im, path)
-    if x.shape[-1] == 4 and np.ptp(x[..., 3]) > 0:
-        m = x[..., 3]
-    else:
-        m = x[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
-    m = _resize_planes(m[..., None], size, box, Image.BILINEAR)[..., 0] >= 0.5
-    if not m.any():
-        raise InputError(f"{path}: the mask is empty (no pixel at >= 50% white); "
-                         "paint the region to edit white.")
-    return m
-
-
-def image_size(path: str) -> Tuple[int, int]:
-    """(h, w) of an image file after EXIF orientation."""
-    im = _open(path)
-    return im.height, im.width
+from jaxdiff.data.images import (ALPHAS, FITS, IMAGE_EXTENSIONS, InputError,  # noqa: F401
+                                 image_size, list_image_files, load_image, load_mask)
 
 
 # ------------------------------------------------------------------------------- jobs
@@ -246,11 +124,6 @@ def _unique_names(jobs: List[EditJob]) -> List[EditJob]:
     return out
 
 
-def _list_images(folder: str) -> List[str]:
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
-
-
 def jobs_from_args(args, options: Sequence[str] = (),
                    need: Sequence[str] = ("target_prompt",)):
     """(jobs, errors) from ``--manifest`` or ``--image`` (files and/or folders).
@@ -265,7 +138,7 @@ def jobs_from_args(args, options: Sequence[str] = (),
         paths, errors = [], []
         for p in args.image:
             if os.path.isdir(p):
-                found = _list_images(p)
+                found = list_image_files(p)
                 if not found:
                     errors.append(f"{p}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
                 paths += found
@@ -276,7 +149,7 @@ def jobs_from_args(args, options: Sequence[str] = (),
         for p in paths:
             m = masks
             if masks and os.path.isdir(masks):
-                cand = [f for f in _list_images(masks) if _stem(f) == _stem(p)]
+                cand = [f for f in list_image_files(masks) if _stem(f) == _stem(p)]
                 m = cand[0] if cand else os.path.join(masks, _stem(p) + ".png")
             jobs.append(EditJob(name=_stem(p), image=p, source_prompt=args.source_prompt or "",
                                 target_prompts=tuple(args.target_prompt or ()), mask=m))

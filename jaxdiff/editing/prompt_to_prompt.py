@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.editing import alignment, local_blend
+from jaxdiff.guidance import guide
 from jaxdiff.samplers.base import x0_eps_vp
 from jaxdiff.samplers.ddim import ddim_update
 
@@ -181,8 +182,7 @@ def edit_loop(denoise: Callable, tables, z_T, cond_src, cond_tgt, nulls, guidanc
         if blend is not None:
             out, maps = out
             acc = acc + local_blend.word_maps(blend, maps[2 * n:])
-        out_u, out_c = jnp.split(out, 2)
-        guided = out_u + guidance * (out_c - out_u)
+        guided = guide(out, guidance)
         x, _ = ddim_update(guided, x, tables.alpha[i], tables.alpha_prev[i],
                            to_x0_eps=to_x0_eps)
         if src_offsets is not None:

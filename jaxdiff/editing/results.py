@@ -17,36 +17,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from jaxdiff.data.images import make_panel, save_png, write_json  # noqa: F401
 from jaxdiff.editing.io import EditJob
-
-
-def make_panel(images: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
-    """Side by side with ``gap`` white columns between: uint8 [H, sum(W) + gaps, 3]."""
-    h = images[0].shape[0]
-    white = np.full((h, gap, 3), 255, np.uint8)
-    parts = []
-    for i, img in enumerate(images):
-        parts += ([white] if i else []) + [np.asarray(img, np.uint8)]
-    return np.concatenate(parts, axis=1)
-
-
-def _write_png(path: str, image: np.ndarray, meta: Mapping[str, Any] = None):
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    for k, v in (meta or {}).items():
-        info.add_text(k, str(v))
-    tmp = path + ".tmp"
-    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj: Any):
-    """Writes JSON atomically (temporary file + rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def write_result(out_dir: str, job: EditJob, *, source: np.ndarray,
@@ -63,21 +35,21 @@ def write_result(out_dir: str, job: EditJob, *, source: np.ndarray,
     final = os.path.join(out_dir, job.name)
     tmp = tempfile.mkdtemp(prefix=f".{job.name}.", dir=out_dir)
     try:
-        _write_png(os.path.join(tmp, "input.png"), source)
+        save_png(os.path.join(tmp, "input.png"), source)
         panel = [source]
         if reconstruction is not None:
-            _write_png(os.path.join(tmp, "reconstruction.png"), reconstruction)
+            save_png(os.path.join(tmp, "reconstruction.png"), reconstruction)
             panel.append(reconstruction)
         names = ["edit.png"] if len(edits) == 1 else [f"edit_{k}.png" for k in range(len(edits))]
         for name, img, prompt in zip(names, edits, list(job.target_prompts) + [""] * len(edits)):
-            _write_png(os.path.join(tmp, name), img, {"prompt": prompt} if prompt else None)
+            save_png(os.path.join(tmp, name), img, {"prompt": prompt} if prompt else None)
             panel.append(img)
         for name, img in (extra_images or {}).items():
             img = np.asarray(img)
             if img.dtype == bool:
                 img = np.repeat((img * 255).astype(np.uint8)[..., None], 3, axis=-1)
-            _write_png(os.path.join(tmp, f"{name}.png"), img)
-        _write_png(os.path.join(tmp, "panel.png"), make_panel(panel))
+            save_png(os.path.join(tmp, f"{name}.png"), img)
+        save_png(os.path.join(tmp, "panel.png"), make_panel(panel))
         record = dict(name=job.name, image=job.image, source_prompt=job.source_prompt,
                       target_prompts=list(job.target_prompts), mask=job.mask,
                       options=dict(job.options), edits=names, **dict(settings or {}))

@@ -12,8 +12,9 @@ References: Song, Meng & Ermon, "Denoising Diffusion Implicit Models", ICLR 2021
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -65,16 +66,33 @@ def ddim_step(alphas_cumprod, x, model_output, t, t_prev, *, prediction_type="ep
     """
     ac = jnp.asarray(alphas_cumprod, jnp.float32)
     t, t_prev = jnp.asarray(t), jnp.asarray(t_prev)
-    a_t = _bcast(ac[t], x)
-    a_prev = _bcast(jnp.where(t_prev >= 0, ac[jnp.maximum(t_prev, 0)], final_alpha_cumprod), x)
+    a_t = schedules.expand_like(ac[t], x)
+    a_prev = schedules.expand_like(jnp.where(t_prev >= 0, ac[jnp.maximum(t_prev, 0)], final_alpha_cumprod), x)
     clip = (lambda x0: x0) if clip_sample_range is None else (
         lambda x0: jnp.clip(x0, -clip_sample_range, clip_sample_range))
     return ddim_update(model_output, x, a_t, a_prev, to_x0_eps=x0_eps_vp(prediction_type),
                        clip=clip, eta=eta, noise=noise)
 
 
-def _bcast(v, x):
-    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+class DDIMTables(NamedTuple):
+    """DDIM levels in sampling order (descending t).
+
+    timesteps: [S] int32 UNet timesteps; alpha: [S] alpha-bar at each timestep;
+    alpha_prev: [S] alpha-bar after the step (the level of ``t - T/S``).
+    """
+    timesteps: jax.Array
+    alpha: jax.Array
+    alpha_prev: jax.Array
+
+
+def ddim_tables(cfg: schedules.SchedulerConfig, num_steps: int) -> DDIMTables:
+    """The DDIM levels of ``num_steps`` steps (shared by the sampler and inversion)."""
+    ts = schedules.timesteps(cfg, num_steps, "ddim")
+    ac = schedules.alphas_cumprod(cfg)
+    final = np.float32(1.0) if cfg.set_alpha_to_one else ac[0]
+    prev = ts - cfg.num_train_timesteps // num_steps
+    return DDIMTables(table(ts, jnp.int32), table(ac[ts]),
+                      table(np.where(prev >= 0, ac[np.maximum(prev, 0)], final)))
 
 
 def make_ddim(cfg: schedules.SchedulerConfig, num_steps: int, eta=0.0) -> Sampler:
@@ -83,18 +101,13 @@ def make_ddim(cfg: schedules.SchedulerConfig, num_steps: int, eta=0.0) -> Sample
     Args:
       eta: a float or a (possibly traced) jax scalar; closed over by ``step``.
     """
-    ts = schedules.timesteps(cfg, num_steps, "ddim")
-    ac = schedules.alphas_cumprod(cfg)
-    final = np.float32(1.0) if cfg.set_alpha_to_one else ac[0]
-    prev = ts - cfg.num_train_timesteps // num_steps
-    a_t = table(ac[ts])
-    a_prev = table(np.where(prev >= 0, ac[np.maximum(prev, 0)], final))
+    tables = ddim_tables(cfg, num_steps)
     to_x0_eps, clip = x0_eps_vp(cfg.prediction_type), clip_fn(cfg)
 
     def step(state, i, model_output, noise):
-        x, _ = ddim_update(model_output, state.x, a_t[i], a_prev[i], to_x0_eps=to_x0_eps,
-                           clip=clip, eta=eta, noise=noise)
+        x, _ = ddim_update(model_output, state.x, tables.alpha[i], tables.alpha_prev[i],
+                           to_x0_eps=to_x0_eps, clip=clip, eta=eta, noise=noise)
         return SampleState(x.astype(state.x.dtype))
 
-    return Sampler(timesteps=table(ts, jnp.int32), init_noise_sigma=1.0, init=SampleState,
+    return Sampler(timesteps=tables.timesteps, init_noise_sigma=1.0, init=SampleState,
                    model_input=identity_input, step=step, latents=state_x)

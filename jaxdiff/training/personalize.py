@@ -32,7 +32,7 @@ def sample_grid_callback(pipe, prompts: Sequence[str], folder: str, steps: int =
     (the same seeds at every step, so grids are comparable over training)."""
     from PIL import Image
 
-    from jaxdiff.cli import make_grid
+    from jaxdiff.data.images import make_grid
     from jaxdiff.sampling import generate
     batch = [p for p in prompts for _ in range(per_prompt)]
 

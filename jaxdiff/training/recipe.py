@@ -102,7 +102,7 @@ def _sampler_callback(pipe, config, workdir):
     """Writes a grid of generations for ``config.sample_prompts`` at a given step."""
     from PIL import Image
 
-    from jaxdiff.cli import make_grid
+    from jaxdiff.data.images import make_grid
     from jaxdiff.sampling import generate
 
     def on_sample(params, step):

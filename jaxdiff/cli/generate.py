@@ -1,20 +1,25 @@
-"""``jaxdiff`` command line: ``jaxdiff generate ...`` (more sub-commands join later).
-
-Errors in user input end the command with one ``error: ...`` line and exit status 2.
-"""
+"""``jaxdiff generate``: text-to-image sampling from the command line; writes PNGs + a grid."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
-import warnings
 
-SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "euler", "euler_a", "heun")
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxdiff import parallel, sampling
+from jaxdiff.data.images import make_grid, save_png
+from jaxdiff.samplers import SAMPLERS
+from jaxdiff.training import lora as lora_lib
+from jaxdiff.training import textual_inversion as ti
+from jaxdiff.weights import load_pipeline
+
+SAMPLER_NAMES = tuple(sorted(SAMPLERS))
 
 
-def _generate_parser(sub):
+def add_parser(sub):
     p = sub.add_parser("generate", help="text-to-image sampling; writes PNGs and a grid",
                        description="Generate images with a diffusers-layout pipeline "
                        "(default: the embedded shapes-world model).")
@@ -54,8 +59,6 @@ def apply_adapters(pipe, params, lora=None, lora_scale=1.0, textual_inversion=No
     Returns ``(pipe, params, expand)``: ``expand(prompt)`` rewrites a prompt's
     placeholder into its tokens (identity without ``textual_inversion``).
     """
-    from jaxdiff.training import lora as lora_lib
-    from jaxdiff.training import textual_inversion as ti
     expand = lambda prompt: prompt
     if lora:
         adapters, alpha = _read_weights(lora_lib.load_lora, lora, "--lora")
@@ -90,37 +93,8 @@ def _read_weights(load, path, flag):
                          f"({type(e).__name__}: {e}).") from None
 
 
-def _save_png(path, image, meta):
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    for k, v in meta.items():
-        info.add_text(k, str(v))
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-
-
-def make_grid(images, cols):
-    """uint8 [N, H, W, 3] -> one uint8 grid image with ``cols`` columns."""
-    import numpy as np
-    n, h, w, c = images.shape
-    rows = -(-n // cols)
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-    return grid
-
-
-def run_generate(args) -> int:
-    import jax.numpy as jnp
-    import numpy as np
-    from tqdm import tqdm
-
-    import jaxdiff
-    from jaxdiff import parallel, sampling
-
+def run(args) -> int:
+    """Runs ``jaxdiff generate`` for parsed ``args``; returns the exit status."""
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}.")
     if args.batch < 1 or args.max_batch < 1:
@@ -128,7 +102,7 @@ def run_generate(args) -> int:
     if args.model is not None and not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model}: no such directory.")
     parallel.maybe_initialize_distributed()
-    pipe, params = jaxdiff.load_pipeline(args.model)
+    pipe, params = load_pipeline(args.model)
     if args.dtype == "bfloat16":
         pipe = pipe.with_dtype(jnp.bfloat16)
     pipe, params, expand = apply_adapters(pipe, params, args.lora, args.lora_scale,
@@ -136,15 +110,14 @@ def run_generate(args) -> int:
     jobs = [(p, j) for p in args.prompt for j in range(args.batch)]
     prompts = [p for p, _ in jobs]
     # Check sizes before the progress bar and before anything is written.
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height = side if args.height is None else args.height
-    width = side if args.width is None else args.width
-    sampling._validate(pipe, len(prompts), args.steps, height, width, args.sampler)
+    height = pipe.image_size if args.height is None else args.height
+    width = pipe.image_size if args.width is None else args.width
+    sampling.check_request(pipe, len(prompts), args.steps, height, width, args.sampler)
     images, t0 = [], time.perf_counter()
     with tqdm(total=len(jobs), unit="img", desc="generate") as bar:
         for start in range(0, len(jobs), args.max_batch):
             chunk = [expand(p) for p in prompts[start:start + args.max_batch]]
-            out = jaxdiff.generate(pipe, params, chunk, args.negative_prompt, args.sampler,
+            out = sampling.generate(pipe, params, chunk, args.negative_prompt, args.sampler,
                                    args.steps, args.guidance, args.seed, height=height,
                                    width=width, eta=args.eta, sample_offset=start)
             images.append(out)
@@ -160,28 +133,11 @@ def run_generate(args) -> int:
     if args.textual_inversion:
         settings.update(textual_inversion=args.textual_inversion)
     for i, (img, prompt) in enumerate(zip(images, prompts)):
-        _save_png(os.path.join(args.out, f"{i:04d}.png"), img,
+        save_png(os.path.join(args.out, f"{i:04d}.png"), img,
                   dict(settings, prompt=prompt, index=i))
-    _save_png(os.path.join(args.out, "grid.png"), make_grid(images, args.batch if
+    save_png(os.path.join(args.out, "grid.png"), make_grid(images, args.batch if
               len(args.prompt) > 1 else min(len(images), 8)), settings)
     with open(os.path.join(args.out, "settings.json"), "w") as f:
         json.dump(dict(settings, prompts=prompts), f, indent=2)
     print(f"wrote {len(images)} images and grid.png to {args.out}")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxdiff", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    _generate_parser(sub)
-    args = parser.parse_args(argv)
-    warnings.simplefilter("default")
-    try:
-        return {"generate": run_generate}[args.command](args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
