@@ -9,7 +9,7 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0.5
 # workers use both CI cores; whole files go to one worker (module fixtures built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test install install-test
+.PHONY: demo test test-fast install install-test
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,8 @@ demo: install
 
 test: install-test
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# For iteration: everything except the PyTorch-reference and slow tests (markers in
+# tests/conftest.py). `make test` (and CI) still runs the whole suite.
+test-fast: install-test
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not reference" tests

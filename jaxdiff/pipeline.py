@@ -7,6 +7,7 @@ A ``Pipeline`` holds no parameters. Every method that computes takes the params 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -134,12 +135,15 @@ def init_params(pipe: Pipeline, seed: int = 0) -> dict:
     Each module's init runs as one jitted program (eagerly, flax dispatches and compiles
     hundreds of small ops: 45 s for the tiny shapes config on 2 CPU cores)."""
     key = jax.random.key(seed)
-    out = {}
-    for i, kind in enumerate(("text_encoder", "unet", "vae")):
-        module = getattr(pipe, kind)
-        init = jax.jit(lambda k, *a, m=module: m.init(k, *a)["params"])
-        out[kind] = init(jax.random.fold_in(key, i), *dummy_inputs(module, kind))
-    return out
+    return {kind: _compiled_init(pipe, kind)(jax.random.fold_in(key, i),
+                                             *dummy_inputs(getattr(pipe, kind), kind))
+            for i, kind in enumerate(("text_encoder", "unet", "vae"))}
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_init(pipe: Pipeline, kind: str):
+    module = getattr(pipe, kind)
+    return jax.jit(lambda key, *args: module.init(key, *args)["params"])
 
 
 def to_uint8(images) -> np.ndarray:

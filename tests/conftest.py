@@ -1,4 +1,13 @@
-"""Shared pytest set-up: persistent compilation cache, fast XLA:CPU compiles, shared fixtures."""
+"""Shared pytest set-up: persistent compilation cache, fast XLA:CPU compiles, markers, fixtures.
+
+Markers (``make test`` runs everything; ``make test-fast`` deselects both):
+  reference -- compares with the PyTorch reference (torch / diffusers / transformers
+               models). Set automatically for every test that uses the ``torch`` fixture
+               (directly or through ``tiny_pipe_dir``), and by ``pytestmark`` in modules
+               that build PyTorch models themselves.
+  slow      -- subprocesses, multi-process jobs, training runs and the shipped-model
+               floors: the files in ``SLOW_FILES`` below, and tests marked one by one.
+"""
 import os
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
@@ -18,6 +27,24 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Whole files whose tests start subprocesses / several processes or train for real.
+SLOW_FILES = {
+    "test_train_scale.py",     # 8 forced devices and a 2-process jax.distributed job
+    "test_preemption.py",      # SIGKILL mid-run, then resume
+    "test_personalize.py",     # DreamBooth / Textual Inversion entrypoints end to end
+    "test_training.py",        # the text-to-image recipe end to end
+    "test_p2p_reference.py",   # null-text inversion + P2P against the PyTorch reference
+    "test_inversion.py",       # null-text Adam loops on the shipped model
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "torch" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.reference)
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """Attention, the transformer block and the spatial transformer used by SD UNets.
 
-The attention control hook (DESIGN contract 7): every UNet attention layer has a static
-``layer`` index, and ``__call__`` takes an optional ``control`` argument — a pytree (data,
-e.g. a ``flax.struct.dataclass``) with a pure method
+The attention control hook (docs/design.md, "Controller as data"): every UNet attention
+layer has a static ``layer`` index, and ``__call__`` takes an optional ``control``
+argument — a pytree (data, e.g. a ``flax.struct.dataclass``) with a pure method
 
     control.edit(probs, layer=int, cross=bool) -> probs     # probs: [B, heads, Lq, Lk]
 

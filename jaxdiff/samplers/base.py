@@ -1,7 +1,7 @@
 """The sampler interface and the prediction-type adapters shared by all samplers.
 
-A sampler is a bundle of pure functions over an explicit state pytree (DESIGN contract 4).
-A denoising loop is::
+A sampler is a bundle of pure functions over an explicit state pytree (docs/design.md,
+"Traced vs static"). A denoising loop is::
 
     sampler = make_euler(cfg, 30)
     state = sampler.init(noise * sampler.init_noise_sigma)

@@ -1,0 +1,166 @@
+"""Builders for tiny random PyTorch reference models (diffusers / transformers).
+
+Shared by parity, weights, sampling and benchmark code. PyTorch is imported lazily: it is
+a test-only reference, never a dependency of the library.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+UNET_CONFIGS = {
+    # SD1-style: conv projections, one head count for all blocks.
+    "sd1": dict(block_out_channels=(32, 64), layers_per_block=2,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                attention_head_dim=8, norm_num_groups=8, sample_size=8),
+    # SD2-style: linear projections, per-block head counts, upcast attention,
+    # several transformer layers per block, sin/cos order and freq shift changed.
+    "sd2": dict(block_out_channels=(32, 64, 64), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                  "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32, attention_head_dim=(2, 4, 4),
+                use_linear_projection=True, upcast_attention=True, norm_num_groups=8,
+                transformer_layers_per_block=(1, 2, 1), flip_sin_to_cos=False, freq_shift=1,
+                sample_size=8),
+}
+
+VAE_CONFIGS = {
+    "sd1": dict(block_out_channels=(16, 32), layers_per_block=1,
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                norm_num_groups=8, sample_size=16),
+    "deep": dict(block_out_channels=(8, 16, 16), layers_per_block=2,
+                 down_block_types=("DownEncoderBlock2D",) * 3,
+                 up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=3,
+                 norm_num_groups=8, scaling_factor=0.5, sample_size=16),
+}
+
+TEXT_CONFIGS = {
+    "sd1": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=16, hidden_act="quick_gelu"),
+    "sd2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                num_attention_heads=2, max_position_embeddings=16, hidden_act="gelu"),
+}
+
+
+def perturb(module, scale=0.02, seed=0):
+    """Adds noise to every parameter so zero-initialised layers are exercised."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module.eval()
+
+
+def make_unet(name="sd1", seed=0):
+    import torch
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    return perturb(UNet2DConditionModel(**UNET_CONFIGS[name]), seed=seed)
+
+
+def make_vae(name="sd1", seed=0):
+    import torch
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    return perturb(AutoencoderKL(**VAE_CONFIGS[name]), seed=seed)
+
+
+def make_text_encoder(name="sd1", vocab_size=None, seed=0):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    vocab_size = vocab_size or len(tiny_vocab())
+    cfg = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2,
+                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                         **TEXT_CONFIGS[name])
+    return CLIPTextModel(cfg).eval()
+
+
+def tiny_vocab():
+    """A character-level CLIP BPE vocabulary (byte alphabet, with and without </w>)."""
+    chars = _byte_alphabet()
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}
+
+
+def _byte_alphabet():
+    """GPT-2/CLIP's reversible byte -> unicode character table, in byte order."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    extra, out = 0, []
+    for b in range(256):
+        if b in printable:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def write_tiny_tokenizer(folder, max_length=16):
+    """Writes a CLIP-format tokenizer folder loadable by ``CLIPTokenizer.from_pretrained``."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(tiny_vocab(), f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer",
+                   "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                   "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+SCHEDULER_SD1 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                     beta_schedule="scaled_linear", prediction_type="epsilon",
+                     timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
+                     clip_sample=False)
+
+
+def make_torch_pipeline(folder, unet="sd1", vae="sd1", text="sd1", scheduler=None, seed=0):
+    """Builds and saves a tiny random diffusers ``StableDiffusionPipeline`` in ``folder``."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    tokenizer = write_tiny_tokenizer(os.path.join(folder, "_tok"))
+    pipe = StableDiffusionPipeline(
+        unet=make_unet(unet, seed), vae=make_vae(vae, seed),
+        text_encoder=make_text_encoder(text, seed=seed), tokenizer=tokenizer,
+        scheduler=DDIMScheduler(**(scheduler or SCHEDULER_SD1)), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+def with_micro_unet(pipe, params):
+    """The pipeline with a one-block UNet (random params): a cheap backward pass for
+    training tests. Params come from numpy: compiling flax's init of even this UNet takes
+    ~10 s on CPU."""
+    import dataclasses
+    import jax
+    import jax.numpy as jnp
+    from jaxdiff.models import UNet2DConditionModel, UNetConfig
+    from jaxdiff.pipeline import dummy_inputs
+    cfg = UNetConfig.from_dict(dict(
+        block_out_channels=(8,), layers_per_block=1, down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",), cross_attention_dim=32, attention_head_dim=2,
+        norm_num_groups=4, sample_size=4))
+    unet = UNet2DConditionModel(cfg)
+    shapes = jax.eval_shape(unet.init, jax.random.key(0), *dummy_inputs(unet, "unet"))
+    rng = np.random.default_rng(0)
+    unet_params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32),
+                               shapes["params"])
+    return dataclasses.replace(pipe, unet=unet), dict(params, unet=unet_params)
+
+
+def nchw(x):
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def nhwc(x):
+    return np.asarray(x).transpose(0, 2, 3, 1)
