@@ -21,7 +21,7 @@ Fairness notes (CPU):
   faults: XLA:CPU gets large buffers afresh from the OS on every call, and before
   blockwise attention one reduced-UNet forward took ~309k minor faults (1.2 GB touched);
   it now takes ~1-5k (see ``attention._CPU_SCORE_BLOCK_BYTES``).
-- Weights are still perturbed (``reference.perturb``): it exercises diffusers'
+- Weights are still perturbed (``torchref.models.perturb``): it exercises diffusers'
   zero-initialised layers, as the parity tests do, and costs nothing on either side.
 """
 from __future__ import annotations
@@ -29,13 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 SIZES = {  # UNet
     # name: (diffusers UNet kwargs, batch, latent side, context length)
@@ -98,7 +96,7 @@ def bench_unet(size, repeats, dtype_name, torch_threads=None):
     import jax.numpy as jnp
     from diffusers import UNet2DConditionModel
     from jaxdiff.weights import load_component
-    from reference import perturb
+    from torchref.models import perturb
 
     torch, device, tdtype, sync = _torch_setup(dtype_name, torch_threads)
     kwargs, batch, side, ctx_len = SIZES[size]
@@ -143,7 +141,7 @@ def bench_vae(size, repeats, dtype_name, torch_threads=None):
     from diffusers import AutoencoderKL as TorchVAE
     from jaxdiff.models import AutoencoderKL
     from jaxdiff.weights import load_component
-    from reference import perturb
+    from torchref.models import perturb
 
     torch, device, tdtype, sync = _torch_setup(dtype_name, torch_threads)
     kwargs, batch, side = VAE_SIZES[size]

@@ -18,8 +18,8 @@ pipeline's scheduler config), steps, guidance scale and batch. Prints one JSON o
   next to ``latents_max_abs`` for scale; ``image_max_abs_diff`` in uint8 levels. A built-in
   correctness check: the timed programs are the ones that produced these outputs.
 
-Weights are diffusers' init perturbed by ``reference.perturb`` (its exact zeros make XLA
-CPU take slow paths; real checkpoints have none). The tokenizer is reference.py's
+Weights are diffusers' init perturbed by ``torchref.models.perturb`` (its exact zeros make XLA
+CPU take slow paths; real checkpoints have none). The tokenizer is torchref.models'
 character-level CLIP tokenizer: token ids differ from SD's BPE but the shapes (77 tokens)
 and the work are the same.
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -37,8 +36,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 _SD_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
@@ -48,7 +45,7 @@ _VAE4 = dict(down_block_types=("DownEncoderBlock2D",) * 4,
 SIZES = {
     # name: dict(unet=, vae=, text=) diffusers/transformers kwargs, token length, image side
     "tiny": dict(
-        unet=None, vae=None, text=None,  # reference.py's "sd1" configs
+        unet=None, vae=None, text=None,  # torchref.models' "sd1" configs
         max_length=16, side=32),
     "reduced": dict(
         unet=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2,
@@ -80,7 +77,7 @@ def build_pipeline(size, folder, seed=0):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    import reference as ref
+    from torchref import models as ref
     spec = SIZES[size]
     torch.manual_seed(seed)
     unet = ref.perturb(UNet2DConditionModel(**(spec["unet"] or ref.UNET_CONFIGS["sd1"])),
