@@ -61,14 +61,20 @@ def model_fn(x, t):
     return (0.1 * x + np.sin(np.float32(t) / 100.0 + 0.3 * x)).astype(np.float32)
 
 
-def _close(actual, expected, what, scale=1.0):
-    """Within 1e-5 relative to ``scale``, the largest magnitude the computation went
-    through: float32 steps that cancel large terms (sigma_max = 4096 under zero terminal
-    SNR) are only that accurate, in diffusers as here."""
+# The bound the README states: after every step, and on the final latents, jaxdiff's
+# sample is within RTOL of diffusers' relative to that step's own magnitude
+# (max(1, max |x|) of diffusers' sample at that step; no running maximum). Measured:
+# <= 2e-6 for every case but zero-terminal-SNR Euler / Euler-ancestral (1.9e-5 / 9e-6:
+# their first step starts at sigma_max = 4096 and float32 cancels ~1e4 against O(1)).
+RTOL = 3e-5
+
+
+def _close(actual, expected, what):
+    """Within RTOL of diffusers, relative to this step's own magnitude."""
     expected = np.asarray(expected, np.float64)
-    scale = max(1.0, scale, float(np.abs(expected).max()))
-    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=1e-5,
-                               atol=1e-5 * scale, err_msg=what)
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=0,
+                               atol=RTOL * scale, err_msg=what)
 
 
 def _sampler_name(case):
@@ -135,16 +141,10 @@ def test_parity_with_diffusers(torch, diffusers_mod, monkeypatch, case, config):
     # Step by step, with a traced index.
     step, model_input = jax.jit(sampler.step), jax.jit(sampler.model_input)
     state = sampler.init(jnp.asarray(x_init) * sampler.init_noise_sigma)
-    prev = x_init * float(sched.init_noise_sigma)
-    scale = float(np.abs(prev).max())  # running max of |sample| so far
     for i in range(len(ref_ts)):
-        input_gain = np.abs(inputs[i]).max() / np.abs(prev).max()  # 1/sqrt(sigma^2+1)
-        _close(model_input(state, jnp.int32(i)), inputs[i], f"model input {i}",
-               input_gain * scale)
+        _close(model_input(state, jnp.int32(i)), inputs[i], f"model input {i}")
         state = step(state, jnp.int32(i), jnp.asarray(outputs[i]), jnp.asarray(noise[i]))
-        prev = samples[i]
-        scale = max(scale, float(np.abs(prev).max()))
-        _close(sampler.latents(state), samples[i], f"sample after step {i}", scale)
+        _close(sampler.latents(state), samples[i], f"sample after step {i}")
 
     # The same loop as one lax.scan.
     def body(st, xs):
@@ -155,7 +155,36 @@ def test_parity_with_diffusers(torch, diffusers_mod, monkeypatch, case, config):
     final, _ = jax.jit(lambda s0: jax.lax.scan(
         body, s0, (jnp.arange(n), jnp.asarray(np.stack(outputs)), jnp.asarray(noise[:n]))))(
         sampler.init(jnp.asarray(x_init) * sampler.init_noise_sigma))
-    _close(sampler.latents(final), samples[-1], "scan result", scale)
+    _close(sampler.latents(final), samples[-1], "scan result")
+
+
+def test_euler_ancestral_sample_prediction_matches_diffusers_epsilon_path(
+        torch, diffusers_mod, monkeypatch):
+    """diffusers refuses prediction_type="sample" for Euler-ancestral, so the reference is
+    its epsilon path fed the epsilon that the x0 prediction implies: with
+    eps = (x - x0) / sigma, diffusers' x0 = x - sigma * eps is the model's x0 again."""
+    cfg = schedules.SchedulerConfig(**dict(SD1, prediction_type="sample"))
+    ref_cfg = schedules.SchedulerConfig(**SD1)
+    rng = np.random.default_rng(3)
+    x_init = rng.standard_normal(SHAPE).astype(np.float32)
+    noise = rng.standard_normal((STEPS,) + SHAPE).astype(np.float32)
+    sched = diffusers_mod.EulerAncestralDiscreteScheduler.from_config(ref_cfg.to_dict())
+    sched.set_timesteps(STEPS)
+    current = [0]
+    monkeypatch.setattr(diffusers_mod.schedulers.scheduling_euler_ancestral_discrete,
+                        "randn_tensor", lambda shape, **kw: torch.from_numpy(noise[current[0]]))
+    sampler = make_sampler("euler_a", cfg, STEPS)
+    step = jax.jit(sampler.step)
+    lat = torch.from_numpy(x_init) * sched.init_noise_sigma
+    state = sampler.init(jnp.asarray(x_init) * sampler.init_noise_sigma)
+    for i, t in enumerate(sched.timesteps):
+        current[0] = i
+        sigma = float(sched.sigmas[i])
+        x0 = model_fn(sched.scale_model_input(lat, t).numpy(), t.item())  # the "sample" output
+        eps = ((lat.numpy() - x0) / sigma).astype(np.float32)
+        lat = sched.step(torch.from_numpy(eps), t, lat).prev_sample
+        state = step(state, jnp.int32(i), jnp.asarray(x0), jnp.asarray(noise[i]))
+        _close(sampler.latents(state), lat.numpy(), f"sample after step {i}")
 
 
 def _closed_loop(sampler, x, noise):
