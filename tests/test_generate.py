@@ -32,19 +32,28 @@ def _noise(pipe, n, seed=0):
                                                         c.in_channels)).astype(np.float32)
 
 
-def test_ddim_matches_diffusers_pipeline(pipe_dir, loaded, torch):
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_ddim_matches_diffusers_pipeline(pipe_dir, loaded, torch, rescale):
+    """Also with guidance rescale (Lin et al.), diffusers' ``guidance_rescale``: the same
+    compiled program (the factor is traced)."""
     from diffusers import StableDiffusionPipeline
     tp = StableDiffusionPipeline.from_pretrained(pipe_dir)
     pipe, params = loaded
     noise = _noise(pipe, 2)
     with torch.no_grad():
         want = tp(PROMPTS, negative_prompt=["green", "dark"], num_inference_steps=10,
-                  guidance_scale=5.0, latents=torch.tensor(ref.nchw(noise)),
-                  output_type="latent").images.numpy()
+                  guidance_scale=5.0, guidance_rescale=rescale,
+                  latents=torch.tensor(ref.nchw(noise)), output_type="latent").images.numpy()
+        plain = tp(PROMPTS, negative_prompt=["green", "dark"], num_inference_steps=10,
+                   guidance_scale=5.0, latents=torch.tensor(ref.nchw(noise)),
+                   output_type="latent").images.numpy()
     got = jaxdiff.generate(pipe, params, PROMPTS, ["green", "dark"], sampler="ddim", steps=10,
-                           guidance_scale=5.0, latents=noise, output="latents")
+                           guidance_scale=5.0, guidance_rescale=rescale, latents=noise,
+                           output="latents")
     np.testing.assert_allclose(ref.nchw(got), want, atol=1e-3, rtol=0)
     assert np.abs(want).max() > 0.1  # a real trajectory, not a vanishing one
+    if rescale:  # the rescale really acts here (far beyond the tolerance)
+        assert np.abs(want - plain).max() > 0.05
 
 
 def test_images_are_decoded_latents(loaded):
