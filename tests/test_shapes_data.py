@@ -1,5 +1,6 @@
-"""Shapes world generator and its TFDS builder (array_record, no TensorFlow)."""
+"""Shapes world generator (worlds v1 and v2) and its TFDS builder (array_record, no TF)."""
 import dataclasses
+import hashlib
 import os
 import itertools
 
@@ -132,11 +133,110 @@ def test_spec_validation():
         shapes.parse_caption("a dog on the moon", SPEC)
 
 
+def test_v1_defaults_reproduce_the_shipped_world():
+    """Seeds give the same v1 images, masks and captions as before world v2 existed."""
+    h = hashlib.sha256()
+    for ex in _take(0, n=200):
+        h.update(ex["image"].tobytes())
+        h.update(ex["masks"].tobytes())
+        h.update(ex["caption"].encode())
+    for ex in shapes.held_out_examples(SPEC, 50):
+        h.update(ex["image"].tobytes())
+        h.update(ex["caption"].encode())
+    assert h.hexdigest() == "de9a456548dec7e6bbedb111b59d72013abbd10f08497bfd7b8104d1abd20b7a"
+    assert shapes.world("v1") == SPEC and shapes.world("v2", image_size=64).antialias
+    assert "object" not in SPEC.words() and "object" in shapes.WORLD_V2.words()
+    with pytest.raises(ValueError):
+        shapes.world("v3")
+
+
 def test_restricted_vocabulary():
     spec = WorldSpec(shapes=("circle", "square"), colours=shapes.COLOURS[:3])
     exs = _take(8, spec, n=100)
     assert {o.shape for e in exs for o in e["objects"]} == {"circle", "square"}
     assert {o.colour for e in exs for o in e["objects"]} <= {"red", "green", "blue"}
+
+
+# ---------------------------------------------------------------- world v2
+
+V2 = shapes.WORLD_V2
+
+
+@pytest.fixture(scope="module")
+def v2_examples():
+    return _take(11, V2, n=600)
+
+
+def test_v2_captions_follow_the_grammar_and_the_mention_flags(v2_examples):
+    from jaxdiff.data.tokenizer import tokenizer_words
+    vocab = set(V2.words())
+    assert vocab <= set(tokenizer_words())  # the shipped tokenizer has every word
+    said_colour, said_shape = [], []
+    for ex in v2_examples:
+        words = ex["caption"].split()
+        assert set(words) <= vocab and len(words) <= 14
+        objs, _ = shapes.parse_caption(ex["caption"], V2)
+        for k, (o, t) in enumerate(zip(objs, ex["objects"], strict=True)):
+            assert o.colour == (t.colour if ex["mention_colour"][k] else None)
+            assert o.shape == (t.shape if ex["mention_shape"][k] else None)
+            if t.colour == shapes.UNNAMED:
+                assert not ex["mention_colour"][k]
+            else:
+                said_colour.append(bool(ex["mention_colour"][k]))
+            said_shape.append(bool(ex["mention_shape"][k]))
+        assert not ex["mention_colour"][len(objs):].any()
+    assert 0.75 < np.mean(said_colour) < 0.85 and 0.75 < np.mean(said_shape) < 0.85
+    assert any(ex["caption"].startswith("an object") for ex in v2_examples)
+    assert shapes.caption([ShapeObject("square", "red", "big", "left")],
+                          mention_colour=False) == "a big square on the left"
+    assert shapes.caption([ShapeObject("square", "red", "big", "left")], "white",
+                          mention_size=False, mention_position=False,
+                          mention_shape=False) == "a red object on a white background"
+    assert shapes.parse_caption("an object", V2) == ([ShapeObject(None, None, None, None)], None)
+
+
+def test_v2_colours_are_shades_of_the_anchors_or_unnamed(v2_examples):
+    anchors = dict(V2.colours)
+    table = np.array(list(anchors.values()), float)
+    objs = [(o, ex) for ex in v2_examples for o in ex["objects"]]
+    unnamed = [o for o, _ in objs if o.colour == shapes.UNNAMED]
+    assert 0.05 < len(unnamed) / len(objs) < 0.11
+    offsets = []
+    for o, ex in objs:
+        k = ex["objects"].index(o)
+        assert tuple(ex["rgb"][k]) == o.rgb
+        dist = np.linalg.norm(table - np.array(o.rgb, float), axis=1)
+        if o.colour == shapes.UNNAMED:
+            assert ex["colour"][k] == len(V2.colour_names)
+            assert dist.min() >= V2.unnamed_margin
+        else:
+            assert V2.colour_names[ex["colour"][k]] == o.colour
+            offsets.append(np.subtract(o.rgb, anchors[o.colour]))
+            assert dist[V2.colour_names.index(o.colour)] <= V2.colour_spread + 1
+            assert dist.argmin() == V2.colour_names.index(o.colour)  # nearest = own anchor
+    offsets = np.array(offsets, float)
+    assert np.linalg.norm(offsets, axis=1).mean() > 0.6 * V2.colour_spread  # a spread, not a point
+    assert np.abs(offsets.mean(0)).max() < 4.0  # centred on the anchor
+    # Unnamed colours are in between: far from the anchors, across the colour cube.
+    spread = np.array([o.rgb for o in unnamed], float)
+    assert spread.std(0).min() > 30
+
+
+def test_v2_edges_are_anti_aliased_and_masks_stay_binary(v2_examples):
+    mixed = 0
+    for ex in v2_examples[:200]:
+        bg = np.array(dict(V2.backgrounds)[V2.background_names[ex["background"]]], float)
+        expected = np.broadcast_to(bg, ex["image"].shape).copy()
+        for k, o in enumerate(ex["objects"]):
+            cover = shapes.object_coverage(V2, o.shape, o.size, shapes.anchor(V2, o))
+            assert np.array_equal(ex["masks"][k], cover >= 0.5)
+            expected += cover[..., None] * (np.array(o.rgb, float) - expected)
+            full = cover == 1.0
+            assert (ex["image"][full] == o.rgb).all()
+            mixed += int(((cover > 0) & (cover < 1)).sum())
+        np.testing.assert_array_equal(ex["image"], np.round(expected).astype(np.uint8))
+        assert ex["masks"].dtype == bool
+    assert mixed > 200 * 20  # every object has a soft rim
 
 
 # ---------------------------------------------------------------- TFDS builder
@@ -178,4 +278,25 @@ def test_tfds_data_source_by_name_and_rebuild_is_reuse(prepared):
     files = {f.name: os.stat(f).st_mtime for f in builder.data_path.iterdir()}
     again = tfds_shapes.prepare(data_dir, cfg)
     assert {f.name: os.stat(f).st_mtime for f in again.data_path.iterdir()} == files
-    assert [c.name for c in tfds_shapes.ShapesWorld.BUILDER_CONFIGS] == ["32px", "64px"]
+    assert [c.name for c in tfds_shapes.ShapesWorld.BUILDER_CONFIGS] == [
+        "32px", "64px", "32px_v2"]
+
+
+def test_tfds_v2_data_has_its_own_directory_and_records(prepared, tmp_path):
+    from jaxdiff.data import tfds_shapes
+    v1_builder, _, _ = prepared
+    cfg = tfds_shapes.ShapesConfig(name="tiny", num_train=12, num_test=4, world="v2")
+    assert cfg.name == "tiny_v2" and cfg.spec().antialias
+    assert tfds_shapes.ShapesConfig(name="x_v2", world="v2").name == "x_v2"
+    with pytest.raises(ValueError):
+        tfds_shapes.ShapesConfig(name="tiny", world="v9")
+    builder = tfds_shapes.prepare(str(tmp_path), cfg)
+    assert builder.data_path.parent.name == "tiny_v2"
+    assert builder.info.metadata["world"] == "v2"
+    assert v1_builder.info.metadata["world"] == "v1"
+    src = builder.as_data_source()["train"]
+    expected = _take(cfg.seed, cfg.spec(), n=12, split="train")
+    for i in (0, 11):
+        assert tfds_shapes.decode_caption(src[i]["caption"]) == expected[i]["caption"]
+        for k in tfds_shapes.ARRAY_KEYS:
+            np.testing.assert_array_equal(src[i][k], expected[i][k], err_msg=k)

@@ -1,28 +1,44 @@
 """The shapes world: seeded, captioned RGB images of coloured shapes with exact ground truth.
 
 A scene is a plain background and one or two ``ShapeObject``s. Every object has a shape,
-a colour, a size and a position drawn from the ``WorldSpec`` vocabularies; objects are
-drawn crisply (a pixel belongs to an object iff its centre is inside the shape), so
-masks and attributes are exact and the evaluator (``jaxdiff.eval.shapes_eval``) can
-read them back.
+a colour, a size and a position drawn from the ``WorldSpec`` vocabularies. Masks and
+attributes are exact, so the evaluator (``jaxdiff.eval.shapes_eval``) can read them back.
 
 Caption grammar (lower case, no punctuation; optional parts in brackets)::
 
-    one object : a [SIZE] COLOUR SHAPE [POSITION] [on a BACKGROUND background]
-    two objects: a [SIZE] COLOUR SHAPE (RELATION | and) a [SIZE] COLOUR SHAPE
-                 [on a BACKGROUND background]
+    one object : a [SIZE] [COLOUR] (SHAPE | object) [POSITION] [on a BACKGROUND background]
+    two objects: a [SIZE] [COLOUR] (SHAPE | object) (RELATION | and)
+                 a [SIZE] [COLOUR] (SHAPE | object) [on a BACKGROUND background]
 
     POSITION  = on the left | on the right | at the top | at the bottom | in the centre
     RELATION  = left of (objects at left+right) | above (objects at top+bottom)
 
-"a" becomes "an" before a vowel ("an orange star"). Two objects are always placed
-left+right or top+bottom and named in that order (left before right, top before bottom);
-with the relation dropped the caption says "and". Sizes (both objects' together),
-positions/relation and the background are each mentioned with a probability from the
-spec, and the example records which were.
+"a" becomes "an" before a vowel ("an orange star", "an object"). Two objects are always
+placed left+right or top+bottom and named in that order (left before right, top before
+bottom); with the relation dropped the caption says "and". Sizes (both objects'
+together), positions/relation and the background are each mentioned with a probability
+from the spec; colour and shape with a probability per object (a dropped shape is said
+"object"; an object of an unnamed colour never has a colour word). The example records
+what was mentioned.
 
-Example: ``a small red circle on the left``, ``a blue star above a big white cross on a
-gray background``. The longest caption has 14 words (16 CLIP tokens with BOS/EOS).
+Examples: ``a small red circle on the left``, ``a blue star above a big white cross on a
+gray background``, ``a big square on the left`` (colour dropped), ``a red object`` (shape
+dropped), ``an object at the top``. The longest caption has 14 words (16 CLIP tokens
+with BOS/EOS).
+
+Two worlds (``WORLDS``; ``world(name)``):
+
+* ``"v1"`` (``WorldSpec()`` defaults, the shipped model's world): colour and shape always
+  said; each named colour is one exact RGB value; shapes drawn crisply (a pixel is the
+  object's colour iff at least half of its 4x4 sub-pixel samples are inside the shape).
+* ``"v2"`` (``WORLD_V2``): colour and shape each dropped with probability 0.2 per object;
+  a named colour is rendered as a shade drawn uniformly from the RGB ball of radius 30
+  around its anchor (anchors are >= 99 apart, so every shade is nearest its own anchor);
+  8 % of objects get an unnamed colour (uniform RGB, >= 60 from every named anchor, and
+  clearly nearer some named anchor than the background), captioned without a colour
+  word and recorded as colour ``"unnamed"``; edges anti-aliased: each pixel mixes object
+  and background by the shape's 4x4 sub-pixel coverage. Masks keep the v1 rule (coverage
+  >= 1/2), so they stay exact binary masks.
 """
 from __future__ import annotations
 
@@ -54,6 +70,8 @@ PAIRS = (("left", "right"), ("top", "bottom"))
 RELATIONS = {("left", "right"): "left of", ("top", "bottom"): "above"}
 MAX_OBJECTS = 2
 _STAR_INNER = 0.45  # inner/outer radius: fatter than a regular star, readable at 9 px
+UNNAMED = "unnamed"    # colour name of an object whose colour is none of the palette's
+OBJECT_WORD = "object"  # what a caption says for a dropped shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +88,16 @@ class WorldSpec:
       p_mention_size / p_mention_position / p_mention_background: caption dropout.
       jitter: max random offset of an object from its anchor, fraction of the side.
       held_out_fraction: share of all scenes in the held-out ("test") split.
+      p_mention_colour / p_mention_shape: per-object caption dropout of the colour word
+        and of the shape word (a dropped shape is said "object").
+      colour_spread: radius (L2, RGB units) of the ball around a named colour's anchor
+        its shades are drawn from (uniformly); 0 = the anchor itself.
+      p_unnamed_colour: share of objects with an unnamed colour (never captioned).
+      unnamed_margin: minimum L2 distance of an unnamed colour to every named anchor.
+      antialias: mix each edge pixel by its sub-pixel coverage (else crisp).
+
+    The defaults are the v1 world: the same seed gives the same images and captions as
+    before these options existed.
     """
     image_size: int = 32
     shapes: tuple[str, ...] = SHAPES
@@ -83,6 +111,12 @@ class WorldSpec:
     p_mention_background: float = 0.5
     jitter: float = 0.0
     held_out_fraction: float = 0.1
+    p_mention_colour: float = 1.0
+    p_mention_shape: float = 1.0
+    colour_spread: float = 0.0
+    p_unnamed_colour: float = 0.0
+    unnamed_margin: float = 60.0
+    antialias: bool = False
 
     def __post_init__(self):
         if self.image_size < 16:
@@ -94,6 +128,14 @@ class WorldSpec:
             raise ValueError(f"positions must be among {tuple(POSITION_PHRASES)}")
         if not 0.0 <= self.held_out_fraction < 1.0:
             raise ValueError(f"{self.held_out_fraction=} must be in [0, 1)")
+        if self.colour_spread < 0 or not 0.0 <= self.p_unnamed_colour < 1.0:
+            raise ValueError(f"need {self.colour_spread=} >= 0 and "
+                             f"{self.p_unnamed_colour=} in [0, 1)")
+
+    @property
+    def varied_colours(self) -> bool:
+        """Whether objects carry their own RGB (shades or unnamed colours), not the anchor."""
+        return self.colour_spread > 0 or self.p_unnamed_colour > 0
 
     @property
     def colour_names(self) -> tuple[str, ...]:
@@ -114,6 +156,8 @@ class WorldSpec:
     def words(self) -> tuple[str, ...]:
         """Every word any caption of this world can contain (sorted)."""
         fixed = {"a", "an", "and", "background", "on"}
+        if self.p_mention_shape < 1.0:
+            fixed.add(OBJECT_WORD)
         phrases = [POSITION_PHRASES[p] for p in self.position_names]
         phrases += [r for pair, r in RELATIONS.items() if set(pair) <= set(self.position_names)]
         names = (self.shapes + self.colour_names + self.background_names + self.size_names)
@@ -124,6 +168,8 @@ class WorldSpec:
 class ShapeObject:
     """One object of a scene. ``offset``: (dx, dy) from the anchor, fractions of the side.
 
+    ``colour`` is a palette name or ``UNNAMED``; ``rgb`` is the rendered colour (None: the
+    named colour's anchor, as in the v1 world; required for ``UNNAMED``).
     An attribute set to ``None`` means "unspecified" (used for evaluation targets only).
     """
     shape: Optional[str]
@@ -131,6 +177,7 @@ class ShapeObject:
     size: Optional[str]
     position: Optional[str]
     offset: tuple[float, float] = (0.0, 0.0)
+    rgb: Optional[Rgb] = None
 
 
 def palette(spec: WorldSpec, background: Optional[str] = None) -> dict[str, Rgb]:
@@ -174,6 +221,18 @@ def _unit_shape(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def object_coverage(spec: WorldSpec, shape: str, size: str, centre: tuple[float, float],
+                    supersample: int = 4) -> np.ndarray:
+    """float [H, W] in [0, 1]: share of each pixel's ``supersample``**2 sub-pixel samples
+    inside one shape of ``size`` centred at ``centre`` (x, y) in pixels."""
+    n, s = spec.image_size, supersample
+    half = dict(spec.sizes)[size] * n
+    coords = (np.arange(n * s) + 0.5) / s
+    u = np.broadcast_to((coords[None, :] - centre[0]) / half, (n * s, n * s))
+    v = np.broadcast_to((coords[:, None] - centre[1]) / half, (n * s, n * s))
+    return _unit_shape(shape, u, v).reshape(n, s, n, s).mean(axis=(1, 3))
+
+
 def object_mask(spec: WorldSpec, shape: str, size: str, centre: tuple[float, float],
                 supersample: int = 4) -> np.ndarray:
     """Mask bool [H, W] of one shape of ``size`` centred at ``centre`` (x, y) in pixels.
@@ -181,13 +240,16 @@ def object_mask(spec: WorldSpec, shape: str, size: str, centre: tuple[float, flo
     A pixel is in when at least half of its ``supersample``**2 sub-pixel samples are:
     crisp, but without the stray pixels that centre sampling leaves at thin tips.
     """
-    n, s = spec.image_size, supersample
-    half = dict(spec.sizes)[size] * n
-    coords = (np.arange(n * s) + 0.5) / s
-    u = np.broadcast_to((coords[None, :] - centre[0]) / half, (n * s, n * s))
-    v = np.broadcast_to((coords[:, None] - centre[1]) / half, (n * s, n * s))
-    cover = _unit_shape(shape, u, v).reshape(n, s, n, s).mean(axis=(1, 3))
-    return cover >= 0.5
+    return object_coverage(spec, shape, size, centre, supersample) >= 0.5
+
+
+def object_rgb(spec: WorldSpec, obj: ShapeObject) -> Rgb:
+    """The rendered colour of an object: its own ``rgb``, else its named colour's anchor."""
+    if obj.rgb is not None:
+        return tuple(int(c) for c in obj.rgb)
+    if obj.colour == UNNAMED:
+        raise ValueError("an object of an unnamed colour needs its rgb")
+    return dict(spec.colours)[obj.colour]
 
 
 def anchor(spec: WorldSpec, obj: ShapeObject) -> tuple[float, float]:
@@ -200,40 +262,58 @@ def render(spec: WorldSpec, objects: Sequence[ShapeObject],
            background: str) -> tuple[np.ndarray, np.ndarray]:
     """Draws a scene. Returns image uint8 [H, W, 3] and masks bool [len(objects), H, W].
 
-    Later objects are drawn over earlier ones; masks are the visible pixels.
+    Later objects are drawn over earlier ones; masks are the visible pixels (sub-pixel
+    coverage >= 1/2). With ``spec.antialias`` each pixel is the coverage-weighted mix of
+    the object's colour and what lies below (rounded once, at the end).
     """
     n = spec.image_size
-    image = np.empty((n, n, 3), np.uint8)
-    image[:] = dict(spec.backgrounds)[background]
-    colours = dict(spec.colours)
+    canvas = np.empty((n, n, 3), np.float64 if spec.antialias else np.uint8)
+    canvas[:] = dict(spec.backgrounds)[background]
     masks = np.zeros((len(objects), n, n), bool)
     for k, obj in enumerate(objects):
-        m = object_mask(spec, obj.shape, obj.size, anchor(spec, obj))
+        cover = object_coverage(spec, obj.shape, obj.size, anchor(spec, obj))
+        m = cover >= 0.5
         masks[:k] &= ~m
         masks[k] = m
-        image[m] = colours[obj.colour]
+        rgb = object_rgb(spec, obj)
+        if spec.antialias:
+            canvas += cover[..., None] * (np.asarray(rgb, np.float64) - canvas)
+        else:
+            canvas[m] = rgb
+    image = np.round(canvas).astype(np.uint8) if spec.antialias else canvas
     return image, masks
 
 
 def caption(objects: Sequence[ShapeObject], background: Optional[str] = None, *,
-            mention_size: bool = True, mention_position: bool = True) -> str:
+            mention_size: bool = True, mention_position: bool = True,
+            mention_colour=True, mention_shape=True) -> str:
     """The caption of a scene (grammar in the module docstring).
 
     ``background=None`` leaves the background out. Two objects must be given in caption
-    order: (left, right) or (top, bottom).
+    order: (left, right) or (top, bottom). ``mention_colour`` / ``mention_shape``: one
+    bool for all objects or one per object. ``UNNAMED`` colours are never said.
     """
-    def noun(o):
-        return _article(([o.size] if mention_size else []) + [o.colour, o.shape])
+    def per_object(flag):
+        return [bool(f) for f in flag] if isinstance(flag, (list, tuple, np.ndarray)) \
+            else [bool(flag)] * len(objects)
+
+    def noun(o, say_colour, say_shape):
+        words = [o.size] if mention_size else []
+        if say_colour and o.colour != UNNAMED:
+            words.append(o.colour)
+        return _article(words + [o.shape if say_shape else OBJECT_WORD])
+
+    nouns = [noun(o, c, s) for o, c, s in
+             zip(objects, per_object(mention_colour), per_object(mention_shape))]
     if len(objects) == 1:
-        words = [noun(objects[0])]
+        words = [nouns[0]]
         if mention_position:
             words.append(POSITION_PHRASES[objects[0].position])
     elif len(objects) == 2:
         pair = (objects[0].position, objects[1].position)
         if mention_position and pair not in RELATIONS:
             raise ValueError(f"two objects must be left+right or top+bottom, got {pair}")
-        words = [noun(objects[0]), RELATIONS[pair] if mention_position else "and",
-                 noun(objects[1])]
+        words = [nouns[0], RELATIONS[pair] if mention_position else "and", nouns[1]]
     else:
         raise ValueError(f"a scene has 1 or 2 objects, got {len(objects)}")
     if background is not None:
@@ -247,18 +327,21 @@ def _article(words: list[str]) -> str:
 
 
 def _parse_noun(words: list[str], spec: WorldSpec) -> ShapeObject:
-    """["a", SIZE?, COLOUR, SHAPE, *POSITION_PHRASE?] -> ShapeObject (missing -> None)."""
-    if len(words) < 3 or words[0] not in ("a", "an"):
+    """["a", SIZE?, COLOUR?, SHAPE | "object", *POSITION_PHRASE?] -> ShapeObject
+    (missing -> None)."""
+    if len(words) < 2 or words[0] not in ("a", "an"):
         raise ValueError(f"cannot parse {' '.join(words)!r}")
-    size = words[1] if words[1] in spec.size_names else None
-    rest = words[2:] if size else words[1:]
-    if rest[0] not in spec.colour_names or rest[1] not in spec.shapes:
+    rest = words[1:]
+    size = rest.pop(0) if rest[0] in spec.size_names else None
+    colour = rest.pop(0) if rest and rest[0] in spec.colour_names else None
+    if not rest or rest[0] not in spec.shapes + (OBJECT_WORD,):
         raise ValueError(f"cannot parse {' '.join(words)!r}")
-    phrase = " ".join(rest[2:])
+    shape = None if rest[0] == OBJECT_WORD else rest[0]
+    phrase = " ".join(rest[1:])
     positions = [p for p in spec.position_names if POSITION_PHRASES[p] == phrase]
     if phrase and not positions:
         raise ValueError(f"unknown position phrase {phrase!r}")
-    return ShapeObject(rest[1], rest[0], size, positions[0] if positions else None)
+    return ShapeObject(shape, colour, size, positions[0] if positions else None)
 
 
 def parse_caption(text: str, spec: WorldSpec) -> tuple[list[ShapeObject], Optional[str]]:
@@ -313,42 +396,92 @@ def _sample_objects(rng: np.random.Generator, spec: WorldSpec, num_objects: int,
             axis = 0 if positions[0] == "left" else 1
             offset[axis] = abs(offset[axis]) * (1 if k else -1)
         offset = tuple(float(x) for x in offset)
-        objs.append(ShapeObject(shape=spec.shapes[rng.integers(len(spec.shapes))],
-                                colour=colours[rng.integers(len(colours))],
-                                size=spec.size_names[rng.integers(len(spec.sizes))],
-                                position=pos, offset=offset))
+        obj = ShapeObject(shape=spec.shapes[rng.integers(len(spec.shapes))],
+                          colour=colours[rng.integers(len(colours))],
+                          size=spec.size_names[rng.integers(len(spec.sizes))],
+                          position=pos, offset=offset)
+        if spec.varied_colours:  # v1 draws nothing more: its streams stay as they were
+            obj = _sample_colour(rng, spec, obj, background)
+        objs.append(obj)
     return objs
 
 
+def _sample_colour(rng: np.random.Generator, spec: WorldSpec, obj: ShapeObject,
+                   background: str) -> ShapeObject:
+    """Gives ``obj`` its own RGB: a shade of its named colour, or an unnamed colour."""
+    if rng.random() < spec.p_unnamed_colour:
+        return dataclasses.replace(obj, colour=UNNAMED, rgb=_unnamed_rgb(rng, spec, background))
+    direction = rng.normal(size=3)
+    radius = spec.colour_spread * rng.random() ** (1.0 / 3.0)  # uniform in the ball
+    shade = np.add(dict(spec.colours)[obj.colour],
+                   radius * direction / max(np.linalg.norm(direction), 1e-12))
+    return dataclasses.replace(obj, rgb=tuple(int(c) for c in np.clip(np.round(shade), 0, 255)))
+
+
+def _unnamed_rgb(rng: np.random.Generator, spec: WorldSpec, background: str) -> Rgb:
+    """A uniform RGB colour >= ``unnamed_margin`` from every named anchor whose nearest
+    allowed anchor is nearer than the background by >= ``unnamed_margin`` / 2 (so it
+    reads as an object, not as background, even on blurred edges)."""
+    anchors = np.array([c for _, c in spec.colours], np.float64)
+    allowed = np.array(list(palette(spec, background).values()), np.float64)
+    bg = np.array(dict(spec.backgrounds)[background], np.float64)
+    for _ in range(10_000):
+        rgb = rng.integers(0, 256, 3).astype(np.float64)
+        nearest_named = np.linalg.norm(anchors - rgb, axis=1).min()
+        nearest_allowed = np.linalg.norm(allowed - rgb, axis=1).min()
+        if (nearest_named >= spec.unnamed_margin
+                and np.linalg.norm(bg - rgb) - nearest_allowed >= spec.unnamed_margin / 2):
+            return tuple(int(c) for c in rgb)
+    raise ValueError(f"no unnamed colour {spec.unnamed_margin=} away from the palette")
+
+
 def _ids(values: Sequence[str], names: Sequence[str]) -> np.ndarray:
-    """Names -> int32 [MAX_OBJECTS] ids, padded with -1."""
+    """Names -> int32 [MAX_OBJECTS] ids, padded with -1 (``UNNAMED`` -> len(names))."""
     out = np.full((MAX_OBJECTS,), -1, np.int32)
-    out[:len(values)] = [names.index(v) for v in values]
+    out[:len(values)] = [len(names) if v == UNNAMED else names.index(v) for v in values]
+    return out
+
+
+def _per_object(values, dtype, shape=()) -> np.ndarray:
+    out = np.zeros((MAX_OBJECTS,) + shape, dtype)
+    out[:len(values)] = values
     return out
 
 
 def make_example(spec: WorldSpec, objects: Sequence[ShapeObject], background: str,
                  mention_size: bool = True, mention_position: bool = True,
-                 mention_background: bool = True) -> dict:
-    """Renders a given scene into an example dict (see ``sample_example``)."""
+                 mention_background: bool = True, mention_colour=True,
+                 mention_shape=True) -> dict:
+    """Renders a given scene into an example dict (see ``sample_example``).
+
+    ``mention_colour`` / ``mention_shape``: one bool for all objects or one per object.
+    """
     image, masks = render(spec, objects, background)
     n = spec.image_size
     padded = np.zeros((MAX_OBJECTS, n, n), bool)
     padded[:len(objects)] = masks
+    k = len(objects)
+    say_colour = np.broadcast_to(np.asarray(mention_colour, bool), (k,))
+    say_colour = say_colour & np.array([o.colour != UNNAMED for o in objects], bool)
+    say_shape = np.broadcast_to(np.asarray(mention_shape, bool), (k,))
     return {
         "image": image,
         "caption": caption(objects, background if mention_background else None,
-                           mention_size=mention_size, mention_position=mention_position),
+                           mention_size=mention_size, mention_position=mention_position,
+                           mention_colour=say_colour, mention_shape=say_shape),
         "masks": padded,
         "num_objects": np.int32(len(objects)),
         "shape": _ids([o.shape for o in objects], spec.shapes),
         "colour": _ids([o.colour for o in objects], spec.colour_names),
+        "rgb": _per_object([object_rgb(spec, o) for o in objects], np.uint8, (3,)),
         "size": _ids([o.size for o in objects], spec.size_names),
         "position": _ids([o.position for o in objects], spec.position_names),
         "background": np.int32(spec.background_names.index(background)),
         "mention_size": np.bool_(mention_size),
         "mention_position": np.bool_(mention_position),
         "mention_background": np.bool_(mention_background),
+        "mention_colour": _per_object(say_colour, bool),
+        "mention_shape": _per_object(say_shape, bool),
         "objects": tuple(objects),
     }
 
@@ -359,9 +492,11 @@ def sample_example(rng: np.random.Generator, spec: WorldSpec,
 
     Returns a dict: image uint8 [H, W, 3]; caption str; masks bool [2, H, W] (rows past
     num_objects are False); num_objects int32; shape / colour / size / position int32 [2]
-    (indices into the spec's name lists, -1 padded); background int32; mention_size /
-    mention_position / mention_background bool (what the caption states); objects: the
-    ``ShapeObject``s in caption order.
+    (indices into the spec's name lists, -1 padded; an ``UNNAMED`` colour is
+    ``len(spec.colour_names)``); rgb uint8 [2, 3] (the rendered colours, 0 padded);
+    background int32; mention_size / mention_position / mention_background bool and
+    mention_colour / mention_shape bool [2] (what the caption states, False padded);
+    objects: the ``ShapeObject``s in caption order.
     """
     if num_objects is None:
         num_objects = 2 if rng.random() < spec.p_two_objects else 1
@@ -371,7 +506,13 @@ def sample_example(rng: np.random.Generator, spec: WorldSpec,
     objects = _sample_objects(rng, spec, num_objects, background)
     flags = rng.random(3) < (spec.p_mention_size, spec.p_mention_position,
                              spec.p_mention_background)
-    return make_example(spec, objects, background, *map(bool, flags))
+    say_colour = say_shape = True
+    if spec.p_mention_colour < 1.0 or spec.p_mention_shape < 1.0:  # v1 draws nothing here
+        say = rng.random((2, num_objects)) < np.array(
+            [[spec.p_mention_colour], [spec.p_mention_shape]])
+        say_colour, say_shape = say
+    return make_example(spec, objects, background, *map(bool, flags),
+                        mention_colour=say_colour, mention_shape=say_shape)
 
 
 def iterate(seed: int, spec: WorldSpec, split: Optional[str] = None,
@@ -391,3 +532,15 @@ def held_out_examples(spec: WorldSpec, num: int, seed: int = 20_231_123,
                       num_objects: Optional[int] = None) -> list[dict]:
     """The fixed held-out evaluation set: the first ``num`` "test"-split scenes of ``seed``."""
     return list(itertools.islice(iterate(seed, spec, "test", num_objects), num))
+
+
+WORLD_V2 = WorldSpec(p_mention_colour=0.8, p_mention_shape=0.8, colour_spread=30.0,
+                     p_unnamed_colour=0.08, antialias=True)
+WORLDS = {"v1": WorldSpec(), "v2": WORLD_V2}
+
+
+def world(name: str = "v1", **overrides) -> WorldSpec:
+    """The named world (``WORLDS``), with ``WorldSpec`` fields overridden, e.g. image_size."""
+    if name not in WORLDS:
+        raise ValueError(f"unknown world {name!r}; known: {sorted(WORLDS)}")
+    return dataclasses.replace(WORLDS[name], **overrides)

@@ -7,6 +7,10 @@ data_dir=...)`` (named configs only). ``tfds.load`` / ``as_dataset`` need Tensor
 Splits: ``train`` holds training scenes from ``config.seed``; ``test`` is the fixed
 held-out set, identical to ``shapes.held_out_examples(spec, num_test)``.
 
+``config.world`` names the world (``shapes.WORLDS``: "v1", "v2"). A config of any world
+but v1 has the world in its name (``"32px"`` with ``world="v2"`` becomes ``"32px_v2"``),
+so prepared files of different worlds never share a directory.
+
 Example::
 
     builder = ShapesWorld(config=ShapesConfig(name="tiny", num_train=64, num_test=16),
@@ -24,10 +28,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jaxdiff.data.shapes import (MAX_OBJECTS, WorldSpec, held_out_examples, iterate)
+from jaxdiff.data.shapes import (MAX_OBJECTS, WorldSpec, held_out_examples, iterate, world)
 
 ARRAY_KEYS = ("image", "masks", "num_objects", "shape", "colour", "size", "position",
-              "background", "mention_size", "mention_position", "mention_background")
+              "background", "mention_size", "mention_position", "mention_background",
+              "rgb", "mention_colour", "mention_shape")
 
 
 @dataclasses.dataclass
@@ -39,6 +44,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
       num_train / num_test: examples per split.
       seed: seed of the train stream (the test split always uses the held-out seed).
       p_two_objects, jitter: as in ``WorldSpec``.
+      world: ``shapes.WORLDS`` name; the other fields override its spec.
     """
     image_size: int = 32
     num_train: int = 20_000
@@ -46,10 +52,16 @@ class ShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0
     p_two_objects: float = 0.5
     jitter: float = 0.0
+    world: str = "v1"
+
+    def __post_init__(self):
+        world(self.world)  # validates the name
+        if self.world != "v1" and not self.name.endswith("_" + self.world):
+            self.name = f"{self.name}_{self.world}"
 
     def spec(self) -> WorldSpec:
-        return WorldSpec(image_size=self.image_size, p_two_objects=self.p_two_objects,
-                         jitter=self.jitter)
+        return world(self.world, image_size=self.image_size,
+                     p_two_objects=self.p_two_objects, jitter=self.jitter)
 
 
 def features(spec: WorldSpec) -> tfds.features.FeaturesDict:
@@ -65,6 +77,9 @@ def features(spec: WorldSpec) -> tfds.features.FeaturesDict:
         "shape": ids, "colour": ids, "size": ids, "position": ids,
         "background": tfds.features.Scalar(dtype=np.int32),
         "mention_size": flag, "mention_position": flag, "mention_background": flag,
+        "rgb": tfds.features.Tensor(shape=(k, 3), dtype=np.uint8),
+        "mention_colour": tfds.features.Tensor(shape=(k,), dtype=np.bool_),
+        "mention_shape": tfds.features.Tensor(shape=(k,), dtype=np.bool_),
     })
 
 
@@ -76,12 +91,16 @@ def to_record(example: dict) -> dict:
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
     """The jaxdiff shapes world: captioned images of coloured shapes with ground truth."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "Worlds (config.world: v1, v2); rgb, mention_colour and "
+                              "mention_shape features. v1 images and captions unchanged."}
     BUILDER_CONFIGS = [
         ShapesConfig(name="32px", description="32x32 images, 20k train / 1k test"),
         ShapesConfig(name="64px", image_size=64,
                      description="64x64 images, 20k train / 1k test"),
+        ShapesConfig(name="32px", world="v2",
+                     description="world v2, 32x32 images, 20k train / 1k test"),
     ]
     DEFAULT_CONFIG_NAME = "32px"
     name = "jaxdiff_shapes"
@@ -102,7 +121,7 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
             features=features(spec), homepage="https://github.com/jaxdiff",
             disable_shuffling=True,  # record i is the i-th generated example
             metadata=tfds.core.MetadataDict(
-                shapes=list(spec.shapes), colours=list(spec.colour_names),
+                world=self.builder_config.world, shapes=list(spec.shapes), colours=list(spec.colour_names),
                 backgrounds=list(spec.background_names), sizes=list(spec.size_names),
                 positions=list(spec.position_names)))
 
