@@ -9,7 +9,9 @@ Works on rendered images and on (noisy, blurry) generated ones:
 3. colour = nearest palette colour to the mean of the component's "core" (its pixels
    farthest from the background colour, so blurred edges don't vote);
 4. shape and size: the component's coverage map (how much of each pixel, around the
-   component, is that colour over the background) is compared with every (shape, size)
+   component, is that colour over the background; in worlds with shades or unnamed
+   colours, the core's own colour, and the object's mask is where that covers >= 1/2)
+   is compared with every (shape, size)
    template, crisp and blurred at two strengths, placed at the map's centroid; the best
    soft IoU ("fit") wins. position = the anchor nearest to that template's centre.
 """
@@ -26,6 +28,7 @@ from jaxdiff.data.shapes import Rgb, ShapeObject, WorldSpec, object_mask, palett
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
 _EIGHT = np.ones((3, 3), bool)
+_HALF_COVERED = 0.5 - 1.0 / 32.0
 
 
 def _nearest(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -98,12 +101,14 @@ def components(mask: np.ndarray, min_area: int) -> list[np.ndarray]:
     return [c for c in comps if c.sum() >= min_area]
 
 
-def _colour(image: np.ndarray, mask: np.ndarray, spec: WorldSpec, background: str) -> str:
+def _colour(image: np.ndarray, mask: np.ndarray, spec: WorldSpec,
+            background: str) -> tuple[str, np.ndarray]:
+    """-> (nearest allowed colour name, core mean RGB float32 [3]) of a component."""
     pix = image[mask].astype(np.float32)
     dist = np.linalg.norm(pix - np.array(dict(spec.backgrounds)[background]), axis=-1)
     core = pix[dist >= np.median(dist)].mean(0)
     allowed = palette(spec, background)
-    return list(allowed)[int(_nearest(core, np.array(list(allowed.values()))))]
+    return list(allowed)[int(_nearest(core, np.array(list(allowed.values()))))], core
 
 
 def _coverage(image: np.ndarray, region: np.ndarray, bg: Rgb, fg: Rgb) -> np.ndarray:
@@ -145,8 +150,10 @@ def evaluate(image: np.ndarray, spec: WorldSpec) -> dict:
 
     Returns {"background": name, "objects": [obj, ...]} with objects in caption order
     (left-to-right / top-to-bottom); each obj has "shape", "colour", "size", "position"
-    (names), "mask" bool [H, W], "centre" (x, y) pixels, "area" int and "fit" (soft
-    IoU with the best template in [0, 1]; < 0.6 for blobs that are no world shape).
+    (names; colour = the nearest allowed named colour, also for unnamed ones), "rgb"
+    (mean colour of the object's core, floats), "mask" bool [H, W], "centre" (x, y)
+    pixels, "area" int and "fit" (soft IoU with the best template in [0, 1]; < 0.6 for
+    blobs that are no world shape).
     """
     image = np.asarray(image)
     if image.shape != (spec.image_size, spec.image_size, 3):
@@ -159,11 +166,20 @@ def evaluate(image: np.ndarray, spec: WorldSpec) -> dict:
         others = np.zeros_like(m) if len(comps) == 1 else np.any(
             [c for j, c in enumerate(comps) if j != i], axis=0)
         region = ndimage.binary_dilation(m, _EIGHT, iterations=2) & ~others
-        colour = _colour(image, m, spec, background)
-        alpha = _coverage(image, region, bg_rgb, palette(spec, background)[colour])
+        colour, core = _colour(image, m, spec, background)
+        if spec.varied_colours:
+            # Shades and unnamed colours: coverage relative to the object's own colour;
+            # the mask is where it covers half a pixel (the world's mask rule; the
+            # threshold sits half a 1/16 coverage step lower, as uint8 rounding of an
+            # exactly half-covered anti-aliased pixel can land just below 1/2).
+            alpha = _coverage(image, region, bg_rgb, tuple(core))
+            half = alpha >= _HALF_COVERED
+            m = half if half.any() else m
+        else:
+            alpha = _coverage(image, region, bg_rgb, palette(spec, background)[colour])
         shape, size, position, fit = _shape_size_position(alpha, spec)
         ys, xs = np.nonzero(m)
-        objects.append({"shape": shape, "colour": colour,
+        objects.append({"shape": shape, "colour": colour, "rgb": tuple(float(c) for c in core),
                         "size": size, "position": position, "mask": m,
                         "centre": (float(xs.mean() + 0.5), float(ys.mean() + 0.5)),
                         "area": int(m.sum()), "fit": fit})
