@@ -9,6 +9,12 @@ the shipped model:
 
     python train/text_to_image.py --config configs/shapes.py:finetune --workdir runs/shapes_ft \
         --config.init_from=runs/shapes/export
+
+``v2`` is model v2: the shipped (v1) model's text encoder + UNet fine-tuned on world v2
+(``jaxdiff.data.shapes.WORLD_V2``), VAE and tokenizer kept. One command, started on 2
+shared CPU cores:
+
+    python train/text_to_image.py --config configs/shapes.py:v2 --workdir runs/shapes_v2
 """
 import ml_collections
 
@@ -26,6 +32,7 @@ def get_config(variant: str = ""):
     c.data.num_train = 20_000
     c.data.num_test = 1_000
     c.data.p_two_objects = 0.5
+    c.data.world = "v1"                  # jaxdiff.data.shapes.WORLDS name: "v1" | "v2"
 
     c.model = ml_collections.ConfigDict()
     c.model.tokenizer_max_length = 16
@@ -34,13 +41,13 @@ def get_config(variant: str = ""):
                                 hidden_act="quick_gelu")
     # Sized for 2 CPU cores and a <= 10 MB checkpoint: f=4 VAE (32x32 -> 8x8x4 latents,
     # 0.24 M params), 1.1 M-param UNet, 0.1 M-param text encoder.
-    c.model.vae = dict(sample_size=32, block_out_channels=[16, 32, 32], layers_per_block=1,
-                       down_block_types=["DownEncoderBlock2D"] * 3,
-                       up_block_types=["UpDecoderBlock2D"] * 3, latent_channels=4,
+    c.model.vae = dict(sample_size=32, block_out_channels=(16, 32, 32), layers_per_block=1,
+                       down_block_types=("DownEncoderBlock2D",) * 3,
+                       up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4,
                        norm_num_groups=8)
-    c.model.unet = dict(sample_size=8, block_out_channels=[32, 64], layers_per_block=1,
-                        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    c.model.unet = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
     c.model.scheduler = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                              beta_schedule="scaled_linear", prediction_type="epsilon",
@@ -55,8 +62,8 @@ def get_config(variant: str = ""):
     c.log_every = 50
     c.checkpoint_every = 500
     c.sample_every = 2000               # 0 disables periodic sample grids
-    c.sample_prompts = ["a small red circle on the left", "a big blue square",
-                        "a green triangle at the top", "a yellow star on a black background"]
+    c.sample_prompts = ("a small red circle on the left", "a big blue square",
+                        "a green triangle at the top", "a yellow star on a black background")
 
     # Training at scale (README "Training at scale"). The mesh is (data, fsdp): each group
     # of `fsdp` devices holds one FSDP-sharded copy of the train state, sharded by `rules`
@@ -64,7 +71,7 @@ def get_config(variant: str = ""):
     # `fsdp_min_size` elements stay replicated). See jaxdiff.parallel.tree_shardings.
     c.mesh = ml_collections.ConfigDict()
     c.mesh.fsdp = 1                      # 1 = pure data parallel
-    c.mesh.rules = [["^(step|rng)$", "replicate"], [".*", "fsdp"]]
+    c.mesh.rules = (("^(step|rng)$", "replicate"), (".*", "fsdp"))
     c.mesh.fsdp_min_size = 2 ** 14
     c.autoencoder.accum_steps = 1        # micro-batches per step (batch_size is the total)
     c.diffusion.accum_steps = 1
@@ -77,18 +84,30 @@ def get_config(variant: str = ""):
         c.init_from = "runs/shapes/export"   # the first command's output (or "embedded")
         c.stages = "diffusion"
         c.diffusion.update(steps=8000, lr=3e-4, warmup=100, snr_gamma=5.0)
+    elif variant == "v2":
+        # Model v2: the shipped (v1) model's diffusion stage fine-tuned on world v2 (colour
+        # and shape mention dropout, shades, unnamed colours, anti-aliased edges), keeping
+        # its VAE and tokenizer ("object" is already a token) as `finetune` does.
+        c.init_from = "embedded"
+        c.stages = "diffusion"
+        c.data.world = "v2"
+        c.diffusion.update(steps=6000, lr=3e-4, warmup=100, snr_gamma=5.0)
+        c.sample_prompts = ("a small red circle on the left", "a square on a white background",
+                            "a red object", "a big star at the top on a gray background",
+                            "a blue triangle above a green cross", "an object on the right")
     elif variant == "tiny":
         c.data.num_train, c.data.num_test = 64, 16
         c.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2)
-        c.model.vae.update(block_out_channels=[8, 8, 8], norm_num_groups=4)
-        c.model.unet.update(block_out_channels=[16, 16], cross_attention_dim=16,
+        c.model.vae.update(block_out_channels=(8, 8, 8), norm_num_groups=4)
+        c.model.unet.update(block_out_channels=(16, 16), cross_attention_dim=16,
                             attention_head_dim=2, norm_num_groups=4)
         c.autoencoder.update(steps=4, batch_size=8, warmup=1)
         c.diffusion.update(steps=4, batch_size=8, warmup=1)
         c.log_every = c.checkpoint_every = 2
         c.sample_every = 4
-        c.sample_prompts = ["a red circle"]
+        c.sample_prompts = ("a red circle",)
     elif variant:
-        raise ValueError(f"unknown variant {variant!r} of configs/shapes.py (use '', 'finetune' or 'tiny').")
+        raise ValueError(f"unknown variant {variant!r} of configs/shapes.py "
+                         "(use '', 'finetune', 'v2' or 'tiny').")
     return c
