@@ -2,17 +2,25 @@
 
     python bench/quality.py                          # the embedded model
     python bench/quality.py --model runs/shapes/export --num-one 50 --num-two 50
+    python bench/quality.py --model runs/shapes_v2/export --world v2
 
 Prints one JSON object (also written to ``--out``):
 
-* ``generation``: for one-object and two-object held-out prompts (full captions), per
-  guidance scale, the share of generated images whose count / shape / colour / size /
-  position / background read back right, and ``all`` (everything right). All scales are
-  one vmapped sweep per chunk of prompts; every prompt has its own noise
-  (``seed``, ``sample_offset``), so chunking does not change the images.
-* ``vae``: autoencoder round-trip PSNR (dB, uint8) on held-out world images.
-* ``evaluator_on_real``: the evaluator on those real images against their ground truth,
-  a sanity line (should be ~1.0: generation scores are only as good as the reader).
+* ``generation``: per guidance scale, the share of generated images whose count / shape /
+  colour / size / position / background read back right, and ``all`` (everything asked
+  right), for four rows of prompts:
+  ``one_object`` and ``two_object``: held-out scenes, full captions;
+  ``colour_free``: "a SHAPE on a BACKGROUND background" (every shape on every background,
+  cycled): the asked shape and background (and one object);
+  ``shape_free``: "a COLOUR object on a BACKGROUND background" (every colour allowed on
+  every background, cycled): the asked colour and background (and one object).
+  All scales are one vmapped sweep per chunk of prompts; every prompt has its own noise
+  (``seed``, ``sample_offset``; the rows run in this order), so chunking does not change
+  the images and adding rows leaves the earlier rows' images as they were.
+* ``vae``: autoencoder round-trip PSNR (dB, uint8) on held-out images of ``--world``.
+* ``evaluator_on_real``: the evaluator on those real images against their ground truth
+  (unnamed colours not scored), a sanity line (should be ~1.0: generation scores are only
+  as good as the reader).
 """
 from __future__ import annotations
 
@@ -33,6 +41,12 @@ def parse_args(argv=None):
                    "(default: the embedded shapes model)")
     p.add_argument("--num-one", type=int, default=200, help="one-object prompts (default 200)")
     p.add_argument("--num-two", type=int, default=100, help="two-object prompts (default 100)")
+    p.add_argument("--num-colour-free", type=int, default=200,
+                   help="'a square on a gray background' prompts (default 200)")
+    p.add_argument("--num-shape-free", type=int, default=200,
+                   help="'a red object on a gray background' prompts (default 200)")
+    p.add_argument("--world", default="v1", help="shapes world of the real images and of "
+                   "the evaluator: v1 (default) or v2")
     p.add_argument("--num-real", type=int, default=200,
                    help="held-out world images for VAE PSNR and the evaluator check")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 5.0, 7.5])
@@ -62,20 +76,56 @@ def generate_all(pipe, params, prompts, args):
     return np.concatenate(out, axis=1)
 
 
+def single_attribute_cases(spec, num: int, drop: str) -> list:
+    """``num`` one-object prompts that name one attribute and the background, cycled.
+
+    drop="colour": "a SHAPE on a BACKGROUND background" (targets: shape, background);
+    drop="shape": "a COLOUR object on a BACKGROUND background" (targets: colour,
+    background). Returns ``generation.PromptCase``s.
+    """
+    from jaxdiff.data.shapes import ShapeObject, caption, palette
+    from jaxdiff.eval.generation import PromptCase
+
+    if drop == "colour":
+        looks = [(ShapeObject(s, None, None, None), bg)
+                 for bg in spec.background_names for s in spec.shapes]
+    elif drop == "shape":
+        looks = [(ShapeObject(None, c, None, None), bg)
+                 for bg in spec.background_names for c in palette(spec, bg)]
+    else:
+        raise ValueError(f"drop must be 'colour' or 'shape', got {drop=}")
+    out = []
+    for k in range(num):
+        obj, bg = looks[k % len(looks)]
+        # caption() needs a whole object; the dropped attribute is never said.
+        said = ShapeObject(obj.shape or "circle", obj.colour or "red", None, None)
+        text = caption([said], bg, mention_size=False, mention_position=False,
+                       mention_colour=drop != "colour", mention_shape=drop != "shape")
+        out.append(PromptCase(text, (obj,), bg))
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
+    import dataclasses
+
     import jaxdiff
-    from jaxdiff.data.shapes import WorldSpec, held_out_examples
+    from jaxdiff.data.shapes import UNNAMED, held_out_examples, world
     from jaxdiff.eval import generation as gen
 
     pipe, params = jaxdiff.load_pipeline(args.model)
-    spec = WorldSpec(image_size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    result = {"model": args.model or "embedded", "image_size": spec.image_size,
-              "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
-              "guidance": list(args.guidance)}
+    spec = world(args.world, image_size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    result = {"model": args.model or "embedded", "world": args.world,
+              "image_size": spec.image_size, "sampler": args.sampler, "steps": args.steps,
+              "seed": args.seed, "guidance": list(args.guidance)}
 
     cases = gen.prompt_set(spec, args.num_one, args.num_two)
     groups = gen.split_by_objects(cases)
+    for name, num, drop in (("colour_free", args.num_colour_free, "colour"),
+                            ("shape_free", args.num_shape_free, "shape")):
+        extra = single_attribute_cases(spec, num, drop)
+        groups[name] = list(range(len(cases), len(cases) + len(extra)))
+        cases += extra
     t0 = time.perf_counter()
     images = generate_all(pipe, params, [c.prompt for c in cases], args)
     t1 = time.perf_counter()
@@ -99,7 +149,9 @@ def main(argv=None):
         real_images = np.stack([ex["image"] for ex in real])
         result["vae"] = {k: (round(v, 3) if isinstance(v, float) else v)
                          for k, v in gen.vae_psnr(pipe, params, real_images).items()}
-        truth = [(ex["objects"], spec.background_names[int(ex["background"])]) for ex in real]
+        truth = [([dataclasses.replace(o, colour=None) if o.colour == UNNAMED else o
+                   for o in ex["objects"]], spec.background_names[int(ex["background"])])
+                 for ex in real]
         result["evaluator_on_real"] = {k: round(v, 4)
                                        for k, v in gen.score_images(real_images, truth,
                                                                     spec).items()}

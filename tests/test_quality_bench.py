@@ -149,6 +149,38 @@ def test_vae_psnr_round_trip_in_padded_batches():
         assert out[k] == pytest.approx(20 * np.log10(255 / 2), abs=1e-9)
 
 
+def test_single_attribute_prompts_name_one_attribute_and_score_their_renders():
+    import reference as ref
+    bench = ref.load_script("bench", "quality")
+    colour_free = bench.single_attribute_cases(SPEC, 20, "colour")
+    shape_free = bench.single_attribute_cases(SPEC, 30, "shape")
+    assert colour_free[0].prompt == "a circle on a black background"
+    assert shape_free[0].prompt == "a red object on a black background"
+    assert {c.objects[0].shape for c in colour_free} == set(SPEC.shapes)
+    assert len({c.prompt for c in shape_free}) == 23  # 8 + 8 + 7 colours (no white on white)
+    for c in colour_free + shape_free:
+        objs, bg = shapes.parse_caption(c.prompt, SPEC)
+        assert (tuple(objs), bg) == (c.objects, c.background)
+    # Renders of the asked object score 1; another shape / colour scores 0 on it only.
+    def render(c, **change):
+        o = c.objects[0]
+        obj = shapes.ShapeObject(o.shape or "star", o.colour or "cyan", "big", "centre")
+        if o.colour is None:  # any colour allowed on the background
+            obj = dataclasses.replace(obj, colour=list(shapes.palette(SPEC, c.background))[3])
+        return shapes.render(SPEC, [dataclasses.replace(obj, **change)], c.background)[0]
+    cases = colour_free + shape_free
+    assert gen.score_images(np.stack([render(c) for c in cases]), cases, SPEC)["all"] == 1.0
+    wrong = np.stack([render(c, shape=_other(c.objects[0].shape, SPEC.shapes))
+                      for c in colour_free])
+    scores = gen.score_images(wrong, colour_free, SPEC)
+    assert scores["shape"] == 0.0 and scores["background"] == 1.0 and "colour" not in scores
+    wrong = np.stack([render(c, colour=_other(c.objects[0].colour,
+                                              list(shapes.palette(SPEC, c.background))))
+                      for c in shape_free])
+    scores = gen.score_images(wrong, shape_free, SPEC)
+    assert scores["colour"] == 0.0 and scores["background"] == 1.0 and "shape" not in scores
+
+
 def test_bench_runs_end_to_end_on_a_tiny_random_pipeline(tmp_path, torch):
     import reference as ref
     folder = str(tmp_path / "pipe")
@@ -157,10 +189,16 @@ def test_bench_runs_end_to_end_on_a_tiny_random_pipeline(tmp_path, torch):
     out = str(tmp_path / "q.json")
     with pytest.warns(UserWarning, match="truncated"):   # 16-token char-level tokenizer
         result = bench.main(["--model", folder, "--num-one", "3", "--num-two", "2",
+                             "--num-colour-free", "2", "--num-shape-free", "1",
                              "--num-real", "4", "--guidance", "1", "4", "--steps", "2",
-                             "--chunk", "3", "--out", out])
+                             "--chunk", "3", "--world", "v2", "--out", out])
     assert json.load(open(out)) == result
-    assert result["image_size"] == 16
+    assert result["image_size"] == 16 and result["world"] == "v2"
+    for name, n, keys in (("colour_free", 2, {"all", "count", "shape", "background"}),
+                          ("shape_free", 1, {"all", "count", "colour", "background"})):
+        block = result["generation"][name]
+        assert block["n"] == n and set(block["by_guidance"]) == {"1", "4"}
+        assert all(set(v) == keys for v in block["by_guidance"].values())
     for name, n in (("one_object", 3), ("two_object", 2)):
         block = result["generation"][name]
         assert block["n"] == n and set(block["by_guidance"]) == {"1", "4"}
