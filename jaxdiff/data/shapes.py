@@ -294,8 +294,7 @@ def caption(objects: Sequence[ShapeObject], background: Optional[str] = None, *,
     bool for all objects or one per object. ``UNNAMED`` colours are never said.
     """
     def per_object(flag):
-        return [bool(f) for f in flag] if isinstance(flag, (list, tuple, np.ndarray)) \
-            else [bool(flag)] * len(objects)
+        return np.broadcast_to(np.asarray(flag, bool), (len(objects),))
 
     def noun(o, say_colour, say_shape):
         words = [o.size] if mention_size else []
