@@ -69,7 +69,8 @@ def held_out():
 def test_accuracy_on_500_held_out_images(held_out, kind):
     acc, iou = _accuracy(held_out, SPEC, DEGRADE[kind])
     print(kind, acc, "mask IoU", iou)
-    assert min(acc.values()) >= 0.98, acc
+    # The README's "100 % on held-out world images": exact on clean renders.
+    assert min(acc.values()) >= (1.0 if kind == "clean" else 0.98), acc
     assert iou >= (0.999 if kind != "blur_noise" else 0.95)
 
 
