@@ -151,6 +151,7 @@ def step_speed(pipe, params, iters=10, torch_threads=1):
 
     from jaxdiff.training import dreambooth as db
     from jaxdiff.training import state as state_lib
+    from jaxdiff.training.optim import constant_adamw
     from jaxdiff.training.step import make_train_step
     b = 4
     rng = np.random.default_rng(0)
@@ -160,7 +161,7 @@ def step_speed(pipe, params, iters=10, torch_threads=1):
              "class_latents": lat[b:], "class_text": np.repeat(ctx[1:], b, 0),
              "prior_weight": np.ones((b,), np.float32)}
     tr = db.make_trainable(params)
-    opt = db.constant_adamw(1e-4)
+    opt = constant_adamw(1e-4)
     step = jax.jit(make_train_step(db.make_dreambooth_loss(
         pipe, tr.merge, train_text_encoder=False, prior_preservation=True), opt),
         donate_argnums=(0,))
@@ -225,17 +226,18 @@ def ti_step_speed(pipe, params, iters=10, torch_threads=1):
     torch.set_num_threads(torch_threads)
 
     import jaxdiff
+    from jaxdiff.adapters import textual_inversion as ti
     from jaxdiff.training import state as state_lib
-    from jaxdiff.training import textual_inversion as ti
-    from jaxdiff.training.dreambooth import constant_adamw
+    from jaxdiff.training.optim import constant_adamw
     from jaxdiff.training.step import make_train_step
+    from jaxdiff.training.textual_inversion import make_ti_loss
     b = 4
     tok = ti.add_tokens(pipe.tokenizer, "<s>", 1)
     ids = np.asarray(dataclasses.replace(pipe, tokenizer=tok).tokenize(["a <s>"] * b))
     lat = np.random.default_rng(0).normal(size=(b, 8, 8, 4)).astype(np.float32)
     rows0 = ti.init_embeddings(params, pipe.tokenizer, "circle", 1)
     opt = constant_adamw(5e-3)
-    step = jax.jit(make_train_step(ti.make_ti_loss(pipe, params, len(pipe.tokenizer)), opt),
+    step = jax.jit(make_train_step(make_ti_loss(pipe, params, len(pipe.tokenizer)), opt),
                    donate_argnums=(0,))
     state = state_lib.create(np.asarray(rows0), opt, ema=False)
     t = time.perf_counter()
@@ -298,7 +300,7 @@ def main(argv=None):
     from jaxdiff.data.shapes import WorldSpec
     from jaxdiff.training import class_images as class_lib
     from jaxdiff.training import dreambooth as db
-    from jaxdiff.training import ti_train
+    from jaxdiff.training import textual_inversion as ti_train
 
     spec = WorldSpec()
     work = tempfile.mkdtemp(prefix="personalize_")

@@ -8,9 +8,11 @@
     python train/dreambooth.py --config configs/dreambooth.py:tiny --workdir /tmp/smoke \
         --config.instance_dir=my_subject/
 
-Defaults suit the embedded shapes model (``model=""``). For Stable Diffusion use the
-reference settings (``--config.model=/path/to/sd15 --config.lr=5e-6 --config.steps=800
---config.num_class_images=200``, ALGORITHMS.md). Unknown keys are an error.
+Defaults suit the embedded shapes model (``model=""``). For Stable Diffusion use
+diffusers' DreamBooth example settings (``--config.model=/path/to/sd15 --config.lr=5e-6
+--config.steps=800 --config.num_class_images=200``). Unknown keys are an error. Tuple
+fields take a Python tuple, quoted for the shell:
+``--config.sample_prompts='("a sks circle", "a sks circle on the left")'``.
 """
 import ml_collections
 
@@ -45,7 +47,7 @@ def get_config(variant: str = ""):
     c.log_every = 10
     c.checkpoint_every = 100
     c.sample_every = 100            # 0 disables sample grids
-    c.sample_prompts = []           # [] = [instance_prompt, class_prompt]
+    c.sample_prompts = ()           # () = (instance_prompt, class_prompt)
 
     if variant == "lora":
         c.lora_rank = 4

@@ -9,7 +9,8 @@
 Writes ``<workdir>/export/learned_embeds.safetensors`` (diffusers'
 ``load_textual_inversion`` reads it). Defaults suit the embedded shapes model; for Stable
 Diffusion use ``--config.model=/path/to/sd15 --config.lr=5e-3 --config.steps=3000
---config.templates='["a photo of a {}", "a rendering of a {}"]'``.
+--config.templates='("a photo of a {}", "a rendering of a {}")'`` (tuple fields take a
+Python tuple, quoted for the shell).
 """
 import ml_collections
 
@@ -25,7 +26,7 @@ def get_config(variant: str = ""):
     c.placeholder_token = "<new-shape>"
     c.initializer_token = "circle"
     c.num_vectors = 1
-    c.templates = ["a {}"]          # prompt templates, "{}" = the placeholder
+    c.templates = ("a {}",)         # prompt templates, "{}" = the placeholder
 
     c.steps = 500
     c.batch_size = 4

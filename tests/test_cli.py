@@ -150,8 +150,8 @@ def test_help_lists_the_options(capsys):
 def adapter_files(loaded, tmp_path_factory):
     """A LoRA file with non-zero adapters (rank 2, alpha 4) and a Textual Inversion file."""
     import jax
-    from jaxdiff.training import lora as lora_lib
-    from jaxdiff.training import textual_inversion as ti
+    from jaxdiff.adapters import lora as lora_lib
+    from jaxdiff.adapters import textual_inversion as ti
     _, params = loaded
     lora = lora_lib.init_lora(params, 2, key=jax.random.key(0))
     lora = jax.tree.map(lambda x: x + 0.3, lora)  # up = 0.3, not 0: the adapters act
@@ -168,7 +168,7 @@ def _images(folder, n):
 
 def test_lora_scale_zero_is_the_base_model_and_scale_is_applied(
         pipe_dir, loaded, generated, adapter_files, tmp_path, monkeypatch):
-    from jaxdiff.training import lora as lora_lib
+    from jaxdiff.adapters import lora as lora_lib
     _reuse(loaded, monkeypatch)
     lora_file, _, lora = adapter_files
     base = _images(generated, 4)
@@ -194,7 +194,7 @@ def test_lora_scale_zero_is_the_base_model_and_scale_is_applied(
 
 def test_textual_inversion_token_in_prompt(pipe_dir, loaded, adapter_files, tmp_path,
                                            monkeypatch):
-    from jaxdiff.training import textual_inversion as ti
+    from jaxdiff.adapters import textual_inversion as ti
     _reuse(loaded, monkeypatch)
     _, ti_file, _ = adapter_files
     built = []
@@ -230,7 +230,7 @@ def test_textual_inversion_token_in_prompt(pipe_dir, loaded, adapter_files, tmp_
 ])
 def test_bad_adapter_file_is_one_error_line(pipe_dir, loaded, adapter_files, tmp_path, capsys,
                                             monkeypatch, flag, make, match):
-    from jaxdiff.training import textual_inversion as ti
+    from jaxdiff.adapters import textual_inversion as ti
     _reuse(loaded, monkeypatch)
     lora_file, ti_file, _ = adapter_files
     path = {"lora": lora_file, "ti": ti_file, "missing": str(tmp_path / "nope"),

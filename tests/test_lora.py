@@ -10,8 +10,9 @@ from flax import traverse_util
 
 import jaxdiff
 import reference as ref
-from jaxdiff.training import lora as lora_lib
+from jaxdiff.adapters import lora as lora_lib
 from jaxdiff.training import state as state_lib
+from jaxdiff.training.lora import make_lora_loss
 from jaxdiff.training.step import make_train_step
 
 RANK, ALPHA = 3, 6.0
@@ -154,7 +155,7 @@ def test_training_updates_only_adapters(sd):
     pipe, params = _with_micro_unet(*sd[1:])
     lora = _lora(params, random_up=False, unet_targets=lora_lib.DEFAULT_TARGETS["unet"])
     opt = optax.adam(1e-2)
-    loss_fn = lora_lib.make_lora_loss(pipe, params, lora_lib.lora_scale(ALPHA, RANK))
+    loss_fn = make_lora_loss(pipe, params, lora_lib.lora_scale(ALPHA, RANK))
     state = state_lib.create(lora, opt, ema=False)
     step = jax.jit(make_train_step(loss_fn, opt))
     batch = (jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 4)), jnp.float32),

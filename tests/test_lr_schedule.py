@@ -4,8 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdiff.training.dreambooth import constant_adamw
-from jaxdiff.training.state import adamw_with_warmup
+from jaxdiff.training.optim import adamw_with_warmup, constant_adamw
 
 
 def _first_updates(opt, n):

@@ -4,6 +4,7 @@ training: defining properties of the loss, what trains, and the entrypoints end 
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -16,12 +17,12 @@ from flax import traverse_util
 from PIL import Image
 
 import jaxdiff
+from jaxdiff.adapters import lora as lora_lib
 from jaxdiff.models import UNet2DConditionModel, UNetConfig
 from jaxdiff.pipeline import dummy_inputs
 from jaxdiff.training import class_images as class_lib
 from jaxdiff.training import dreambooth as db
-from jaxdiff.training import lora as lora_lib
-from jaxdiff.training import personalize
+from jaxdiff.training import recipes
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.step import make_train_step
 
@@ -191,7 +192,7 @@ def test_dreambooth_entrypoint_end_to_end(micro, subject, tmp_path, torch, capsy
     config.update(model=folder, instance_dir=subject, instance_prompt="sks o", class_prompt="o",
                   class_cache_dir=cache, lora_rank=2, sample_every=0, steps=1)
     work2 = str(tmp_path / "db_lora")
-    lora_file = personalize.run_dreambooth(config, work2)
+    lora_file = recipes.run_dreambooth(config, work2)
     assert "reused 2 class images" in capsys.readouterr().out
     assert lora_file == os.path.join(work2, "export", lora_lib.WEIGHT_NAME)
     assert os.listdir(os.path.join(work2, "export")) == [lora_lib.WEIGHT_NAME]
@@ -200,12 +201,12 @@ def test_dreambooth_entrypoint_end_to_end(micro, subject, tmp_path, torch, capsy
     # Bad input: one line naming the folder.
     config.instance_dir = str(tmp_path / "none")
     with pytest.raises(ValueError) as e:
-        personalize.run_dreambooth(config, str(tmp_path / "bad"))
+        recipes.run_dreambooth(config, str(tmp_path / "bad"))
     assert str(e.value) == (f"{tmp_path / 'none'}: instance image folder not found; pass the "
                             "folder that holds your subject's images.")
 
 def test_textual_inversion_entrypoint_end_to_end(micro, subject, tmp_path, torch):
-    from jaxdiff.training import textual_inversion as ti
+    from jaxdiff.adapters import textual_inversion as ti
     folder, pipe, params = micro
     work = str(tmp_path / "ti")
     r = _run("textual_inversion.py", [
@@ -237,8 +238,44 @@ def test_textual_inversion_refuses_an_existing_token(micro, subject, tmp_path):
     config = _config("textual_inversion", "tiny")
     config.update(model=folder, instance_dir=subject, placeholder_token="o")
     with pytest.raises(ValueError, match=r"placeholder token\(s\) \['o'\] already exist") as e:
-        personalize.run_textual_inversion(config, str(tmp_path / "w"))
+        recipes.run_textual_inversion(config, str(tmp_path / "w"))
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "w")
+
+
+def _readme_command(comment):
+    """The README command under ``# <comment>...`` (continuation lines joined)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# " + comment))
+    cmd = []
+    for line in lines[start + 1:]:
+        cmd.append(line.rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    return " ".join(cmd)
+
+
+def test_readme_textual_inversion_command_with_tuple_templates(micro, subject, tmp_path):
+    """The README's Textual Inversion command, tuple ``--config.templates='(...)'`` and
+    shell quoting as shown, run smoke-sized: the templates reach the run (they are the
+    prompts of its sample grid)."""
+    folder, _, _ = micro
+    cmd = _readme_command("Textual Inversion")
+    assert "--config.templates='(" in cmd, cmd
+    cmd = cmd.replace(".venv/bin/python", shlex.quote(sys.executable)).replace(
+        "configs/textual_inversion.py ", "configs/textual_inversion.py:tiny ")
+    work = str(tmp_path / "ti")
+    cmd += " " + " ".join(shlex.quote(a) for a in [
+        "--workdir", work, f"--config.model={folder}", f"--config.instance_dir={subject}",
+        "--config.initializer_token=o", "--config.steps=1", "--config.sample_every=1"])
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.isfile(os.path.join(work, "export", "learned_embeds.safetensors"))
+    grid = Image.open(os.path.join(work, "samples", "step_000001.png"))
+    assert grid.text["prompts"] == "a <ring> | a photo of a <ring>"
 
 
 def test_target_follows_the_scheduler_prediction_type(micro):

@@ -12,8 +12,9 @@ import jaxdiff
 import reference as ref
 from jaxdiff.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxdiff.training import state as state_lib
-from jaxdiff.training import textual_inversion as ti
+from jaxdiff.adapters import textual_inversion as ti
 from jaxdiff.training.step import make_train_step
+from jaxdiff.training.textual_inversion import make_ti_loss
 
 PLACEHOLDER, N = "<cat-toy>", 2
 
@@ -73,7 +74,7 @@ def test_only_new_rows_train(sd):
     rows = ti.init_embeddings(params, tok, "a", N)
     opt = optax.adam(1e-2)
     state = state_lib.create(rows, opt, ema=False)
-    step = jax.jit(make_train_step(ti.make_ti_loss(pipe, params), opt))
+    step = jax.jit(make_train_step(make_ti_loss(pipe, params), opt))
     ids = jnp.asarray(_tokenize(pipe, tok, ["a <cat-toy> x", "<cat-toy> b"]))
     batch = (jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 4)), jnp.float32), ids)
     for _ in range(3):

@@ -13,19 +13,19 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import train_problem as tp
 from jaxdiff import parallel
-from jaxdiff.training import data as data_lib
+from jaxdiff.training import batching
 
 HERE = os.path.dirname(__file__)
 
 
 def test_host_slices_partition_the_global_batch():
-    idx = data_lib.batch_indices(1000, 24, step=5, seed=1)
+    idx = batching.batch_indices(1000, 24, step=5, seed=1)
     for n in (1, 2, 3, 8):
-        parts = [data_lib.host_slice(idx, n, p) for p in range(n)]
+        parts = [batching.host_slice(idx, n, p) for p in range(n)]
         assert all(len(x) == 24 // n for x in parts)
         np.testing.assert_array_equal(np.concatenate(parts), idx)  # disjoint, in order
     with pytest.raises(ValueError, match="not divisible by the 5 processes"):
-        data_lib.host_slice(idx, 5, 0)
+        batching.host_slice(idx, 5, 0)
     # Hosts of a multi-host job each read only their rows of the same global batch.
     full = tp.global_batch(3, 8)
     halves = [tp.host_batch_fn(8, process_count=2, process_index=p)(3) for p in (0, 1)]

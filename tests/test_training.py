@@ -10,8 +10,8 @@ import pytest
 import jaxdiff
 from jaxdiff.data import WorldSpec, iterate
 from jaxdiff.data.tokenizer import build_tokenizer, load_tokenizer
-from jaxdiff.training import data as data_lib
-from jaxdiff.training import recipe, text_to_image as t2i
+from jaxdiff.training import batching
+from jaxdiff.training import recipes, text_to_image as t2i
 
 
 
@@ -23,7 +23,7 @@ def _tiny_config():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("t2i"))
-    export = recipe.train_and_evaluate(_tiny_config(), workdir)
+    export = recipes.train_and_evaluate(_tiny_config(), workdir)
     return workdir, export
 
 
@@ -58,7 +58,7 @@ def test_scaling_factor_normalises_latents(trained):
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     cfg = _tiny_config()
     tok = load_tokenizer(build_tokenizer(str(tmp_path / "tok"), model_max_length=16))
-    pipe = recipe.build_pipeline(cfg.model.to_dict(), tok)
+    pipe = recipes.build_pipeline(cfg.model.to_dict(), tok)
     params = jaxdiff.pipeline.init_params(pipe, 0)
     source = [e for e in itertools.islice(iterate(1, WorldSpec()), 32)]
     kw = dict(batch_size=8, lr=1e-3, warmup=1, log_every=1, ckpt_every=2, seed=0)
@@ -71,9 +71,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 
 def test_batches_are_a_pure_function_of_step():
-    a = data_lib.batch_indices(100, 8, 37, seed=3)
-    assert np.array_equal(a, data_lib.batch_indices(100, 8, 37, seed=3))
-    epoch = np.concatenate([data_lib.batch_indices(96, 8, s, 0) for s in range(12)])
+    a = batching.batch_indices(100, 8, 37, seed=3)
+    assert np.array_equal(a, batching.batch_indices(100, 8, 37, seed=3))
+    epoch = np.concatenate([batching.batch_indices(96, 8, s, 0) for s in range(12)])
     assert sorted(epoch.tolist()) == list(range(96))  # one epoch sees every example once
 
 
@@ -83,7 +83,7 @@ def test_init_from_fine_tunes_an_existing_pipeline(trained, tmp_path):
     cfg = _tiny_config()
     cfg.init_from, cfg.stages = export, "diffusion"
     cfg.sample_every = 0
-    out = recipe.train_and_evaluate(cfg, str(tmp_path / "ft"))
+    out = recipes.train_and_evaluate(cfg, str(tmp_path / "ft"))
     (p0, before), (p1, after) = jaxdiff.load_pipeline(export), jaxdiff.load_pipeline(out)
     assert p1.vae.config.scaling_factor == p0.vae.config.scaling_factor
     for a, b in zip(jax.tree.leaves(before["vae"]), jax.tree.leaves(after["vae"])):

@@ -45,11 +45,11 @@ def global_batch(step, batch_size, seed=0):
 
 
 def host_batch_fn(batch_size, seed=0, process_count=None, process_index=None):
-    """``step -> this process's rows`` of ``global_batch`` (via ``data.host_slice``)."""
-    from jaxdiff.training import data as data_lib
+    """``step -> this process's rows`` of ``global_batch`` (via ``batching.host_slice``)."""
+    from jaxdiff.training import batching
 
     def batch_fn(step):
-        rows = data_lib.host_slice(np.arange(batch_size), process_count, process_index)
+        rows = batching.host_slice(np.arange(batch_size), process_count, process_index)
         return {k: v[rows] for k, v in global_batch(step, batch_size, seed).items()}
 
     return batch_fn
@@ -72,8 +72,9 @@ def make_loss(unet):
 def setup(accum_steps=1, lr=1e-3, **unet_kwargs):
     """(initial TrainState, step function) for ``train_loop`` / direct calls."""
     from jaxdiff.training import state as state_lib
+    from jaxdiff.training.optim import adamw_with_warmup
     from jaxdiff.training.step import make_train_step
     unet = make_unet(**unet_kwargs)
-    opt = state_lib.adamw_with_warmup(lr, 1, 100)
+    opt = adamw_with_warmup(lr, 1, 100)
     step = make_train_step(make_loss(unet), opt, ema_decay=0.9, accum_steps=accum_steps)
     return state_lib.create(init_params(unet), opt, seed=0), step

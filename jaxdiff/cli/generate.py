@@ -10,10 +10,9 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxdiff import parallel, sampling
+from jaxdiff.adapters import apply_adapters
 from jaxdiff.data.images import make_grid, save_png
 from jaxdiff.samplers import SAMPLERS
-from jaxdiff.training import lora as lora_lib
-from jaxdiff.training import textual_inversion as ti
 from jaxdiff.weights import load_pipeline
 
 SAMPLER_NAMES = tuple(sorted(SAMPLERS))
@@ -51,46 +50,6 @@ def add_parser(sub):
                    "its placeholder token may then be used in --prompt")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     return p
-
-
-def apply_adapters(pipe, params, lora=None, lora_scale=1.0, textual_inversion=None):
-    """Merges a LoRA file and/or adds a Textual Inversion token to (pipe, params).
-
-    Returns ``(pipe, params, expand)``: ``expand(prompt)`` rewrites a prompt's
-    placeholder into its tokens (identity without ``textual_inversion``).
-    """
-    expand = lambda prompt: prompt
-    if lora:
-        adapters, alpha = _read_weights(lora_lib.load_lora, lora, "--lora")
-        scale = lora_lib.lora_scale(alpha, lora_lib.lora_rank(adapters), lora_scale)
-        try:
-            params = lora_lib.merge_lora(params, adapters, scale)
-        except ValueError as e:
-            raise ValueError(f"--lora {lora}: does not fit this model ({e})") from None
-    if textual_inversion:
-        name, rows = _read_weights(ti.load_learned_embeds, textual_inversion,
-                                   "--textual-inversion")
-        n = rows.shape[0]
-        if rows.shape[1] != ti.token_table(params).shape[1]:
-            raise ValueError(f"--textual-inversion {textual_inversion}: embeddings have "
-                             f"{rows.shape[1]} dims, this model's text encoder "
-                             f"{ti.token_table(params).shape[1]}; it was trained for another "
-                             "model.")
-        tok = ti.add_tokens(pipe.tokenizer, name, n)
-        pipe, params = ti.merge_embeddings(pipe, params, tok, rows)
-        expand = lambda prompt: ti.expand_prompt(prompt, name, n)
-    return pipe, params, expand
-
-
-def _read_weights(load, path, flag):
-    """``load(path)`` with any unreadable-file error turned into one ValueError line."""
-    try:
-        return load(path)
-    except (ValueError, FileNotFoundError):
-        raise
-    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
-        raise ValueError(f"{flag} {path}: not a readable safetensors file "
-                         f"({type(e).__name__}: {e}).") from None
 
 
 def run(args) -> int:

@@ -15,15 +15,18 @@ training split), so attribute accuracy measures compositional generalisation, no
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 from typing import NamedTuple, Sequence
 
+import jax
 import numpy as np
 
 from jaxdiff.data.shapes import (PAIRS, ShapeObject, WorldSpec, caption, palette,
                                  scene_key, split_of)
 from jaxdiff.eval.shapes_eval import ATTRIBUTES, aggregate, attribute_accuracy
+from jaxdiff.pipeline import from_uint8, to_uint8
 
 PROMPT_SEED = 20_231_123
 
@@ -127,26 +130,27 @@ def psnr(a, b, peak: float = 255.0) -> np.ndarray:
         return 10.0 * np.log10(peak * peak / mse)
 
 
+@functools.partial(jax.jit, static_argnames=("pipe",))
+def vae_roundtrip(pipe, params, images) -> jax.Array:
+    """images [B, H, W, 3] in [-1, 1] -> encode (posterior mean) -> decode, in [-1, 1]."""
+    return pipe.decode_latents(params, pipe.encode_images(params, images))
+
+
 def vae_reconstruct(pipe, params, images, batch_size: int = 50) -> np.ndarray:
     """uint8 [N, H, W, 3] -> encode (posterior mean) -> decode -> uint8 [N, H, W, 3].
 
     Runs in fixed-size jitted batches (the last one padded) so N never recompiles.
     """
-    import jax
-
-    from jaxdiff.pipeline import from_uint8, to_uint8
-
     images = np.asarray(images)
     n = len(images)
     step = max(1, min(batch_size, n))
-    roundtrip = jax.jit(lambda p, x: pipe.decode_latents(p, pipe.encode_images(p, x)))
     out = []
     for start in range(0, n, step):
         chunk = images[start:start + step]
         pad = step - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        recon = to_uint8(roundtrip(params, from_uint8(chunk)))
+        recon = to_uint8(vae_roundtrip(pipe, params, from_uint8(chunk)))
         out.append(recon[:step - pad])
     return np.concatenate(out)
 

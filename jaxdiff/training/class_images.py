@@ -19,6 +19,10 @@ from typing import Optional
 
 import jax
 import numpy as np
+from PIL import Image
+
+from jaxdiff.data.images import save_png
+from jaxdiff.sampling import generate
 
 DEFAULT_SETTINGS = dict(sampler="dpmpp_2m", steps=25, guidance_scale=5.0, seed=0)
 
@@ -63,9 +67,6 @@ def class_images(pipe, params, class_prompt: str, num_images: int, cache_dir: st
     Returns:
       ``(images uint8 [num_images, H, W, 3], folder, generated: bool)``.
     """
-    from PIL import Image
-
-    from jaxdiff.sampling import generate
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1 for prior preservation, got {num_images}.")
     settings = dict(DEFAULT_SETTINGS, **(settings or {}))
@@ -99,12 +100,11 @@ def class_images(pipe, params, class_prompt: str, num_images: int, cache_dir: st
 
 
 def _write_atomically(folder, names, images, meta):
-    from PIL import Image
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(folder))
     try:
         for name, img in zip(names, images):
-            Image.fromarray(img).save(os.path.join(tmp, name))
+            save_png(os.path.join(tmp, name), img)
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
         if os.path.isdir(folder):      # a stale entry without meta.json (killed earlier)

@@ -14,8 +14,9 @@ v-prediction, ``losses.diffusion_target``).
 
 What trains is its own pytree, merged functionally into the frozen params:
   * full fine-tuning: ``{"unet": ...}`` (plus ``"text_encoder"`` if trained);
-  * ``lora_rank > 0``: only LoRA adapters (``lora.init_lora``) on the UNet attention
-    projections (and the text encoder's, if trained), merged with scale alpha / rank.
+  * ``lora_rank > 0``: only LoRA adapters (``adapters.lora.init_lora``) on the UNet
+    attention projections (and the text encoder's, if trained), merged with scale
+    alpha / rank.
 The optimizer state therefore holds only what trains. VAE latents (posterior means) are
 computed once; with a frozen text encoder so are the two prompt embeddings.
 
@@ -31,15 +32,16 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxdiff import parallel, schedules
-from jaxdiff.pipeline import Pipeline, from_uint8
-from jaxdiff.training import lora as lora_lib
+from jaxdiff.adapters import lora as lora_lib
+from jaxdiff.pipeline import Pipeline
 from jaxdiff.training import losses
 from jaxdiff.training import state as state_lib
-from jaxdiff.training.data import host_slice
+from jaxdiff.training.batching import host_slice, stream_indices
+from jaxdiff.training.latents import encode_latents
 from jaxdiff.training.loop import train_loop
+from jaxdiff.training.optim import constant_adamw
 from jaxdiff.training.step import make_train_step
 
 
@@ -105,36 +107,6 @@ def make_dreambooth_loss(pipe: Pipeline, merge: Callable, *, train_text_encoder:
     return loss
 
 
-def constant_adamw(lr: float, warmup: int = 0, weight_decay: float = 1e-2,
-                   clip_norm: float = 1.0) -> optax.GradientTransformation:
-    """AdamW at a constant learning rate after an optional linear warm-up, with global-norm
-    clipping: diffusers' DreamBooth / Textual Inversion defaults (``lr_scheduler="constant"``,
-    ``adam_weight_decay=1e-2``, ``max_grad_norm=1``). ``warmup=0`` uses ``lr`` from step 0."""
-    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else lr
-    return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.adamw(schedule, weight_decay=weight_decay))
-
-
-def stream_indices(num_examples: int, batch: int, step: int, seed: int) -> np.ndarray:
-    """Rows ``[step * batch, (step + 1) * batch)`` of an endless stream of seeded
-    per-epoch permutations of ``num_examples`` (works for ``batch > num_examples``)."""
-    out, pos = [], step * batch
-    while len(out) < batch:
-        epoch, off = divmod(pos, num_examples)
-        perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
-        take = perm[off:off + batch - len(out)]
-        out.extend(take)
-        pos += len(take)
-    return np.asarray(out)
-
-
-def encode_latents(pipe: Pipeline, params, images, batch_size: int = 64) -> np.ndarray:
-    """uint8 images [N,H,W,3] -> scaled posterior-mean latents [N,h,w,C] (cached once)."""
-    enc = jax.jit(lambda p, x: pipe.encode_images(p, from_uint8(x)))
-    return np.concatenate([np.asarray(enc(params, images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)])
-
-
 def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
                      instance_prompt: str, steps: int, batch_size: int, lr: float,
                      class_images=None, class_prompt: str = "",
@@ -150,7 +122,7 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
       instance_images: uint8 [N, H, W, 3] subject images (``data.image_folder``).
       instance_prompt: e.g. ``"a sks circle"``.
       steps, batch_size, lr, warmup: optimisation (``batch_size`` instance rows, plus as
-        many class rows with prior preservation; ``constant_adamw``).
+        many class rows with prior preservation; ``optim.constant_adamw``).
       class_images: uint8 [M, H, W, 3] or None (no prior preservation).
       class_prompt: the class prompt, e.g. ``"a circle"``.
       prior_loss_weight: lambda (traced; 0 makes the class rows irrelevant).

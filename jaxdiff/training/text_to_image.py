@@ -1,8 +1,8 @@
 """Training a text-to-image pipeline: the autoencoder, then text encoder + UNet in latents.
 
 ``train_autoencoder`` and ``train_diffusion`` take a pipeline, its params, a random-access
-source of ``{"image", "caption"}`` examples and plain values; ``train/text_to_image.py``
-is the thin entrypoint that builds these from a config. Both stages checkpoint the full
+source of ``{"image", "caption"}`` examples and plain values; ``recipes.train_and_evaluate``
+builds these from a config for ``train/text_to_image.py``. Both stages checkpoint the full
 state with Orbax (resume is exact: the data position is the step) and log JSONL.
 """
 from __future__ import annotations
@@ -16,15 +16,12 @@ import numpy as np
 
 from jaxdiff import parallel, schedules
 from jaxdiff.pipeline import Pipeline, from_uint8
-from jaxdiff.training import data as data_lib
-from jaxdiff.training import losses
+from jaxdiff.training import batching, losses
 from jaxdiff.training import state as state_lib
+from jaxdiff.training.latents import encode_uint8
 from jaxdiff.training.loop import train_loop
+from jaxdiff.training.optim import adamw_with_warmup
 from jaxdiff.training.step import make_train_step
-
-
-# Backward-compatible name: the loop now lives in jaxdiff.training.loop.
-_loop = train_loop
 
 
 def train_autoencoder(pipe: Pipeline, params, source, workdir: str, *, steps: int,
@@ -41,7 +38,7 @@ def train_autoencoder(pipe: Pipeline, params, source, workdir: str, *, steps: in
     """
     os.makedirs(workdir, exist_ok=True)
     vae = pipe.vae
-    opt = state_lib.adamw_with_warmup(lr, warmup, steps, weight_decay=0.0)
+    opt = adamw_with_warmup(lr, warmup, steps, weight_decay=0.0)
 
     def loss_fn(p, images, rng):
         mean, logvar = vae.apply({"params": p}, images, method=type(vae).encode)
@@ -50,8 +47,8 @@ def train_autoencoder(pipe: Pipeline, params, source, workdir: str, *, steps: in
         return jnp.mean(losses.vae_loss(recon, images, mean, logvar, kl_weight))
 
     def batch_fn(s):
-        idx = data_lib.host_slice(data_lib.batch_indices(len(source), batch_size, s, seed))
-        images, _ = data_lib.read_batch(source, idx)
+        idx = batching.host_slice(batching.batch_indices(len(source), batch_size, s, seed))
+        images, _ = batching.read_batch(source, idx)
         return from_uint8(images)
 
     state = state_lib.create(params["vae"], opt, seed)
@@ -64,12 +61,11 @@ def train_autoencoder(pipe: Pipeline, params, source, workdir: str, *, steps: in
 
 def encode_dataset(pipe: Pipeline, params, source, batch_size: int = 256):
     """Caches (scaled posterior-mean latents, token ids) of every example."""
-    enc = jax.jit(lambda p, x: pipe.encode_images(p, from_uint8(x)))
     latents, ids = [], []
     for start in range(0, len(source), batch_size):
-        images, captions = data_lib.read_batch(source, range(start, min(len(source),
-                                                                   start + batch_size)))
-        latents.append(np.asarray(enc(params, images)))
+        images, captions = batching.read_batch(source, range(start, min(len(source),
+                                                                    start + batch_size)))
+        latents.append(np.asarray(encode_uint8(pipe, params, images)))
         ids.append(pipe.tokenize(captions, warn=False))
     return np.concatenate(latents), np.concatenate(ids)
 
@@ -97,7 +93,7 @@ def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,
     latents, ids = encode_dataset(pipe, params, source)
     empty = pipe.tokenize([""], warn=False)[0]
     sched = pipe.scheduler
-    opt = state_lib.adamw_with_warmup(lr, warmup, steps)
+    opt = adamw_with_warmup(lr, warmup, steps)
     trainable = {"unet": params["unet"]}
     if train_text_encoder:
         trainable["text_encoder"] = params["text_encoder"]
@@ -120,7 +116,7 @@ def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,
         return jnp.mean(per)
 
     def batch_fn(s):
-        idx = data_lib.host_slice(data_lib.batch_indices(len(latents), batch_size, s, seed))
+        idx = batching.host_slice(batching.batch_indices(len(latents), batch_size, s, seed))
         return jnp.asarray(latents[idx]), jnp.asarray(ids[idx])
 
     state = state_lib.create(trainable, opt, seed)

@@ -1,17 +1,12 @@
-"""Textual Inversion: new token embeddings as a separate trainable array.
+"""Textual Inversion training: learn the embedding rows of new placeholder token(s).
 
-The frozen token-embedding table ``[V, D]`` stays in the params pytree; the learned rows
-``new_rows [n, D]`` are their own pytree, and ``embed`` looks ids ``>= V`` up in them. The
-optimizer state therefore holds only the new rows, and every other row of the table is
-untouched by construction (diffusers' Flax script instead masked the gradient of the whole
-table and restored the other rows after each step).
-
-Tokens follow diffusers' multi-vector convention: a placeholder ``"<cat-toy>"`` learned
-with n vectors is the n added tokens ``"<cat-toy>"``, ``"<cat-toy>_1"``, ...,
-``"<cat-toy>_{n-1}"`` (ids ``V .. V+n-1``), and a prompt's placeholder is expanded to all of
-them (``expand_prompt``). Files are ``learned_embeds.safetensors`` with one tensor
-``{placeholder: [n, D]}``, as diffusers' ``textual_inversion.py`` writes and
-``StableDiffusionPipeline.load_textual_inversion`` reads.
+Builds on ``jaxdiff.adapters.textual_inversion`` (tokens, separate ``new_rows [n, D]``
+pytree, file format): the train state is created from ``new_rows`` alone, so parameters,
+gradients and the optimizer state are ``[n, D]`` and every other weight is frozen by
+construction.
+Each step draws instance latents (VAE posterior means, cached once) and, per row, one
+prompt template (``"a {}"`` -> ``"a <new-shape>"``, multi-vector placeholders expanded),
+as diffusers' ``textual_inversion.py`` does with its "a photo of a {}" templates.
 
 References:
   Gal et al., 2022, "An Image is Worth One Word: Personalizing Text-to-Image Generation
@@ -19,136 +14,40 @@ References:
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import schedules
+from jaxdiff import parallel, schedules
+from jaxdiff.adapters import textual_inversion as ti
+from jaxdiff.pipeline import Pipeline
 from jaxdiff.training import losses
-from jaxdiff.weights import files
-
-WEIGHT_NAME = "learned_embeds.safetensors"
-
-
-# ---------------------------------------------------------------------------- tokenizer
-
-def placeholder_tokens(placeholder: str, num_vectors: int = 1) -> list:
-    """``["<p>", "<p>_1", ..., "<p>_{n-1}"]``: the tokens of an n-vector placeholder."""
-    if num_vectors < 1:
-        raise ValueError(f"num_vectors must be >= 1, got {num_vectors=}.")
-    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+from jaxdiff.training import state as state_lib
+from jaxdiff.training.batching import host_slice, stream_indices
+from jaxdiff.training.latents import encode_latents
+from jaxdiff.training.loop import train_loop
+from jaxdiff.training.optim import constant_adamw
+from jaxdiff.training.sample_grids import sample_grid_callback
+from jaxdiff.training.step import make_train_step
 
 
-def add_tokens(tokenizer, placeholder: str, num_vectors: int = 1):
-    """A copy of ``tokenizer`` with the placeholder's tokens added (ids ``len(tokenizer)..``).
-
-    Args:
-      tokenizer: a transformers (CLIP) tokenizer; not modified.
-      placeholder: new word, e.g. ``"<cat-toy>"``.
-      num_vectors: number of embedding vectors (tokens) for the placeholder.
-    Returns:
-      The new tokenizer.
-    Raises:
-      ValueError: if a token already is (or tokenizes to) a single token of the vocabulary,
-        or does not survive the tokenizer's normalisation (CLIP lower-cases text).
-    """
-    names = placeholder_tokens(placeholder, num_vectors)
-    if not placeholder or any(c.isspace() for c in placeholder):
-        raise ValueError(f"placeholder must be one word without spaces, got {placeholder!r}.")
-    taken = [n for n in names if _is_existing_token(tokenizer, n)]
-    if taken:
-        raise ValueError(f"placeholder token(s) {taken} already exist in the tokenizer "
-                         "vocabulary; training them would change an existing word. Choose a "
-                         "new string such as '<my-concept>'.")
-    tok = copy.deepcopy(tokenizer)
-    tok.add_tokens(names)
-    ids = tok.convert_tokens_to_ids(names)
-    want = list(range(len(tokenizer), len(tokenizer) + num_vectors))
-    if list(ids) != want:
-        raise ValueError(f"added tokens got ids {ids}, expected {want}.")
-    for name, i in zip(names, ids):
-        if _encode(tok, name) != [i]:
-            raise ValueError(f"placeholder token {name!r} does not tokenize to itself "
-                             f"(got {_encode(tok, name)}); CLIP lower-cases prompts, so use "
-                             "lower case.")
-    return tok
+class TIResult(NamedTuple):
+    placeholder: str
+    rows: np.ndarray          # [n, D] learned embeddings
+    pipe: Pipeline            # pipeline whose tokenizer and table include the new tokens
+    params: dict              # its params (table [V + n, D])
 
 
-def expand_prompt(prompt: str, placeholder: str, num_vectors: int) -> str:
-    """Replaces ``placeholder`` by all its tokens (diffusers' ``maybe_convert_prompt``)."""
-    return prompt.replace(placeholder, " ".join(placeholder_tokens(placeholder, num_vectors)))
-
-
-def _encode(tokenizer, text):
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def _is_existing_token(tokenizer, name) -> bool:
-    ids = _encode(tokenizer, name)
-    return name in tokenizer.get_vocab() or (len(ids) == 1 and ids[0] != tokenizer.unk_token_id)
-
-
-# --------------------------------------------------------------------------- embeddings
-
-def token_table(params) -> jax.Array:
-    """The frozen token-embedding table ``[V, D]`` of pipeline params."""
-    return params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
-
-
-def init_embeddings(params, tokenizer, initializer_token: str, num_vectors: int = 1):
-    """New rows initialised to the embedding of ``initializer_token`` (as diffusers does).
-
-    Args:
-      params: pipeline params ``{"text_encoder", "unet", "vae"}``.
-      tokenizer: tokenizer in which ``initializer_token`` is looked up.
-      initializer_token: an existing word that is exactly one token (e.g. ``"star"``).
-      num_vectors: rows to create.
-    Returns:
-      ``new_rows``: float32 ``[num_vectors, D]``.
-    """
-    if num_vectors < 1:
-        raise ValueError(f"num_vectors must be >= 1, got {num_vectors=}.")
-    ids = _encode(tokenizer, initializer_token)
-    table = token_table(params)
-    if len(ids) != 1:
-        raise ValueError(f"initializer_token {initializer_token!r} is {len(ids)} tokens "
-                         f"{tokenizer.convert_ids_to_tokens(ids)}; it must be a single token.")
-    if ids[0] >= table.shape[0]:
-        raise ValueError(f"initializer_token {initializer_token!r} is itself a new token.")
-    row = jnp.asarray(table[ids[0]], jnp.float32)
-    return jnp.tile(row[None], (num_vectors, 1))
-
-
-def embed(params, new_rows, ids, vocab_size: Optional[int] = None) -> jax.Array:
-    """Token embeddings of ``ids`` with ids ``>= vocab_size`` read from ``new_rows``.
-
-    Args:
-      params: pipeline params (the frozen table ``[V, D]``).
-      new_rows: ``[n, D]`` learned rows for ids ``V .. V+n-1``.
-      ids: int ``[B, L]``.
-      vocab_size: V, the size of the tokenizer the rows were added to (default: the
-        table's row count, which is the same for Stable Diffusion checkpoints).
-    Returns:
-      ``[B, L, D]``, to pass as ``text_encoder.apply(..., embeddings=...)``.
-    """
-    table = token_table(params)
-    vocab_size = table.shape[0] if vocab_size is None else vocab_size
-    ids = jnp.asarray(ids)
-    base = jnp.take(table, jnp.minimum(ids, vocab_size - 1), axis=0)
-    extra = jnp.take(new_rows, jnp.clip(ids - vocab_size, 0, new_rows.shape[0] - 1), axis=0)
-    return jnp.where((ids >= vocab_size)[..., None], extra.astype(base.dtype), base)
-
-
-def encode_text(pipe, params, new_rows, ids, vocab_size: Optional[int] = None) -> jax.Array:
-    """``pipe.encode_text`` with the learned rows: ids ``[B, L]`` -> ``[B, L, D]``."""
-    emb = embed(params, new_rows, ids, vocab_size)
-    return pipe.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids),
-                                   embeddings=emb)
+def template_prompts(templates: Sequence[str], placeholder: str, num_vectors: int) -> list:
+    """Templates with ``{}`` -> the placeholder expanded to all its tokens."""
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(f"templates must be non-empty and each contain '{{}}', got "
+                         f"{list(templates)!r}.")
+    return [ti.expand_prompt(t.format(placeholder), placeholder, num_vectors)
+            for t in templates]
 
 
 def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Callable:
@@ -160,7 +59,7 @@ def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Calla
       vocab_size: V of the frozen table (default: its row count).
     Returns:
       ``loss(new_rows, batch, rng) -> scalar``, with ``batch = (latents [B,h,w,C],
-      ids [B,L])`` (scaled latents, ids from the tokenizer returned by ``add_tokens``).
+      ids [B,L])`` (scaled latents, ids from the tokenizer returned by ``ti.add_tokens``).
       Use with ``make_train_step`` on a state created from ``new_rows``.
     """
     sched = pipe.scheduler
@@ -170,87 +69,60 @@ def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Calla
 
     def loss(new_rows, batch, rng):
         latents, ids = batch
-        context = encode_text(pipe, frozen_params, new_rows, ids, vocab_size)
+        context = ti.encode_text(pipe, frozen_params, new_rows, ids, vocab_size)
         return jnp.mean(denoise_loss(latents, context, rng))
 
     return loss
 
 
-def merge_embeddings(pipe, params, tokenizer, new_rows):
-    """A pipeline whose vocabulary includes the learned tokens (for sampling / export).
-
-    Like diffusers' ``resize_token_embeddings``: the table becomes the first
-    ``V = len(tokenizer) - n`` rows of the old one followed by the n learned rows.
-
-    Args:
-      pipe, params: the base pipeline and its params.
-      tokenizer: the tokenizer returned by ``add_tokens``.
-      new_rows: ``[n, D]`` learned rows.
-    Returns:
-      ``(pipe, params)`` with the tokenizer, ``vocab_size = V + n`` and the table
-      ``[V + n, D]``; usable by ``jaxdiff.generate`` and ``jaxdiff.save_pipeline``.
-    """
-    table = token_table(params)
-    vocab = len(tokenizer) - new_rows.shape[0]
-    if not 0 < vocab <= table.shape[0]:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens for {new_rows.shape[0]} new "
-                         f"rows, but the table has only {table.shape[0]} rows.")
-    merged = jnp.concatenate([table[:vocab], jnp.asarray(new_rows, table.dtype)], axis=0)
-    text = params["text_encoder"]
-    emb = dict(text["text_model"]["embeddings"],
-               token_embedding=dict(text["text_model"]["embeddings"]["token_embedding"],
-                                    embedding=merged))
-    text = dict(text, text_model=dict(text["text_model"], embeddings=emb))
-    config = dataclasses.replace(pipe.text_encoder.config, vocab_size=merged.shape[0])
-    new_pipe = dataclasses.replace(pipe, tokenizer=tokenizer,
-                                   text_encoder=pipe.text_encoder.clone(config=config))
-    return new_pipe, dict(params, text_encoder=text)
-
-
-# --------------------------------------------------------------------------------- files
-
-def save_learned_embeds(path: str, placeholder: str, rows) -> str:
-    """Writes ``{placeholder: rows [n, D]}`` as diffusers' ``learned_embeds.safetensors``.
+def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: str, *,
+                            placeholder: str, initializer_token: str, num_vectors: int = 1,
+                            templates: Sequence[str] = ("a {}",), steps: int, batch_size: int,
+                            lr: float, warmup: int = 0, seed: int = 0, log_every: int = 10,
+                            ckpt_every: int = 100, sample_folder: Optional[str] = None,
+                            sample_every: int = 0, mesh=None) -> TIResult:
+    """Learns ``num_vectors`` rows for ``placeholder`` (resuming from ``workdir``).
 
     Args:
-      path: a directory (file ``<path>/learned_embeds.safetensors``) or a ``.safetensors``
-        file name.
-      placeholder: the placeholder token (the file's only key).
-      rows: ``[n, D]`` (or ``[D]``) learned embeddings.
+      pipe, params: the frozen pipeline.
+      instance_images: uint8 [N, H, W, 3] images of the concept.
+      placeholder: new token, e.g. ``"<new-shape>"`` (must not exist in the vocabulary).
+      initializer_token: existing single-token word the rows start from (e.g. ``"circle"``).
+      templates: prompt templates with ``{}`` for the placeholder.
+      steps, batch_size, lr, warmup: optimisation (``optim.constant_adamw``).
+      sample_folder, sample_every: write a grid of template generations every N steps.
     Returns:
-      The file written (atomically).
+      ``TIResult`` with the learned rows and a pipeline that knows the new tokens.
     """
-    rows = np.asarray(rows, np.float32)
-    rows = rows[None] if rows.ndim == 1 else rows
-    if rows.ndim != 2:
-        raise ValueError(f"rows must be [n, D], got shape {rows.shape}.")
-    file = _file(path, create=True)
-    from safetensors.numpy import save_file
-    save_file({placeholder: np.ascontiguousarray(rows)}, file + ".tmp",
-              metadata={"format": "pt"})
-    os.replace(file + ".tmp", file)
-    return file
+    tok = ti.add_tokens(pipe.tokenizer, placeholder, num_vectors)
+    vocab = len(pipe.tokenizer)
+    rows0 = ti.init_embeddings(params, pipe.tokenizer, initializer_token, num_vectors)
+    prompts = template_prompts(templates, placeholder, num_vectors)
+    ids = dataclasses.replace(pipe, tokenizer=tok).tokenize(prompts)
+    latents = encode_latents(pipe, params, instance_images)
+    os.makedirs(workdir, exist_ok=True)
+
+    def batch_fn(s):
+        idx = host_slice(stream_indices(len(latents), batch_size, s, seed))
+        which = host_slice(stream_indices(len(ids), batch_size, s, seed + 1))
+        return latents[idx], ids[which]
+
+    sample_pipe, _ = ti.merge_embeddings(pipe, params, tok, rows0)
+    on_sample = None
+    if sample_folder and sample_every:
+        grid = sample_grid_callback(sample_pipe, prompts, sample_folder)
+        on_sample = lambda st, s: grid(ti.merge_embeddings(pipe, params, tok, st.params)[1], s)
+    opt = constant_adamw(lr, warmup)
+    state = state_lib.create(rows0, opt, seed, ema=False)
+    state = train_loop(make_train_step(make_ti_loss(pipe, params, vocab), opt), state,
+                       batch_fn, steps, workdir, log_every=log_every, ckpt_every=ckpt_every,
+                       desc="textual_inversion", on_sample=on_sample,
+                       sample_every=sample_every, mesh=mesh)
+    rows = np.asarray(parallel.gather(state.params))
+    _, merged = ti.merge_embeddings(pipe, params, tok, rows)
+    return TIResult(placeholder, rows, sample_pipe, merged)
 
 
-def load_learned_embeds(path: str) -> Tuple[str, jax.Array]:
-    """Reads a diffusers Textual Inversion safetensors file.
-
-    Returns:
-      ``(placeholder, rows [n, D])``.
-    """
-    file = _file(path, create=False)
-    if not file.endswith(".safetensors"):
-        raise ValueError(f"{file}: only safetensors embeddings are read (pickle files can run "
-                         "code); convert it to safetensors first.")
-    from safetensors.numpy import load_file
-    state = load_file(file)
-    if len(state) != 1:
-        raise ValueError(f"{file}: expected one tensor {{placeholder: [n, D]}}, found keys "
-                         f"{sorted(state)}.")
-    (name, rows), = state.items()
-    rows = rows[None] if rows.ndim == 1 else rows
-    return name, jnp.asarray(rows, jnp.float32)
-
-
-def _file(path: str, create: bool) -> str:
-    return files.weight_file(path, WEIGHT_NAME, create, "embeddings")
+def save(result: TIResult, path: str) -> str:
+    """Writes ``learned_embeds.safetensors`` (``path``: a directory or a file name)."""
+    return ti.save_learned_embeds(path, result.placeholder, result.rows)

@@ -1,4 +1,5 @@
-"""Deterministic batching from random-access sources (``tfds.data_source`` or lists).
+"""Deterministic batching: which examples each train step reads, and reading them from
+random-access sources (``tfds.data_source`` or lists).
 
 The batch of step ``s`` is a pure function of (seed, s), so the data position of a
 checkpoint is just its step, and resuming reproduces the exact stream. On multi-host
@@ -18,6 +19,20 @@ def batch_indices(num_examples: int, global_batch: int, step: int, seed: int) ->
     epoch, pos = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
     return perm[pos * global_batch:(pos + 1) * global_batch]
+
+
+def stream_indices(num_examples: int, batch: int, step: int, seed: int) -> np.ndarray:
+    """Rows ``[step * batch, (step + 1) * batch)`` of an endless stream of seeded
+    per-epoch permutations of ``num_examples`` (works for ``batch > num_examples``, as the
+    few images of DreamBooth and Textual Inversion need)."""
+    out, pos = [], step * batch
+    while len(out) < batch:
+        epoch, off = divmod(pos, num_examples)
+        perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+        take = perm[off:off + batch - len(out)]
+        out.extend(take)
+        pos += len(take)
+    return np.asarray(out)
 
 
 def host_slice(indices: np.ndarray, process_count: Optional[int] = None,

@@ -1,0 +1,56 @@
+"""Applying adapter files to a loaded pipeline: a LoRA merged into the params, a Textual
+Inversion placeholder added to the tokenizer and the token table."""
+from __future__ import annotations
+
+from jaxdiff.adapters import lora as lora_lib
+from jaxdiff.adapters import textual_inversion as ti
+
+
+def apply_adapters(pipe, params, lora=None, lora_scale=1.0, textual_inversion=None):
+    """Merges a LoRA file and/or adds a Textual Inversion token to (pipe, params).
+
+    Args:
+      pipe, params: the loaded pipeline.
+      lora: a LoRA safetensors file (or a folder holding one), or None.
+      lora_scale: strength, multiplied by the file's alpha / rank (0 = no effect).
+      textual_inversion: a ``learned_embeds.safetensors`` file (or folder), or None.
+    Returns:
+      ``(pipe, params, expand)``: ``expand(prompt)`` rewrites a prompt's placeholder into
+      its tokens (identity without ``textual_inversion``).
+    Raises:
+      ValueError: one line naming the file (and its ``jaxdiff generate`` flag) when it
+        cannot be read or does not fit the model.
+    """
+    expand = lambda prompt: prompt
+    if lora:
+        adapters, alpha = read_weights(lora_lib.load_lora, lora, "--lora")
+        scale = lora_lib.lora_scale(alpha, lora_lib.lora_rank(adapters), lora_scale)
+        try:
+            params = lora_lib.merge_lora(params, adapters, scale)
+        except ValueError as e:
+            raise ValueError(f"--lora {lora}: does not fit this model ({e})") from None
+    if textual_inversion:
+        name, rows = read_weights(ti.load_learned_embeds, textual_inversion,
+                                  "--textual-inversion")
+        n = rows.shape[0]
+        if rows.shape[1] != ti.token_table(params).shape[1]:
+            raise ValueError(f"--textual-inversion {textual_inversion}: embeddings have "
+                             f"{rows.shape[1]} dims, this model's text encoder "
+                             f"{ti.token_table(params).shape[1]}; it was trained for another "
+                             "model.")
+        tok = ti.add_tokens(pipe.tokenizer, name, n)
+        pipe, params = ti.merge_embeddings(pipe, params, tok, rows)
+        expand = lambda prompt: ti.expand_prompt(prompt, name, n)
+    return pipe, params, expand
+
+
+def read_weights(load, path, flag):
+    """``load(path)`` with any unreadable-file error turned into one ValueError line
+    naming ``flag`` and ``path``."""
+    try:
+        return load(path)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
+        raise ValueError(f"{flag} {path}: not a readable safetensors file "
+                         f"({type(e).__name__}: {e}).") from None

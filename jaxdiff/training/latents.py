@@ -1,0 +1,48 @@
+"""VAE latents for training: the cached latents of a dataset and the latent scaling factor.
+
+Training steps run in latent space on latents computed once (posterior means, as
+diffusers' scripts do when they cache); the compiled encoders are module-level jitted
+functions keyed by the (hashable) pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+
+from jaxdiff.models.vae import AutoencoderKL
+from jaxdiff.pipeline import Pipeline, from_uint8
+
+
+@functools.partial(jax.jit, static_argnames=("pipe",))
+def encode_uint8(pipe: Pipeline, params, images) -> jax.Array:
+    """uint8 images [B,H,W,3] -> scaled posterior-mean latents [B,h,w,C]."""
+    return pipe.encode_images(params, from_uint8(images))
+
+
+@functools.partial(jax.jit, static_argnames=("pipe",))
+def posterior_mean(pipe: Pipeline, vae_params, images) -> jax.Array:
+    """images [B,H,W,3] in [-1, 1] -> unscaled posterior means [B,h,w,C]."""
+    mean, _ = pipe.vae.apply({"params": vae_params}, images, method=AutoencoderKL.encode)
+    return mean
+
+
+def encode_latents(pipe: Pipeline, params, images, batch_size: int = 64) -> np.ndarray:
+    """uint8 images [N,H,W,3] -> scaled posterior-mean latents [N,h,w,C] (cached once)."""
+    return np.concatenate([np.asarray(encode_uint8(pipe, params, images[i:i + batch_size]))
+                           for i in range(0, len(images), batch_size)])
+
+
+def latent_scaling_factor(pipe: Pipeline, params, images) -> float:
+    """1 / std of the posterior-mean latents of uint8 ``images`` [N,H,W,3] (unit-variance
+    latents, as Stable Diffusion chose its factor)."""
+    mean = posterior_mean(pipe, params["vae"], from_uint8(images))
+    return float(1.0 / np.std(np.asarray(mean)))
+
+
+def with_scaling_factor(pipe: Pipeline, factor: float) -> Pipeline:
+    """``pipe`` whose VAE config has ``scaling_factor = round(factor, 5)``."""
+    cfg = dataclasses.replace(pipe.vae.config, scaling_factor=round(factor, 5))
+    return dataclasses.replace(pipe, vae=pipe.vae.clone(config=cfg))

@@ -1,0 +1,197 @@
+"""Config -> run: the recipes behind ``train/*.py``, and their shared command-line main.
+
+* ``train_and_evaluate``: ``configs/shapes.py`` -> a text-to-image pipeline trained from
+  scratch (or fine-tuned): TFDS data, tokenizer, autoencoder, latent scaling factor, text
+  encoder + UNet, diffusers-layout export (``text_to_image.py`` holds the two stages).
+* ``run_dreambooth``: ``configs/dreambooth.py`` -> a fine-tuned pipeline or a LoRA file
+  (``dreambooth.py``).
+* ``run_textual_inversion``: ``configs/textual_inversion.py`` ->
+  ``learned_embeds.safetensors`` (``textual_inversion.py``).
+* ``run_training_main(recipe)``: ``--config`` / ``--workdir`` flags, multi-host start-up,
+  one-line errors; each ``train/*.py`` is this call.
+
+The algorithms take plain values; only this module reads configs. Every recipe resumes
+from its Orbax checkpoints, so re-running the same command after a kill continues where it
+stopped.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxdiff import parallel
+from jaxdiff.adapters.lora import save_lora
+from jaxdiff.data import tfds_shapes
+from jaxdiff.data.image_folder import load_image_folder
+from jaxdiff.data.tokenizer import build_tokenizer, load_tokenizer
+from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
+                            UNetConfig, VAEConfig)
+from jaxdiff.pipeline import Pipeline, init_params
+from jaxdiff.schedules import SchedulerConfig
+from jaxdiff.training import class_images as class_lib
+from jaxdiff.training import dreambooth, text_to_image, textual_inversion
+from jaxdiff.training.batching import read_batch
+from jaxdiff.training.latents import latent_scaling_factor, with_scaling_factor
+from jaxdiff.training.sample_grids import sample_grid_callback
+from jaxdiff.weights import load_pipeline, save_pipeline
+
+CONFIG_HELP = (
+    "Python config file, FILE or FILE:variant (e.g. :tiny, smoke-sized). Override any "
+    "field with --config.FIELD=VALUE (unknown fields are an error). Tuple fields take "
+    "a Python tuple or list, quoted for the shell: "
+    "--config.templates='(\"a {} square\", \"a photo of a {}\")'; a single string becomes "
+    "a one-element tuple.")
+
+
+# ------------------------------------------------------------------------- text-to-image
+
+def build_pipeline(model_cfg, tokenizer) -> Pipeline:
+    """A pipeline of jaxdiff modules from upstream-named config dicts."""
+    text = dict(model_cfg["text_encoder"], vocab_size=len(tokenizer))
+    return Pipeline(
+        unet=UNet2DConditionModel(UNetConfig.from_dict(dict(model_cfg["unet"]), "config.unet")),
+        vae=AutoencoderKL(VAEConfig.from_dict(dict(model_cfg["vae"]), "config.vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(text, "config.text_encoder")),
+        tokenizer=tokenizer,
+        scheduler=SchedulerConfig.from_dict(dict(model_cfg["scheduler"])),
+        scheduler_class="DDIMScheduler")
+
+
+def train_and_evaluate(config, workdir: str) -> str:
+    """Runs the stages of a ``configs/shapes.py`` config; returns the export directory."""
+    os.makedirs(workdir, exist_ok=True)
+    data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+    builder = tfds_shapes.prepare(data_dir, tfds_shapes.ShapesConfig(
+        name=f"px{config.data.image_size}_n{config.data.num_train}",
+        image_size=config.data.image_size, num_train=config.data.num_train,
+        num_test=config.data.num_test, seed=config.seed,
+        p_two_objects=config.data.p_two_objects, world=config.data.get("world", "v1")))
+    source = builder.as_data_source()["train"]
+    if config.init_from:
+        # Fine-tune an existing pipeline: its modules, tokenizer, latent scaling factor and
+        # weights replace config.model (which is then ignored).
+        pipe, params = load_pipeline(None if config.init_from == "embedded"
+                                     else config.init_from)
+    else:
+        tok_dir = build_tokenizer(os.path.join(workdir, "tokenizer"),
+                                  model_max_length=config.model.tokenizer_max_length)
+        pipe = build_pipeline(config.model.to_dict(), load_tokenizer(tok_dir))
+        params = init_params(pipe, config.seed)
+    stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+    unknown = set(stages) - {"autoencoder", "diffusion"}
+    if unknown:
+        raise ValueError(f"config.stages: unknown stage(s) {sorted(unknown)}; use "
+                         "'autoencoder' and/or 'diffusion'.")
+    common = dict(log_every=config.log_every, ckpt_every=config.checkpoint_every,
+                  seed=config.seed, mesh=parallel.make_mesh(fsdp=config.mesh.fsdp),
+                  rules=[tuple(r) for r in config.mesh.rules],
+                  fsdp_min_size=config.mesh.fsdp_min_size)
+    if "autoencoder" in stages:
+        params = text_to_image.train_autoencoder(
+            pipe, params, source, os.path.join(workdir, "autoencoder"),
+            **config.autoencoder.to_dict(), **common)
+        images, _ = read_batch(source, range(min(1024, len(source))))
+        pipe = with_scaling_factor(pipe, latent_scaling_factor(pipe, params, images))
+    if "diffusion" in stages:
+        grid = sample_grid_callback(pipe, list(config.sample_prompts),
+                                    os.path.join(workdir, "samples"), per_prompt=1,
+                                    columns=len(config.sample_prompts))
+        params = text_to_image.train_diffusion(
+            pipe, params, source, os.path.join(workdir, "diffusion"),
+            **config.diffusion.to_dict(), **common, on_sample=grid,
+            sample_every=config.sample_every)
+    export = config.export_dir or os.path.join(workdir, "export")
+    save_pipeline(pipe, params, export)
+    return export
+
+
+# ----------------------------------------------------------------------- personalization
+
+def instance_images(config, pipe: Pipeline):
+    """The subject images of ``config.instance_dir`` at the model's size, uint8 [N,H,W,3]."""
+    if not config.instance_dir:
+        raise ValueError("config.instance_dir is empty; pass --config.instance_dir=FOLDER "
+                         "(a folder of 3-10 images of your subject).")
+    images, _ = load_image_folder(config.instance_dir, (pipe.image_size, pipe.image_size),
+                                  fit=config.fit)
+    return images
+
+
+def run_dreambooth(config, workdir: str) -> str:
+    """DreamBooth from a ``configs/dreambooth.py`` config; returns what was exported (a
+    diffusers pipeline directory, or the LoRA safetensors file in LoRA mode)."""
+    pipe, params = load_pipeline(config.model or None)
+    instances = instance_images(config, pipe)
+    classes = None
+    if config.prior_preservation:
+        cache = config.class_cache_dir or class_lib.default_cache_dir()
+        classes, folder, generated = class_lib.class_images(
+            pipe, params, config.class_prompt, config.num_class_images, cache,
+            settings=config.class_sampling.to_dict())
+        print(f"{'generated' if generated else 'reused'} {len(classes)} class images in "
+              f"{folder}")
+    grid = None
+    if config.sample_every:
+        prompts = list(config.sample_prompts) or [config.instance_prompt, config.class_prompt]
+        grid = sample_grid_callback(pipe, prompts, os.path.join(workdir, "samples"))
+    params, lora = dreambooth.train_dreambooth(
+        pipe, params, instances, workdir, instance_prompt=config.instance_prompt,
+        class_images=classes, class_prompt=config.class_prompt,
+        prior_loss_weight=config.prior_loss_weight, steps=config.steps,
+        batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
+        train_text_encoder=config.train_text_encoder, lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha or None, seed=config.seed, log_every=config.log_every,
+        ckpt_every=config.checkpoint_every, on_sample=grid,
+        sample_every=config.sample_every)
+    export = config.export_dir or os.path.join(workdir, "export")
+    if lora is not None:
+        return save_lora(lora, export, alpha=config.lora_alpha or None)
+    save_pipeline(pipe, params, export)
+    return export
+
+
+def run_textual_inversion(config, workdir: str) -> str:
+    """Textual Inversion from a ``configs/textual_inversion.py`` config; returns the
+    ``learned_embeds.safetensors`` file written."""
+    pipe, params = load_pipeline(config.model or None)
+    instances = instance_images(config, pipe)
+    result = textual_inversion.train_textual_inversion(
+        pipe, params, instances, workdir, placeholder=config.placeholder_token,
+        initializer_token=config.initializer_token, num_vectors=config.num_vectors,
+        templates=list(config.templates), steps=config.steps, batch_size=config.batch_size,
+        lr=config.lr, warmup=config.warmup, seed=config.seed, log_every=config.log_every,
+        ckpt_every=config.checkpoint_every,
+        sample_folder=os.path.join(workdir, "samples"), sample_every=config.sample_every)
+    export = config.export_dir or os.path.join(workdir, "export")
+    return textual_inversion.save(result, export)
+
+
+# -------------------------------------------------------------------------- command line
+
+def run_training_main(recipe: Callable[[object, str], str]) -> None:
+    """The body of every ``train/*.py``: parse ``--config FILE[:variant]`` (with
+    ``--config.x=y`` overrides) and ``--workdir``, start ``jax.distributed`` when the
+    environment asks for it, run ``recipe(config, workdir)`` and print the export it
+    returns. Bad input (ValueError / FileNotFoundError raised by the recipe) exits with a
+    one-line ``error: ...`` message."""
+    config = config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "Checkpoints, logs, samples and export.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    for name in ("config", "workdir"):  # list them in the entrypoint's own --help
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+
+    def main(argv):
+        del argv
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+        parallel.maybe_initialize_distributed()
+        try:
+            export = recipe(config.value, workdir.value)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+        print(f"exported {export}")
+
+    app.run(main)
