@@ -15,9 +15,9 @@ PKG = os.path.join(ROOT, "jaxdiff")
 LAYERS = (
     ("jaxdiff.cli", 4), ("jaxdiff.sampling", 3), ("jaxdiff.editing", 3),
     ("jaxdiff.training", 3), ("jaxdiff.eval", 3), ("jaxdiff.adapters", 2),
-    ("jaxdiff.pipeline", 1), ("jaxdiff.guidance", 1), ("jaxdiff.models", 0),
-    ("jaxdiff.schedules", 0), ("jaxdiff.samplers", 0), ("jaxdiff.parallel", 0),
-    ("jaxdiff.weights", 0), ("jaxdiff.data", 0),
+    ("jaxdiff.pipeline", 1), ("jaxdiff.guidance", 1), ("jaxdiff.weights", 1),
+    ("jaxdiff.models", 0), ("jaxdiff.schedules", 0), ("jaxdiff.samplers", 0),
+    ("jaxdiff.parallel", 0), ("jaxdiff.data", 0),
 )
 
 

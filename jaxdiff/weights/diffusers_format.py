@@ -12,11 +12,13 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+from transformers import CLIPTokenizer
 
 from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
                             UNetConfig, VAEConfig)
 from jaxdiff.models.config import read_json
 from jaxdiff.pipeline import Pipeline, dummy_inputs
+from jaxdiff.schedules import SchedulerConfig
 from jaxdiff.weights import convert, files
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "shapes")
@@ -68,9 +70,6 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
     Returns:
       ``(pipe, params)`` with params ``{"text_encoder", "unet", "vae"}``.
     """
-    from transformers import CLIPTokenizer
-    from jaxdiff.schedules import SchedulerConfig
-
     path = DEFAULT_MODEL if path is None else path
     index_path = os.path.join(path, "model_index.json")
     if not os.path.exists(index_path):
