@@ -1,8 +1,8 @@
 """Textual Inversion: learn new token embedding(s) for a concept.
 
-    python train/textual_inversion.py --config configs/textual_inversion.py --workdir runs/ti \
-        --config.instance_dir=my_concept/ --config.placeholder_token="<new-shape>" \
-        --config.initializer_token=circle
+    python train/textual_inversion.py --config configs/textual_inversion.py \
+        --workdir runs/ti_shape --config.instance_dir=my_concept/ \
+        --config.placeholder_token="<new-shape>" --config.initializer_token=circle
     python train/textual_inversion.py --config configs/textual_inversion.py:tiny \
         --workdir /tmp/smoke --config.instance_dir=my_concept/
 

@@ -1,0 +1,170 @@
+"""Every command line that README.md and the config docstrings show runs, smoke-sized.
+
+The commands are read from the documents themselves (README ``bash`` blocks, the
+``python ...`` lines of ``configs/*.py`` docstrings), so a renamed flag or file breaks this
+test. Each runs in bash from a scratch folder that looks like the repository root
+(``.venv``, ``train/``, ``edit/``, ``configs/`` linked in; ``photo.png``, ``mask.png``,
+``jobs.jsonl``, ``my_subject/``, ``my_concept/`` made from the shapes world), with the
+venv's ``bin`` first on PATH (``python`` in a docstring means the activated venv).
+Commands run in document order, so later ones use what earlier ones wrote
+(``runs/db/export`` ...). What is changed, and only this:
+
+* smoke-size flags are appended (steps, data size, batch; argparse and ml_collections
+  take the last value), and ``--height 512 --width 512`` of the Stable Diffusion example
+  becomes 32 px on a tiny random SD pipeline standing in for ``/path/to/...``;
+* ``/tmp/smoke`` becomes a folder of its own inside the scratch folder;
+* the command under "on a machine with 8 devices" gets 8 forced host devices;
+* ``make demo`` runs as the Makefile's demo recipe line (smoke-sized); ``make test`` is
+  this suite itself and is not started again from inside it.
+"""
+import ast
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdiff.data.shapes import WorldSpec, held_out_examples
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SMOKE = {  # script -> flags appended to every command that runs it
+    "jaxdiff generate": "--steps 2",
+    "edit/": "--steps 2",
+    "train/dreambooth.py": ("--config.steps=2 --config.batch_size=2 --config.num_class_images=2"
+                            " --config.class_sampling.steps=2 --config.sample_every=0"
+                            " --config.checkpoint_every=2 --config.class_cache_dir=class_cache"),
+    "train/textual_inversion.py": ("--config.steps=2 --config.batch_size=2"
+                                   " --config.sample_every=0 --config.checkpoint_every=2"),
+    "train/text_to_image.py": ("--config.data.num_train=64 --config.data.num_test=16"
+                               " --config.autoencoder.steps=2 --config.diffusion.steps=2"
+                               " --config.autoencoder.batch_size=16"
+                               " --config.diffusion.batch_size=16 --config.sample_every=0"
+                               " --config.checkpoint_every=2"),
+}
+
+
+def _join(lines):
+    out, cur = [], ""
+    for line in lines:
+        line = line.rstrip()
+        cur += line[:-1] + " " if line.endswith("\\") else line
+        if not line.endswith("\\"):
+            if cur.strip():
+                out.append(" ".join(cur.split()))
+            cur = ""
+    return out
+
+
+def readme_commands():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        eight = "8 devices" in block
+        for cmd in _join(l for l in block.splitlines() if not l.lstrip().startswith("#")):
+            out.append((cmd, eight))
+    return out
+
+
+def docstring_commands():
+    out = []
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        if name.endswith(".py"):
+            doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, "configs", name)).read()))
+            out += [(c, False) for c in _join((doc or "").splitlines())
+                    if c.startswith("python ")]
+    return out
+
+
+def _program(cmd):
+    if cmd.startswith("make "):
+        return cmd
+    words = shlex.split(cmd, comments=True)
+    if os.path.basename(words[0]) == "jaxdiff":
+        return "jaxdiff " + words[1]
+    return next((w for w in words[1:2] if w.startswith(("train/", "edit/"))), words[0])
+
+
+def _smoke(cmd, eight, tmp, tiny_sd):
+    program = _program(cmd)
+    if cmd == "make demo":  # its recipe line, as the Makefile runs it
+        recipe = _join(open(os.path.join(ROOT, "Makefile")).read().split("demo: install\n")[1]
+                       .split("\n\n")[0].splitlines())[0]
+        cmd = recipe.replace("$(PY)", ".venv/bin/python")
+        program = "jaxdiff generate"
+    cmd = re.sub(r"\s#\s[^'\"]*$", "", cmd)  # a trailing "# comment"
+    # Each /tmp/smoke command gets its own workdir (they train different models).
+    cmd = cmd.replace("/tmp/smoke", os.path.join(tmp, f"smoke_{zlib.crc32(cmd.encode())}"))
+    if "/path/to/stable-diffusion-v1-5" in cmd:
+        cmd = cmd.replace("/path/to/stable-diffusion-v1-5", tiny_sd) + " --height 32 --width 32"
+    flags = next((f for key, f in SMOKE.items() if program.startswith(key)), "")
+    env = "XLA_FLAGS=\"$XLA_FLAGS --xla_force_host_platform_device_count=8\" " if eight else ""
+    return program, f"{env}{cmd} {flags}"
+
+
+def _scratch(tmp):
+    for name in ("train", "edit", "configs"):
+        os.symlink(os.path.join(ROOT, name), os.path.join(tmp, name))
+    os.symlink(sys.prefix, os.path.join(tmp, ".venv"))
+    for d in ("jaxdiff/assets/shapes/unet", "jaxdiff/assets/shapes/text_encoder"):
+        os.makedirs(os.path.join(tmp, d))  # `cp ... jaxdiff/assets/...` writes here, not the repo
+    examples = held_out_examples(WorldSpec(), 6, num_objects=1)
+    Image.fromarray(examples[0]["image"]).save(os.path.join(tmp, "photo.png"))
+    Image.fromarray(examples[0]["masks"][0].astype(np.uint8) * 255).save(
+        os.path.join(tmp, "mask.png"))
+    with open(os.path.join(tmp, "jobs.jsonl"), "w") as f:
+        f.write(json.dumps({"image": "photo.png", "source_prompt": "a red circle",
+                            "target_prompt": "a blue circle", "blend_words": ["red", "blue"]})
+                + "\n")
+    for folder, exs in (("my_subject", examples[1:4]), ("my_concept", examples[3:6])):
+        os.makedirs(os.path.join(tmp, folder))
+        for k, ex in enumerate(exs):
+            Image.fromarray(ex["image"]).save(os.path.join(tmp, folder, f"{k}.png"))
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory, tiny_pipe_dir):
+    tmp = str(tmp_path_factory.mktemp("readme_root"))
+    _scratch(tmp)
+    return tmp, tiny_pipe_dir
+
+
+def _unique(commands):
+    seen, out = set(), []
+    for cmd, eight in commands:
+        key = cmd.replace(".venv/bin/python ", "python ")
+        if key not in seen and cmd != "make test":
+            seen.add(key)
+            out.append((cmd, eight))
+    return out
+
+
+COMMANDS = _unique(readme_commands() + docstring_commands())
+
+
+def test_the_documents_show_commands():
+    """The parsers find what the documents show (guards against a silent empty list)."""
+    programs = {_program(c) for c, _ in COMMANDS}
+    for p in ("make demo", "jaxdiff generate", "edit/p2p.py", "edit/sdedit.py",
+              "edit/diffedit.py", "edit/blended.py", "edit/repaint.py", "edit/ilvr.py",
+              "train/dreambooth.py", "train/textual_inversion.py", "train/text_to_image.py"):
+        assert p in programs, p
+    assert any(eight for _, eight in COMMANDS)
+
+
+@pytest.mark.parametrize("cmd,eight", COMMANDS, ids=[c[:70] for c, _ in COMMANDS])
+def test_command_runs(scratch, cmd, eight):
+    tmp, tiny_sd = scratch
+    _, line = _smoke(cmd, eight, tmp, tiny_sd)
+    env = dict(os.environ, PATH=os.path.join(sys.prefix, "bin") + os.pathsep
+               + os.environ["PATH"])
+    out = subprocess.run(["bash", "-c", line], cwd=tmp, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, f"{line}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
