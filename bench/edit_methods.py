@@ -83,7 +83,7 @@ def main():
     args = ap.parse_args()
 
     pipe, params = jaxdiff.load_pipeline(args.model)
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = pipe.image_size
     spec = WorldSpec(image_size=side)
     ex = held_out_examples(spec, args.num, num_objects=1)
     images = np.stack([e["image"] for e in ex])

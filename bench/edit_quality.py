@@ -19,9 +19,10 @@ import numpy as np
 
 import jaxdiff
 from jaxdiff.data import WorldSpec, held_out_examples
-from jaxdiff.editing import inversion as inv
+from jaxdiff.editing import batch_inputs, inversion as inv
 from jaxdiff.eval.generation import psnr
 from jaxdiff.pipeline import from_uint8, to_uint8
+from jaxdiff.samplers.ddim import ddim_tables
 
 
 def main():
@@ -33,12 +34,12 @@ def main():
     args = ap.parse_args()
 
     pipe, params = jaxdiff.load_pipeline(args.model)
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = pipe.image_size
     ex = held_out_examples(WorldSpec(image_size=side), args.num)
     images = np.stack([e["image"] for e in ex])
     pt, g, s = pipe.scheduler.prediction_type, args.guidance, args.steps
-    tab = inv.ddim_tables(pipe.scheduler, s)
-    den = lambda x, t, c: pipe.unet.apply({"params": params["unet"]}, x, t, c)
+    tab = ddim_tables(pipe.scheduler, s)
+    den = batch_inputs.unet_denoiser(pipe, params)
 
     @jax.jit
     def run(images, ids, empty_ids):

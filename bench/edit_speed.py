@@ -59,7 +59,7 @@ def main():
     sample.build_pipeline("tiny", folder)
     tpipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     pipe, params = jaxdiff.load_pipeline(folder)
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = pipe.image_size
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, side, side, 3), dtype=np.uint8)
     settings = pp.P2PSettings(inversion="null_text", steps=args.steps, guidance=args.guidance)

@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxdiff.editing import io
+from jaxdiff.cli import edit_args, edit_runner
+from jaxdiff.data.images import InputError
+from jaxdiff.editing import diffedit
+from jaxdiff.pipeline import from_uint8
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edit/diffedit.py", description=__doc__.splitlines()[0])
-    io.add_common_args(p, steps=50, guidance=7.5, mask="optional")
+    edit_args.add_common_args(p, steps=50, guidance=7.5, mask="optional")
     p.add_argument("--strength", type=float, default=0.8,
                    help="inversion depth: fraction of the steps inverted (default 0.8)")
     p.add_argument("--mask-strength", type=float, default=0.5,
@@ -32,29 +35,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from jaxdiff.editing import diffedit, runner
     for name in ("strength", "mask_strength"):
         if not 0.0 <= getattr(args, name) <= 1.0:
-            raise io.InputError(f"--{name.replace('_', '-')} must be in [0, 1], got "
-                                f"{getattr(args, name)}.")
+            raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got "
+                             f"{getattr(args, name)}.")
     if args.num_maps < 1 or args.threshold_ratio <= 0:
-        raise io.InputError("--num-maps must be >= 1 and --threshold-ratio > 0.")
+        raise InputError("--num-maps must be >= 1 and --threshold-ratio > 0.")
 
-    def edit(pipe, params, images, masks, given, sources, targets, seed):
-        return diffedit.diffedit(pipe, params, images, sources, targets, masks=masks,
-                                 mask_given=given, strength=args.strength,
-                                 mask_strength=args.mask_strength, num_maps=args.num_maps,
-                                 threshold_ratio=args.threshold_ratio, steps=args.steps,
-                                 guidance_scale=args.guidance, seed=seed)
+    def edit(pipe, params, chunk):
+        return diffedit.diffedit(pipe, params, from_uint8(chunk.images), chunk.sources,
+                                 chunk.targets, masks=chunk.masks, mask_given=chunk.mask_given,
+                                 strength=args.strength, mask_strength=args.mask_strength,
+                                 num_maps=args.num_maps, threshold_ratio=args.threshold_ratio,
+                                 steps=args.steps, guidance_scale=args.guidance, seed=chunk.seed)
 
-    return runner.run_edits(args, edit, method="diffedit", mask="optional",
-                            need=("source_prompt", "target_prompt"), settings=dict(
-                                strength=args.strength, mask_strength=args.mask_strength,
-                                num_maps=args.num_maps, threshold_ratio=args.threshold_ratio))
+    record = edit_runner.method_record(args, "diffedit", dict(
+        strength=args.strength, mask_strength=args.mask_strength, num_maps=args.num_maps,
+        threshold_ratio=args.threshold_ratio))
+    return edit_runner.run_edits(args, edit_runner.EditTool(
+        "diffedit", edit, record, mask="optional", need=("source_prompt", "target_prompt")))
 
 
 def main(argv=None) -> int:
-    return io.run_main(run, build_parser(), argv)
+    return edit_args.run_main(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

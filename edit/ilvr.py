@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxdiff.editing import io
+from jaxdiff.cli import edit_args, edit_runner
+from jaxdiff.data.images import InputError
+from jaxdiff.editing import ilvr
+from jaxdiff.pipeline import from_uint8
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edit/ilvr.py", description=__doc__.splitlines()[0])
-    io.add_common_args(p, steps=50, guidance=7.5)
+    edit_args.add_common_args(p, steps=50, guidance=7.5)
     p.add_argument("--factor", type=int, default=2,
                    help="low-pass down-sampling factor N in latent cells (default 2)")
     p.add_argument("--refine-fraction", type=float, default=1.0,
@@ -29,23 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from jaxdiff.editing import ilvr, runner
     if not 0.0 <= args.refine_fraction <= 1.0:
-        raise io.InputError(f"--refine-fraction must be in [0, 1], got {args.refine_fraction}.")
+        raise InputError(f"--refine-fraction must be in [0, 1], got {args.refine_fraction}.")
 
-    def edit(pipe, params, images, masks, given, sources, targets, seed):
-        return ilvr.ilvr(pipe, params, images, targets, args.negative_prompt,
-                         factor=args.factor, refine_fraction=args.refine_fraction,
-                         steps=args.steps, guidance_scale=args.guidance, seed=seed,
-                         eta=args.eta)
+    def edit(pipe, params, chunk):
+        return ilvr.ilvr(pipe, params, from_uint8(chunk.images), chunk.targets,
+                         args.negative_prompt, factor=args.factor,
+                         refine_fraction=args.refine_fraction, steps=args.steps,
+                         guidance_scale=args.guidance, seed=chunk.seed, eta=args.eta)
 
-    return runner.run_edits(args, edit, method="ilvr", settings=dict(
+    record = edit_runner.method_record(args, "ilvr", dict(
         factor=args.factor, refine_fraction=args.refine_fraction, eta=args.eta,
         negative_prompt=args.negative_prompt))
+    return edit_runner.run_edits(args, edit_runner.EditTool("ilvr", edit, record))
 
 
 def main(argv=None) -> int:
-    return io.run_main(run, build_parser(), argv)
+    return edit_args.run_main(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

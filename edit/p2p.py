@@ -8,8 +8,8 @@
 Per input it writes ``<out>/<name>/``: input.png, reconstruction.png (the source branch),
 edit.png (edit_<k>.png for several targets), mask.png (LocalBlend), panel.png and
 settings.json; ``<out>/summary.json`` lists finished jobs and errors. A batch is edited in
-one compiled program per ``--max-batch`` chunk. The logic is in
-``jaxdiff.editing.p2p_pipeline``; this file only reads flags and writes files.
+one compiled program per ``--max-batch`` chunk (the last chunk padded to the same shape).
+Logic: ``jaxdiff.editing.p2p_pipeline``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ import argparse
 import dataclasses
 import sys
 
-from jaxdiff.editing import io, results
+from jaxdiff.cli import edit_args, edit_runner
+from jaxdiff.data.images import InputError
+from jaxdiff.editing import local_blend, p2p_pipeline, prompt_to_prompt
 from jaxdiff.editing.p2p_pipeline import INVERSIONS, MODES, P2PSettings
 
 
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edit/p2p.py", description=__doc__.splitlines()[0],
         epilog="Manifest lines may also carry \"blend_words\" (a list or a space-separated "
         "string) per job.")
-    io.add_common_args(p, steps=50, guidance=7.5)
+    edit_args.add_common_args(p, steps=50, guidance=7.5)
     p.add_argument("--inversion", default="null_text", choices=INVERSIONS,
                    help="how the image is inverted (default null_text)")
     p.add_argument("--mode", default="replace", choices=MODES,
@@ -57,9 +59,9 @@ def _reweight(items):
         try:
             out[word] = float(factor)
         except ValueError:
-            raise io.InputError(f"--reweight {item!r}: expected WORD=FACTOR, e.g. red=2.") from None
+            raise InputError(f"--reweight {item!r}: expected WORD=FACTOR, e.g. red=2.") from None
         if not word:
-            raise io.InputError(f"--reweight {item!r}: expected WORD=FACTOR, e.g. red=2.")
+            raise InputError(f"--reweight {item!r}: expected WORD=FACTOR, e.g. red=2.")
     return out
 
 
@@ -69,10 +71,7 @@ def _blend_words(job, default):
 
 
 def run(args) -> int:
-    import jaxdiff
-    from jaxdiff.editing import local_blend, p2p_pipeline, prompt_to_prompt
-
-    io.check_common_args(args)
+    edit_args.check_common_args(args)  # first, as every tool: --steps 0 is a flag error
     settings = P2PSettings(
         inversion=args.inversion, mode=args.mode, steps=args.steps, guidance=args.guidance,
         cross_replace_steps=args.cross_replace_steps,
@@ -80,63 +79,49 @@ def run(args) -> int:
         blend_threshold=args.blend_threshold, blend_start=args.blend_start,
         num_inner_steps=args.inner_steps)
     settings.validate()
-    need = ("source_prompt",) if args.mode == "reweight" else ("source_prompt", "target_prompt")
-    jobs, errors = io.jobs_from_args(args, options=("blend_words",), need=need)
-    pipe, params = jaxdiff.load_pipeline(args.model)
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    batch = io.load_jobs(jobs, (side, side), fit=args.fit, alpha=args.alpha)
-    errors += batch.errors
-    use_blend = bool(args.blend_words) or any("blend_words" in j.options for j in batch.jobs)
-    # Expand jobs to (image, target) pairs; check each pair alone so a bad one is skipped.
-    pairs = []
-    for k, job in enumerate(batch.jobs):
-        targets = job.target_prompts or (job.source_prompt,)
+
+    def check_job(pipe, job, jobs):
+        """Each (source, target) pair must make a controller (and a LocalBlend when any
+        job uses one), so that a bad pair is reported before the batch runs."""
+        use_blend = bool(args.blend_words) or any("blend_words" in j.options for j in jobs)
         words = _blend_words(job, args.blend_words)
-        try:
-            for t in targets:
-                prompt_to_prompt.make_control(pipe, [job.source_prompt], [t], 1, mode=args.mode)
-                if use_blend:
-                    if not words:
-                        raise io.InputError("other jobs use LocalBlend; give this one "
-                                            "\"blend_words\" too (or --blend-words).")
-                    local_blend.make_local_blend(pipe, [job.source_prompt], [t], 1, words)
-            pairs += [(k, t, words) for t in targets]
-        except ValueError as e:
-            errors.append(f"{job.image}: {e}")
-    done = []
-    if pairs:
-        if use_blend:
-            settings = dataclasses.replace(settings, blend_words=[w for _, _, w in pairs])
-        idx = [k for k, _, _ in pairs]
-        res = p2p_pipeline.p2p_edit_chunked(
-            pipe, params, batch.images[idx], [batch.jobs[k].source_prompt for k in idx],
-            [t for _, t, _ in pairs], settings, max_batch=args.max_batch)
-        record = dict(dataclasses.asdict(settings), blend_words=None, model=args.model or "embedded:shapes",
-                      seed=args.seed, fit=args.fit, alpha=args.alpha)
-        for k, job in enumerate(batch.jobs):
-            rows = [i for i, (kk, _, _) in enumerate(pairs) if kk == k]
-            if not rows:
-                continue
-            up = side // res.mask.shape[1]
-            extra = {"mask": res.mask[rows[0]].repeat(up, 0).repeat(up, 1)} if use_blend else None
-            results.write_result(args.out, job, source=batch.images[k],
-                                 reconstruction=res.reconstruction[rows[0]],
-                                 edits=[res.edited[i] for i in rows], extra_images=extra,
-                                 settings=dict(record, blend_words=pairs[rows[0]][2],
-                                               null_text_mean_inner_steps=float(
-                                                   res.inner_steps[:, rows[0]].mean())))
-            done.append(job.name)
-    results.write_summary(args.out, done, errors,
-                          dict(inversion=args.inversion, mode=args.mode, steps=args.steps,
-                               guidance=args.guidance))
-    io.report_errors(errors)
-    print(f"edited {len(done)} image(s) -> {args.out}" + (f"; {len(errors)} error(s)"
-                                                         if errors else ""))
-    return 1 if errors else 0
+        for t in job.target_prompts or (job.source_prompt,):
+            prompt_to_prompt.make_control(pipe, [job.source_prompt], [t], 1, mode=args.mode)
+            if use_blend:
+                if not words:
+                    raise InputError("other jobs use LocalBlend; give this one "
+                                     "\"blend_words\" too (or --blend-words).")
+                local_blend.make_local_blend(pipe, [job.source_prompt], [t], 1, words)
+
+    def edit(pipe, params, chunk):
+        words = [_blend_words(job, args.blend_words) for job in chunk.jobs]
+        chunk_settings = settings
+        if all(words):  # check_job gave every pair words when any job uses LocalBlend
+            chunk_settings = dataclasses.replace(settings, blend_words=words)
+        res = p2p_pipeline.p2p_edit(pipe, params, chunk.images, chunk.sources, chunk.targets,
+                                    chunk_settings)
+        out = dict(edited=res.edited, reconstruction=res.reconstruction,
+                   inner_steps=res.inner_steps.T)
+        if chunk_settings.blend_words:
+            out["latent_mask"] = res.mask
+        return out
+
+    def job_record(job, first):
+        return dict(blend_words=_blend_words(job, args.blend_words),
+                    null_text_mean_inner_steps=float(first["inner_steps"].mean()))
+
+    record = dict(dataclasses.asdict(settings), model=edit_runner.model_name(args),
+                  seed=args.seed, fit=args.fit, alpha=args.alpha)
+    need = ("source_prompt",) if args.mode == "reweight" else ("source_prompt", "target_prompt")
+    return edit_runner.run_edits(args, edit_runner.EditTool(
+        "p2p", edit, record, need=need, options=("blend_words",), check_job=check_job,
+        job_record=job_record, pad_chunks=True,
+        summary=dict(inversion=args.inversion, mode=args.mode, steps=args.steps,
+                     guidance=args.guidance)))
 
 
 def main(argv=None) -> int:
-    return io.run_main(run, build_parser(), argv)
+    return edit_args.run_main(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

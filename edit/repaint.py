@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxdiff.editing import io
+from jaxdiff.cli import edit_args, edit_runner
+from jaxdiff.data.images import InputError
+from jaxdiff.editing import repaint
+from jaxdiff.pipeline import from_uint8
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edit/repaint.py", description=__doc__.splitlines()[0])
-    io.add_common_args(p, steps=50, guidance=7.5, mask="required")
+    edit_args.add_common_args(p, steps=50, guidance=7.5, mask="required")
     p.add_argument("--jump-length", type=int, default=10, help="jump length (default 10)")
     p.add_argument("--jump-n-sample", type=int, default=10,
                    help="resamplings per jump (default 10)")
@@ -30,23 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from jaxdiff.editing import repaint, runner
     if args.jump_length < 1 or args.jump_n_sample < 1:
-        raise io.InputError("--jump-length and --jump-n-sample must be >= 1.")
+        raise InputError("--jump-length and --jump-n-sample must be >= 1.")
 
-    def edit(pipe, params, images, masks, given, sources, targets, seed):
-        return repaint.repaint(pipe, params, images, masks, targets, args.negative_prompt,
-                               steps=args.steps, jump_length=args.jump_length,
-                               jump_n_sample=args.jump_n_sample, guidance_scale=args.guidance,
-                               seed=seed, eta=args.eta)
+    def edit(pipe, params, chunk):
+        return repaint.repaint(pipe, params, from_uint8(chunk.images), chunk.masks,
+                               chunk.targets, args.negative_prompt, steps=args.steps,
+                               jump_length=args.jump_length, jump_n_sample=args.jump_n_sample,
+                               guidance_scale=args.guidance, seed=chunk.seed, eta=args.eta)
 
-    return runner.run_edits(args, edit, method="repaint", mask="required", settings=dict(
+    record = edit_runner.method_record(args, "repaint", dict(
         jump_length=args.jump_length, jump_n_sample=args.jump_n_sample, eta=args.eta,
         negative_prompt=args.negative_prompt))
+    return edit_runner.run_edits(args, edit_runner.EditTool("repaint", edit, record,
+                                                            mask="required"))
 
 
 def main(argv=None) -> int:
-    return io.run_main(run, build_parser(), argv)
+    return edit_args.run_main(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxdiff.editing import io
+from jaxdiff.cli import edit_args, edit_runner
+from jaxdiff.data.images import InputError
+from jaxdiff.editing import sdedit
+from jaxdiff.pipeline import from_uint8
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edit/sdedit.py", description=__doc__.splitlines()[0])
-    io.add_common_args(p, steps=50, guidance=7.5)
+    edit_args.add_common_args(p, steps=50, guidance=7.5)
     p.add_argument("--strength", type=float, default=0.8,
                    help="fraction of the steps run, in [0, 1] (default 0.8)")
     p.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
@@ -29,23 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from jaxdiff.editing import runner, sdedit
     if not 0.0 <= args.strength <= 1.0:
-        raise io.InputError(f"--strength must be in [0, 1], got {args.strength}.")
+        raise InputError(f"--strength must be in [0, 1], got {args.strength}.")
 
-    def edit(pipe, params, images, masks, given, sources, targets, seed):
-        return sdedit.sdedit(pipe, params, images, targets, args.negative_prompt,
-                             strength=args.strength, steps=args.steps,
-                             guidance_scale=args.guidance, seed=seed, eta=args.eta,
+    def edit(pipe, params, chunk):
+        return sdedit.sdedit(pipe, params, from_uint8(chunk.images), chunk.targets,
+                             args.negative_prompt, strength=args.strength, steps=args.steps,
+                             guidance_scale=args.guidance, seed=chunk.seed, eta=args.eta,
                              sampler=args.sampler)
 
-    return runner.run_edits(args, edit, method="sdedit", settings=dict(
+    record = edit_runner.method_record(args, "sdedit", dict(
         strength=args.strength, negative_prompt=args.negative_prompt, sampler=args.sampler,
         eta=args.eta))
+    return edit_runner.run_edits(args, edit_runner.EditTool("sdedit", edit, record))
 
 
 def main(argv=None) -> int:
-    return io.run_main(run, build_parser(), argv)
+    return edit_args.run_main(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

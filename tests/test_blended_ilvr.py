@@ -13,8 +13,9 @@ import pytest
 
 import jaxdiff
 from jaxdiff import schedules
-from jaxdiff.editing import blended as bl, ilvr, program
+from jaxdiff.editing import batch_inputs, blended as bl, ilvr
 from jaxdiff.samplers import make_sampler
+from jaxdiff.sampling import sample_keys
 
 STEPS = 8
 
@@ -42,8 +43,8 @@ def test_blended_background_is_the_noised_source(setup):
     ac = schedules.alphas_cumprod(pipe.scheduler)
     mask = np.zeros(z0.shape[:3] + (1,), np.float32)
     mask[0, 2:6, 2:6], mask[1, :, :4] = 1, 1
-    keys = program.keys_for(0, 2)
-    run = jax.jit(lambda p: bl.blended_latents(program.unet_denoiser(pipe, params), sampler,
+    keys = sample_keys(0, 2)
+    run = jax.jit(lambda p: bl.blended_latents(batch_inputs.unet_denoiser(pipe, params), sampler,
                                                jnp.asarray(ac), z0, jnp.asarray(mask), noise,
                                                cond, uncond, p, 5.0, keys))
     final, steps = run(jnp.asarray([0.25, 0.5]))
@@ -64,7 +65,7 @@ def test_blended_background_is_the_noised_source(setup):
     assert inside.max() > 0.5  # the masked region was re-generated
     # The whole image masked, no step skipped: plain generation from the same noise.
     full, _ = jax.jit(lambda: bl.blended_latents(
-        program.unet_denoiser(pipe, params), sampler, jnp.asarray(ac), z0,
+        batch_inputs.unet_denoiser(pipe, params), sampler, jnp.asarray(ac), z0,
         jnp.ones_like(jnp.asarray(mask)), noise, cond, uncond, jnp.zeros(2), 5.0, keys))()
     np.testing.assert_allclose(full, _generate(pipe, params, noise), atol=1e-4, rtol=1e-5)
 
@@ -74,9 +75,9 @@ def test_ilvr_low_pass_follows_the_reference(setup, factor):
     pipe, params, z0, cond, uncond, noise = setup
     sampler = make_sampler("ddim", pipe.scheduler, STEPS)
     after = ilvr.level_after_step(pipe.scheduler, np.asarray(sampler.timesteps), STEPS)
-    run = jax.jit(lambda f: ilvr.ilvr_latents(program.unet_denoiser(pipe, params), sampler,
+    run = jax.jit(lambda f: ilvr.ilvr_latents(batch_inputs.unet_denoiser(pipe, params), sampler,
                                               after, z0, noise, factor, cond, uncond, 5.0, f,
-                                              program.keys_for(0, 2)))
+                                              sample_keys(0, 2)))
     final, y = run(jnp.ones(2))
     if factor == 1:  # the low-pass is everything: the sample is the noised reference
         np.testing.assert_allclose(final, y, atol=1e-5)

@@ -9,7 +9,8 @@ import pytest
 import jaxdiff
 import reference as ref
 from jaxdiff import schedules
-from jaxdiff.editing import diffedit as de, inversion as inv, program
+from jaxdiff.editing import batch_inputs, diffedit as de, inversion as inv
+from jaxdiff.samplers.ddim import ddim_tables
 
 STEPS = 10
 
@@ -38,11 +39,11 @@ def test_mask_matches_diffusers_generate_mask(tiny_pipe_dir, loaded, torch):
                                 source_prompt="red dot", num_maps_per_mask=n,
                                 num_inference_steps=STEPS, guidance_scale=5.0,
                                 generator=torch.Generator().manual_seed(5), output_type="np")
-    tables = inv.ddim_tables(pipe.scheduler, STEPS)
+    tables = ddim_tables(pipe.scheduler, STEPS)
     ac = jnp.asarray(schedules.alphas_cumprod(pipe.scheduler))
     enc = lambda p: pipe.encode_text(params, pipe.tokenize([p]))
     noise = jnp.asarray(ref.nhwc(tnoise.numpy()))[None]
-    mask, norm = jax.jit(lambda *a: de.diffedit_mask(program.unet_denoiser(pipe, params),
+    mask, norm = jax.jit(lambda *a: de.diffedit_mask(batch_inputs.unet_denoiser(pipe, params),
                                                      tables, ac, *a, 5.0, 0.5))(
         jnp.asarray(z0), noise, enc("blue sq"), enc(""), enc("red dot"), enc(""))
     np.testing.assert_array_equal(np.asarray(mask), want)
@@ -55,8 +56,8 @@ def test_partial_inversion_and_background_follow_the_trajectory(loaded):
     rng = np.random.default_rng(1)
     images = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
     z0 = pipe.encode_images(params, jnp.asarray(images))
-    den = program.unet_denoiser(pipe, params)
-    tables = inv.ddim_tables(pipe.scheduler, STEPS)
+    den = batch_inputs.unet_denoiser(pipe, params)
+    tables = ddim_tables(pipe.scheduler, STEPS)
     pt = pipe.scheduler.prediction_type
     cond = pipe.encode_text(params, pipe.tokenize(["red dot", "red dot"]))
     tgt = pipe.encode_text(params, pipe.tokenize(["blue sq", "blue sq"]))

@@ -14,8 +14,9 @@ import jaxdiff
 from jaxdiff.editing import blended as bl
 from jaxdiff.editing import diffedit as de
 from jaxdiff.editing import ilvr
-from jaxdiff.editing import program
+from jaxdiff.editing import batch_inputs
 from jaxdiff.editing import repaint as rp
+from jaxdiff.sampling import sample_keys
 
 STEPS = 10
 
@@ -27,8 +28,8 @@ def inputs(tiny_pipe_dir):
     images = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32))
     masks = np.zeros((2, 16, 16), np.float32)
     masks[0, 4:12, 4:12], masks[1, :, 8:] = 1, 1
-    ids, neg = program.tokenize_pair(pipe, ["red dot", "blue sq"], None, 2)
-    keys = program.keys_for(7, 2)
+    ids, neg = batch_inputs.tokenize_pair(pipe, ["red dot", "blue sq"], None, 2)
+    keys = sample_keys(7, 2)
     return pipe, params, images, jnp.asarray(masks), ids, neg, keys
 
 

@@ -8,7 +8,7 @@ import skimage.data
 from PIL import Image
 
 from jaxdiff.data import WorldSpec, held_out_examples
-from jaxdiff.editing import results
+from jaxdiff.data.images import make_panel
 from jaxdiff.editing import p2p_pipeline as pp
 from reference import load_script
 
@@ -63,7 +63,7 @@ def test_manifest_batch_writes_results_and_reports_bad_jobs(world, loaded, capsy
     panel = _read(out / "w1" / "panel.png")
     parts = [_read(out / "w1" / f) for f in ("input.png", "reconstruction.png",
                                               "edit_0.png", "edit_1.png")]
-    np.testing.assert_array_equal(panel, results.make_panel(parts))
+    np.testing.assert_array_equal(panel, make_panel(parts))
     settings = json.load(open(out / "w1" / "settings.json"))
     assert settings["inversion"] == "negative_prompt" and settings["steps"] == 2
     assert settings["target_prompts"][1].endswith(cap[1].split(" ", 4)[-1])
@@ -120,9 +120,9 @@ def test_traced_settings_do_not_recompile(world, loaded):
     pipe, params = loaded
     images = np.stack([e["image"] for e in ex[:2]])
     cap = [e["caption"] for e in ex[:2]]
-    before = pp._program._cache_size()
+    before = pp._compiled(pipe, 2, "negative_prompt", 10)._cache_size()
     for g, cross, self_ in [(7.5, 0.8, 0.4), (3.0, 0.2, 0.9)]:
         pp.p2p_edit(pipe, params, images, cap, cap, pp.P2PSettings(
             inversion="negative_prompt", steps=2, guidance=g, cross_replace_steps=cross,
             self_replace_steps=self_, mode="reweight", reweight={cap[0].split()[1]: 2.0}))
-    assert pp._program._cache_size() - before <= 1
+    assert pp._compiled(pipe, 2, "negative_prompt", 10)._cache_size() - before <= 1

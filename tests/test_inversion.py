@@ -8,6 +8,7 @@ import pytest
 import jaxdiff
 from jaxdiff.data import WorldSpec, held_out_examples
 from jaxdiff.editing import inversion as inv
+from jaxdiff.samplers.ddim import ddim_tables
 from jaxdiff.schedules import SchedulerConfig, alphas_cumprod
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
@@ -35,7 +36,7 @@ def test_ddim_inversion_round_trip_converges(prediction_type):
     z0 = SIGMA * jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
     errors = []
     for steps in (10, 50):
-        tab = inv.ddim_tables(cfg, steps)
+        tab = ddim_tables(cfg, steps)
         traj = inv.ddim_invert(den, tab, z0, None, prediction_type)
         assert traj.shape == (steps + 1,) + z0.shape
         np.testing.assert_array_equal(traj[0], z0)
@@ -48,7 +49,7 @@ def test_ddim_inversion_round_trip_converges(prediction_type):
 
 def test_inversion_visits_sampling_levels_in_reverse():
     cfg = SchedulerConfig(**SD)
-    tab = inv.ddim_tables(cfg, 50)
+    tab = ddim_tables(cfg, 50)
     assert int(tab.timesteps[0]) == 981 and int(tab.timesteps[-1]) == 1
     ac = alphas_cumprod(cfg)
     np.testing.assert_allclose(tab.alpha_prev[:-1], tab.alpha[1:])
@@ -59,7 +60,7 @@ def test_inversion_visits_sampling_levels_in_reverse():
 def world(embedded):
     """Embedded model + 4 held-out images with their captions."""
     pipe, params = embedded
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = pipe.image_size
     ex = held_out_examples(WorldSpec(image_size=side), 4)
     images = np.stack([e["image"] for e in ex])
     z0 = pipe.encode_images(params, jaxdiff.pipeline.from_uint8(images))
@@ -76,7 +77,7 @@ STEPS = 10
 def inverted(world):
     pipe, den, z0, cond, uncond = world
     pt = pipe.scheduler.prediction_type
-    tab = inv.ddim_tables(pipe.scheduler, STEPS)
+    tab = ddim_tables(pipe.scheduler, STEPS)
     traj = jax.jit(lambda z, c: inv.ddim_invert(den, tab, z, c, pt))(z0, cond)
     nulls, taken = jax.jit(lambda: inv.null_text_invert(den, tab, traj, cond, uncond, 7.5, pt))()
     return tab, traj, nulls, taken

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff.editing import inversion as inv, local_blend as lb, prompt_to_prompt as p2p
+from jaxdiff.editing import local_blend as lb, prompt_to_prompt as p2p
+from jaxdiff.samplers.ddim import ddim_tables
 
 STEPS = 6
 SRC = ["a red ball", "a big cat"]
@@ -20,7 +21,7 @@ def setup(tiny_pipe_dir):
     side = pipe.unet.config.sample_size
     z_T = jax.random.normal(jax.random.key(1), (2, side, side, 4))
     nulls = jnp.broadcast_to(enc(["", ""]), (STEPS, 2) + enc([""]).shape[1:])
-    return pipe, params, enc, nulls, z_T, inv.ddim_tables(pipe.scheduler, STEPS)
+    return pipe, params, enc, nulls, z_T, ddim_tables(pipe.scheduler, STEPS)
 
 
 @pytest.fixture(scope="module")

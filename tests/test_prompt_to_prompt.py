@@ -6,6 +6,7 @@ import pytest
 
 import jaxdiff
 from jaxdiff.editing import alignment, inversion as inv, prompt_to_prompt as p2p
+from jaxdiff.samplers.ddim import ddim_tables
 
 STEPS = 6
 SRC = ["a red ball", "a big cat"]
@@ -20,7 +21,7 @@ def setup(tiny_pipe_dir):
     enc = lambda ps: pipe.encode_text(params, pipe.tokenize(ps, warn=False))
     nulls = jnp.broadcast_to(enc(["", ""]), (STEPS, 2, pipe.max_length, 32))
     z_T = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
-    return pipe, den, enc, nulls, z_T, inv.ddim_tables(pipe.scheduler, STEPS)
+    return pipe, den, enc, nulls, z_T, ddim_tables(pipe.scheduler, STEPS)
 
 
 def _run(setup, src, tgt, first=0, **kw):

@@ -7,7 +7,7 @@ import pytest
 import jaxdiff
 import reference as ref
 from jaxdiff import schedules
-from jaxdiff.editing import partial, sdedit as sd
+from jaxdiff.editing import partial_trajectory, sdedit as sd
 
 PROMPTS = ["red dot", "blue sq"]
 
@@ -31,7 +31,7 @@ def test_start_index_matches_diffusers_get_timesteps():
     for s in (10, 50):
         for strength in (0.0, 0.05, 0.3, 0.5, 0.7, 0.8, 0.99, 1.0):
             want = s - min(int(s * strength), s)
-            assert int(partial.start_index(strength, s)) == want, (s, strength)
+            assert int(partial_trajectory.start_index(strength, s)) == want, (s, strength)
 
 
 def test_matches_diffusers_img2img(tiny_pipe_dir, loaded, images, torch):

@@ -5,7 +5,7 @@ sampling starts from N(0, 1) noise at step ``int(S * blending_percentage)`` of S
 every step the latent outside the (latent-resolution) mask is replaced by the source
 latent noised with fresh noise to that step's timestep ``t`` (the reference's choice; the
 latent after a step is at the next, lower level). ``blending_percentage`` is traced (see
-``partial.py``), per image. The mask is 1 where the image is edited.
+``partial_trajectory.py``), per image. The mask is 1 where the image is edited.
 
 References: Avrahami, Fried & Lischinski, "Blended Latent Diffusion", SIGGRAPH 2023.
 PIE-Bench setting: ``blending_percentage = 0.25``.
@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import schedules
-from jaxdiff.editing import partial, program
+from jaxdiff.editing import batch_inputs, partial_trajectory
 from jaxdiff.guidance import cfg
 from jaxdiff.samplers import SampleState, make_sampler
+from jaxdiff.sampling import initial_noise, sample_keys
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -53,12 +54,12 @@ def blended_latents(denoise, sampler, alphas_cumprod, z0, mask, noise, cond, unc
         t = sampler.timesteps[i]
         out = guided(x, t, (cond, uncond))
         x = sampler.latents(sampler.step(SampleState(x), i, out,
-                                         program.step_noise(keys, i, x.shape[1:])))
+                                         batch_inputs.step_noise(keys, i, x.shape[1:])))
         src = schedules.add_noise(alphas_cumprod, z0,
-                                  program.step_noise(src_keys, i, x.shape[1:]), t)
+                                  batch_inputs.step_noise(src_keys, i, x.shape[1:]), t)
         return mask * x + (1.0 - mask) * src
 
-    return partial.partial_scan(step, noise, start, jnp.arange(s))
+    return partial_trajectory.partial_scan(step, noise, start, jnp.arange(s))
 
 
 @functools.lru_cache(maxsize=16)
@@ -68,10 +69,10 @@ def _compiled(pipe, sampler_name, steps):
     def run(params, images, masks, ids, neg_ids, keys, percentage, guidance, eta):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         z0 = pipe.encode_images(params, images)
-        m = program.latent_mask(masks, z0.shape[1:3])
+        m = batch_inputs.latent_mask(masks, z0.shape[1:3])
         cond, uncond = pipe.encode_text(params, ids), pipe.encode_text(params, neg_ids)
-        noise = program.start_noise(keys, z0.shape[1:])
-        lat, _ = blended_latents(program.unet_denoiser(pipe, params), sampler, ac, z0, m,
+        noise = initial_noise(keys, z0.shape[1:])
+        lat, _ = blended_latents(batch_inputs.unet_denoiser(pipe, params), sampler, ac, z0, m,
                                  noise, cond, uncond, percentage, guidance, keys)
         return {"edited": pipe.decode_latents(params, lat),
                 "reconstruction": pipe.decode_latents(params, z0), "latents": lat,
@@ -91,12 +92,12 @@ def blended(pipe, params, images, masks, prompts, negative_prompts=None, *,
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"blended diffusion supports samplers {SAMPLERS}, got {sampler!r}.")
-    images = program.check_images(images, pipe)
+    images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
-    masks = program.check_masks(masks, images)
-    ids, neg = program.tokenize_pair(pipe, prompts, negative_prompts, b)
+    masks = batch_inputs.check_masks(masks, images)
+    ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     run = _compiled(pipe, sampler, int(steps))
     return run(params, images, masks, ids, neg,
-               program.keys_for(seed, b),
-               program.per_image(blending_percentage, b, "blending_percentage"),
+               sample_keys(seed, b),
+               batch_inputs.per_image(blending_percentage, b, "blending_percentage"),
                jnp.float32(guidance_scale), jnp.float32(eta))

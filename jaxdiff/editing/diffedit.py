@@ -14,7 +14,7 @@ prompt; after every step the latent outside the mask is replaced by the inverted
 *of the level the step arrived at*, so the background retraces the inversion and ends at
 the input latent exactly. (diffusers inverts under guidance with ``DDIMInverseScheduler``
 and blends with the level the step started from, one step off.) Strengths are traced and
-per image (``partial.py``).
+per image (``partial_trajectory.py``).
 
 References: Couairon et al., "DiffEdit: Diffusion-based semantic image editing with mask
 guidance", ICLR 2023.
@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import schedules
-from jaxdiff.editing import partial, program
-from jaxdiff.editing.inversion import _guided, ddim_tables
+from jaxdiff.editing import batch_inputs, partial_trajectory
+from jaxdiff.guidance import guided_call
 from jaxdiff.samplers.base import x0_eps_vp
-from jaxdiff.samplers.ddim import ddim_update
+from jaxdiff.samplers.ddim import ddim_tables, ddim_update
+from jaxdiff.sampling import initial_noise, sample_keys
 
 
 def diffedit_mask(denoise, tables, alphas_cumprod, z0, noise, cond_q, uncond_q, cond_r,
@@ -38,7 +39,7 @@ def diffedit_mask(denoise, tables, alphas_cumprod, z0, noise, cond_q, uncond_q, 
     """DiffEdit's automatic mask.
 
     Args:
-      tables: ``inversion.DDIMTables`` of the S-step schedule.
+      tables: ``samplers.ddim.DDIMTables`` of the S-step schedule.
       z0: [B, h, w, C]; noise: [B, n, h, w, C] N(0, 1), one draw per map.
       cond_q/uncond_q, cond_r/uncond_r: [B, L, D] query (target) and reference (source)
         prompt embeddings with their negatives.
@@ -49,12 +50,12 @@ def diffedit_mask(denoise, tables, alphas_cumprod, z0, noise, cond_q, uncond_q, 
     """
     b, n = noise.shape[:2]
     s = tables.timesteps.shape[0]
-    start = partial.start_index(mask_strength, s)
+    start = partial_trajectory.start_index(mask_strength, s)
     t = tables.timesteps[jnp.minimum(start, s - 1)]
     rep = lambda a: jnp.repeat(a, n, axis=0)
     x = schedules.add_noise(alphas_cumprod, rep(z0), noise.reshape((b * n,) + z0.shape[1:]), t)
-    eps_q = _guided(denoise, x, t, rep(cond_q), rep(uncond_q), guidance)
-    eps_r = _guided(denoise, x, t, rep(cond_r), rep(uncond_r), guidance)
+    eps_q = guided_call(denoise, x, t, rep(cond_q), rep(uncond_q), guidance)
+    eps_r = guided_call(denoise, x, t, rep(cond_r), rep(uncond_r), guidance)
     diff = jnp.abs(eps_q - eps_r).reshape((b, n) + z0.shape[1:]).mean(axis=(1, 4))
     clamp = diff.mean(axis=(1, 2), keepdims=True) * threshold_ratio
     norm = jnp.clip(diff, 0.0, clamp) / clamp
@@ -70,14 +71,14 @@ def partial_invert(denoise, tables, z0, cond, strength, prediction_type: str):
     """
     to_x0_eps = x0_eps_vp(prediction_type)
     s = tables.timesteps.shape[0]
-    start = partial.start_index(strength, s)
+    start = partial_trajectory.start_index(strength, s)
 
     def step(x, k):  # inverts sampling step k: level alpha_prev[k] -> alpha[k]
         out = denoise(x, tables.timesteps[k], cond)
         x, _ = ddim_update(out, x, tables.alpha_prev[k], tables.alpha[k], to_x0_eps=to_x0_eps)
         return x
 
-    _, xs = partial.partial_scan(step, z0, start, jnp.arange(s - 1, -1, -1))
+    _, xs = partial_trajectory.partial_scan(step, z0, start, jnp.arange(s - 1, -1, -1))
     return start, xs[::-1]
 
 
@@ -95,14 +96,14 @@ def masked_edit(denoise, tables, z0, levels, start, mask, cond, uncond, guidance
     after = jnp.concatenate([levels[1:], z0[None]])  # level each step arrives at
     x = jnp.take_along_axis(levels, jnp.minimum(start, s - 1)[None, :, None, None, None],
                             axis=0)[0]
-    x = jnp.where(partial.bcast(start < s, x), x, z0)
+    x = jnp.where(schedules.expand_like(start < s, x), x, z0)
 
     def step(x, i):
-        out = _guided(denoise, x, tables.timesteps[i], cond, uncond, guidance)
+        out = guided_call(denoise, x, tables.timesteps[i], cond, uncond, guidance)
         x, _ = ddim_update(out, x, tables.alpha[i], tables.alpha_prev[i], to_x0_eps=to_x0_eps)
         return mask * x + (1.0 - mask) * after[i]
 
-    return partial.partial_scan(step, x, start, jnp.arange(s))
+    return partial_trajectory.partial_scan(step, x, start, jnp.arange(s))
 
 
 @functools.lru_cache(maxsize=16)
@@ -113,15 +114,14 @@ def _compiled(pipe, steps, num_maps):
 
     def run(params, images, src_ids, tgt_ids, neg_ids, keys, masks, use_given, guidance,
             strength, mask_strength, threshold_ratio):
-        den = program.unet_denoiser(pipe, params)
+        den = batch_inputs.unet_denoiser(pipe, params)
         z0 = pipe.encode_images(params, images)
         src, tgt = pipe.encode_text(params, src_ids), pipe.encode_text(params, tgt_ids)
         neg = pipe.encode_text(params, neg_ids)
-        noise = jax.vmap(lambda k: jax.random.normal(
-            jax.random.fold_in(k, 0), (num_maps,) + z0.shape[1:]))(keys)
+        noise = initial_noise(keys, (num_maps,) + z0.shape[1:])
         auto, norm = diffedit_mask(den, tables, ac, z0, noise, tgt, neg, src, neg, guidance,
                                    mask_strength, threshold_ratio)
-        given = program.latent_mask(masks, z0.shape[1:3])[..., 0]
+        given = batch_inputs.latent_mask(masks, z0.shape[1:3])[..., 0]
         mask = jnp.where(use_given[:, None, None], given, auto)
         start, levels = partial_invert(den, tables, z0, src, strength, pt)
         lat, _ = masked_edit(den, tables, z0, levels, start, mask[..., None], tgt, neg,
@@ -147,18 +147,18 @@ def diffedit(pipe, params, images, source_prompts, target_prompts, negative_prom
       {"edited", "reconstruction": [B, H, W, 3] in [-1, 1]; "latents";
        "latent_mask": [B, h, w] the mask used; "mask_map": [B, h, w] normalised map}.
     """
-    images = program.check_images(images, pipe)
+    images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
-    src = pipe.tokenize(program.prompt_list(source_prompts, b, "source prompts"))
-    tgt = pipe.tokenize(program.prompt_list(target_prompts, b, "target prompts"))
-    neg = pipe.tokenize(program.prompt_list(negative_prompts, b, "negative prompts"))
+    src = pipe.tokenize(batch_inputs.prompt_list(source_prompts, b, "source prompts"))
+    tgt = pipe.tokenize(batch_inputs.prompt_list(target_prompts, b, "target prompts"))
+    neg = pipe.tokenize(batch_inputs.prompt_list(negative_prompts, b, "negative prompts"))
     use_given = (jnp.full((b,), masks is not None) if mask_given is None else
                  jnp.asarray(mask_given, bool).reshape(b))
     masks = jnp.zeros(images.shape[:3]) if masks is None else jnp.asarray(masks, jnp.float32)
     if masks.shape != images.shape[:3]:
         raise ValueError(f"masks have shape {masks.shape}; expected {images.shape[:3]}.")
     run = _compiled(pipe, int(steps), int(num_maps))
-    return run(params, images, src, tgt, neg, program.keys_for(seed, b), masks, use_given,
-               jnp.float32(guidance_scale), program.per_image(strength, b, "strength"),
+    return run(params, images, src, tgt, neg, sample_keys(seed, b), masks, use_given,
+               jnp.float32(guidance_scale), batch_inputs.per_image(strength, b, "strength"),
                jnp.float32(mask_strength),
                jnp.float32(threshold_ratio))

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import schedules
-from jaxdiff.editing import program
-from jaxdiff.editing.partial import bcast
+from jaxdiff.editing import batch_inputs
 from jaxdiff.guidance import cfg
 from jaxdiff.samplers import SampleState, make_sampler
+from jaxdiff.sampling import initial_noise, sample_keys
 
 SAMPLERS = ("ddim",)  # eta = 1 gives DDPM-like steps; the level table is DDIM's
 
@@ -68,11 +68,11 @@ def ilvr_latents(denoise, sampler, alpha_after, ref, x_T, factor: int, cond, unc
         x, _ = carry
         out = guided(x, sampler.timesteps[i], (cond, uncond))
         x = sampler.latents(sampler.step(SampleState(x), i, out,
-                                         program.step_noise(keys, i, x.shape[1:])))
+                                         batch_inputs.step_noise(keys, i, x.shape[1:])))
         a = alpha_after[i]
-        y = a ** 0.5 * ref + (1 - a) ** 0.5 * program.step_noise(ref_keys, i, x.shape[1:])
+        y = a ** 0.5 * ref + (1 - a) ** 0.5 * batch_inputs.step_noise(ref_keys, i, x.shape[1:])
         refined = x - low_pass(x, factor) + low_pass(y, factor)
-        return (jnp.where(bcast(i < stop, x), refined, x), y), None
+        return (jnp.where(schedules.expand_like(i < stop, x), refined, x), y), None
 
     (x, y), _ = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)), jnp.arange(s))
     return x, y
@@ -87,8 +87,8 @@ def _compiled(pipe, sampler_name, steps, factor):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         ref = pipe.encode_images(params, images)
         cond, uncond = pipe.encode_text(params, ids), pipe.encode_text(params, neg_ids)
-        lat, _ = ilvr_latents(program.unet_denoiser(pipe, params), sampler, alpha_after, ref,
-                              program.start_noise(keys, ref.shape[1:]), factor, cond, uncond,
+        lat, _ = ilvr_latents(batch_inputs.unet_denoiser(pipe, params), sampler, alpha_after, ref,
+                              initial_noise(keys, ref.shape[1:]), factor, cond, uncond,
                               guidance, fraction, keys)
         return {"edited": pipe.decode_latents(params, lat),
                 "reconstruction": pipe.decode_latents(params, ref), "latents": lat}
@@ -106,12 +106,12 @@ def ilvr(pipe, params, images, prompts, negative_prompts=None, *, factor: int = 
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"ILVR supports samplers {SAMPLERS}, got {sampler!r}.")
-    images = program.check_images(images, pipe)
+    images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
-    hw = program.latent_shape(pipe, images)[:2]
+    hw = pipe.latent_shape(*images.shape[1:3])[:2]
     if factor < 1 or hw[0] % factor or hw[1] % factor:
         raise ValueError(f"factor must be >= 1 and divide the latent size {hw}, got {factor}.")
-    ids, neg = program.tokenize_pair(pipe, prompts, negative_prompts, b)
+    ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     run = _compiled(pipe, sampler, int(steps), int(factor))
-    return run(params, images, ids, neg, program.keys_for(seed, b), jnp.float32(guidance_scale),
-               program.per_image(refine_fraction, b, "refine_fraction"), jnp.float32(eta))
+    return run(params, images, ids, neg, sample_keys(seed, b), jnp.float32(guidance_scale),
+               batch_inputs.per_image(refine_fraction, b, "refine_fraction"), jnp.float32(eta))

@@ -18,17 +18,15 @@ Editing Real Images"; Miyake et al. 2023, "Negative-prompt Inversion"; Ju et al.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jaxdiff import schedules
-from jaxdiff.samplers.base import x0_eps_vp
 from jaxdiff.guidance import guided_call
-from jaxdiff.samplers.ddim import DDIMTables, ddim_tables, ddim_update  # noqa: F401 (re-export)
+from jaxdiff.samplers.base import x0_eps_vp
+from jaxdiff.samplers.ddim import DDIMTables, ddim_update
 
 
 def ddim_invert(denoise: Callable, tables: DDIMTables, z0, context, prediction_type: str):

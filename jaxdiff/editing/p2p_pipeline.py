@@ -25,6 +25,7 @@ from jaxdiff.editing import inversion as inv
 from jaxdiff.editing import local_blend as lb
 from jaxdiff.editing import prompt_to_prompt as p2p
 from jaxdiff.pipeline import from_uint8, to_uint8
+from jaxdiff.samplers.ddim import ddim_tables
 
 INVERSIONS = ("ddim", "null_text", "negative_prompt", "direct")
 MODES = ("replace", "refine", "reweight")
@@ -84,7 +85,7 @@ def edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image, cont
       (P2POutput of [P, h, w, C] latents, null-text inner steps [S, M]).
     """
     pt = pipe.scheduler.prediction_type
-    tab = inv.ddim_tables(pipe.scheduler, steps)
+    tab = ddim_tables(pipe.scheduler, steps)
     unet = lambda x, t, c, ctrl=None: pipe.unet.apply({"params": params["unet"]}, x, t, c,
                                                       control=ctrl)
     den = lambda x, t, c: unet(x, t, c)
@@ -110,15 +111,17 @@ def edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image, cont
     return out, taken
 
 
-@functools.partial(jax.jit, static_argnames=("pipe", "steps", "inversion", "num_inner_steps"))
-def _program(pipe, params, images, src_ids, tgt_ids, empty_ids, pair_image, control, blend,
-             guidance, *, steps, inversion, num_inner_steps):
-    z0 = pipe.encode_images(params, from_uint8(images))
-    out, taken = edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image,
-                              control, blend, guidance, steps=steps, inversion=inversion,
-                              num_inner_steps=num_inner_steps)
-    return (pipe.decode_latents(params, out.target), pipe.decode_latents(params, out.source),
-            out.mask[..., 0] > 0, taken)
+@functools.lru_cache(maxsize=16)
+def _compiled(pipe, steps: int, inversion: str, num_inner_steps: int):
+    def run(params, images, src_ids, tgt_ids, empty_ids, pair_image, control, blend, guidance):
+        z0 = pipe.encode_images(params, from_uint8(images))
+        out, taken = edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image,
+                                  control, blend, guidance, steps=steps, inversion=inversion,
+                                  num_inner_steps=num_inner_steps)
+        return (pipe.decode_latents(params, out.target), pipe.decode_latents(params, out.source),
+                out.mask[..., 0] > 0, taken)
+
+    return jax.jit(run)
 
 
 def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str],
@@ -149,11 +152,11 @@ def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str
         blend = lb.make_local_blend(pipe, pair_src, list(targets), settings.steps,
                                     settings.blend_words, threshold=settings.blend_threshold,
                                     start_fraction=settings.blend_start)
-    edited, rec, mask, taken = _program(
-        pipe, params, jnp.asarray(images), pipe.tokenize(sources), pipe.tokenize(targets),
+    run = _compiled(pipe, settings.steps, settings.inversion, settings.num_inner_steps)
+    edited, rec, mask, taken = run(
+        params, jnp.asarray(images), pipe.tokenize(sources), pipe.tokenize(targets),
         pipe.tokenize([""] * m), jnp.asarray(pair_image), control, blend,
-        jnp.float32(settings.guidance), steps=settings.steps, inversion=settings.inversion,
-        num_inner_steps=settings.num_inner_steps)
+        jnp.float32(settings.guidance))
     return P2PResult(to_uint8(edited), to_uint8(rec), np.asarray(mask), np.asarray(taken))
 
 

@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import schedules
-from jaxdiff.editing import program
+from jaxdiff.editing import batch_inputs
 from jaxdiff.guidance import cfg
 from jaxdiff.samplers.base import clip_fn, x0_eps_vp
 from jaxdiff.samplers.ddim import ddim_update
+from jaxdiff.sampling import initial_noise, sample_keys
 
 
 def jump_schedule(num_steps: int, jump_length: int, jump_n_sample: int,
@@ -119,12 +120,12 @@ def _compiled(pipe, steps, jump_length, jump_n_sample):
 
     def run(params, images, masks, ids, neg_ids, keys, guidance, eta):
         z0 = pipe.encode_images(params, images)
-        m = program.latent_mask(masks, z0.shape[1:3])
+        m = batch_inputs.latent_mask(masks, z0.shape[1:3])
         contexts = (pipe.encode_text(params, ids), pipe.encode_text(params, neg_ids))
-        guided_unet = cfg(program.unet_denoiser(pipe, params), guidance)
+        guided_unet = cfg(batch_inputs.unet_denoiser(pipe, params), guidance)
         guided = lambda x, t: guided_unet(x, t, contexts)
-        noise_fn = lambda k: program.step_noise(keys, k, z0.shape[1:])
-        lat = repaint_latents(guided, tables, z0, m, program.start_noise(keys, z0.shape[1:]),
+        noise_fn = lambda k: batch_inputs.step_noise(keys, k, z0.shape[1:])
+        lat = repaint_latents(guided, tables, z0, m, initial_noise(keys, z0.shape[1:]),
                               noise_fn, eta, pipe.scheduler.prediction_type,
                               clip_fn(pipe.scheduler))
         return {"edited": pipe.decode_latents(params, lat),
@@ -144,10 +145,10 @@ def repaint(pipe, params, images, masks, prompts, negative_prompts=None, *, step
     Returns:
       {"edited", "reconstruction": [B, H, W, 3] in [-1, 1]; "latents"; "latent_mask"}.
     """
-    images = program.check_images(images, pipe)
+    images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
-    masks = program.check_masks(masks, images)
-    ids, neg = program.tokenize_pair(pipe, prompts, negative_prompts, b)
+    masks = batch_inputs.check_masks(masks, images)
+    ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     run = _compiled(pipe, int(steps), int(jump_length), int(jump_n_sample))
     return run(params, images, masks, ids, neg,
-               program.keys_for(seed, b), jnp.float32(guidance_scale), jnp.float32(eta))
+               sample_keys(seed, b), jnp.float32(guidance_scale), jnp.float32(eta))

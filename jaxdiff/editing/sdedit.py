@@ -3,7 +3,7 @@
 Matches diffusers' ``StableDiffusionImg2ImgPipeline`` given the same start noise: the
 last ``int(S * strength)`` of S DDIM (or DDPM) steps run from
 ``add_noise(z0, noise, timesteps[t_start])``. Strength, guidance, eta and the seed are
-traced (see ``partial.py`` for how the number of steps varies without changing shapes);
+traced (see ``partial_trajectory.py`` for how the number of steps varies without changing shapes);
 strength may differ per image of a batch.
 
 References: Meng et al., "SDEdit: Guided Image Synthesis and Editing with Stochastic
@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import schedules
-from jaxdiff.editing import partial, program
+from jaxdiff.editing import batch_inputs, partial_trajectory
 from jaxdiff.guidance import cfg
 from jaxdiff.samplers import SampleState, make_sampler
+from jaxdiff.sampling import initial_noise, sample_keys
 
 SAMPLERS = ("ddim", "ddpm")  # VP samplers whose state is the latent itself
 
@@ -39,16 +40,16 @@ def sdedit_latents(denoise, sampler, alphas_cumprod, z0, noise, cond, uncond, st
       [B, h, w, C] edited latents (exactly z0 where strength gives no step).
     """
     s = sampler.num_evals
-    start = partial.start_index(strength, s)
-    x = partial.noised_start(alphas_cumprod, sampler.timesteps, z0, noise, start)
+    start = partial_trajectory.start_index(strength, s)
+    x = partial_trajectory.noised_start(alphas_cumprod, sampler.timesteps, z0, noise, start)
     guided = cfg(denoise, guidance, rescale)
 
     def step(x, i):
         out = guided(x, sampler.timesteps[i], (cond, uncond))
-        n = program.step_noise(keys, i, x.shape[1:])
+        n = batch_inputs.step_noise(keys, i, x.shape[1:])
         return sampler.latents(sampler.step(SampleState(x), i, out, n))
 
-    x, _ = partial.partial_scan(step, x, start, jnp.arange(s))
+    x, _ = partial_trajectory.partial_scan(step, x, start, jnp.arange(s))
     return x
 
 
@@ -60,8 +61,8 @@ def _compiled(pipe, sampler_name, steps):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         z0 = pipe.encode_images(params, images)
         cond, uncond = pipe.encode_text(params, ids), pipe.encode_text(params, neg_ids)
-        noise = program.start_noise(keys, z0.shape[1:]) if noise is None else noise
-        lat = sdedit_latents(program.unet_denoiser(pipe, params), sampler, ac, z0, noise,
+        noise = initial_noise(keys, z0.shape[1:]) if noise is None else noise
+        lat = sdedit_latents(batch_inputs.unet_denoiser(pipe, params), sampler, ac, z0, noise,
                              cond, uncond, strength, guidance, keys)
         return {"edited": pipe.decode_latents(params, lat),
                 "reconstruction": pipe.decode_latents(params, z0), "latents": lat}
@@ -86,11 +87,11 @@ def sdedit(pipe, params, images, prompts, negative_prompts=None, *, strength=0.8
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"SDEdit supports samplers {SAMPLERS}, got {sampler!r}.")
-    images = program.check_images(images, pipe)
+    images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
-    ids, neg = program.tokenize_pair(pipe, prompts, negative_prompts, b)
-    noise = program.given_noise(noise, (b,) + program.latent_shape(pipe, images))
+    ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
+    noise = batch_inputs.given_noise(noise, (b,) + pipe.latent_shape(*images.shape[1:3]))
     run = _compiled(pipe, sampler, int(steps))
-    return run(params, images, ids, neg, noise, program.keys_for(seed, b),
-               program.per_image(strength, b, "strength"), jnp.float32(guidance_scale),
+    return run(params, images, ids, neg, noise, sample_keys(seed, b),
+               batch_inputs.per_image(strength, b, "strength"), jnp.float32(guidance_scale),
                jnp.float32(eta))

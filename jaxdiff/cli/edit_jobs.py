@@ -1,31 +1,14 @@
-"""Shared inputs of the ``edit/`` entrypoints: images, masks, batch jobs (results are
-written by ``results.py``).
+"""The jobs of the ``edit/`` entrypoints: one image, its prompts, mask and options each.
 
-Stable API (every edit entrypoint uses it):
-
-    load_image(path, size, fit="crop", alpha="white") -> uint8 [H, W, 3]
-    load_mask(path, size, fit="crop", image_size=None) -> bool [H, W]   (True = edit here)
     jobs_from_args(args, options=(), need=(...)) -> (jobs [EditJob], errors [str])
+    read_manifest(path, options=(), need=(...)) -> (jobs, errors)
     load_jobs(jobs, size, fit=, alpha=, mask=) -> Batch(jobs, images, masks, errors)
-    add_common_args(parser, ...) ; run_main(fn, parser, argv)
 
-Images of any mode are converted to RGB uint8: grayscale and 1-bit are replicated to
-three channels; palette images are expanded; 16-bit grayscale (``I;16``, ``I``) is scaled
-from 0..65535 to 0..255; transparent images (RGBA, LA, palette with transparency) are
-composited on white (``alpha="white"``, default) or their alpha is ignored
-(``alpha="drop"``); EXIF orientation is applied. 32-bit float images are rejected. Sizes
-are brought to the model resolution ``size = (H, W)``: ``fit="crop"`` (default) centre-crops
-to the model's aspect ratio and resizes (Lanczos), ``"resize"`` resizes without keeping
-the aspect ratio, ``"reject"`` refuses any other size. Any size works, including sizes
-that are not multiples of 8, because the output is always the model resolution.
-
-Masks: white (>= 50 % of full scale) marks the region to edit. A mask with a varying
-alpha channel uses the alpha; otherwise its luminance. It goes through the same crop /
-resize as its image (bilinear, then the 50 % threshold); it must have the image's
-aspect ratio, and an all-black mask is an error.
-
-Every problem is an ``InputError`` with one line naming the file, what is wrong and what
-to do. In batch mode a bad job is reported and skipped; the rest are processed.
+Jobs come from ``--image`` (files and/or folders; ``--mask`` one file or a folder of masks
+named like the images) or from a JSONL ``--manifest``. Images and masks are read by
+``jaxdiff.data.images`` (any mode and size, brought to the model resolution). Every
+problem is an ``InputError`` with one line naming the file, what is wrong and what to do;
+in batch mode a bad job is reported and skipped, and the rest are processed.
 """
 from __future__ import annotations
 
@@ -36,11 +19,9 @@ from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from jaxdiff.data.images import (ALPHAS, FITS, IMAGE_EXTENSIONS, InputError,  # noqa: F401
-                                 image_size, list_image_files, load_image, load_mask)
+from jaxdiff.data.images import (IMAGE_EXTENSIONS, InputError, image_size, list_image_files,
+                                 load_image, load_mask)
 
-
-# ------------------------------------------------------------------------------- jobs
 
 @dataclasses.dataclass(frozen=True)
 class EditJob:
@@ -195,7 +176,3 @@ def load_jobs(jobs: Sequence[EditJob], size: Tuple[int, int], *, fit: str = "cro
                  np.stack(masks) if masks else (None if mask == "none" else
                                                 np.zeros((0, H, W), bool)), errors)
 
-
-# The command-line helpers live in args.py (one concept per file); importable from here.
-from jaxdiff.editing.args import (add_common_args, check_common_args, report_errors,  # noqa: E402,F401
-                                  run_main)

@@ -1,7 +1,7 @@
 """Results of the ``edit/`` entrypoints, written atomically.
 
     write_result(out_dir, job, source=, reconstruction=, edits=, settings=) -> folder
-    write_summary(out_dir, done, errors, settings) ; make_panel(images) ; write_json(path, obj)
+    write_summary(out_dir, done, errors, settings)
 
 Each job's folder is assembled under a temporary name and renamed into place (an existing
 folder of the same name is replaced only once the new one is complete); single files are
@@ -9,7 +9,6 @@ written to a temporary name and renamed.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -17,8 +16,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from jaxdiff.data.images import make_panel, save_png, write_json  # noqa: F401
-from jaxdiff.editing.io import EditJob
+from jaxdiff.cli.edit_jobs import EditJob
+from jaxdiff.data.images import make_panel, save_png, write_json
 
 
 def write_result(out_dir: str, job: EditJob, *, source: np.ndarray,

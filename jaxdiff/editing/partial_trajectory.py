@@ -17,12 +17,6 @@ import jax.numpy as jnp
 from jaxdiff import schedules
 
 
-def bcast(v, x):
-    """[B] per-image values reshaped to broadcast against x [B, ...]."""
-    v = jnp.asarray(v)
-    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
-
-
 def start_index(strength, num_steps: int):
     """diffusers' ``t_start = S - min(int(S * strength), S)``, traced, per image.
 
@@ -49,7 +43,7 @@ def noised_start(alphas_cumprod, timesteps, z0, noise, start):
     s = timesteps.shape[0]
     t = jnp.asarray(timesteps)[jnp.minimum(start, s - 1)]
     x = schedules.add_noise(alphas_cumprod, z0, noise, t)
-    return jnp.where(bcast(start < s, z0), x, z0)
+    return jnp.where(schedules.expand_like(start < s, z0), x, z0)
 
 
 def partial_scan(step: Callable, x, start, indices):
@@ -66,7 +60,7 @@ def partial_scan(step: Callable, x, start, indices):
     def body(x, i):
         active = i >= start
         new = jax.lax.cond(jnp.any(active), lambda v: step(v, i), lambda v: v, x)
-        x = jnp.where(bcast(active, x), new, x)
+        x = jnp.where(schedules.expand_like(active, x), new, x)
         return x, x
 
     return jax.lax.scan(body, x, indices)

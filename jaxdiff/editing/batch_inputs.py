@@ -1,9 +1,10 @@
-"""Pipeline-level plumbing shared by the mask/strength editing methods (host side + jit).
+"""The inputs of a batched edit program, shared by the mask/strength editing methods.
 
 Each method file has a latent-space core (a pure function of a denoiser and arrays) and a
-``run`` wrapper that compiles image-encode -> edit -> decode into one program per
-(pipeline, shapes, static options). These helpers build the pieces those wrappers share:
-the UNet as a denoiser, per-image keys and noise, prompt ids, per-image traced scalars.
+pipeline-level function that compiles image-encode -> edit -> decode into one program per
+(pipeline, shapes, static options). These helpers check and convert what that function
+is given (images, masks, prompts, per-image traced scalars, noise) and build the
+pieces its program shares (the UNet as a denoiser, per-step noise, latent masks).
 """
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jaxdiff.sampling import sample_keys
 
 
 def unet_denoiser(pipe, params):
@@ -24,11 +23,6 @@ def unet_denoiser(pipe, params):
 def step_noise(keys, i, shape):
     """N(0, 1) [B, *shape] for loop step ``i`` (stream ``i + 1``; stream 0 is the start)."""
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), shape))(keys)
-
-
-def start_noise(keys, shape):
-    """N(0, 1) [B, *shape] start noise (stream 0, as ``sampling.initial_noise``)."""
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
 
 
 def prompt_list(prompts: Union[str, Sequence[str], None], b: int, name: str,
@@ -74,21 +68,8 @@ def check_images(images, pipe) -> jax.Array:
     x = jnp.asarray(images, jnp.float32)
     if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] < 1:
         raise ValueError(f"images must be [B, H, W, 3] floats in [-1, 1], got {x.shape}.")
-    mult = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    if x.shape[1] % mult or x.shape[2] % mult:
-        raise ValueError(f"image size {x.shape[2]}x{x.shape[1]} must be a multiple of {mult} "
-                         "for this model (VAE factor x UNet downsampling).")
+    pipe.check_size(x.shape[1], x.shape[2])
     return x
-
-
-def latent_shape(pipe, images) -> tuple:
-    f = pipe.vae_scale_factor
-    return (images.shape[1] // f, images.shape[2] // f, pipe.unet.config.in_channels)
-
-
-def keys_for(seed, b: int) -> jax.Array:
-    """Per-image keys [B] (``fold_in(key(seed), index)``, as ``jaxdiff.generate``)."""
-    return sample_keys(seed, b)
 
 
 def given_noise(noise, shape, name="noise") -> Optional[jax.Array]:

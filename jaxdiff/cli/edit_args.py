@@ -1,4 +1,4 @@
-"""Command-line flags shared by every ``edit/`` entrypoint (re-exported by ``editing.io``)."""
+"""Command-line flags shared by every ``edit/`` entrypoint, and its one-line error exit."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from jaxdiff.editing.io import ALPHAS, FITS, InputError
+from jaxdiff.data.images import ALPHAS, FITS, InputError
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, steps: int = 50,
