@@ -113,7 +113,7 @@ def main():
     args = ap.parse_args()
 
     pipe, params = jaxdiff.load_pipeline(args.model)
-    spec = WorldSpec(image_size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    spec = WorldSpec(image_size=pipe.image_size)
     examples = held_out_examples(spec, args.num, num_objects=1)
     edits = swap_edits(spec, examples)
     images = np.stack([e["image"] for e in examples])

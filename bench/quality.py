@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def parse_args(argv=None):
@@ -114,7 +112,7 @@ def main(argv=None):
     from jaxdiff.eval import generation as gen
 
     pipe, params = jaxdiff.load_pipeline(args.model)
-    spec = world(args.world, image_size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    spec = world(args.world, image_size=pipe.image_size)
     result = {"model": args.model or "embedded", "world": args.world,
               "image_size": spec.image_size, "sampler": args.sampler, "steps": args.steps,
               "seed": args.seed, "guidance": list(args.guidance)}

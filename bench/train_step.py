@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -37,8 +36,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from models import SIZES, _torch_setup  # noqa: E402
 
@@ -128,7 +125,7 @@ def bench(size, batch, repeats, dtype_name, remat, torch_threads=None):
     import jax
     from diffusers import UNet2DConditionModel
     from jaxdiff.weights import load_component
-    from reference import perturb
+    from torchref.models import perturb
 
     torch, device, tdtype, sync = _torch_setup(dtype_name, torch_threads)
     if device == "cuda":  # XLA uses TF32 for float32 GPU matmuls/convs by default; so does this

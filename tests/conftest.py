@@ -62,7 +62,7 @@ def tiny_pipe_dir(tmp_path_factory, torch):
 
     Read-only for tests: copy it before editing files inside.
     """
-    import reference as ref
+    from torchref import models as ref
     folder = str(tmp_path_factory.mktemp("sd_tiny_shared"))
     ref.make_torch_pipeline(folder, unet="sd1", vae="sd1", text="sd1")
     return folder

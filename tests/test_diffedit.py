@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxdiff
-import reference as ref
+from torchref import models as ref
 from jaxdiff import schedules
 from jaxdiff.editing import batch_inputs, diffedit as de, inversion as inv
 from jaxdiff.samplers.ddim import ddim_tables

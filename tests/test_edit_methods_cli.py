@@ -10,7 +10,7 @@ from PIL import Image
 from jaxdiff.data import WorldSpec, held_out_examples
 from jaxdiff.editing import sdedit
 from jaxdiff.pipeline import from_uint8, to_uint8
-from reference import load_script
+from torchref.scripts import load_script
 
 
 def _load(name):

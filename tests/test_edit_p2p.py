@@ -10,7 +10,7 @@ from PIL import Image
 from jaxdiff.data import WorldSpec, held_out_examples
 from jaxdiff.data.images import make_panel
 from jaxdiff.editing import p2p_pipeline as pp
-from reference import load_script
+from torchref.scripts import load_script
 
 cli = load_script("edit", "p2p")
 

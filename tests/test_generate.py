@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxdiff
-import reference as ref
+from torchref import models as ref
 from jaxdiff import sampling as gen_lib
 from jaxdiff.samplers import SAMPLERS
 

@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 import jaxdiff
-import reference as ref
+from torchref import models as ref
 from jaxdiff.adapters import lora as lora_lib
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.lora import make_lora_loss

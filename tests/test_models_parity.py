@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import reference as ref
+from torchref import models as ref
 from jaxdiff.models import AutoencoderKL, attention, clip_text, vae
 from jaxdiff.weights import load_component
 

@@ -152,7 +152,7 @@ def test_class_images_are_cached_by_model_prompt_count_and_settings(micro, tmp_p
 
 
 def _config(name, variant):
-    from reference import load_script
+    from torchref.scripts import load_script
     return load_script("configs", name).get_config(variant)
 
 

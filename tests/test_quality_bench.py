@@ -14,6 +14,7 @@ import pytest
 from jaxdiff.data import shapes
 from jaxdiff.data.shapes import WorldSpec
 from jaxdiff.eval import generation as gen
+from torchref.scripts import load_script
 
 SPEC = WorldSpec()
 
@@ -150,8 +151,7 @@ def test_vae_psnr_round_trip_in_padded_batches():
 
 
 def test_single_attribute_prompts_name_one_attribute_and_score_their_renders():
-    import reference as ref
-    bench = ref.load_script("bench", "quality")
+    bench = load_script("bench", "quality")
     colour_free = bench.single_attribute_cases(SPEC, 20, "colour")
     shape_free = bench.single_attribute_cases(SPEC, 30, "shape")
     assert colour_free[0].prompt == "a circle on a black background"
@@ -182,10 +182,10 @@ def test_single_attribute_prompts_name_one_attribute_and_score_their_renders():
 
 
 def test_bench_runs_end_to_end_on_a_tiny_random_pipeline(tmp_path, torch):
-    import reference as ref
+    from torchref import models as ref
     folder = str(tmp_path / "pipe")
     ref.make_torch_pipeline(folder)               # 16 x 16 images
-    bench = ref.load_script("bench", "quality")
+    bench = load_script("bench", "quality")
     out = str(tmp_path / "q.json")
     with pytest.warns(UserWarning, match="truncated"):   # 16-token char-level tokenizer
         result = bench.main(["--model", folder, "--num-one", "3", "--num-two", "2",

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jaxdiff
-import reference as ref
+from torchref import models as ref
 from jaxdiff import schedules
 from jaxdiff.editing import partial_trajectory, sdedit as sd
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jaxdiff
-import reference as ref
+from torchref import models as ref
 from jaxdiff.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxdiff.training import state as state_lib
 from jaxdiff.adapters import textual_inversion as ti

@@ -16,7 +16,7 @@ from jaxdiff.training import recipes, text_to_image as t2i
 
 
 def _tiny_config():
-    from reference import load_script
+    from torchref.scripts import load_script
     return load_script("configs", "shapes").get_config("tiny")
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxdiff
-import reference as ref
+from torchref import models as ref
 from jaxdiff.models import UnsupportedConfigError
 from jaxdiff.weights import PickleRefusedError, WeightsError, load_component
 

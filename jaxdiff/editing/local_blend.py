@@ -103,7 +103,7 @@ def capturing_denoiser(unet, unet_params, res: int) -> Callable:
     ``maps`` are the cross-attention probabilities averaged over heads and over every
     ``attn2`` layer (mid block excluded) whose query grid is ``res x res``.
     """
-    heads = {s["name"]: s["heads"] for s in unet._plan()}
+    heads = {s["name"]: s["heads"] for s in unet.plan()}
 
     def want(mdl, method):
         return (method == "__call__" and mdl.name in ("to_q", "to_k")

@@ -184,9 +184,9 @@ class UNet2DConditionModel(nn.Module):
 
     def layer_count(self) -> int:
         """Number of controllable transformer blocks (controller ``layer`` indices)."""
-        return sum(s["transformer_layers"] * s["num_resnets"] for s in self._plan() if s["cross"])
+        return sum(s["transformer_layers"] * s["num_resnets"] for s in self.plan() if s["cross"])
 
-    def _plan(self):
+    def plan(self):
         """Static description of every stage, in forward order: down..., mid, up..."""
         cfg, n = self.config, len(self.config.block_out_channels)
         boc, heads = cfg.block_out_channels, cfg.heads()
@@ -230,7 +230,7 @@ class UNet2DConditionModel(nn.Module):
 
         x = conv3x3(cfg.block_out_channels[0], self.dtype, "conv_in")(sample)
         skips = [x]
-        for stage in self._plan():
+        for stage in self.plan():
             kw = {k: v for k, v in stage.items() if k != "name"}
             if stage["resample"] == "mid":
                 x = _MidBlock(stage["out_channels"], stage["heads"], stage["transformer_layers"],

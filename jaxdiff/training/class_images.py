@@ -74,7 +74,7 @@ def class_images(pipe, params, class_prompt: str, num_images: int, cache_dir: st
     if unknown:
         raise ValueError(f"unknown class-image settings {sorted(unknown)}; use "
                          f"{sorted(DEFAULT_SETTINGS)}.")
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = pipe.image_size
     key = cache_key(params_digest(params), class_prompt,
                     num_images, dict(settings, negative_prompt=negative_prompt or ""),
                     (side, side))
