@@ -6,7 +6,7 @@ Both sides run on the same random diffusers weights (bench/sample.py's "tiny" pi
 VAE encode -> DDIM inversion (conditional) -> null-text optimisation (guidance 7.5, Adam
 lr 1e-2 (1 - i/100), up to 10 inner steps, early stop at 1e-5 + i 2e-5) -> P2P replace
 edit (cross 0.8 / self 0.4 replace steps) sampling source and target together -> VAE
-decode. The PyTorch side is tests/reference_p2p.py: a re-implementation of
+decode. The PyTorch side is torchref/p2p.py: a re-implementation of
 google/prompt-to-prompt's ``NullInversion`` (``null_text_w_ptp.ipynb``: ``ddim_loop``,
 ``null_optimization``) and of its ``AttentionReplace`` controller as a diffusers attention
 processor, one image at a time as the reference runs (tests/test_p2p_reference.py checks
@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 SOURCE, TARGET = "a red ball", "a blue ball"
 
@@ -50,8 +46,8 @@ def main():
     from diffusers import StableDiffusionPipeline
 
     import jaxdiff
-    from jaxdiff.editing import p2p_pipeline as pp, prompt_to_prompt as p2p
-    from reference_p2p import TorchP2P  # tests/reference_p2p.py
+    from jaxdiff.editing import p2p_pipeline as pp
+    from torchref.p2p import TorchP2P
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -63,11 +59,11 @@ def main():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, side, side, 3), dtype=np.uint8)
     settings = pp.P2PSettings(inversion="null_text", steps=args.steps, guidance=args.guidance)
-    control = p2p.make_control(pipe, [SOURCE], [TARGET], args.steps)
     ref = TorchP2P(torch, tpipe, args.steps, args.guidance)
 
     def torch_edit(image):
-        src, edit, taken = ref(image, SOURCE, TARGET, control, "null_text")
+        src, edit, taken = ref(image, SOURCE, TARGET, "null_text",
+                               control=dict(mode="replace", tail="aligned"))
         return ref.decode(edit)[0], ref.decode(src)[0], float(np.mean(taken))
 
     def jx(n):

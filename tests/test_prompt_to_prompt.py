@@ -71,11 +71,20 @@ def test_reweight_by_one_is_a_no_op_of_injection(setup):
     assert float(jnp.abs(b - a).max()) > 1e-3
 
 
+class _WordTokenizer:
+    """One token per word (BOS 1, EOS 2): alignment tests by hand."""
+
+    def encode(self, text):
+        return [1] + [5 + ord(w[0]) for w in text.split()] + [2]
+
+
 def test_alignment_of_refine_prompts():
     pairs = alignment.global_alignment([1, 5, 6, 2], [1, 5, 9, 6, 2])
     assert pairs == [(0, 0), (1, 1), (2, 3), (3, 4)]
-    mapper, alphas = alignment.refinement_mapper([1, 5, 6, 2], [1, 5, 9, 6, 2])
-    assert mapper.tolist() == [0, 1, 2, 2, 3] and alphas.tolist() == [1, 1, 0, 1, 1]
+    mapper, alphas = alignment.refinement_mapper(_WordTokenizer(), "a ball", "a red ball", 7)
+    # [BOS a red ball EOS pad pad]: "red" is new; positions past the end map to themselves.
+    assert alphas.tolist() == [1, 1, 0, 1, 1, 1, 1]
+    assert [mapper[j] for j in (0, 1, 3, 4, 5, 6)] == [0, 1, 2, 3, 5, 6]
 
 
 def test_word_alphas_per_word_steps(setup):

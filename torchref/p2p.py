@@ -10,13 +10,15 @@ every step). One image per call, host-side loops and a stateful attention proces
 the reference runs. Used by tests/test_p2p_reference.py (parity) and bench/edit_speed.py
 (speed). Epsilon-prediction only, like the reference.
 
-The controller's *data* (token mapper, per-step word alphas, refine alignment,
-equalizer) is taken from a jaxdiff ``P2PControl`` for one pair; the alignment code that
-builds it is tested on its own (tests/test_prompt_to_prompt.py).
+The controller's data (token mapper, per-step word alphas, refine alignment, equalizer,
+self-replace steps, LocalBlend word masks) is built from the prompts by the reference's
+own code, ported in ``torchref/p2p_control.py``; nothing is taken from jaxdiff.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from torchref import p2p_control as pc
 
 INVERSIONS = ("ddim", "null_text", "negative_prompt", "direct")
 
@@ -40,18 +42,38 @@ class TorchP2P:
                                       for name in pipe.unet.attn_processors})
 
     # -- the attention controller (AttentionControlEdit.forward on the cond half) --------
-    def set_control(self, control, pair: int = 0):
-        """Controller data of pair ``pair`` of a jaxdiff ``P2PControl`` (None: no edit)."""
-        if control is None:
-            self.control = None
-            return
-        f = lambda a: self.t.from_numpy(np.array(a)[pair])
-        self.control = dict(
-            mapper=f(control.cross_mapper), alpha=self.t.from_numpy(
-                np.array(control.cross_alpha)[:, pair]), equalizer=f(control.equalizer),
-            refine_index=f(control.refine_index).long(), refine_alpha=f(control.refine_alpha),
-            self_steps=int(control.self_steps), refine=control.refine,
-            self_max_tokens=control.self_max_tokens)
+    def set_control(self, source: str, target: str, *, mode: str = "replace",
+                    cross_replace_steps=0.8, self_replace_steps=0.4, reweight=None,
+                    self_max_tokens: int = 32 * 32, tail: str = "reference"):
+        """AttentionReplace / AttentionRefine (+ AttentionReweight) for one prompt pair,
+        built from the prompts by the reference's own code (``torchref.p2p_control``).
+
+        Args:
+          cross_replace_steps: a fraction, a (start, end) pair, or a dict of them with
+            "default_" and per-target-word entries (the reference's argument).
+          reweight: {word of the target: factor} (``get_equalizer``), or None.
+          self_max_tokens: self-attention is replaced in layers with <= this many tokens
+            (null_text_w_ptp.ipynb: 32 ** 2).
+          tail: "reference", or "aligned" to map the tokens after a swap that changes
+            the token count the way jaxdiff does (``p2p_control.replacement_mapper``).
+        """
+        tok, n = self.pipe.tokenizer, self.pipe.tokenizer.model_max_length
+        words = list((reweight or {}).items())
+        control = dict(
+            refine=mode == "refine", self_max_tokens=self_max_tokens,
+            self_range=pc.self_replace_range(self.steps, self_replace_steps),
+            alpha=pc.time_words_alpha(target, self.steps, cross_replace_steps, tok, n),
+            equalizer=pc.equalizer(target, [w for w, _ in words], [v for _, v in words],
+                                   tok, n))
+        if mode == "refine":
+            control["refine_index"], control["refine_alpha"] = pc.refinement_mapper(
+                source, target, tok, n)
+        elif mode in ("replace", "reweight"):
+            control["mapper"] = pc.replacement_mapper(source, target, tok, n, tail)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        self.control = {k: self.t.from_numpy(v) if isinstance(v, np.ndarray) else v
+                        for k, v in control.items()}
 
     def _replace_cross(self, base, tgt):
         c = self.control
@@ -62,15 +84,15 @@ class TorchP2P:
             mapped = self.t.einsum("hqw,wk->hqk", base, c["mapper"])
         return mapped * c["equalizer"][None, None, :]  # AttentionReweight
 
-    def set_blend(self, blend, pair: int = 0):
-        """LocalBlend data of pair ``pair`` of a jaxdiff ``LocalBlend`` (None: no blend)."""
-        if blend is None:
-            self.blend = None
-            return
-        n = np.asarray(blend.words).shape[0] // 2
-        words = np.array(blend.words)[[pair, n + pair]]
-        self.blend = dict(words=self.t.from_numpy(words), threshold=float(blend.threshold),
-                          start=int(blend.start), res=blend.res)
+    def set_blend(self, source: str, target: str, words, *, threshold: float = 0.3,
+                  start_fraction: float = 0.2, res: int = 16):
+        """LocalBlend of one pair: ``words = (source words, target words)``; word maps at
+        ``res`` x ``res`` (the reference: 16 for SD at 512 px)."""
+        tok, n = self.pipe.tokenizer, self.pipe.tokenizer.model_max_length
+        masks = np.stack([pc.blend_word_mask(source, words[0], tok, n),
+                          pc.blend_word_mask(target, words[1], tok, n)])
+        self.blend = dict(words=self.t.from_numpy(masks), threshold=float(threshold),
+                          start=int(start_fraction * self.steps), res=res)
 
     def _blend_step(self, x, acc):
         """LocalBlend.__call__: word maps summed over steps, 3x3 max-pool, nearest
@@ -110,7 +132,8 @@ class TorchP2P:
                 if cross:
                     a = c["alpha"][outer.step][None, None, :]
                     p[3] = outer._replace_cross(base, tgt) * a + tgt * (1 - a)
-                elif outer.step < c["self_steps"] and p.shape[2] <= c["self_max_tokens"]:
+                elif (c["self_range"][0] <= outer.step < c["self_range"][1]
+                      and p.shape[2] <= c["self_max_tokens"]):
                     p[3] = base
                 probs = p.view(probs.shape)
             out = attn.batch_to_head_dim(torch.bmm(probs, v))
@@ -203,32 +226,31 @@ class TorchP2P:
         return offsets
 
     # -- text2image_ldm_stable with the controller -----------------------------------------
-    def edit(self, z_T, nulls, cond, tgt, control, offsets=None, blend=None, pair=0):
-        """Source and target branches sampled together under pair ``pair`` of the
-        controller (and LocalBlend) data; returns their final latents."""
+    def edit(self, z_T, nulls, cond, tgt, offsets=None):
+        """Source and target branches sampled together under the controller and LocalBlend
+        set by ``set_control`` / ``set_blend``; returns their final latents."""
         torch = self.t
         x = torch.cat([z_T, z_T])
-        self.set_control(control, pair)
-        self.set_blend(blend, pair)
         acc, self.step_maps = 0.0, []
-        try:
-            for i, t in enumerate(self.timesteps):
-                self.step = i
-                eps = self.guided(x, t, torch.cat([nulls[i], nulls[i]]), torch.cat([cond, tgt]))
-                x = self.scheduler.step(eps, t, x).prev_sample
-                if offsets is not None:
-                    x = torch.cat([x[:1] + offsets[i], x[1:]])
-                if self.blend is not None:
-                    x, acc = self._blend_step(x, acc)
-        finally:
-            self.set_control(None)
-            self.set_blend(None)
+        for i, t in enumerate(self.timesteps):
+            self.step = i
+            eps = self.guided(x, t, torch.cat([nulls[i], nulls[i]]), torch.cat([cond, tgt]))
+            x = self.scheduler.step(eps, t, x).prev_sample
+            if offsets is not None:
+                x = torch.cat([x[:1] + offsets[i], x[1:]])
+            if self.blend is not None:
+                x, acc = self._blend_step(x, acc)
         return x[:1], x[1:]
 
-    def __call__(self, image_uint8, source, target, control, inversion="null_text",
-                 inner_steps=10, blend=None, pair=0):
-        """(source latent, target latent, inner Adam steps per timestep) of one edit, with
-        pair ``pair`` of the controller / LocalBlend data."""
+    def __call__(self, image_uint8, source, target, inversion="null_text", inner_steps=10,
+                 control=None, blend=None):
+        """(source latent, target latent, inner Adam steps per timestep) of one edit.
+
+        Args:
+          control: keyword arguments of ``set_control`` (mode, cross/self replace steps,
+            reweight), built into the controller from the two prompts.
+          blend: keyword arguments of ``set_blend`` (words, threshold, ...) or None.
+        """
         if inversion not in INVERSIONS:
             raise ValueError(f"unknown inversion {inversion!r}")
         cond, uncond, tgt = self.text([source]), self.text([""]), self.text([target])
@@ -242,5 +264,11 @@ class TorchP2P:
             nulls = [uncond] * self.steps
             if inversion == "direct":
                 offsets = self.direct_offsets(traj, cond, uncond)
-        src, edit = self.edit(traj[-1], nulls, cond, tgt, control, offsets, blend, pair)
+        self.set_control(source, target, **(control or {}))
+        if blend is not None:
+            self.set_blend(source, target, **blend)
+        try:
+            src, edit = self.edit(traj[-1], nulls, cond, tgt, offsets)
+        finally:
+            self.control = self.blend = None
         return src, edit, taken

@@ -1,6 +1,11 @@
 """Token alignment between a source and a target prompt (Prompt-to-Prompt's seq_aligner).
 
 Host-side (numpy) preprocessing: the results are arrays handed to the jitted controller.
+They equal google/prompt-to-prompt's ``seq_aligner`` matrices (checked against a port of
+it in tests/test_p2p_control_reference.py) with one deliberate difference: after a word
+swap that changes the token count, the reference maps every later source token to the
+wrong target token (``mapper[j, j]``, off by the difference); ``replacement_mapper``
+keeps them aligned.
 """
 from __future__ import annotations
 
@@ -48,39 +53,49 @@ def replacement_mapper(tokenizer, source: str, target: str, max_len: int) -> np.
 
 def global_alignment(x: Sequence[int], y: Sequence[int], gap: int = 0, match: int = 1,
                      mismatch: int = -1) -> List[Tuple[int, int]]:
-    """Needleman-Wunsch alignment of token lists; returns aligned (i, j) index pairs."""
+    """Needleman-Wunsch alignment of token lists; returns aligned (i, j) index pairs.
+
+    Ties are broken as prompt-to-prompt's ``seq_aligner.global_align`` does (a gap in
+    the source first, then a gap in the target, then the diagonal), so among equally good
+    alignments the same one is chosen ("a cat" -> "a cat on a mat" aligns "cat" to
+    "cat", not to the "at" of "mat")."""
     n, m = len(x), len(y)
     score = np.zeros((n + 1, m + 1), np.int64)
     score[:, 0] = np.arange(n + 1) * gap
     score[0, :] = np.arange(m + 1) * gap
+    move = np.zeros((n + 1, m + 1), np.int8)  # 1 left, 2 up, 3 diagonal
+    move[0, 1:], move[1:, 0] = 1, 2
     for i in range(1, n + 1):
         for j in range(1, m + 1):
+            left, up = score[i, j - 1] + gap, score[i - 1, j] + gap
             diag = score[i - 1, j - 1] + (match if x[i - 1] == y[j - 1] else mismatch)
-            score[i, j] = max(diag, score[i - 1, j] + gap, score[i, j - 1] + gap)
+            score[i, j] = max(left, up, diag)
+            move[i, j] = 1 if score[i, j] == left else 2 if score[i, j] == up else 3
     pairs, i, j = [], n, m
-    while i > 0 and j > 0:
-        diag = score[i - 1, j - 1] + (match if x[i - 1] == y[j - 1] else mismatch)
-        if score[i, j] == diag and x[i - 1] == y[j - 1]:
-            pairs.append((i - 1, j - 1))
+    while i > 0 or j > 0:
+        if move[i, j] == 3:
             i, j = i - 1, j - 1
-        elif score[i, j] == score[i - 1, j] + gap:
-            i -= 1
-        elif score[i, j] == score[i, j - 1] + gap:
+            pairs.append((i, j))
+        elif move[i, j] == 1:
             j -= 1
         else:
-            i, j = i - 1, j - 1
+            i -= 1
     return pairs[::-1]
 
 
-def refinement_mapper(src_ids: Sequence[int], tgt_ids: Sequence[int]):
-    """(mapper [L] int32, alphas [L] float32) for a refine edit of padded id rows.
+def refinement_mapper(tokenizer, source: str, target: str, max_len: int):
+    """(mapper [max_len] int32, alphas [max_len] float32) for a refine edit.
 
     ``mapper[j]`` is the source position whose map target position j takes; ``alphas[j]``
-    is 1 where j is aligned to a source token and 0 for tokens the target adds.
+    is 1 where j is aligned to a source token and 0 for tokens the target adds. The
+    encoded prompts (start and end tokens included, no padding) are aligned; positions
+    after the target's end token map to themselves, as prompt-to-prompt's ``get_mapper``.
     """
-    length = len(tgt_ids)
-    mapper = np.arange(length, dtype=np.int32)
-    alphas = np.zeros(length, np.float32)
-    for i, j in global_alignment(list(src_ids), list(tgt_ids)):
-        mapper[j], alphas[j] = i, 1.0
+    x, y = tokenizer.encode(source), tokenizer.encode(target)
+    mapper = np.arange(max_len, dtype=np.int32)
+    alphas = np.ones(max_len, np.float32)
+    alphas[:min(len(y), max_len)] = 0.0
+    for i, j in global_alignment(x, y):
+        if j < max_len:
+            mapper[j], alphas[j] = i, 1.0
     return mapper, alphas

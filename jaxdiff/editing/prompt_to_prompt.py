@@ -12,7 +12,7 @@ References: Hertz et al., "Prompt-to-Prompt Image Editing with Cross Attention C
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import flax.struct
 import jax
@@ -75,23 +75,34 @@ class P2PControl:
 
 
 def word_alphas(tokenizer, target: str, num_steps: int, length: int,
-                cross_replace_steps: Union[float, Dict[str, float]]) -> np.ndarray:
-    """[S, L] injection weights: 1 while step < fraction * S (per word if a dict)."""
-    steps = cross_replace_steps if isinstance(cross_replace_steps, dict) else {
+                cross_replace_steps) -> np.ndarray:
+    """[S, L] cross-attention injection weights, as prompt-to-prompt's
+    ``get_time_words_attention_alpha``.
+
+    Args:
+      cross_replace_steps: a fraction f, a ``(start, end)`` pair of fractions, or a dict of
+        them with ``"default_"`` (all tokens; default ``(0, 1)``) and per-target-word
+        entries. As in the reference the fractions are of ``S + 1`` rows: a word's map is
+        injected at steps ``int(start * (S + 1)) <= step < int(end * (S + 1))``.
+    """
+    steps = dict(cross_replace_steps) if isinstance(cross_replace_steps, dict) else {
         "default_": cross_replace_steps}
-    default = steps.get("default_", 1.0)
-    alpha = np.zeros((num_steps, length), np.float32)
-    alpha[:int(default * num_steps)] = 1.0
-    words = target.split()
+    steps.setdefault("default_", (0.0, 1.0))
+    alpha = np.zeros((num_steps + 1, length), np.float32)
+
+    def put(bounds, cols):
+        start, end = (0.0, bounds) if np.ndim(bounds) == 0 else bounds
+        alpha[:, cols] = 0.0
+        alpha[int(start * (num_steps + 1)):int(end * (num_steps + 1)), cols] = 1.0
+
+    put(steps["default_"], slice(None))
     positions = alignment.word_token_indices(tokenizer, target)
-    for word, frac in steps.items():
-        if word == "default_":
-            continue
-        for w, pos in zip(words, positions):
-            if w == word:
-                alpha[:, pos] = 0.0
-                alpha[:int(frac * num_steps), pos] = 1.0
-    return alpha
+    for word, bounds in steps.items():
+        if word != "default_":
+            for w, pos in zip(target.split(), positions):
+                if w == word:
+                    put(bounds, [p for p in pos if p < length])
+    return alpha[:num_steps]
 
 
 def make_control(pipe, sources: Sequence[str], targets: Sequence[str], num_steps: int, *,
@@ -103,8 +114,9 @@ def make_control(pipe, sources: Sequence[str], targets: Sequence[str], num_steps
     Args:
       mode: "replace" (word swap, same word count), "refine" (added words, aligned by
         Needleman-Wunsch) or "reweight" (same prompt, scaled attention on some words).
-      cross_replace_steps: fraction of steps with injected cross-attention, or a dict
-        ``{"default_": f, word: f_word}`` per target word.
+      cross_replace_steps: fraction of steps with injected cross-attention (of S + 1, as
+        the reference), a ``(start, end)`` pair, or a dict ``{"default_": f, word: f}``
+        per target word (``word_alphas``).
       self_replace_steps: fraction of steps with injected self-attention.
       reweight: ``{word: factor}`` applied to the target's attention on those words.
     """
@@ -115,13 +127,12 @@ def make_control(pipe, sources: Sequence[str], targets: Sequence[str], num_steps
     if len(targets) != n:
         raise ValueError(f"{n} source prompts but {len(targets)} target prompts.")
     mappers, ridx, ralpha, alphas, eq = [], [], [], [], []
-    src_ids, tgt_ids = pipe.tokenize(sources), pipe.tokenize(targets)
-    for k, (s, t) in enumerate(zip(sources, targets)):
+    for s, t in zip(sources, targets):
         if mode == "replace":
             mappers.append(alignment.replacement_mapper(tok, s, t, length))
         else:
             mappers.append(np.eye(length, dtype=np.float32))
-        m, a = alignment.refinement_mapper(src_ids[k], tgt_ids[k])
+        m, a = alignment.refinement_mapper(tok, s, t, length)
         ridx.append(m)
         ralpha.append(a)
         alphas.append(word_alphas(tok, t, num_steps, length, cross_replace_steps))
