@@ -26,6 +26,12 @@ def rescale_noise_cfg(guided, cond, rescale):
     return rescale * rescaled + (1.0 - rescale) * guided
 
 
+def combine(out_uncond, out_cond, scale):
+    """``u + scale * (c - u)`` for outputs computed apart (null-text's inner loop, where
+    only the unconditional branch is differentiated)."""
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
 def guide(out, scale, rescale=None):
     """Guided output from a raw ``[2B]`` model output ``[uncond; cond]``: ``u + s (c - u)``.
 
@@ -36,7 +42,7 @@ def guide(out, scale, rescale=None):
         in the program at all).
     """
     out_uncond, out_cond = jnp.split(out, 2)
-    g = out_uncond + scale * (out_cond - out_uncond)
+    g = combine(out_uncond, out_cond, scale)
     if rescale is None:
         return g
     return jnp.where(rescale > 0, rescale_noise_cfg(g, out_cond, rescale), g)

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdiff.guidance import guided_call
+from jaxdiff.guidance import combine, guided_call
 from jaxdiff.samplers.base import x0_eps_vp
 from jaxdiff.samplers.ddim import DDIMTables, ddim_update
+from jaxdiff.schedules import expand_like
 
 
 def ddim_invert(denoise: Callable, tables: DDIMTables, z0, context, prediction_type: str):
@@ -113,7 +114,7 @@ def null_text_invert(denoise: Callable, tables: DDIMTables, trajectory, cond, un
 
         def losses(nl):
             out_u = denoise(x, t, nl)
-            guided = out_u + guidance * (out_c - out_u)
+            guided = combine(out_u, out_c, guidance)
             x_prev, _ = ddim_update(guided, x, a, a_prev, to_x0_eps=to_x0_eps)
             return jnp.mean((x_prev - target) ** 2, axis=axes)
 
@@ -126,8 +127,7 @@ def null_text_invert(denoise: Callable, tables: DDIMTables, trajectory, cond, un
             loss, vjp = jax.vjp(losses, nl)
             (grad,) = vjp(jnp.ones_like(loss))
             updates, opt_state = opt.update(grad, opt_state, nl)
-            mask = active.reshape((-1,) + (1,) * (nl.ndim - 1))
-            nl = jnp.where(mask, nl + updates, nl)
+            nl = jnp.where(expand_like(active, nl), nl + updates, nl)
             taken = taken + active.astype(jnp.int32)
             active = active & ~(loss < epsilon + i * 2e-5)
             return j + 1, nl, opt_state, active, taken
