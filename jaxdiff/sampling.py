@@ -105,7 +105,7 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     b = len(prompts)
-    negative = _negatives(negative_prompts, b)
+    negative = prompt_list(negative_prompts, b, "negative prompts")
     height = pipe.image_size if height is None else height
     width = pipe.image_size if width is None else width
     check_request(pipe, b, steps, height, width, sampler)
@@ -132,16 +132,19 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     return to_uint8(np.asarray(images)[..., :b, :, :, :])
 
 
-def _negatives(negative_prompts, b):
-    if negative_prompts is None:
-        return [""] * b
-    if isinstance(negative_prompts, str):
-        return [negative_prompts] * b
-    negative = list(negative_prompts)
-    if len(negative) != b:
-        raise ValueError(f"got {len(negative)} negative prompts for {b} prompts; give one, "
-                         "or one per prompt.")
-    return negative
+def prompt_list(prompts: Union[str, Sequence[str], None], b: int, name: str,
+                default: str = "", per: str = "prompt") -> list:
+    """One prompt per sample: a string is repeated, None gives ``default``, a sequence
+    must have ``b`` entries (else a one-line ValueError naming ``name`` and ``per``)."""
+    if prompts is None:
+        return [default] * b
+    if isinstance(prompts, str):
+        return [prompts] * b
+    prompts = list(prompts)
+    if len(prompts) != b:
+        raise ValueError(f"got {len(prompts)} {name} for {b} {per}s; give one, or one per "
+                         f"{per}.")
+    return prompts
 
 
 def check_request(pipe: Pipeline, b: int, steps: int, height: int, width: int,

@@ -18,11 +18,11 @@ from PIL import Image
 
 import jaxdiff
 from jaxdiff.adapters import lora as lora_lib
-from jaxdiff.models import UNet2DConditionModel, UNetConfig
-from jaxdiff.pipeline import dummy_inputs
 from jaxdiff.training import class_images as class_lib
 from jaxdiff.training import dreambooth as db
 from jaxdiff.training import recipes
+from torchref import models as ref
+from torchref.scripts import load_script
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.step import make_train_step
 
@@ -33,17 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def micro(tiny_pipe_dir, tmp_path_factory):
     """The tiny diffusers pipeline with a one-block cross-attention UNet (cheap to compile,
     still has attention projections for LoRA), saved as a diffusers directory."""
-    pipe, params = jaxdiff.load_pipeline(tiny_pipe_dir)
-    cfg = UNetConfig.from_dict(dict(
-        block_out_channels=(8,), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",),
-        up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=32, attention_head_dim=2,
-        norm_num_groups=4, sample_size=8))
-    unet = UNet2DConditionModel(cfg)
-    shapes = jax.eval_shape(unet.init, jax.random.key(0), *dummy_inputs(unet, "unet"))
-    rng = np.random.default_rng(0)
-    unet_params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32),
-                               shapes["params"])
-    pipe, params = dataclasses.replace(pipe, unet=unet), dict(params, unet=unet_params)
+    pipe, params = ref.with_micro_unet(*jaxdiff.load_pipeline(tiny_pipe_dir), cross=True,
+                                       sample_size=8)
     folder = str(tmp_path_factory.mktemp("micro") / "pipe")
     jaxdiff.save_pipeline(pipe, params, folder)
     return folder, pipe, params
@@ -152,7 +143,6 @@ def test_class_images_are_cached_by_model_prompt_count_and_settings(micro, tmp_p
 
 
 def _config(name, variant):
-    from torchref.scripts import load_script
     return load_script("configs", name).get_config(variant)
 
 

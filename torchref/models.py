@@ -137,19 +137,21 @@ def make_torch_pipeline(folder, unet="sd1", vae="sd1", text="sd1", scheduler=Non
     return pipe
 
 
-def with_micro_unet(pipe, params):
+def with_micro_unet(pipe, params, cross: bool = False, sample_size: int = 4):
     """The pipeline with a one-block UNet (random params): a cheap backward pass for
-    training tests. Params come from numpy: compiling flax's init of even this UNet takes
-    ~10 s on CPU."""
+    training tests (``cross``: a cross-attention block, e.g. for LoRA). Params come from
+    numpy: compiling flax's init of even this UNet takes ~10 s on CPU."""
     import dataclasses
     import jax
     import jax.numpy as jnp
     from jaxdiff.models import UNet2DConditionModel, UNetConfig
     from jaxdiff.pipeline import dummy_inputs
     cfg = UNetConfig.from_dict(dict(
-        block_out_channels=(8,), layers_per_block=1, down_block_types=("DownBlock2D",),
-        up_block_types=("UpBlock2D",), cross_attention_dim=32, attention_head_dim=2,
-        norm_num_groups=4, sample_size=4))
+        block_out_channels=(8,), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D" if cross else "DownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D" if cross else "UpBlock2D",),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4,
+        sample_size=sample_size))
     unet = UNet2DConditionModel(cfg)
     shapes = jax.eval_shape(unet.init, jax.random.key(0), *dummy_inputs(unet, "unet"))
     rng = np.random.default_rng(0)

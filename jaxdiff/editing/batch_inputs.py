@@ -8,11 +8,13 @@ pieces its program shares (the UNet as a denoiser, per-step noise, latent masks)
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdiff.sampling import prompt_list
 
 
 def unet_denoiser(pipe, params):
@@ -25,24 +27,10 @@ def step_noise(keys, i, shape):
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), shape))(keys)
 
 
-def prompt_list(prompts: Union[str, Sequence[str], None], b: int, name: str,
-                default: str = "") -> list:
-    """One prompt per image: a string is repeated; None gives ``default``."""
-    if prompts is None:
-        return [default] * b
-    if isinstance(prompts, str):
-        return [prompts] * b
-    prompts = list(prompts)
-    if len(prompts) != b:
-        raise ValueError(f"got {len(prompts)} {name} for {b} images; give one, or one per "
-                         "image.")
-    return prompts
-
-
 def tokenize_pair(pipe, prompts, negative_prompts, b: int):
     """Token ids [B, L] of the prompts and of the negative prompts ("" when None)."""
-    return (pipe.tokenize(prompt_list(prompts, b, "prompts")),
-            pipe.tokenize(prompt_list(negative_prompts, b, "negative prompts")))
+    return (pipe.tokenize(prompt_list(prompts, b, "prompts", per="image")),
+            pipe.tokenize(prompt_list(negative_prompts, b, "negative prompts", per="image")))
 
 
 def check_masks(masks, images) -> jax.Array:

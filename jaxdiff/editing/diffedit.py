@@ -31,7 +31,7 @@ from jaxdiff.editing import batch_inputs, partial_trajectory
 from jaxdiff.guidance import guided_call
 from jaxdiff.samplers.base import x0_eps_vp
 from jaxdiff.samplers.ddim import ddim_tables, ddim_update
-from jaxdiff.sampling import initial_noise, sample_keys
+from jaxdiff.sampling import initial_noise, prompt_list, sample_keys
 
 
 def diffedit_mask(denoise, tables, alphas_cumprod, z0, noise, cond_q, uncond_q, cond_r,
@@ -149,9 +149,9 @@ def diffedit(pipe, params, images, source_prompts, target_prompts, negative_prom
     """
     images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
-    src = pipe.tokenize(batch_inputs.prompt_list(source_prompts, b, "source prompts"))
-    tgt = pipe.tokenize(batch_inputs.prompt_list(target_prompts, b, "target prompts"))
-    neg = pipe.tokenize(batch_inputs.prompt_list(negative_prompts, b, "negative prompts"))
+    src = pipe.tokenize(prompt_list(source_prompts, b, "source prompts", per="image"))
+    tgt = pipe.tokenize(prompt_list(target_prompts, b, "target prompts", per="image"))
+    neg = pipe.tokenize(prompt_list(negative_prompts, b, "negative prompts", per="image"))
     use_given = (jnp.full((b,), masks is not None) if mask_given is None else
                  jnp.asarray(mask_given, bool).reshape(b))
     masks = jnp.zeros(images.shape[:3]) if masks is None else jnp.asarray(masks, jnp.float32)
