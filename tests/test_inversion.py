@@ -119,7 +119,32 @@ def test_published_reconstruction_ordering(world, inverted, sample):
     assert ddim_1.mean() < ddim_75.mean()
 
 
-def test_null_text_batch_equals_single_images(world, inverted, sample):
+def test_null_text_stops_early_on_the_embedded_model(world):
+    """The early stop (loss < 1e-5 + i * 2e-5) really fires on the shipped weights at the
+    reference's 50 steps: some steps take fewer than the 10 inner Adam steps, others all
+    10 (measured on this image: 10 for the first 24 steps, then mostly 1-3). (At this file's 10 steps the DDIM steps are too coarse: every count is
+    10, so the batch-vs-single test below cannot see early stopping.)"""
+    pipe, den, z0, cond, uncond = world
+    pt = pipe.scheduler.prediction_type
+    tab = ddim_tables(pipe.scheduler, 50)
+
+    @jax.jit
+    def taken(z, c, u):
+        traj = inv.ddim_invert(den, tab, z, c, pt)
+        return inv.null_text_invert(den, tab, traj, c, u, 7.5, pt)[1]
+
+    counts = np.asarray(taken(z0[:1], cond[:1], uncond[:1]))[:, 0]
+    print("inner steps per step:", counts.tolist())
+    assert (counts >= 1).all() and (counts <= 10).all()
+    assert (counts < 10).any() and (counts == 10).any(), counts
+
+
+def test_null_text_batch_matches_single_images_within_float32(world, inverted, sample):
+    """Batch == single only as far as float32 allows (not bit-exact): each image is
+    optimised independently, but XLA's float32 round-off differs between batch sizes and
+    Adam's normalised steps amplify it over the late steps (and can flip an early stop that
+    sits at its threshold). Checked: the first step's null agrees to 1e-3, >= 80 % of the
+    per-step inner-step counts agree, and both reconstruct equally well (MSE within 2x)."""
     pipe, den, z0, cond, uncond = world
     tab, traj, nulls, taken = inverted
     pt = pipe.scheduler.prediction_type
