@@ -1,6 +1,6 @@
 """DreamBooth (prior preservation, LoRA mode, class-image cache) and Textual Inversion
 training: defining properties of the loss, what trains, and the entrypoints end to end
-(their exports load in diffusers PyTorch)."""
+(their exports, loaded in diffusers PyTorch, compute what jaxdiff does)."""
 import dataclasses
 import json
 import os
@@ -176,18 +176,34 @@ def test_dreambooth_entrypoint_end_to_end(micro, subject, tmp_path, torch, capsy
     tp = StableDiffusionPipeline.from_pretrained(os.path.join(work, "export"))
     out = tp("sks o", num_inference_steps=2, output_type="np").images
     assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
+    # diffusers' UNet from the export computes what jaxdiff's trained UNet does.
+    got, want = ref.unet_outputs(tp.unet, pipe.unet, trained["unet"])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     # A second experiment with the same class prompt reuses the cached class images; LoRA
     # mode exports only the adapters, which diffusers loads. (In-process: same recipe.)
     config = _config("dreambooth", "tiny")
+    # lr 0.1 so that one step moves the adapters measurably; alpha 8 (scale 4, not the
+    # default 1) so that the file's alpha metadata must reach diffusers.
     config.update(model=folder, instance_dir=subject, instance_prompt="sks o", class_prompt="o",
-                  class_cache_dir=cache, lora_rank=2, sample_every=0, steps=1)
+                  class_cache_dir=cache, lora_rank=2, lora_alpha=8.0, lr=0.1, sample_every=0,
+                  steps=1)
     work2 = str(tmp_path / "db_lora")
     lora_file = recipes.run_dreambooth(config, work2)
     assert "reused 2 class images" in capsys.readouterr().out
     assert lora_file == os.path.join(work2, "export", lora_lib.WEIGHT_NAME)
     assert os.listdir(os.path.join(work2, "export")) == [lora_lib.WEIGHT_NAME]
+    # diffusers' UNet with the LoRA file loaded computes jaxdiff's UNet with the same
+    # adapters merged at scale alpha / rank; the adapters change the output well beyond that.
+    lora, alpha = lora_lib.load_lora(lora_file)
+    assert alpha == 8.0 and lora_lib.lora_rank(lora) == 2 and set(lora) == {"unet"}
+    merged = lora_lib.merge_lora(params, lora, lora_lib.lora_scale(alpha, 2))
     tp = StableDiffusionPipeline.from_pretrained(folder)
+    base, want_base = ref.unet_outputs(tp.unet, pipe.unet, params["unet"])
     tp.load_lora_weights(lora_file)
+    got, want = ref.unet_outputs(tp.unet, pipe.unet, merged["unet"])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(base, want_base, atol=1e-4, rtol=0)
+    assert np.abs(want - want_base).max() > 1e-3  # 10x the tolerance
     # Bad input: one line naming the folder.
     config.instance_dir = str(tmp_path / "none")
     with pytest.raises(ValueError) as e:

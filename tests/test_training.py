@@ -12,6 +12,7 @@ from jaxdiff.data import WorldSpec, iterate
 from jaxdiff.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxdiff.training import batching
 from jaxdiff.training import recipes, text_to_image as t2i
+from torchref import models as ref
 
 
 
@@ -39,12 +40,25 @@ def test_recipe_runs_logs_samples_and_exports(trained):
     assert images.shape == (1, 32, 32, 3)
 
 
-def test_export_loads_and_samples_in_diffusers(trained, torch):
+def test_export_loads_in_diffusers_and_computes_what_jaxdiff_does(trained, torch):
+    """diffusers loads the export and samples; its tokenizer, text encoder (last hidden
+    state), UNet and VAE scaling factor agree with jaxdiff's on the same inputs."""
     from diffusers import StableDiffusionPipeline
     _, export = trained
     tp = StableDiffusionPipeline.from_pretrained(export)
     out = tp("a red circle", num_inference_steps=2, output_type="np").images
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+    pipe, params = jaxdiff.load_pipeline(export)
+    assert tp.vae.config.scaling_factor == pipe.vae.config.scaling_factor != 1.0
+    prompts = ["a red circle", "two blue squares"]
+    ids = pipe.tokenize(prompts)
+    np.testing.assert_array_equal(ids, tp.tokenizer(prompts, padding="max_length",
+                                                    max_length=ids.shape[1]).input_ids)
+    with torch.no_grad():
+        want = tp.text_encoder(torch.from_numpy(ids.astype(np.int64)))[0].numpy()
+    np.testing.assert_allclose(pipe.encode_text(params, ids), want, atol=1e-4, rtol=0)
+    got, want = ref.unet_outputs(tp.unet, pipe.unet, params["unet"])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
 def test_scaling_factor_normalises_latents(trained):

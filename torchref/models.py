@@ -166,3 +166,23 @@ def nchw(x):
 
 def nhwc(x):
     return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def unet_outputs(torch_unet, jax_unet, unet_params, seed=0, **torch_kwargs):
+    """One UNet call on the same random inputs in diffusers and in jaxdiff: returns
+    (jaxdiff's output as NCHW, diffusers' output), float32 numpy. Inputs: 2 latents of the
+    diffusers UNet's ``sample_size``, timesteps (7, 640), a 5-token context; ``torch_kwargs``
+    go to the diffusers call (e.g. ``cross_attention_kwargs={"scale": s}``)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    cfg = torch_unet.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    t = torch.tensor([7, 640])
+    ctx = torch.randn(2, 5, cfg.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        want = torch_unet(x, t, ctx, **torch_kwargs).sample.numpy()
+    got = jax.jit(jax_unet.apply)({"params": unet_params}, jnp.asarray(nhwc(x.numpy())),
+                                  jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()))
+    return nchw(got), want
