@@ -3,7 +3,7 @@
 The commands are read from the documents themselves (README ``bash`` blocks, the
 ``python ...`` lines of ``configs/*.py`` docstrings), so a renamed flag or file breaks this
 test. Each runs in bash from a scratch folder that looks like the repository root
-(``.venv``, ``train/``, ``edit/``, ``configs/`` linked in; ``photo.png``, ``mask.png``,
+(``.venv``, ``train/``, ``edit/``, ``configs/``, ``bench/`` linked in; ``photo.png``, ``mask.png``,
 ``jobs.jsonl``, ``my_subject/``, ``my_concept/`` made from the shapes world), with the
 venv's ``bin`` first on PATH (``python`` in a docstring means the activated venv).
 Commands run in document order, so later ones use what earlier ones wrote
@@ -43,6 +43,8 @@ SMOKE = {  # script -> flags appended to every command that runs it
                             " --config.checkpoint_every=2 --config.class_cache_dir=class_cache"),
     "train/textual_inversion.py": ("--config.steps=2 --config.batch_size=2"
                                    " --config.sample_every=0 --config.checkpoint_every=2"),
+    "bench/quality.py": ("--num-one 2 --num-two 2 --num-colour-free 2 --num-shape-free 2"
+                         " --num-real 2 --steps 2 --guidance 5 --chunk 8"),
     "train/text_to_image.py": ("--config.data.num_train=64 --config.data.num_test=16"
                                " --config.autoencoder.steps=2 --config.diffusion.steps=2"
                                " --config.autoencoder.batch_size=16"
@@ -89,7 +91,8 @@ def _program(cmd):
     words = shlex.split(cmd, comments=True)
     if os.path.basename(words[0]) == "jaxdiff":
         return "jaxdiff " + words[1]
-    return next((w for w in words[1:2] if w.startswith(("train/", "edit/"))), words[0])
+    return next((w for w in words[1:2] if w.startswith(("train/", "edit/", "bench/"))),
+                words[0])
 
 
 def _smoke(cmd, eight, tmp, tiny_sd):
@@ -110,7 +113,7 @@ def _smoke(cmd, eight, tmp, tiny_sd):
 
 
 def _scratch(tmp):
-    for name in ("train", "edit", "configs"):
+    for name in ("train", "edit", "configs", "bench"):
         os.symlink(os.path.join(ROOT, name), os.path.join(tmp, name))
     os.symlink(sys.prefix, os.path.join(tmp, ".venv"))
     for d in ("jaxdiff/assets/shapes/unet", "jaxdiff/assets/shapes/text_encoder"):
