@@ -2,6 +2,8 @@
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import skimage.data
@@ -9,7 +11,10 @@ from PIL import Image
 
 from jaxdiff.data import WorldSpec, held_out_examples
 from jaxdiff.data.images import make_panel
+from jaxdiff.editing import local_blend as lb
 from jaxdiff.editing import p2p_pipeline as pp
+from jaxdiff.editing import prompt_to_prompt as p2p
+from jaxdiff.pipeline import from_uint8
 from torchref.scripts import load_script
 
 cli = load_script("edit", "p2p")
@@ -95,6 +100,55 @@ def test_photo_with_null_text_and_local_blend(tmp_path, capsys):
     settings = json.load(open(out / "cat" / "settings.json"))
     assert settings["inversion"] == "null_text" and settings["blend_words"] == ["red", "blue"]
     assert 1 <= settings["null_text_mean_inner_steps"] <= 2
+
+
+def test_local_blend_partial_mask_keeps_source_outside(world, loaded, tmp_path, capsys):
+    """LocalBlend at threshold 0.95, where its mask is partial on this model (at the default
+    0.3 it covers every cell here, so a LocalBlend that did nothing would pass the test
+    above). w1 is "a small red cross on the right ..."; red -> green.
+
+    The CLI (the photo test's settings: null-text, 2 steps, 2 inner steps, one image, so
+    its compiled program) writes a mask covering part of the image. Outside the mask the
+    edit must equal the source branch (the reconstruction): LocalBlend sets
+    x_tgt = x_src + mask * (x_tgt - x_src) after each step, so the final target latents
+    equal the source latents exactly where the mask is 0; checked in latent space with
+    ``p2p_pipeline.edit_latents``. Pixels cannot show it: this model's VAE decoder mixes
+    the whole 8x8 latent (mid-block attention), so pixels two latent cells away from the
+    mask still move by up to 13/255 here (25/255 without LocalBlend). The latent run uses negative-prompt inversion (a third
+    of null-text's compile time); LocalBlend is the same code for every inversion.
+    """
+    folder, ex = world
+    pipe, params = loaded
+    src = ex[1]["caption"]
+    assert "red" in src.split()
+    tgt = src.replace("red", "green", 1)
+    out = tmp_path / "out"
+    rc = cli.main(["--image", str(folder / "w1.png"), "--source-prompt", src,
+                   "--target-prompt", tgt, "--blend-words", "red", "green",
+                   "--blend-threshold", "0.95", "--steps", "2", "--inner-steps", "2",
+                   "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    mask = _read(out / "w1" / "mask.png")
+    assert set(np.unique(mask)) <= {0, 255} and 0.1 < (mask > 127).mean() < 0.9
+    assert json.loads((out / "w1" / "settings.json").read_text())["blend_threshold"] == 0.95
+
+    control = p2p.make_control(pipe, [src], [tgt], 2)
+    blend = lb.make_local_blend(pipe, [src], [tgt], 2, ["red", "green"], threshold=0.95)
+
+    @jax.jit
+    def run(params, images, ids, control, blend):
+        z0 = pipe.encode_images(params, from_uint8(images))
+        res, _ = pp.edit_latents(pipe, params, z0, ids[0:1], ids[1:2], ids[2:3],
+                                 jnp.arange(1), control, blend, jnp.float32(7.5), steps=2,
+                                 inversion="negative_prompt", num_inner_steps=2)
+        return res
+
+    res = run(params, ex[1]["image"][None], pipe.tokenize([src, tgt, ""]), control, blend)
+    m = np.asarray(res.mask[..., 0]) > 0.5
+    assert 0.1 < m.mean() < 0.9
+    x_src, x_tgt = np.asarray(res.source), np.asarray(res.target)
+    np.testing.assert_array_equal(x_tgt[~m], x_src[~m])  # exact: x_src + 0 * (...)
+    assert np.abs(x_tgt - x_src)[m].mean() > 0.1  # the edit changed the masked cells
 
 
 @pytest.mark.parametrize("argv, message", [
