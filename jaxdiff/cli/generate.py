@@ -1,7 +1,6 @@
 """``jaxdiff generate``: text-to-image sampling from the command line; writes PNGs + a grid."""
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -11,7 +10,7 @@ from tqdm import tqdm
 
 from jaxdiff import parallel, sampling
 from jaxdiff.adapters import apply_adapters
-from jaxdiff.data.images import make_grid, save_png
+from jaxdiff.data.images import make_grid, save_png, write_json
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.weights import load_pipeline
 
@@ -96,7 +95,6 @@ def run(args) -> int:
                   dict(settings, prompt=prompt, index=i))
     save_png(os.path.join(args.out, "grid.png"), make_grid(images, args.batch if
               len(args.prompt) > 1 else min(len(images), 8)), settings)
-    with open(os.path.join(args.out, "settings.json"), "w") as f:
-        json.dump(dict(settings, prompts=prompts), f, indent=2)
+    write_json(os.path.join(args.out, "settings.json"), dict(settings, prompts=prompts))
     print(f"wrote {len(images)} images and grid.png to {args.out}")
     return 0
