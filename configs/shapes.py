@@ -95,6 +95,18 @@ def get_config(variant: str = ""):
         c.sample_prompts = ("a small red circle on the left", "a square on a white background",
                             "a red object", "a big star at the top on a gray background",
                             "a blue triangle above a green cross", "an object on the right")
+    elif variant == "v2_stage2":
+        # Model v2, second command: continues `v2`'s export for 6000 more diffusion steps at a
+        # lower peak learning rate on a fresh draw of world v2 (seed 1: 20 000 new images,
+        # new noise), so the two stages together see 40 000 distinct images.
+        c.init_from = "runs/shapes_v2/export"
+        c.stages = "diffusion"
+        c.seed = 1
+        c.data.world = "v2"
+        c.diffusion.update(steps=6000, lr=2e-4, warmup=100, snr_gamma=5.0)
+        c.sample_prompts = ("a small red circle on the left", "a square on a white background",
+                            "a red object", "a big star at the top on a gray background",
+                            "a blue triangle above a green cross", "an object on the right")
     elif variant == "tiny":
         c.data.num_train, c.data.num_test = 64, 16
         c.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -109,5 +121,5 @@ def get_config(variant: str = ""):
         c.sample_prompts = ("a red circle",)
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of configs/shapes.py "
-                         "(use '', 'finetune', 'v2' or 'tiny').")
+                         "(use '', 'finetune', 'v2', 'v2_stage2' or 'tiny').")
     return c
