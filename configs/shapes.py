@@ -22,7 +22,7 @@ import ml_collections
 def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.stages = "autoencoder,diffusion"   # comma-separated, run in order
+    c.stages = "autoencoder,diffusion"   # comma-separated: autoencoder, decoder, diffusion
     c.export_dir = ""                    # diffusers-layout output ("" = <workdir>/export)
     c.init_from = ""                     # "" = random init; a pipeline dir or "embedded"
 
@@ -56,6 +56,8 @@ def get_config(variant: str = ""):
 
     c.autoencoder = ml_collections.ConfigDict(dict(
         steps=4000, batch_size=32, lr=1e-3, warmup=100, kl_weight=1e-6))
+    # Decoder-only fine-tuning (stage "decoder"): encoder and latent space kept.
+    c.decoder = ml_collections.ConfigDict(dict(steps=2000, batch_size=32, lr=3e-4, warmup=50))
     c.diffusion = ml_collections.ConfigDict(dict(
         steps=6000, batch_size=64, lr=5e-4, warmup=300, caption_dropout=0.1,
         ema_decay=0.999, train_text_encoder=True, snr_gamma=0.0))
@@ -74,6 +76,7 @@ def get_config(variant: str = ""):
     c.mesh.rules = (("^(step|rng)$", "replicate"), (".*", "fsdp"))
     c.mesh.fsdp_min_size = 2 ** 14
     c.autoencoder.accum_steps = 1        # micro-batches per step (batch_size is the total)
+    c.decoder.accum_steps = 1
     c.diffusion.accum_steps = 1
     c.diffusion.remat = False            # rematerialise UNet blocks (less memory)
     c.diffusion.dtype = "float32"        # UNet compute dtype: float32 | bfloat16
@@ -107,6 +110,12 @@ def get_config(variant: str = ""):
         c.sample_prompts = ("a small red circle on the left", "a square on a white background",
                             "a red object", "a big star at the top on a gray background",
                             "a blue triangle above a green cross", "an object on the right")
+    elif variant == "v2_decoder":
+        # Model v2, third command: only the VAE decoder fine-tuned on world v2 (shades,
+        # anti-aliased edges); the encoder, the latent space and the UNet are kept.
+        c.init_from = "runs/shapes_v2_stage2/export"
+        c.stages = "decoder"
+        c.data.world = "v2"
     elif variant == "tiny":
         c.data.num_train, c.data.num_test = 64, 16
         c.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -115,11 +124,12 @@ def get_config(variant: str = ""):
         c.model.unet.update(block_out_channels=(16, 16), cross_attention_dim=16,
                             attention_head_dim=2, norm_num_groups=4)
         c.autoencoder.update(steps=4, batch_size=8, warmup=1)
+        c.decoder.update(steps=2, batch_size=8, warmup=1)
         c.diffusion.update(steps=4, batch_size=8, warmup=1)
         c.log_every = c.checkpoint_every = 2
         c.sample_every = 4
         c.sample_prompts = ("a red circle",)
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of configs/shapes.py "
-                         "(use '', 'finetune', 'v2', 'v2_stage2' or 'tiny').")
+                         "(use '', 'finetune', 'v2', 'v2_stage2', 'v2_decoder' or 'tiny').")
     return c

@@ -104,3 +104,38 @@ def test_init_from_fine_tunes_an_existing_pipeline(trained, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["unet"]),
                                                          jax.tree.leaves(after["unet"])))
+
+
+def test_decoder_stage_moves_only_the_decoder_and_lowers_its_loss(trained, tmp_path):
+    """stage "decoder": encoder, quant_conv, UNet, text encoder and scaling factor are kept
+    bit for bit; post_quant_conv + decoder move, and reconstructions of the training images
+    get closer (L1 + L2 from the posterior mean, before vs after)."""
+    _, export = trained
+    cfg = _tiny_config()
+    cfg.init_from, cfg.stages = export, "decoder"
+    cfg.decoder.update(steps=30, lr=3e-3)
+    cfg.log_every = 10
+    out = recipes.train_and_evaluate(cfg, str(tmp_path / "dec"))
+    (p0, before), (p1, after) = jaxdiff.load_pipeline(export), jaxdiff.load_pipeline(out)
+    assert p1.vae.config.scaling_factor == p0.vae.config.scaling_factor
+    kept = [before["unet"], before["text_encoder"], before["vae"]["encoder"],
+            before["vae"]["quant_conv"]]
+    now = [after["unet"], after["text_encoder"], after["vae"]["encoder"],
+           after["vae"]["quant_conv"]]
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(now)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for part in ("decoder", "post_quant_conv"):
+        assert not all(np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(before["vae"][part]), jax.tree.leaves(after["vae"][part])))
+
+    spec = WorldSpec(image_size=32)
+    images = np.stack([ex["image"] for ex in itertools.islice(iterate(0, spec), 32)])
+    x = jaxdiff.pipeline.from_uint8(images)
+
+    def error(pipe, params):
+        vae = params["vae"]
+        mean, _ = pipe.vae.apply({"params": vae}, x, method=type(pipe.vae).encode)
+        recon = pipe.vae.apply({"params": vae}, mean, method=type(pipe.vae).decode)
+        return float(np.mean(np.abs(np.asarray(recon) - x)))
+
+    assert error(p1, after) < 0.9 * error(p0, before)

@@ -82,10 +82,10 @@ def train_and_evaluate(config, workdir: str) -> str:
         pipe = build_pipeline(config.model.to_dict(), load_tokenizer(tok_dir))
         params = init_params(pipe, config.seed)
     stages = [s.strip() for s in config.stages.split(",") if s.strip()]
-    unknown = set(stages) - {"autoencoder", "diffusion"}
+    unknown = set(stages) - {"autoencoder", "decoder", "diffusion"}
     if unknown:
         raise ValueError(f"config.stages: unknown stage(s) {sorted(unknown)}; use "
-                         "'autoencoder' and/or 'diffusion'.")
+                         "'autoencoder', 'decoder' and/or 'diffusion'.")
     common = dict(log_every=config.log_every, ckpt_every=config.checkpoint_every,
                   seed=config.seed, mesh=parallel.make_mesh(fsdp=config.mesh.fsdp),
                   rules=[tuple(r) for r in config.mesh.rules],
@@ -96,6 +96,10 @@ def train_and_evaluate(config, workdir: str) -> str:
             **config.autoencoder.to_dict(), **common)
         images, _ = read_batch(source, range(min(1024, len(source))))
         pipe = with_scaling_factor(pipe, latent_scaling_factor(pipe, params, images))
+    if "decoder" in stages:
+        params = text_to_image.train_decoder(
+            pipe, params, source, os.path.join(workdir, "decoder"),
+            **config.decoder.to_dict(), **common)
     if "diffusion" in stages:
         grid = sample_grid_callback(pipe, list(config.sample_prompts),
                                     os.path.join(workdir, "samples"), per_prompt=1,

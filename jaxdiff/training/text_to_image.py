@@ -1,6 +1,6 @@
 """Training a text-to-image pipeline: the autoencoder, then text encoder + UNet in latents.
 
-``train_autoencoder`` and ``train_diffusion`` take a pipeline, its params, a random-access
+``train_autoencoder``, ``train_decoder`` (decoder-only fine-tuning) and ``train_diffusion`` take a pipeline, its params, a random-access
 source of ``{"image", "caption"}`` examples and plain values; ``recipes.train_and_evaluate``
 builds these from a config for ``train/text_to_image.py``. Both stages checkpoint the full
 state with Orbax (resume is exact: the data position is the step) and log JSONL.
@@ -57,6 +57,45 @@ def train_autoencoder(pipe: Pipeline, params, source, workdir: str, *, steps: in
                        desc="autoencoder", mesh=mesh, rules=rules,
                        fsdp_min_size=fsdp_min_size, accum_steps=accum_steps)
     return dict(params, vae=parallel.gather(state.params))
+
+
+def train_decoder(pipe: Pipeline, params, source, workdir: str, *, steps: int,
+                  batch_size: int, lr: float, seed: int = 0, warmup: int = 100,
+                  log_every: int = 50, ckpt_every: int = 500, accum_steps: int = 1, mesh=None,
+                  rules: Sequence = parallel.DEFAULT_RULES, fsdp_min_size: int = 0):
+    """Fine-tunes only the VAE decoder (``post_quant_conv`` + ``decoder``) to reconstruct
+    images from the frozen encoder's posterior mean (L1 + L2).
+
+    The encoder, and so the latent space and its scaling factor, stay exactly as they were:
+    a UNet trained on this VAE's latents stays valid. Returns the raw (not EMA) weights, as
+    ``train_autoencoder`` does.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    vae = pipe.vae
+    frozen = {k: v for k, v in params["vae"].items() if k in ("encoder", "quant_conv")}
+    trainable = {k: v for k, v in params["vae"].items() if k not in frozen}
+    opt = adamw_with_warmup(lr, warmup, steps, weight_decay=0.0)
+
+    def loss_fn(p, images, rng):
+        del rng
+        full = {**frozen, **p}
+        mean, _ = vae.apply({"params": full}, images, method=type(vae).encode)
+        recon = vae.apply({"params": full}, jax.lax.stop_gradient(mean),
+                          method=type(vae).decode)
+        zeros = jnp.zeros_like(mean)
+        return jnp.mean(losses.vae_loss(recon, images, zeros, zeros, 0.0))
+
+    def batch_fn(s):
+        idx = batching.host_slice(batching.batch_indices(len(source), batch_size, s, seed))
+        images, _ = batching.read_batch(source, idx)
+        return from_uint8(images)
+
+    state = state_lib.create(trainable, opt, seed)
+    state = train_loop(make_train_step(loss_fn, opt, accum_steps=accum_steps), state,
+                       batch_fn, steps, workdir, log_every=log_every, ckpt_every=ckpt_every,
+                       desc="decoder", mesh=mesh, rules=rules,
+                       fsdp_min_size=fsdp_min_size, accum_steps=accum_steps)
+    return dict(params, vae={**frozen, **parallel.gather(state.params)})
 
 
 def encode_dataset(pipe: Pipeline, params, source, batch_size: int = 256):
