@@ -1,4 +1,4 @@
-"""Personalization on the embedded model: teach a subject the shapes world lacks, measure.
+"""Personalization on the embedded model (or ``--model DIR``): teach what the model lacks, measure.
 
 The subject is a hollow red ring on white (the world has only filled shapes; the
 evaluator's templates fit rings < 0.6). Five 32x32 instance images are drawn with PIL.
@@ -19,11 +19,22 @@ evaluator's templates fit rings < 0.6). Five 32x32 instance images are drawn wit
   "<p>" (template "a {} circle", initialised from "red"); fidelity = share of "a <p>
   circle on a black background" generations that the evaluator, given the palette plus
   pink, reads as one pink object (vs "a red circle ...", the initial embedding).
+* Off-palette colours (section ``colours``, issue #22 point 4; ``personalize_colours.py``
+  says how): a dark and a light colour outside world v2's named colours and their shade
+  spread, each taught from five world-v2 renders by Textual Inversion, DreamBooth (full
+  UNet) and DreamBooth-LoRA; fidelity = share of generations whose object's median colour
+  is within 40 RGB units of the taught colour, beside the base model's best named colour
+  word; DreamBooth drift on colour-free prompts (class prompt "an object on a BG
+  background", "a SHAPE on a BG background").
 * Train-step speed: one DreamBooth step (batch 4 instance + 4 class, full UNet, AdamW)
   and one Textual Inversion step (batch 4, one new row) in jaxdiff vs diffusers'
   PyTorch models on the same weights, as ratios.
 
+The ring / star / pink sections score with the v1 world's evaluator (``WorldSpec()``),
+the colours section with world v2's. ``--sections`` picks sections (default: all).
+
     python bench/personalize.py --steps 400 --lr 3e-4 --ti-steps 600 --ti-lr 1e-2
+    python bench/personalize.py --model runs/shapes_v2/export --sections colours
 
 Prints JSON (and writes it with --out).
 """
@@ -142,7 +153,7 @@ def evaluate_model(pipe, params, spec, prompt, seeds=16, steps=25):
                 class_ring_rate=float(np.mean([is_ring(x, spec) for x in cls])))
 
 
-def step_speed(pipe, params, iters=10, torch_threads=1):
+def step_speed(pipe, params, root, iters=10, torch_threads=1):
     """Seconds per DreamBooth train step: jaxdiff vs diffusers PyTorch (same weights)."""
     import jax
     import torch
@@ -176,9 +187,7 @@ def step_speed(pipe, params, iters=10, torch_threads=1):
     jax.block_until_ready(m)
     jax_s = (time.perf_counter() - t) / iters
 
-    import jaxdiff
-    folder = os.path.join(os.path.dirname(jaxdiff.__file__), "assets", "shapes", "unet")
-    unet = UNet2DConditionModel.from_pretrained(folder).train()
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(root, "unet")).train()
     topt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-2)
     alphas = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)
     x0 = torch.from_numpy(lat).permute(0, 3, 1, 2)
@@ -212,7 +221,7 @@ def _seconds_per_call(fn, iters):
     return (time.perf_counter() - t) / iters
 
 
-def ti_step_speed(pipe, params, iters=10, torch_threads=1):
+def ti_step_speed(pipe, params, root, iters=10, torch_threads=1):
     """Seconds per Textual Inversion step (batch 4, one new token): jaxdiff (grad w.r.t.
     the new row only, frozen encoder + UNet closed over) vs diffusers' textual_inversion
     example in PyTorch (the whole token-embedding matrix is the AdamW parameter, the other
@@ -225,7 +234,6 @@ def ti_step_speed(pipe, params, iters=10, torch_threads=1):
     from transformers import CLIPTextModel
     torch.set_num_threads(torch_threads)
 
-    import jaxdiff
     from jaxdiff.adapters import textual_inversion as ti
     from jaxdiff.training import state as state_lib
     from jaxdiff.training.optim import constant_adamw
@@ -250,7 +258,6 @@ def ti_step_speed(pipe, params, iters=10, torch_threads=1):
     jax.block_until_ready(m)
     jax_s = (time.perf_counter() - t) / iters
 
-    root = os.path.join(os.path.dirname(jaxdiff.__file__), "assets", "shapes")
     unet = UNet2DConditionModel.from_pretrained(os.path.join(root, "unet"))
     text = CLIPTextModel.from_pretrained(os.path.join(root, "text_encoder"))
     text.resize_token_embeddings(len(tok))
@@ -283,20 +290,54 @@ def ti_step_speed(pipe, params, iters=10, torch_threads=1):
                 torch_threads=torch.get_num_threads(), speed_ratio_jax_over_torch=torch_s / jax_s)
 
 
+SECTIONS = ("ring", "star", "pink", "colours", "speed")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150, help="DreamBooth steps per run")
-    ap.add_argument("--ti-steps", type=int, default=300, help="Textual Inversion steps (0: skip)")
-    ap.add_argument("--num-class", type=int, default=32, help="class images")
-    ap.add_argument("--lr", type=float, default=1e-4, help="DreamBooth learning rate")
-    ap.add_argument("--ti-lr", type=float, default=5e-3, help="Textual Inversion learning rate")
+    ap.add_argument("--model", default=None, help="diffusers-layout pipeline directory "
+                    "(default: the embedded shapes model)")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated sections to run, from {','.join(SECTIONS)}")
+    ap.add_argument("--steps", type=int, default=150, help="DreamBooth steps per run (ring)")
+    ap.add_argument("--ti-steps", type=int, default=300,
+                    help="Textual Inversion steps (ring, star, pink; 0: skip them)")
+    ap.add_argument("--num-class", type=int, default=32, help="class images (ring)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="DreamBooth learning rate (ring)")
+    ap.add_argument("--ti-lr", type=float, default=5e-3,
+                    help="Textual Inversion learning rate (ring, star, pink)")
+    ap.add_argument("--colour-steps", type=int, default=300,
+                    help="colours: DreamBooth and DreamBooth-LoRA steps")
+    ap.add_argument("--colour-lr", type=float, default=1e-4,
+                    help="colours: DreamBooth (full UNet) learning rate")
+    ap.add_argument("--colour-lora-lr", type=float, default=1e-3,
+                    help="colours: DreamBooth-LoRA learning rate")
+    ap.add_argument("--colour-lora-rank", type=int, default=4, help="colours: LoRA rank (= alpha)")
+    ap.add_argument("--colour-ti-steps", type=int, default=600,
+                    help="colours: Textual Inversion steps")
+    ap.add_argument("--colour-ti-lr", type=float, default=1e-2,
+                    help="colours: Textual Inversion learning rate")
+    ap.add_argument("--colour-num-class", type=int, default=32, help="colours: class images")
+    ap.add_argument("--colour-samples", type=int, default=8,
+                    help="colours: generations per shape and prompt (5 shapes)")
     ap.add_argument("--torch-threads", type=int, default=1)
-    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true", help="same as leaving out 'speed'")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        ap.error(f"--sections: unknown {sorted(sections - set(SECTIONS))}; "
+                 f"choose from {','.join(SECTIONS)}")
+    if args.skip_speed:
+        sections.discard("speed")
+    if args.model is not None and not os.path.isfile(os.path.join(args.model,
+                                                                  "model_index.json")):
+        ap.error(f"--model {args.model}: no model_index.json there; give a diffusers-layout "
+                 "pipeline directory (e.g. runs/shapes_v2/export)")
 
     import jaxdiff
     from jaxdiff.data.image_folder import load_image_folder
+    from jaxdiff.data.images import write_json
     from jaxdiff.data.shapes import WorldSpec
     from jaxdiff.training import class_images as class_lib
     from jaxdiff.training import dreambooth as db
@@ -304,32 +345,37 @@ def main(argv=None):
 
     spec = WorldSpec()
     work = tempfile.mkdtemp(prefix="personalize_")
-    pipe, params = jaxdiff.load_pipeline(None)
-    instances, _ = load_image_folder(draw_rings(os.path.join(work, "rings")), (32, 32))
-    result = dict(model="embedded:shapes", subject="hollow red ring, 5 images",
-                  instance_prompt="a sks circle", class_prompt="a circle",
-                  dreambooth=dict(steps=args.steps, lr=args.lr, batch=4,
-                                  num_class_images=args.num_class))
+    pipe, params = jaxdiff.load_pipeline(args.model)
+    root = args.model or os.path.join(os.path.dirname(jaxdiff.__file__), "assets", "shapes")
+    result = dict(model=args.model or "embedded:shapes", sections=sorted(sections))
     t = time.perf_counter()
-    result["before"] = evaluate_model(pipe, params, spec, "a sks circle")
-    classes, _, _ = class_lib.class_images(pipe, params, "a circle", args.num_class,
-                                           os.path.join(work, "cache"))
-    for lam in (1.0, 0.0):
-        tuned, _ = db.train_dreambooth(
-            pipe, params, instances, os.path.join(work, f"db_{lam}"),
-            instance_prompt="a sks circle", class_images=classes, class_prompt="a circle",
-            prior_loss_weight=lam, steps=args.steps, batch_size=4, lr=args.lr,
-            log_every=max(1, args.steps), ckpt_every=10 ** 9)
-        result[f"dreambooth_lambda_{lam:g}"] = evaluate_model(pipe, tuned, spec, "a sks circle")
-    if args.ti_steps:
-        r = ti_train.train_textual_inversion(
-            pipe, params, instances, os.path.join(work, "ti"), placeholder="<ring>",
-            initializer_token="circle", steps=args.ti_steps, batch_size=4, lr=args.ti_lr,
-            log_every=max(1, args.ti_steps), ckpt_every=10 ** 9)
-        ti_eval = evaluate_model(r.pipe, r.params, spec, "a <ring>")
-        result["textual_inversion"] = dict(steps=args.ti_steps, lr=args.ti_lr,
-                                           subject_fidelity=ti_eval["subject_fidelity"],
-                                           class_ring_rate=ti_eval["class_ring_rate"])
+    if "ring" in sections:
+        instances, _ = load_image_folder(draw_rings(os.path.join(work, "rings")), (32, 32))
+        result.update(subject="hollow red ring, 5 images", instance_prompt="a sks circle",
+                      class_prompt="a circle",
+                      dreambooth=dict(steps=args.steps, lr=args.lr, batch=4,
+                                      num_class_images=args.num_class))
+        result["before"] = evaluate_model(pipe, params, spec, "a sks circle")
+        classes, _, _ = class_lib.class_images(pipe, params, "a circle", args.num_class,
+                                               os.path.join(work, "cache"))
+        for lam in (1.0, 0.0):
+            tuned, _ = db.train_dreambooth(
+                pipe, params, instances, os.path.join(work, f"db_{lam}"),
+                instance_prompt="a sks circle", class_images=classes, class_prompt="a circle",
+                prior_loss_weight=lam, steps=args.steps, batch_size=4, lr=args.lr,
+                log_every=max(1, args.steps), ckpt_every=10 ** 9)
+            result[f"dreambooth_lambda_{lam:g}"] = evaluate_model(pipe, tuned, spec,
+                                                                  "a sks circle")
+        if args.ti_steps:
+            r = ti_train.train_textual_inversion(
+                pipe, params, instances, os.path.join(work, "ti"), placeholder="<ring>",
+                initializer_token="circle", steps=args.ti_steps, batch_size=4, lr=args.ti_lr,
+                log_every=max(1, args.ti_steps), ckpt_every=10 ** 9)
+            ti_eval = evaluate_model(r.pipe, r.params, spec, "a <ring>")
+            result["textual_inversion"] = dict(steps=args.ti_steps, lr=args.ti_lr,
+                                               subject_fidelity=ti_eval["subject_fidelity"],
+                                               class_ring_rate=ti_eval["class_ring_rate"])
+    if "star" in sections and args.ti_steps:
         stars, _ = load_image_folder(draw_stars(os.path.join(work, "stars"), spec),
                                      (32, 32))
         r = ti_train.train_textual_inversion(
@@ -342,6 +388,7 @@ def main(argv=None):
             star_rate_before=star_rate(pipe, params, spec, "a circle"),
             star_rate_after=star_rate(r.pipe, r.params, spec, "a <s>"),
             star_rate_named=star_rate(pipe, params, spec, "a star"))
+    if "pink" in sections and args.ti_steps:
         pinks, _ = load_image_folder(draw_new_colour(os.path.join(work, "pink"), spec),
                                      (32, 32))
         r = ti_train.train_textual_inversion(
@@ -353,15 +400,17 @@ def main(argv=None):
             placeholder="<p>", initializer="red", template="a {} circle",
             before=colour_rate(pipe, params, spec, "a red circle on a black background"),
             after=colour_rate(r.pipe, r.params, spec, "a <p> circle on a black background"))
+    if "colours" in sections:
+        import personalize_colours
+        result["off_palette_colours"] = personalize_colours.run(pipe, params, work, args)
     result["quality_wall_s"] = time.perf_counter() - t
-    if not args.skip_speed:
-        result["train_step"] = step_speed(pipe, params, torch_threads=args.torch_threads)
-        result["ti_train_step"] = ti_step_speed(pipe, params, torch_threads=args.torch_threads)
-    text = json.dumps(result, indent=2)
-    print(text)
+    if "speed" in sections:
+        result["train_step"] = step_speed(pipe, params, root, torch_threads=args.torch_threads)
+        result["ti_train_step"] = ti_step_speed(pipe, params, root,
+                                                torch_threads=args.torch_threads)
+    print(json.dumps(result, indent=2))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

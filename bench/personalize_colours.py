@@ -1,0 +1,164 @@
+"""Personalization of off-palette colours (issue #22 point 4), run by ``bench/personalize.py``.
+
+Two colours the world never names, one dark and one light, each far outside every named
+colour's shade spread (world v2: shades within 30 RGB units of the anchor; ours are
+>= 99 units from every anchor, so a named-colour shade is >= 69 away):
+
+    dark violet (90, 20, 140) on white    light lime (200, 255, 150) on black
+
+Each is taught from five world-v2 renders (the five shapes, big/small alternating, the
+five positions, anti-aliased, on its background) by
+
+* Textual Inversion: placeholder ``<c1>`` / ``<c2>`` initialised from the nearest named
+  colour word, templates "a {} object on a BG background" and "a {} object" (the v2
+  grammar's shape-free form: the images show five shapes);
+* DreamBooth, full UNet, and DreamBooth-LoRA (UNet attention adapters): instance prompt
+  "a sks object on a BG background", prior preservation (lambda = 1) with the colour-
+  and shape-free class prompt "an object on a BG background" and class images the model
+  draws for it.
+
+Fidelity (``jaxdiff.eval.colour_fidelity``): for "a WORD SHAPE on a BG background", every
+shape, ``--colour-samples`` seeds each, the generated object's median colour inside the
+evaluator's mask; its RGB distance to the taught colour; the share within 40 units and
+the median distance. The base model's closest attempt is the best named colour word
+(every colour allowed on BG) in the same prompts.
+
+DreamBooth drift, before vs after, with colour-free prompts the v2 model follows: the
+class prompt "an object on a BG background" (background, one object, a world shape, and
+the share that came out in the taught colour: the subject leaking into the class) and
+"a SHAPE on a BG background" for every shape (the evaluator's shape / background /
+count accuracy).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from jaxdiff import generate
+from jaxdiff.data.image_folder import load_image_folder
+from jaxdiff.data.shapes import SHAPES, UNNAMED, WORLD_V2, ShapeObject, palette, render
+from jaxdiff.data.images import save_png
+from jaxdiff.eval.colour_fidelity import WITHIN, anchor_distances, colour_distances, fidelity
+from jaxdiff.eval.shapes_eval import aggregate, attribute_accuracy, evaluate
+from jaxdiff.training import class_images as class_lib
+from jaxdiff.training import dreambooth as db
+from jaxdiff.training import textual_inversion as ti_train
+
+SPEC = WORLD_V2
+# name, RGB, background, Textual Inversion placeholder
+COLOURS = (("dark violet", (90, 20, 140), "white", "<c1>"),
+           ("light lime", (200, 255, 150), "black", "<c2>"))
+POSITIONS = ("centre", "left", "right", "top", "bottom")
+SAMPLING = dict(sampler="dpmpp_2m", steps=25, guidance_scale=5.0)
+
+
+def draw(folder: str, rgb, background: str) -> str:
+    """Five world-v2 renders of one object of colour ``rgb``: each shape once, big/small
+    alternating, the five positions in turn."""
+    os.makedirs(folder, exist_ok=True)
+    for i, shape in enumerate(SHAPES):
+        obj = ShapeObject(shape=shape, colour=UNNAMED, size=("big", "small")[i % 2],
+                          position=POSITIONS[i], rgb=tuple(rgb))
+        save_png(os.path.join(folder, f"{shape}.png"), render(SPEC, [obj], background)[0])
+    return folder
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def shape_prompts(word: str, background: str, per_shape: int) -> list[str]:
+    """"a WORD SHAPE on a BG background" (WORD "" = colour-free), ``per_shape`` each."""
+    nouns = [f"{word} {s}".strip() for s in SHAPES]
+    return [f"{_article(n)} {n} on a {background} background"
+            for n in nouns for _ in range(per_shape)]
+
+
+def colour_scores(pipe, params, word: str, rgb, background: str, per_shape: int) -> dict:
+    """Fidelity of ``word`` to ``rgb`` over every shape (see the module docstring)."""
+    images = generate(pipe, params, shape_prompts(word, background, per_shape), seed=5,
+                      **SAMPLING)
+    return fidelity(colour_distances(images, rgb, SPEC))
+
+
+def base_closest(pipe, params, rgb, background: str, per_shape: int) -> dict:
+    """The base model's best named colour word for ``rgb`` (most generations within 40,
+    then the smallest median distance) and every word's median distance."""
+    scores = {w: colour_scores(pipe, params, w, rgb, background, per_shape)
+              for w in palette(SPEC, background)}
+    far = float("inf")
+    best = max(scores, key=lambda w: (scores[w]["within"],
+                                      -(scores[w]["median_distance"] or far)))
+    return dict(word=best, **scores[best],
+                median_distance_by_word={w: s["median_distance"] for w, s in scores.items()})
+
+
+def drift(pipe, params, rgb, background: str, per_shape: int) -> dict:
+    """Colour-free class prompt and shape prompts, read by the evaluator."""
+    n = len(SHAPES) * per_shape
+    cls = generate(pipe, params, [f"an object on a {background} background"] * n, seed=6,
+                   **SAMPLING)
+    reads = [evaluate(x, SPEC) for x in cls]
+    shaped = generate(pipe, params, shape_prompts("", background, per_shape), seed=7,
+                      **SAMPLING)
+    targets = [ShapeObject(shape=s, colour=None, size=None, position=None)
+               for s in SHAPES for _ in range(per_shape)]
+    acc = aggregate([attribute_accuracy(x, [t], SPEC, background=background)
+                     for x, t in zip(shaped, targets)])
+    return dict(
+        class_background=float(np.mean([r["background"] == background for r in reads])),
+        class_one_object=float(np.mean([len(r["objects"]) == 1 for r in reads])),
+        class_world_shape=float(np.mean([len(r["objects"]) == 1 and r["objects"][0]["fit"]
+                                         >= 0.6 for r in reads])),
+        class_taught_colour=fidelity(colour_distances(cls, rgb, SPEC))["within"],
+        shape_prompts_shape=acc["shape"], shape_prompts_background=acc["background"],
+        shape_prompts_count=acc["count"])
+
+
+def run(pipe, params, work: str, args) -> dict:
+    """The whole section; ``args``: the ``--colour-*`` flags of ``bench/personalize.py``."""
+    per = args.colour_samples
+    out = dict(world="v2", within=WITHIN, generations_per_row=len(SHAPES) * per,
+               sampling=SAMPLING,
+               textual_inversion=dict(steps=args.colour_ti_steps, lr=args.colour_ti_lr,
+                                      batch=4),
+               dreambooth=dict(steps=args.colour_steps, lr=args.colour_lr, batch="4 + 4",
+                               prior_loss_weight=1.0, num_class_images=args.colour_num_class),
+               dreambooth_lora=dict(steps=args.colour_steps, lr=args.colour_lora_lr,
+                                    rank=args.colour_lora_rank, alpha=args.colour_lora_rank,
+                                    batch="4 + 4", prior_loss_weight=1.0),
+               colours={})
+    for name, rgb, bg, placeholder in COLOURS:
+        dist = anchor_distances(rgb, SPEC)
+        nearest = min(dist, key=dist.get)
+        folder = draw(os.path.join(work, placeholder.strip("<>")), rgb, bg)
+        images, _ = load_image_folder(folder, (SPEC.image_size,) * 2)
+        row = dict(rgb=list(rgb), background=bg, nearest_anchor=[nearest, round(dist[nearest], 1)],
+                   base_closest=base_closest(pipe, params, rgb, bg, per))
+        r = ti_train.train_textual_inversion(
+            pipe, params, images, os.path.join(work, f"ti_{placeholder}"),
+            placeholder=placeholder, initializer_token=nearest,
+            templates=(f"a {{}} object on a {bg} background", "a {} object"),
+            steps=args.colour_ti_steps, batch_size=4, lr=args.colour_ti_lr,
+            log_every=max(1, args.colour_ti_steps), ckpt_every=10 ** 9)
+        row["textual_inversion"] = dict(placeholder=placeholder, initializer=nearest,
+                                        **colour_scores(r.pipe, r.params, placeholder, rgb,
+                                                        bg, per))
+        class_prompt = f"an object on a {bg} background"
+        classes, _, _ = class_lib.class_images(pipe, params, class_prompt,
+                                               args.colour_num_class,
+                                               os.path.join(work, "class_cache"))
+        row["drift_before"] = drift(pipe, params, rgb, bg, per)
+        for mode, rank, lr in (("dreambooth", 0, args.colour_lr),
+                               ("dreambooth_lora", args.colour_lora_rank, args.colour_lora_lr)):
+            tuned, _ = db.train_dreambooth(
+                pipe, params, images, os.path.join(work, f"{mode}_{placeholder}"),
+                instance_prompt=f"a sks object on a {bg} background", class_images=classes,
+                class_prompt=class_prompt, prior_loss_weight=1.0, steps=args.colour_steps,
+                batch_size=4, lr=lr, lora_rank=rank, log_every=max(1, args.colour_steps),
+                ckpt_every=10 ** 9)
+            row[mode] = dict(**colour_scores(pipe, tuned, "sks", rgb, bg, per),
+                             drift=drift(pipe, tuned, rgb, bg, per))
+        out["colours"][name] = row
+    return out
