@@ -186,3 +186,43 @@ def unet_outputs(torch_unet, jax_unet, unet_params, seed=0, **torch_kwargs):
     got = jax.jit(jax_unet.apply)({"params": unet_params}, jnp.asarray(nhwc(x.numpy())),
                                   jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()))
     return nchw(got), want
+
+
+# Tiny ControlNets / T2I-Adapters for the UNET_CONFIGS of the same name ("light": "sd2")
+# behind a VAE of factor 2 (VAE_CONFIGS["sd1"]).
+CONTROLNET_CONFIGS = {
+    "sd1": dict(block_out_channels=(32, 64), layers_per_block=2,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+                conditioning_embedding_out_channels=(8, 16)),
+    # SD2-style with a BGR condition (module-level parity only).
+    "sd2": dict(block_out_channels=(32, 64, 64), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                  "DownBlock2D"),
+                cross_attention_dim=32, attention_head_dim=(2, 4, 4),
+                use_linear_projection=True, upcast_attention=True, norm_num_groups=8,
+                transformer_layers_per_block=(1, 2, 1), flip_sin_to_cos=False, freq_shift=1,
+                conditioning_embedding_out_channels=(8, 16),
+                controlnet_conditioning_channel_order="bgr"),
+}
+
+ADAPTER_CONFIGS = {
+    "full": dict(in_channels=3, channels=(32, 64), num_res_blocks=2, downscale_factor=2,
+                 adapter_type="full_adapter"),
+    "light": dict(in_channels=3, channels=(32, 64), num_res_blocks=2, downscale_factor=2,
+                  adapter_type="light_adapter"),
+}
+
+
+def make_controlnet(name="sd1", seed=0, **overrides):
+    import torch
+    from diffusers import ControlNetModel
+    torch.manual_seed(seed)
+    return perturb(ControlNetModel(**dict(CONTROLNET_CONFIGS[name], **overrides)), seed=seed)
+
+
+def make_adapter(name="full", seed=0):
+    import torch
+    from diffusers import T2IAdapter
+    torch.manual_seed(seed)
+    return perturb(T2IAdapter(**ADAPTER_CONFIGS[name]), seed=seed)

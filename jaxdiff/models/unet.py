@@ -108,8 +108,11 @@ def _maybe_remat(remat: bool):
     return nn.remat(ResnetBlock2D), nn.remat(Transformer2DModel)
 
 
-class _Stage(nn.Module):
-    """One down or up block: resnets, optional transformers, optional resampler."""
+class UNetStage(nn.Module):
+    """One down or up block: resnets, optional transformers, optional resampler (shared
+    with the ControlNet encoder). ``intra``: a T2I-Adapter residual added to the output of
+    the last resnet/transformer pair (before the downsampler), as diffusers'
+    ``CrossAttnDownBlock2D(additional_residuals=...)``."""
     out_channels: int
     num_resnets: int
     cross: bool
@@ -122,7 +125,7 @@ class _Stage(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x, temb, context, skips=None, control=None, up_size=None):
+    def __call__(self, x, temb, context, skips=None, control=None, up_size=None, intra=None):
         cfg, outputs = self.cfg, []
         Res, Tr = _maybe_remat(self.remat)
         skips = None if skips is None else list(skips)
@@ -137,6 +140,8 @@ class _Stage(nn.Module):
                     cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention,
                     first_layer=self.first_layer + j * self.transformer_layers,
                     dtype=self.dtype, name=f"attentions_{j}")(x, context, control)
+            if intra is not None and j == self.num_resnets - 1:
+                x = x + intra
             outputs.append(x)
         if self.resample == "down":
             x = Downsample2D(self.out_channels, dtype=self.dtype, name="downsamplers_0")(x)
@@ -146,7 +151,8 @@ class _Stage(nn.Module):
         return x, outputs
 
 
-class _MidBlock(nn.Module):
+class UNetMidBlock(nn.Module):
+    """``UNetMidBlock2DCrossAttn``: resnet, transformer, resnet (shared with ControlNet)."""
     channels: int
     heads: int
     transformer_layers: int
@@ -213,7 +219,22 @@ class UNet2DConditionModel(nn.Module):
         return plan
 
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, control=None):
+    def __call__(self, sample, timesteps, encoder_hidden_states, control=None,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None,
+                 down_intrablock_additional_residuals=None):
+        """UNet output [B,h,w,out_channels]; the residual inputs are diffusers'.
+
+        Args:
+          down_block_additional_residuals: ControlNet residuals, one per skip connection
+            (``conv_in`` output, then every resnet/transformer and downsampler output), each
+            added to its skip; with ``mid_block_additional_residual`` (added to the mid
+            block's output). Broadcastable shapes (e.g. [B,1,1,C]) are allowed.
+          down_intrablock_additional_residuals: T2I-Adapter features, one per down block in
+            order: added after a cross-attention block's last resnet/transformer pair
+            (before its downsampler), or to the output of a block without attention (its
+            last skip too, as diffusers' in-place add does); a leftover feature whose shape
+            equals the mid block's output is added there (SDXL adapters).
+        """
         cfg = self.config
         sample = sample.astype(self.dtype)
         b = sample.shape[0]
@@ -227,26 +248,48 @@ class UNet2DConditionModel(nn.Module):
         temb = TimestepEmbedding(cfg.block_out_channels[0] * 4, self.dtype,
                                  name="time_embedding")(temb)
         context = encoder_hidden_states.astype(self.dtype)
+        intra = (None if down_intrablock_additional_residuals is None
+                 else list(down_intrablock_additional_residuals))
 
         x = conv3x3(cfg.block_out_channels[0], self.dtype, "conv_in")(sample)
         skips = [x]
         for stage in self.plan():
             kw = {k: v for k, v in stage.items() if k != "name"}
             if stage["resample"] == "mid":
-                x = _MidBlock(stage["out_channels"], stage["heads"], stage["transformer_layers"],
+                if down_block_additional_residuals is not None:
+                    skips = _add_residuals(skips, down_block_additional_residuals)
+                x = UNetMidBlock(stage["out_channels"], stage["heads"], stage["transformer_layers"],
                               stage["first_layer"], cfg, self.dtype, self.remat,
                               name="mid_block")(x, temb, context, control)
+                if intra and intra[0].shape == x.shape:
+                    x = x + intra.pop(0).astype(x.dtype)
+                if mid_block_additional_residual is not None:
+                    x = x + mid_block_additional_residual.astype(x.dtype)
             elif stage["name"].startswith("down"):
-                x, outs = _Stage(**kw, cfg=cfg, dtype=self.dtype, remat=self.remat,
-                                 name=stage["name"])(x, temb, context, control=control)
+                r = intra.pop(0).astype(self.dtype) if intra else None
+                x, outs = UNetStage(**kw, cfg=cfg, dtype=self.dtype, remat=self.remat,
+                                 name=stage["name"])(x, temb, context, control=control,
+                                                     intra=r if stage["cross"] else None)
+                if r is not None and not stage["cross"]:
+                    x = x + r
+                    outs = outs[:-1] + [x]
                 skips.extend(outs)
             else:
                 k = stage["num_resnets"]
                 mine, skips = skips[-k:], skips[:-k]
                 up_size = skips[-1].shape[1:3] if skips else None
-                x, _ = _Stage(**kw, cfg=cfg, dtype=self.dtype, remat=self.remat,
+                x, _ = UNetStage(**kw, cfg=cfg, dtype=self.dtype, remat=self.remat,
                               name=stage["name"])(x, temb, context, skips=mine,
                                                   control=control, up_size=up_size)
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype,
                          name="conv_norm_out")(x)
         return conv3x3(cfg.out_channels, self.dtype, "conv_out")(nn.silu(x))
+
+
+def _add_residuals(skips, residuals):
+    residuals = list(residuals)
+    if len(residuals) != len(skips):
+        raise ValueError(f"down_block_additional_residuals has {len(residuals)} entries; this "
+                         f"UNet has {len(skips)} skip connections (ControlNet built for another "
+                         "UNet?).")
+    return [s + r.astype(s.dtype) for s, r in zip(skips, residuals)]

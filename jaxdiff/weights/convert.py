@@ -15,7 +15,8 @@ from flax import traverse_util
 
 # Flax scope names of the form "<list>_<i>" that are PyTorch ModuleList/Sequential items.
 _LIST_NAMES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers",
-               "upsamplers", "transformer_blocks", "layers", "to_out", "net")
+               "upsamplers", "transformer_blocks", "layers", "to_out", "net",
+               "controlnet_down_blocks", "blocks", "body")
 _LIST_RE = re.compile(rf"^({'|'.join(_LIST_NAMES)})_(\d+)$")
 
 # Old diffusers VAE attention names, accepted on load.

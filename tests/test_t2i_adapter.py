@@ -1,0 +1,97 @@
+"""T2I-Adapter (issue #14): parity of the features and of the UNet with the features added
+(``down_intrablock_additional_residuals``) with diffusers on tiny random weights (perturbed),
+full and light adapters, files written by jaxdiff loading in diffusers."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from torchref import models as ref
+from jaxdiff.models.t2i_adapter import T2IAdapterConfig, avg_pool_2x2_ceil
+from jaxdiff.weights import load_component
+from jaxdiff.weights.control import load_t2i_adapter, save_control_model
+
+TOL = 1e-4
+# adapter -> the UNet config whose down blocks it feeds (full: a cross-attention block and
+# a last block without attention; light: three blocks, SD2-style).
+PAIRS = {"full": "sd1", "light": "sd2"}
+
+
+@pytest.fixture(scope="module")
+def nets(torch, tmp_path_factory):
+    out = {}
+    for name, unet_name in PAIRS.items():
+        root = tmp_path_factory.mktemp(f"adapter_{name}")
+        ta, tu = ref.make_adapter(name, seed=5), ref.make_unet(unet_name)
+        ta.save_pretrained(str(root / "adapter"), safe_serialization=True)
+        tu.save_pretrained(str(root / "unet"), safe_serialization=True)
+        out[name] = (ta, tu) + load_t2i_adapter(str(root / "adapter")) + load_component(
+            str(root / "unet"), "unet")
+    g = torch.Generator().manual_seed(2)
+    inputs = dict(x=torch.randn(2, 4, 8, 8, generator=g), t=torch.tensor([11, 650]),
+                  ctx=torch.randn(2, 5, 32, generator=g), img=torch.rand(2, 3, 16, 16, generator=g))
+    return out, inputs
+
+
+@functools.lru_cache(maxsize=None)
+def _program(adapter, unet):
+    def run(ap, up, x, t, ctx, img, scale):
+        feats = adapter.apply({"params": ap}, img, scale)
+        return feats, unet.apply({"params": up}, x, t, ctx,
+                                 down_intrablock_additional_residuals=feats)
+    return jax.jit(run)
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_features_and_adapted_unet_match_diffusers(torch, nets, name):
+    """As StableDiffusionAdapterPipeline: features times adapter_conditioning_scale, then
+    the UNet with them as intrablock residuals (diffusers pops them in place)."""
+    (ta, tu, adapter, ap, unet, up), inputs = nets[0][name], nets[1]
+    with torch.no_grad():
+        feats = [f * 0.8 for f in ta(inputs["img"])]
+        want = tu(inputs["x"], inputs["t"], inputs["ctx"],
+                  down_intrablock_additional_residuals=[f.clone() for f in feats]).sample.numpy()
+        plain = tu(inputs["x"], inputs["t"], inputs["ctx"]).sample.numpy()
+    got_feats, got = _program(adapter, unet)(
+        ap, up, ref.nhwc(inputs["x"].numpy()), inputs["t"].numpy(), inputs["ctx"].numpy(),
+        ref.nhwc(inputs["img"].numpy()), 0.8)
+    assert len(got_feats) == len(feats) == len(unet.config.block_out_channels)
+    for a, b in zip(got_feats, feats):
+        np.testing.assert_allclose(ref.nchw(a), b.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(ref.nchw(got), want, atol=TOL, rtol=0)
+    assert np.abs(want - plain).max() > 100 * TOL
+
+
+def test_written_folder_loads_in_diffusers(torch, nets, tmp_path):
+    from diffusers import T2IAdapter
+    (_, _, adapter, ap, _, _), inputs = nets[0]["light"], nets[1]
+    save_control_model(adapter, ap, str(tmp_path / "out"))
+    back = T2IAdapter.from_pretrained(str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        want = back(inputs["img"])
+    got = jax.jit(adapter.apply)({"params": ap}, ref.nhwc(inputs["img"].numpy()))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(ref.nchw(a), b.numpy(), atol=TOL, rtol=0)
+    assert load_t2i_adapter(str(tmp_path / "out"))[0].config == adapter.config
+
+
+def test_avg_pool_ceil_mode_matches_torch(torch):
+    """Odd sizes: torch's ceil-mode windows past the edge average only their pixels."""
+    x = torch.randn(1, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.AvgPool2d(2, 2, ceil_mode=True)(x).numpy()
+    np.testing.assert_allclose(ref.nchw(avg_pool_2x2_ceil(ref.nhwc(x.numpy()))), want,
+                               atol=1e-6)
+
+
+def test_config_checks(nets):
+    (_, _, adapter, _, unet, _) = nets[0]["full"]
+    adapter.config.check_matches(unet.config, vae_factor=2)
+    with pytest.raises(ValueError, match=r"channels \[32, 64\] but the base UNet's down "
+                                         r"blocks have \[32, 64, 64\]"):
+        adapter.config.check_matches(nets[0]["light"][4].config, vae_factor=2)
+    with pytest.raises(ValueError, match="downscale_factor=2 but the base model's VAE "
+                                         "factor is 8"):
+        adapter.config.check_matches(unet.config, vae_factor=8)
+    with pytest.raises(ValueError, match="adapter_type='coadapter'"):
+        T2IAdapterConfig.from_dict(dict(ref.ADAPTER_CONFIGS["full"], adapter_type="coadapter"))
