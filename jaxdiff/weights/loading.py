@@ -1,0 +1,69 @@
+"""``load_pipeline`` / ``save_pipeline``: one entry for every checkpoint form jaxdiff reads.
+
+* a diffusers-layout folder (``model_index.json``; ``None``: the embedded default model),
+* a single original-layout file (``.safetensors``; A1111 / ComfyUI SD 1.x / 2.x),
+* ``org/name``: a model in the local Hugging Face cache (``--model org/name``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax.numpy as jnp
+
+from jaxdiff.weights import diffusers_format, hf_cache, single_file
+
+FORMATS = ("diffusers", "single_file")
+
+
+def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None,
+                  allow_pickle: bool = False, revision: Optional[str] = None,
+                  config: Optional[str] = None, prediction_type: Optional[str] = None):
+    """Reads a pipeline from a folder, a single file or the Hugging Face cache.
+
+    Args:
+      path: diffusers-layout folder, original-layout ``.safetensors`` file, ``org/name`` of
+        a model in the local Hugging Face cache, or ``None`` (the embedded default model).
+      dtype: compute dtype of the networks (params are always float32).
+      variant: weight-file variant of a folder, such as ``"fp16"``.
+      allow_pickle: permit ``.bin``/``.ckpt`` weights (they can execute code).
+      revision: for ``org/name``: a branch/tag under ``refs/`` or a commit hash.
+      config: single files only: a diffusers folder (or ``org/name``) of the same model
+        giving configs and tokenizer (see ``single_file.load_single_file``).
+      prediction_type: single files only: overrides the scheduler's prediction type.
+    Returns:
+      ``(pipe, params)`` with params ``{"text_encoder", "unet", "vae"}``.
+    """
+    if path is not None and os.path.isfile(path):
+        return single_file.load_single_file(path, config=config, prediction_type=prediction_type,
+                                            dtype=dtype, allow_pickle=allow_pickle)
+    if path is not None and not os.path.exists(path) and path.endswith(single_file.SUFFIXES):
+        raise FileNotFoundError(f"{path}: no such checkpoint file.")
+    if path is not None and hf_cache.is_repo_id(path):
+        path = hf_cache.resolve(path, revision)
+    return diffusers_format.load_pipeline(path, dtype=dtype, variant=variant,
+                                          allow_pickle=allow_pickle)
+
+
+def save_pipeline(pipe, params, out: str, *, overwrite: bool = True,
+                  format: str = "diffusers", dtype=None) -> str:
+    """Writes ``pipe`` + ``params`` (atomically).
+
+    Args:
+      out: folder (``format="diffusers"``, loadable by diffusers' ``from_pretrained``) or
+        ``.safetensors`` file (``format="single_file"``: the original SD 1.x/2.x layout that
+        A1111, ComfyUI and diffusers' ``from_single_file`` read).
+      overwrite: replace an existing output.
+      format: ``"diffusers"`` or ``"single_file"``.
+      dtype: single files only: the tensors' dtype (default float32; ``numpy.float16``
+        halves the size as most released files).
+    """
+    if format == "diffusers":
+        return diffusers_format.save_pipeline(pipe, params, out, overwrite=overwrite)
+    if format != "single_file":
+        raise ValueError(f"format={format!r} is not one of {FORMATS}.")
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out}: already exists; pass overwrite=True or choose another "
+                              "output file.")
+    return single_file.save_single_file(pipe, params, out,
+                                        dtype=dtype if dtype is not None else "float32")

@@ -1,0 +1,302 @@
+"""Single-file SD 1.x / 2.x checkpoints in the original layout (the A1111 / ComfyUI files).
+
+Reading detects the model type from the keys as diffusers' ``from_single_file`` does
+(OpenCLIP text encoder -> SD 2.x, else SD 1.x), takes the configs from a reference
+diffusers directory (``config=``, as diffusers' ``from_single_file(config=...)``) or infers
+them from the tensor shapes with Stable Diffusion's fixed hyper-parameters (heads, group
+norm, time embedding), and picks the scheduler diffusers would fetch: SD 1.x -> PNDM, epsilon;
+SD 2.x -> DDIM, v-prediction at 768 px (``prediction_type="epsilon"`` for the 512 px base).
+Tensors are read one at a time from the safetensors file (fp16 / bf16 are cast to float32).
+Layouts: ``jaxdiff.weights.original_layout``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Dict, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from transformers import CLIPTokenizer
+
+from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
+                            UNetConfig, VAEConfig)
+from jaxdiff.models.config import read_json
+from jaxdiff.pipeline import Pipeline
+from jaxdiff.schedules import SchedulerConfig
+from jaxdiff.weights import convert, diffusers_format, files, hf_cache
+from jaxdiff.weights import original_layout as ol
+from jaxdiff.weights.original_config import (MODEL_TYPES, clip_prefix, detect,
+                                             infer_text_config, infer_unet_config,
+                                             infer_vae_config)
+from jaxdiff.weights.convert import WeightsError
+
+SUFFIXES = (".safetensors",) + files.PICKLE_SUFFIXES
+_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                 beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
+                 clip_sample=False)
+# Buffers of LDM training checkpoints that are not weights of the three networks.
+_IGNORED = re.compile(r"^(betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_alphas_cumprod|"
+                      r"posterior_.*|logvar|lvlb_weights|global_step|epoch|model_ema\.(decay|"
+                      r"num_updates))$|(^|\.)position_ids$|^" + re.escape(ol.OPENCLIP_PREFIX)
+                      + r"(text_projection|logit_scale)$")
+
+
+class Checkpoint(Mapping):
+    """Lazy key -> float array view of a safetensors file (or an allowed pickle)."""
+
+    def __init__(self, path: str, allow_pickle: bool = False):
+        self.path = path
+        if path.endswith(files.PICKLE_SUFFIXES):
+            if not allow_pickle:
+                raise files.PickleRefusedError(
+                    f"{path}: pickle-based checkpoints (.ckpt/.pt/.bin) can run arbitrary code "
+                    "when loaded; use the .safetensors release of the model, or pass "
+                    "allow_pickle=True if you trust the file.")
+            self._dict, self._file = files.read_tensors(path), None
+            return
+        from safetensors import safe_open
+        try:
+            self._file = safe_open(path, framework="numpy")
+            self._keys = list(self._file.keys())
+            self._shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._keys}
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
+            raise WeightsError(f"{path}: not a readable safetensors file ({e}); it is corrupt "
+                               "or truncated - download or export it again.") from None
+        self._dict = None
+
+    def __getitem__(self, key):
+        if self._dict is not None:
+            return self._dict[key]
+        if key not in self._shapes:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except Exception as e:  # noqa: BLE001
+            raise WeightsError(f"{self.path}: tensor '{key}' cannot be read ({e}); the file is "
+                               "corrupt or truncated - download or export it again.") from None
+
+    def __iter__(self):
+        return iter(self._dict if self._dict is not None else self._keys)
+
+    def __len__(self):
+        return len(self._dict if self._dict is not None else self._keys)
+
+    def __contains__(self, key):
+        return key in (self._dict if self._dict is not None else self._shapes)
+
+    def shape(self, key) -> Optional[tuple]:
+        if key not in self:
+            return None
+        return tuple(np.shape(self._dict[key])) if self._dict is not None else self._shapes[key]
+
+
+# ------------------------------------------------------------------------------ loading
+
+def component_map(kind: str, keys, cfg, text_layout: str = "clip", text_model: bool = True):
+    """diffusers key -> (original key, part) for one component (``text_model``: the CLIP
+    keys carry transformers' ``text_model.`` level, as all but the oldest SD 1.x files)."""
+    if kind == "unet":
+        return ol.unet_map(keys, cfg)
+    if kind == "vae":
+        return ol.vae_map(keys, cfg)
+    if text_layout == "openclip":
+        return ol.openclip_map(keys)
+    if not text_model:
+        return {k: (ol.CLIP_PREFIX + k.removeprefix("text_model."), None) for k in keys}
+    return ol.clip_map(keys)
+
+
+def _read_component(ckpt: Checkpoint, expected, kind, key_map, extract_ema, cfg_source):
+    state = {}
+    for key, (orig, part) in key_map.items():
+        src = ol.ema_key(orig) if extract_ema and kind == "unet" else orig
+        if src not in ckpt:
+            raise WeightsError(f"{ckpt.path}: tensor '{src}' is missing; the file does not match "
+                               f"the {kind} config {cfg_source} (a checkpoint of another model, "
+                               "or a truncated export).")
+        value = np.asarray(ckpt[src], np.float32)
+        if part is not None:
+            i, n = part
+            value = np.split(value, n, axis=0)[i]
+        if kind == "vae" and value.ndim == 4 and ".mid.attn_1." in orig and value.shape[2:] == (1, 1):
+            value = value[:, :, 0, 0]
+        state[key] = value
+    try:
+        return convert.torch_to_flax(state, expected, source=ckpt.path)
+    except WeightsError as e:
+        names = {k: o for k, (o, _) in key_map.items()}
+        msg = str(e)
+        for k, o in names.items():
+            msg = msg.replace(f"'{k}'", f"'{o}'")
+        raise WeightsError(msg) from None
+
+
+def _module(kind, raw, dtype, source):
+    if kind == "unet":
+        return UNet2DConditionModel(UNetConfig.from_dict(raw, source), dtype)
+    if kind == "vae":
+        return AutoencoderKL(VAEConfig.from_dict(raw, source), dtype)
+    return CLIPTextModel(CLIPTextConfig.from_dict(raw, source), dtype)
+
+
+def _tokenizer(config_dir, model_type, path):
+    candidates = [os.path.join(config_dir, "tokenizer")] if config_dir else []
+    for repo, sub in MODEL_TYPES[model_type]["repos"]:
+        snap = hf_cache.find_snapshot(repo)
+        if snap:
+            candidates.append(os.path.join(snap, sub))
+    for folder in candidates:
+        if os.path.exists(os.path.join(folder, "vocab.json")) or \
+                os.path.exists(os.path.join(folder, "tokenizer.json")):
+            return CLIPTokenizer.from_pretrained(folder)
+    repos = " or ".join(r for r, _ in MODEL_TYPES[model_type]["repos"])
+    raise FileNotFoundError(
+        f"{path}: a single file holds no tokenizer; pass config=<a diffusers folder of this "
+        f"model> (--config-dir), or put {repos} in the Hugging Face cache "
+        f"({hf_cache.hub_cache_dir()}), e.g. `hf download {repos.split(' or ')[0]}`.")
+
+
+def load_single_file(path: str, *, config: Optional[str] = None,
+                     prediction_type: Optional[str] = None, extract_ema: bool = False,
+                     dtype=jnp.float32, allow_pickle: bool = False):
+    """Reads an SD 1.x / 2.x original-layout checkpoint into ``(pipe, params)``.
+
+    Args:
+      path: ``.safetensors`` file (``.ckpt``/``.pt`` only with ``allow_pickle``).
+      config: a diffusers-layout folder of the same model (or ``org/name`` in the Hugging
+        Face cache) whose component configs, tokenizer and scheduler are used; components
+        missing from the file are read from it. ``None``: configs inferred from the tensors,
+        tokenizer from the Hugging Face cache.
+      prediction_type: overrides the scheduler's (e.g. ``"epsilon"`` for SD 2.x base 512).
+      extract_ema: use the ``model_ema.*`` UNet weights of a training checkpoint.
+    Returns:
+      ``(pipe, params)`` as ``jaxdiff.load_pipeline``.
+    """
+    ckpt = Checkpoint(path, allow_pickle)
+    model_type = detect(ckpt)
+    config_dir = hf_cache.resolve(config) if config and not os.path.isdir(config) else config
+    sched = _scheduler(ckpt, config_dir, model_type, prediction_type)
+    image_size = 768 if sched[0]["prediction_type"] == "v_prediction" and model_type == "v2" \
+        else 512
+    text_layout = "openclip" if model_type == "v2" else "clip"
+    present = {"unet": ol.UNET_PREFIX, "vae": ol.VAE_PREFIX,
+               "text_encoder": ol.OPENCLIP_PREFIX if model_type == "v2" else ol.CLIP_PREFIX}
+    inferred = {"unet": lambda: infer_unet_config(ckpt, model_type, image_size),
+                "vae": lambda: infer_vae_config(ckpt, image_size),
+                "text_encoder": lambda: infer_text_config(ckpt, model_type)}
+    modules, params = {}, {}
+    for kind in ("unet", "vae", "text_encoder"):
+        has = any(k.startswith(present[kind]) for k in ckpt)
+        cfg_path = os.path.join(config_dir, kind, "config.json") if config_dir else None
+        if not has:
+            if not config_dir:
+                raise WeightsError(f"{path}: holds no {kind} ('{present[kind]}*' tensors); pass "
+                                   f"config=<diffusers folder> to take the {kind} from it.")
+            modules[kind], params[kind] = diffusers_format.load_component(
+                os.path.join(config_dir, kind), kind, dtype, allow_pickle=allow_pickle)
+            continue
+        raw = read_json(cfg_path) if cfg_path and os.path.exists(cfg_path) else inferred[kind]()
+        modules[kind] = _module(kind, raw, dtype, cfg_path or f"{path} ({kind}, inferred)")
+        expected = diffusers_format.init_shapes(modules[kind], kind)
+        keys = [convert.torch_key(k) for k in traverse_util.flatten_dict(expected)]
+        key_map = component_map(kind, keys, modules[kind].config, text_layout,
+                                clip_prefix(ckpt).endswith("text_model."))
+        source = f"of {config_dir}" if cfg_path and os.path.exists(cfg_path) else \
+            "inferred from its tensors (pass config=<its diffusers folder>)"
+        params[kind] = _read_component(ckpt, expected, kind, key_map, extract_ema, source)
+        _check_unused(ckpt, kind, key_map, present[kind], modules[kind])
+    _check_outside(ckpt, present)
+    tokenizer = _tokenizer(config_dir, model_type, path)
+    max_pos = modules["text_encoder"].config.max_position_embeddings
+    tokenizer.model_max_length = min(tokenizer.model_max_length, max_pos)
+    pipe = Pipeline(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer,
+                    SchedulerConfig.from_dict(sched[0]), sched[1])
+    return pipe, jax.tree.map(jnp.asarray, params)
+
+
+def _scheduler(ckpt, config_dir, model_type, prediction_type):
+    path = os.path.join(config_dir, "scheduler", "scheduler_config.json") if config_dir else ""
+    if path and os.path.exists(path):
+        raw = read_json(path)
+        cls = raw.get("_class_name", "DDIMScheduler")
+    else:
+        t = MODEL_TYPES[model_type]
+        raw, cls = dict(_SCHEDULE, prediction_type=t["prediction_type"]), t["scheduler"]
+        # diffusers: the SD 2.0 base (epsilon) checkpoint is the one trained 875000 steps.
+        if model_type == "v2" and "global_step" in ckpt and \
+                int(np.asarray(ckpt["global_step"])) == 875000:
+            raw["prediction_type"] = "epsilon"
+    if prediction_type:
+        raw = dict(raw, prediction_type=prediction_type)
+    return raw, cls
+
+
+def _check_unused(ckpt, kind, key_map, prefix, module):
+    used = {o for o, _ in key_map.values()}
+    extra = {ol.OPENCLIP_PREFIX + f"transformer.resblocks.{module.config.num_hidden_layers}."} \
+        if prefix == ol.OPENCLIP_PREFIX else set()
+    unknown = [k for k in ckpt if k.startswith(prefix) and k not in used
+               and not _IGNORED.search(k) and not any(k.startswith(e) for e in extra)]
+    if unknown:
+        raise WeightsError(f"{ckpt.path}: unknown {kind} tensor '{sorted(unknown)[0]}' "
+                           f"({len(unknown)} in all) not used by the model; the file does not "
+                           "match the config (pass config= with the model's diffusers folder).")
+
+
+def _check_outside(ckpt, present):
+    known = tuple(present.values()) + (ol.EMA_PREFIX,)
+    other = sorted(k for k in ckpt if not k.startswith(known) and not _IGNORED.search(k)
+                   and not k.startswith(("cond_stage_model.", "first_stage_model.")))
+    if other:
+        warnings.warn(f"{ckpt.path}: ignoring {len(other)} tensor(s) outside the UNet, VAE and "
+                      f"text encoder (first: '{other[0]}').")
+
+
+# ------------------------------------------------------------------------------ writing
+
+def original_state_dict(pipe: Pipeline, params, dtype=np.float32,
+                        text_layout: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """``(pipe, params)`` -> one original-layout state dict (SD 1.x/2.x, A1111 / ComfyUI).
+
+    ``text_layout``: ``"clip"`` (SD 1.x) or ``"openclip"`` (SD 2.x); default by the text
+    encoder's activation (OpenCLIP uses gelu, CLIP-L quick_gelu).
+    """
+    if text_layout is None:
+        text_layout = "openclip" if pipe.text_encoder.config.hidden_act == "gelu" else "clip"
+    out: Dict[str, np.ndarray] = {}
+    for kind in ("unet", "vae", "text_encoder"):
+        state = convert.flax_to_torch(params[kind])
+        key_map = component_map(kind, state.keys(), getattr(pipe, kind).config, text_layout)
+        fused: Dict[str, list] = {}
+        for key, value in state.items():
+            orig, part = key_map[key]
+            if kind == "vae" and ".mid.attn_1." in orig and value.ndim == 2:
+                value = value[:, :, None, None]  # LDM's 1x1 conv attention
+            if part is None:
+                out[orig] = value
+            else:
+                fused.setdefault(orig, [None] * part[1])[part[0]] = value
+        out.update({k: np.concatenate(v, axis=0) for k, v in fused.items()})
+    return {k: np.ascontiguousarray(v.astype(dtype)) for k, v in out.items()}
+
+
+def save_single_file(pipe: Pipeline, params, path: str, *, dtype=np.float32,
+                     text_layout: Optional[str] = None) -> str:
+    """Writes one original-layout ``.safetensors`` (atomically: a temporary file renamed)."""
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: a single-file checkpoint is written as .safetensors; "
+                         "give a file name ending in .safetensors.")
+    state = original_state_dict(pipe, params, dtype, text_layout)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        files.write_tensors(tmp, state)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,189 @@
+"""Single-file (original CompVis / Stability layout) SD 1.x / 2.x checkpoints.
+
+Truth: tiny random diffusers pipelines. A file jaxdiff writes is read by diffusers' own
+``from_single_file`` (local config, its original -> diffusers conversion functions) into
+exactly the source tensors; jaxdiff reads the same file into networks whose outputs equal
+diffusers' (<= 1e-4); real-world extras (fp16, EMA copies, schedule buffers, the full
+OpenCLIP model) load; configs inferred from the tensors equal the source configs.
+"""
+import os
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import jaxdiff
+from jaxdiff.weights import PickleRefusedError, WeightsError, single_file
+from torchref import models as ref
+
+pytestmark = pytest.mark.reference
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """{"sd1"|"sd2": (diffusers folder, torch pipeline, jaxdiff-written single file,
+    jaxdiff params read from the folder)}."""
+    import torch  # noqa: F401  (reference)
+    out = {}
+    for name in ("sd1", "sd2"):
+        folder = str(tmp_path_factory.mktemp(name))
+        tp = ref.make_torch_pipeline(folder, unet=name, vae="sd1", text=name)
+        pipe, params = jaxdiff.load_pipeline(folder)
+        file = jaxdiff.save_pipeline(pipe, params, os.path.join(folder + "_file",
+                                                               "model.safetensors"),
+                                     format="single_file")
+        out[name] = (folder, tp, file, params)
+    return out
+
+
+def _state(module):
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_diffusers_from_single_file_reads_the_written_file(sd, name):
+    from diffusers import StableDiffusionPipeline
+    folder, tp, file, _ = sd[name]
+    keys = set(load_file(file))
+    text = ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" if name == "sd2"
+            else "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight")
+    assert {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+            "model.diffusion_model.output_blocks.2.1.conv.weight" if name == "sd1" else
+            "model.diffusion_model.output_blocks.1.1.conv.weight",
+            "first_stage_model.decoder.up.0.block.0.conv1.weight",
+            "first_stage_model.encoder.mid.attn_1.q.weight", text} <= keys
+    got = StableDiffusionPipeline.from_single_file(file, config=folder, local_files_only=True)
+    for comp in ("unet", "vae", "text_encoder"):
+        want, have = _state(getattr(tp, comp)), _state(getattr(got, comp))
+        assert want.keys() == have.keys(), comp
+        for k in want:
+            np.testing.assert_array_equal(have[k], want[k], err_msg=f"{comp}.{k}")
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_jaxdiff_reads_the_file_as_diffusers_computes(sd, name, torch):
+    folder, tp, file, _ = sd[name]
+    pipe, params = jaxdiff.load_pipeline(file, config=folder)
+    if name == "sd2":  # linear projections, per-block depth and heads: the richer UNet
+        got, want = ref.unet_outputs(tp.unet, pipe.unet, params["unet"])
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    ids = pipe.tokenize(["a red circle"], warn=False)
+    with torch.no_grad():
+        want = tp.text_encoder(torch.tensor(ids)).last_hidden_state.numpy()
+    np.testing.assert_allclose(pipe.encode_text(params, ids), want, atol=1e-4)
+    assert pipe.scheduler_class == type(tp.scheduler).__name__
+
+
+def _write(path, tensors):
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
+    return path
+
+
+def test_real_world_extras_fp16_ema_buffers_full_openclip(sd, tmp_path):
+    folder, _, file, base = sd["sd2"]
+    t = {k: v.astype(np.float16) for k, v in load_file(file).items()}
+    d = int(t["cond_stage_model.model.token_embedding.weight"].shape[1])
+    n = 1 + max(int(k.split(".")[4]) for k in t if ".resblocks." in k)
+    for k in [k for k in t if ".resblocks.0." in k]:  # the last block SD 2.x never runs
+        t[k.replace(".resblocks.0.", f".resblocks.{n}.")] = t[k]
+    t["cond_stage_model.model.text_projection"] = np.eye(d, dtype=np.float16)
+    t["cond_stage_model.model.logit_scale"] = np.ones((), np.float16)
+    t["alphas_cumprod"] = np.linspace(1, 0, 1000).astype(np.float32)
+    t["model_ema.decay"] = np.array(0.9999, np.float32)
+    unet = [k for k in t if k.startswith("model.diffusion_model.")]
+    for k in unet:
+        t["model_ema." + "".join(k.split(".")[1:])] = t[k] + np.float16(1)
+    path = _write(str(tmp_path / "real.safetensors"), t)
+    pipe, params = single_file.load_single_file(path, config=folder, extract_ema=True)
+    assert pipe.text_encoder.config.num_hidden_layers == n
+    rounded = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), base)
+    for comp in ("vae", "text_encoder"):
+        jax.tree.map(np.testing.assert_array_equal, params[comp], rounded[comp])
+    ema = jax.tree.map(lambda x: (np.asarray(x, np.float16) + np.float16(1)).astype(np.float32),
+                       rounded["unet"])
+    jax.tree.map(np.testing.assert_array_equal, params["unet"], ema)
+
+
+def _fake_hub(root, repo, source_folder):
+    snap = os.path.join(root, "models--" + repo.replace("/", "--"), "snapshots", "c0ffee")
+    os.makedirs(snap)
+    os.symlink(os.path.join(source_folder, "tokenizer"), os.path.join(snap, "tokenizer"))
+    os.makedirs(os.path.join(os.path.dirname(os.path.dirname(snap)), "refs"))
+    with open(os.path.join(os.path.dirname(os.path.dirname(snap)), "refs", "main"), "w") as f:
+        f.write("c0ffee")
+
+
+STRUCTURE = {"unet": ("block_out_channels", "layers_per_block", "down_block_types",
+                      "up_block_types", "cross_attention_dim", "use_linear_projection",
+                      "in_channels", "out_channels"),
+             "vae": ("block_out_channels", "layers_per_block", "latent_channels"),
+             "text_encoder": ("vocab_size", "hidden_size", "intermediate_size",
+                              "num_hidden_layers", "max_position_embeddings", "hidden_act")}
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_configs_inferred_from_tensors_and_scheduler_as_diffusers(sd, name, tmp_path,
+                                                                 monkeypatch):
+    folder, tp, file, _ = sd[name]
+    repo = single_file.MODEL_TYPES["v2" if name == "sd2" else "v1"]["repos"][0][0]
+    _fake_hub(str(tmp_path), repo, folder)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    pipe, _ = jaxdiff.load_pipeline(file)
+    for comp, fields in STRUCTURE.items():
+        got = getattr(pipe, comp).config
+        want = getattr(tp, comp).config
+        for f in fields:
+            w = want[f] if comp != "text_encoder" else getattr(want, f)
+            if name == "sd2" and comp == "text_encoder" and f == "hidden_act":
+                w = "gelu"  # OpenCLIP's; the tiny reference uses it too
+            assert getattr(got, f) == (tuple(w) if isinstance(w, list) else w), (comp, f)
+    if name == "sd2":
+        assert pipe.unet.config.per_block("transformer_layers_per_block") == (1, 2, 1)
+        assert (pipe.scheduler.prediction_type, pipe.scheduler_class) == ("v_prediction",
+                                                                          "DDIMScheduler")
+        assert pipe.image_size == 768
+        eps, _ = jaxdiff.load_pipeline(file, prediction_type="epsilon")
+        assert (eps.scheduler.prediction_type, eps.image_size) == ("epsilon", 512)
+    else:
+        assert pipe.unet.config.heads() == (8, 8)
+        assert (pipe.scheduler.prediction_type, pipe.scheduler_class) == ("epsilon",
+                                                                          "PNDMScheduler")
+        assert pipe.image_size == 512
+    assert pipe.scheduler.beta_schedule == "scaled_linear" and pipe.scheduler.steps_offset == 1
+
+
+def test_bad_input_is_one_line_naming_the_file(sd, tmp_path, monkeypatch):
+    folder, _, file, _ = sd["sd1"]
+    data = open(file, "rb").read()
+    cases = []
+    trunc = tmp_path / "truncated.safetensors"
+    trunc.write_bytes(data[: len(data) // 2])
+    cases.append((str(trunc), WeightsError, "corrupt or truncated"))
+    cases.append((_write(str(tmp_path / "other.safetensors"), {"foo.weight": np.zeros(2)}),
+                  WeightsError, "unknown layout"))
+    cases.append((_write(str(tmp_path / "lora.safetensors"),
+                         {"lora_unet_x.lora_down.weight": np.zeros((2, 2), np.float32)}),
+                  WeightsError, "--lora"))
+    sdxl = dict(load_file(file), **{"conditioner.embedders.0.x": np.zeros(1, np.float32)})
+    cases.append((_write(str(tmp_path / "xl.safetensors"), sdxl), WeightsError, "SDXL"))
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not read")
+    cases.append((str(ckpt), PickleRefusedError, "allow_pickle=True"))
+    extra = dict(load_file(file), **{"first_stage_model.decoder.extra.weight": np.zeros(1)})
+    cases.append((_write(str(tmp_path / "extra.safetensors"), extra), WeightsError,
+                  "unknown vae tensor 'first_stage_model.decoder.extra.weight'"))
+    partial = {k: v for k, v in load_file(file).items() if "out.2." not in k}
+    cases.append((_write(str(tmp_path / "partial.safetensors"), partial), WeightsError,
+                  "'model.diffusion_model.out.2.bias' is missing"))
+    for path, err, match in cases:
+        with pytest.raises(err, match=match) as e:
+            jaxdiff.load_pipeline(path, config=folder)
+        assert path in str(e.value) and "\n" not in str(e.value), str(e.value)
+    # a file for another model than the config folder: the first misfit tensor is named
+    with pytest.raises(WeightsError, match="'model.diffusion_model.*(is missing|has shape)") as e:
+        jaxdiff.load_pipeline(sd["sd2"][2], config=folder)
+    assert sd["sd2"][2] in str(e.value)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no tokenizer.*config=.*stable-diffusion-v1-5"):
+        jaxdiff.load_pipeline(file)
