@@ -13,6 +13,7 @@ from jaxdiff.adapters import apply_adapters
 from jaxdiff.data.images import make_grid, save_png, write_json
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.weights import load_pipeline
+from jaxdiff.weights.hf_cache import is_repo_id
 
 SAMPLER_NAMES = tuple(sorted(SAMPLERS))
 
@@ -22,7 +23,12 @@ def add_parser(sub):
                        description="Generate images with a diffusers-layout pipeline "
                        "(default: the embedded shapes-world model).")
     p.add_argument("--model", default=None,
-                   help="diffusers-layout pipeline directory (default: embedded model)")
+                   help="diffusers-layout pipeline directory, SD 1.x/2.x single .safetensors "
+                   "file (A1111/ComfyUI layout), or org/name in the local Hugging Face cache "
+                   "(default: embedded model)")
+    p.add_argument("--model-config", default=None,
+                   help="for a single-file --model: a diffusers folder (or org/name in the "
+                   "cache) of the same model giving its configs and tokenizer")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt; repeat the flag for several prompts")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
@@ -57,10 +63,11 @@ def run(args) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}.")
     if args.batch < 1 or args.max_batch < 1:
         raise ValueError("--batch and --max-batch must be >= 1.")
-    if args.model is not None and not os.path.isdir(args.model):
-        raise FileNotFoundError(f"--model {args.model}: no such directory.")
+    if args.model is not None and not (os.path.exists(args.model) or is_repo_id(args.model)):
+        raise FileNotFoundError(f"--model {args.model}: no such directory or file (nor an "
+                                "org/name for the Hugging Face cache).")
     parallel.maybe_initialize_distributed()
-    pipe, params = load_pipeline(args.model)
+    pipe, params = load_pipeline(args.model, config=args.model_config)
     if args.dtype == "bfloat16":
         pipe = pipe.with_dtype(jnp.bfloat16)
     pipe, params, expand = apply_adapters(pipe, params, args.lora, args.lora_scale,
