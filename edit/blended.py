@@ -37,7 +37,8 @@ def run(args) -> int:
         return blended.blended(pipe, params, from_uint8(chunk.images), chunk.masks,
                                chunk.targets, args.negative_prompt,
                                blending_percentage=args.blending_percentage, steps=args.steps,
-                               guidance_scale=args.guidance, seed=chunk.seed)
+                               guidance_scale=args.guidance, seed=chunk.seed,
+                               sample_index=chunk.index, mesh=chunk.mesh)
 
     record = edit_runner.method_record(args, "blended", dict(
         blending_percentage=args.blending_percentage, negative_prompt=args.negative_prompt))

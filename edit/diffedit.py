@@ -47,7 +47,8 @@ def run(args) -> int:
                                  chunk.targets, masks=chunk.masks, mask_given=chunk.mask_given,
                                  strength=args.strength, mask_strength=args.mask_strength,
                                  num_maps=args.num_maps, threshold_ratio=args.threshold_ratio,
-                                 steps=args.steps, guidance_scale=args.guidance, seed=chunk.seed)
+                                 steps=args.steps, guidance_scale=args.guidance, seed=chunk.seed,
+                                 sample_index=chunk.index, mesh=chunk.mesh)
 
     record = edit_runner.method_record(args, "diffedit", dict(
         strength=args.strength, mask_strength=args.mask_strength, num_maps=args.num_maps,

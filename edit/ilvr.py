@@ -39,7 +39,8 @@ def run(args) -> int:
         return ilvr.ilvr(pipe, params, from_uint8(chunk.images), chunk.targets,
                          args.negative_prompt, factor=args.factor,
                          refine_fraction=args.refine_fraction, steps=args.steps,
-                         guidance_scale=args.guidance, seed=chunk.seed, eta=args.eta)
+                         guidance_scale=args.guidance, seed=chunk.seed,
+                         sample_index=chunk.index, mesh=chunk.mesh, eta=args.eta)
 
     record = edit_runner.method_record(args, "ilvr", dict(
         factor=args.factor, refine_fraction=args.refine_fraction, eta=args.eta,

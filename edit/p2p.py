@@ -99,7 +99,7 @@ def run(args) -> int:
         if all(words):  # check_job gave every pair words when any job uses LocalBlend
             chunk_settings = dataclasses.replace(settings, blend_words=words)
         res = p2p_pipeline.p2p_edit(pipe, params, chunk.images, chunk.sources, chunk.targets,
-                                    chunk_settings)
+                                    chunk_settings, mesh=chunk.mesh)
         out = dict(edited=res.edited, reconstruction=res.reconstruction,
                    inner_steps=res.inner_steps.T)
         if chunk_settings.blend_words:

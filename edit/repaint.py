@@ -40,7 +40,8 @@ def run(args) -> int:
         return repaint.repaint(pipe, params, from_uint8(chunk.images), chunk.masks,
                                chunk.targets, args.negative_prompt, steps=args.steps,
                                jump_length=args.jump_length, jump_n_sample=args.jump_n_sample,
-                               guidance_scale=args.guidance, seed=chunk.seed, eta=args.eta)
+                               guidance_scale=args.guidance, seed=chunk.seed,
+                               sample_index=chunk.index, mesh=chunk.mesh, eta=args.eta)
 
     record = edit_runner.method_record(args, "repaint", dict(
         jump_length=args.jump_length, jump_n_sample=args.jump_n_sample, eta=args.eta,

@@ -5,8 +5,9 @@
 
 Per input it writes ``<out>/<name>/``: input.png, reconstruction.png (VAE round trip),
 edit.png (edit_<k>.png for several targets), panel.png, settings.json; ``<out>/summary.json``
-lists finished jobs and errors. One compiled program per --max-batch chunk (the seed of a
-chunk is --seed + its first index). Logic: ``jaxdiff.editing.sdedit``.
+lists finished jobs and errors. One compiled program per --max-batch chunk, split over the
+devices (an edit's noise comes from --seed and its index among all edits of the command).
+Logic: ``jaxdiff.editing.sdedit``.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def run(args) -> int:
     def edit(pipe, params, chunk):
         return sdedit.sdedit(pipe, params, from_uint8(chunk.images), chunk.targets,
                              args.negative_prompt, strength=args.strength, steps=args.steps,
-                             guidance_scale=args.guidance, seed=chunk.seed, eta=args.eta,
+                             guidance_scale=args.guidance, seed=chunk.seed,
+                             sample_index=chunk.index, mesh=chunk.mesh, eta=args.eta,
                              sampler=args.sampler)
 
     record = edit_runner.method_record(args, "sdedit", dict(

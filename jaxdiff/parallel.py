@@ -168,3 +168,58 @@ def padded_batch(n: int, mesh: Mesh) -> int:
     """Smallest batch >= n that the data axis divides."""
     d = mesh.shape[DATA]
     return -(-n // d) * d
+
+
+# --- Batches of independent rows (the edit programs): pad, shard, place, trim. ---
+
+def local_mesh(fsdp: int = 1) -> Mesh:
+    """A mesh over this process's devices only: under ``jax.distributed`` every process
+    runs its own jobs with its own programs (no collective spans two hosts), e.g. the
+    slice of a manifest each process of a multi-host edit takes."""
+    return make_mesh(jax.local_devices(), fsdp)
+
+
+def rows_multiple(mesh: Mesh) -> int:
+    """The number of devices a batch is split over (``batch_axes``): batches are padded to
+    a multiple of it."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def pad_rows(tree, n: int):
+    """Each leaf's leading axis (``b`` rows) extended to ``n`` by repeating its last row
+    (as ``generate`` pads an odd batch); works for numpy, jax and PRNG-key arrays."""
+    def one(x):
+        b = x.shape[0]
+        return x if b == n else x[np.minimum(np.arange(n), b - 1)]
+    return jax.tree.map(one, tree)
+
+
+def shard_rows(tree, mesh: Mesh, n: Optional[int] = None):
+    """Leaves padded to ``n`` rows (default: the next multiple of ``rows_multiple``) and
+    placed with their leading axis split over the mesh's batch axes."""
+    leaves = jax.tree.leaves(tree)
+    if n is None:
+        k = rows_multiple(mesh)
+        n = -(-leaves[0].shape[0] // k) * k
+    return jax.device_put(pad_rows(tree, n), train_batch_sharding(mesh))
+
+
+def place_params(params, mesh: Mesh, rules: Sequence = DEFAULT_RULES):
+    """``params`` on ``mesh``: replicated, or FSDP-sharded by ``rules`` when the mesh has an
+    ``fsdp`` axis. Arrays already placed so are returned as they are (no copy)."""
+    return jax.device_put(params, tree_shardings(params, mesh, rules))
+
+
+def trim_rows(tree, b: int, axis: int = 0):
+    """The first ``b`` rows (along ``axis``) of every leaf: drops the padding again."""
+    def one(x):
+        return x if x.shape[axis] == b else jax.lax.slice_in_dim(x, 0, b, axis=axis)
+    return jax.tree.map(one, tree)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of a ``jax.distributed`` job reaches ``barrier(name)``
+    (no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

@@ -16,7 +16,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int = 50,
 
     ``--image`` (file or folder, repeatable) or ``--manifest`` (JSONL), ``--model``,
     ``--out``, ``--steps``, ``--guidance``, ``--seed``, ``--source-prompt``,
-    ``--target-prompt`` (repeatable), ``--fit``, ``--alpha``, ``--max-batch`` and, when
+    ``--target-prompt`` (repeatable), ``--fit``, ``--alpha``, ``--max-batch``,
+    ``--overwrite`` and, when
     ``mask`` is "optional" or "required", ``--mask``.
     """
     src = parser.add_mutually_exclusive_group(required=True)
@@ -45,7 +46,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int = 50,
     parser.add_argument("--alpha", default="white", choices=ALPHAS,
                         help="transparent images: composite on white (default) or drop alpha")
     parser.add_argument("--max-batch", type=int, default=16,
-                        help="images per compiled program call (default 16)")
+                        help="images per compiled program call, split over the devices "
+                        "(default 16)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo jobs whose result folder is already complete (default: "
+                        "skip them, so re-running a command resumes it)")
     return parser
 
 

@@ -2,6 +2,8 @@
 
     write_result(out_dir, job, source=, reconstruction=, edits=, settings=) -> folder
     write_summary(out_dir, done, errors, settings)
+    is_complete(out_dir, name) -> bool;  remove_partial(out_dir, names)
+    merge_parts(out_dir, part, process, processes, order) -> merged part (process 0)
 
 Each job's folder is assembled under a temporary name and renamed into place (an existing
 folder of the same name is replaced only once the new one is complete); single files are
@@ -9,13 +11,16 @@ written to a temporary name and renamed.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from jaxdiff import parallel
 from jaxdiff.cli.edit_jobs import EditJob
 from jaxdiff.data.images import make_panel, save_png, write_json
 
@@ -73,3 +78,48 @@ def write_summary(out_dir: str, done: Sequence[str], errors: Sequence[str],
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "summary.json"),
                dict(done=list(done), errors=list(errors), **dict(settings)))
+
+
+def is_complete(out_dir: str, name: str) -> bool:
+    """Whether ``<out_dir>/<name>/`` holds a finished result (folders appear complete or
+    not at all: a folder with its ``settings.json`` is done)."""
+    return os.path.isfile(os.path.join(out_dir, name, "settings.json"))
+
+
+def remove_partial(out_dir: str, names) -> None:
+    """Deletes what a killed run left of these jobs' results: the temporary folders of
+    ``write_result`` (``.<name>.<8 chars>`` and ``.<name>.old.<8 chars>``)."""
+    if not os.path.isdir(out_dir):
+        return
+    pattern = re.compile("^\\.(%s)\\.(old\\.)?[A-Za-z0-9_]{8}$"
+                         % "|".join(re.escape(n) for n in names)) if names else None
+    for entry in os.listdir(out_dir) if pattern else ():
+        path = os.path.join(out_dir, entry)
+        if pattern.match(entry) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def merge_parts(out_dir: str, part: Mapping[str, Any], process: int, processes: int,
+                order: Sequence[str]) -> dict:
+    """Multi-host: every process writes its ``part`` (lists: done, errors, skipped,
+    chunks) as ``<out_dir>/.summary.part<p>.json``; after all have (a barrier), process 0
+    reads them, concatenates the lists (done and skipped in ``order``) and deletes the
+    parts. Returns the merged dict on process 0, ``part`` elsewhere."""
+    own = os.path.join(out_dir, f".summary.part{process}.json")
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(own, dict(part))
+    parallel.barrier("jaxdiff-edit-summary")
+    if process != 0:
+        return dict(part)
+    merged = {k: [] for k in part}
+    for p in range(processes):
+        path = os.path.join(out_dir, f".summary.part{p}.json")
+        with open(path, encoding="utf-8") as f:
+            got = json.load(f)
+        for k in merged:
+            merged[k] += got[k]
+        os.remove(path)
+    rank = {n: i for i, n in enumerate(order)}
+    for k in ("done", "skipped"):
+        merged[k].sort(key=lambda n: rank.get(n, len(rank)))
+    return merged

@@ -14,7 +14,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.sampling import prompt_list
+from jaxdiff import parallel
+from jaxdiff.sampling import prompt_list, sample_keys
+
+
+def run_rows(run, mesh, b: int, params, rows: dict, shared: dict):
+    """``run(params, **rows, **shared)`` data-parallel over ``mesh`` (default: all devices,
+    as ``generate``): the per-image ``rows`` (leading axis ``b``) are padded to a multiple
+    of the mesh's batch devices by repeating the last image and split over them, the
+    params are replicated (or FSDP-sharded by ``parallel.DEFAULT_RULES`` on an ``fsdp``
+    mesh), ``shared`` scalars are broadcast; every output is trimmed back to ``b`` rows.
+    Each image is independent in every edit program, so the result does not depend on
+    the device count (up to float round-off of different per-device batch sizes)."""
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    out = run(parallel.place_params(params, mesh), **parallel.shard_rows(rows, mesh), **shared)
+    return parallel.trim_rows(out, b)
+
+
+def image_keys(seed, b: int, sample_index=None) -> jax.Array:
+    """Per-image keys [B]: ``fold_in(key(seed), sample_index[i])`` (default index i), so an
+    image's noise depends on its index in the whole job (a manifest's edit number), not on
+    which chunk, process or resumed run edits it."""
+    if sample_index is None:
+        return sample_keys(seed, b)
+    idx = np.asarray(sample_index, np.int32).reshape(-1)
+    if idx.shape != (b,):
+        raise ValueError(f"sample_index has {idx.shape[0]} entries for {b} images.")
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(idx))
 
 
 def unet_denoiser(pipe, params):

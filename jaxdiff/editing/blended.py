@@ -21,7 +21,7 @@ from jaxdiff import schedules
 from jaxdiff.editing import batch_inputs, partial_trajectory
 from jaxdiff.guidance import cfg
 from jaxdiff.samplers import SampleState, make_sampler
-from jaxdiff.sampling import initial_noise, sample_keys
+from jaxdiff.sampling import initial_noise
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -83,9 +83,11 @@ def _compiled(pipe, sampler_name, steps):
 
 def blended(pipe, params, images, masks, prompts, negative_prompts=None, *,
             blending_percentage=0.25, steps: int = 50, guidance_scale=7.5, seed=0, eta=0.0,
-            sampler: str = "ddim"):
+            sampler: str = "ddim", mesh=None, sample_index=None):
     """Blended latent diffusion on a batch: images [B, H, W, 3] in [-1, 1], masks
-    [B, H, W] (1 = edit; averaged to the latent grid and binarised at 0.5).
+    [B, H, W] (1 = edit; averaged to the latent grid and binarised at 0.5); the batch is
+    split over ``mesh``'s ``data`` axis (default: all devices); ``sample_index``: the images'
+    indices in the whole job, which pick their noise (``batch_inputs.image_keys``).
 
     Returns:
       {"edited", "reconstruction": [B, H, W, 3] in [-1, 1]; "latents"; "latent_mask"}.
@@ -97,7 +99,9 @@ def blended(pipe, params, images, masks, prompts, negative_prompts=None, *,
     masks = batch_inputs.check_masks(masks, images)
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     run = _compiled(pipe, sampler, int(steps))
-    return run(params, images, masks, ids, neg,
-               sample_keys(seed, b),
-               batch_inputs.per_image(blending_percentage, b, "blending_percentage"),
-               jnp.float32(guidance_scale), jnp.float32(eta))
+    keys = batch_inputs.image_keys(seed, b, sample_index)
+    rows = dict(images=images, masks=masks, ids=ids, neg_ids=neg, keys=keys,
+                percentage=batch_inputs.per_image(blending_percentage, b,
+                                                  "blending_percentage"))
+    return batch_inputs.run_rows(run, mesh, b, params, rows, dict(
+        guidance=jnp.float32(guidance_scale), eta=jnp.float32(eta)))

@@ -31,7 +31,7 @@ from jaxdiff.editing import batch_inputs, partial_trajectory
 from jaxdiff.guidance import guided_call
 from jaxdiff.samplers.base import x0_eps_vp
 from jaxdiff.samplers.ddim import ddim_tables, ddim_update
-from jaxdiff.sampling import initial_noise, prompt_list, sample_keys
+from jaxdiff.sampling import initial_noise, prompt_list
 
 
 def diffedit_mask(denoise, tables, alphas_cumprod, z0, noise, cond_q, uncond_q, cond_r,
@@ -135,7 +135,8 @@ def _compiled(pipe, steps, num_maps):
 
 def diffedit(pipe, params, images, source_prompts, target_prompts, negative_prompts=None, *,
              masks=None, mask_given=None, strength=0.8, mask_strength=0.5, num_maps: int = 10,
-             threshold_ratio=3.0, steps: int = 50, guidance_scale=7.5, seed=0):
+             threshold_ratio=3.0, steps: int = 50, guidance_scale=7.5, seed=0, mesh=None,
+             sample_index=None):
     """DiffEdit on a batch of images [B, H, W, 3] in [-1, 1].
 
     Args:
@@ -143,6 +144,9 @@ def diffedit(pipe, params, images, source_prompts, target_prompts, negative_prom
       masks: optional [B, H, W] masks (1 = edit) used instead of the automatic ones.
       mask_given: optional [B] bools: which images use their given mask (default: all
         when ``masks`` is given); the others get the automatic mask.
+      mesh: the images are split over its ``data`` axis (default: all devices).
+      sample_index: the images' indices in the whole job, which pick their noise
+        (``batch_inputs.image_keys``; default 0..B-1).
     Returns:
       {"edited", "reconstruction": [B, H, W, 3] in [-1, 1]; "latents";
        "latent_mask": [B, h, w] the mask used; "mask_map": [B, h, w] normalised map}.
@@ -158,7 +162,10 @@ def diffedit(pipe, params, images, source_prompts, target_prompts, negative_prom
     if masks.shape != images.shape[:3]:
         raise ValueError(f"masks have shape {masks.shape}; expected {images.shape[:3]}.")
     run = _compiled(pipe, int(steps), int(num_maps))
-    return run(params, images, src, tgt, neg, sample_keys(seed, b), masks, use_given,
-               jnp.float32(guidance_scale), batch_inputs.per_image(strength, b, "strength"),
-               jnp.float32(mask_strength),
-               jnp.float32(threshold_ratio))
+    keys = batch_inputs.image_keys(seed, b, sample_index)
+    rows = dict(images=images, src_ids=src, tgt_ids=tgt, neg_ids=neg, keys=keys,
+                masks=masks, use_given=use_given,
+                strength=batch_inputs.per_image(strength, b, "strength"))
+    return batch_inputs.run_rows(run, mesh, b, params, rows, dict(
+        guidance=jnp.float32(guidance_scale), mask_strength=jnp.float32(mask_strength),
+        threshold_ratio=jnp.float32(threshold_ratio)))

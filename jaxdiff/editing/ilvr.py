@@ -25,7 +25,7 @@ from jaxdiff import schedules
 from jaxdiff.editing import batch_inputs
 from jaxdiff.guidance import cfg
 from jaxdiff.samplers import SampleState, make_sampler
-from jaxdiff.sampling import initial_noise, sample_keys
+from jaxdiff.sampling import initial_noise
 
 SAMPLERS = ("ddim",)  # eta = 1 gives DDPM-like steps; the level table is DDIM's
 
@@ -98,8 +98,10 @@ def _compiled(pipe, sampler_name, steps, factor):
 
 def ilvr(pipe, params, images, prompts, negative_prompts=None, *, factor: int = 2,
          refine_fraction=1.0, steps: int = 50, guidance_scale=7.5, seed=0, eta=0.0,
-         sampler: str = "ddim"):
-    """ILVR on a batch of reference images [B, H, W, 3] in [-1, 1] (factor in latent cells).
+         sampler: str = "ddim", mesh=None, sample_index=None):
+    """ILVR on a batch of reference images [B, H, W, 3] in [-1, 1] (factor in latent cells),
+    split over ``mesh``'s ``data`` axis (default: all devices); ``sample_index``: the images'
+    indices in the whole job, which pick their noise (``batch_inputs.image_keys``).
 
     Returns:
       {"edited", "reconstruction": [B, H, W, 3] in [-1, 1]; "latents"}.
@@ -113,5 +115,8 @@ def ilvr(pipe, params, images, prompts, negative_prompts=None, *, factor: int = 
         raise ValueError(f"factor must be >= 1 and divide the latent size {hw}, got {factor}.")
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     run = _compiled(pipe, sampler, int(steps), int(factor))
-    return run(params, images, ids, neg, sample_keys(seed, b), jnp.float32(guidance_scale),
-               batch_inputs.per_image(refine_fraction, b, "refine_fraction"), jnp.float32(eta))
+    keys = batch_inputs.image_keys(seed, b, sample_index)
+    rows = dict(images=images, ids=ids, neg_ids=neg, keys=keys,
+                fraction=batch_inputs.per_image(refine_fraction, b, "refine_fraction"))
+    return batch_inputs.run_rows(run, mesh, b, params, rows, dict(
+        guidance=jnp.float32(guidance_scale), eta=jnp.float32(eta)))

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import parallel
 from jaxdiff.editing import inversion as inv
 from jaxdiff.editing import local_blend as lb
 from jaxdiff.editing import prompt_to_prompt as p2p
@@ -125,7 +126,8 @@ def _compiled(pipe, steps: int, inversion: str, num_inner_steps: int):
 
 
 def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str],
-             settings: P2PSettings, pair_image: Optional[Sequence[int]] = None) -> P2PResult:
+             settings: P2PSettings, pair_image: Optional[Sequence[int]] = None,
+             mesh=None) -> P2PResult:
     """Inverts M images and applies P Prompt-to-Prompt edits in one compiled program.
 
     Args:
@@ -133,6 +135,9 @@ def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str
       sources: M source prompts (captions of the images).
       targets: P target prompts; edit p edits image ``pair_image[p]`` (default: p).
       settings: P2PSettings.
+      mesh: images and edits are split over its ``data`` axis (default: all devices);
+        both are padded to a multiple of its batch devices by repeating the last one
+        (the padding is edited and dropped), so results do not depend on the mesh.
     """
     settings.validate()
     images = np.asarray(images)
@@ -141,6 +146,15 @@ def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str
     if len(sources) != m or len(targets) != len(pair_image):
         raise ValueError(f"{m} images, {len(sources)} source prompts, {len(targets)} target "
                          f"prompts for {len(pair_image)} edits.")
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    p, k = len(pair_image), parallel.rows_multiple(mesh)
+    m_pad, p_pad = -(-m // k) * k, -(-p // k) * k
+    rows = lambda n, b: np.minimum(np.arange(n), b - 1)  # pad: repeat the last row
+    images, sources = images[rows(m_pad, m)], [sources[i] for i in rows(m_pad, m)]
+    pair_image, targets = pair_image[rows(p_pad, p)], [targets[i] for i in rows(p_pad, p)]
+    if _per_pair(settings.blend_words):
+        settings = dataclasses.replace(
+            settings, blend_words=[settings.blend_words[i] for i in rows(p_pad, p)])
     pair_src = [sources[i] for i in pair_image]
     control = p2p.make_control(pipe, pair_src, list(targets), settings.steps,
                                mode=settings.mode,
@@ -153,11 +167,15 @@ def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str
                                     settings.blend_words, threshold=settings.blend_threshold,
                                     start_fraction=settings.blend_start)
     run = _compiled(pipe, settings.steps, settings.inversion, settings.num_inner_steps)
+    images, src_ids, empty_ids = parallel.shard_rows(
+        (images, pipe.tokenize(sources), pipe.tokenize([""] * m_pad)), mesh)
+    tgt_ids, pair_image = parallel.shard_rows(
+        (pipe.tokenize(targets), pair_image.astype(np.int32)), mesh)
     edited, rec, mask, taken = run(
-        params, jnp.asarray(images), pipe.tokenize(sources), pipe.tokenize(targets),
-        pipe.tokenize([""] * m), jnp.asarray(pair_image), control, blend,
-        jnp.float32(settings.guidance))
-    return P2PResult(to_uint8(edited), to_uint8(rec), np.asarray(mask), np.asarray(taken))
+        parallel.place_params(params, mesh), images, src_ids, tgt_ids, empty_ids, pair_image,
+        control, blend, jnp.float32(settings.guidance))
+    return P2PResult(to_uint8(np.asarray(edited)[:p]), to_uint8(np.asarray(rec)[:p]),
+                     np.asarray(mask)[:p], np.asarray(taken)[:, :m])
 
 
 def _per_pair(words) -> bool:
@@ -165,12 +183,12 @@ def _per_pair(words) -> bool:
 
 
 def p2p_edit_chunked(pipe, params, images, sources, targets, settings: P2PSettings,
-                     max_batch: int = 16) -> P2PResult:
+                     max_batch: int = 16, mesh=None) -> P2PResult:
     """Edit k applies ``targets[k]`` to ``images[k]`` (caption ``sources[k]``), in chunks of
     at most ``max_batch`` edits, each chunk one ``p2p_edit`` program call. The last chunk
     is padded by repeating its last edit, so all chunks share one compiled program. An
     image edited with several targets appears once per target (and is inverted once per
-    target)."""
+    target). ``mesh``: as ``p2p_edit``."""
     n = len(images)
     size = min(max_batch, n)
     parts = []
@@ -182,7 +200,7 @@ def p2p_edit_chunked(pipe, params, images, sources, targets, settings: P2PSettin
             chunk = dataclasses.replace(settings,
                                         blend_words=[settings.blend_words[i] for i in pad])
         out = p2p_edit(pipe, params, np.asarray(images)[pad], [sources[i] for i in pad],
-                       [targets[i] for i in pad], chunk)
+                       [targets[i] for i in pad], chunk, mesh=mesh)
         k = len(idx)
         parts.append(P2PResult(out.edited[:k], out.reconstruction[:k], out.mask[:k],
                                out.inner_steps[:, :k]))

@@ -29,7 +29,7 @@ from jaxdiff.editing import batch_inputs
 from jaxdiff.guidance import cfg
 from jaxdiff.samplers.base import clip_fn, x0_eps_vp
 from jaxdiff.samplers.ddim import ddim_update
-from jaxdiff.sampling import initial_noise, sample_keys
+from jaxdiff.sampling import initial_noise
 
 
 def jump_schedule(num_steps: int, jump_length: int, jump_n_sample: int,
@@ -137,10 +137,12 @@ def _compiled(pipe, steps, jump_length, jump_n_sample):
 
 def repaint(pipe, params, images, masks, prompts, negative_prompts=None, *, steps: int = 50,
             jump_length: int = 10, jump_n_sample: int = 10, guidance_scale=7.5, seed=0,
-            eta=0.0):
+            eta=0.0, mesh=None, sample_index=None):
     """RePaint on a batch: images [B, H, W, 3] in [-1, 1], masks [B, H, W] (1 = fill in;
     averaged to the latent grid and binarised at 0.5). ``eta`` 0 as diffusers' default,
-    1 for the paper's DDPM sampling.
+    1 for the paper's DDPM sampling. The batch is split over ``mesh``'s ``data`` axis
+    (default: all devices); ``sample_index``: the images'
+    indices in the whole job, which pick their noise (``batch_inputs.image_keys``).
 
     Returns:
       {"edited", "reconstruction": [B, H, W, 3] in [-1, 1]; "latents"; "latent_mask"}.
@@ -150,5 +152,7 @@ def repaint(pipe, params, images, masks, prompts, negative_prompts=None, *, step
     masks = batch_inputs.check_masks(masks, images)
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     run = _compiled(pipe, int(steps), int(jump_length), int(jump_n_sample))
-    return run(params, images, masks, ids, neg,
-               sample_keys(seed, b), jnp.float32(guidance_scale), jnp.float32(eta))
+    keys = batch_inputs.image_keys(seed, b, sample_index)
+    rows = dict(images=images, masks=masks, ids=ids, neg_ids=neg, keys=keys)
+    return batch_inputs.run_rows(run, mesh, b, params, rows, dict(
+        guidance=jnp.float32(guidance_scale), eta=jnp.float32(eta)))

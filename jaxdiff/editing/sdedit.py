@@ -20,7 +20,7 @@ from jaxdiff import schedules
 from jaxdiff.editing import batch_inputs, partial_trajectory
 from jaxdiff.guidance import cfg
 from jaxdiff.samplers import SampleState, make_sampler
-from jaxdiff.sampling import initial_noise, sample_keys
+from jaxdiff.sampling import initial_noise
 
 SAMPLERS = ("ddim", "ddpm")  # VP samplers whose state is the latent itself
 
@@ -72,7 +72,7 @@ def _compiled(pipe, sampler_name, steps):
 
 def sdedit(pipe, params, images, prompts, negative_prompts=None, *, strength=0.8,
            steps: int = 50, guidance_scale=7.5, seed=0, eta=0.0, sampler: str = "ddim",
-           noise=None):
+           noise=None, mesh=None, sample_index=None):
     """SDEdit on a batch of images, one compiled program per (pipeline, shapes, steps).
 
     Args:
@@ -81,6 +81,9 @@ def sdedit(pipe, params, images, prompts, negative_prompts=None, *, strength=0.8
       strength: a number or one per image, in [0, 1].
       seed: start/step noise from ``fold_in(key(seed), image index)``; or give ``noise``
         [B, h, w, C] (N(0, 1), as diffusers' img2img draws it) for the start latent.
+      mesh: the images are split over its ``data`` axis (default: all devices).
+      sample_index: the images' indices in the whole job, which pick their noise
+        (``batch_inputs.image_keys``; default 0..B-1).
     Returns:
       {"edited", "reconstruction" (VAE round trip): [B, H, W, 3] in [-1, 1];
        "latents": [B, h, w, C]}.
@@ -92,6 +95,8 @@ def sdedit(pipe, params, images, prompts, negative_prompts=None, *, strength=0.8
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     noise = batch_inputs.given_noise(noise, (b,) + pipe.latent_shape(*images.shape[1:3]))
     run = _compiled(pipe, sampler, int(steps))
-    return run(params, images, ids, neg, noise, sample_keys(seed, b),
-               batch_inputs.per_image(strength, b, "strength"), jnp.float32(guidance_scale),
-               jnp.float32(eta))
+    keys = batch_inputs.image_keys(seed, b, sample_index)
+    rows = dict(images=images, ids=ids, neg_ids=neg, noise=noise, keys=keys,
+                strength=batch_inputs.per_image(strength, b, "strength"))
+    return batch_inputs.run_rows(run, mesh, b, params, rows, dict(
+        guidance=jnp.float32(guidance_scale), eta=jnp.float32(eta)))
