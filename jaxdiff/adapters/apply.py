@@ -2,6 +2,7 @@
 Inversion placeholder added to the tokenizer and the token table."""
 from __future__ import annotations
 
+from jaxdiff.adapters import kohya
 from jaxdiff.adapters import lora as lora_lib
 from jaxdiff.adapters import textual_inversion as ti
 
@@ -11,7 +12,8 @@ def apply_adapters(pipe, params, lora=None, lora_scale=1.0, textual_inversion=No
 
     Args:
       pipe, params: the loaded pipeline.
-      lora: a LoRA safetensors file (or a folder holding one), or None.
+      lora: a LoRA safetensors file (diffusers/peft or kohya/A1111 keys; or a folder holding
+        pytorch_lora_weights.safetensors), or None.
       lora_scale: strength, multiplied by the file's alpha / rank (0 = no effect).
       textual_inversion: a ``learned_embeds.safetensors`` file (or folder), or None.
     Returns:
@@ -22,9 +24,13 @@ def apply_adapters(pipe, params, lora=None, lora_scale=1.0, textual_inversion=No
         cannot be read or does not fit the model.
     """
     expand = lambda prompt: prompt
-    if lora:
+    if lora and kohya.is_kohya_file(lora):  # per-module alpha / rank already folded in
+        adapters = read_weights(lambda p: kohya.load_kohya_lora(p, params), lora, "--lora")
+        scale = lora_scale
+    elif lora:
         adapters, alpha = read_weights(lora_lib.load_lora, lora, "--lora")
         scale = lora_lib.lora_scale(alpha, lora_lib.lora_rank(adapters), lora_scale)
+    if lora:
         try:
             params = lora_lib.merge_lora(params, adapters, scale)
         except ValueError as e:

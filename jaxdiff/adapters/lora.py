@@ -6,7 +6,8 @@ An adapter pytree mirrors the pipeline params paths of the Dense layers it adapt
      "text_encoder": {"text_model": {... "q_proj": {"down": ..., "up": ...}}}}
 
 and ``merge_lora(params, lora, scale)`` returns params whose kernels are
-``kernel + scale * down @ up`` (``kernel`` is ``[in, out]``, the PyTorch weight transposed).
+``kernel + scale * down @ up`` (``kernel`` is ``[in, out]``, the PyTorch weight transposed;
+a convolution's ``down`` is ``[kh * kw * in, r]``: kohya LoCon, ``jaxdiff.adapters.kohya``).
 As in peft, ``up`` starts at zero, so a fresh adapter leaves the model unchanged, and the
 effective scale is ``lora_scale * alpha / rank``.
 
@@ -156,6 +157,8 @@ def merge_lora(params, lora, scale=1.0):
             raise ValueError(f"LoRA adapter {'/'.join(path)} has no Dense kernel in params.")
         w = flat[k]
         delta = jnp.matmul(m["down"], m["up"], precision=jax.lax.Precision.HIGHEST)
+        if w.ndim == 4 and delta.shape == (math.prod(w.shape[:3]), w.shape[3]):
+            delta = delta.reshape(w.shape)  # a conv adapter: rows in the kernel's HWI order
         if delta.shape != w.shape:
             raise ValueError(f"LoRA adapter {'/'.join(path)} gives a {delta.shape} update for "
                              f"a {tuple(w.shape)} kernel.")
@@ -193,7 +196,8 @@ def from_state_dict(state: Dict[str, np.ndarray]) -> Tuple[dict, Dict[str, float
         if m is None:
             raise ValueError(f"LoRA tensor {key!r} is not a diffusers/peft key "
                              "('unet.<module>.lora_A.weight' / '...lora_B.weight'); kohya "
-                             "('lora_unet_...') files are not supported.")
+                             "('lora_unet_...') files are read by jaxdiff.adapters.kohya "
+                             "(and --lora).")
         scope, module, kind = m.groups()
         if scope == "text_encoder" and not module.startswith("text_model."):
             module = "text_model." + module  # transformers >= 5 module names

@@ -1,0 +1,114 @@
+"""kohya-ss / A1111 LoRA files (``lora_unet_*``, ``lora_te_*``), LoCon conv layers included.
+
+A module's tensors are ``<name>.lora_down.weight`` ([r, in] for a linear layer,
+[r, in, kh, kw] for a convolution), ``<name>.lora_up.weight`` ([out, r] / [out, r, 1, 1])
+and an optional scalar ``<name>.alpha``; ``<name>`` is the diffusers module path with
+``.`` -> ``_`` behind ``lora_unet_`` / ``lora_te_`` (SD 1.x / 2.x; kohya names the SD 2.x
+text encoder as transformers' CLIPTextModel). As diffusers' ``load_lora_weights`` (peft),
+a module adds ``alpha / r * up @ down`` to its weight (alpha = r when absent), so each
+module's ``up`` is pre-scaled by its own ``alpha / r`` here: ranks and alphas may differ
+per module, and ``merge_lora(params, lora, strength)`` applies the file at ``strength``.
+
+A convolution adapter is stored as ``down``: [kh * kw * in, r] (rows in the kernel's HWI
+order) and ``up``: [r, out]; ``merge_lora`` reshapes ``down @ up`` to the HWIO kernel.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+
+from jaxdiff.weights.convert import torch_key
+
+SCOPES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+_KEY = re.compile(r"^(lora_unet_|lora_te\d?_)(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_OTHER_FORMATS = (("hada_", "LyCORIS LoHa"), ("lokr_", "LyCORIS LoKr"),
+                  ("lora_mid", "LoCon with a Tucker 'lora_mid' core"),
+                  ("dora_scale", "DoRA"))
+
+
+def is_kohya_file(path: str) -> bool:
+    """True for a ``.safetensors`` file whose keys are kohya-style (``lora_unet_``/``lora_te``)."""
+    if not (os.path.isfile(path) and path.endswith(".safetensors")):
+        return False
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return any(k.startswith(("lora_unet_", "lora_te")) for k in f.keys())
+    except Exception:  # noqa: BLE001 -- unreadable files are reported by the loader
+        return False
+
+
+def module_names(params) -> Dict[str, Tuple[str, ...]]:
+    """kohya module name -> params path of its kernel's module, for every layer with a
+    ``kernel`` in ``params["unet"]`` / ``params["text_encoder"]``."""
+    out = {}
+    for prefix, scope in SCOPES.items():
+        for path in traverse_util.flatten_dict(params[scope]):
+            if path[-1] == "kernel":
+                name = torch_key(path)[: -len(".weight")].replace(".", "_")
+                out[prefix + name] = (scope,) + path[:-1]
+    return out
+
+
+def from_state_dict(state, params, source: str = "LoRA") -> dict:
+    """kohya state dict -> adapter pytree with per-module ``alpha / r`` folded into ``up``.
+
+    Raises:
+      ValueError: one line naming ``source`` and the first offending key (another format,
+        a module this model lacks, mismatched down/up ranks, SDXL text encoders).
+    """
+    for key in state:
+        for marker, what in _OTHER_FORMATS:
+            if marker in key:
+                raise ValueError(f"{source}: '{key}' is a {what} tensor; jaxdiff reads plain "
+                                 "LoRA / LoCon (lora_down / lora_up / alpha) kohya files only.")
+    mods: Dict[str, dict] = {}
+    for key, value in state.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise ValueError(f"{source}: '{key}' is not a kohya LoRA key ('lora_unet_<module>."
+                             "lora_down.weight' / '.lora_up.weight' / '.alpha').")
+        if m.group(1) not in SCOPES:
+            raise ValueError(f"{source}: '{key}' is for SDXL's text encoders (lora_te1_/lora_te2_); "
+                             "jaxdiff reads SD 1.x / 2.x LoRAs so far.")
+        mods.setdefault(m.group(1) + m.group(2), {})[m.group(3)] = np.asarray(value, np.float32)
+    names = module_names(params)
+    flat = {}
+    for name in sorted(mods):
+        t = mods[name]
+        if name not in names:
+            raise ValueError(f"{source}: module '{name}' has no layer in this model; the LoRA "
+                             "was made for another base model.")
+        if set(t) - {"alpha"} != {"lora_down.weight", "lora_up.weight"}:
+            raise ValueError(f"{source}: module '{name}' lacks its lora_down or lora_up weight.")
+        down, up = t["lora_down.weight"], t["lora_up.weight"]
+        rank = down.shape[0]
+        if up.shape[1] != rank or up.ndim not in (2, 4) or up.shape[2:] not in ((), (1, 1)):
+            raise ValueError(f"{source}: module '{name}': lora_up {up.shape} does not match "
+                             f"lora_down {down.shape}.")
+        alpha = float(t["alpha"]) if "alpha" in t else float(rank)
+        if down.ndim == 4:  # [r, in, kh, kw] -> [kh * kw * in, r]
+            down = down.transpose(2, 3, 1, 0).reshape(-1, rank)
+        else:
+            down = down.T
+        path = names[name]
+        flat[path + ("down",)] = jnp.asarray(down)
+        flat[path + ("up",)] = jnp.asarray(up.reshape(up.shape[0], rank).T * (alpha / rank))
+    return traverse_util.unflatten_dict(flat)
+
+
+def load_kohya_lora(path: str, params) -> dict:
+    """Reads a kohya / A1111 LoRA ``.safetensors`` for the model of ``params``.
+
+    Returns:
+      adapter pytree; ``merge_lora(params, lora, strength)`` applies it as diffusers'
+      ``load_lora_weights`` at lora scale ``strength`` does.
+    """
+    with safe_open(path, framework="numpy") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    return from_state_dict(state, params, path)
