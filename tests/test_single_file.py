@@ -21,17 +21,21 @@ pytestmark = pytest.mark.reference
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
+def sd(tmp_path_factory, tiny_pipe_dir):
     """{"sd1"|"sd2": (diffusers folder, torch pipeline, jaxdiff-written single file,
-    jaxdiff params read from the folder)}."""
-    import torch  # noqa: F401  (reference)
+    jaxdiff params read from the folder)}; sd1 is the session's tiny pipeline (read only)."""
+    from diffusers import StableDiffusionPipeline
     out = {}
     for name in ("sd1", "sd2"):
-        folder = str(tmp_path_factory.mktemp(name))
-        tp = ref.make_torch_pipeline(folder, unet=name, vae="sd1", text=name)
+        if name == "sd1":
+            folder = tiny_pipe_dir
+            tp = StableDiffusionPipeline.from_pretrained(folder)
+        else:
+            folder = str(tmp_path_factory.mktemp(name))
+            tp = ref.make_torch_pipeline(folder, unet=name, vae="sd1", text=name)
         pipe, params = jaxdiff.load_pipeline(folder)
-        file = jaxdiff.save_pipeline(pipe, params, os.path.join(folder + "_file",
-                                                               "model.safetensors"),
+        file = jaxdiff.save_pipeline(pipe, params, str(tmp_path_factory.mktemp(name + "_file")
+                                                       / "model.safetensors"),
                                      format="single_file")
         out[name] = (folder, tp, file, params)
     return out
@@ -61,13 +65,13 @@ def test_diffusers_from_single_file_reads_the_written_file(sd, name):
             np.testing.assert_array_equal(have[k], want[k], err_msg=f"{comp}.{k}")
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2"])
-def test_jaxdiff_reads_the_file_as_diffusers_computes(sd, name, torch):
-    folder, tp, file, _ = sd[name]
+def test_jaxdiff_reads_the_file_as_diffusers_computes(sd, torch):
+    """SD 2.x: OpenCLIP text encoder, linear projections, per-block depth and heads (the SD
+    1.x file is read into exactly the folder's params in the .ckpt test below)."""
+    folder, tp, file, _ = sd["sd2"]
     pipe, params = jaxdiff.load_pipeline(file, config=folder)
-    if name == "sd2":  # linear projections, per-block depth and heads: the richer UNet
-        got, want = ref.unet_outputs(tp.unet, pipe.unet, params["unet"])
-        np.testing.assert_allclose(got, want, atol=1e-4)
+    got, want = ref.unet_outputs(tp.unet, pipe.unet, params["unet"])
+    np.testing.assert_allclose(got, want, atol=1e-4)
     ids = pipe.tokenize(["a red circle"], warn=False)
     with torch.no_grad():
         want = tp.text_encoder(torch.tensor(ids)).last_hidden_state.numpy()
@@ -187,3 +191,26 @@ def test_bad_input_is_one_line_naming_the_file(sd, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="no tokenizer.*config=.*stable-diffusion-v1-5"):
         jaxdiff.load_pipeline(file)
+
+
+def test_ckpt_read_only_with_allow_pickle_and_cli_model_file(sd, tmp_path, monkeypatch, torch):
+    from jaxdiff import cli
+    folder, _, file, base = sd["sd1"]
+    ckpt = str(tmp_path / "model.ckpt")
+    torch.save({"global_step": 1, "state_dict": {k: torch.from_numpy(v) for k, v in
+                                                  load_file(file).items()}}, ckpt)
+    with pytest.raises(PickleRefusedError):
+        jaxdiff.load_pipeline(ckpt, config=folder)
+    _, params = jaxdiff.load_pipeline(ckpt, config=folder, allow_pickle=True)
+    jax.tree.map(np.testing.assert_array_equal, params, base)
+    # jaxdiff generate --model FILE --model-config DIR reaches the single-file reader
+    seen = {}
+
+    def stop(pipe, params, *args):
+        seen["params"] = params
+        raise ValueError("stop after loading")
+    monkeypatch.setattr(cli.generate, "apply_adapters", stop)
+    argv = ["generate", "--model", file, "--model-config", folder, "--prompt", "x", "--out",
+            str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    jax.tree.map(np.testing.assert_array_equal, seen["params"], base)
