@@ -115,6 +115,11 @@ def test_bad_kohya_files_are_one_line_naming_file_and_key(sd, tmp_path):
         with pytest.raises(ValueError, match=match) as e:
             apply_adapters(pipe, params, lora=path)
         assert path in str(e.value) and "\n" not in str(e.value), str(e.value)
+    good = open(_write(tmp_path / "good.safetensors", state), "rb").read()
+    (tmp_path / "cut.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors") as e:
+        apply_adapters(pipe, params, lora=str(tmp_path / "cut.safetensors"))
+    assert "cut.safetensors" in str(e.value) and "\n" not in str(e.value)
     assert not kohya.is_kohya_file(os.path.dirname(path))
 
 

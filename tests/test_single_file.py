@@ -214,3 +214,50 @@ def test_ckpt_read_only_with_allow_pickle_and_cli_model_file(sd, tmp_path, monke
             str(tmp_path / "out")]
     assert cli.main(argv) == 2
     jax.tree.map(np.testing.assert_array_equal, seen["params"], base)
+
+
+def test_sdxl_key_maps_invert_diffusers_conversion(torch):
+    """SDXL maps (for the SDXL models still to come): a tiny diffusers SDXL UNet and both
+    text encoders, written in the original layout by these maps, come back as the same
+    tensors through diffusers' own original -> diffusers conversion functions."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from jaxdiff.weights import original_layout as ol
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=64,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80)
+    common = dict(vocab_size=100, max_position_embeddings=8, num_hidden_layers=2)
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37,
+                                       num_attention_heads=4, **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=2, hidden_act="gelu",
+        projection_dim=24, **common))
+    np_state = lambda m, pre="": {pre + k: v.detach().numpy() for k, v in m.state_dict().items()
+                                  if not k.endswith("position_ids")}
+    s_unet = np_state(unet)
+    s1 = {("" if k.startswith("text_model.") else "text_model.") + k: v
+          for k, v in np_state(te1).items()}
+    s2 = np_state(te2)
+    m1, m2 = ol.sdxl_text_maps(s1, s2)
+    original = {**ol.to_original(s_unet, ol.unet_map(s_unet, unet.config)),
+                **ol.to_original(s1, m1), **ol.to_original(s2, m2)}
+    assert "model.diffusion_model.label_emb.0.0.weight" in original
+    assert "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight" in original
+    ckpt = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in original.items()}
+    back_unet = sfu.convert_ldm_unet_checkpoint(ckpt, dict(unet.config))
+    back1 = sfu.convert_ldm_clip_checkpoint(ckpt)
+    back2 = sfu.convert_open_clip_checkpoint(te2, ckpt, prefix=ol.SDXL_OPENCLIP_PREFIX)
+    for want, got in ((s_unet, back_unet), (s1, back1), (s2, back2)):
+        got = {k: v.numpy() for k, v in got.items() if not k.endswith("position_ids")}
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    _, refiner = ol.sdxl_text_maps({}, s2, refiner=True)
+    assert {o for o, _ in refiner.values()} == {o.replace("embedders.1", "embedders.0")
+                                                for o, _ in m2.values()}

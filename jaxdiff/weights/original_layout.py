@@ -8,22 +8,34 @@ A1111 / ComfyUI checkpoints hold one state dict with the UNet under
 Every map here goes from a diffusers key (``convert.torch_key`` of jaxdiff's tree) to the
 original key, given the model config; reading inverts it over the keys the model expects,
 so the read and the written layout cannot drift apart. A map value is
-``(original_key, part)``: ``part`` is ``None`` or ``(i, n)`` for row block ``i`` of ``n``
-of a fused tensor (OpenCLIP q/k/v). The maps follow diffusers'
+``(original_key, part)``: ``part`` is ``None`` (same tensor), ``(i, n)`` (row block ``i``
+of ``n`` of a fused tensor: OpenCLIP q/k/v), ``"T"`` (transposed: OpenCLIP's
+``text_projection``) or ``"1x1"`` (a linear weight stored as a 1x1 convolution: the LDM
+VAE's attention); ``take`` and ``to_original`` apply them. The maps follow diffusers'
 ``scripts/convert_diffusers_to_original_stable_diffusion.py`` and the inverse functions in
 ``diffusers.loaders.single_file_utils``.
+
+SDXL (maps only; jaxdiff's SDXL models are another part of issue #15): the UNet as above
+plus ``label_emb`` (``add_embedding``), CLIP-L under ``conditioner.embedders.0.transformer.``
+and OpenCLIP-bigG (with ``text_projection``) under ``conditioner.embedders.1.model.``; the
+refiner has only the OpenCLIP encoder, under ``conditioner.embedders.0.model.``.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Tuple, Union
+
+import numpy as np
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 
-Part = Optional[Tuple[int, int]]
+Part = Union[None, Tuple[int, int], str]
 KeyMap = Dict[str, Tuple[str, Part]]
 
 _UNET_RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."),
@@ -31,7 +43,9 @@ _UNET_RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."),
                 ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection."))
 _UNET_TOP = (("time_embedding.linear_1.", "time_embed.0."),
              ("time_embedding.linear_2.", "time_embed.2."), ("conv_in.", "input_blocks.0.0."),
-             ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."))
+             ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
+             ("add_embedding.linear_1.", "label_emb.0.0."),  # SDXL's text_time embedding
+             ("add_embedding.linear_2.", "label_emb.0.2."))
 _VAE_RESNET = (("conv_shortcut.", "nin_shortcut."),)
 _VAE_ATTN = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
              ("to_out.0.", "proj_out."))
@@ -123,7 +137,9 @@ def unet_map(keys: Iterable[str], cfg) -> KeyMap:
 
 def vae_map(keys: Iterable[str], cfg) -> KeyMap:
     prefixes = vae_prefixes(cfg)
-    return {k: (VAE_PREFIX + _apply(k, prefixes), None) for k in keys}
+    return {k: (VAE_PREFIX + _apply(k, prefixes),
+                "1x1" if ".attentions." in k and k.endswith(".weight") and "group_norm" not in k
+                else None) for k in keys}
 
 
 def clip_map(keys: Iterable[str], prefix: str = CLIP_PREFIX) -> KeyMap:
@@ -141,6 +157,9 @@ def openclip_map(keys: Iterable[str], prefix: str = OPENCLIP_PREFIX) -> KeyMap:
     for k in keys:
         if k in fixed:
             out[k] = (prefix + fixed[k], None)
+            continue
+        if k == "text_projection.weight":  # CLIPTextModelWithProjection (SDXL)
+            out[k] = (prefix + "text_projection", "T")
             continue
         head = "text_model.encoder.layers."
         if not k.startswith(head):
@@ -164,3 +183,40 @@ def ema_key(key: str) -> str:
     """``model.diffusion_model.a.b.weight`` -> ``model_ema.diffusion_modelabweight``: the
     flattened names LDM's EMA copy uses (diffusers' ``extract_ema``)."""
     return EMA_PREFIX + "".join(key.split(".")[1:])
+
+
+def sdxl_text_maps(keys_1, keys_2, refiner: bool = False) -> Tuple[KeyMap, KeyMap]:
+    """SDXL text encoders: (CLIP-L ``text_encoder``, OpenCLIP-bigG ``text_encoder_2``) maps;
+    the refiner has only the second (``keys_1`` is then empty)."""
+    if refiner:
+        return {}, openclip_map(keys_2, REFINER_OPENCLIP_PREFIX)
+    return clip_map(keys_1, SDXL_CLIP_PREFIX), openclip_map(keys_2, SDXL_OPENCLIP_PREFIX)
+
+
+def take(value: np.ndarray, part: Part) -> np.ndarray:
+    """The diffusers tensor held by original tensor ``value`` (see the module docstring)."""
+    if part is None:
+        return value
+    if part == "T":
+        return value.T
+    if part == "1x1":
+        return value[:, :, 0, 0] if value.ndim == 4 else value
+    i, n = part
+    return np.split(value, n, axis=0)[i]
+
+
+def to_original(state: Dict[str, np.ndarray], key_map: KeyMap) -> Dict[str, np.ndarray]:
+    """diffusers-keyed tensors -> original-keyed tensors (fused parts concatenated)."""
+    out, fused = {}, {}
+    for key, value in state.items():
+        orig, part = key_map[key]
+        if part is None:
+            out[orig] = value
+        elif part == "T":
+            out[orig] = value.T
+        elif part == "1x1":
+            out[orig] = value[:, :, None, None] if value.ndim == 2 else value
+        else:
+            fused.setdefault(orig, [None] * part[1])[part[0]] = value
+    out.update({k: np.concatenate(v, axis=0) for k, v in fused.items()})
+    return out

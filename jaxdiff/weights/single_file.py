@@ -118,13 +118,7 @@ def _read_component(ckpt: Checkpoint, expected, kind, key_map, extract_ema, cfg_
             raise WeightsError(f"{ckpt.path}: tensor '{src}' is missing; the file does not match "
                                f"the {kind} config {cfg_source} (a checkpoint of another model, "
                                "or a truncated export).")
-        value = np.asarray(ckpt[src], np.float32)
-        if part is not None:
-            i, n = part
-            value = np.split(value, n, axis=0)[i]
-        if kind == "vae" and value.ndim == 4 and ".mid.attn_1." in orig and value.shape[2:] == (1, 1):
-            value = value[:, :, 0, 0]
-        state[key] = value
+        state[key] = ol.take(np.asarray(ckpt[src], np.float32), part)
     try:
         return convert.torch_to_flax(state, expected, source=ckpt.path)
     except WeightsError as e:
@@ -271,16 +265,7 @@ def original_state_dict(pipe: Pipeline, params, dtype=np.float32,
     for kind in ("unet", "vae", "text_encoder"):
         state = convert.flax_to_torch(params[kind])
         key_map = component_map(kind, state.keys(), getattr(pipe, kind).config, text_layout)
-        fused: Dict[str, list] = {}
-        for key, value in state.items():
-            orig, part = key_map[key]
-            if kind == "vae" and ".mid.attn_1." in orig and value.ndim == 2:
-                value = value[:, :, None, None]  # LDM's 1x1 conv attention
-            if part is None:
-                out[orig] = value
-            else:
-                fused.setdefault(orig, [None] * part[1])[part[0]] = value
-        out.update({k: np.concatenate(v, axis=0) for k, v in fused.items()})
+        out.update(ol.to_original(state, key_map))
     return {k: np.ascontiguousarray(v.astype(dtype)) for k, v in out.items()}
 
 
