@@ -84,7 +84,8 @@ def _write(path, tensors):
     return path
 
 
-def test_real_world_extras_fp16_ema_buffers_full_openclip(sd, tmp_path):
+def test_real_world_extras_fp16_bf16_ema_buffers_full_openclip(sd, tmp_path, torch):
+    from safetensors.torch import save_file as save_torch
     folder, _, file, base = sd["sd2"]
     t = {k: v.astype(np.float16) for k, v in load_file(file).items()}
     d = int(t["cond_stage_model.model.token_embedding.weight"].shape[1])
@@ -98,12 +99,17 @@ def test_real_world_extras_fp16_ema_buffers_full_openclip(sd, tmp_path):
     unet = [k for k in t if k.startswith("model.diffusion_model.")]
     for k in unet:
         t["model_ema." + "".join(k.split(".")[1:])] = t[k] + np.float16(1)
-    path = _write(str(tmp_path / "real.safetensors"), t)
+    tt = {k: torch.from_numpy(np.array(v)) for k, v in t.items()}  # no shared storage
+    tt.update({k: v.to(torch.bfloat16) for k, v in tt.items() if k.startswith("first_stage")})
+    path = str(tmp_path / "real.safetensors")
+    save_torch(tt, path)
     pipe, params = single_file.load_single_file(path, config=folder, extract_ema=True)
     assert pipe.text_encoder.config.num_hidden_layers == n
     rounded = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), base)
-    for comp in ("vae", "text_encoder"):
-        jax.tree.map(np.testing.assert_array_equal, params[comp], rounded[comp])
+    jax.tree.map(np.testing.assert_array_equal, params["text_encoder"], rounded["text_encoder"])
+    bf16 = jax.tree.map(lambda x: torch.from_numpy(np.asarray(x)).to(torch.bfloat16).float()
+                        .numpy(), rounded["vae"])
+    jax.tree.map(np.testing.assert_array_equal, params["vae"], bf16)
     ema = jax.tree.map(lambda x: (np.asarray(x, np.float16) + np.float16(1)).astype(np.float32),
                        rounded["unet"])
     jax.tree.map(np.testing.assert_array_equal, params["unet"], ema)

@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
 
+from jaxdiff.weights import files
 from jaxdiff.weights.convert import torch_key
 
 SCOPES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
@@ -109,6 +110,4 @@ def load_kohya_lora(path: str, params) -> dict:
       adapter pytree; ``merge_lora(params, lora, strength)`` applies it as diffusers'
       ``load_lora_weights`` at lora scale ``strength`` does.
     """
-    with safe_open(path, framework="numpy") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    return from_state_dict(state, params, path)
+    return from_state_dict(files.read_tensors(path), params, path)  # bf16 files included

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors import safe_open
 from transformers import CLIPTokenizer
 
 from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
@@ -58,15 +59,16 @@ class Checkpoint(Mapping):
                     "allow_pickle=True if you trust the file.")
             self._dict, self._file = files.read_tensors(path), None
             return
-        from safetensors import safe_open
         try:
             self._file = safe_open(path, framework="numpy")
             self._keys = list(self._file.keys())
-            self._shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._keys}
+            slices = {k: self._file.get_slice(k) for k in self._keys}
+            self._shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
+            self._bf16 = {k for k, v in slices.items() if v.get_dtype() == "BF16"}
         except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
             raise WeightsError(f"{path}: not a readable safetensors file ({e}); it is corrupt "
                                "or truncated - download or export it again.") from None
-        self._dict = None
+        self._dict, self._flax = None, None
 
     def __getitem__(self, key):
         if self._dict is not None:
@@ -74,6 +76,10 @@ class Checkpoint(Mapping):
         if key not in self._shapes:
             raise KeyError(key)
         try:
+            if key in self._bf16:  # numpy has no bfloat16: read it through jax
+                if self._flax is None:
+                    self._flax = safe_open(self.path, framework="flax")
+                return np.asarray(self._flax.get_tensor(key)).astype(np.float32)
             return self._file.get_tensor(key)
         except Exception as e:  # noqa: BLE001
             raise WeightsError(f"{self.path}: tensor '{key}' cannot be read ({e}); the file is "
@@ -110,15 +116,37 @@ def component_map(kind: str, keys, cfg, text_layout: str = "clip", text_model: b
     return ol.clip_map(keys)
 
 
+class _Component(Mapping):
+    """diffusers-keyed view of one component, read (and split / transposed) on access, so
+    only the converted params accumulate, one tensor at a time."""
+
+    def __init__(self, ckpt, sources):
+        self._ckpt, self._sources = ckpt, sources
+
+    def __getitem__(self, key):
+        src, part = self._sources[key]
+        return ol.take(np.asarray(self._ckpt[src], np.float32), part)
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self):
+        return len(self._sources)
+
+    def __contains__(self, key):  # without reading the tensor
+        return key in self._sources
+
+
 def _read_component(ckpt: Checkpoint, expected, kind, key_map, extract_ema, cfg_source):
-    state = {}
+    sources = {}
     for key, (orig, part) in key_map.items():
         src = ol.ema_key(orig) if extract_ema and kind == "unet" else orig
         if src not in ckpt:
             raise WeightsError(f"{ckpt.path}: tensor '{src}' is missing; the file does not match "
                                f"the {kind} config {cfg_source} (a checkpoint of another model, "
                                "or a truncated export).")
-        state[key] = ol.take(np.asarray(ckpt[src], np.float32), part)
+        sources[key] = (src, part)
+    state = _Component(ckpt, sources)
     try:
         return convert.torch_to_flax(state, expected, source=ckpt.path)
     except WeightsError as e:
