@@ -195,8 +195,20 @@ def test_bad_input_is_one_line_naming_the_file(sd, tmp_path, monkeypatch):
         jaxdiff.load_pipeline(sd["sd2"][2], config=folder)
     assert sd["sd2"][2] in str(e.value)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
-    with pytest.raises(FileNotFoundError, match="no tokenizer.*config=.*stable-diffusion-v1-5"):
-        jaxdiff.load_pipeline(file)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.*not CLIP's 49408.*config="):
+        jaxdiff.load_pipeline(file)  # the tiny text encoder's vocabulary is not CLIP's
+
+
+@pytest.mark.parametrize("model_type,pad", [("v1", 49407), ("v2", 0)])
+def test_shipped_clip_tokenizer_when_nothing_else_is_there(model_type, pad, tmp_path,
+                                                          monkeypatch):
+    """CLIP's published ids for the SD example prompt; SD 2.x pads with '!' (id 0)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    tok = single_file.tokenizer_for(None, model_type, 49408, "model.safetensors")
+    assert len(tok) == 49408
+    ids = tok("a photo of an astronaut riding a horse", padding="max_length").input_ids
+    assert ids[:10] == [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 49407]
+    assert ids[10:] == [pad] * 67 and tok.model_max_length == 77
 
 
 def test_ckpt_read_only_with_allow_pickle_and_cli_model_file(sd, tmp_path, monkeypatch, torch):

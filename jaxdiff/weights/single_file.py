@@ -6,8 +6,9 @@ diffusers directory (``config=``, as diffusers' ``from_single_file(config=...)``
 them from the tensor shapes with Stable Diffusion's fixed hyper-parameters (heads, group
 norm, time embedding), and picks the scheduler diffusers would fetch: SD 1.x -> PNDM, epsilon;
 SD 2.x -> DDIM, v-prediction at 768 px (``prediction_type="epsilon"`` for the 512 px base).
-Tensors are read one at a time from the safetensors file (fp16 / bf16 are cast to float32).
-Layouts: ``jaxdiff.weights.original_layout``.
+The tokenizer: ``config=``'s, the Hugging Face cache's, or CLIP's built from shipped merges
+(``tokenizer_for``). Tensors are read one at a time from the safetensors file (fp16 / bf16
+are cast to float32). Layouts: ``jaxdiff.weights.original_layout``.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from jaxdiff.pipeline import Pipeline
 from jaxdiff.schedules import SchedulerConfig
 from jaxdiff.weights import convert, diffusers_format, files, hf_cache
 from jaxdiff.weights import original_layout as ol
+from jaxdiff.weights.clip_tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 from jaxdiff.weights.original_config import (MODEL_TYPES, clip_prefix, detect,
                                              infer_text_config, infer_unet_config,
                                              infer_vae_config)
@@ -165,7 +167,10 @@ def _module(kind, raw, dtype, source):
     return CLIPTextModel(CLIPTextConfig.from_dict(raw, source), dtype)
 
 
-def _tokenizer(config_dir, model_type, path):
+def tokenizer_for(config_dir, model_type: str, vocab_size: int, path: str):
+    """The tokenizer of a single file's model: ``config_dir``'s, else the one in the Hugging
+    Face cache that diffusers' ``from_single_file`` would use, else CLIP's built from the
+    merges jaxdiff ships (when the text encoder has CLIP's 49,408 tokens)."""
     candidates = [os.path.join(config_dir, "tokenizer")] if config_dir else []
     for repo, sub in MODEL_TYPES[model_type]["repos"]:
         snap = hf_cache.find_snapshot(repo)
@@ -175,11 +180,14 @@ def _tokenizer(config_dir, model_type, path):
         if os.path.exists(os.path.join(folder, "vocab.json")) or \
                 os.path.exists(os.path.join(folder, "tokenizer.json")):
             return CLIPTokenizer.from_pretrained(folder)
+    if vocab_size == CLIP_VOCAB_SIZE:
+        return clip_tokenizer(model_type)
     repos = " or ".join(r for r, _ in MODEL_TYPES[model_type]["repos"])
     raise FileNotFoundError(
-        f"{path}: a single file holds no tokenizer; pass config=<a diffusers folder of this "
-        f"model> (--config-dir), or put {repos} in the Hugging Face cache "
-        f"({hf_cache.hub_cache_dir()}), e.g. `hf download {repos.split(' or ')[0]}`.")
+        f"{path}: a single file holds no tokenizer and its text encoder's {vocab_size} tokens "
+        f"are not CLIP's {CLIP_VOCAB_SIZE}; pass config=<a diffusers folder of this model> "
+        f"(--model-config), or put {repos} in the Hugging Face cache "
+        f"({hf_cache.hub_cache_dir()}).")
 
 
 def load_single_file(path: str, *, config: Optional[str] = None,
@@ -192,7 +200,7 @@ def load_single_file(path: str, *, config: Optional[str] = None,
       config: a diffusers-layout folder of the same model (or ``org/name`` in the Hugging
         Face cache) whose component configs, tokenizer and scheduler are used; components
         missing from the file are read from it. ``None``: configs inferred from the tensors,
-        tokenizer from the Hugging Face cache.
+        tokenizer as ``tokenizer_for`` finds it (Hugging Face cache, else CLIP's shipped).
       prediction_type: overrides the scheduler's (e.g. ``"epsilon"`` for SD 2.x base 512).
       extract_ema: use the ``model_ema.*`` UNet weights of a training checkpoint.
     Returns:
@@ -232,7 +240,8 @@ def load_single_file(path: str, *, config: Optional[str] = None,
         params[kind] = _read_component(ckpt, expected, kind, key_map, extract_ema, source)
         _check_unused(ckpt, kind, key_map, present[kind], modules[kind])
     _check_outside(ckpt, present)
-    tokenizer = _tokenizer(config_dir, model_type, path)
+    tokenizer = tokenizer_for(config_dir, model_type,
+                              modules["text_encoder"].config.vocab_size, path)
     max_pos = modules["text_encoder"].config.max_position_embeddings
     tokenizer.model_max_length = min(tokenizer.model_max_length, max_pos)
     pipe = Pipeline(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer,
