@@ -1,14 +1,18 @@
 """Text-to-image sampling as one jitted SPMD program: encode text -> scan -> decode.
 
-Shapes (batch, resolution, steps, number of guidance scales) select the compiled program;
-guidance scale, guidance rescale, eta, prompts and seeds are traced inputs and never
-recompile. The batch is sharded over the mesh's ``data`` axis; each sample's noise comes
+Shapes (batch, resolution, steps, number of guidance scales, which control models) select
+the compiled program; guidance scale, guidance rescale, eta, prompts, seeds, condition
+images, control scales and control step windows are traced inputs and never recompile.
+Spatial control (``Control``: diffusers ControlNets and T2I-Adapters, several at once) runs
+inside the same scan, as diffusers' ``StableDiffusionControlNetPipeline`` /
+``StableDiffusionAdapterPipeline`` do. The batch is sharded over the mesh's ``data`` axis; each sample's noise comes
 from ``fold_in(key(seed), sample_index)``, so results do not depend on the device count.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,8 @@ import numpy as np
 
 from jaxdiff import parallel
 from jaxdiff.guidance import cfg
+from jaxdiff.models.controlnet import ControlNetModel
+from jaxdiff.models.t2i_adapter import T2IAdapter
 from jaxdiff.pipeline import Pipeline, to_uint8
 from jaxdiff.samplers import SAMPLERS, make_sampler
 
@@ -31,36 +37,116 @@ def initial_noise(keys, shape) -> jax.Array:
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
 
 
-def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, keys):
+@dataclasses.dataclass(frozen=True, eq=False)
+class Control:
+    """One ControlNet or T2I-Adapter applied while sampling (``generate(control=...)``).
+
+    Attributes:
+      model: a ``jaxdiff.models.ControlNetModel`` or ``T2IAdapter`` (its config must fit the
+        pipeline's UNet: checked before any compile).
+      params: its parameter pytree (e.g. from ``jaxdiff.weights.control.load_controlnet``).
+      image: condition image(s) at the generated size: uint8 [H, W, C] (one for every
+        image) or [B, H, W, C] (one per image), or floats in [0, 1].
+      scale: ``conditioning_scale`` / ``adapter_conditioning_scale``: a float or one per
+        image [B] (traced: a sweep over scales is a batch, never a recompile).
+      start, end: fraction of the steps where control acts (diffusers'
+        ``control_guidance_start/end``: step i is kept unless i/N < start or (i+1)/N > end);
+        traced.
+      guess_mode: ControlNet guess mode (static): the ControlNet sees only the conditional
+        half of the guided batch, its residuals weighted 0.1 .. 1 from shallow to deep.
+    """
+    model: Any
+    params: Any
+    image: Any
+    scale: Any = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+
+
+def control_keep(i, n, start, end):
+    """1.0 where step ``i`` of ``n`` lies in [start, end] (diffusers' controlnet_keep)."""
+    i = jnp.asarray(i, jnp.float32)
+    return 1.0 - jnp.logical_or(i / n < start, (i + 1) / n > end).astype(jnp.float32)
+
+
+def controlled_unet(pipe: Pipeline, params, specs, arrays, adapter_feats, i, n):
+    """The guided-batch denoiser ``(x [2B], t, context [2B]) -> output`` with control.
+
+    ``specs``: static (model, guess_mode) per control; ``arrays``: its traced
+    (params, image [B], scale [B], start, end); ``adapter_feats``: per adapter, its
+    features at scale 1 for the B images. The batch is ``[uncond; cond]`` as
+    ``guidance.cfg`` builds it: ControlNets see both halves (the condition images
+    repeated), in guess mode only the conditional half (zero residuals for the other);
+    adapter features are added to both halves. Residuals of several models add up.
+    """
+    def unet(x, t, context):
+        b = x.shape[0] // 2
+        down = mid = intra = None
+        for (model, guess), arr, feats in zip(specs, arrays, adapter_feats):
+            w = arr["scale"] * control_keep(i, n, arr["start"], arr["end"])
+            if isinstance(model, T2IAdapter):
+                w2 = jnp.concatenate([w, w]).reshape((-1, 1, 1, 1))
+                f = [jnp.concatenate([v, v]) * w2 for v in feats]
+                intra = f if intra is None else [a + c for a, c in zip(intra, f)]
+                continue
+            img = arr["image"]
+            if guess:
+                d, m = model.apply({"params": arr["params"]}, x[b:], t, context[b:], img, w,
+                                   guess_mode=True)
+                d = [jnp.concatenate([jnp.zeros_like(v), v]) for v in d]
+                m = jnp.concatenate([jnp.zeros_like(m), m])
+            else:
+                d, m = model.apply({"params": arr["params"]}, x, t, context,
+                                   jnp.concatenate([img, img]), jnp.concatenate([w, w]))
+            down = d if down is None else [a + c for a, c in zip(down, d)]
+            mid = m if mid is None else mid + m
+        return pipe.unet.apply({"params": params["unet"]}, x, t, context,
+                               down_block_additional_residuals=down,
+                               mid_block_additional_residual=mid,
+                               down_intrablock_additional_residuals=intra)
+    return unet
+
+
+def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, keys,
+                 control=None):
     """Runs the sampler's ``lax.scan`` from initial latents ``x`` (already sigma-scaled).
 
     Args:
       contexts: (cond [B,L,D], uncond [B,L,D]) text embeddings.
       keys: [B] per-sample keys for stochastic samplers.
+      control: None, or (specs, arrays, adapter features) as ``controlled_unet`` takes.
     Returns:
       final latents [B, h, w, C].
     """
     unet = lambda x_, t_, c_: pipe.unet.apply({"params": params["unet"]}, x_, t_, c_)
-    guided = cfg(unet, scale, rescale)
+    n = len(sampler.timesteps)
 
     def body(state, i):
-        out = guided(sampler.model_input(state, i), sampler.timesteps[i], contexts)
+        denoise = unet if control is None else controlled_unet(pipe, params, *control, i, n)
+        out = cfg(denoise, scale, rescale)(sampler.model_input(state, i), sampler.timesteps[i],
+                                           contexts)
         noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
                                                      x.shape[1:]))(keys)
         return sampler.step(state, i, out, noise), None
 
-    state, _ = jax.lax.scan(body, sampler.init(x), jnp.arange(len(sampler.timesteps)))
+    state, _ = jax.lax.scan(body, sampler.init(x), jnp.arange(n))
     return sampler.latents(state)
 
 
-def _program(pipe, sampler_name, steps, sweep):
-    """The whole job as one pure function of (params, ids, neg_ids, noise, keys, scalars)."""
+def _program(pipe, sampler_name, steps, sweep, specs=()):
+    """The whole job as one pure function of (params, ids, neg_ids, noise, keys, scalars,
+    control arrays)."""
 
-    def run(params, ids, neg_ids, noise, keys, scale, rescale, eta):
+    def run(params, ids, neg_ids, noise, keys, scale, rescale, eta, arrays=()):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         cond, uncond = pipe.encode_text(params, ids), pipe.encode_text(params, neg_ids)
+        feats = tuple(model.apply({"params": arr["params"]}, arr["image"])
+                      if isinstance(model, T2IAdapter) else None
+                      for (model, _), arr in zip(specs, arrays))
+        control = (specs, arrays, feats) if specs else None
         loop = lambda s: denoise_loop(pipe, sampler, params, noise * sampler.init_noise_sigma,
-                                      (cond, uncond), s, rescale, keys)
+                                      (cond, uncond), s, rescale, keys, control)
         latents = jax.vmap(loop)(scale) if sweep else loop(scale)
         flat = latents.reshape((-1,) + latents.shape[-3:])
         images = pipe.decode_latents(params, flat)
@@ -70,13 +156,14 @@ def _program(pipe, sampler_name, steps, sweep):
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(pipe, sampler_name, steps, sweep, mesh):
+def _compiled(pipe, sampler_name, steps, sweep, mesh, specs=()):
     data, rep = parallel.batch_sharded(mesh), parallel.replicated(mesh)
     out_batch = jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(None, parallel.DATA) if sweep else
         jax.sharding.PartitionSpec(parallel.DATA))
-    return jax.jit(_program(pipe, sampler_name, steps, sweep),
-                   in_shardings=(rep, data, data, data, data, rep, rep, rep),
+    arrays = tuple(dict(params=rep, image=data, scale=data, start=rep, end=rep) for _ in specs)
+    return jax.jit(_program(pipe, sampler_name, steps, sweep, specs),
+                   in_shardings=(rep, data, data, data, data, rep, rep, rep, arrays),
                    out_shardings=(out_batch, out_batch))
 
 
@@ -85,7 +172,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
              steps: int = 50, guidance_scale: Union[float, Sequence[float]] = 7.5, seed: int = 0,
              latents=None, height: Optional[int] = None, width: Optional[int] = None,
              eta: float = 0.0, guidance_rescale: float = 0.0, mesh=None,
-             output: str = "uint8", sample_offset: int = 0):
+             output: str = "uint8", sample_offset: int = 0,
+             control: Union[None, Control, Sequence[Control]] = None):
     """Generates images for ``prompts``.
 
     Args:
@@ -99,6 +187,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
         sampler's init sigma), as diffusers' ``latents=``.
       mesh: a ``jax.sharding.Mesh`` with a ``data`` axis (default: all devices).
       output: "uint8" (images) or "latents" (final latents, float32).
+      control: a ``Control`` or a sequence of them (ControlNets and T2I-Adapters mixed);
+        their residuals add up. Condition images must be ``height`` x ``width``.
     Returns:
       uint8 [B, H, W, 3] images (or [S, B, H, W, 3] for a sweep of S scales); for
       ``output="latents"`` the final latents with the same leading axes.
@@ -111,6 +201,7 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     check_request(pipe, b, steps, height, width, sampler)
     mesh = mesh or parallel.make_mesh()
     n = parallel.padded_batch(b, mesh)
+    specs, arrays = control_inputs(pipe, control, b, n, height, width)
     shape = pipe.latent_shape(height, width)
     keys = sample_keys(seed, n, sample_offset)
     if latents is None:
@@ -124,12 +215,57 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     ids, neg_ids = _pad(pipe.tokenize(prompts), n), _pad(pipe.tokenize(negative), n)
     sweep = not np.isscalar(guidance_scale) and np.ndim(guidance_scale) == 1
     scale = jnp.asarray(guidance_scale, jnp.float32)
-    run = _compiled(pipe, sampler, int(steps), sweep, mesh)
+    run = _compiled(pipe, sampler, int(steps), sweep, mesh, specs)
     images, final = run(params, ids, neg_ids, noise, keys, scale,
-                        jnp.float32(guidance_rescale), jnp.float32(eta))
+                        jnp.float32(guidance_rescale), jnp.float32(eta), arrays)
     if output == "latents":
         return np.asarray(final)[..., :b, :, :, :]
     return to_uint8(np.asarray(images)[..., :b, :, :, :])
+
+
+def control_inputs(pipe: Pipeline, control, b: int, n: int, height: int, width: int):
+    """(static specs, traced arrays) for ``control``, checked before any compile: each
+    model must fit the UNet (one-line ValueError naming both values), each image be
+    ``height`` x ``width`` with the model's channels, one or ``b`` images and scales."""
+    if control is None:
+        return (), ()
+    controls = [control] if isinstance(control, Control) else list(control)
+    specs, arrays = [], []
+    for k, c in enumerate(controls):
+        what = f"control {k} ({type(c.model).__name__})"
+        if isinstance(c.model, ControlNetModel):
+            c.model.config.check_matches(pipe.unet.config, source=what)
+            channels = c.model.config.conditioning_channels
+        elif isinstance(c.model, T2IAdapter):
+            c.model.config.check_matches(pipe.unet.config, pipe.vae_scale_factor, source=what)
+            channels = c.model.config.in_channels
+        else:
+            raise TypeError(f"{what}: model must be a ControlNetModel or a T2IAdapter.")
+        image = np.asarray(c.image)
+        image = image[None] if image.ndim == 3 else image
+        if (image.ndim != 4 or image.shape[1:] != (height, width, channels)
+                or image.shape[0] not in (1, b)):
+            raise ValueError(f"{what}: condition image of shape {image.shape}; expected "
+                             f"[{height}, {width}, {channels}] or [1 or {b}, {height}, {width}, "
+                             f"{channels}] (resize it to the generated size).")
+        image = (image.astype(np.float32) / 255.0 if image.dtype == np.uint8
+                 else image.astype(np.float32))
+        scale = np.asarray(c.scale, np.float32)
+        if scale.ndim > 1 or scale.size not in (1, b):
+            raise ValueError(f"{what}: scale must be a float or {b} floats, got shape "
+                             f"{scale.shape}.")
+        if not 0.0 <= float(c.start) < float(c.end) <= 1.0:
+            raise ValueError(f"{what}: need 0 <= start < end <= 1, got start={c.start}, "
+                             f"end={c.end}.")
+        guess = bool(c.guess_mode) or (isinstance(c.model, ControlNetModel)
+                                        and c.model.config.global_pool_conditions)
+        specs.append((c.model, guess))
+        arrays.append((c, np.broadcast_to(image, (b,) + image.shape[1:]),
+                       np.broadcast_to(scale.reshape(-1), (b,))))
+    arrays = [dict(params=c.params, image=_pad(image, n), scale=_pad(scale, n),
+                   start=jnp.float32(c.start), end=jnp.float32(c.end))
+              for c, image, scale in arrays]
+    return tuple(specs), tuple(arrays)
 
 
 def prompt_list(prompts: Union[str, Sequence[str], None], b: int, name: str,

@@ -10,9 +10,10 @@ from tqdm import tqdm
 
 from jaxdiff import parallel, sampling
 from jaxdiff.adapters import apply_adapters
-from jaxdiff.data.images import make_grid, save_png, write_json
+from jaxdiff.data.images import FITS, load_image, make_grid, save_png, write_json
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.weights import load_pipeline
+from jaxdiff.weights.control import load_controlnet, load_t2i_adapter
 from jaxdiff.weights.hf_cache import is_repo_id
 
 SAMPLER_NAMES = tuple(sorted(SAMPLERS))
@@ -53,8 +54,81 @@ def add_parser(sub):
     p.add_argument("--textual-inversion", default=None,
                    help="learned_embeds.safetensors (file or folder) from Textual Inversion; "
                    "its placeholder token may then be used in --prompt")
+    c = p.add_argument_group("spatial control (diffusers ControlNet / T2I-Adapter folders)")
+    c.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="ControlNet folder (config.json + diffusion_pytorch_model.safetensors);"
+                   " repeat for several")
+    c.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="T2I-Adapter folder; repeat for several")
+    c.add_argument("--control-image", action="append", default=[], metavar="PNG",
+                   help="condition image: one for every control model, or one per model "
+                   "(ControlNets first, then adapters, each in flag order)")
+    c.add_argument("--control-scale", type=float, action="append", default=[],
+                   help="ControlNet conditioning scale: one for all, or one per --controlnet "
+                   "(default 1.0)")
+    c.add_argument("--adapter-scale", type=float, action="append", default=[],
+                   help="adapter conditioning scale: one for all, or one per --adapter "
+                   "(default 1.0)")
+    c.add_argument("--control-start", type=float, default=0.0,
+                   help="fraction of the steps before ControlNets start acting (default 0)")
+    c.add_argument("--control-end", type=float, default=1.0,
+                   help="fraction of the steps after which ControlNets stop (default 1)")
+    c.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode")
+    c.add_argument("--fit", default="resize", choices=FITS,
+                   help="condition images of another size: resize (default), centre-crop "
+                   "then resize, or reject")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     return p
+
+
+def _per_model(values, n, flag, default=1.0):
+    if not values:
+        return [default] * n
+    if len(values) not in (1, n):
+        raise ValueError(f"{flag} given {len(values)} times for {n} models; give it once, or "
+                         "once per model.")
+    return values * n if len(values) == 1 else values
+
+
+def load_controls(args, pipe, height, width):
+    """The ``Control`` list of the parsed flags, checked against ``pipe`` (before any compile)."""
+    kinds = [(d, load_controlnet, "--controlnet") for d in args.controlnet] + \
+        [(d, load_t2i_adapter, "--adapter") for d in args.adapter]
+    if not kinds:
+        if args.control_image:
+            raise ValueError("--control-image needs a --controlnet or --adapter.")
+        return None
+    images = args.control_image
+    if not images:
+        raise ValueError("--controlnet / --adapter need a condition image: pass "
+                         "--control-image PNG.")
+    if len(images) not in (1, len(kinds)):
+        raise ValueError(f"--control-image given {len(images)} times for {len(kinds)} control "
+                         "models; give one, or one per model (ControlNets first).")
+    scales = (_per_model(args.control_scale, len(args.controlnet), "--control-scale")
+              + _per_model(args.adapter_scale, len(args.adapter), "--adapter-scale"))
+    controls = []
+    for k, (folder, load, flag) in enumerate(kinds):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{flag} {folder}: no such directory.")
+        model, params = load(folder)
+        if is_cn := flag == "--controlnet":
+            model.config.check_matches(pipe.unet.config, source=f"{flag} {folder}")
+        else:
+            model.config.check_matches(pipe.unet.config, pipe.vae_scale_factor,
+                                       source=f"{flag} {folder}")
+        image = load_image(images[k if len(images) > 1 else 0], (height, width), fit=args.fit)
+        if _channels(model) == 1:  # grayscale adapters (sketch): ITU-R 601 luma, as PIL's "L"
+            image = np.round(image @ np.array([0.299, 0.587, 0.114]))[..., None].astype(np.uint8)
+        controls.append(sampling.Control(
+            model, params, image, scales[k], args.control_start if is_cn else 0.0,
+            args.control_end if is_cn else 1.0, args.guess_mode and is_cn))
+    return controls
+
+
+def _channels(model):
+    cfg = model.config
+    return getattr(cfg, "conditioning_channels", None) or cfg.in_channels
 
 
 def run(args) -> int:
@@ -78,13 +152,16 @@ def run(args) -> int:
     height = pipe.image_size if args.height is None else args.height
     width = pipe.image_size if args.width is None else args.width
     sampling.check_request(pipe, len(prompts), args.steps, height, width, args.sampler)
+    controls = load_controls(args, pipe, height, width)
+    sampling.control_inputs(pipe, controls, 1, 1, height, width)
     images, t0 = [], time.perf_counter()
     with tqdm(total=len(jobs), unit="img", desc="generate") as bar:
         for start in range(0, len(jobs), args.max_batch):
             chunk = [expand(p) for p in prompts[start:start + args.max_batch]]
             out = sampling.generate(pipe, params, chunk, args.negative_prompt, args.sampler,
                                    args.steps, args.guidance, args.seed, height=height,
-                                   width=width, eta=args.eta, sample_offset=start)
+                                   width=width, eta=args.eta, sample_offset=start,
+                                   control=controls)
             images.append(out)
             bar.update(len(chunk))
             bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
@@ -97,6 +174,11 @@ def run(args) -> int:
         settings.update(lora=args.lora, lora_scale=args.lora_scale)
     if args.textual_inversion:
         settings.update(textual_inversion=args.textual_inversion)
+    if controls:
+        settings.update(controlnet=args.controlnet, adapter=args.adapter,
+                        control_image=args.control_image, control_scale=args.control_scale,
+                        adapter_scale=args.adapter_scale, control_start=args.control_start,
+                        control_end=args.control_end, guess_mode=args.guess_mode, fit=args.fit)
     for i, (img, prompt) in enumerate(zip(images, prompts)):
         save_png(os.path.join(args.out, f"{i:04d}.png"), img,
                   dict(settings, prompt=prompt, index=i))
