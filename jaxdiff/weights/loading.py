@@ -40,7 +40,11 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
     if path is not None and not os.path.exists(path) and path.endswith(single_file.SUFFIXES):
         raise FileNotFoundError(f"{path}: no such checkpoint file.")
     if path is not None and hf_cache.is_repo_id(path):
-        path = hf_cache.resolve(path, revision)
+        try:
+            path = hf_cache.resolve(path, revision)
+        except FileNotFoundError as e:  # also a mistyped relative path: say both
+            raise FileNotFoundError(str(e).replace(": not in", ": no such local folder or "
+                                                   "file, and not in", 1)) from None
     return diffusers_format.load_pipeline(path, dtype=dtype, variant=variant,
                                           allow_pickle=allow_pickle)
 
