@@ -195,7 +195,7 @@ CONTROLNET_CONFIGS = {
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
                 conditioning_embedding_out_channels=(8, 16)),
-    # SD2-style with a BGR condition (module-level parity only).
+    # SD2-style, BGR condition, pooled residuals (module-level parity only).
     "sd2": dict(block_out_channels=(32, 64, 64), layers_per_block=1,
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                                   "DownBlock2D"),
@@ -203,7 +203,7 @@ CONTROLNET_CONFIGS = {
                 use_linear_projection=True, upcast_attention=True, norm_num_groups=8,
                 transformer_layers_per_block=(1, 2, 1), flip_sin_to_cos=False, freq_shift=1,
                 conditioning_embedding_out_channels=(8, 16),
-                controlnet_conditioning_channel_order="bgr"),
+                controlnet_conditioning_channel_order="bgr", global_pool_conditions=True),
 }
 
 ADAPTER_CONFIGS = {
