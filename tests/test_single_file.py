@@ -183,6 +183,11 @@ def test_bad_input_is_one_line_naming_the_file(sd, tmp_path, monkeypatch):
     extra = dict(load_file(file), **{"first_stage_model.decoder.extra.weight": np.zeros(1)})
     cases.append((_write(str(tmp_path / "extra.safetensors"), extra), WeightsError,
                   "unknown vae tensor 'first_stage_model.decoder.extra.weight'"))
+    inpaint = dict(load_file(file))
+    w = inpaint["model.diffusion_model.input_blocks.0.0.weight"]
+    inpaint["model.diffusion_model.input_blocks.0.0.weight"] = np.concatenate([w, w, w[:, :1]], 1)
+    cases.append((_write(str(tmp_path / "inpaint.safetensors"), inpaint), WeightsError,
+                  "9 input and 4 output channels"))
     partial = {k: v for k, v in load_file(file).items() if "out.2." not in k}
     cases.append((_write(str(tmp_path / "partial.safetensors"), partial), WeightsError,
                   "'model.diffusion_model.out.2.bias' is missing"))
@@ -211,12 +216,15 @@ def test_shipped_clip_tokenizer_when_nothing_else_is_there(model_type, pad, tmp_
     assert ids[10:] == [pad] * 67 and tok.model_max_length == 77
 
 
-def test_ckpt_read_only_with_allow_pickle_and_cli_model_file(sd, tmp_path, monkeypatch, torch):
+def test_old_ckpt_read_only_with_allow_pickle_and_cli_model_file(sd, tmp_path, monkeypatch, torch):
     from jaxdiff import cli
     folder, _, file, base = sd["sd1"]
     ckpt = str(tmp_path / "model.ckpt")
-    torch.save({"global_step": 1, "state_dict": {k: torch.from_numpy(v) for k, v in
-                                                  load_file(file).items()}}, ckpt)
+    # the oldest SD 1.x layout: CLIP keys without transformers' "text_model." level, ids
+    old = {k.replace("transformer.text_model.", "transformer."): torch.from_numpy(v)
+           for k, v in load_file(file).items()}
+    old["cond_stage_model.transformer.embeddings.position_ids"] = torch.arange(16)[None]
+    torch.save({"global_step": 1, "state_dict": old}, ckpt)
     with pytest.raises(PickleRefusedError):
         jaxdiff.load_pipeline(ckpt, config=folder)
     _, params = jaxdiff.load_pipeline(ckpt, config=folder, allow_pickle=True)

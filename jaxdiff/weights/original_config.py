@@ -45,6 +45,12 @@ def detect(ckpt: Mapping) -> str:
         raise WeightsError(f"{ckpt.path}: unknown layout: no '{ol.UNET_PREFIX}*' tensors (keys "
                            f"start {first}){hint}; expected an SD 1.x/2.x original-layout "
                            "checkpoint, or pass a diffusers folder instead.")
+    c_in = ckpt.shape(ol.UNET_PREFIX + "input_blocks.0.0.weight")[1]
+    c_out = (ckpt.shape(ol.UNET_PREFIX + "out.2.weight") or (c_in,))[0]
+    if c_in != c_out:
+        raise WeightsError(f"{ckpt.path}: a UNet with {c_in} input and {c_out} output channels "
+                           "(an inpainting or InstructPix2Pix checkpoint); jaxdiff's "
+                           "text-to-image pipeline needs a plain SD 1.x/2.x checkpoint.")
     if ol.OPENCLIP_PREFIX + "token_embedding.weight" in ckpt:
         return "v2"
     if any(k.startswith(ol.CLIP_PREFIX) for k in keys):
