@@ -287,3 +287,73 @@ def test_sdxl_key_maps_invert_diffusers_conversion(torch):
     _, refiner = ol.sdxl_text_maps({}, s2, refiner=True)
     assert {o for o, _ in refiner.values()} == {o.replace("embedders.1", "embedders.0")
                                                 for o, _ in m2.values()}
+
+
+class _Shapes(dict):
+    """key -> shape: what config inference reads of a checkpoint (no tensor data)."""
+    path = "real-size.safetensors"
+
+    def shape(self, key):
+        return self.get(key)
+
+
+HUB = {  # the SD 1.5 / SD 2.1 diffusers configs diffusers' from_single_file fetches
+    "v1": dict(unet=dict(attention_head_dim=8, cross_attention_dim=768, sample_size=64,
+                         use_linear_projection=False, upcast_attention=False),
+               text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, hidden_act="quick_gelu"), vae_size=512),
+    "v2": dict(unet=dict(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                         sample_size=96, use_linear_projection=True, upcast_attention=True),
+               text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                         num_attention_heads=16, hidden_act="gelu"), vae_size=768),
+}
+
+
+@pytest.mark.parametrize("model_type", ["v1", "v2"])
+def test_configs_inferred_at_real_size_equal_the_hub_configs(model_type, torch):
+    """Full-size SD 1.5 / 2.1 layouts built on PyTorch's meta device (shapes only): the
+    original file's key set (SD 2.x: the whole 24-block OpenCLIP with text_projection)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from jaxdiff.weights import original_config as oc
+    from jaxdiff.weights import original_layout as ol
+    hub = HUB[model_type]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**{k: v for k, v in hub["unet"].items()
+                                       if k != "sample_size"})
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
+        t = hub["text"]
+        layers = t["num_hidden_layers"] + (model_type == "v2")
+        text = CLIPTextModel(CLIPTextConfig(**dict(t, num_hidden_layers=layers)))
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    s_text = {("" if k.startswith("text_model.") else "text_model.") + k: v
+              for k, v in shapes(text).items() if not k.endswith("position_ids")}
+    text_map = ol.openclip_map(s_text) if model_type == "v2" else ol.clip_map(s_text)
+    ckpt = _Shapes()
+    for key_map, s in ((ol.unet_map(shapes(unet), unet.config), shapes(unet)),
+                       (ol.vae_map(shapes(vae), vae.config), shapes(vae)), (text_map, s_text)):
+        for k, (orig, part) in key_map.items():
+            shape = s[k]
+            if part == "1x1" and len(shape) == 2:
+                shape = shape + (1, 1)
+            elif isinstance(part, tuple):
+                shape = (ckpt.get(orig, (0,) + shape[1:])[0] + shape[0],) + shape[1:]
+            ckpt[orig] = shape
+    if model_type == "v2":
+        ckpt[ol.OPENCLIP_PREFIX + "text_projection"] = (1024, 1024)
+    assert oc.detect(ckpt) == model_type
+    size = hub["vae_size"]
+    u = oc.infer_unet_config(ckpt, model_type, size)
+    assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in u.items()
+            if k in hub["unet"]} == hub["unet"]
+    assert (tuple(u["block_out_channels"]), u["layers_per_block"], u["norm_num_groups"]) == (
+        (320, 640, 1280, 1280), 2, 32)
+    assert tuple(u["down_block_types"]) == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    v = oc.infer_vae_config(ckpt, size)
+    assert (tuple(v["block_out_channels"]), v["layers_per_block"], v["latent_channels"],
+            v["norm_num_groups"], v["sample_size"]) == ((128, 256, 512, 512), 2, 4, 32, size)
+    got = oc.infer_text_config(ckpt, model_type)
+    assert {k: got[k] for k in t} == t
+    assert (got["vocab_size"], got["max_position_embeddings"]) == (49408, 77)
