@@ -75,8 +75,8 @@ def from_state_dict(state, params, source: str = "LoRA") -> dict:
             raise ValueError(f"{source}: '{key}' is not a kohya LoRA key ('lora_unet_<module>."
                              "lora_down.weight' / '.lora_up.weight' / '.alpha').")
         if m.group(1) not in SCOPES:
-            raise ValueError(f"{source}: '{key}' is for SDXL's text encoders (lora_te1_/lora_te2_); "
-                             "jaxdiff reads SD 1.x / 2.x LoRAs so far.")
+            raise ValueError(f"{source}: '{key}' is for SDXL's text encoders "
+                             "(lora_te1_/lora_te2_); jaxdiff reads SD 1.x / 2.x LoRAs so far.")
         mods.setdefault(m.group(1) + m.group(2), {})[m.group(3)] = np.asarray(value, np.float32)
     names = module_names(params)
     flat = {}

@@ -158,5 +158,6 @@ def clip_prefix(ckpt) -> str:
 def _openclip_layers(ckpt) -> int:
     """Blocks SD 2.x uses: a full OpenCLIP model (with ``text_projection``) has one more,
     the last, which SD 2.x skips (it conditions on the penultimate layer)."""
-    n = len(_indices(list(ckpt), re.escape(ol.OPENCLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\."))
+    pattern = re.escape(ol.OPENCLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\."
+    n = len(_indices(list(ckpt), pattern))
     return n - 1 if ol.OPENCLIP_PREFIX + "text_projection" in ckpt else n
