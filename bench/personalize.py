@@ -306,14 +306,14 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-4, help="DreamBooth learning rate (ring)")
     ap.add_argument("--ti-lr", type=float, default=5e-3,
                     help="Textual Inversion learning rate (ring, star, pink)")
-    ap.add_argument("--colour-steps", type=int, default=300,
+    ap.add_argument("--colour-steps", type=int, default=1000,
                     help="colours: DreamBooth and DreamBooth-LoRA steps")
-    ap.add_argument("--colour-lr", type=float, default=1e-4,
+    ap.add_argument("--colour-lr", type=float, default=3e-4,
                     help="colours: DreamBooth (full UNet) learning rate")
-    ap.add_argument("--colour-lora-lr", type=float, default=1e-3,
+    ap.add_argument("--colour-lora-lr", type=float, default=2e-3,
                     help="colours: DreamBooth-LoRA learning rate")
     ap.add_argument("--colour-lora-rank", type=int, default=4, help="colours: LoRA rank (= alpha)")
-    ap.add_argument("--colour-ti-steps", type=int, default=600,
+    ap.add_argument("--colour-ti-steps", type=int, default=2000,
                     help="colours: Textual Inversion steps")
     ap.add_argument("--colour-ti-lr", type=float, default=1e-2,
                     help="colours: Textual Inversion learning rate")
