@@ -103,7 +103,7 @@ def test_real_world_extras_fp16_bf16_ema_buffers_full_openclip(sd, tmp_path, tor
     tt.update({k: v.to(torch.bfloat16) for k, v in tt.items() if k.startswith("first_stage")})
     path = str(tmp_path / "real.safetensors")
     save_torch(tt, path)
-    pipe, params = single_file.load_single_file(path, config=folder, extract_ema=True)
+    pipe, params = jaxdiff.load_pipeline(path, config=folder, extract_ema=True)
     assert pipe.text_encoder.config.num_hidden_layers == n
     rounded = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), base)
     jax.tree.map(np.testing.assert_array_equal, params["text_encoder"], rounded["text_encoder"])
@@ -191,9 +191,9 @@ def test_bad_input_is_one_line_naming_the_file(sd, tmp_path, monkeypatch):
     partial = {k: v for k, v in load_file(file).items() if "out.2." not in k}
     cases.append((_write(str(tmp_path / "partial.safetensors"), partial), WeightsError,
                   "'model.diffusion_model.out.2.bias' is missing"))
-    for path, err, match in cases:
+    for path, err, match in cases + [(file, WeightsError, "no 'model_ema.[*]' UNet tensors")]:
         with pytest.raises(err, match=match) as e:
-            jaxdiff.load_pipeline(path, config=folder)
+            jaxdiff.load_pipeline(path, config=folder, extract_ema=path == file)
         assert path in str(e.value) and "\n" not in str(e.value), str(e.value)
     # a file for another model than the config folder: the first misfit tensor is named
     with pytest.raises(WeightsError, match="'model.diffusion_model.*(is missing|has shape)") as e:

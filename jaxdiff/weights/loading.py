@@ -18,7 +18,8 @@ FORMATS = ("diffusers", "single_file")
 
 def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None,
                   allow_pickle: bool = False, revision: Optional[str] = None,
-                  config: Optional[str] = None, prediction_type: Optional[str] = None):
+                  config: Optional[str] = None, prediction_type: Optional[str] = None,
+                  extract_ema: bool = False):
     """Reads a pipeline from a folder, a single file or the Hugging Face cache.
 
     Args:
@@ -31,12 +32,15 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
       config: single files only: a diffusers folder (or ``org/name``) of the same model
         giving configs and tokenizer (see ``single_file.load_single_file``).
       prediction_type: single files only: overrides the scheduler's prediction type.
+      extract_ema: single files only: the UNet from the ``model_ema.*`` copy of a training
+        checkpoint that holds both.
     Returns:
       ``(pipe, params)`` with params ``{"text_encoder", "unet", "vae"}``.
     """
     if path is not None and os.path.isfile(path):
         return single_file.load_single_file(path, config=config, prediction_type=prediction_type,
-                                            dtype=dtype, allow_pickle=allow_pickle)
+                                            extract_ema=extract_ema, dtype=dtype,
+                                            allow_pickle=allow_pickle)
     if path is not None and not os.path.exists(path) and path.endswith(single_file.SUFFIXES):
         raise FileNotFoundError(f"{path}: no such checkpoint file.")
     if path is not None and hf_cache.is_repo_id(path):

@@ -208,6 +208,10 @@ def load_single_file(path: str, *, config: Optional[str] = None,
     """
     ckpt = Checkpoint(path, allow_pickle)
     model_type = detect(ckpt)
+    if extract_ema and not any(k.startswith(ol.EMA_PREFIX + "diffusion_model") for k in ckpt):
+        raise WeightsError(f"{path}: no '{ol.EMA_PREFIX}*' UNet tensors to extract (EMA-only and "
+                           "pruned files keep their EMA weights as the model's); load it "
+                           "without extract_ema.")
     config_dir = hf_cache.resolve(config) if config and not os.path.isdir(config) else config
     sched = _scheduler(ckpt, config_dir, model_type, prediction_type)
     image_size = 768 if sched[0]["prediction_type"] == "v_prediction" and model_type == "v2" \
