@@ -111,7 +111,7 @@ def load_controls(args, pipe, height, width):
     for k, (folder, load, flag) in enumerate(kinds):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{flag} {folder}: no such directory.")
-        model, params = load(folder)
+        model, params = load(folder, pipe.unet.dtype)  # --dtype computes control in it too
         if is_cn := flag == "--controlnet":
             model.config.check_matches(pipe.unet.config, source=f"{flag} {folder}")
         else:
