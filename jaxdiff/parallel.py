@@ -217,9 +217,15 @@ def trim_rows(tree, b: int, axis: int = 0):
     return jax.tree.map(one, tree)
 
 
-def barrier(name: str) -> None:
+def barrier(name: str, timeout_s: float = 24 * 3600) -> None:
     """Waits until every process of a ``jax.distributed`` job reaches ``barrier(name)``
-    (no-op in a single process)."""
+    (no-op in a single process); ``name`` must be new for each barrier of a job.
+
+    A barrier of JAX's coordination service, as Orbax's multi-host sync uses: no device
+    collective, so processes may arrive hours apart (a device collective such as
+    ``multihost_utils.sync_global_devices`` times out after the collective library's
+    limit, e.g. when one host had more images to edit).
+    """
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+        from jax._src import distributed  # the coordination client (no public accessor)
+        distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
