@@ -42,8 +42,8 @@ class Control:
     """One ControlNet or T2I-Adapter applied while sampling (``generate(control=...)``).
 
     Attributes:
-      model: a ``jaxdiff.models.ControlNetModel`` or ``T2IAdapter`` (its config must fit the
-        pipeline's UNet: checked before any compile).
+      model: a ``models.controlnet.ControlNetModel`` or ``models.t2i_adapter.T2IAdapter``
+        (its config must fit the pipeline's UNet and VAE: checked before any compile).
       params: its parameter pytree (e.g. from ``jaxdiff.weights.control.load_controlnet``).
       image: condition image(s) at the generated size: uint8 [H, W, C] (one for every
         image) or [B, H, W, C] (one per image), or floats in [0, 1].
@@ -234,7 +234,7 @@ def control_inputs(pipe: Pipeline, control, b: int, n: int, height: int, width: 
     for k, c in enumerate(controls):
         what = f"control {k} ({type(c.model).__name__})"
         if isinstance(c.model, ControlNetModel):
-            c.model.config.check_matches(pipe.unet.config, source=what)
+            c.model.config.check_matches(pipe.unet.config, pipe.vae_scale_factor, source=what)
             channels = c.model.config.conditioning_channels
         elif isinstance(c.model, T2IAdapter):
             c.model.config.check_matches(pipe.unet.config, pipe.vae_scale_factor, source=what)

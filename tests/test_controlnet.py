@@ -155,6 +155,11 @@ def test_config_must_match_the_base_unet(nets):
              "layers_per_block=2")):
         with pytest.raises(ValueError, match=want):
             dataclasses.replace(cn.config, **{field: value}).check_matches(unet.config)
+    cn.config.check_matches(unet.config, vae_factor=2)
+    with pytest.raises(ValueError, match=r"conditioning_embedding_out_channels=\[8, 16\] "
+                                         "downsample condition images 2x but the base model's "
+                                         "VAE factor is 8"):
+        cn.config.check_matches(unet.config, vae_factor=8)
 
 
 def test_unsupported_config_is_refused():

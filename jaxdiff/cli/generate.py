@@ -112,11 +112,9 @@ def load_controls(args, pipe, height, width):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{flag} {folder}: no such directory.")
         model, params = load(folder, pipe.unet.dtype)  # --dtype computes control in it too
-        if is_cn := flag == "--controlnet":
-            model.config.check_matches(pipe.unet.config, source=f"{flag} {folder}")
-        else:
-            model.config.check_matches(pipe.unet.config, pipe.vae_scale_factor,
-                                       source=f"{flag} {folder}")
+        is_cn = flag == "--controlnet"
+        model.config.check_matches(pipe.unet.config, pipe.vae_scale_factor,
+                                   source=f"{flag} {folder}")
         image = load_image(images[k if len(images) > 1 else 0], (height, width), fit=args.fit)
         if _channels(model) == 1:  # grayscale adapters (sketch): ITU-R 601 luma, as PIL's "L"
             image = np.round(image @ np.array([0.299, 0.587, 0.114]))[..., None].astype(np.uint8)

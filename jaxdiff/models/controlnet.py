@@ -70,8 +70,21 @@ class ControlNetConfig:
                 f"{self.controlnet_conditioning_channel_order!r} must be 'rgb' or 'bgr'.")
         self.unet_config().validate(source)
 
-    def check_matches(self, unet_cfg: UNetConfig, source="controlnet config") -> None:
-        """One-line ValueError unless this ControlNet's residuals fit ``unet_cfg``."""
+    @property
+    def condition_factor(self) -> int:
+        """Condition-image pixels per latent pixel (the conditioning embedding's stride)."""
+        return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+
+    def check_matches(self, unet_cfg: UNetConfig, vae_factor=None,
+                      source="controlnet config") -> None:
+        """One-line ValueError unless this ControlNet's residuals fit ``unet_cfg`` (and its
+        condition embedding the VAE factor ``vae_factor``, when given)."""
+        if vae_factor is not None and self.condition_factor != vae_factor:
+            raise ValueError(
+                f"{source}: conditioning_embedding_out_channels="
+                f"{_show(self.conditioning_embedding_out_channels)} downsample condition images "
+                f"{self.condition_factor}x but the base model's VAE factor is {vae_factor}; use "
+                "a ControlNet trained for this base model.")
         for name in ("in_channels", "cross_attention_dim", "block_out_channels",
                      "down_block_types"):
             mine, theirs = getattr(self, name), getattr(unet_cfg, name)
@@ -210,8 +223,7 @@ class ControlNetModel(nn.Module):
 def controlnet_dummy_inputs(module: ControlNetModel):
     """Smallest valid inputs for ``module.init``."""
     cfg = module.config
-    s = 2 ** (len(cfg.block_out_channels) - 1)
-    f = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
+    s, f = 2 ** (len(cfg.block_out_channels) - 1), cfg.condition_factor
     return (jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,)),
             jnp.zeros((1, 1, cfg.cross_attention_dim)),
             jnp.zeros((1, s * f, s * f, cfg.conditioning_channels)))
