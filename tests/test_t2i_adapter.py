@@ -85,6 +85,25 @@ def test_written_folder_loads_in_diffusers(torch, nets, tmp_path):
     assert load_t2i_adapter(str(tmp_path / "out"))[0].config == adapter.config
 
 
+def test_xl_adapter_features_match_diffusers(torch, tmp_path):
+    """full_adapter_xl (SDXL's layout: downsampling only in its third block), one input
+    channel (sketch adapters), a non-square input: module-level parity only (SD 1.x/2.x
+    UNets refuse it)."""
+    from diffusers import T2IAdapter
+    torch.manual_seed(0)
+    ta = ref.perturb(T2IAdapter(in_channels=1, channels=(16, 32, 32, 32), num_res_blocks=1,
+                                downscale_factor=4, adapter_type="full_adapter_xl"))
+    ta.save_pretrained(str(tmp_path / "xl"), safe_serialization=True)
+    adapter, ap = load_t2i_adapter(str(tmp_path / "xl"))
+    x = torch.rand(2, 1, 24, 40, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ta(x)
+    got = jax.jit(adapter.apply)({"params": ap}, ref.nhwc(x.numpy()))
+    assert [ref.nchw(g).shape for g in got] == [tuple(w.shape) for w in want]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(ref.nchw(a), b.numpy(), atol=TOL, rtol=0)
+
+
 def test_avg_pool_ceil_mode_matches_torch(torch):
     """Odd sizes: torch's ceil-mode windows past the edge average only their pixels."""
     x = torch.randn(1, 3, 5, 7, generator=torch.Generator().manual_seed(0))
