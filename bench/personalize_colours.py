@@ -23,7 +23,9 @@ evaluator's mask; its RGB distance to the taught colour; the share within 40 uni
 the median distance. The base model's closest attempt is the best named colour word
 (every colour allowed on BG) in the same prompts. ``object_prompt``: the same for "a WORD
 object on a BG background", the form the methods were taught with. ``vae_ceiling``: the same figures for
-the five instance images after a VAE round trip, the best any latent-space method can do.
+the five instance images after a VAE round trip (encoder mean, decoder): what reproducing
+the instance latents exactly gives; a reference, not a bound (other latents can decode
+nearer the colour).
 
 DreamBooth drift, before vs after, with colour-free prompts the v2 model follows: the
 class prompt "an object on a BG background" (background, one object, a world shape, and
@@ -39,15 +41,15 @@ import numpy as np
 
 from jaxdiff import generate
 from jaxdiff.data.image_folder import load_image_folder
-from jaxdiff.data.shapes import SHAPES, UNNAMED, WORLD_V2, ShapeObject, palette, render
 from jaxdiff.data.images import save_png
+from jaxdiff.data.shapes import SHAPES, UNNAMED, WORLD_V2, ShapeObject, palette, render
 from jaxdiff.eval.colour_fidelity import WITHIN, anchor_distances, colour_distances, fidelity
 from jaxdiff.eval.shapes_eval import aggregate, attribute_accuracy, evaluate
 from jaxdiff.pipeline import to_uint8
 from jaxdiff.training import class_images as class_lib
 from jaxdiff.training import dreambooth as db
-from jaxdiff.training.latents import encode_latents
 from jaxdiff.training import textual_inversion as ti_train
+from jaxdiff.training.latents import encode_latents
 
 SPEC = WORLD_V2
 # name, RGB, background, Textual Inversion placeholder
@@ -96,7 +98,7 @@ def colour_scores(pipe, params, word: str, rgb, background: str, per_shape: int,
 
 def vae_ceiling(pipe, params, images, rgb) -> dict:
     """Fidelity of the five instance images after a VAE round trip (posterior mean): what
-    any method that trains in latent space can reach at best."""
+    reproducing their latents exactly gives (not a bound on generations)."""
     latents = encode_latents(pipe, params, images)
     decoded = np.asarray(to_uint8(pipe.decode_latents(params, latents)))
     return fidelity(colour_distances(decoded, rgb, SPEC))
