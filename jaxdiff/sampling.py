@@ -167,6 +167,14 @@ def _compiled(pipe, sampler_name, steps, sweep, mesh, specs=()):
                    out_shardings=(out_batch, out_batch))
 
 
+def generation_program(pipe: Pipeline, sampler: str = "ddim", steps: int = 50,
+                       sweep: bool = False, mesh=None):
+    """The jitted program ``generate`` runs (the same cached object), for ahead-of-time
+    ``.lower(params, ids, neg_ids, noise, keys, scale, rescale, eta, ())`` from abstract
+    shapes (``bench/roofline.py``); no control models."""
+    return _compiled(pipe, sampler, int(steps), sweep, mesh or parallel.make_mesh())
+
+
 def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
              negative_prompts: Optional[Union[str, Sequence[str]]] = None, sampler: str = "ddim",
              steps: int = 50, guidance_scale: Union[float, Sequence[float]] = 7.5, seed: int = 0,

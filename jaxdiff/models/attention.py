@@ -11,6 +11,9 @@ so Prompt-to-Prompt style replacement, reweighting and map capture run inside ji
 """
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -74,6 +77,34 @@ def _attend_blockwise(q, k, v, scale):
     return out.transpose(0, 2, 1, 3)
 
 
+def auto_implementation(dtype, masked: bool = False) -> str:
+    """What ``impl="auto"`` runs, chosen here only (at trace time; logged once per choice).
+
+    CPU: "blockwise"; GPU: "cudnn" (flash attention) for 16-bit unmasked inputs, else
+    "xla". ``JAXDIFF_ATTENTION=<impl>`` overrides the choice (e.g. ``xla`` makes a CPU
+    lowering count attention as an accelerator runs it: ``bench/roofline.py``).
+    """
+    forced = os.environ.get("JAXDIFF_ATTENTION", "auto")
+    if forced not in _IMPLS:
+        raise ValueError(f"JAXDIFF_ATTENTION={forced!r}: expected one of {_IMPLS}.")
+    backend = jax.default_backend()
+    if forced != "auto":
+        impl = forced
+    elif backend == "cpu":
+        impl = "blockwise"
+    else:
+        gpu16 = backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        impl = "cudnn" if gpu16 and not masked else "xla"
+    log_choice(backend, jnp.dtype(dtype).name, impl)
+    return impl
+
+
+@functools.lru_cache(maxsize=None)
+def log_choice(backend: str, dtype: str, impl: str) -> None:
+    """One INFO line per (backend, dtype, implementation) in a process."""
+    logging.getLogger(__name__).info("attention on %s for %s inputs: %s", backend, dtype, impl)
+
+
 def attend(q, k, v, *, scale: float, upcast: bool, impl: str = "auto", mask=None,
            control: Any = None, layer: int = -1, cross: bool = False):
     """Multi-head scaled dot-product attention.
@@ -96,11 +127,7 @@ def attend(q, k, v, *, scale: float, upcast: bool, impl: str = "auto", mask=None
         raise ValueError(f"attend: unknown {impl=}; expected one of {_IMPLS}.")
     dtype = q.dtype
     if impl == "auto":
-        if jax.default_backend() == "cpu":
-            impl = "blockwise"
-        else:
-            gpu16 = jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
-            impl = "cudnn" if gpu16 and mask is None else "xla"
+        impl = auto_implementation(dtype, mask is not None)
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     if control is None and impl in ("xla", "cudnn"):
