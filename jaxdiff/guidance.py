@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 
@@ -49,9 +50,10 @@ def guide(out, scale, rescale=None):
 
 
 def guided_call(denoise: Callable, x, t, cond, uncond, scale, rescale=None):
-    """One UNet call on the concatenated batch ``[x; x]`` with ``[uncond; cond]``, guided."""
-    return guide(denoise(jnp.concatenate([x, x]), t, jnp.concatenate([uncond, cond])),
-                 scale, rescale)
+    """One UNet call on the concatenated batch ``[x; x]`` with ``[uncond; cond]``, guided
+    (conditions may be pytrees, e.g. SDXL's; concatenated leaf by leaf)."""
+    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
+    return guide(denoise(jnp.concatenate([x, x]), t, both), scale, rescale)
 
 
 def cfg(denoise: Callable, scale, rescale=0.0) -> Callable:

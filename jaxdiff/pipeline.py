@@ -1,8 +1,8 @@
 """The Pipeline bundle: modules + configs + tokenizer, and the pure encode/decode functions.
 
 A ``Pipeline`` holds no parameters. Every method that computes takes the params pytree
-``{"text_encoder": ..., "unet": ..., "vae": ...}`` explicitly (docs/design.md,
-"Parameters are one pytree").
+``{"text_encoder": ..., "unet": ..., "vae": ...}`` (SDXL: also ``"text_encoder_2"``; the
+refiner has no ``"text_encoder"``) explicitly (docs/design.md, "Parameters are one pytree").
 """
 from __future__ import annotations
 
@@ -26,15 +26,34 @@ class Pipeline:
     Attributes:
       unet, vae, text_encoder: flax modules (their ``config`` fields are upstream's).
       tokenizer: a transformers ``CLIPTokenizer`` loaded from the checkpoint.
+      text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt, requires_aesthetics_score:
+        SDXL only (see below); ``is_sdxl`` is true when ``text_encoder_2`` is set.
       scheduler: a ``jaxdiff.schedules.SchedulerConfig``.
       scheduler_class: the diffusers scheduler class named in the checkpoint.
     """
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    text_encoder: Optional[CLIPTextModel]
     tokenizer: Any
     scheduler: Any
     scheduler_class: str = "DDIMScheduler"
+    # SDXL: the second encoder (CLIPTextModelWithProjection) and its tokenizer; the
+    # refiner has only these (text_encoder / tokenizer None). force_zeros_for_empty_prompt:
+    # no negative prompt means zero negative embeddings (diffusers' SDXL pipeline config).
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two-encoder pipeline whose UNet takes pooled text and time ids (SDXL)."""
+        return self.text_encoder_2 is not None
+
+    def _encoders(self):
+        """(text encoder, tokenizer) pairs present, in SDXL's concatenation order."""
+        pairs = ((self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2))
+        return tuple(p for p in pairs if p[0] is not None)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -65,36 +84,66 @@ class Pipeline:
 
     @property
     def max_length(self) -> int:
-        return int(min(self.tokenizer.model_max_length,
-                       self.text_encoder.config.max_position_embeddings))
+        lengths = {int(min(tok.model_max_length, enc.config.max_position_embeddings))
+                   for enc, tok in self._encoders()}
+        if len(lengths) != 1:
+            raise ValueError(f"the two text encoders take {sorted(lengths)} tokens; jaxdiff "
+                             "needs one length (set both tokenizers' model_max_length).")
+        return lengths.pop()
 
     def with_dtype(self, dtype) -> "Pipeline":
         """The same pipeline computing in ``dtype`` (params stay as they are)."""
+        clone = lambda m: None if m is None else m.clone(dtype=dtype)
         return dataclasses.replace(
             self, unet=self.unet.clone(dtype=dtype), vae=self.vae.clone(dtype=dtype),
-            text_encoder=self.text_encoder.clone(dtype=dtype))
+            text_encoder=clone(self.text_encoder), text_encoder_2=clone(self.text_encoder_2))
 
     def tokenize(self, prompts: Sequence[str], warn: bool = True) -> np.ndarray:
-        """Prompts -> int32 [B, L] ids, padded/truncated to the model's max length.
+        """Prompts -> int32 [B, L] ids, padded/truncated to the model's max length; SDXL:
+        [B, E, L], one row per text encoder (E = 2, the refiner's 1).
 
         Over-long prompts are truncated with a warning, as diffusers does.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
-                             truncation=True, return_tensors="np").input_ids
+        rows = [self._tokenize(tok, list(prompts), warn and i == 0)
+                for i, (_, tok) in enumerate(self._encoders())]
+        return np.stack(rows, axis=1) if self.is_sdxl else rows[0]
+
+    def _tokenize(self, tokenizer, prompts, warn):
+        ids = tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                        truncation=True, return_tensors="np").input_ids
         if warn:
-            full = self.tokenizer(list(prompts), padding="longest", return_tensors="np").input_ids
+            full = tokenizer(prompts, padding="longest", return_tensors="np").input_ids
             if full.shape[1] > self.max_length:
-                dropped = self.tokenizer.batch_decode(full[:, self.max_length - 1:-1])
+                dropped = tokenizer.batch_decode(full[:, self.max_length - 1:-1])
                 warnings.warn("The following part of your input was truncated because the "
                               f"text encoder can only handle {self.max_length} tokens: "
                               f"{[d for d in dropped if d.strip()]}")
         return ids.astype(np.int32)
 
-    def encode_text(self, params, ids) -> jax.Array:
-        """ids [B, L] -> last hidden state [B, L, D] (float32)."""
-        return self.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids))
+    def encode_text(self, params, ids):
+        """ids [B, L] -> last hidden state [B, L, D] (float32).
+
+        SDXL: ids [B, E, L] -> ``{"context": [B, L, D1 + D2], "text_embeds": [B, P]}``:
+        every encoder's penultimate hidden state concatenated along features and the
+        second encoder's pooled, projected output (as diffusers' ``encode_prompt``)."""
+        if not self.is_sdxl:
+            return self.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids))
+        ids, hidden = jnp.asarray(ids), []
+        names = ("text_encoder", "text_encoder_2")[-len(self._encoders()):]
+        for i, ((enc, _), name) in enumerate(zip(self._encoders(), names)):
+            out = enc.apply({"params": params[name]}, ids[:, i], output_hidden_states=True)
+            hidden.append(out[-1][-2])
+        return {"context": jnp.concatenate(hidden, axis=-1), "text_embeds": out[0]}
+
+    def time_ids(self, height: int, width: int, negative: bool = False) -> np.ndarray:
+        """SDXL micro-conditioning as diffusers computes it by default: original size =
+        target size = (height, width), crop (0, 0); the refiner's aesthetic score (6, and
+        2.5 for the ``negative`` half) in place of the target size. float32 [K]."""
+        score = 2.5 if negative else 6.0
+        tail = (score,) if self.requires_aesthetics_score else (height, width)
+        return np.asarray((height, width, 0, 0) + tail, np.float32)
 
     def encode_images(self, params, images, key: Optional[jax.Array] = None) -> jax.Array:
         """images [B, H, W, 3] in [-1, 1] -> scaled latents [B, H/f, W/f, C].
@@ -116,13 +165,28 @@ class Pipeline:
         return jnp.clip(images, -1.0, 1.0)
 
 
+def unet_apply(pipe: Pipeline, unet_params, x, t, cond, **kwargs):
+    """The UNet on a ``cond`` pytree: a context array [B, L, D] (SD 1.x/2.x) or SDXL's
+    ``{"context", "text_embeds", "time_ids"}``; ``kwargs`` (control residuals) pass on."""
+    if isinstance(cond, dict):
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"],
+                                       "time_ids": cond["time_ids"]}
+        cond = cond["context"]
+    return pipe.unet.apply({"params": unet_params}, x, t, cond, **kwargs)
+
+
 def dummy_inputs(module, kind: str):
-    """Smallest valid inputs for ``module.init`` ("unet" | "vae" | "text_encoder")."""
+    """Smallest valid inputs for ``module.init`` ("unet" | "vae" | "text_encoder[_2]")."""
     if kind == "unet":
         cfg = module.config
         s = 2 ** (len(cfg.block_out_channels) - 1)
-        return (jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,)),
+        args = (jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,)),
                 jnp.zeros((1, 1, cfg.cross_attention_dim)))
+        if cfg.text_time:  # one time id: only the concatenated width fixes the shapes
+            width = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
+            args += (None,) * 4 + ({"text_embeds": jnp.zeros((1, width)),
+                                    "time_ids": jnp.zeros((1, 1))},)
+        return args
     if kind == "vae":
         s = module.config.downscale
         return (jnp.zeros((1, s, s, module.config.in_channels)),)
@@ -137,7 +201,8 @@ def init_params(pipe: Pipeline, seed: int = 0) -> dict:
     key = jax.random.key(seed)
     return {kind: _compiled_init(pipe, kind)(jax.random.fold_in(key, i),
                                              *dummy_inputs(getattr(pipe, kind), kind))
-            for i, kind in enumerate(("text_encoder", "unet", "vae"))}
+            for i, kind in enumerate(("text_encoder", "unet", "vae", "text_encoder_2"))
+            if getattr(pipe, kind) is not None}
 
 
 @functools.lru_cache(maxsize=16)

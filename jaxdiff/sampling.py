@@ -22,7 +22,7 @@ from jaxdiff import parallel
 from jaxdiff.guidance import cfg
 from jaxdiff.models.controlnet import ControlNetModel
 from jaxdiff.models.t2i_adapter import T2IAdapter
-from jaxdiff.pipeline import Pipeline, to_uint8
+from jaxdiff.pipeline import Pipeline, to_uint8, unet_apply
 from jaxdiff.samplers import SAMPLERS, make_sampler
 
 
@@ -113,13 +113,14 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
     """Runs the sampler's ``lax.scan`` from initial latents ``x`` (already sigma-scaled).
 
     Args:
-      contexts: (cond [B,L,D], uncond [B,L,D]) text embeddings.
+      contexts: (cond, uncond): text embeddings [B,L,D], or SDXL's pytrees
+        ``{"context", "text_embeds", "time_ids"}`` (``Pipeline.encode_text``).
       keys: [B] per-sample keys for stochastic samplers.
       control: None, or (specs, arrays, adapter features) as ``controlled_unet`` takes.
     Returns:
       final latents [B, h, w, C].
     """
-    unet = lambda x_, t_, c_: pipe.unet.apply({"params": params["unet"]}, x_, t_, c_)
+    unet = lambda x_, t_, c_: unet_apply(pipe, params["unet"], x_, t_, c_)
     n = len(sampler.timesteps)
 
     def body(state, i):
@@ -134,13 +135,20 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
     return sampler.latents(state)
 
 
-def _program(pipe, sampler_name, steps, sweep, specs=()):
+def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False):
     """The whole job as one pure function of (params, ids, neg_ids, noise, keys, scalars,
-    control arrays)."""
+    control arrays). ``zero_uncond``: SDXL's zero negative embeddings."""
 
     def run(params, ids, neg_ids, noise, keys, scale, rescale, eta, arrays=()):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
-        cond, uncond = pipe.encode_text(params, ids), pipe.encode_text(params, neg_ids)
+        cond = pipe.encode_text(params, ids)
+        uncond = (jax.tree.map(jnp.zeros_like, cond) if zero_uncond
+                  else pipe.encode_text(params, neg_ids))
+        if pipe.is_sdxl:  # micro-conditioning (the refiner: a lower negative score)
+            size = (noise.shape[1] * pipe.vae_scale_factor, noise.shape[2] * pipe.vae_scale_factor)
+            tid = lambda neg: jnp.broadcast_to(pipe.time_ids(*size, negative=neg),
+                                               (noise.shape[0], len(pipe.time_ids(*size))))
+            cond, uncond = dict(cond, time_ids=tid(False)), dict(uncond, time_ids=tid(True))
         feats = tuple(model.apply({"params": arr["params"]}, arr["image"])
                       if isinstance(model, T2IAdapter) else None
                       for (model, _), arr in zip(specs, arrays))
@@ -156,13 +164,13 @@ def _program(pipe, sampler_name, steps, sweep, specs=()):
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(pipe, sampler_name, steps, sweep, mesh, specs=()):
+def _compiled(pipe, sampler_name, steps, sweep, mesh, specs=(), zero_uncond=False):
     data, rep = parallel.batch_sharded(mesh), parallel.replicated(mesh)
     out_batch = jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(None, parallel.DATA) if sweep else
         jax.sharding.PartitionSpec(parallel.DATA))
     arrays = tuple(dict(params=rep, image=data, scale=data, start=rep, end=rep) for _ in specs)
-    return jax.jit(_program(pipe, sampler_name, steps, sweep, specs),
+    return jax.jit(_program(pipe, sampler_name, steps, sweep, specs, zero_uncond),
                    in_shardings=(rep, data, data, data, data, rep, rep, rep, arrays),
                    out_shardings=(out_batch, out_batch))
 
@@ -186,7 +194,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
 
     Args:
       prompts: one prompt or a list (the batch).
-      negative_prompts: None (empty prompt), one string, or one per prompt.
+      negative_prompts: None (empty prompt; SDXL with ``force_zeros_for_empty_prompt``:
+        zero negative embeddings, as diffusers), one string, or one per prompt.
       sampler: a name from ``jaxdiff.samplers.SAMPLERS``.
       guidance_scale: a float, or a sequence of floats evaluated as one vmapped sweep.
       seed: per-sample noise is ``fold_in(key(seed), sample_offset + index)``, so a
@@ -209,6 +218,9 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     check_request(pipe, b, steps, height, width, sampler)
     mesh = mesh or parallel.make_mesh()
     n = parallel.padded_batch(b, mesh)
+    if control is not None and pipe.is_sdxl:
+        raise ValueError("control= is not supported for SDXL pipelines yet (SD 1.x/2.x "
+                         "ControlNets and T2I-Adapters only).")
     specs, arrays = control_inputs(pipe, control, b, n, height, width)
     shape = pipe.latent_shape(height, width)
     keys = sample_keys(seed, n, sample_offset)
@@ -223,7 +235,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     ids, neg_ids = _pad(pipe.tokenize(prompts), n), _pad(pipe.tokenize(negative), n)
     sweep = not np.isscalar(guidance_scale) and np.ndim(guidance_scale) == 1
     scale = jnp.asarray(guidance_scale, jnp.float32)
-    run = _compiled(pipe, sampler, int(steps), sweep, mesh, specs)
+    zero = pipe.is_sdxl and pipe.force_zeros_for_empty_prompt and negative_prompts is None
+    run = _compiled(pipe, sampler, int(steps), sweep, mesh, specs, zero)
     images, final = run(params, ids, neg_ids, noise, keys, scale,
                         jnp.float32(guidance_rescale), jnp.float32(eta), arrays)
     if output == "latents":

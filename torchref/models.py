@@ -26,6 +26,26 @@ UNET_CONFIGS = {
                 use_linear_projection=True, upcast_attention=True, norm_num_groups=8,
                 transformer_layers_per_block=(1, 2, 1), flip_sin_to_cos=False, freq_shift=1,
                 sample_size=8),
+    # SDXL base: no attention in the first block, per-block transformer depth, pooled text
+    # (32) + 6 time ids x 8 through add_embedding; context = the 32- and 48-wide encoders
+    # (widths differ, as CLIP-L's and bigG's: diffusers' from_single_file tells them apart so).
+    "sdxl": dict(block_out_channels=(32, 64), layers_per_block=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=80,
+                 attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+                 transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+                 sample_size=8),
+    # SDXL refiner-style: context = the second encoder only, an int transformer depth,
+    # 5 time ids (original size, crop, aesthetic score).
+    "sdxl_refiner": dict(block_out_channels=(32, 64), layers_per_block=1,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                         cross_attention_dim=48, attention_head_dim=(2, 4),
+                         use_linear_projection=True, norm_num_groups=8,
+                         transformer_layers_per_block=2, addition_embed_type="text_time",
+                         addition_time_embed_dim=8,
+                         projection_class_embeddings_input_dim=32 + 5 * 8, sample_size=8),
 }
 
 VAE_CONFIGS = {
@@ -44,6 +64,10 @@ TEXT_CONFIGS = {
                 num_attention_heads=4, max_position_embeddings=16, hidden_act="quick_gelu"),
     "sd2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                 num_attention_heads=2, max_position_embeddings=16, hidden_act="gelu"),
+    # SDXL's second encoder (OpenCLIP-bigG-style, with text_projection to 32).
+    "sdxl_g": dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+                   num_attention_heads=4, max_position_embeddings=16, hidden_act="gelu",
+                   projection_dim=32),
 }
 
 
@@ -82,6 +106,19 @@ def make_text_encoder(name="sd1", vocab_size=None, seed=0):
     return CLIPTextModel(cfg).eval()
 
 
+def make_text_encoder_2(name="sdxl_g", vocab_size=None, seed=0, eos_token_id=None):
+    """A perturbed transformers ``CLIPTextModelWithProjection`` (``eos_token_id`` default:
+    the tiny vocabulary's last id; 2 selects transformers' legacy largest-id pooling)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    vocab_size = vocab_size or len(tiny_vocab())
+    eos = vocab_size - 1 if eos_token_id is None else eos_token_id
+    cfg = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=eos,
+                         pad_token_id=vocab_size - 1, **TEXT_CONFIGS[name])
+    return perturb(CLIPTextModelWithProjection(cfg), seed=seed)
+
+
 def tiny_vocab():
     """A character-level CLIP BPE vocabulary (byte alphabet, with and without </w>)."""
     chars = _byte_alphabet()
@@ -103,8 +140,9 @@ def _byte_alphabet():
     return out
 
 
-def write_tiny_tokenizer(folder, max_length=16):
-    """Writes a CLIP-format tokenizer folder loadable by ``CLIPTokenizer.from_pretrained``."""
+def write_tiny_tokenizer(folder, max_length=16, pad_token="<|endoftext|>"):
+    """Writes a CLIP-format tokenizer folder loadable by ``CLIPTokenizer.from_pretrained``
+    (``pad_token="!"``: SDXL's second tokenizer, padding with id 0)."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(tiny_vocab(), f)
@@ -113,7 +151,7 @@ def write_tiny_tokenizer(folder, max_length=16):
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer",
                    "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                   "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
+                   "pad_token": pad_token, "unk_token": "<|endoftext|>"}, f)
     from transformers import CLIPTokenizer
     return CLIPTokenizer.from_pretrained(folder)
 
@@ -133,6 +171,22 @@ def make_torch_pipeline(folder, unet="sd1", vae="sd1", text="sd1", scheduler=Non
         text_encoder=make_text_encoder(text, seed=seed), tokenizer=tokenizer,
         scheduler=DDIMScheduler(**(scheduler or SCHEDULER_SD1)), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+def make_torch_sdxl_pipeline(folder, seed=0):
+    """Builds and saves a tiny random diffusers ``StableDiffusionXLPipeline`` in ``folder``:
+    CLIP-L-style and projection encoders (32 + 48 = the UNet's 80-wide context, pooled 32),
+    the second tokenizer padding with '!' as SDXL's, DDIM."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline(
+        vae=make_vae("sd1", seed), text_encoder=perturb(make_text_encoder("sd1", seed=seed)),
+        text_encoder_2=make_text_encoder_2("sdxl_g", seed=seed + 1),
+        tokenizer=write_tiny_tokenizer(os.path.join(folder, "_tok")),
+        tokenizer_2=write_tiny_tokenizer(os.path.join(folder, "_tok2"), pad_token="!"),
+        unet=make_unet("sdxl", seed), scheduler=DDIMScheduler(**SCHEDULER_SD1),
+        force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
 

@@ -1,8 +1,10 @@
-"""CLIP text transformer (transformers ``CLIPTextModel``), as Stable Diffusion uses it.
+"""CLIP text transformer (transformers ``CLIPTextModel``), as Stable Diffusion uses it, and
+``CLIPTextModelWithProjection`` (SDXL's second encoder, OpenCLIP-bigG).
 
 ``apply({"params": p}, input_ids [B,L]) -> last_hidden_state [B,L,D]`` (after the final
 LayerNorm). ``output_hidden_states=True`` also returns the input embeddings and every
-layer's output (before the final LayerNorm), like transformers' ``hidden_states``.
+layer's output (before the final LayerNorm), like transformers' ``hidden_states``. The
+projection model returns ``(text_embeds [B,P], last_hidden_state)`` first.
 """
 from __future__ import annotations
 
@@ -52,6 +54,24 @@ class CLIPTextConfig:
         return config_lib.to_dict(self, "CLIPTextModel", extra={
             "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
             "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1})
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextProjectionConfig(CLIPTextConfig):
+    """``CLIPTextModelWithProjection``: pooled at the first ``eos_token_id`` (at the
+    largest id when ``eos_token_id == 2``, transformers' rule for old configs), then
+    ``text_projection`` (no bias) to ``projection_dim``."""
+    projection_dim: int = 512
+    eos_token_id: int = 2
+
+    @classmethod
+    def from_dict(cls, d, source="text_encoder_2/config.json"):
+        return config_lib.from_dict(cls, d, source=source)
+
+    def to_dict(self):
+        return config_lib.to_dict(self, "CLIPTextModelWithProjection", extra={
+            "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model",
+            "bos_token_id": 0, "pad_token_id": 1})
 
 
 class _SelfAttention(nn.Module):
@@ -115,6 +135,27 @@ class CLIPTextModel(nn.Module):
         lookup with given [B, L, D] vectors (used by Textual Inversion)."""
         return _TextTransformer(self.config, self.dtype, name="text_model")(
             input_ids, output_hidden_states, embeddings)
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """``(text_embeds [B,P], last_hidden_state [B,L,D])`` (+ hidden states when asked).
+    Params: ``text_model`` as ``CLIPTextModel``'s, and ``text_projection``."""
+    config: CLIPTextProjectionConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, output_hidden_states: bool = False, embeddings=None):
+        cfg = self.config
+        out = _TextTransformer(cfg, self.dtype, name="text_model")(
+            input_ids, output_hidden_states, embeddings)
+        last = out[0] if output_hidden_states else out
+        ids = jnp.asarray(input_ids).astype(jnp.int32)
+        eos = (jnp.argmax(ids, axis=-1) if cfg.eos_token_id == 2
+               else jnp.argmax(ids == cfg.eos_token_id, axis=-1))
+        pooled = jnp.take_along_axis(last, eos[:, None, None], axis=1)[:, 0]
+        embeds = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype,
+                          name="text_projection")(pooled).astype(jnp.float32)
+        return (embeds, *out) if output_hidden_states else (embeds, last)
 
 
 class _TextTransformer(nn.Module):

@@ -1,7 +1,11 @@
-"""The conditional UNet of Stable Diffusion 1.x / 2.x (diffusers ``UNet2DConditionModel``).
+"""The conditional UNet of Stable Diffusion 1.x / 2.x / XL (diffusers ``UNet2DConditionModel``).
 
 NHWC: ``apply({"params": p}, sample [B,h,w,C], t [B] or scalar, context [B,L,D]) ->
-[B,h,w,out_channels]``. Config fields are named as in diffusers' ``unet/config.json``.
+[B,h,w,out_channels]``; SDXL (``addition_embed_type="text_time"``) also takes
+``added_cond_kwargs={"text_embeds": [B,P], "time_ids": [B,K]}`` (pooled text embedding and
+micro-conditioning: original size, crop top-left, target size, or the refiner's aesthetic
+score in place of the target size). Config fields are named as in diffusers'
+``unet/config.json``.
 """
 from __future__ import annotations
 
@@ -41,9 +45,30 @@ class UNetConfig:
     num_attention_heads: Any = None
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    # SDXL: the pooled text embedding and sinusoidal time ids added to the time embedding.
+    addition_embed_type: Any = None  # None | "text_time"
+    addition_time_embed_dim: Any = None
+    projection_class_embeddings_input_dim: Any = None
+
+    @property
+    def text_time(self) -> bool:
+        return self.addition_embed_type == "text_time"
 
     def validate(self, source="unet config"):
         n = len(self.block_out_channels)
+        if self.addition_embed_type not in (None, "text_time"):
+            raise config_lib.UnsupportedConfigError(
+                f"{source}: addition_embed_type={self.addition_embed_type!r} is not supported "
+                "(only None and 'text_time', SDXL's).")
+        if self.text_time and not (
+                isinstance(self.addition_time_embed_dim, int)
+                and isinstance(self.projection_class_embeddings_input_dim, int)
+                and self.projection_class_embeddings_input_dim > self.addition_time_embed_dim > 0):
+            raise config_lib.UnsupportedConfigError(
+                f"{source}: addition_embed_type='text_time' needs addition_time_embed_dim and a "
+                "larger projection_class_embeddings_input_dim (got "
+                f"{self.addition_time_embed_dim!r}, "
+                f"{self.projection_class_embeddings_input_dim!r}).")
         for name, types, ok in (("down_block_types", self.down_block_types, _DOWN),
                                 ("up_block_types", self.up_block_types, _UP)):
             bad = [t for t in types if t not in ok]
@@ -83,7 +108,8 @@ class UNetConfig:
         return config_lib.to_dict(self, "UNet2DConditionModel")
 
 
-# Upstream UNet fields jaxdiff accepts only at these values.
+# Upstream UNet fields jaxdiff accepts only at these values (the addition_* entries serve
+# the ControlNet; UNetConfig has them as fields, which take precedence).
 UNET_FIXED = {
     "only_cross_attention": (False,), "dual_cross_attention": (False,),
     "class_embed_type": (None,), "addition_embed_type": (None,), "num_class_embeds": (None,),
@@ -221,10 +247,13 @@ class UNet2DConditionModel(nn.Module):
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, control=None,
                  down_block_additional_residuals=None, mid_block_additional_residual=None,
-                 down_intrablock_additional_residuals=None):
+                 down_intrablock_additional_residuals=None, added_cond_kwargs=None):
         """UNet output [B,h,w,out_channels]; the residual inputs are diffusers'.
 
         Args:
+          added_cond_kwargs: SDXL (``addition_embed_type="text_time"``) only, and required
+            there: ``{"text_embeds": [B,P], "time_ids": [B,K]}``; ``P + K *
+            addition_time_embed_dim`` must equal ``projection_class_embeddings_input_dim``.
           down_block_additional_residuals: ControlNet residuals, one per skip connection
             (``conv_in`` output, then every resnet/transformer and downsampler output), each
             added to its skip; with ``mid_block_additional_residual`` (added to the mid
@@ -247,6 +276,11 @@ class UNet2DConditionModel(nn.Module):
                                   cfg.freq_shift).astype(self.dtype)
         temb = TimestepEmbedding(cfg.block_out_channels[0] * 4, self.dtype,
                                  name="time_embedding")(temb)
+        if cfg.text_time:
+            temb = temb + self._text_time_embedding(added_cond_kwargs, b, temb.shape[-1])
+        elif added_cond_kwargs is not None:
+            raise ValueError("added_cond_kwargs given to a UNet without addition_embed_type="
+                             "'text_time' (only SDXL UNets take pooled text and time ids).")
         context = encoder_hidden_states.astype(self.dtype)
         intra = (None if down_intrablock_additional_residuals is None
                  else list(down_intrablock_additional_residuals))
@@ -284,6 +318,28 @@ class UNet2DConditionModel(nn.Module):
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype,
                          name="conv_norm_out")(x)
         return conv3x3(cfg.out_channels, self.dtype, "conv_out")(nn.silu(x))
+
+    def _text_time_embedding(self, added, b, dim):
+        """diffusers' ``get_aug_embed`` for ``text_time``: [text_embeds, sinusoidal time
+        ids] through ``add_embedding``."""
+        cfg = self.config
+        if not added or "text_embeds" not in added or "time_ids" not in added:
+            raise ValueError("this SDXL UNet needs added_cond_kwargs={'text_embeds': [B,P], "
+                             "'time_ids': [B,K]} (pooled text embedding and size/crop ids).")
+        text, ids = jnp.asarray(added["text_embeds"]), jnp.asarray(added["time_ids"])
+        text = jnp.broadcast_to(text, (b, text.shape[-1]))
+        ids = jnp.broadcast_to(ids, (b, ids.shape[-1]))
+        want = cfg.projection_class_embeddings_input_dim
+        got = text.shape[-1] + ids.shape[-1] * cfg.addition_time_embed_dim
+        if got != want:
+            raise ValueError(f"text_embeds width {text.shape[-1]} + {ids.shape[-1]} time ids x "
+                             f"{cfg.addition_time_embed_dim} = {got}, but the UNet's "
+                             f"projection_class_embeddings_input_dim is {want} (base SDXL takes 6 "
+                             "time ids, the refiner 5).")
+        t = timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim,
+                               cfg.flip_sin_to_cos, cfg.freq_shift).reshape(b, -1)
+        x = jnp.concatenate([text.astype(jnp.float32), t], axis=-1).astype(self.dtype)
+        return TimestepEmbedding(dim, self.dtype, name="add_embedding")(x)
 
 
 def _add_residuals(skips, residuals):

@@ -2,7 +2,9 @@
 
 Layout: ``model_index.json``, ``unet/``, ``vae/`` (``config.json`` +
 ``diffusion_pytorch_model.safetensors``), ``text_encoder/`` (``config.json`` +
-``model.safetensors``), ``tokenizer/`` and ``scheduler/scheduler_config.json``.
+``model.safetensors``), ``tokenizer/`` and ``scheduler/scheduler_config.json``; SDXL adds
+``text_encoder_2/`` (``CLIPTextModelWithProjection``) and ``tokenizer_2/`` (the refiner has
+only these two).
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import jax
 import jax.numpy as jnp
 from transformers import CLIPTokenizer
 
-from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
-                            UNetConfig, VAEConfig)
+from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel,
+                            CLIPTextModelWithProjection, CLIPTextProjectionConfig,
+                            UNet2DConditionModel, UNetConfig, VAEConfig)
 from jaxdiff.models.config import read_json
 from jaxdiff.pipeline import Pipeline, dummy_inputs
 from jaxdiff.schedules import SchedulerConfig
@@ -49,6 +52,10 @@ def load_component(folder: str, kind: str, dtype=jnp.float32, variant=None,
     elif kind == "vae":
         module = AutoencoderKL(VAEConfig.from_dict(raw, cfg_path), dtype)
         stem, prefixes = "diffusion_pytorch_model", ("",)
+    elif kind == "text_encoder_2":  # SDXL's second encoder
+        module = CLIPTextModelWithProjection(CLIPTextProjectionConfig.from_dict(raw, cfg_path),
+                                             dtype)
+        stem, prefixes = "model", (_TEXT_PREFIX,)
     else:
         module = CLIPTextModel(CLIPTextConfig.from_dict(raw, cfg_path), dtype)
         stem, prefixes = "model", (_TEXT_PREFIX,)
@@ -68,7 +75,8 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
       variant: weight-file variant such as ``"fp16"`` (``*.fp16.safetensors``).
       allow_pickle: permit ``.bin``/``.ckpt`` weights (they can execute code).
     Returns:
-      ``(pipe, params)`` with params ``{"text_encoder", "unet", "vae"}``.
+      ``(pipe, params)`` with params ``{"text_encoder", "unet", "vae"}`` (SDXL: and
+      ``"text_encoder_2"``; the refiner: no ``"text_encoder"``).
     """
     path = DEFAULT_MODEL if path is None else path
     index_path = os.path.join(path, "model_index.json")
@@ -76,25 +84,50 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
         raise FileNotFoundError(f"{index_path}: not found; --model must be a diffusers-layout "
                                 "pipeline directory (with model_index.json).")
     index = read_json(index_path)
-    modules, params = {}, {}
-    for kind in ("unet", "vae", "text_encoder"):
+    modules, params, tokenizers = {}, {}, {}
+    kinds = ("unet", "vae", "text_encoder", "text_encoder_2")
+    for kind in kinds:
+        if kind.startswith("text_encoder") and not _listed(index, kind):
+            modules[kind] = tokenizers[kind] = None  # SDXL refiner: no first encoder
+            continue
         modules[kind], params[kind] = load_component(os.path.join(path, kind), kind, dtype,
                                                      variant, allow_pickle)
-    tok_dir = os.path.join(path, "tokenizer")
-    if not os.path.isdir(tok_dir):
-        raise FileNotFoundError(f"{tok_dir}: missing tokenizer folder.")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    max_pos = modules["text_encoder"].config.max_position_embeddings
-    if tokenizer.model_max_length > max_pos:
-        tokenizer.model_max_length = max_pos
+        if kind.startswith("text_encoder"):
+            tok_dir = os.path.join(path, kind.replace("text_encoder", "tokenizer"))
+            if not os.path.isdir(tok_dir):
+                raise FileNotFoundError(f"{tok_dir}: missing tokenizer folder.")
+            tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+            max_pos = modules[kind].config.max_position_embeddings
+            if tokenizer.model_max_length > max_pos:
+                tokenizer.model_max_length = max_pos
+            tokenizers[kind] = tokenizer
+    if modules["text_encoder"] is None and modules["text_encoder_2"] is None:
+        raise FileNotFoundError(f"{index_path}: lists no text_encoder; jaxdiff needs one.")
+    sdxl = modules["text_encoder_2"] is not None
+    if sdxl != modules["unet"].config.text_time:
+        raise ValueError(f"{index_path}: text_encoder_2 and a UNet with addition_embed_type="
+                         "'text_time' go together (SDXL); this folder has only one of them.")
     sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
     if not os.path.exists(sched_path):
         raise FileNotFoundError(f"{sched_path}: missing scheduler config.")
     sched_raw = read_json(sched_path)
     scheduler_class = sched_raw.get("_class_name") or index.get("scheduler", [None, None])[1]
-    pipe = Pipeline(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer,
-                    SchedulerConfig.from_dict(sched_raw), scheduler_class or "DDIMScheduler")
+    pipe = Pipeline(modules["unet"], modules["vae"], modules["text_encoder"],
+                    tokenizers["text_encoder"], SchedulerConfig.from_dict(sched_raw),
+                    scheduler_class or "DDIMScheduler",
+                    text_encoder_2=modules["text_encoder_2"],
+                    tokenizer_2=tokenizers["text_encoder_2"],
+                    force_zeros_for_empty_prompt=bool(
+                        sdxl and index.get("force_zeros_for_empty_prompt", True)),
+                    requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
     return pipe, jax.tree.map(jnp.asarray, params)
+
+
+def _listed(index: dict, kind: str) -> bool:
+    """Whether model_index.json names a class for ``kind`` (SD 1.x/2.x: text_encoder
+    only; SDXL base: both; the refiner: text_encoder_2 only)."""
+    entry = index.get(kind)
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
 
 def save_pipeline(pipe: Pipeline, params, out_dir: str, *, overwrite: bool = True) -> str:
@@ -104,20 +137,26 @@ def save_pipeline(pipe: Pipeline, params, out_dir: str, *, overwrite: bool = Tru
     """
     with files.atomic_directory(out_dir, overwrite) as tmp:
         _write_json(os.path.join(tmp, "model_index.json"), _model_index(pipe))
-        for kind, module, stem, prefix in (
-                ("unet", pipe.unet, "diffusion_pytorch_model", ""),
-                ("vae", pipe.vae, "diffusion_pytorch_model", ""),
-                ("text_encoder", pipe.text_encoder, "model", "")):
+        for kind, module, stem, tokenizer in (
+                ("unet", pipe.unet, "diffusion_pytorch_model", None),
+                ("vae", pipe.vae, "diffusion_pytorch_model", None),
+                ("text_encoder", pipe.text_encoder, "model", pipe.tokenizer),
+                ("text_encoder_2", pipe.text_encoder_2, "model", pipe.tokenizer_2)):
+            if module is None:
+                continue
             os.makedirs(os.path.join(tmp, kind))
             cfg = module.config.to_dict()
-            if kind == "text_encoder":
-                cfg.update(bos_token_id=pipe.tokenizer.bos_token_id,
-                           eos_token_id=pipe.tokenizer.eos_token_id,
-                           pad_token_id=pipe.tokenizer.pad_token_id)
+            if tokenizer is not None:
+                cfg.update(bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+                if kind == "text_encoder_2":  # pooling follows the config's eos id
+                    cfg["eos_token_id"] = module.config.eos_token_id
+                _save_tokenizer(tokenizer, os.path.join(tmp, kind.replace("text_encoder",
+                                                                           "tokenizer")))
             _write_json(os.path.join(tmp, kind, "config.json"), cfg)
             files.write_tensors(os.path.join(tmp, kind, f"{stem}.safetensors"),
-                                convert.flax_to_torch(params[kind], prefix))
-        _save_tokenizer(pipe.tokenizer, os.path.join(tmp, "tokenizer"))
+                                convert.flax_to_torch(params[kind]))
         os.makedirs(os.path.join(tmp, "scheduler"))
         sched = dict(pipe.scheduler.to_dict(), _class_name=pipe.scheduler_class)
         _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
@@ -125,6 +164,23 @@ def save_pipeline(pipe: Pipeline, params, out_dir: str, *, overwrite: bool = Tru
 
 
 def _model_index(pipe: Pipeline) -> dict:
+    if pipe.is_sdxl:
+        none = [None, None]
+        first = pipe.text_encoder is not None
+        return {
+            "_class_name": ("StableDiffusionXLPipeline" if first
+                            else "StableDiffusionXLImg2ImgPipeline"),
+            "_diffusers_version": "0.42.1", "feature_extractor": none, "image_encoder": none,
+            "force_zeros_for_empty_prompt": pipe.force_zeros_for_empty_prompt,
+            **({} if first else {"requires_aesthetics_score": pipe.requires_aesthetics_score}),
+            "scheduler": ["diffusers", pipe.scheduler_class],
+            "text_encoder": ["transformers", "CLIPTextModel"] if first else none,
+            "tokenizer": ["transformers", "CLIPTokenizer"] if first else none,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
     return {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
         "feature_extractor": [None, None], "image_encoder": [None, None],

@@ -26,18 +26,28 @@ MODEL_TYPES = {
     "v2": dict(scheduler="DDIMScheduler", prediction_type="v_prediction",
                repos=(("stabilityai/stable-diffusion-2-1", "tokenizer"),
                       ("stabilityai/stable-diffusion-2", "tokenizer"))),
+    # SDXL: read with config= (a diffusers folder of the model); configs are not inferred.
+    "xl": dict(scheduler="EulerDiscreteScheduler", prediction_type="epsilon",
+               repos=(("stabilityai/stable-diffusion-xl-base-1.0", ""),)),
+    "xl_refiner": dict(scheduler="EulerDiscreteScheduler", prediction_type="epsilon",
+                       repos=(("stabilityai/stable-diffusion-xl-refiner-1.0", ""),)),
 }
 
 # --------------------------------------------------------------------------- detection
 
 def detect(ckpt: Mapping) -> str:
-    """``"v1"`` (CLIP text encoder) or ``"v2"`` (OpenCLIP); a one-line error otherwise."""
+    """``"v1"`` (CLIP text encoder), ``"v2"`` (OpenCLIP), ``"xl"`` (SDXL base: both, under
+    ``conditioner.embedders.``) or ``"xl_refiner"``; a one-line error otherwise."""
     keys = list(ckpt)
-    if any(k.startswith("conditioner.embedders.") for k in keys) or \
-            ol.UNET_PREFIX + "label_emb.0.0.weight" in ckpt:
-        raise WeightsError(f"{ckpt.path}: an SDXL (or class-conditioned) single-file checkpoint; "
-                           "jaxdiff reads only SD 1.x / 2.x models so far (SDXL: issue #15) - "
-                           "use an SD 1.x / 2.x checkpoint.")
+    sdxl = any(k.startswith("conditioner.embedders.") for k in keys)
+    if sdxl != (ol.UNET_PREFIX + "label_emb.0.0.weight" in ckpt):
+        raise WeightsError(f"{ckpt.path}: " + (
+            "SDXL text encoders without the UNet's 'label_emb' (text_time) tensors" if sdxl
+            else "a class-conditioned UNet ('label_emb') without SDXL's text encoders") +
+            "; jaxdiff reads SD 1.x / 2.x / XL checkpoints - use one of those.")
+    if sdxl:
+        return ("xl" if any(k.startswith(ol.SDXL_OPENCLIP_PREFIX) for k in keys)
+                else "xl_refiner")
     if ol.UNET_PREFIX + "input_blocks.0.0.weight" not in ckpt:
         first = sorted(keys)[:2]
         hint = (" (this looks like a LoRA: pass it with --lora / load_lora)"

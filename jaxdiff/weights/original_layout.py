@@ -15,7 +15,7 @@ VAE's attention); ``take`` and ``to_original`` apply them. The maps follow diffu
 ``scripts/convert_diffusers_to_original_stable_diffusion.py`` and the inverse functions in
 ``diffusers.loaders.single_file_utils``.
 
-SDXL (maps only; jaxdiff's SDXL models are another part of issue #15): the UNet as above
+SDXL (read and written by ``single_file`` with a reference diffusers folder): the UNet as above
 plus ``label_emb`` (``add_embedding``), CLIP-L under ``conditioner.embedders.0.transformer.``
 and OpenCLIP-bigG (with ``text_projection``) under ``conditioner.embedders.1.model.``; the
 refiner has only the OpenCLIP encoder, under ``conditioner.embedders.0.model.``.

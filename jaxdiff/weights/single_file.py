@@ -1,4 +1,4 @@
-"""Single-file SD 1.x / 2.x checkpoints in the original layout (the A1111 / ComfyUI files).
+"""Single-file SD 1.x / 2.x / XL checkpoints in the original layout (A1111 / ComfyUI files).
 
 Reading detects the model type from the keys as diffusers' ``from_single_file`` does
 (OpenCLIP text encoder -> SD 2.x, else SD 1.x), takes the configs from a reference
@@ -8,7 +8,9 @@ norm, time embedding), and picks the scheduler diffusers would fetch: SD 1.x -> 
 SD 2.x -> DDIM, v-prediction at 768 px (``prediction_type="epsilon"`` for the 512 px base).
 The tokenizer: ``config=``'s, the Hugging Face cache's, or CLIP's built from shipped merges
 (``tokenizer_for``). Tensors are read one at a time from the safetensors file (fp16 / bf16
-are cast to float32). Layouts: ``jaxdiff.weights.original_layout``.
+are cast to float32). SDXL base / refiner files (``conditioner.embedders.*``) need
+``config=`` (configs, both tokenizers and the scheduler come from it). Layouts:
+``jaxdiff.weights.original_layout``.
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ from flax import traverse_util
 from safetensors import safe_open
 from transformers import CLIPTokenizer
 
-from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
-                            UNetConfig, VAEConfig)
+from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel,
+                            CLIPTextModelWithProjection, CLIPTextProjectionConfig,
+                            UNet2DConditionModel, UNetConfig, VAEConfig)
 from jaxdiff.models.config import read_json
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.schedules import SchedulerConfig
@@ -45,7 +48,8 @@ _SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 _IGNORED = re.compile(r"^(betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_alphas_cumprod|"
                       r"posterior_.*|logvar|lvlb_weights|global_step|epoch|model_ema\.(decay|"
                       r"num_updates))$|(^|\.)position_ids$|^" + re.escape(ol.OPENCLIP_PREFIX)
-                      + r"(text_projection|logit_scale)$")
+                      + r"(text_projection|logit_scale)$|^conditioner\.embedders\.\d\.model\."
+                      r"logit_scale$")
 
 
 class Checkpoint(Mapping):
@@ -164,6 +168,8 @@ def _module(kind, raw, dtype, source):
         return UNet2DConditionModel(UNetConfig.from_dict(raw, source), dtype)
     if kind == "vae":
         return AutoencoderKL(VAEConfig.from_dict(raw, source), dtype)
+    if kind == "text_encoder_2":
+        return CLIPTextModelWithProjection(CLIPTextProjectionConfig.from_dict(raw, source), dtype)
     return CLIPTextModel(CLIPTextConfig.from_dict(raw, source), dtype)
 
 
@@ -193,7 +199,8 @@ def tokenizer_for(config_dir, model_type: str, vocab_size: int, path: str):
 def load_single_file(path: str, *, config: Optional[str] = None,
                      prediction_type: Optional[str] = None, extract_ema: bool = False,
                      dtype=jnp.float32, allow_pickle: bool = False):
-    """Reads an SD 1.x / 2.x original-layout checkpoint into ``(pipe, params)``.
+    """Reads an SD 1.x / 2.x / XL original-layout checkpoint into ``(pipe, params)`` (SDXL:
+    ``config`` required).
 
     Args:
       path: ``.safetensors`` file (``.ckpt``/``.pt`` only with ``allow_pickle``).
@@ -208,6 +215,8 @@ def load_single_file(path: str, *, config: Optional[str] = None,
     """
     ckpt = Checkpoint(path, allow_pickle)
     model_type = detect(ckpt)
+    if model_type.startswith("xl"):
+        return _load_sdxl(ckpt, model_type, config, prediction_type, extract_ema, dtype)
     if extract_ema and not any(k.startswith(ol.EMA_PREFIX + "diffusion_model") for k in ckpt):
         raise WeightsError(f"{path}: no '{ol.EMA_PREFIX}*' UNet tensors to extract (EMA-only and "
                            "pruned files keep their EMA weights as the model's); load it "
@@ -251,6 +260,76 @@ def load_single_file(path: str, *, config: Optional[str] = None,
     pipe = Pipeline(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer,
                     SchedulerConfig.from_dict(sched[0]), sched[1])
     return pipe, jax.tree.map(jnp.asarray, params)
+
+
+def _sdxl_prefixes(model_type: str) -> dict:
+    """Component -> original-layout prefix of an SDXL base / refiner file."""
+    if model_type == "xl_refiner":
+        return {"unet": ol.UNET_PREFIX, "vae": ol.VAE_PREFIX,
+                "text_encoder_2": ol.REFINER_OPENCLIP_PREFIX}
+    return {"unet": ol.UNET_PREFIX, "vae": ol.VAE_PREFIX,
+            "text_encoder": ol.SDXL_CLIP_PREFIX, "text_encoder_2": ol.SDXL_OPENCLIP_PREFIX}
+
+
+def _sdxl_map(kind, keys, cfg, prefix):
+    if kind in ("unet", "vae"):
+        return component_map(kind, keys, cfg)
+    if kind == "text_encoder":
+        return ol.clip_map(keys, prefix)
+    return ol.openclip_map(keys, prefix)
+
+
+def _load_sdxl(ckpt, model_type, config, prediction_type, extract_ema, dtype):
+    """SDXL base / refiner file: configs, tokenizers and scheduler from ``config``."""
+    if not config:
+        raise WeightsError(f"{ckpt.path}: an SDXL single file; jaxdiff does not infer SDXL "
+                           "configs yet - pass config=<a diffusers folder of this model> "
+                           "(--model-config DIR|org/name).")
+    config_dir = hf_cache.resolve(config) if not os.path.isdir(config) else config
+    prefixes = _sdxl_prefixes(model_type)
+    modules, params, tokenizers = {"text_encoder": None}, {}, {"text_encoder": None}
+    for kind, prefix in prefixes.items():
+        cfg_path = os.path.join(config_dir, kind, "config.json")
+        if not any(k.startswith(prefix) for k in ckpt):  # e.g. a file without its VAE
+            modules[kind], params[kind] = diffusers_format.load_component(
+                os.path.join(config_dir, kind), kind, dtype)
+        else:
+            if not os.path.exists(cfg_path):
+                raise FileNotFoundError(f"{cfg_path}: missing; config= must be the diffusers "
+                                        f"folder of this SDXL model (with {kind}/config.json).")
+            modules[kind] = _module(kind, read_json(cfg_path), dtype, cfg_path)
+            expected = diffusers_format.init_shapes(modules[kind], kind)
+            keys = [convert.torch_key(k) for k in traverse_util.flatten_dict(expected)]
+            key_map = _sdxl_map(kind, keys, modules[kind].config, prefix)
+            params[kind] = _read_component(ckpt, expected, kind, key_map, extract_ema,
+                                           f"of {config_dir}")
+            _check_unused(ckpt, kind, key_map, prefix, modules[kind])
+        if kind.startswith("text_encoder"):
+            tokenizers[kind] = _folder_tokenizer(config_dir, kind, modules[kind])
+    _check_outside(ckpt, prefixes)
+    sched = _scheduler(ckpt, config_dir, model_type, prediction_type)
+    index_path = os.path.join(config_dir, "model_index.json")
+    index = read_json(index_path) if os.path.exists(index_path) else {}
+    pipe = Pipeline(modules["unet"], modules["vae"], modules["text_encoder"],
+                    tokenizers["text_encoder"], SchedulerConfig.from_dict(sched[0]), sched[1],
+                    text_encoder_2=modules["text_encoder_2"],
+                    tokenizer_2=tokenizers["text_encoder_2"],
+                    force_zeros_for_empty_prompt=bool(
+                        index.get("force_zeros_for_empty_prompt", True)),
+                    requires_aesthetics_score=bool(index.get("requires_aesthetics_score",
+                                                             model_type == "xl_refiner")))
+    return pipe, jax.tree.map(jnp.asarray, params)
+
+
+def _folder_tokenizer(config_dir, kind, module):
+    folder = os.path.join(config_dir, kind.replace("text_encoder", "tokenizer"))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: missing; config= must be the diffusers folder of "
+                                "this SDXL model (with both tokenizers).")
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    tokenizer.model_max_length = min(tokenizer.model_max_length,
+                                     module.config.max_position_embeddings)
+    return tokenizer
 
 
 def _scheduler(ckpt, config_dir, model_type, prediction_type):
@@ -300,9 +379,16 @@ def original_state_dict(pipe: Pipeline, params, dtype=np.float32,
     ``text_layout``: ``"clip"`` (SD 1.x) or ``"openclip"`` (SD 2.x); default by the text
     encoder's activation (OpenCLIP uses gelu, CLIP-L quick_gelu).
     """
+    out: Dict[str, np.ndarray] = {}
+    if pipe.is_sdxl:  # SDXL base / refiner: text encoders under conditioner.embedders.
+        prefixes = _sdxl_prefixes("xl" if pipe.text_encoder is not None else "xl_refiner")
+        for kind, prefix in prefixes.items():
+            state = convert.flax_to_torch(params[kind])
+            key_map = _sdxl_map(kind, state.keys(), getattr(pipe, kind).config, prefix)
+            out.update(ol.to_original(state, key_map))
+        return {k: np.ascontiguousarray(v.astype(dtype)) for k, v in out.items()}
     if text_layout is None:
         text_layout = "openclip" if pipe.text_encoder.config.hidden_act == "gelu" else "clip"
-    out: Dict[str, np.ndarray] = {}
     for kind in ("unet", "vae", "text_encoder"):
         state = convert.flax_to_torch(params[kind])
         key_map = component_map(kind, state.keys(), getattr(pipe, kind).config, text_layout)

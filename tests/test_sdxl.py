@@ -1,0 +1,167 @@
+"""SDXL (issue #15, point 1): the text_time UNet (base and refiner) and
+``CLIPTextModelWithProjection`` equal diffusers / transformers on tiny random configs; a
+diffusers SDXL pipeline folder loads (two encoders and tokenizers, zeroed negative
+embeddings), ``jaxdiff.generate`` equals ``StableDiffusionXLPipeline``, and the
+original-layout single file jaxdiff writes is read by diffusers' ``from_single_file``."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff
+from torchref import models as ref
+from jaxdiff.weights import load_component
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def saved(torch, tmp_path_factory):
+    """A tiny diffusers SDXL pipeline folder (its UNet and second encoder are the parity
+    subjects), a refiner-style UNet and a legacy-eos projection encoder, each saved."""
+    root = tmp_path_factory.mktemp("sdxl")
+    tp = ref.make_torch_sdxl_pipeline(str(root / "pipeline"))
+    out = {"pipeline": (tp, str(root / "pipeline")),
+           "unet": (tp.unet, str(root / "pipeline" / "unet")),
+           "text_encoder_2": (tp.text_encoder_2, str(root / "pipeline" / "text_encoder_2"))}
+    for name, module in (("refiner", ref.make_unet("sdxl_refiner", seed=1)),
+                         ("legacy_eos", ref.make_text_encoder_2(seed=2, eos_token_id=2))):
+        module.save_pretrained(str(root / name), safe_serialization=True)
+        out[name] = (module, str(root / name))
+    return out
+
+
+@pytest.mark.parametrize("name,n_ids", [("unet", 6), ("refiner", 5)])
+def test_sdxl_unet_matches_diffusers(torch, saved, name, n_ids):
+    tm, folder = saved[name]
+    module, params = load_component(folder, "unet")
+    apply = jax.jit(module.apply)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 5, tm.config.cross_attention_dim, generator=g)
+    text = torch.randn(2, 32, generator=g)
+    # sizes / crops / aesthetic scores as SDXL passes them (floats of pixel counts).
+    ids = torch.tensor([[1024., 768, 0, 16, 1024, 1024, 0][:n_ids],
+                        [512., 512, 8, 0, 6.0, 896, 640][:n_ids]])
+    t = torch.tensor([3, 871])
+    with torch.no_grad():
+        want = tm(x, t, ctx, added_cond_kwargs={"text_embeds": text, "time_ids": ids}).sample
+    got = apply({"params": params}, jnp.asarray(ref.nhwc(x.numpy())),
+                       jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()),
+                       added_cond_kwargs={"text_embeds": jnp.asarray(text.numpy()),
+                                          "time_ids": jnp.asarray(ids.numpy())})
+    np.testing.assert_allclose(ref.nchw(got), want.numpy(), atol=TOL, rtol=0)
+    # The conditioning matters: other time ids move the output.
+    moved = apply({"params": params}, jnp.asarray(ref.nhwc(x.numpy())),
+                         jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()),
+                         added_cond_kwargs={"text_embeds": jnp.asarray(text.numpy()),
+                                            "time_ids": jnp.asarray(ids.numpy()[::-1])})
+    assert float(np.abs(np.asarray(moved) - np.asarray(got)).max()) > 1e-3
+    with pytest.raises(ValueError, match="time ids"):
+        apply({"params": params}, jnp.asarray(ref.nhwc(x.numpy())), 3,
+                     jnp.asarray(ctx.numpy()),
+                     added_cond_kwargs={"text_embeds": jnp.asarray(text.numpy()),
+                                        "time_ids": jnp.zeros((2, n_ids + 1))})
+
+
+@pytest.mark.parametrize("name", ["text_encoder_2", "legacy_eos"])
+def test_text_encoder_with_projection_matches_transformers(torch, saved, name):
+    tm, folder = saved[name]
+    module, params = load_component(folder, "text_encoder_2")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, tm.config.vocab_size - 2, (3, 16), generator=g)
+    eos = tm.config.vocab_size - 1
+    for row, end in enumerate((4, 9, 15)):  # the tokenizer's [bos, ..., eos, pad=eos ...]
+        ids[row, 0], ids[row, end:] = tm.config.vocab_size - 2, eos
+    with torch.no_grad():
+        want = tm(ids, output_hidden_states=True)
+    embeds, last, hidden = module.apply({"params": params}, jnp.asarray(ids.numpy()),
+                                        output_hidden_states=True)
+    np.testing.assert_allclose(np.asarray(embeds), want.text_embeds.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(last), want.last_hidden_state.numpy(), atol=TOL,
+                               rtol=0)
+    # SDXL's context: the penultimate hidden state.
+    np.testing.assert_allclose(np.asarray(hidden[-2]), want.hidden_states[-2].numpy(),
+                               atol=TOL, rtol=0)
+
+
+PROMPTS = ["a red circle", "blue square"]
+
+
+def test_sdxl_pipeline_folder_loads_and_encodes_as_diffusers(torch, saved, tmp_path):
+    tp, folder = saved["pipeline"]
+    pipe, params = jaxdiff.load_pipeline(folder)
+    assert pipe.is_sdxl and pipe.force_zeros_for_empty_prompt
+    assert set(params) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    ids = pipe.tokenize(PROMPTS)
+    # Each encoder's own tokenizer: the second pads with '!' (SDXL's), the first with eos.
+    assert ids.shape == (2, 2, 16)
+    assert (ids[:, 1, -1] == pipe.tokenizer_2.convert_tokens_to_ids("!")).all()
+    assert (ids[:, 0, -1] == pipe.tokenizer.eos_token_id).all()
+    cond = jax.jit(lambda p, i: pipe.encode_text(p, i))(params, ids)
+    with torch.no_grad():
+        want, _, pooled, _ = tp.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
+    np.testing.assert_allclose(np.asarray(cond["context"]), want.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(cond["text_embeds"]), pooled.numpy(), atol=1e-4,
+                               rtol=0)
+    np.testing.assert_array_equal(pipe.time_ids(16, 24), [16, 24, 0, 0, 16, 24])
+    # The refiner: diffusers' aesthetic_score=6.0 / negative_aesthetic_score=2.5 defaults.
+    refiner = dataclasses.replace(pipe, requires_aesthetics_score=True)
+    np.testing.assert_array_equal(refiner.time_ids(16, 24), [16, 24, 0, 0, 6.0])
+    np.testing.assert_array_equal(refiner.time_ids(16, 24, negative=True), [16, 24, 0, 0, 2.5])
+    # Written back by jaxdiff, read by diffusers as the same SDXL pipeline.
+    from diffusers import StableDiffusionXLPipeline
+    jaxdiff.save_pipeline(pipe, params, str(tmp_path / "out"))
+    back = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "out"))
+    assert back.config.force_zeros_for_empty_prompt and back.tokenizer_2.pad_token == "!"
+    for a, b in ((back.unet, tp.unet), (back.text_encoder_2, tp.text_encoder_2)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_sdxl_generate_matches_diffusers(torch, saved):
+    """No negative prompt: zero negative embeddings (force_zeros_for_empty_prompt); time
+    ids (16, 16, 0, 0, 16, 16) as diffusers computes them."""
+    tp, folder = saved["pipeline"]
+    pipe, params = jaxdiff.load_pipeline(folder)
+    noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = tp(PROMPTS, num_inference_steps=4, guidance_scale=5.0,
+                  latents=torch.tensor(ref.nchw(noise)), output_type="latent").images.numpy()
+    got = jaxdiff.generate(pipe, params, PROMPTS, steps=4, guidance_scale=5.0, latents=noise,
+                           output="latents")
+    np.testing.assert_allclose(ref.nchw(got), want, atol=1e-3, rtol=0)
+    assert np.abs(want).max() > 0.1
+
+
+def test_sdxl_single_file_round_trip(torch, saved, tmp_path):
+    """jaxdiff writes the original SDXL layout; diffusers' from_single_file (local config)
+    reads it into exactly the source tensors, and jaxdiff reads it back (config=)."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+    tp, folder = saved["pipeline"]
+    pipe, params = jaxdiff.load_pipeline(folder)
+    file = str(tmp_path / "xl.safetensors")
+    jaxdiff.save_pipeline(pipe, params, file, format="single_file")
+    with safe_open(file, "np") as f:
+        keys = set(f.keys())
+    assert {"model.diffusion_model.label_emb.0.0.weight",
+            "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+            "conditioner.embedders.1.model.text_projection"} <= keys
+    got = StableDiffusionXLPipeline.from_single_file(file, config=folder, local_files_only=True)
+    for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want, have = getattr(tp, comp).state_dict(), getattr(got, comp).state_dict()
+        want = {k: v for k, v in want.items() if not k.endswith("position_ids")}
+        have = {k: v for k, v in have.items() if not k.endswith("position_ids")}
+        assert want.keys() == have.keys(), comp
+        for k in want:
+            np.testing.assert_array_equal(have[k].numpy(), want[k].numpy(), err_msg=k)
+    back, back_params = jaxdiff.load_pipeline(file, config=folder)
+    assert back.is_sdxl and back.force_zeros_for_empty_prompt
+    jax.tree.map(np.testing.assert_array_equal, back_params, params)
+    with pytest.raises(jaxdiff.weights.WeightsError, match="config="):
+        jaxdiff.load_pipeline(file)
