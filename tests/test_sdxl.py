@@ -3,8 +3,6 @@
 diffusers SDXL pipeline folder loads (two encoders and tokenizers, zeroed negative
 embeddings), ``jaxdiff.generate`` equals ``StableDiffusionXLPipeline``, and the
 original-layout single file jaxdiff writes is read by diffusers' ``from_single_file``."""
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,17 +17,19 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def saved(torch, tmp_path_factory):
-    """A tiny diffusers SDXL pipeline folder (its UNet and second encoder are the parity
-    subjects), a refiner-style UNet and a legacy-eos projection encoder, each saved."""
+    """Tiny diffusers SDXL base and refiner pipeline folders (their UNets and second
+    encoder are the parity subjects) and a legacy-eos projection encoder, each saved."""
     root = tmp_path_factory.mktemp("sdxl")
-    tp = ref.make_torch_sdxl_pipeline(str(root / "pipeline"))
-    out = {"pipeline": (tp, str(root / "pipeline")),
-           "unet": (tp.unet, str(root / "pipeline" / "unet")),
-           "text_encoder_2": (tp.text_encoder_2, str(root / "pipeline" / "text_encoder_2"))}
-    for name, module in (("refiner", ref.make_unet("sdxl_refiner", seed=1)),
-                         ("legacy_eos", ref.make_text_encoder_2(seed=2, eos_token_id=2))):
-        module.save_pretrained(str(root / name), safe_serialization=True)
-        out[name] = (module, str(root / name))
+    out = {}
+    for name, refiner in (("pipeline", False), ("refiner_pipeline", True)):
+        tp = ref.make_torch_sdxl_pipeline(str(root / name), seed=int(refiner), refiner=refiner)
+        out[name] = (tp, str(root / name))
+        out["refiner" if refiner else "unet"] = (tp.unet, str(root / name / "unet"))
+    tp = out["pipeline"][0]
+    out["text_encoder_2"] = (tp.text_encoder_2, str(root / "pipeline" / "text_encoder_2"))
+    legacy = ref.make_text_encoder_2(seed=2, eos_token_id=2)
+    legacy.save_pretrained(str(root / "legacy_eos"), safe_serialization=True)
+    out["legacy_eos"] = (legacy, str(root / "legacy_eos"))
     return out
 
 
@@ -107,10 +107,6 @@ def test_sdxl_pipeline_folder_loads_and_encodes_as_diffusers(torch, saved, tmp_p
     np.testing.assert_allclose(np.asarray(cond["text_embeds"]), pooled.numpy(), atol=1e-4,
                                rtol=0)
     np.testing.assert_array_equal(pipe.time_ids(16, 24), [16, 24, 0, 0, 16, 24])
-    # The refiner: diffusers' aesthetic_score=6.0 / negative_aesthetic_score=2.5 defaults.
-    refiner = dataclasses.replace(pipe, requires_aesthetics_score=True)
-    np.testing.assert_array_equal(refiner.time_ids(16, 24), [16, 24, 0, 0, 6.0])
-    np.testing.assert_array_equal(refiner.time_ids(16, 24, negative=True), [16, 24, 0, 0, 2.5])
     # Written back by jaxdiff, read by diffusers as the same SDXL pipeline.
     from diffusers import StableDiffusionXLPipeline
     jaxdiff.save_pipeline(pipe, params, str(tmp_path / "out"))
@@ -120,6 +116,32 @@ def test_sdxl_pipeline_folder_loads_and_encodes_as_diffusers(torch, saved, tmp_p
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_sdxl_refiner_folder_loads_and_encodes_as_diffusers(torch, saved, tmp_path):
+    """The refiner (StableDiffusionXLImg2ImgPipeline): second encoder only, aesthetic-score
+    time ids as diffusers' _get_add_time_ids with its defaults (6.0 / 2.5)."""
+    tp, folder = saved["refiner_pipeline"]
+    pipe, params = jaxdiff.load_pipeline(folder)
+    assert pipe.text_encoder is None and pipe.requires_aesthetics_score
+    assert not pipe.force_zeros_for_empty_prompt
+    assert set(params) == {"unet", "vae", "text_encoder_2"}
+    ids = pipe.tokenize(PROMPTS)
+    assert ids.shape == (2, 1, 16)
+    cond = jax.jit(lambda p, i: pipe.encode_text(p, i))(params, ids)
+    with torch.no_grad():
+        want, _, pooled, _ = tp.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
+    np.testing.assert_allclose(np.asarray(cond["context"]), want.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(cond["text_embeds"]), pooled.numpy(), atol=1e-4,
+                               rtol=0)
+    pos, neg = tp._get_add_time_ids((16, 24), (0, 0), (16, 24), 6.0, 2.5, (16, 24), (0, 0),
+                                    (16, 24), torch.float32, 32)
+    np.testing.assert_array_equal(pipe.time_ids(16, 24), pos.numpy()[0])
+    np.testing.assert_array_equal(pipe.time_ids(16, 24, negative=True), neg.numpy()[0])
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    jaxdiff.save_pipeline(pipe, params, str(tmp_path / "out"))
+    back = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(tmp_path / "out"))
+    assert back.text_encoder is None and back.config.requires_aesthetics_score
 
 
 def test_sdxl_generate_matches_diffusers(torch, saved):

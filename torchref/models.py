@@ -175,18 +175,27 @@ def make_torch_pipeline(folder, unet="sd1", vae="sd1", text="sd1", scheduler=Non
     return pipe
 
 
-def make_torch_sdxl_pipeline(folder, seed=0):
-    """Builds and saves a tiny random diffusers ``StableDiffusionXLPipeline`` in ``folder``:
-    CLIP-L-style and projection encoders (32 + 48 = the UNet's 80-wide context, pooled 32),
-    the second tokenizer padding with '!' as SDXL's, DDIM."""
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-    pipe = StableDiffusionXLPipeline(
-        vae=make_vae("sd1", seed), text_encoder=perturb(make_text_encoder("sd1", seed=seed)),
-        text_encoder_2=make_text_encoder_2("sdxl_g", seed=seed + 1),
-        tokenizer=write_tiny_tokenizer(os.path.join(folder, "_tok")),
-        tokenizer_2=write_tiny_tokenizer(os.path.join(folder, "_tok2"), pad_token="!"),
-        unet=make_unet("sdxl", seed), scheduler=DDIMScheduler(**SCHEDULER_SD1),
-        force_zeros_for_empty_prompt=True)
+def make_torch_sdxl_pipeline(folder, seed=0, refiner=False):
+    """Builds and saves a tiny random diffusers SDXL pipeline in ``folder``: CLIP-L-style and
+    projection encoders (32 + 48 = the UNet's 80-wide context, pooled 32), the second
+    tokenizer padding with '!' as SDXL's, DDIM. ``refiner``: a
+    ``StableDiffusionXLImg2ImgPipeline`` as the SDXL refiner (second encoder only, 48-wide
+    context, aesthetic-score time ids, no zeroed negative embeddings)."""
+    from diffusers import (DDIMScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline)
+    common = dict(vae=make_vae("sd1", seed), scheduler=DDIMScheduler(**SCHEDULER_SD1),
+                  text_encoder_2=make_text_encoder_2("sdxl_g", seed=seed + 1),
+                  tokenizer_2=write_tiny_tokenizer(os.path.join(folder, "_tok2"),
+                                                   pad_token="!"))
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None, tokenizer=None, unet=make_unet("sdxl_refiner", seed),
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, **common)
+    else:
+        pipe = StableDiffusionXLPipeline(
+            text_encoder=perturb(make_text_encoder("sd1", seed=seed)),
+            tokenizer=write_tiny_tokenizer(os.path.join(folder, "_tok")),
+            unet=make_unet("sdxl", seed), force_zeros_for_empty_prompt=True, **common)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
 
