@@ -1,7 +1,8 @@
 """Resumable edit manifests (issue 13): complete result folders are skipped and counted,
 --overwrite redoes them, what a killed run left half-written is removed, summary.json
-records devices / processes / mesh / per-chunk timings, and an edit's noise depends on
-its index in the manifest, not on the chunk it ran in. The last test SIGKILLs a real
+records devices / processes / mesh / per-chunk timings, progress lines give images/s and
+the ETA, and an edit's noise depends on its index in the manifest, not on the chunk it
+ran in. The last test SIGKILLs a real
 ``edit/sdedit.py`` run mid-manifest and re-runs it (slow).
 
 Truth for the fast tests: a stand-in edit (``EditTool.edit``) that writes each pair's
@@ -75,7 +76,9 @@ def test_skip_overwrite_partial_and_summary(manifest, tmp_path, reuse_embedded, 
     assert [c["images"] for c in summary["chunks"]] == [3, 3, 1]
     assert all(c["seconds"] >= 0 and c["process"] == 0 for c in summary["chunks"])
     assert summary["images_per_s"] > 0
-    capsys.readouterr()
+    lines = capsys.readouterr().out.splitlines()  # not a terminal: one line per chunk
+    assert [x.split(",")[0] for x in lines[:3]] == [f"stand-in: {k}/7 images" for k in (3, 6, 7)]
+    assert all("images/s, ETA" in x for x in lines[:3])
 
     # What a killed run leaves: j2 and j4 only in write_result's temporary folders (being
     # written; being replaced), j5 a folder without its settings.json (not complete).

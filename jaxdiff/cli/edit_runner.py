@@ -21,7 +21,9 @@ At scale:
   * pair noise comes from ``fold_in(key(--seed), pair index in the whole job)``, so an
     edit does not depend on chunking, process count or resumption;
   * ``summary.json`` records ``devices``, ``processes``, ``mesh`` and per-chunk timings;
-    on a terminal a progress bar shows images/s and the ETA.
+    a progress bar (on a terminal; else one stdout line per chunk) shows images/s and
+    the ETA (the first chunk, which compiles, is left out of the rate once later ones
+    ran).
 """
 from __future__ import annotations
 
@@ -229,7 +231,7 @@ def _edit_pairs(tool: EditTool, pipe, params, batch: Batch, pairs, max_batch: in
     """``tool.edit`` over the pairs in chunks of ``max_batch``, each job written as soon as
     it is complete; returns the timing of every chunk."""
     size = min(max_batch, len(pairs))
-    timings, t_start = [], None
+    timings, t_start, finished = [], None, 0
     bar = tqdm(total=len(pairs), unit="img", desc=tool.method, file=sys.stderr,
                disable=None if len(pairs) else True)
     with bar:
@@ -253,12 +255,17 @@ def _edit_pairs(tool: EditTool, pipe, params, batch: Batch, pairs, max_batch: in
             for j in range(n):
                 writer.add(chunk[j][0], {name: v[j] for name, v in out.items()})
             bar.update(n)
+            finished += n  # (a disabled tqdm does not count)
             if t_start is None:  # the first chunk compiles: the rate counts from its end
-                t_start, base = time.perf_counter(), bar.n
-            elif bar.n > base:
-                rate = (bar.n - base) / (time.perf_counter() - t_start)
-                left = (len(pairs) - bar.n) / rate
-                bar.set_postfix(img_per_s=f"{rate:.2f}", eta=f"{left:.0f}s")
+                t_start, base = time.perf_counter(), finished
+                rate = n / secs if secs > 0 else float("inf")
+            elif finished > base:
+                rate = (finished - base) / (time.perf_counter() - t_start)
+            left = (len(pairs) - finished) / rate if rate > 0 else float("nan")
+            bar.set_postfix(img_per_s=f"{rate:.2f}", eta=f"{left:.0f}s")
+            if bar.disable:  # not a terminal (a batch job's log): one line per chunk
+                print(f"{tool.method}: {finished}/{len(pairs)} images, {rate:.2f} images/s, "
+                      f"ETA {left:.0f} s", flush=True)
     return timings
 
 
