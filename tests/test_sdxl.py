@@ -185,5 +185,82 @@ def test_sdxl_single_file_round_trip(torch, saved, tmp_path):
     back, back_params = jaxdiff.load_pipeline(file, config=folder)
     assert back.is_sdxl and back.force_zeros_for_empty_prompt
     jax.tree.map(np.testing.assert_array_equal, back_params, params)
-    with pytest.raises(jaxdiff.weights.WeightsError, match="config="):
+    # Without config=: configs inferred, but this tiny vocabulary is not CLIP's (no tokenizer).
+    with pytest.raises(FileNotFoundError, match="config="):
         jaxdiff.load_pipeline(file)
+
+
+class _Shapes(dict):
+    """key -> shape: what config inference reads of a checkpoint (no tensor data)."""
+    path = "sdxl-size.safetensors"
+
+    def shape(self, key):
+        return self.get(key)
+
+
+# The SDXL base / refiner diffusers configs (stabilityai/stable-diffusion-xl-base-1.0 and
+# -refiner-1.0), as diffusers' from_single_file fetches them.
+XL_UNET = {
+    "xl": dict(block_out_channels=(320, 640, 1280), layers_per_block=2,
+               down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+               up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+               attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+               transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+               addition_embed_type="text_time", addition_time_embed_dim=256,
+               projection_class_embeddings_input_dim=2816),
+    "xl_refiner": dict(block_out_channels=(384, 768, 1536, 1536), layers_per_block=2,
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                         "CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D",
+                                       "CrossAttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280,
+                       transformer_layers_per_block=4, use_linear_projection=True,
+                       addition_embed_type="text_time", addition_time_embed_dim=256,
+                       projection_class_embeddings_input_dim=2560),
+}
+XL_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, hidden_act="quick_gelu")
+XL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+
+
+@pytest.mark.parametrize("model_type", ["xl", "xl_refiner"])
+def test_sdxl_configs_inferred_at_real_size_equal_the_hub_configs(torch, model_type):
+    """Full-size SDXL layouts on PyTorch's meta device (shapes only) written through the
+    original-layout maps: the model type and the inferred configs equal the hub's."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from jaxdiff.weights import original_config as oc
+    from jaxdiff.weights import original_layout as ol
+    refiner = model_type == "xl_refiner"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**XL_UNET[model_type])
+        te = CLIPTextModel(CLIPTextConfig(**XL_TEXT))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**XL_TEXT_2))
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()
+                        if not k.endswith("position_ids")}
+    s1 = {("" if k.startswith("text_model.") else "text_model.") + k: v
+          for k, v in shapes(te).items()}
+    m1, m2 = ol.sdxl_text_maps({} if refiner else s1, shapes(te2), refiner=refiner)
+    ckpt = _Shapes()
+    for key_map, s in ((ol.unet_map(shapes(unet), unet.config), shapes(unet)), (m1, s1),
+                       (m2, shapes(te2))):
+        for k, (orig, part) in key_map.items():
+            shape = s[k]
+            if part == "T":
+                shape = shape[::-1]
+            elif isinstance(part, tuple):
+                shape = (ckpt.get(orig, (0,) + shape[1:])[0] + shape[0],) + shape[1:]
+            ckpt[orig] = shape
+    assert oc.detect(ckpt) == model_type
+    u = oc.infer_unet_config(ckpt, model_type, 1024)
+    u = {k: tuple(v) if isinstance(v, list) else v for k, v in u.items()}
+    want = dict(XL_UNET[model_type], sample_size=128, upcast_attention=False)
+    if refiner:  # blocks without attention ignore their depth; the mid block uses the last
+        want["transformer_layers_per_block"] = (1, 4, 4, 4)
+    assert {k: u[k] for k in want} == want
+    texts = oc.infer_sdxl_text_configs(ckpt, model_type)
+    assert set(texts) == ({"text_encoder_2"} if refiner else {"text_encoder", "text_encoder_2"})
+    assert {k: texts["text_encoder_2"][k] for k in XL_TEXT_2} == XL_TEXT_2
+    if not refiner:
+        assert {k: texts["text_encoder"][k] for k in XL_TEXT} == XL_TEXT

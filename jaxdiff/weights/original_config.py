@@ -1,4 +1,4 @@
-"""Model type and configs of an original-layout SD 1.x / 2.x checkpoint, from its keys.
+"""Model type and configs of an original-layout SD 1.x / 2.x / XL checkpoint, from its keys.
 
 The model type is read from the keys as diffusers' ``from_single_file`` does (an OpenCLIP
 text encoder means SD 2.x). Configs follow from the tensor shapes plus Stable Diffusion's
@@ -26,11 +26,11 @@ MODEL_TYPES = {
     "v2": dict(scheduler="DDIMScheduler", prediction_type="v_prediction",
                repos=(("stabilityai/stable-diffusion-2-1", "tokenizer"),
                       ("stabilityai/stable-diffusion-2", "tokenizer"))),
-    # SDXL: read with config= (a diffusers folder of the model); configs are not inferred.
+    # SDXL base / refiner (configs inferred as for SD 1.x/2.x, or config=).
     "xl": dict(scheduler="EulerDiscreteScheduler", prediction_type="epsilon",
-               repos=(("stabilityai/stable-diffusion-xl-base-1.0", ""),)),
+               repos=(("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),)),
     "xl_refiner": dict(scheduler="EulerDiscreteScheduler", prediction_type="epsilon",
-                       repos=(("stabilityai/stable-diffusion-xl-refiner-1.0", ""),)),
+                       repos=(("stabilityai/stable-diffusion-xl-refiner-1.0", "tokenizer_2"),)),
 }
 
 # --------------------------------------------------------------------------- detection
@@ -81,7 +81,9 @@ def _one(values):
 
 
 def infer_unet_config(ckpt: Mapping, model_type: str, image_size: int) -> dict:
-    """diffusers UNet config from the tensor shapes (heads: SD 1.x 8, SD 2.x 64 channels)."""
+    """diffusers UNet config from the tensor shapes (heads: SD 1.x 8, SD 2.x / XL 64
+    channels). SDXL: ``text_time`` with the time-id width from ``label_emb``'s input (pooled
+    projection + 6 ids, the refiner's 5)."""
     vae_levels = _indices(list(ckpt), re.escape(ol.VAE_PREFIX) + r"encoder\.down\.(\d+)\.")
     vae_factor = 2 ** (len(vae_levels) - 1) if vae_levels else 8
     p = ol.UNET_PREFIX
@@ -96,14 +98,23 @@ def infer_unet_config(ckpt: Mapping, model_type: str, image_size: int) -> dict:
     first = [lv[0] for lv in levels]
     attn = [bool(shape(f"input_blocks.{i}.1.proj_in.weight")) for i in first]
     channels = [shape(f"input_blocks.{i}.0.out_layers.3.weight")[0] for i in first]
-    depth = [len(_indices(keys, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.")) or 1
-             for i in first]
+    mid = len(_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\.")) or 1
+    depth = [len(_indices(keys, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\."))
+             for i in first]  # a level without attention: the mid block's (it uses the last)
+    depth = [d or (mid if j == len(depth) - 1 else 1) for j, d in enumerate(depth)]
     a = next(i for i, has in zip(first, attn) if has)
     per_up = [len(lv) + 1 for lv in reversed(levels)]
     up_first = np.cumsum([0] + per_up[:-1])
     up_attn = [bool(shape(f"output_blocks.{i}.1.proj_in.weight")) for i in up_first]
     heads = [8] * len(levels) if model_type == "v1" else [max(1, c // 64) for c in channels]
-    return dict(
+    extra = {}
+    if model_type.startswith("xl"):
+        proj = ckpt.shape(_sdxl_openclip(model_type) + "text_projection")[1]
+        ids = 5 if model_type == "xl_refiner" else 6
+        total = shape("label_emb.0.0.weight")[1]
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=(total - proj) // ids,
+                     projection_class_embeddings_input_dim=total)
+    return dict(**extra,
         sample_size=image_size // vae_factor, in_channels=shape("input_blocks.0.0.weight")[1],
         out_channels=shape("out.2.weight")[0], block_out_channels=channels,
         layers_per_block=_one([len(lv) for lv in levels]),
@@ -113,6 +124,37 @@ def infer_unet_config(ckpt: Mapping, model_type: str, image_size: int) -> dict:
         attention_head_dim=_one(heads), transformer_layers_per_block=_one(depth),
         use_linear_projection=len(shape(f"input_blocks.{a}.1.proj_in.weight")) == 2,
         upcast_attention=model_type == "v2", norm_num_groups=_groups(channels))
+
+
+def _sdxl_openclip(model_type: str) -> str:
+    return ol.REFINER_OPENCLIP_PREFIX if model_type == "xl_refiner" else ol.SDXL_OPENCLIP_PREFIX
+
+
+def infer_sdxl_text_configs(ckpt: Mapping, model_type: str) -> dict:
+    """``{"text_encoder": CLIP-L (base only), "text_encoder_2": OpenCLIP-bigG with
+    projection}`` configs from the shapes (64-wide heads; every OpenCLIP block is used)."""
+    out = {}
+    if model_type == "xl":
+        p = ol.SDXL_CLIP_PREFIX + "text_model."
+        vocab, hidden = ckpt.shape(p + "embeddings.token_embedding.weight")
+        out["text_encoder"] = dict(
+            vocab_size=vocab, hidden_size=hidden,
+            intermediate_size=ckpt.shape(p + "encoder.layers.0.mlp.fc1.weight")[0],
+            num_hidden_layers=len(_indices([k[len(p):] for k in ckpt if k.startswith(p)],
+                                           r"encoder\.layers\.(\d+)\.")),
+            num_attention_heads=max(1, hidden // 64), hidden_act="quick_gelu",
+            max_position_embeddings=ckpt.shape(p + "embeddings.position_embedding.weight")[0])
+    p = _sdxl_openclip(model_type)
+    vocab, hidden = ckpt.shape(p + "token_embedding.weight")
+    out["text_encoder_2"] = dict(
+        vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=ckpt.shape(p + "transformer.resblocks.0.mlp.c_fc.weight")[0],
+        num_hidden_layers=len(_indices(list(ckpt),
+                                       re.escape(p) + r"transformer\.resblocks\.(\d+)\.")),
+        num_attention_heads=max(1, hidden // 64), hidden_act="gelu",
+        max_position_embeddings=ckpt.shape(p + "positional_embedding")[0],
+        projection_dim=ckpt.shape(p + "text_projection")[1])
+    return out
 
 
 def _groups(channels) -> int:

@@ -8,8 +8,9 @@ norm, time embedding), and picks the scheduler diffusers would fetch: SD 1.x -> 
 SD 2.x -> DDIM, v-prediction at 768 px (``prediction_type="epsilon"`` for the 512 px base).
 The tokenizer: ``config=``'s, the Hugging Face cache's, or CLIP's built from shipped merges
 (``tokenizer_for``). Tensors are read one at a time from the safetensors file (fp16 / bf16
-are cast to float32). SDXL base / refiner files (``conditioner.embedders.*``) need
-``config=`` (configs, both tokenizers and the scheduler come from it). Layouts:
+are cast to float32). SDXL base / refiner files (``conditioner.embedders.*``): configs from
+``config=`` or inferred (1024 px, Euler, epsilon; both tokenizers CLIP's, the second padding
+with '!'). Layouts:
 ``jaxdiff.weights.original_layout``.
 """
 from __future__ import annotations
@@ -36,8 +37,8 @@ from jaxdiff.weights import convert, diffusers_format, files, hf_cache
 from jaxdiff.weights import original_layout as ol
 from jaxdiff.weights.clip_tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 from jaxdiff.weights.original_config import (MODEL_TYPES, clip_prefix, detect,
-                                             infer_text_config, infer_unet_config,
-                                             infer_vae_config)
+                                             infer_sdxl_text_configs, infer_text_config,
+                                             infer_unet_config, infer_vae_config)
 from jaxdiff.weights.convert import WeightsError
 
 SUFFIXES = (".safetensors",) + files.PICKLE_SUFFIXES
@@ -199,8 +200,7 @@ def tokenizer_for(config_dir, model_type: str, vocab_size: int, path: str):
 def load_single_file(path: str, *, config: Optional[str] = None,
                      prediction_type: Optional[str] = None, extract_ema: bool = False,
                      dtype=jnp.float32, allow_pickle: bool = False):
-    """Reads an SD 1.x / 2.x / XL original-layout checkpoint into ``(pipe, params)`` (SDXL:
-    ``config`` required).
+    """Reads an SD 1.x / 2.x / XL original-layout checkpoint into ``(pipe, params)``.
 
     Args:
       path: ``.safetensors`` file (``.ckpt``/``.pt`` only with ``allow_pickle``).
@@ -279,37 +279,51 @@ def _sdxl_map(kind, keys, cfg, prefix):
     return ol.openclip_map(keys, prefix)
 
 
+def _sdxl_inferred(ckpt, model_type):
+    """Configs of an SDXL file without ``config=`` (1024 px; VAE scaling 0.13025)."""
+    out = infer_sdxl_text_configs(ckpt, model_type)
+    out["unet"] = infer_unet_config(ckpt, model_type, 1024)
+    out["vae"] = dict(infer_vae_config(ckpt, 1024), scaling_factor=0.13025)
+    return out
+
+
 def _load_sdxl(ckpt, model_type, config, prediction_type, extract_ema, dtype):
-    """SDXL base / refiner file: configs, tokenizers and scheduler from ``config``."""
-    if not config:
-        raise WeightsError(f"{ckpt.path}: an SDXL single file; jaxdiff does not infer SDXL "
-                           "configs yet - pass config=<a diffusers folder of this model> "
-                           "(--model-config DIR|org/name).")
-    config_dir = hf_cache.resolve(config) if not os.path.isdir(config) else config
+    """SDXL base / refiner file: configs, tokenizers and scheduler from ``config``, else
+    inferred from the tensors (CLIP's shipped tokenizer; the second pads with '!')."""
+    config_dir = None
+    if config:
+        config_dir = hf_cache.resolve(config) if not os.path.isdir(config) else config
+    inferred = None if config_dir else _sdxl_inferred(ckpt, model_type)
     prefixes = _sdxl_prefixes(model_type)
     modules, params, tokenizers = {"text_encoder": None}, {}, {"text_encoder": None}
     for kind, prefix in prefixes.items():
-        cfg_path = os.path.join(config_dir, kind, "config.json")
+        cfg_path = os.path.join(config_dir, kind, "config.json") if config_dir else None
         if not any(k.startswith(prefix) for k in ckpt):  # e.g. a file without its VAE
+            if not config_dir:
+                raise WeightsError(f"{ckpt.path}: holds no {kind} ('{prefix}*' tensors); pass "
+                                   f"config=<diffusers folder> to take the {kind} from it.")
             modules[kind], params[kind] = diffusers_format.load_component(
                 os.path.join(config_dir, kind), kind, dtype)
         else:
-            if not os.path.exists(cfg_path):
+            if cfg_path and not os.path.exists(cfg_path):
                 raise FileNotFoundError(f"{cfg_path}: missing; config= must be the diffusers "
                                         f"folder of this SDXL model (with {kind}/config.json).")
-            modules[kind] = _module(kind, read_json(cfg_path), dtype, cfg_path)
+            raw = read_json(cfg_path) if cfg_path else inferred[kind]
+            modules[kind] = _module(kind, raw, dtype, cfg_path or f"{ckpt.path} ({kind}, "
+                                    "inferred)")
             expected = diffusers_format.init_shapes(modules[kind], kind)
             keys = [convert.torch_key(k) for k in traverse_util.flatten_dict(expected)]
             key_map = _sdxl_map(kind, keys, modules[kind].config, prefix)
-            params[kind] = _read_component(ckpt, expected, kind, key_map, extract_ema,
-                                           f"of {config_dir}")
+            params[kind] = _read_component(
+                ckpt, expected, kind, key_map, extract_ema, f"of {config_dir}" if config_dir
+                else "inferred from its tensors (pass config=<its diffusers folder>)")
             _check_unused(ckpt, kind, key_map, prefix, modules[kind])
         if kind.startswith("text_encoder"):
-            tokenizers[kind] = _folder_tokenizer(config_dir, kind, modules[kind])
+            tokenizers[kind] = _sdxl_tokenizer(ckpt, config_dir, kind, modules[kind])
     _check_outside(ckpt, prefixes)
     sched = _scheduler(ckpt, config_dir, model_type, prediction_type)
-    index_path = os.path.join(config_dir, "model_index.json")
-    index = read_json(index_path) if os.path.exists(index_path) else {}
+    index_path = os.path.join(config_dir, "model_index.json") if config_dir else ""
+    index = read_json(index_path) if index_path and os.path.exists(index_path) else {}
     pipe = Pipeline(modules["unet"], modules["vae"], modules["text_encoder"],
                     tokenizers["text_encoder"], SchedulerConfig.from_dict(sched[0]), sched[1],
                     text_encoder_2=modules["text_encoder_2"],
@@ -321,7 +335,18 @@ def _load_sdxl(ckpt, model_type, config, prediction_type, extract_ema, dtype):
     return pipe, jax.tree.map(jnp.asarray, params)
 
 
-def _folder_tokenizer(config_dir, kind, module):
+def _sdxl_tokenizer(ckpt, config_dir, kind, module):
+    if not config_dir:
+        vocab = module.config.vocab_size
+        if vocab != CLIP_VOCAB_SIZE:
+            raise FileNotFoundError(
+                f"{ckpt.path}: a single file holds no tokenizer and its {kind}'s {vocab} tokens "
+                f"are not CLIP's {CLIP_VOCAB_SIZE}; pass config=<a diffusers folder of this "
+                "model> (--model-config).")
+        tokenizer = clip_tokenizer("v2" if kind == "text_encoder_2" else "v1")
+        tokenizer.model_max_length = min(tokenizer.model_max_length,
+                                         module.config.max_position_embeddings)
+        return tokenizer
     folder = os.path.join(config_dir, kind.replace("text_encoder", "tokenizer"))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: missing; config= must be the diffusers folder of "
