@@ -33,9 +33,12 @@ recorded as ``hand_flops``; like XLA it leaves out taps on zero padding), and th
 roofline uses it.
 
 Roofline: seconds per image >= max(FLOPs / peak FLOP/s, bytes / bandwidth) at bf16 peak
-(H100 SXM: 989 TFLOP/s dense, 3.35 TB/s; TPU v5e: 197 TFLOP/s, 819 GB/s). Bytes are
-XLA:CPU's post-fusion count: an accelerator's fusion differs, so the memory side is an
-estimate. The bound ignores launch overhead and assumes peak MXU/tensor-core use.
+(H100 SXM: 989 TFLOP/s dense, 3.35 TB/s; TPU v5e: 197 TFLOP/s, 819 GB/s); both sides
+are recorded (``*_compute_s``, ``*_memory_s``). Bytes are XLA:CPU's post-fusion count
+in ``--dtype`` (default float32; bf16 halves most of them) with attention scores
+materialised: an accelerator's fusion and a flash kernel move far fewer, so the memory
+side is a pessimistic estimate and the compute side the firm floor. The bound ignores
+launch overhead and assumes peak MXU/tensor-core use.
 """
 from __future__ import annotations
 
@@ -128,8 +131,6 @@ def abstract_params(pipe: Pipeline) -> dict:
         if module is None:
             continue
         args = dummy_inputs(module, kind)
-        if kind == "unet" and getattr(module.config, "text_time", False):
-            args = args + (None, None, None, None, _added(module.config, 1))
         out[kind] = jax.eval_shape(lambda k, a=args, m=module: m.init(k, *a)["params"],
                                    jax.random.key(0))
     return out
@@ -294,9 +295,9 @@ def encode_text(pipe, params, ids):
 class Analyser:
     """Lowers (and compiles) programs of one model, caching each record by name."""
 
-    def __init__(self, name: str, compile_: bool):
+    def __init__(self, name: str, compile_: bool, dtype: str = "float32"):
         self.name, self.compile = name, compile_
-        self.pipe = build(name)
+        self.pipe = build(name, dtype)
         self.params = abstract_params(self.pipe)
         self.side = MODELS[name][4]
         self.latent = self.pipe.latent_shape(self.side, self.side)
@@ -432,6 +433,8 @@ def roofline(rec: dict, images: int) -> dict:
     flops = rec.get("flops_accelerator", rec["flops"])
     out = {}
     for hw, (peak, bw) in HARDWARE.items():
+        out[f"{hw}_compute_s"] = flops / peak / images
+        out[f"{hw}_memory_s"] = rec["bytes"] / bw / images
         out[f"{hw}_s_per_image"] = max(flops / peak, rec["bytes"] / bw) / images
         out[f"{hw}_bound"] = "compute" if flops / peak >= rec["bytes"] / bw else "memory"
     return out
@@ -446,6 +449,8 @@ def main(argv=None):
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 2, 8],
                     help="images per call (CFG doubles the UNet batch)")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype of the inference programs (params stay float32)")
     ap.add_argument("--train-batches", nargs="+", type=int, default=[1, 2, 4],
                     help="instance rows per device of the DreamBooth step (+ as many class)")
     ap.add_argument("--train-dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -469,7 +474,7 @@ def main(argv=None):
 
     for name in args.models:
         try:
-            an = Analyser(name, args.compile)
+            an = Analyser(name, args.compile, args.dtype)
         except (TypeError, ValueError) as e:   # e.g. SDXL fields this UNet does not have
             emit({"model": name, "missing": f"cannot build {name}: {e}"})
             continue
@@ -488,7 +493,7 @@ def main(argv=None):
             for b in args.batches:
                 rec = (an.unet(2 * b) if prog == "unet" else an.generate(b, args.steps)
                        if prog == "generate" else an.p2p(b, args.steps))
-                rec = dict({"model": name, "program": prog, "images": b,
+                rec = dict({"model": name, "program": prog, "images": b, "dtype": args.dtype,
                             "steps": None if prog == "unet" else args.steps}, **rec)
                 rec.update(roofline(rec, b))
                 emit(rec)

@@ -99,3 +99,21 @@ def test_attention_choice_is_made_in_one_place_logged_and_overridable(monkeypatc
     monkeypatch.setenv("JAXDIFF_ATTENTION", "flash")
     with pytest.raises(ValueError, match="JAXDIFF_ATTENTION='flash': expected one of"):
         attention.auto_implementation(jnp.float32)
+
+
+@pytest.mark.slow
+def test_accelerator_script_smoke(tmp_path):
+    """bench/accelerator.sh --smoke: the steps that need no reference side, one JSON file."""
+    import os
+    import subprocess
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "acc.json"
+    proc = subprocess.run(["bash", "bench/accelerator.sh", "--smoke", "--only",
+                           "recompile,controlnet", "--out", str(out)], cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]
+    assert sorted(res) == ["controlnet", "recompile"]
+    assert res["recompile"][0]["recompiles"] == 0 and res["recompile"][0]["generate_calls"] == 3
+    assert "missing" in res["controlnet"][0]
+    assert "controlnet: missing" in proc.stdout
