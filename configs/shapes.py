@@ -10,11 +10,19 @@ the shipped model:
     python train/text_to_image.py --config configs/shapes.py:finetune --workdir runs/shapes_ft \
         --config.init_from=runs/shapes/export
 
-``v2`` is model v2: the shipped (v1) model's text encoder + UNet fine-tuned on world v2
-(``jaxdiff.data.shapes.WORLD_V2``), VAE and tokenizer kept. One command, started on 2
-shared CPU cores:
+Model v2 (a candidate, not shipped yet) is three commands. ``v2``: the shipped (v1)
+model's text encoder + UNet fine-tuned on world v2 (``jaxdiff.data.shapes.WORLD_V2``), VAE
+and tokenizer kept:
 
     python train/text_to_image.py --config configs/shapes.py:v2 --workdir runs/shapes_v2
+
+then ``v2_stage2`` continues it on a fresh draw of the world and ``v2_decoder`` fine-tunes
+only the VAE decoder (encoder and latent space kept, so the UNet stays valid):
+
+    python train/text_to_image.py --config configs/shapes.py:v2_stage2 \
+        --workdir runs/shapes_v2_stage2
+    python train/text_to_image.py --config configs/shapes.py:v2_decoder \
+        --workdir runs/shapes_v2_decoder --config.data.data_dir=runs/shapes_v2/tfds
 """
 import ml_collections
 

@@ -47,6 +47,7 @@ SMOKE = {  # script -> flags appended to every command that runs it
                          " --num-real 2 --steps 2 --guidance 5 --chunk 8"),
     "train/text_to_image.py": ("--config.data.num_train=64 --config.data.num_test=16"
                                " --config.autoencoder.steps=2 --config.diffusion.steps=2"
+                               " --config.decoder.steps=2 --config.decoder.batch_size=16"
                                " --config.autoencoder.batch_size=16"
                                " --config.diffusion.batch_size=16 --config.sample_every=0"
                                " --config.checkpoint_every=2"),
