@@ -26,6 +26,11 @@ only the VAE decoder (encoder and latent space kept, so the UNet stays valid):
 """
 import ml_collections
 
+# Sample-grid prompts of the model v2 stages: colour-free, shape-free and full captions.
+V2_SAMPLE_PROMPTS = ("a small red circle on the left", "a square on a white background",
+                     "a red object", "a big star at the top on a gray background",
+                     "a blue triangle above a green cross", "an object on the right")
+
 
 def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
@@ -103,9 +108,7 @@ def get_config(variant: str = ""):
         c.stages = "diffusion"
         c.data.world = "v2"
         c.diffusion.update(steps=6000, lr=3e-4, warmup=100, snr_gamma=5.0)
-        c.sample_prompts = ("a small red circle on the left", "a square on a white background",
-                            "a red object", "a big star at the top on a gray background",
-                            "a blue triangle above a green cross", "an object on the right")
+        c.sample_prompts = V2_SAMPLE_PROMPTS
     elif variant == "v2_stage2":
         # Model v2, second command: continues `v2`'s export for 6000 more diffusion steps at a
         # lower peak learning rate on a fresh draw of world v2 (seed 1: 20 000 new images,
@@ -115,9 +118,7 @@ def get_config(variant: str = ""):
         c.seed = 1
         c.data.world = "v2"
         c.diffusion.update(steps=6000, lr=2e-4, warmup=100, snr_gamma=5.0)
-        c.sample_prompts = ("a small red circle on the left", "a square on a white background",
-                            "a red object", "a big star at the top on a gray background",
-                            "a blue triangle above a green cross", "an object on the right")
+        c.sample_prompts = V2_SAMPLE_PROMPTS
     elif variant == "v2_decoder":
         # Model v2, third command: only the VAE decoder fine-tuned on world v2 (shades,
         # anti-aliased edges); the encoder, the latent space and the UNet are kept.
