@@ -221,12 +221,14 @@ def unet_flops(cfg: UNetConfig, b: int, h: int, w: int, ctx_len: int,
                subpixel_upsample: bool = False, padded: bool = True) -> int:
     """FLOPs (2 per multiply-add) of the convolutions and matmuls of one UNet call on
     latents [b, h, w, in_channels] and a context of ``ctx_len`` tokens, counted from the
-    architecture (diffusers' SD 1.x / 2.x UNet). ``subpixel_upsample``: count the 2x
+    architecture (diffusers' SD 1.x / 2.x / SDXL UNet). ``subpixel_upsample``: count the 2x
     upsampling convolutions as XLA:CPU runs them (4 taps per output pixel, not 9);
     ``padded=False``: leave out kernel taps that fall on zero padding, as XLA counts."""
     boc, temb = cfg.block_out_channels, 4 * cfg.block_out_channels[0]
     conv3 = lambda kind, y, x: _taps(y, kind, padded) * _taps(x, kind, padded)
     f = 2 * b * (boc[0] * temb + temb * temb)                            # time embedding
+    if getattr(cfg, "text_time", False):                                 # SDXL add_embedding
+        f += 2 * b * (cfg.projection_class_embeddings_input_dim * temb + temb * temb)
     f += _conv(b, conv3("same", h, w), cfg.in_channels, boc[0])          # conv_in
     c, skips = boc[0], [boc[0]]
     model = UNet2DConditionModel(cfg)
@@ -323,8 +325,7 @@ class Analyser:
             self.pipe, self.params, _sds((rows,) + self.latent), _sds((rows,)),
             _sds((rows, self.ctx, dim)), added)))
         rec["flops_accelerator"] = rec["flops"] + upsample_extra_flops(cfg, rows, *self.latent[:2])
-        if not getattr(cfg, "text_time", False):
-            rec["hand_flops"] = unet_flops(cfg, rows, *self.latent[:2], self.ctx, padded=False)
+        rec["hand_flops"] = unet_flops(cfg, rows, *self.latent[:2], self.ctx, padded=False)
         return rec
 
     def unet_vjp(self, rows: int) -> dict:
