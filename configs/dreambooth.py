@@ -17,14 +17,15 @@ fields take a Python tuple, quoted for the shell:
 Memory plan for SD 1.5 at 512x512 (issue #20; compile-only, ``bench/roofline.py --programs
 train``, figures per device from XLA:CPU's buffer assignment, bench/README.md): a full
 fine-tune step with prior preservation (B instance + B class rows), AdamW, donated state.
-The state (fp32 UNet params + Adam moments) is 10.31 GB on one device, 1.29 GB per device
-with FSDP over 8. Peak (state + temporaries): batch 1: 38.4 GB bf16 with remat, 38.4 GB bf16
-without, 37.9 / 37.9 GB fp32 with / without; 23.6 GB bf16 + remat with FSDP over 8; batch 4
-bf16 + remat: 112.7 GB. So on XLA:CPU's figures nothing fits 16 GB per device, batch 1 fits
-80 GB in every variant (FSDP 8 included) and batch 4 does not. XLA:CPU's temporaries do not
-shrink with remat (they grow ~13 GB per UNet row either way), which a GPU's memory-aware
-scheduler is expected to change: measure peak memory on the device with
-``bench/train_step.py --remat`` (bench/accelerator.sh) before trusting the 16 GB verdict.
+The state (fp32 UNet params + Adam moments) is 10.31 GB on one device, 2.58 / 1.29 GB per
+device with FSDP over 4 / 8. Peak (state + temporaries): batch 1: 38.4 GB bf16 with remat,
+38.4 GB bf16 without, 37.9 / 37.9 GB fp32 with / without; 23.7 / 23.6 GB bf16 + remat with
+FSDP over 4 / 8; batch 4 bf16: 112.7 GB with remat, 112.6 GB without. So on XLA:CPU's
+figures nothing fits 16 GB per device, batch 1 fits 80 GB in every variant (FSDP included)
+and batch 4 does not. XLA:CPU's temporaries do not shrink with remat (they grow ~13 GB per
+UNet row either way; a hypothesis, not checked: XLA:CPU schedules without regard to memory) — measure
+peak memory on the device with ``bench/train_step.py --remat`` (bench/accelerator.sh)
+before trusting the 16 GB verdict.
 """
 import ml_collections
 
