@@ -23,9 +23,9 @@ device with FSDP over 4 / 8. Peak (state + temporaries): batch 1: 38.4 GB bf16 w
 FSDP over 4 / 8; batch 4 bf16: 112.7 GB with remat, 112.6 GB without. So on XLA:CPU's
 figures nothing fits 16 GB per device, batch 1 fits 80 GB in every variant (FSDP included)
 and batch 4 does not. XLA:CPU's temporaries do not shrink with remat (they grow ~13 GB per
-UNet row either way; a hypothesis, not checked: XLA:CPU schedules without regard to memory) — measure
-peak memory on the device with ``bench/train_step.py --remat`` (bench/accelerator.sh)
-before trusting the 16 GB verdict.
+UNet row either way; an unchecked guess: XLA:CPU schedules without regard to memory), so
+measure peak memory on the device with ``bench/train_step.py --remat``
+(bench/accelerator.sh) before trusting the 16 GB verdict.
 """
 import ml_collections
 
