@@ -83,7 +83,7 @@ missing() {  # missing NAME WHY
   "$PY" -c 'import json,sys; print(json.dumps({"missing": sys.argv[1]}))' "$2" > "$TMP/$1.jsonl"
 }
 
-want device && step device 60 "$PY" -c '
+want device && step device 30 "$PY" -c '
 import json, jax
 out = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
        "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
@@ -97,7 +97,7 @@ print(json.dumps(out))'
 if ! want generate; then :
 elif have_reference; then
   for b in 1 "$BIG"; do
-    step "generate_b$b" 110 "$PY" bench/sample.py --sizes "$SIZE" --samplers ddim \
+    step "generate_b$b" 100 "$PY" bench/sample.py --sizes "$SIZE" --samplers ddim \
       --dtype "$DTYPE" --steps "$STEPS" --batch "$b" --repeats "$REPEATS"
   done
 else
@@ -105,7 +105,7 @@ else
   missing "generate_b$BIG" "torch or diffusers not installed (pip install torch diffusers)"
 fi
 
-want recompile && step recompile 60 "$PY" - <<'EOF'
+want recompile && step recompile 40 "$PY" - <<'EOF'
 import json, jax
 from jaxdiff import sampling
 from jaxdiff.pipeline import init_params
@@ -134,7 +134,7 @@ EOF
 if ! want p2p; then :
 elif have_reference; then
   for b in 1 "$BIG"; do
-    step "p2p_b$b" 90 "$PY" bench/edit_speed.py --steps "$STEPS" --batch "$b" \
+    step "p2p_b$b" 60 "$PY" bench/edit_speed.py --steps "$STEPS" --batch "$b" \
       --repeats 1
   done
 else
