@@ -14,7 +14,7 @@ diffusers' DreamBooth example settings (``--config.model=/path/to/sd15 --config.
 fields take a Python tuple, quoted for the shell:
 ``--config.sample_prompts='("a sks circle", "a sks circle on the left")'``.
 
-Memory plan for SD 1.5 at 512x512 (issue #20; compile-only, ``bench/roofline.py --programs
+Memory plan for SD 1.5 at 512x512 (compile-only, ``bench/roofline.py --programs
 train``, figures per device from XLA:CPU's buffer assignment, bench/README.md): a full
 fine-tune step with prior preservation (B instance + B class rows), AdamW, donated state.
 The state (fp32 UNet params + Adam moments) is 10.31 GB on one device, 2.58 / 1.29 GB per

@@ -25,7 +25,7 @@ import numpy as np
 from jaxdiff.data.shapes import WorldSpec
 from jaxdiff.eval.shapes_eval import evaluate
 
-WITHIN = 40.0  # RGB units: "the taught colour" (issue #22's target threshold)
+WITHIN = 40.0  # RGB units: "the taught colour" (the personalization target's threshold)
 
 
 def median_colour(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
