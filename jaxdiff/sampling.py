@@ -180,7 +180,8 @@ def generation_program(pipe: Pipeline, sampler: str = "ddim", steps: int = 50,
     """The jitted program ``generate`` runs (the same cached object), for ahead-of-time
     ``.lower(params, ids, neg_ids, noise, keys, scale, rescale, eta, ())`` from abstract
     shapes (``bench/roofline.py``); no control models."""
-    return _compiled(pipe, sampler, int(steps), sweep, mesh or parallel.make_mesh())
+    # The same positional arguments as ``generate`` (lru_cache keys on their form).
+    return _compiled(pipe, sampler, int(steps), sweep, mesh or parallel.make_mesh(), (), False)
 
 
 def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
