@@ -251,7 +251,7 @@ def _edit_pairs(tool: EditTool, pipe, params, batch: Batch, pairs, max_batch: in
                 seed=seed, index=np.asarray([g for _, g, _ in chunk]), mesh=mesh))
             out = {name: np.asarray(v) for name, v in out.items()}
             secs = time.perf_counter() - t0
-            timings.append(dict(images=n, seconds=round(secs, 4)))
+            timings.append(dict(images=n, seconds=secs))
             for j in range(n):
                 writer.add(chunk[j][0], {name: v[j] for name, v in out.items()})
             bar.update(n)
