@@ -45,7 +45,7 @@ def get_config(variant: str = ""):
     c.data.num_train = 20_000
     c.data.num_test = 1_000
     c.data.p_two_objects = 0.5
-    c.data.world = "v1"                  # jaxdiff.data.shapes.WORLDS name: "v1" | "v2"
+    c.data.world = "v1"                  # jaxdiff.data.shapes.WORLDS name: v1, v2, v2_terse
 
     c.model = ml_collections.ConfigDict()
     c.model.tokenizer_max_length = 16
@@ -125,6 +125,16 @@ def get_config(variant: str = ""):
         c.init_from = "runs/shapes_v2_stage2/export"
         c.stages = "decoder"
         c.data.world = "v2"
+    elif variant == "v2_stage3":
+        # Model v2, fourth command: the diffusion stage continued from `v2_decoder`'s export
+        # on a fresh draw (seed 2) of world "v2_terse" (colour word dropped for half of the
+        # objects), so that colour-free prompts are learned; VAE and tokenizer kept.
+        c.init_from = "runs/shapes_v2_decoder/export"
+        c.stages = "diffusion"
+        c.seed = 2
+        c.data.world = "v2_terse"
+        c.diffusion.update(steps=4000, lr=2e-4, warmup=100, snr_gamma=5.0)
+        c.sample_prompts = V2_SAMPLE_PROMPTS
     elif variant == "tiny":
         c.data.num_train, c.data.num_test = 64, 16
         c.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,

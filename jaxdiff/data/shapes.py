@@ -26,7 +26,7 @@ gray background``, ``a big square on the left`` (colour dropped), ``a red object
 dropped), ``an object at the top``. The longest caption has 14 words (16 CLIP tokens
 with BOS/EOS).
 
-Two worlds (``WORLDS``; ``world(name)``):
+Worlds (``WORLDS``; ``world(name)``):
 
 * ``"v1"`` (``WorldSpec()`` defaults, the shipped model's world): colour and shape always
   said; each named colour is one exact RGB value; shapes drawn crisply (a pixel is the
@@ -39,6 +39,8 @@ Two worlds (``WORLDS``; ``world(name)``):
   word and recorded as colour ``"unnamed"``; edges anti-aliased: each pixel mixes object
   and background by the shape's 4x4 sub-pixel coverage. Masks keep the v1 rule (coverage
   >= 1/2), so they stay exact binary masks.
+* ``"v2_terse"`` (``WORLD_V2_TERSE``): world v2 with the colour word dropped with
+  probability 0.5 per object (model v2's last diffusion stage trains on it).
 """
 from __future__ import annotations
 
@@ -535,7 +537,11 @@ def held_out_examples(spec: WorldSpec, num: int, seed: int = 20_231_123,
 
 WORLD_V2 = WorldSpec(p_mention_colour=0.8, p_mention_shape=0.8, colour_spread=30.0,
                      p_unnamed_colour=0.08, antialias=True)
-WORLDS = {"v1": WorldSpec(), "v2": WORLD_V2}
+# World v2 with the colour word dropped for half of the objects (same images and ground
+# truth rules): the last fine-tuning stage of model v2 trains on it so that colour-free
+# prompts are common enough to be learned.
+WORLD_V2_TERSE = dataclasses.replace(WORLD_V2, p_mention_colour=0.5)
+WORLDS = {"v1": WorldSpec(), "v2": WORLD_V2, "v2_terse": WORLD_V2_TERSE}
 
 
 def world(name: str = "v1", **overrides) -> WorldSpec:
