@@ -7,9 +7,9 @@ data_dir=...)`` (named configs only). ``tfds.load`` / ``as_dataset`` need Tensor
 Splits: ``train`` holds training scenes from ``config.seed``; ``test`` is the fixed
 held-out set, identical to ``shapes.held_out_examples(spec, num_test)``.
 
-``config.world`` names the world (``shapes.WORLDS``: "v1", "v2", "v2_terse"). A config of any world
-but v1 has the world in its name (``"32px"`` with ``world="v2"`` becomes ``"32px_v2"``),
-so prepared files of different worlds never share a directory.
+``config.world`` names the world (``shapes.WORLDS``: "v1", "v2", "v2_terse"). A config of
+any world but v1 has the world in its name (``"32px"`` with ``world="v2"`` becomes
+``"32px_v2"``), so prepared files of different worlds never share a directory.
 
 Example::
 
