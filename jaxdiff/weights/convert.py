@@ -16,8 +16,13 @@ from flax import traverse_util
 # Flax scope names of the form "<list>_<i>" that are PyTorch ModuleList/Sequential items.
 _LIST_NAMES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers",
                "upsamplers", "transformer_blocks", "layers", "to_out", "net",
-               "controlnet_down_blocks", "blocks", "body")
+               "controlnet_down_blocks", "blocks", "body", "in_blocks", "out_blocks",
+               "time_embed")
 _LIST_RE = re.compile(rf"^({'|'.join(_LIST_NAMES)})_(\d+)$")
+
+# Parameters PyTorch holds as bare ``nn.Parameter`` attributes (PixArt's, U-ViT's): the
+# Flax leaf keeps the PyTorch name instead of becoming ``weight``.
+_RAW_LEAVES = ("scale_shift_table", "pos_embed")
 
 # Old diffusers VAE attention names, accepted on load.
 _LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -37,7 +42,7 @@ def torch_key(path: Tuple[str, ...]) -> str:
         m = _LIST_RE.match(name)
         parts.extend(m.groups() if m else (name,))
     leaf = path[-1]
-    parts.append("bias" if leaf == "bias" else "weight")
+    parts.append(leaf if leaf in _RAW_LEAVES else "bias" if leaf == "bias" else "weight")
     return ".".join(parts)
 
 
