@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxdiff.models import config as config_lib
 from jaxdiff.models.attention import attend
 
-_ACTS = {
+ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -37,10 +37,10 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
 
     def validate(self, source="text_encoder config"):
-        if self.hidden_act not in _ACTS:
+        if self.hidden_act not in ACTIVATIONS:
             raise config_lib.UnsupportedConfigError(
                 f"{source}: hidden_act={self.hidden_act!r} is not supported "
-                f"(supported: {sorted(_ACTS)}).")
+                f"(supported: {sorted(ACTIVATIONS)}).")
         if self.hidden_size % self.num_attention_heads:
             raise config_lib.UnsupportedConfigError(
                 f"{source}: hidden_size={self.hidden_size} is not divisible by "
@@ -100,7 +100,9 @@ class _EncoderLayer(nn.Module):
         return x + _MLP(self.cfg, self.dtype, name="mlp")(ln("layer_norm2")(x))
 
 
-class _Encoder(nn.Module):
+class CLIPEncoder(nn.Module):
+    """The pre-LN transformer stack shared by CLIP's text and vision towers (``layers_i``);
+    ``mask`` None = full attention. Returns ``(output, [input, each layer's output])``."""
     cfg: CLIPTextConfig
     dtype: Any = jnp.float32
 
@@ -120,7 +122,7 @@ class _MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = nn.Dense(self.cfg.intermediate_size, dtype=self.dtype, name="fc1")(x)
-        h = _ACTS[self.cfg.hidden_act](h)
+        h = ACTIVATIONS[self.cfg.hidden_act](h)
         return nn.Dense(self.cfg.hidden_size, dtype=self.dtype, name="fc2")(h)
 
 
@@ -133,7 +135,7 @@ class CLIPTextModel(nn.Module):
     def __call__(self, input_ids, output_hidden_states: bool = False, embeddings=None):
         """input_ids: [B, L] int32. ``embeddings`` optionally replaces the token-embedding
         lookup with given [B, L, D] vectors (used by Textual Inversion)."""
-        return _TextTransformer(self.config, self.dtype, name="text_model")(
+        return CLIPTextTransformer(self.config, self.dtype, name="text_model")(
             input_ids, output_hidden_states, embeddings)
 
 
@@ -146,19 +148,26 @@ class CLIPTextModelWithProjection(nn.Module):
     @nn.compact
     def __call__(self, input_ids, output_hidden_states: bool = False, embeddings=None):
         cfg = self.config
-        out = _TextTransformer(cfg, self.dtype, name="text_model")(
+        out = CLIPTextTransformer(cfg, self.dtype, name="text_model")(
             input_ids, output_hidden_states, embeddings)
         last = out[0] if output_hidden_states else out
-        ids = jnp.asarray(input_ids).astype(jnp.int32)
-        eos = (jnp.argmax(ids, axis=-1) if cfg.eos_token_id == 2
-               else jnp.argmax(ids == cfg.eos_token_id, axis=-1))
-        pooled = jnp.take_along_axis(last, eos[:, None, None], axis=1)[:, 0]
+        pooled = pool_at_eos(last, input_ids, cfg.eos_token_id)
         embeds = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype,
                           name="text_projection")(pooled).astype(jnp.float32)
         return (embeds, *out) if output_hidden_states else (embeds, last)
 
 
-class _TextTransformer(nn.Module):
+def pool_at_eos(last_hidden_state, input_ids, eos_token_id: int):
+    """[B, L, D] -> [B, D]: the state at the first ``eos_token_id`` (at the largest id when
+    ``eos_token_id == 2``: transformers' rule for configs written before the fix)."""
+    ids = jnp.asarray(input_ids).astype(jnp.int32)
+    eos = (jnp.argmax(ids, axis=-1) if eos_token_id == 2
+           else jnp.argmax(ids == eos_token_id, axis=-1))
+    return jnp.take_along_axis(last_hidden_state, eos[:, None, None], axis=1)[:, 0]
+
+
+class CLIPTextTransformer(nn.Module):
+    """``text_model``: embeddings, causal ``CLIPEncoder``, ``final_layer_norm``."""
     cfg: CLIPTextConfig
     dtype: Any = jnp.float32
 
@@ -171,7 +180,7 @@ class _TextTransformer(nn.Module):
                              f"max_position_embeddings={cfg.max_position_embeddings}.")
         x = _Embeddings(cfg, name="embeddings")(input_ids, embeddings).astype(self.dtype)
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
-        x, hidden = _Encoder(cfg, self.dtype, name="encoder")(x, mask)
+        x, hidden = CLIPEncoder(cfg, self.dtype, name="encoder")(x, mask)
         out = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
                            name="final_layer_norm")(x).astype(jnp.float32)
         if output_hidden_states:

@@ -94,7 +94,9 @@ def weight_file(path: str, default_name: str, create: bool, what: str = "weights
 
 def write_tensors(path: str, tensors: Dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
+    # ascontiguousarray makes 0-d arrays 1-d; CLIP's logit_scale is a 0-d tensor.
+    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()},
+              path,
               metadata={"format": "pt"})
 
 
