@@ -1,0 +1,116 @@
+"""Class-conditional sampling with a DiT, as diffusers' ``DiTPipeline``: one jitted program
+(scan over the sampler's steps, then an optional VAE decode).
+
+Semantics are diffusers' (pipelines/dit/pipeline_dit.py):
+
+- guidance (``guidance_scale > 1``) runs one transformer call on ``[x, x]`` with labels
+  ``[labels, null]`` (the null class is ``num_embeds_ada_norm``; diffusers hard-codes 1000,
+  the value of every DiT checkpoint), conditional half first; the guided noise is
+  ``uncond + s (cond - uncond)`` over the ``in_channels`` noise channels only, and the
+  learned-variance channels are left out of the mix;
+- with learned sigma (``out_channels = 2 * in_channels``) the scheduler step sees only the
+  noise half: the variance is dropped, as diffusers does; DDPM then takes its fixed-small
+  variance;
+- any sampler of ``jaxdiff.samplers`` runs the steps (DDIM / DDPM as DiT; the timesteps and
+  alphas come from the pipeline's scheduler config).
+
+Whether guidance runs (scale > 1) is static; the scale itself is traced, so a new scale
+reuses the compiled program. Noise is per sample, ``fold_in(key(seed), index)``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.models.dit import check_class_labels, split_learned_sigma
+from jaxdiff.models.vae import AutoencoderKL
+from jaxdiff.samplers import SAMPLERS, make_sampler
+from jaxdiff.sampling import initial_noise, sample_keys
+from jaxdiff.weights.backbones import DiTPipeline
+
+
+def guided_dit_output(pipe: DiTPipeline, params, x, t, labels, scale, guided: bool):
+    """The noise prediction the scheduler steps with (``DiTPipeline``'s guidance and
+    learned-sigma split). x: [B, h, w, C], labels: int [B] -> [B, h, w, C]."""
+    model, c = pipe.transformer, pipe.transformer.config
+    apply = lambda x_, l_: model.apply({"params": params["transformer"]}, x_,
+                                       jnp.broadcast_to(t, (x_.shape[0],)), l_)
+    if not guided:
+        return split_learned_sigma(c, apply(x, labels))
+    null = jnp.full_like(labels, c.num_classes)
+    out = apply(jnp.concatenate([x, x]), jnp.concatenate([labels, null]))
+    b, ch = x.shape[0], c.in_channels
+    cond, uncond = out[:b, ..., :ch], out[b:, ..., :ch]
+    eps = uncond + scale * (cond - uncond)
+    return split_learned_sigma(c, jnp.concatenate([eps, out[:b, ..., ch:]], axis=-1))
+
+
+def _program(pipe, sampler_name, steps, guided, decode, params, labels, x, keys, scale, eta):
+    sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
+
+    def body(state, i):
+        out = guided_dit_output(pipe, params, sampler.model_input(state, i),
+                                sampler.timesteps[i], labels, scale, guided)
+        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
+                                                     x.shape[1:]))(keys)
+        return sampler.step(state, i, out, noise), None
+
+    state, _ = jax.lax.scan(body, sampler.init(x * sampler.init_noise_sigma),
+                            jnp.arange(sampler.num_evals))
+    latents = sampler.latents(state)
+    if not decode:
+        return latents
+    z = latents / pipe.vae.config.scaling_factor
+    images = pipe.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode)
+    return jnp.clip(images, -1.0, 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(pipe: DiTPipeline, sampler_name: str, steps: int, guided: bool, decode: bool):
+    return jax.jit(functools.partial(_program, pipe, sampler_name, steps, guided, decode))
+
+
+def generate_classes(pipe: DiTPipeline, params, class_labels: Sequence[int], *,
+                     steps: int = 50, guidance_scale: float = 4.0, sampler: str = "ddim",
+                     eta: float = 0.0, seed: int = 0, latents: Optional[np.ndarray] = None,
+                     output: str = "images") -> jax.Array:
+    """Samples one image per class label, as diffusers' ``DiTPipeline.__call__``.
+
+    Args:
+      class_labels: ints in ``0 .. num_classes - 1`` (checked before any compile).
+      guidance_scale: > 1 runs classifier-free guidance against the null class.
+      sampler: a name of ``jaxdiff.samplers.SAMPLERS``; ``eta`` for DDIM.
+      seed: per-sample noise ``fold_in(key(seed), index)`` (initial latents and the
+        stochastic samplers' step noise).
+      latents: optional initial latents [B, h, w, C] (N(0, 1); scaled by the sampler's
+        init_noise_sigma here), e.g. to match diffusers with the same noise.
+      output: "images" ([B, H, W, 3] in [-1, 1]) or "latents" (scaled, [B, h, w, C]).
+    """
+    c = pipe.transformer.config
+    labels = check_class_labels(class_labels, c.num_classes)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid names: {sorted(SAMPLERS)}.")
+    if output not in ("images", "latents"):
+        raise ValueError(f"output={output!r}: use 'images' or 'latents'.")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r}: need a positive number of sampling steps.")
+    b = len(labels)
+    keys = sample_keys(seed, b)
+    shape = (c.sample_size, c.sample_size, c.in_channels)
+    if latents is None:
+        x = initial_noise(keys, shape)
+    else:
+        x = jnp.asarray(latents, jnp.float32)
+        if x.shape[0] != b or x.shape[-1] != c.in_channels or x.ndim != 4:
+            raise ValueError(f"latents: shape {tuple(x.shape)} does not fit {b} labels and "
+                             f"{c.in_channels} latent channels ([B, h, w, C]).")
+        if x.shape[1] % c.patch_size or x.shape[2] % c.patch_size:
+            raise ValueError(f"latents: size {x.shape[1]}x{x.shape[2]} is not divisible by "
+                             f"patch_size={c.patch_size}.")
+    program = _compiled(pipe, sampler, steps, bool(guidance_scale > 1), output == "images")
+    return program(params, jnp.asarray(labels), x, keys, jnp.float32(guidance_scale),
+                   jnp.float32(eta))
