@@ -1,4 +1,4 @@
-"""``jaxdiff`` command line: ``jaxdiff generate ...`` (one module per sub-command).
+"""``jaxdiff`` command line: ``jaxdiff generate|classify ...`` (one module per sub-command).
 
 This package is the command-line layer: argument parsing, job manifests, result folders.
 The library never imports it. Errors in user input end the command with one
@@ -10,9 +10,9 @@ import argparse
 import sys
 import warnings
 
-from jaxdiff.cli import generate
+from jaxdiff.cli import classify, generate, serve
 
-COMMANDS = {"generate": generate}
+COMMANDS = {"generate": generate, "classify": classify, "serve": serve}
 
 
 def main(argv=None) -> int:
