@@ -12,6 +12,7 @@ from torchref import models as ref
 from jaxdiff import dit_sampling
 from jaxdiff.models import UnsupportedConfigError
 from jaxdiff.models.dit import DiTConfig
+from jaxdiff.models.pixart import PixArtConfig
 from jaxdiff.weights.backbones import (load_dit_pipeline, load_transformer, save_dit_pipeline,
                                        save_transformer)
 
@@ -29,7 +30,8 @@ PIXART = dict(num_attention_heads=2, attention_head_dim=6, in_channels=4, out_ch
 def nets(torch, tmp_path_factory):
     """Torch DiTPipeline (saved, then loaded by jaxdiff) and PixArt transformer (saved,
     loaded), and random inputs."""
-    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel, PixArtTransformer2DModel
+    from diffusers import (DDIMScheduler, DiTPipeline, DiTTransformer2DModel,
+                           PixArtTransformer2DModel)
     root = tmp_path_factory.mktemp("dit")
     torch.manual_seed(0)
     tdit = ref.perturb(DiTTransformer2DModel(**DIT), scale=0.05, seed=1)
@@ -49,17 +51,18 @@ def nets(torch, tmp_path_factory):
                 pixart=load_transformer(str(root / "pixart")))
 
 
-def _pixart_torch(torch, tpix, inputs, x):
+def _pixart_torch(torch, tpix, inputs, x, mask=None):
     with torch.no_grad():
         return tpix(torch.tensor(x), encoder_hidden_states=torch.tensor(inputs["ctx"]),
                     timestep=torch.tensor(inputs["t"]),
-                    added_cond_kwargs={k: torch.tensor(v) for k, v in inputs["added"].items()}
+                    added_cond_kwargs={k: torch.tensor(v) for k, v in inputs["added"].items()},
+                    encoder_attention_mask=None if mask is None else torch.tensor(mask)
                     ).sample.numpy()
 
 
-def _pixart_jax(module, params, inputs, x):
+def _pixart_jax(module, params, inputs, x, mask=None):
     return ref.nchw(jax.jit(module.apply)({"params": params}, ref.nhwc(x), inputs["t"],
-                                          inputs["ctx"], inputs["added"]))
+                                          inputs["ctx"], inputs["added"], None, mask))
 
 
 def test_dit_matches_diffusers(torch, nets):
@@ -77,13 +80,17 @@ def test_dit_matches_diffusers(torch, nets):
 
 @pytest.mark.parametrize("size", [8, 12])
 def test_pixart_matches_diffusers(torch, nets, size):
-    """Micro-conditions, caption projection, cross-attention; at 12x12 (not the config's
-    8x8) diffusers recomputes the sincos table for the larger grid, as jaxdiff does."""
+    """Micro-conditions, caption projection, cross-attention (at 8x8 with a caption mask
+    that hides different tokens per sample); at 12x12 (not the config's 8x8) diffusers
+    recomputes the sincos table for the larger grid, as jaxdiff does."""
     module, params = nets["pixart"]
     x = nets["inputs"]["x" if size == 8 else "x12"]
-    want = _pixart_torch(torch, nets["tpix"], nets["inputs"], x)
-    np.testing.assert_allclose(_pixart_jax(module, params, nets["inputs"], x), want,
+    mask = np.array([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]], np.float32) if size == 8 else None
+    want = _pixart_torch(torch, nets["tpix"], nets["inputs"], x, mask)
+    np.testing.assert_allclose(_pixart_jax(module, params, nets["inputs"], x, mask), want,
                                atol=TOL, rtol=0)
+    if mask is not None:  # the mask really changes the output
+        assert np.abs(want - _pixart_torch(torch, nets["tpix"], nets["inputs"], x)).max() > 1e-3
 
 
 def test_saved_folders_load_in_diffusers(torch, nets, tmp_path):
@@ -152,10 +159,13 @@ def test_bad_input_is_one_line_before_compiling(nets, tmp_path):
         jax.eval_shape(lambda: pipe.transformer.apply({"params": params["transformer"]},
                                                       jnp.zeros((1, 6, 7, 4)), 1,
                                                       jnp.zeros((1,), jnp.int32)))
-    for bad, field in ((dict(norm_type="ada_norm"), "norm_type"), (dict(activation_fn="geglu"), "activation_fn"),
+    for bad, field in ((dict(norm_type="ada_norm"), "norm_type"),
+                       (dict(activation_fn="geglu"), "activation_fn"),
                        (dict(norm_elementwise_affine=True), "norm_elementwise_affine")):
         with pytest.raises(UnsupportedConfigError, match=f"{field}=.* is not supported"):
             DiTConfig.from_dict(dict(DIT, **bad))
+    with pytest.raises(UnsupportedConfigError, match="attention_type='gated' is not supported"):
+        PixArtConfig.from_dict(dict(PIXART, attention_type="gated"))
     folder = tmp_path / "unknown"
     folder.mkdir()
     (folder / "config.json").write_text('{"_class_name": "SD3Transformer2DModel"}')

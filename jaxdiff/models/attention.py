@@ -147,7 +147,8 @@ def attend(q, k, v, *, scale: float, upcast: bool, impl: str = "auto", mask=None
 class Attention(nn.Module):
     """diffusers ``Attention``: to_q/to_k/to_v (+bias optional) -> attend -> to_out.0.
 
-    x: [B, Lq, query_dim], context: [B, Lk, D_ctx] or None (self-attention).
+    x: [B, Lq, query_dim], context: [B, Lk, D_ctx] or None (self-attention); mask:
+    optional bool [B or 1, 1, Lq or 1, Lk], True = attend (PixArt's caption mask).
     """
     heads: int
     dim_head: int
@@ -158,7 +159,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context=None, control=None):
+    def __call__(self, x, context=None, control=None, mask=None):
         cross = context is not None
         context = x if context is None else context
         inner = self.heads * self.dim_head
@@ -167,7 +168,7 @@ class Attention(nn.Module):
         k = _split_heads(dense("to_k", self.bias)(context), self.heads)
         v = _split_heads(dense("to_v", self.bias)(context), self.heads)
         out = attend(q, k, v, scale=self.dim_head ** -0.5, upcast=self.upcast, impl=self.impl,
-                     control=control, layer=self.layer, cross=cross)
+                     mask=mask, control=control, layer=self.layer, cross=cross)
         out = out.reshape(out.shape[0], out.shape[1], inner)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 

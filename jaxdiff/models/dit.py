@@ -196,7 +196,8 @@ class DiTTransformer2DModel(nn.Module):
             cond0 = cond if i == 0 else cond0
         mod = nn.Dense(2 * c.inner_dim, dtype=self.dtype, name="proj_out_1")(nn.silu(cond0))
         shift, scale = jnp.split(mod, 2, axis=-1)
-        x = plain_layer_norm(1e-6, self.dtype, "norm_out")(x) * (1 + scale[:, None]) + shift[:, None]
+        x = plain_layer_norm(1e-6, self.dtype, "norm_out")(x)
+        x = x * (1 + scale[:, None]) + shift[:, None]
         x = nn.Dense(c.patch_size ** 2 * c.output_channels, dtype=self.dtype,
                      name="proj_out_2")(x)
         return unpatchify(x, h, w, c.patch_size, c.output_channels)

@@ -2,7 +2,8 @@
 ``PixArtTransformer2DModel``.
 
 NHWC: ``apply({"params": p}, sample [B,h,w,C], t [B] or scalar, context [B,L,D_text],
-added_cond_kwargs=None, control=None) -> [B,h,w,out_channels]``. Patches are tokens
+added_cond_kwargs=None, control=None, encoder_attention_mask=None) -> [B,h,w,out_channels]``
+(the mask: [B, L], 1 = a caption token the cross-attention reads, as diffusers'). Patches are tokens
 (sincos positions); the caption is projected (``caption_projection``) and read by a
 cross-attention in every block; the timestep enters once (adaLN-single: one shared
 6-vector per token width, plus a learned per-block ``scale_shift_table``). With
@@ -160,7 +161,7 @@ class PixArtBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mod, context, control=None):
+    def __call__(self, x, mod, context, control=None, mask=None):
         c = self.config
         d = x.shape[-1]
         table = self.param("scale_shift_table",
@@ -174,7 +175,7 @@ class PixArtBlock(nn.Module):
         h = plain_layer_norm(c.norm_eps, self.dtype, "norm1")(x) * (1 + scale) + shift
         x = x + gate * attn("attn1")(h, control=control)
         if c.cross_attention_dim is not None:
-            x = x + attn("attn2")(x, context, control=control)
+            x = x + attn("attn2")(x, context, control=control, mask=mask)
         h = plain_layer_norm(c.norm_eps, self.dtype, "norm2")(x) * (1 + scale_mlp) + shift_mlp
         return x + gate_mlp * GELUFeedForward(c.activation_fn, dtype=self.dtype, name="ff")(h)
 
@@ -188,7 +189,8 @@ class PixArtTransformer2DModel(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, sample, timestep, context, added_cond_kwargs=None, control=None):
+    def __call__(self, sample, timestep, context, added_cond_kwargs=None, control=None,
+                 encoder_attention_mask=None):
         c = self.config
         h, w = check_patch_grid(sample.shape, c.patch_size, "PixArtTransformer2DModel")
         b = sample.shape[0]
@@ -203,9 +205,11 @@ class PixArtTransformer2DModel(nn.Module):
             if c.caption_channels is not None:
                 context = _CaptionProjection(c.inner_dim, self.dtype,
                                              name="caption_projection")(context)
+        mask = (None if encoder_attention_mask is None
+                else jnp.asarray(encoder_attention_mask)[:, None, None, :] > 0.5)
         for i in range(c.num_layers):
             x = PixArtBlock(c, layer=i, impl=self.impl, dtype=self.dtype,
-                            name=f"transformer_blocks_{i}")(x, mod, context, control)
+                            name=f"transformer_blocks_{i}")(x, mod, context, control, mask)
         d = c.inner_dim
         table = self.param("scale_shift_table",
                            lambda k, s: nn.initializers.normal(d ** -0.5)(k, s), (2, d))
