@@ -13,7 +13,7 @@ PKG = os.path.join(ROOT, "jaxdiff")
 
 # First matching prefix wins (longest prefixes first). docs/design.md, "Layers".
 LAYERS = (
-    ("jaxdiff.cli", 4), ("jaxdiff.sampling", 3), ("jaxdiff.dit_sampling", 3),
+    ("jaxdiff.cli", 4), ("jaxdiff.app", 4), ("jaxdiff.sampling", 3), ("jaxdiff.dit_sampling", 3),
     ("jaxdiff.editing", 3),
     ("jaxdiff.training", 3), ("jaxdiff.eval", 3), ("jaxdiff.adapters", 2),
     ("jaxdiff.pipeline", 1), ("jaxdiff.guidance", 1), ("jaxdiff.weights", 1),
@@ -86,10 +86,26 @@ def test_imports_go_downward_only():
     assert upward == []
 
 
+# The one allowed function-local import: ``jaxdiff serve`` imports the Gradio app (the
+# optional ``app`` extra) only when it runs, so other commands do not import gradio.
+OPTIONAL_EXTRA_IMPORTS = {("jaxdiff.cli.serve", "jaxdiff.app.ui")}
+
+
 def test_no_function_local_jaxdiff_imports():
     local = [f"{path}:{line} -> {target}" for mod, path in MODULES.items()
-             for target, _, line, top in _imports(mod, path) if not top]
+             for target, _, line, top in _imports(mod, path)
+             if not top and (mod, target) not in OPTIONAL_EXTRA_IMPORTS]
     assert local == []
+
+
+def test_gradio_only_in_the_app_ui():
+    """Only the app's UI modules import gradio (the optional extra), never at the top of a
+    module every command loads."""
+    ui = {"jaxdiff.app.ui", "jaxdiff.app.generate_tab", "jaxdiff.app.edit_tab",
+          "jaxdiff.app.personalize_tab"}
+    users = {mod for mod, path in MODULES.items()
+             if re.search(r"^\s*(import gradio|from gradio)", open(path).read(), re.M)}
+    assert users <= ui, users - ui
 
 
 def test_no_private_names_across_modules():
