@@ -12,7 +12,11 @@ Semantics are diffusers' (pipelines/dit/pipeline_dit.py):
   noise half: the variance is dropped, as diffusers does; DDPM then takes its fixed-small
   variance;
 - any sampler of ``jaxdiff.samplers`` runs the steps (DDIM / DDPM as DiT; the timesteps and
-  alphas come from the pipeline's scheduler config).
+  alphas come from the pipeline's scheduler config);
+- ``variance="learned"`` (DDPM only) instead samples as the DiT paper does: the step's
+  variance is the model's, interpolated in log space between the posterior's fixed-small
+  and the beta variance (diffusers' ``DDPMScheduler(variance_type="learned_range")``,
+  Nichol & Dhariwal 2021); under guidance the variance is the conditional half's.
 
 Whether guidance runs (scale > 1) is static; the scale itself is traced, so a new scale
 reuses the compiled program. Noise is per sample, ``fold_in(key(seed), index)``.
@@ -29,32 +33,42 @@ import numpy as np
 from jaxdiff.models.dit import check_class_labels, split_learned_sigma
 from jaxdiff.models.vae import AutoencoderKL
 from jaxdiff.samplers import SAMPLERS, make_sampler
+from jaxdiff.samplers.ddpm_learned import make_learned_range_ddpm
 from jaxdiff.sampling import initial_noise, sample_keys
 from jaxdiff.weights.backbones import DiTPipeline
 
 
-def guided_dit_output(pipe: DiTPipeline, params, x, t, labels, scale, guided: bool):
-    """The noise prediction the scheduler steps with (``DiTPipeline``'s guidance and
-    learned-sigma split). x: [B, h, w, C], labels: int [B] -> [B, h, w, C]."""
+VARIANCES = ("fixed", "learned")
+
+
+def guided_dit_output(pipe: DiTPipeline, params, x, t, labels, scale, guided: bool,
+                      keep_variance: bool = False):
+    """The output the scheduler steps with (``DiTPipeline``'s guidance and learned-sigma
+    split). x: [B, h, w, C], labels: int [B] -> [B, h, w, C] (``keep_variance``: the
+    model's variance channels after them, [B, h, w, 2C])."""
     model, c = pipe.transformer, pipe.transformer.config
     apply = lambda x_, l_: model.apply({"params": params["transformer"]}, x_,
                                        jnp.broadcast_to(t, (x_.shape[0],)), l_)
+    split = (lambda out: out) if keep_variance else functools.partial(split_learned_sigma, c)
     if not guided:
-        return split_learned_sigma(c, apply(x, labels))
+        return split(apply(x, labels))
     null = jnp.full_like(labels, c.num_classes)
     out = apply(jnp.concatenate([x, x]), jnp.concatenate([labels, null]))
     b, ch = x.shape[0], c.in_channels
     cond, uncond = out[:b, ..., :ch], out[b:, ..., :ch]
     eps = uncond + scale * (cond - uncond)
-    return split_learned_sigma(c, jnp.concatenate([eps, out[:b, ..., ch:]], axis=-1))
+    return split(jnp.concatenate([eps, out[:b, ..., ch:]], axis=-1))
 
 
-def _program(pipe, sampler_name, steps, guided, decode, params, labels, x, keys, scale, eta):
-    sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
+def _program(pipe, sampler_name, steps, guided, decode, variance, params, labels, x, keys,
+             scale, eta):
+    learned = variance == "learned"
+    sampler = (make_learned_range_ddpm(pipe.scheduler, steps) if learned
+               else make_sampler(sampler_name, pipe.scheduler, steps, eta=eta))
 
     def body(state, i):
         out = guided_dit_output(pipe, params, sampler.model_input(state, i),
-                                sampler.timesteps[i], labels, scale, guided)
+                                sampler.timesteps[i], labels, scale, guided, learned)
         noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
                                                      x.shape[1:]))(keys)
         return sampler.step(state, i, out, noise), None
@@ -70,14 +84,16 @@ def _program(pipe, sampler_name, steps, guided, decode, params, labels, x, keys,
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe: DiTPipeline, sampler_name: str, steps: int, guided: bool, decode: bool):
-    return jax.jit(functools.partial(_program, pipe, sampler_name, steps, guided, decode))
+def _compiled(pipe: DiTPipeline, sampler_name: str, steps: int, guided: bool, decode: bool,
+              variance: str):
+    return jax.jit(functools.partial(_program, pipe, sampler_name, steps, guided, decode,
+                                     variance))
 
 
 def generate_classes(pipe: DiTPipeline, params, class_labels: Sequence[int], *,
                      steps: int = 50, guidance_scale: float = 4.0, sampler: str = "ddim",
                      eta: float = 0.0, seed: int = 0, latents: Optional[np.ndarray] = None,
-                     output: str = "images") -> jax.Array:
+                     output: str = "images", variance: str = "fixed") -> jax.Array:
     """Samples one image per class label, as diffusers' ``DiTPipeline.__call__``.
 
     Args:
@@ -89,6 +105,9 @@ def generate_classes(pipe: DiTPipeline, params, class_labels: Sequence[int], *,
       latents: optional initial latents [B, h, w, C] (N(0, 1); scaled by the sampler's
         init_noise_sigma here), e.g. to match diffusers with the same noise.
       output: "images" ([B, H, W, 3] in [-1, 1]) or "latents" (scaled, [B, h, w, C]).
+      variance: "fixed" (diffusers' DiTPipeline: the learned variance is dropped) or
+        "learned" (the DiT paper's DDPM with the model's variance; ``sampler="ddpm"`` and a
+        learned-sigma model only).
     """
     c = pipe.transformer.config
     labels = check_class_labels(class_labels, c.num_classes)
@@ -96,6 +115,12 @@ def generate_classes(pipe: DiTPipeline, params, class_labels: Sequence[int], *,
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {sorted(SAMPLERS)}.")
     if output not in ("images", "latents"):
         raise ValueError(f"output={output!r}: use 'images' or 'latents'.")
+    if variance not in VARIANCES:
+        raise ValueError(f"variance={variance!r}: use one of {VARIANCES}.")
+    if variance == "learned" and (sampler != "ddpm" or not c.learned_sigma):
+        raise ValueError("variance='learned' needs sampler='ddpm' and a model with "
+                         f"out_channels = 2 x in_channels (this one: {c.output_channels} "
+                         f"from {c.in_channels}; sampler {sampler!r}).")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r}: need a positive number of sampling steps.")
     b = len(labels)
@@ -111,6 +136,7 @@ def generate_classes(pipe: DiTPipeline, params, class_labels: Sequence[int], *,
         if x.shape[1] % c.patch_size or x.shape[2] % c.patch_size:
             raise ValueError(f"latents: size {x.shape[1]}x{x.shape[2]} is not divisible by "
                              f"patch_size={c.patch_size}.")
-    program = _compiled(pipe, sampler, steps, bool(guidance_scale > 1), output == "images")
+    program = _compiled(pipe, sampler, steps, bool(guidance_scale > 1), output == "images",
+                        variance)
     return program(params, jnp.asarray(labels), x, keys, jnp.float32(guidance_scale),
                    jnp.float32(eta))

@@ -13,6 +13,9 @@ from jaxdiff import dit_sampling
 from jaxdiff.models import UnsupportedConfigError
 from jaxdiff.models.dit import DiTConfig
 from jaxdiff.models.pixart import PixArtConfig
+from jaxdiff.samplers import SampleState
+from jaxdiff.samplers.ddpm_learned import make_learned_range_ddpm
+from jaxdiff.schedules import SchedulerConfig
 from jaxdiff.weights.backbones import (load_dit_pipeline, load_transformer, save_dit_pipeline,
                                        save_transformer)
 
@@ -132,11 +135,38 @@ def test_class_sampling_matches_dit_pipeline(torch, nets, scale):
     assert np.asarray(got).std() > 0.05  # real images, not a constant
 
 
+def test_learned_variance_ddpm_matches_diffusers(torch, nets):
+    """Every step of a 5-step schedule against DDPMScheduler(variance_type="learned_range")
+    with the noise its generator draws; then the DiT samples with it (guided)."""
+    from diffusers import DDPMScheduler
+    sched = DDPMScheduler(variance_type="learned_range", clip_sample=False, steps_offset=1)
+    sched.set_timesteps(5)
+    cfg = SchedulerConfig.from_dict({k: v for k, v in sched.config.items()
+                                     if k != "variance_type"})
+    sampler = make_learned_range_ddpm(cfg, 5)
+    np.testing.assert_array_equal(sampler.timesteps, sched.timesteps.numpy())
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    out = np.concatenate([rng.standard_normal((2, 4, 4, 4)),
+                          rng.uniform(-1, 1, (2, 4, 4, 4))], -1).astype(np.float32)
+    for i, t in enumerate(sched.timesteps):
+        want = sched.step(torch.tensor(ref.nchw(out)), t, torch.tensor(ref.nchw(x)),
+                          generator=torch.Generator().manual_seed(i)).prev_sample.numpy()
+        noise = torch.randn((2, 4, 4, 4), generator=torch.Generator().manual_seed(i)).numpy()
+        got = sampler.step(SampleState(jnp.asarray(x)), i, out, ref.nhwc(noise)).x
+        np.testing.assert_allclose(ref.nchw(got), want, atol=1e-5, rtol=0)
+    pipe, params = nets["dit"]
+    a, b = (dit_sampling.generate_classes(pipe, params, [5], steps=3, sampler="ddpm",
+                                          variance=v, output="latents")
+            for v in ("learned", "fixed"))
+    assert np.isfinite(a).all() and np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+
+
 def test_new_guidance_scale_reuses_the_program(nets):
     pipe, params = nets["dit"]
     dit_sampling.generate_classes(pipe, params, [1], steps=2, guidance_scale=3.0,
                                   output="latents")
-    program = dit_sampling._compiled(pipe, "ddim", 2, True, False)
+    program = dit_sampling._compiled(pipe, "ddim", 2, True, False, "fixed")
     before = program._cache_size()
     a = dit_sampling.generate_classes(pipe, params, [1], steps=2, guidance_scale=5.0,
                                       output="latents")
@@ -154,6 +184,8 @@ def test_bad_input_is_one_line_before_compiling(nets, tmp_path):
         dit_sampling.generate_classes(pipe, params, [3, 1000])
     with pytest.raises(ValueError, match="not divisible by patch_size=2"):
         dit_sampling.generate_classes(pipe, params, [3], latents=np.zeros((1, 7, 7, 4)))
+    with pytest.raises(ValueError, match="variance='learned' needs sampler='ddpm'"):
+        dit_sampling.generate_classes(pipe, params, [3], variance="learned")
     assert dit_sampling._compiled.cache_info().misses == misses
     with pytest.raises(ValueError, match="latent size 6x7 is not divisible by patch_size=2"):
         jax.eval_shape(lambda: pipe.transformer.apply({"params": params["transformer"]},
