@@ -30,6 +30,10 @@ from jaxdiff.models.clip import (CLIPConfig, CLIPModel, CLIPVisionConfig,
 from jaxdiff.models.clip_text import CLIPTextModelWithProjection, CLIPTextProjectionConfig
 from jaxdiff.models.config import read_json
 from jaxdiff.weights import convert, files
+from jaxdiff.weights.diffusers_format import DEFAULT_MODEL
+
+# The shipped shapes-world CLIP (configs/clip.py; figures in bench/README.md).
+SHAPES_CLIP = os.path.join(os.path.dirname(DEFAULT_MODEL), "clip_shapes")
 
 _RAW = {("logit_scale",): "logit_scale",
         ("vision_model", "embeddings", "class_embedding"):

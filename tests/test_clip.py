@@ -1,0 +1,153 @@
+"""CLIP: parity with transformers, transformers-layout round trip, contrastive training,
+and the shipped shapes CLIP's zero-shot colour accuracy."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff.data.shapes import held_out_examples, world
+from jaxdiff.data.tokenizer import load_tokenizer
+from jaxdiff.eval import clip_zero_shot as zs
+from jaxdiff.pipeline import from_uint8
+from jaxdiff.training import clip as clip_train
+from jaxdiff.training import state as state_lib
+from jaxdiff.training.optim import adamw_with_warmup
+from jaxdiff.training.step import make_train_step
+from jaxdiff.weights import DEFAULT_MODEL, clip_format
+
+EOS = 98
+
+
+@pytest.fixture(scope="module")
+def tiny(torch, tmp_path_factory):
+    """A tiny random transformers CLIPModel saved to a folder, its inputs and outputs."""
+    from transformers import CLIPConfig, CLIPModel
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37,
+                         num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=16, eos_token_id=EOS),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=16, patch_size=4,
+                           hidden_act="gelu"),
+        projection_dim=24)
+    model = CLIPModel(cfg).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(1.3)
+    folder = str(tmp_path_factory.mktemp("clip_tiny"))
+    model.save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, EOS - 1, (3, 16))
+    ids[:, 9] = EOS
+    ids[1, 4] = EOS  # pooled at the first eos
+    pix = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids),
+                    pixel_values=torch.tensor(pix.transpose(0, 3, 1, 2)))
+    ref = {k: getattr(out, k).numpy() for k in ("logits_per_image", "text_embeds",
+                                                "image_embeds")}
+    return dict(folder=folder, model=model, ids=ids, pix=pix, ref=ref, torch=torch)
+
+
+def _ours(clip, params, ids, pix):
+    out = clip.model.apply({"params": params["model"]}, jnp.asarray(ids, jnp.int32),
+                           jnp.asarray(pix))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def test_clip_model_matches_transformers(tiny):
+    clip, params = clip_format.load_clip(tiny["folder"])
+    ours = _ours(clip, params, tiny["ids"], tiny["pix"])
+    for key, ref in tiny["ref"].items():
+        np.testing.assert_allclose(ours[key], ref, atol=1e-4, rtol=0, err_msg=key)
+
+
+def test_vision_model_with_projection_matches_transformers(tiny):
+    from transformers import CLIPVisionModelWithProjection
+    torch = tiny["torch"]
+    ref = CLIPVisionModelWithProjection(tiny["model"].config.vision_config).eval()
+    raw = dict(ref.config.to_dict(), model_type="clip_vision_model")
+    module = clip_format.clip_module(raw)
+    params = clip_format.params_from_torch(
+        module, {k: v.numpy() for k, v in ref.state_dict().items()}, "state")
+    embeds, last = module.apply({"params": params}, jnp.asarray(tiny["pix"]))
+    with torch.no_grad():
+        out = ref(pixel_values=torch.tensor(tiny["pix"].transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(np.asarray(embeds), out.image_embeds.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(last), out.last_hidden_state.numpy(), atol=1e-4)
+
+
+def test_saved_clip_loads_in_transformers_with_same_embeddings(tiny, tmp_path):
+    from transformers import CLIPModel
+    torch = tiny["torch"]
+    clip, params = clip_format.load_clip(tiny["folder"])
+    params["model"]["logit_scale"] = jnp.asarray(2.0)  # a value of ours survives the trip
+    clip_format.save_clip(clip, params, str(tmp_path / "out"))
+    back = CLIPModel.from_pretrained(str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        out = back(input_ids=torch.tensor(tiny["ids"]),
+                   pixel_values=torch.tensor(tiny["pix"].transpose(0, 3, 1, 2)))
+    ours = _ours(clip, params, tiny["ids"], tiny["pix"])
+    assert float(back.logit_scale) == pytest.approx(2.0)
+    for key in ("logits_per_image", "text_embeds", "image_embeds"):
+        np.testing.assert_allclose(getattr(out, key).numpy(), ours[key], atol=1e-4, err_msg=key)
+    _, params2 = clip_format.load_clip(str(tmp_path / "out"))
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), params, params2))
+
+
+def test_clip_loss_is_symmetric_infonce():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)
+    def ce(lg):
+        return float(np.mean(-np.diag(np.asarray(jax.nn.log_softmax(lg, axis=-1)))))
+    expected = 0.5 * (ce(logits) + ce(logits.T))
+    assert float(clip_train.clip_loss(logits)) == pytest.approx(expected, rel=1e-6)
+    # Rows 0 and 1 share a caption: each is a positive of the other.
+    same = jnp.asarray(np.eye(4, dtype=bool) | np.pad(np.ones((2, 2), bool), ((0, 2), (0, 2))))
+    half = np.where(np.asarray(same), 1.0, 0.0) / np.asarray(same).sum(1, keepdims=True)
+    lp, lpt = jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(logits.T, -1)
+    expected = 0.5 * (-(half * lp).sum(1).mean() - (half.T * lpt).sum(1).mean())
+    assert float(clip_train.clip_loss(logits, same)) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_a_few_train_steps_lower_the_loss(noisy):
+    """Tiny CLIP (the ``tiny`` config's sizes), 12 steps on one batch of 16 world scenes;
+    the noise-aware variant reads 8x8x4 inputs with timesteps."""
+    tok = load_tokenizer(os.path.join(DEFAULT_MODEL, "tokenizer"))
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(text, image_size=8 if noisy else 32, patch_size=2 if noisy else 8,
+                  num_channels=4 if noisy else 3)
+    clip = clip_train.build_clip(tok, text, vision, 16, noisy, {"num_train_timesteps": 1000})
+    examples = held_out_examples(world("v2"), 16)
+    if noisy:
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8, 8, 4)), jnp.float32)
+        acp = jnp.linspace(0.99, 0.01, 1000)
+    else:
+        x, acp = from_uint8(np.stack([e["image"] for e in examples])), None
+    ids = jnp.asarray(clip.tokenize([e["caption"] for e in examples]))
+    opt = adamw_with_warmup(3e-3, 0, 100)
+    init = clip_train.init_params(clip)
+    state = state_lib.create(jax.tree.map(jnp.array, init), opt, ema=False)
+    step = jax.jit(make_train_step(clip_train.make_loss_fn(clip, acp), opt))
+    losses = []
+    for _ in range(12):
+        state, metrics = step(state, (x, ids))
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    if noisy:
+        moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), init["time_embedding"],
+                             state.params["time_embedding"])
+        assert jax.tree.all(moved)  # the timestep input is trained too
+
+
+@pytest.mark.slow
+def test_shipped_clip_zero_shot_colour_far_above_chance():
+    clip, params = clip_format.load_clip(clip_format.SHAPES_CLIP)
+    spec = world("v2")
+    scores = zs.attribute_accuracy(clip, params, held_out_examples(spec, 64, num_objects=1),
+                                   spec)
+    assert scores["num_colour"] >= 50
+    assert scores["colour_accuracy"] >= 0.8    # chance 0.125; measured: see bench/README.md
+    assert scores["shape_accuracy"] >= 0.6     # chance 0.2
