@@ -1,6 +1,7 @@
 """Transformer backbones (issue #18): DiT and PixArt parity with diffusers on tiny random
 weights (perturbed, so zero-initialised gates act), diffusers-format round trips, DiT
 class-conditional sampling against ``DiTPipeline`` with the same latents, bad input."""
+import dataclasses
 import os
 
 import jax
@@ -107,8 +108,14 @@ def test_saved_folders_load_in_diffusers(torch, nets, tmp_path):
     np.testing.assert_allclose(_pixart_torch(torch, back, nets["inputs"], x),
                                _pixart_jax(module, params, nets["inputs"], x), atol=TOL, rtol=0)
     pipe, dparams = nets["dit"]
-    save_dit_pipeline(pipe, dparams, str(tmp_path / "dit"))
+    named = dataclasses.replace(pipe, id2label=((0, "tench, Tinca tinca"), (7, "cock")))
+    assert named.label_ids(["Tinca tinca", "cock"]) == [0, 7]
+    with pytest.raises(ValueError, match="class label 'zebra' is not one of this model's 3"):
+        named.label_ids(["zebra"])
+    save_dit_pipeline(named, dparams, str(tmp_path / "dit"))
     tback = DiTPipeline.from_pretrained(str(tmp_path / "dit"))
+    assert tback.get_label_ids(["tench", "cock"]) == [0, 7]
+    assert load_dit_pipeline(str(tmp_path / "dit"))[0].id2label == named.id2label
     for name in ("transformer", "vae"):
         want = getattr(nets["tpipe"], name).state_dict()
         got = getattr(tback, name).state_dict()
