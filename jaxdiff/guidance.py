@@ -6,6 +6,8 @@ as one UNet call on the concatenated batch (as diffusers does). ``scale`` and ``
 are traced values, so a sweep over scales is a ``jax.vmap`` sharing one parameter pytree.
 Loops that call the UNet themselves (editing: attention control, per-step null
 embeddings) combine its raw ``[2B]`` output with ``guide``, or call ``guided_call``.
+``classifier`` is gradient guidance as a wrapper of the same kind (a classifier's
+``jax.grad`` inside the loop, traced scale); it composes with ``cfg``.
 """
 from __future__ import annotations
 
@@ -70,5 +72,56 @@ def cfg(denoise: Callable, scale, rescale=0.0) -> Callable:
     def guided(x, t, contexts):
         cond, uncond = contexts
         return guided_call(denoise, x, t, cond, uncond, scale, rescale)
+
+    return guided
+
+
+def classifier_grad(log_p: Callable) -> Callable:
+    """``grad_log_p(x, t) -> d/dx log p(y | x_t)`` [B, h, w, C] from ``log_p(x, t) -> [B]``.
+
+    ``jax.grad`` of the batch sum: samples are independent, so each row of the gradient is
+    that sample's own. Traced into the sampling loop like the model itself.
+    """
+    return jax.grad(lambda x, t: jnp.sum(log_p(x, t)))
+
+
+def classifier(denoise: Callable, grad_log_p: Callable, scale, alphas_cumprod,
+               prediction_type: str = "epsilon") -> Callable:
+    """Classifier guidance (Dhariwal & Nichol 2021, sec. 4.2, for DDIM-style samplers).
+
+    The score of ``p(x_t) p(y | x_t)^scale``: the predicted noise moves against the
+    classifier's gradient, ``eps' = eps - scale * sqrt(1 - abar_t) * grad log p(y | x_t)``;
+    the output is converted back to the model's prediction type (v: ``v + delta /
+    sqrt(abar_t)``, x0: ``x0 - sqrt((1 - abar_t) / abar_t) * delta`` for the noise change
+    ``delta``), so any sampler takes it. Wraps any denoiser, e.g. ``cfg(...)``'s (then the
+    condition is its ``(cond, uncond)`` pair): CFG and classifier guidance combine.
+
+    Args:
+      denoise: ``(x [B,h,w,C], t, cond) -> model output`` at the VP-scaled x_t.
+      grad_log_p: ``(x, t) -> d/dx log p(y | x_t)`` like x (``classifier_grad``).
+      scale: guidance weight (traced; 0 gives ``denoise`` unchanged; a vmap over scales is
+        a sweep).
+      alphas_cumprod: [T] alpha-bar table; fractional t (Euler, Heun) interpolates it.
+      prediction_type: epsilon | v_prediction | sample (resolved here, outside jit).
+    References: Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis",
+      NeurIPS 2021 (Algorithm 2 and eq. 14).
+    """
+    table = jnp.asarray(alphas_cumprod, jnp.float32)
+    if prediction_type == "epsilon":
+        adjust = lambda out, delta, a: out + delta
+    elif prediction_type == "v_prediction":
+        adjust = lambda out, delta, a: out + delta / jnp.sqrt(a)
+    elif prediction_type == "sample":
+        adjust = lambda out, delta, a: out - jnp.sqrt((1.0 - a) / a) * delta
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; use epsilon, "
+                         "v_prediction or sample.")
+
+    def guided(x, t, cond):
+        t_b = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+        a = jnp.interp(t_b.astype(jnp.float32), jnp.arange(table.shape[0]), table)
+        a = a.reshape((-1,) + (1,) * (x.ndim - 1))
+        delta = -scale * jnp.sqrt(1.0 - a) * grad_log_p(x, t_b)
+        return adjust(denoise(x, t, cond), delta.astype(x.dtype), a)
 
     return guided

@@ -165,6 +165,19 @@ def encode_prompts(pipe: Pipeline, params, ids):
     return pipe.encode_text(params, ids)
 
 
+def candidate_table(prompts: Sequence) -> tuple[list[str], np.ndarray]:
+    """(distinct prompts, int [1 or B, K] index of each candidate in them) for a list of
+    K prompts or B lists of K prompts; one-line ValueError for an empty or ragged list."""
+    rows = [list(prompts)] if not prompts or isinstance(prompts[0], str) else \
+        [list(p) for p in prompts]
+    if not rows[0] or len({len(r) for r in rows}) != 1:
+        raise ValueError("candidate prompts: give at least one, and the same number for "
+                         "every image.")
+    table = sorted({p for r in rows for p in r})
+    where = {p: i for i, p in enumerate(table)}
+    return table, np.asarray([[where[p] for p in r] for r in rows], np.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
     """What ``classify`` found for a batch of B images and K candidates.
@@ -184,7 +197,7 @@ class Result:
     ranking: np.ndarray
 
 
-def classify(pipe: Pipeline, params, images, prompts: Sequence[str],
+def classify(pipe: Pipeline, params, images, prompts: Sequence,
              samples: Sequence[int] = (16, 64), keep: Optional[Sequence[int]] = None,
              trials: int = 1, seed: int = 0, loss: str = "l2", chunk: int = 16,
              latents=None) -> Result:
@@ -192,7 +205,7 @@ def classify(pipe: Pipeline, params, images, prompts: Sequence[str],
 
     Args:
       images: uint8 [B, H, W, 3] at the model's resolution (ignored when ``latents`` given).
-      prompts: the K candidate prompts.
+      prompts: the K candidate prompts (strings), or one list of K per image.
       samples, keep, trials: the elimination schedule (``stage_plan``); ``keep`` defaults
         to halving the candidates at every stage but the last, which keeps one.
         A ``keep`` larger than the candidates left keeps them all.
@@ -201,9 +214,8 @@ def classify(pipe: Pipeline, params, images, prompts: Sequence[str],
       chunk: samples per UNet call (memory: B x K x chunk latents at a time).
       latents: optional scaled clean latents [B, h, w, C] in place of ``images``.
     """
-    k_all = len(prompts)
-    if k_all < 1:
-        raise ValueError("no candidate prompts given; pass at least one.")
+    table, cand = candidate_table(prompts)
+    k_all = cand.shape[1]
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}.")
     if pipe.is_sdxl:
@@ -219,7 +231,11 @@ def classify(pipe: Pipeline, params, images, prompts: Sequence[str],
         latents = encode_uint8(pipe, params, images)
     latents = jnp.asarray(latents, jnp.float32)
     b = latents.shape[0]
-    contexts = encode_prompts(pipe, params, pipe.tokenize(list(prompts)))
+    if cand.shape[0] not in (1, b):
+        raise ValueError(f"{cand.shape[0]} candidate lists for {b} images; give one list "
+                         "for all images or one per image.")
+    cand = np.broadcast_to(cand, (b, k_all))
+    contexts = encode_prompts(pipe, params, pipe.tokenize(table))
     noise = jax.random.normal(jax.random.key(seed),
                               (max(samples) * trials,) + latents.shape[1:], jnp.float32)
     sums = np.zeros((b, k_all), np.float64)
@@ -235,7 +251,8 @@ def classify(pipe: Pipeline, params, images, prompts: Sequence[str],
             ts[:s] = stage.timesteps
             idx = np.zeros(n, np.int32)
             idx[:s] = stage.noise_index
-            err = denoising_errors(pipe, params["unet"], latents, contexts[alive],
+            err = denoising_errors(pipe, params["unet"], latents,
+                                   contexts[np.take_along_axis(cand, alive, axis=1)],
                                    jnp.asarray(ts), noise[idx], jnp.int32(s), loss=loss,
                                    chunk=chunk)
             sums[rows, alive] += np.asarray(err, np.float64)[:, :, :s].sum(-1)

@@ -1,0 +1,136 @@
+"""Text-to-image sampling with classifier guidance, as one jitted program per shape.
+
+``generate_guided`` runs any jaxdiff sampler with ``guidance.classifier`` wrapped around
+the UNet (or around ``guidance.cfg``'s guided UNet when a CFG scale is given), the
+gradient of a ``models.noisy_classifier.NoisyClassifier`` taken by ``jax.grad`` inside the
+``lax.scan``: text encoding -> guided loop -> VAE decode in one program. The classifier
+scale is traced; a sequence of scales is one vmapped sweep sharing the parameters. The
+initial noise is ``generate``'s (``sampling.sample_keys`` / ``initial_noise``), so a run
+with classifier scale 0 is ``generate``'s run.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import schedules
+from jaxdiff.guidance import cfg, classifier, classifier_grad
+from jaxdiff.pipeline import Pipeline, to_uint8, unet_apply
+from jaxdiff.samplers import make_sampler
+from jaxdiff.sampling import check_request, initial_noise, prompt_list, sample_keys
+
+
+def label_log_prob(model, clf_params, labels: Mapping[str, jax.Array]):
+    """``log_p(x, t) -> [B]``: sum over the heads in ``labels`` of log softmax at the
+    wanted class (a label < 0 leaves that head out for that sample)."""
+    def log_p(x, t):
+        logits = model.apply({"params": clf_params}, x, t)
+        total = 0.0
+        for name, y in labels.items():
+            lp = jax.nn.log_softmax(logits[name].astype(jnp.float32), axis=-1)
+            pick = jnp.take_along_axis(lp, jnp.maximum(y, 0)[:, None], axis=-1)[:, 0]
+            total = total + jnp.where(y >= 0, pick, 0.0)
+        return total
+    return log_p
+
+
+def _program(pipe: Pipeline, model, sampler_name: str, steps: int, sweep: bool,
+             use_cfg: bool):
+    ac = schedules.alphas_cumprod(pipe.scheduler)
+
+    def run(params, clf_params, ids, neg_ids, noise, keys, labels, clf_scale, cfg_scale, eta):
+        sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
+        unet = lambda x, t, c: unet_apply(pipe, params["unet"], x, t, c)
+        cond = pipe.encode_text(params, ids)
+        if use_cfg:
+            denoise, contexts = cfg(unet, cfg_scale), (cond, pipe.encode_text(params, neg_ids))
+        else:
+            denoise, contexts = unet, cond
+        grad = classifier_grad(label_log_prob(model, clf_params, labels))
+        n = len(sampler.timesteps)
+
+        def loop(scale):
+            guided = classifier(denoise, grad, scale, ac, pipe.scheduler.prediction_type)
+
+            def body(state, i):
+                out = guided(sampler.model_input(state, i), sampler.timesteps[i], contexts)
+                eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
+                                                           noise.shape[1:]))(keys)
+                return sampler.step(state, i, out, eps), None
+
+            state, _ = jax.lax.scan(body, sampler.init(noise * sampler.init_noise_sigma),
+                                    jnp.arange(n))
+            return sampler.latents(state)
+
+        latents = jax.vmap(loop)(clf_scale) if sweep else loop(clf_scale)
+        flat = latents.reshape((-1,) + latents.shape[-3:])
+        images = pipe.decode_latents(params, flat)
+        return images.reshape(latents.shape[:-3] + images.shape[-3:]), latents
+
+    return run
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(pipe, model, sampler_name, steps, sweep, use_cfg):
+    return jax.jit(_program(pipe, model, sampler_name, steps, sweep, use_cfg))
+
+
+def generate_guided(pipe: Pipeline, params, model, clf_params,
+                    labels: Mapping[str, Sequence[int]],
+                    prompts: Union[None, str, Sequence[str]] = None,
+                    classifier_scale: Union[float, Sequence[float]] = 1.0,
+                    guidance_scale: Optional[float] = None,
+                    negative_prompts: Union[None, str, Sequence[str]] = None,
+                    sampler: str = "ddim", steps: int = 50, seed: int = 0, eta: float = 0.0,
+                    output: str = "uint8"):
+    """Generates one image per label row, steered by a noisy classifier.
+
+    Args:
+      model, clf_params: a ``NoisyClassifier`` (on this pipeline's latents) and its params.
+      labels: ``{head: [B] class indices}`` (-1: no guidance from that head for that
+        image); heads not named are not used.
+      prompts: None (the empty prompt: the unconditional model), one, or B prompts.
+      classifier_scale: a float, or a sequence of floats evaluated as one vmapped sweep.
+      guidance_scale: None (no CFG: one UNet call per step on the prompt), or the CFG
+        scale (two-branch call with ``negative_prompts``, as ``generate``).
+      sampler, steps, seed, eta: as ``sampling.generate`` (the same initial noise).
+    Returns:
+      uint8 [B, H, W, 3] (or [S, B, ...] for a sweep), or the final latents for
+      ``output="latents"``.
+    """
+    heads = dict(model.config.heads)
+    unknown = set(labels) - set(heads)
+    if unknown:
+        raise ValueError(f"labels name unknown classifier heads {sorted(unknown)}; the "
+                         f"classifier has {sorted(heads)}.")
+    rows = {k: np.asarray(v, np.int32).reshape(-1) for k, v in labels.items()}
+    sizes = {len(v) for v in rows.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"labels: every head needs one class per image, got lengths {sizes}.")
+    b = sizes.pop()
+    for k, v in rows.items():
+        if v.max(initial=-1) >= heads[k]:
+            raise ValueError(f"labels[{k!r}] has class {int(v.max())}; the head has "
+                             f"{heads[k]} classes (0..{heads[k] - 1}, or -1 for none).")
+    prompts = prompt_list(prompts, b, "prompts", per="image")
+    negative = prompt_list(negative_prompts, b, "negative prompts", per="image")
+    h = pipe.image_size
+    check_request(pipe, b, steps, h, h, sampler)
+    if pipe.is_sdxl:
+        raise ValueError("classifier guidance supports SD 1.x/2.x pipelines (not SDXL) so far.")
+    keys = sample_keys(seed, b)
+    noise = initial_noise(keys, pipe.latent_shape(h, h))
+    sweep = not np.isscalar(classifier_scale) and np.ndim(classifier_scale) == 1
+    run = _compiled(pipe, model, sampler, int(steps), sweep, guidance_scale is not None)
+    images, final = run(params, clf_params, pipe.tokenize(prompts), pipe.tokenize(negative),
+                        noise, keys, {k: jnp.asarray(v) for k, v in rows.items()},
+                        jnp.asarray(classifier_scale, jnp.float32),
+                        jnp.float32(1.0 if guidance_scale is None else guidance_scale),
+                        jnp.float32(eta))
+    if output == "latents":
+        return np.asarray(final)
+    return to_uint8(np.asarray(images))
