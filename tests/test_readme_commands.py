@@ -38,6 +38,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SMOKE = {  # script -> flags appended to every command that runs it
     "jaxdiff generate": "--steps 2",
     "edit/": "--steps 2",
+    "jaxdiff serve": "--check",  # builds the app (model, tabs, adapter lists) and exits
     "train/dreambooth.py": ("--config.steps=2 --config.batch_size=2 --config.num_class_images=2"
                             " --config.class_sampling.steps=2 --config.sample_every=0"
                             " --config.checkpoint_every=2 --config.class_cache_dir=class_cache"),
@@ -156,7 +157,7 @@ COMMANDS = _unique(readme_commands() + docstring_commands())
 def test_the_documents_show_commands():
     """The parsers find what the documents show (guards against a silent empty list)."""
     programs = {_program(c) for c, _ in COMMANDS}
-    for p in ("make demo", "jaxdiff generate", "edit/p2p.py", "edit/sdedit.py",
+    for p in ("make demo", "jaxdiff generate", "jaxdiff serve", "edit/p2p.py", "edit/sdedit.py",
               "edit/diffedit.py", "edit/blended.py", "edit/repaint.py", "edit/ilvr.py",
               "train/dreambooth.py", "train/textual_inversion.py", "train/text_to_image.py"):
         assert p in programs, p

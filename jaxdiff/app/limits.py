@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -48,14 +49,16 @@ def check_upload(path: str, limits: UploadLimits, name: str = "") -> Tuple[int, 
     try:
         with Image.open(path) as im:  # header only: no pixel is decoded here
             w, h = im.size
-    except Image.DecompressionBombError:
-        raise InputError(f"{name}: image has too many pixels (Pillow refused it as a "
-                         "decompression bomb); upload a smaller image.") from None
+    except Image.DecompressionBombError as e:  # Pillow's own guard, above ~179 megapixels
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "too many pixels"
+        raise InputError(f"{name}: image has {pixels}, the limit is "
+                         f"{limits.max_pixels / 1e6:.0f}; downscale it first.") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(f"{name}: not an image ({type(e).__name__}); upload a PNG, JPEG, "
                          "BMP, GIF, TIFF or WebP file.") from None
     if w * h > limits.max_pixels:
-        raise InputError(f"{name}: image is {w}x{h} = {w * h / 1e6:.0f} megapixels, the "
+        raise InputError(f"{name}: image is {w}x{h}, {w * h / 1e6:.0f} megapixels, the "
                          f"limit is {limits.max_pixels / 1e6:.0f}; downscale it first.")
     return w, h
 

@@ -1,0 +1,222 @@
+"""The web app (``jaxdiff serve``) in a real browser: Playwright drives Debian's Chromium.
+
+The server runs as ``python -m jaxdiff.cli serve`` on a free local port with the embedded
+model (warm-up: the Generate tab's defaults only). Checked: the page loads without waiting
+for a compile; a Generate request with the defaults shows the model's image size, keeps
+its settings in the PNG and compiles nothing (the warm-up did); a P2P edit of an upload
+shows input | reconstruction | edit, with the upload's pixels in the input part; a text
+file and a 20000x20000 PNG header get visible error messages; afterwards the server still
+serves and a new seed still compiles nothing. ``JAXDIFF_SCREENSHOTS=DIR`` saves the three
+tabs as ``DIR/{generate,edit,personalize}.png`` (the README's ``docs/app/``).
+
+Chromium comes from apt (``.ci/run`` installs it): without it the file fails, it does not
+skip. Playwright's own browser download is not used.
+"""
+import io
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import types
+import urllib.request
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdiff.data.shapes import WorldSpec, held_out_examples
+
+pytestmark = pytest.mark.slow
+START_TIMEOUT = 300  # s: import + model load on a busy 2-core machine
+REQUEST_TIMEOUT = 600 * 1000  # ms: a first compile on a busy machine
+
+
+def _png_header_only(w, h):
+    """A PNG whose header claims w x h RGB pixels (its data is a few bytes)."""
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, r.read()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """(url, page, server process, files) of a served app and a headless Chromium page."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed; run `apt-get install -y chromium` "
+                    "(.ci/run does it before make test).")
+    from playwright.sync_api import sync_playwright
+    tmp = tmp_path_factory.mktemp("app")
+    example = held_out_examples(WorldSpec(), 1, num_objects=1)[0]
+    files = types.SimpleNamespace(photo=str(tmp / "photo.png"), text=str(tmp / "notes.txt"),
+                                  bomb=str(tmp / "bomb.png"), caption=example["caption"],
+                                  colour=example["objects"][0].colour)
+    Image.fromarray(example["image"]).save(files.photo)
+    (tmp / "notes.txt").write_text("not an image\n")
+    (tmp / "bomb.png").write_bytes(_png_header_only(20000, 20000))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdiff.cli", "serve", "--port", str(port),
+                             "--workdir", str(tmp / "work"), "--warmup", "generate"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"jaxdiff serve exited ({proc.returncode}):\n"
+                        + (tmp / "server.log").read_text()[-3000:])
+        try:
+            if _get(url)[0] == 200:
+                break
+        except OSError:
+            pass
+        if time.time() - t0 > START_TIMEOUT:
+            proc.kill()
+            pytest.fail("jaxdiff serve did not answer in time:\n"
+                        + (tmp / "server.log").read_text()[-3000:])
+        time.sleep(1)
+    pw = sync_playwright().start()
+    browser = pw.chromium.launch(executable_path=chromium, headless=True,
+                                 args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    shots = os.environ.get("JAXDIFF_SCREENSHOTS")
+    yield types.SimpleNamespace(url=url, page=page, proc=proc, files=files, shots=shots,
+                                log=tmp / "server.log")
+    browser.close()
+    pw.stop()
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _screenshot(app, name):
+    if app.shots:
+        os.makedirs(app.shots, exist_ok=True)
+        app.page.screenshot(path=os.path.join(app.shots, f"{name}.png"), full_page=True)
+
+
+def _wait_status(page, elem, timeout=REQUEST_TIMEOUT, after=""):
+    """The text of ``elem`` once it reports a finished request different from ``after``;
+    an error message shown instead fails the test with its text."""
+    page.wait_for_function(
+        "([sel, old]) => { const t = document.querySelector(sel).innerText;"
+        " return (t.includes('compiled') && t !== old)"
+        " || document.querySelector('.toast-body') !== null; }", arg=[elem, after],
+        timeout=timeout)
+    errors = page.locator(".toast-body").all_inner_texts()
+    assert not errors, errors
+    return page.inner_text(elem)
+
+
+def _images(page, gallery):
+    """[(natural width, height, src)] of a gallery's images, once all have loaded."""
+    page.wait_for_function(
+        f"() => {{ const im = [...document.querySelectorAll('{gallery} img')];"
+        " return im.length > 0 && im.every(e => e.complete && e.naturalWidth > 0); }",
+        timeout=60_000)
+    return page.eval_on_selector_all(
+        f"{gallery} img", "els => els.map(e => [e.naturalWidth, e.naturalHeight, e.src])")
+
+
+def _png(app, src):
+    response = app.page.request.get(src)
+    assert response.ok, src
+    return Image.open(io.BytesIO(response.body()))
+
+
+def test_page_loads_before_the_warm_up_is_done(app):
+    t0 = time.time()
+    app.page.goto(app.url)
+    app.page.wait_for_selector("#gen-run")
+    status = app.page.inner_text("#server-status")
+    assert time.time() - t0 < 60
+    assert any(s in status for s in ("warming up", "ready: ", "model loaded")), status
+    app.page.wait_for_function(
+        "document.querySelector('#server-status').innerText.includes('ready: ')",
+        timeout=REQUEST_TIMEOUT)
+
+
+def test_generate_shows_model_size_images_with_settings(app):
+    page = app.page
+    page.click("#gen-run")  # the defaults: the warm-up compiled this program
+    status = _wait_status(page, "#gen-status")
+    assert "0 program(s) compiled" in status, status
+    images = _images(page, "#gen-gallery")
+    side = images[1][0]
+    assert [tuple(i[:2]) for i in images] == [(2 * side, side), (side, side), (side, side)]
+    assert side == 32  # the embedded model's size
+    png = _png(app, images[1][2])
+    assert png.text["prompt"] == "a red circle" and png.text["seed"] == "0", png.text
+    assert png.text["model"] == "embedded:shapes"
+    _screenshot(app, "generate")
+
+
+def test_p2p_edit_shows_input_reconstruction_edit(app):
+    page = app.page
+    page.get_by_role("tab", name="Edit").click()
+    page.set_input_files("#edit-files input[type=file]", app.files.photo)
+    page.fill("#edit-source textarea", app.files.caption)
+    target = app.files.caption.replace(app.files.colour, "blue" if app.files.colour != "blue"
+                                       else "red")
+    page.fill("#edit-target textarea", target)
+    page.fill("#edit-steps input[type=number]", "3")
+    page.press("#edit-steps input[type=number]", "Enter")
+    page.click("#edit-inversion input")
+    page.get_by_role("option", name="ddim", exact=True).click()
+    page.click("#edit-run")
+    status = _wait_status(page, "#edit-status")
+    assert status.startswith("p2p: 1 image(s)"), status
+    (w, h, src), = _images(page, "#edit-gallery")
+    assert (w, h) == (3 * 32 + 2 * 2, 32)
+    panel = np.asarray(_png(app, src).convert("RGB"))
+    photo = np.asarray(Image.open(app.files.photo).convert("RGB"))
+    np.testing.assert_array_equal(panel[:, :32], photo)  # the upload, as uploaded
+    assert (panel[:, 32:34] == 255).all() and (panel[:, 66:68] == 255).all()  # the gaps
+    assert np.abs(panel[:, 68:].astype(int) - photo).mean() > 1.0  # the edit changed it
+    _screenshot(app, "edit")
+
+
+@pytest.mark.parametrize("name,message", [("text", "not an image"),
+                                          ("bomb", "400 megapixels, the limit is 16")])
+def test_bad_upload_shows_an_error(app, name, message):
+    page = app.page
+    page.goto(app.url)  # a fresh page: an empty upload field
+    page.get_by_role("tab", name="Edit").click()
+    page.set_input_files("#edit-files input[type=file]", getattr(app.files, name))
+    page.locator(".toast-body", has_text=message).first.wait_for(timeout=60_000)
+    assert app.proc.poll() is None
+
+
+def test_server_still_healthy_and_cached(app):
+    assert app.proc.poll() is None
+    assert _get(app.url)[0] == 200
+    page = app.page
+    page.goto(app.url)  # a fresh page: no error message left from the last test
+    page.get_by_role("tab", name="Personalize").click()
+    page.wait_for_selector("#pers-start")
+    _screenshot(app, "personalize")
+    page.get_by_role("tab", name="Generate").click()
+    before = page.inner_text("#gen-status")
+    page.fill("#gen-guidance textarea", "7")  # traced: no new program
+    page.click("#gen-run")
+    status = _wait_status(page, "#gen-status", after=before)
+    assert "0 program(s) compiled" in status, status
+    assert "generate" in app.log.read_text()  # the per-request compile log line
