@@ -92,10 +92,13 @@ class Pipeline:
         return lengths.pop()
 
     def with_dtype(self, dtype) -> "Pipeline":
-        """The same pipeline computing in ``dtype`` (params stay as they are)."""
+        """The same pipeline computing in ``dtype`` (params stay as they are). As diffusers'
+        SDXL pipelines, float16 leaves a VAE whose config has ``force_upcast`` in float32."""
         clone = lambda m: None if m is None else m.clone(dtype=dtype)
+        upcast = jnp.dtype(dtype) == jnp.float16 and self.vae.config.force_upcast
         return dataclasses.replace(
-            self, unet=self.unet.clone(dtype=dtype), vae=self.vae.clone(dtype=dtype),
+            self, unet=self.unet.clone(dtype=dtype),
+            vae=self.vae.clone(dtype=jnp.float32 if upcast else dtype),
             text_encoder=clone(self.text_encoder), text_encoder_2=clone(self.text_encoder_2))
 
     def tokenize(self, prompts: Sequence[str], warn: bool = True) -> np.ndarray:
@@ -144,6 +147,14 @@ class Pipeline:
         score = 2.5 if negative else 6.0
         tail = (score,) if self.requires_aesthetics_score else (height, width)
         return np.asarray((height, width, 0, 0) + tail, np.float32)
+
+    def add_time_ids(self, cond, height: int, width: int, negative: bool = False):
+        """``cond`` with SDXL's ``time_ids`` [B, K] for a height x width image (the
+        ``negative`` half: the refiner's lower aesthetic score); other pipelines: ``cond``."""
+        if not self.is_sdxl:
+            return cond
+        ids = self.time_ids(height, width, negative)
+        return dict(cond, time_ids=jnp.broadcast_to(ids, (cond["context"].shape[0], len(ids))))
 
     def encode_images(self, params, images, key: Optional[jax.Array] = None) -> jax.Array:
         """images [B, H, W, 3] in [-1, 1] -> scaled latents [B, H/f, W/f, C].

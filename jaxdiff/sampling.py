@@ -5,8 +5,10 @@ the compiled program; guidance scale, guidance rescale, eta, prompts, seeds, con
 images, control scales and control step windows are traced inputs and never recompile.
 Spatial control (``Control``: diffusers ControlNets and T2I-Adapters, several at once) runs
 inside the same scan, as diffusers' ``StableDiffusionControlNetPipeline`` /
-``StableDiffusionAdapterPipeline`` do. The batch is sharded over the mesh's ``data`` axis; each sample's noise comes
-from ``fold_in(key(seed), sample_index)``, so results do not depend on the device count.
+``StableDiffusionAdapterPipeline`` do. SDXL's base -> refiner hand-off
+(``denoising_end`` / ``denoising_start``) runs a static range of the steps in one program.
+The batch is sharded over the mesh's ``data`` axis; each sample's noise comes from
+``fold_in(key(seed), sample_index)``, so results do not depend on the device count.
 """
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ def controlled_unet(pipe: Pipeline, params, specs, arrays, adapter_feats, i, n):
 
 
 def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, keys,
-                 control=None):
+                 control=None, span=None):
     """Runs the sampler's ``lax.scan`` from initial latents ``x`` (already sigma-scaled).
 
     Args:
@@ -117,6 +119,8 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
         ``{"context", "text_embeds", "time_ids"}`` (``Pipeline.encode_text``).
       keys: [B] per-sample keys for stochastic samplers.
       control: None, or (specs, arrays, adapter features) as ``controlled_unet`` takes.
+      span: None (every step), or static (first, stop) step indices: only evaluations
+        ``first .. stop - 1`` run (``x`` is then the state at step ``first``).
     Returns:
       final latents [B, h, w, C].
     """
@@ -131,31 +135,36 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
                                                      x.shape[1:]))(keys)
         return sampler.step(state, i, out, noise), None
 
-    state, _ = jax.lax.scan(body, sampler.init(x), jnp.arange(n))
+    first, stop = span or (0, n)
+    state, _ = jax.lax.scan(body, sampler.init(x), jnp.arange(first, stop))
     return sampler.latents(state)
 
 
-def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False):
+def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False, span=None):
     """The whole job as one pure function of (params, ids, neg_ids, noise, keys, scalars,
-    control arrays). ``zero_uncond``: SDXL's zero negative embeddings."""
+    control arrays). ``zero_uncond``: SDXL's zero negative embeddings. ``span``: None, or
+    (first, stop, handed): the step range (``step_span``); ``handed``: ``noise`` are the
+    latents at step ``first`` (not scaled by the init sigma). A range that stops before
+    the last step returns its latents in place of images (no VAE decode)."""
 
     def run(params, ids, neg_ids, noise, keys, scale, rescale, eta, arrays=()):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         cond = pipe.encode_text(params, ids)
         uncond = (jax.tree.map(jnp.zeros_like, cond) if zero_uncond
                   else pipe.encode_text(params, neg_ids))
-        if pipe.is_sdxl:  # micro-conditioning (the refiner: a lower negative score)
-            size = (noise.shape[1] * pipe.vae_scale_factor, noise.shape[2] * pipe.vae_scale_factor)
-            tid = lambda neg: jnp.broadcast_to(pipe.time_ids(*size, negative=neg),
-                                               (noise.shape[0], len(pipe.time_ids(*size))))
-            cond, uncond = dict(cond, time_ids=tid(False)), dict(uncond, time_ids=tid(True))
+        size = (noise.shape[1] * pipe.vae_scale_factor, noise.shape[2] * pipe.vae_scale_factor)
+        cond, uncond = pipe.add_time_ids(cond, *size), pipe.add_time_ids(uncond, *size, True)
         feats = tuple(model.apply({"params": arr["params"]}, arr["image"])
                       if isinstance(model, T2IAdapter) else None
                       for (model, _), arr in zip(specs, arrays))
         control = (specs, arrays, feats) if specs else None
-        loop = lambda s: denoise_loop(pipe, sampler, params, noise * sampler.init_noise_sigma,
-                                      (cond, uncond), s, rescale, keys, control)
+        handed = span is not None and span[2]
+        x = noise if handed else noise * sampler.init_noise_sigma
+        loop = lambda s: denoise_loop(pipe, sampler, params, x, (cond, uncond), s, rescale,
+                                      keys, control, span and span[:2])
         latents = jax.vmap(loop)(scale) if sweep else loop(scale)
+        if span is not None and span[1] < sampler.num_evals:
+            return latents, latents
         flat = latents.reshape((-1,) + latents.shape[-3:])
         images = pipe.decode_latents(params, flat)
         return images.reshape(latents.shape[:-3] + images.shape[-3:]), latents
@@ -164,13 +173,13 @@ def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False):
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(pipe, sampler_name, steps, sweep, mesh, specs=(), zero_uncond=False):
+def _compiled(pipe, sampler_name, steps, sweep, mesh, specs=(), zero_uncond=False, span=None):
     data, rep = parallel.batch_sharded(mesh), parallel.replicated(mesh)
     out_batch = jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(None, parallel.DATA) if sweep else
         jax.sharding.PartitionSpec(parallel.DATA))
     arrays = tuple(dict(params=rep, image=data, scale=data, start=rep, end=rep) for _ in specs)
-    return jax.jit(_program(pipe, sampler_name, steps, sweep, specs, zero_uncond),
+    return jax.jit(_program(pipe, sampler_name, steps, sweep, specs, zero_uncond, span),
                    in_shardings=(rep, data, data, data, data, rep, rep, rep, arrays),
                    out_shardings=(out_batch, out_batch))
 
@@ -181,7 +190,8 @@ def generation_program(pipe: Pipeline, sampler: str = "ddim", steps: int = 50,
     ``.lower(params, ids, neg_ids, noise, keys, scale, rescale, eta, ())`` from abstract
     shapes (``bench/roofline.py``); no control models."""
     # The same positional arguments as ``generate`` (lru_cache keys on their form).
-    return _compiled(pipe, sampler, int(steps), sweep, mesh or parallel.make_mesh(), (), False)
+    return _compiled(pipe, sampler, int(steps), sweep, mesh or parallel.make_mesh(), (), False,
+                     None)
 
 
 def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
@@ -190,7 +200,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
              latents=None, height: Optional[int] = None, width: Optional[int] = None,
              eta: float = 0.0, guidance_rescale: float = 0.0, mesh=None,
              output: str = "uint8", sample_offset: int = 0,
-             control: Union[None, Control, Sequence[Control]] = None):
+             control: Union[None, Control, Sequence[Control]] = None,
+             denoising_start: Optional[float] = None, denoising_end: Optional[float] = None):
     """Generates images for ``prompts``.
 
     Args:
@@ -207,6 +218,13 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
       output: "uint8" (images) or "latents" (final latents, float32).
       control: a ``Control`` or a sequence of them (ControlNets and T2I-Adapters mixed);
         their residuals add up. Condition images must be ``height`` x ``width``.
+      denoising_end: a fraction in (0, 1): stop where the timesteps fall below
+        ``(1 - denoising_end) * num_train_timesteps`` and return those latents (needs
+        ``output="latents"``): SDXL's base before the refiner (diffusers' ``denoising_end``).
+      denoising_start: a fraction in (0, 1): ``latents`` are the latents such a run
+        returned (not noise); only the remaining steps run (diffusers'
+        ``StableDiffusionXLImg2ImgPipeline(image=latents, denoising_start=...)``). The step
+        range is static (``step_span``): another value may compile another program.
     Returns:
       uint8 [B, H, W, 3] images (or [S, B, H, W, 3] for a sweep of S scales); for
       ``output="latents"`` the final latents with the same leading axes.
@@ -223,6 +241,10 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
         raise ValueError("control= is not supported for SDXL pipelines yet (SD 1.x/2.x "
                          "ControlNets and T2I-Adapters only).")
     specs, arrays = control_inputs(pipe, control, b, n, height, width)
+    sweep = not np.isscalar(guidance_scale) and np.ndim(guidance_scale) == 1
+    span = step_span(pipe, sampler, steps, denoising_start, denoising_end)
+    if span is not None:
+        check_handoff(sampler, span, sweep, output, latents, denoising_end)
     shape = pipe.latent_shape(height, width)
     keys = sample_keys(seed, n, sample_offset)
     if latents is None:
@@ -234,15 +256,60 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
                              "(NHWC) for this batch and resolution.")
         noise = _pad(noise, n)
     ids, neg_ids = _pad(pipe.tokenize(prompts), n), _pad(pipe.tokenize(negative), n)
-    sweep = not np.isscalar(guidance_scale) and np.ndim(guidance_scale) == 1
     scale = jnp.asarray(guidance_scale, jnp.float32)
     zero = pipe.is_sdxl and pipe.force_zeros_for_empty_prompt and negative_prompts is None
-    run = _compiled(pipe, sampler, int(steps), sweep, mesh, specs, zero)
+    run = _compiled(pipe, sampler, int(steps), sweep, mesh, specs, zero, span)
     images, final = run(params, ids, neg_ids, noise, keys, scale,
                         jnp.float32(guidance_rescale), jnp.float32(eta), arrays)
     if output == "latents":
         return np.asarray(final)[..., :b, :, :, :]
     return to_uint8(np.asarray(images)[..., :b, :, :, :])
+
+
+def step_span(pipe: Pipeline, sampler: str, steps: int, denoising_start=None,
+              denoising_end=None):
+    """The static step range ``(first, stop, handed)`` of a partial run, or None.
+
+    As diffusers' SDXL pipelines: with T = num_train_timesteps, the base keeps the
+    timesteps >= round(T - denoising_end * T); the refiner keeps those < round(T -
+    denoising_start * T). ``handed``: the run starts from given latents (denoising_start).
+    Ints, so the compiled program is keyed by the steps that run, not by the fraction.
+    """
+    if denoising_start is None and denoising_end is None:
+        return None
+    for name, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if v is not None and not 0.0 < float(v) < 1.0:
+            raise ValueError(f"{name}={v} must be a fraction strictly between 0 and 1.")
+    if denoising_start is not None and denoising_end is not None and \
+            float(denoising_start) >= float(denoising_end):
+        raise ValueError(f"denoising_start={denoising_start} must be below "
+                         f"denoising_end={denoising_end}.")
+    ts = np.asarray(make_sampler(sampler, pipe.scheduler, int(steps)).timesteps)
+    t = pipe.scheduler.num_train_timesteps
+    cut = lambda frac: int(round(t - float(frac) * t))
+    first = 0 if denoising_start is None else len(ts) - int((ts < cut(denoising_start)).sum())
+    stop = len(ts) if denoising_end is None else int((ts >= cut(denoising_end)).sum())
+    if first >= stop:
+        raise ValueError(f"denoising_start={denoising_start} / denoising_end={denoising_end} "
+                         f"leave no step of {steps} to run; use more steps or a wider range.")
+    return first, stop, denoising_start is not None
+
+
+def check_handoff(sampler: str, span, sweep: bool, output: str, latents, end) -> None:
+    """One-line ValueError for a partial run ``generate`` cannot do (before any compile)."""
+    if sampler == "heun" or (span[2] and sampler == "dpmpp_2m"):
+        raise ValueError(f"denoising_start/denoising_end are not supported with sampler "
+                         f"{sampler!r} (its steps carry history across the cut); use ddim, "
+                         "ddpm, euler or euler_a" + ("" if span[2] else " or dpmpp_2m") + ".")
+    if span[2] and latents is None:
+        raise ValueError("denoising_start needs latents=: the latents a run with "
+                         "denoising_end returned (output='latents').")
+    if span[2] and sweep:
+        raise ValueError("denoising_start takes one guidance scale, not a sweep (hand each "
+                         "scale's latents over separately).")
+    if end is not None and output != "latents":
+        raise ValueError(f"denoising_end={end} returns partly denoised latents for a refiner: "
+                         "pass output='latents'.")
 
 
 def control_inputs(pipe: Pipeline, control, b: int, n: int, height: int, width: int):

@@ -236,7 +236,8 @@ def test_control_values_are_traced_and_scale_zero_is_the_plain_path(nets):
             assert np.abs(got - plain).max() > 0.05
     specs = gen_lib.control_inputs(pipe, _two_controls(nets, _cond_images()), 2, 2, 16, 16)[0]
     # generate's own call (zero_uncond False: not SDXL), so the same cached program
-    run = gen_lib._compiled(pipe, "ddim", 4, False, jaxdiff.parallel.make_mesh(), specs, False)
+    run = gen_lib._compiled(pipe, "ddim", 4, False, jaxdiff.parallel.make_mesh(), specs, False,
+                            None)
     assert run._cache_size() == 1
 
 

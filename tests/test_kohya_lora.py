@@ -105,7 +105,8 @@ def test_bad_kohya_files_are_one_line_naming_file_and_key(sd, tmp_path):
                         "lora_unet_down_blocks_9_x.lora_up.weight": np.zeros((2, 1))}),
          "module 'lora_unet_down_blocks_9_x' has no layer in this model"),
         (dict(state, **{"lora_unet_a.hada_w1_a": np.zeros(1)}), "LyCORIS LoHa"),
-        (dict(state, **{"lora_te1_text_model_x.lora_down.weight": np.zeros((1, 2))}), "SDXL"),
+        (dict(state, **{"lora_te2_text_model_x.lora_down.weight": np.zeros((1, 2))}),
+         "text encoder this model lacks"),  # an SDXL file on SD 1.x
         (dict(state, **{key.replace("lora_down", "lora_up"): np.zeros((3, 9), np.float32)}),
          "does not match lora_down"),
     ]

@@ -25,7 +25,8 @@ def apply_adapters(pipe, params, lora=None, lora_scale=1.0, textual_inversion=No
     """
     expand = lambda prompt: prompt
     if lora and kohya.is_kohya_file(lora):  # per-module alpha / rank already folded in
-        adapters = read_weights(lambda p: kohya.load_kohya_lora(p, params), lora, "--lora")
+        adapters = read_weights(lambda p: kohya.load_kohya_lora(p, params, pipe.unet.config),
+                                lora, "--lora")
         scale = lora_scale
     elif lora:
         adapters, alpha = read_weights(lora_lib.load_lora, lora, "--lora")
@@ -36,18 +37,36 @@ def apply_adapters(pipe, params, lora=None, lora_scale=1.0, textual_inversion=No
         except ValueError as e:
             raise ValueError(f"--lora {lora}: does not fit this model ({e})") from None
     if textual_inversion:
-        name, rows = read_weights(ti.load_learned_embeds, textual_inversion,
-                                  "--textual-inversion")
-        n = rows.shape[0]
-        if rows.shape[1] != ti.token_table(params).shape[1]:
-            raise ValueError(f"--textual-inversion {textual_inversion}: embeddings have "
-                             f"{rows.shape[1]} dims, this model's text encoder "
-                             f"{ti.token_table(params).shape[1]}; it was trained for another "
-                             "model.")
-        tok = ti.add_tokens(pipe.tokenizer, name, n)
-        pipe, params = ti.merge_embeddings(pipe, params, tok, rows)
+        name, tables = read_weights(ti.load_embeddings, textual_inversion,
+                                    "--textual-inversion")
+        tables = embedding_tables(pipe, params, tables, textual_inversion)
+        n = next(iter(tables.values())).shape[0]
+        for scope, rows in tables.items():
+            field = "tokenizer_2" if scope == "text_encoder_2" else "tokenizer"
+            tok = ti.add_tokens(getattr(pipe, field), name, n)
+            pipe, params = ti.merge_embeddings(pipe, params, tok, rows, scope)
         expand = lambda prompt: ti.expand_prompt(prompt, name, n)
     return pipe, params, expand
+
+
+def embedding_tables(pipe, params, tables: dict, source: str) -> dict:
+    """The rows of ``tables`` ({text encoder: [n, D]}) this pipeline uses, checked: an SDXL
+    pipeline needs clip_l / clip_g rows for each of its encoders (the refiner: clip_g
+    only), SD 1.x / 2.x one tensor; each D must be the encoder's width."""
+    have = [name for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name)]
+    missing = [s for s in have if s not in tables]
+    if missing or (not pipe.is_sdxl and "text_encoder_2" in tables):
+        kind = "SDXL (clip_l / clip_g)" if "text_encoder_2" in tables else "SD 1.x / 2.x"
+        raise ValueError(f"--textual-inversion {source}: {kind} embeddings do not fit this "
+                         f"model (it has {' and '.join(have)}); they were trained for another "
+                         "model.")
+    for scope in have:
+        width = ti.token_table(params, scope).shape[1]
+        if tables[scope].shape[1] != width:
+            raise ValueError(f"--textual-inversion {source}: embeddings have "
+                             f"{tables[scope].shape[1]} dims, this model's {scope} {width}; "
+                             "they were trained for another model.")
+    return {scope: tables[scope] for scope in have}
 
 
 def read_weights(load, path, flag):

@@ -4,10 +4,14 @@ A module's tensors are ``<name>.lora_down.weight`` ([r, in] for a linear layer,
 [r, in, kh, kw] for a convolution), ``<name>.lora_up.weight`` ([out, r] / [out, r, 1, 1])
 and an optional scalar ``<name>.alpha``; ``<name>`` is the diffusers module path with
 ``.`` -> ``_`` behind ``lora_unet_`` / ``lora_te_`` (SD 1.x / 2.x; kohya names the SD 2.x
-text encoder as transformers' CLIPTextModel). As diffusers' ``load_lora_weights`` (peft),
-a module adds ``alpha / r * up @ down`` to its weight (alpha = r when absent), so each
-module's ``up`` is pre-scaled by its own ``alpha / r`` here: ranks and alphas may differ
-per module, and ``merge_lora(params, lora, strength)`` applies the file at ``strength``.
+text encoder as transformers' CLIPTextModel). SDXL files name the two text encoders
+``lora_te1_`` / ``lora_te2_`` and the UNet modules by the original (SGM) layout
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), as diffusers'
+``_maybe_map_sgm_blocks_to_diffusers`` reads them; both UNet namings are accepted.
+As diffusers' ``load_lora_weights`` (peft), a module adds ``alpha / r * up @ down`` to its
+weight (alpha = r when absent), so each module's ``up`` is pre-scaled by its own
+``alpha / r`` here: ranks and alphas may differ per module, and
+``merge_lora(params, lora, strength)`` applies the file at ``strength``.
 
 A convolution adapter is stored as ``down``: [kh * kw * in, r] (rows in the kernel's HWI
 order) and ``up``: [r, out]; ``merge_lora`` reshapes ``down @ up`` to the HWIO kernel.
@@ -24,9 +28,11 @@ from flax import traverse_util
 from safetensors import safe_open
 
 from jaxdiff.weights import files
+from jaxdiff.weights import original_layout as ol
 from jaxdiff.weights.convert import torch_key
 
-SCOPES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+SCOPES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+          "lora_te2_": "text_encoder_2"}
 _KEY = re.compile(r"^(lora_unet_|lora_te\d?_)(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _OTHER_FORMATS = (("hada_", "LyCORIS LoHa"), ("lokr_", "LyCORIS LoKr"),
                   ("lora_mid", "LoCon with a Tucker 'lora_mid' core"),
@@ -44,24 +50,31 @@ def is_kohya_file(path: str) -> bool:
         return False
 
 
-def module_names(params) -> Dict[str, Tuple[str, ...]]:
+def module_names(params, unet_config=None) -> Dict[str, Tuple[str, ...]]:
     """kohya module name -> params path of its kernel's module, for every layer with a
-    ``kernel`` in ``params["unet"]`` / ``params["text_encoder"]``."""
+    ``kernel`` in the pipeline's UNet and text encoders; with ``unet_config``, the UNet
+    modules also under their original-layout (SGM) names, as SDXL files use."""
     out = {}
     for prefix, scope in SCOPES.items():
-        for path in traverse_util.flatten_dict(params[scope]):
+        for path in traverse_util.flatten_dict(params.get(scope, {})):
             if path[-1] == "kernel":
-                name = torch_key(path)[: -len(".weight")].replace(".", "_")
-                out[prefix + name] = (scope,) + path[:-1]
+                key = torch_key(path)
+                out[prefix + key[: -len(".weight")].replace(".", "_")] = (scope,) + path[:-1]
+                if scope == "unet" and unet_config is not None:
+                    orig = ol.unet_map([key], unet_config)[key][0]
+                    sgm = orig[len(ol.UNET_PREFIX): -len(".weight")].replace(".", "_")
+                    out.setdefault(prefix + sgm, (scope,) + path[:-1])
     return out
 
 
-def from_state_dict(state, params, source: str = "LoRA") -> dict:
+def from_state_dict(state, params, source: str = "LoRA", unet_config=None) -> dict:
     """kohya state dict -> adapter pytree with per-module ``alpha / r`` folded into ``up``.
 
+    Args:
+      unet_config: the UNet's config, to read original-layout (SGM) UNet names (SDXL).
     Raises:
       ValueError: one line naming ``source`` and the first offending key (another format,
-        a module this model lacks, mismatched down/up ranks, SDXL text encoders).
+        a module this model lacks, mismatched down/up ranks).
     """
     for key in state:
         for marker, what in _OTHER_FORMATS:
@@ -74,11 +87,11 @@ def from_state_dict(state, params, source: str = "LoRA") -> dict:
         if m is None:
             raise ValueError(f"{source}: '{key}' is not a kohya LoRA key ('lora_unet_<module>."
                              "lora_down.weight' / '.lora_up.weight' / '.alpha').")
-        if m.group(1) not in SCOPES:
-            raise ValueError(f"{source}: '{key}' is for SDXL's text encoders "
-                             "(lora_te1_/lora_te2_); jaxdiff reads SD 1.x / 2.x LoRAs so far.")
+        if m.group(1) not in SCOPES or SCOPES[m.group(1)] not in params:
+            raise ValueError(f"{source}: '{key}' is for a text encoder this model lacks; the "
+                             "LoRA was made for another base model.")
         mods.setdefault(m.group(1) + m.group(2), {})[m.group(3)] = np.asarray(value, np.float32)
-    names = module_names(params)
+    names = module_names(params, unet_config)
     flat = {}
     for name in sorted(mods):
         t = mods[name]
@@ -103,11 +116,13 @@ def from_state_dict(state, params, source: str = "LoRA") -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def load_kohya_lora(path: str, params) -> dict:
-    """Reads a kohya / A1111 LoRA ``.safetensors`` for the model of ``params``.
+def load_kohya_lora(path: str, params, unet_config=None) -> dict:
+    """Reads a kohya / A1111 LoRA ``.safetensors`` for the model of ``params``
+    (``unet_config``: ``pipe.unet.config``, needed for SDXL's original-layout UNet names).
 
     Returns:
       adapter pytree; ``merge_lora(params, lora, strength)`` applies it as diffusers'
       ``load_lora_weights`` at lora scale ``strength`` does.
     """
-    return from_state_dict(files.read_tensors(path), params, path)  # bf16 files included
+    return from_state_dict(files.read_tensors(path), params, path,  # bf16 files included
+                           unet_config)

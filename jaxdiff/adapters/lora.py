@@ -16,7 +16,8 @@ diffusers' ``StableDiffusionPipeline.load_lora_weights`` (needs ``peft`` install
 
 * ``unet.<module>.lora_A.weight`` = ``down.T`` [r, in], ``unet.<module>.lora_B.weight`` =
   ``up.T`` [out, r]; text-encoder modules as
-  ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight``.
+  ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight`` (SDXL's
+  second encoder: ``text_encoder_2.``).
 * header metadata ``lora_adapter_metadata``: JSON ``{"unet.r": r, "unet.lora_alpha": alpha,
   "unet.target_modules": [...], "text_encoder.r": ...}`` — the ``LoraConfig`` per component
   that diffusers >= 0.35 writes and reads. Without it diffusers assumes ``alpha = rank``.
@@ -47,13 +48,14 @@ from jaxdiff.weights.convert import torch_key
 DEFAULT_TARGETS = {
     "unet": ("to_q", "to_k", "to_v", "to_out_0"),
     "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "text_encoder_2": ("q_proj", "k_proj", "v_proj", "out_proj"),  # SDXL's second encoder
 }
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
 # peft (lora_A/B) and diffusers' training-script names (lora.down/up, lora_linear_layer.*).
-_KEY_RE = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|"
-                     r"lora_linear_layer\.down|lora_linear_layer\.up)\.weight$")
-_ALPHA_RE = re.compile(r"^(unet|text_encoder)\.(.+)\.alpha$")
+_KEY_RE = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+?)\.(lora_A|lora_B|lora\.down|"
+                     r"lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)\.weight$")
+_ALPHA_RE = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.alpha$")
 
 Path = Tuple[str, ...]
 
@@ -199,7 +201,7 @@ def from_state_dict(state: Dict[str, np.ndarray]) -> Tuple[dict, Dict[str, float
                              "('lora_unet_...') files are read by jaxdiff.adapters.kohya "
                              "(and --lora).")
         scope, module, kind = m.groups()
-        if scope == "text_encoder" and not module.startswith("text_model."):
+        if scope.startswith("text_encoder") and not module.startswith("text_model."):
             module = "text_model." + module  # transformers >= 5 module names
         leaf = "down" if kind.endswith(("A", "down")) else "up"
         flat[(scope,) + _flax_path(module) + (leaf,)] = jnp.asarray(

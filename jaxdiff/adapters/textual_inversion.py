@@ -11,7 +11,10 @@ with n vectors is the n added tokens ``"<cat-toy>"``, ``"<cat-toy>_1"``, ...,
 ``"<cat-toy>_{n-1}"`` (ids ``V .. V+n-1``), and a prompt's placeholder is expanded to all of
 them (``expand_prompt``). Files are ``learned_embeds.safetensors`` with one tensor
 ``{placeholder: [n, D]}``, as diffusers' ``textual_inversion.py`` writes and
-``StableDiffusionPipeline.load_textual_inversion`` reads.
+``StableDiffusionPipeline.load_textual_inversion`` reads. SDXL embeddings are one file with
+``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` (rows for ``text_encoder`` and
+``text_encoder_2``) whose placeholder is the file name, as A1111 and diffusers' SDXL
+examples use them (``load_embeddings``).
 
 Learning the rows is ``jaxdiff.training.textual_inversion``.
 
@@ -34,6 +37,7 @@ from safetensors.numpy import load_file, save_file
 from jaxdiff.weights import files
 
 WEIGHT_NAME = "learned_embeds.safetensors"
+SDXL_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -96,9 +100,10 @@ def _is_existing_token(tokenizer, name) -> bool:
 
 # --------------------------------------------------------------------------- embeddings
 
-def token_table(params) -> jax.Array:
-    """The frozen token-embedding table ``[V, D]`` of pipeline params."""
-    return params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+def token_table(params, scope: str = "text_encoder") -> jax.Array:
+    """The frozen token-embedding table ``[V, D]`` of pipeline params (``scope``: the text
+    encoder, ``"text_encoder_2"`` for SDXL's second)."""
+    return params[scope]["text_model"]["embeddings"]["token_embedding"]["embedding"]
 
 
 def init_embeddings(params, tokenizer, initializer_token: str, num_vectors: int = 1):
@@ -152,7 +157,7 @@ def encode_text(pipe, params, new_rows, ids, vocab_size: Optional[int] = None) -
                                    embeddings=emb)
 
 
-def merge_embeddings(pipe, params, tokenizer, new_rows):
+def merge_embeddings(pipe, params, tokenizer, new_rows, scope: str = "text_encoder"):
     """A pipeline whose vocabulary includes the learned tokens (for sampling / export).
 
     Like diffusers' ``resize_token_embeddings``: the table becomes the first
@@ -162,25 +167,28 @@ def merge_embeddings(pipe, params, tokenizer, new_rows):
       pipe, params: the base pipeline and its params.
       tokenizer: the tokenizer returned by ``add_tokens``.
       new_rows: ``[n, D]`` learned rows.
+      scope: the text encoder (SDXL: ``"text_encoder_2"`` with ``tokenizer_2``).
     Returns:
       ``(pipe, params)`` with the tokenizer, ``vocab_size = V + n`` and the table
       ``[V + n, D]``; usable by ``jaxdiff.generate`` and ``jaxdiff.save_pipeline``.
     """
-    table = token_table(params)
+    table = token_table(params, scope)
     vocab = len(tokenizer) - new_rows.shape[0]
     if not 0 < vocab <= table.shape[0]:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens for {new_rows.shape[0]} new "
                          f"rows, but the table has only {table.shape[0]} rows.")
     merged = jnp.concatenate([table[:vocab], jnp.asarray(new_rows, table.dtype)], axis=0)
-    text = params["text_encoder"]
+    text = params[scope]
     emb = dict(text["text_model"]["embeddings"],
                token_embedding=dict(text["text_model"]["embeddings"]["token_embedding"],
                                     embedding=merged))
     text = dict(text, text_model=dict(text["text_model"], embeddings=emb))
-    config = dataclasses.replace(pipe.text_encoder.config, vocab_size=merged.shape[0])
-    new_pipe = dataclasses.replace(pipe, tokenizer=tokenizer,
-                                   text_encoder=pipe.text_encoder.clone(config=config))
-    return new_pipe, dict(params, text_encoder=text)
+    module = getattr(pipe, scope)
+    config = dataclasses.replace(module.config, vocab_size=merged.shape[0])
+    tok_field = "tokenizer_2" if scope == "text_encoder_2" else "tokenizer"
+    new_pipe = dataclasses.replace(pipe, **{tok_field: tokenizer,
+                                            scope: module.clone(config=config)})
+    return new_pipe, dict(params, **{scope: text})
 
 
 # --------------------------------------------------------------------------------- files
@@ -224,6 +232,29 @@ def load_learned_embeds(path: str) -> Tuple[str, jax.Array]:
     (name, rows), = state.items()
     rows = rows[None] if rows.ndim == 1 else rows
     return name, jnp.asarray(rows, jnp.float32)
+
+
+def load_embeddings(path: str) -> Tuple[str, dict]:
+    """Reads SD 1.x / 2.x or SDXL Textual Inversion embeddings.
+
+    Returns:
+      ``(placeholder, {text encoder scope: rows [n, D]})``: a one-tensor file gives its key
+      and ``{"text_encoder": rows}``; an SDXL file (``clip_l`` / ``clip_g``) gives the file
+      name without extension and rows for ``text_encoder`` / ``text_encoder_2``.
+    """
+    file = _file(path, create=False)
+    if file.endswith(".safetensors"):
+        state = load_file(file)
+        if state and set(state) <= set(SDXL_KEYS) and "clip_g" in state:
+            rows = {SDXL_KEYS[k]: jnp.asarray(v[None] if v.ndim == 1 else v, jnp.float32)
+                    for k, v in state.items()}
+            if len({r.shape[0] for r in rows.values()}) != 1:
+                raise ValueError(f"{file}: clip_l and clip_g have different vector counts "
+                                 f"{[r.shape[0] for r in rows.values()]}.")
+            name = os.path.basename(file)[: -len(".safetensors")]
+            return name, rows
+    name, rows = load_learned_embeds(path)
+    return name, {"text_encoder": rows}
 
 
 def _file(path: str, create: bool) -> str:

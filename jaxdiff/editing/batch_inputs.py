@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel
+from jaxdiff.pipeline import unet_apply
 from jaxdiff.sampling import prompt_list, sample_keys
 
 
@@ -45,8 +46,16 @@ def image_keys(seed, b: int, sample_index=None) -> jax.Array:
 
 
 def unet_denoiser(pipe, params):
-    """``(x, t, context) -> model output`` with the UNet params closed over."""
-    return lambda x, t, c: pipe.unet.apply({"params": params["unet"]}, x, t, c)
+    """``(x, t, cond) -> model output`` with the UNet params closed over (``cond``: a
+    context array, or SDXL's pytree as ``pipeline.unet_apply`` takes)."""
+    return lambda x, t, c: unet_apply(pipe, params["unet"], x, t, c)
+
+
+def refuse_sdxl(pipe, method: str) -> None:
+    """One-line ValueError, before any compile, for an edit method not ported to SDXL."""
+    if pipe.is_sdxl:
+        raise ValueError(f"{method} does not support SDXL pipelines yet (SD 1.x / 2.x only); "
+                         "SDEdit (jaxdiff.editing.sdedit) does.")
 
 
 def step_noise(keys, i, shape):

@@ -94,6 +94,7 @@ def blended(pipe, params, images, masks, prompts, negative_prompts=None, *,
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"blended diffusion supports samplers {SAMPLERS}, got {sampler!r}.")
+    batch_inputs.refuse_sdxl(pipe, "Blended diffusion")
     images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
     masks = batch_inputs.check_masks(masks, images)

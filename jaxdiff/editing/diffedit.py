@@ -151,6 +151,7 @@ def diffedit(pipe, params, images, source_prompts, target_prompts, negative_prom
       {"edited", "reconstruction": [B, H, W, 3] in [-1, 1]; "latents";
        "latent_mask": [B, h, w] the mask used; "mask_map": [B, h, w] normalised map}.
     """
+    batch_inputs.refuse_sdxl(pipe, "DiffEdit")
     images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
     src = pipe.tokenize(prompt_list(source_prompts, b, "source prompts", per="image"))

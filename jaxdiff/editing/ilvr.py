@@ -108,6 +108,7 @@ def ilvr(pipe, params, images, prompts, negative_prompts=None, *, factor: int = 
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"ILVR supports samplers {SAMPLERS}, got {sampler!r}.")
+    batch_inputs.refuse_sdxl(pipe, "ILVR")
     images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
     hw = pipe.latent_shape(*images.shape[1:3])[:2]

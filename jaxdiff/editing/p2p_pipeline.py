@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel
+from jaxdiff.editing import batch_inputs
 from jaxdiff.editing import inversion as inv
 from jaxdiff.editing import local_blend as lb
 from jaxdiff.editing import prompt_to_prompt as p2p
@@ -139,6 +140,7 @@ def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str
         both are padded to a multiple of its batch devices by repeating the last one
         (the padding is edited and dropped), so results do not depend on the mesh.
     """
+    batch_inputs.refuse_sdxl(pipe, "Prompt-to-Prompt / null-text inversion")
     settings.validate()
     images = np.asarray(images)
     m = images.shape[0]

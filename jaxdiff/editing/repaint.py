@@ -147,6 +147,7 @@ def repaint(pipe, params, images, masks, prompts, negative_prompts=None, *, step
     Returns:
       {"edited", "reconstruction": [B, H, W, 3] in [-1, 1]; "latents"; "latent_mask"}.
     """
+    batch_inputs.refuse_sdxl(pipe, "RePaint")
     images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
     masks = batch_inputs.check_masks(masks, images)

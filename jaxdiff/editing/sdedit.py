@@ -4,7 +4,9 @@ Matches diffusers' ``StableDiffusionImg2ImgPipeline`` given the same start noise
 last ``int(S * strength)`` of S DDIM (or DDPM) steps run from
 ``add_noise(z0, noise, timesteps[t_start])``. Strength, guidance, eta and the seed are
 traced (see ``partial_trajectory.py`` for how the number of steps varies without changing shapes);
-strength may differ per image of a batch.
+strength may differ per image of a batch. On SDXL pipelines (base or refiner) it is
+diffusers' ``StableDiffusionXLImg2ImgPipeline`` (time ids of the image size, the refiner's
+aesthetic scores, zero negative embeddings where the pipeline asks for them).
 
 References: Meng et al., "SDEdit: Guided Image Synthesis and Editing with Stochastic
 Differential Equations", ICLR 2022.
@@ -33,7 +35,8 @@ def sdedit_latents(denoise, sampler, alphas_cumprod, z0, noise, cond, uncond, st
       denoise: ``(x, t, context) -> model output``.
       sampler: a DDIM or DDPM ``Sampler`` (state = the latent).
       z0, noise: [B, h, w, C] scaled image latents and N(0, 1) start noise.
-      cond, uncond: [B, L, D] prompt and negative-prompt embeddings.
+      cond, uncond: [B, L, D] prompt and negative-prompt embeddings (SDXL: the pytrees
+        ``{"context", "text_embeds", "time_ids"}``).
       strength: [B] in [0, 1]; guidance: CFG scale (traced).
       keys: [B] keys for the per-step noise of stochastic steps (eta > 0, DDPM).
     Returns:
@@ -54,13 +57,18 @@ def sdedit_latents(denoise, sampler, alphas_cumprod, z0, noise, cond, uncond, st
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, sampler_name, steps):
+def _compiled(pipe, sampler_name, steps, zero_uncond=False):
+    """``zero_uncond``: SDXL's zero negative embeddings (no negative prompt)."""
     ac = jnp.asarray(schedules.alphas_cumprod(pipe.scheduler), jnp.float32)
 
     def run(params, images, ids, neg_ids, noise, keys, strength, guidance, eta):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         z0 = pipe.encode_images(params, images)
-        cond, uncond = pipe.encode_text(params, ids), pipe.encode_text(params, neg_ids)
+        cond = pipe.encode_text(params, ids)
+        uncond = (jax.tree.map(jnp.zeros_like, cond) if zero_uncond
+                  else pipe.encode_text(params, neg_ids))
+        size = images.shape[1:3]  # SDXL: time ids of this size, as diffusers' img2img
+        cond, uncond = pipe.add_time_ids(cond, *size), pipe.add_time_ids(uncond, *size, True)
         noise = initial_noise(keys, z0.shape[1:]) if noise is None else noise
         lat = sdedit_latents(batch_inputs.unet_denoiser(pipe, params), sampler, ac, z0, noise,
                              cond, uncond, strength, guidance, keys)
@@ -94,7 +102,8 @@ def sdedit(pipe, params, images, prompts, negative_prompts=None, *, strength=0.8
     b = images.shape[0]
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     noise = batch_inputs.given_noise(noise, (b,) + pipe.latent_shape(*images.shape[1:3]))
-    run = _compiled(pipe, sampler, int(steps))
+    zero = pipe.is_sdxl and pipe.force_zeros_for_empty_prompt and negative_prompts is None
+    run = _compiled(pipe, sampler, int(steps), zero)
     keys = batch_inputs.image_keys(seed, b, sample_index)
     rows = dict(images=images, ids=ids, neg_ids=neg, noise=noise, keys=keys,
                 strength=batch_inputs.per_image(strength, b, "strength"))

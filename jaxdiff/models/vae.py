@@ -32,6 +32,9 @@ class VAEConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
     shift_factor: Any = None
+    # float16 pipelines keep this VAE in float32 (its activations overflow float16);
+    # False for VAEs fine-tuned to stay in range, e.g. SDXL's "fp16-fix" VAE.
+    force_upcast: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True

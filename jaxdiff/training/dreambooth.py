@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxdiff import parallel, schedules
 from jaxdiff.adapters import lora as lora_lib
-from jaxdiff.pipeline import Pipeline
+from jaxdiff.pipeline import Pipeline, unet_apply
 from jaxdiff.training import losses
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.batching import host_slice, stream_indices
@@ -64,14 +64,15 @@ def make_trainable(params, *, train_text_encoder: bool = False, lora_rank: int =
     """
     if lora_rank < 0:
         raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}.")
+    texts = [k for k in ("text_encoder", "text_encoder_2") if k in params]  # SDXL: both
     if lora_rank == 0:
-        parts = ("unet", "text_encoder") if train_text_encoder else ("unet",)
+        parts = ("unet", *texts) if train_text_encoder else ("unet",)
         return Trainable({k: params[k] for k in parts}, lambda tr: dict(params, **tr), None)
     key = jax.random.key(seed)
     adapters = lora_lib.init_lora(params, lora_rank, key=jax.random.fold_in(key, 0))
-    if train_text_encoder:
-        adapters.update(lora_lib.init_lora(params, lora_rank, key=jax.random.fold_in(key, 1),
-                                           scope="text_encoder"))
+    for i, scope in enumerate(texts if train_text_encoder else ()):
+        adapters.update(lora_lib.init_lora(params, lora_rank, key=jax.random.fold_in(key, 1 + i),
+                                           scope=scope))
     alpha = float(lora_rank if lora_alpha is None else lora_alpha)
     scale = lora_lib.lora_scale(alpha, lora_rank)
     return Trainable(adapters, lambda tr: lora_lib.merge_lora(params, tr, scale), alpha)
@@ -82,9 +83,10 @@ def make_dreambooth_loss(pipe: Pipeline, merge: Callable, *, train_text_encoder:
     """``loss(trainable, batch, rng) -> scalar`` (module docstring).
 
     ``batch`` holds ``instance_latents [B,h,w,C]`` and ``instance_text`` (token ids
-    ``[B,L]`` if the text encoder trains, else cached embeddings ``[B,L,D]``); with prior
-    preservation also ``class_latents``, ``class_text`` and ``prior_weight [B]`` (lambda,
-    the same value in every row; traced).
+    ``[B,L]`` if the text encoder trains, else cached embeddings ``[B,L,D]``; SDXL: ids
+    ``[B,2,L]`` or the cached ``{"context", "text_embeds"}``, with time ids of the latents'
+    image size added here); with prior preservation also ``class_latents``, ``class_text``
+    and ``prior_weight [B]`` (lambda, the same value in every row; traced).
     """
     sched = pipe.scheduler
     alphas = schedules.alphas_cumprod(sched)
@@ -94,9 +96,11 @@ def make_dreambooth_loss(pipe: Pipeline, merge: Callable, *, train_text_encoder:
         x0, text = batch["instance_latents"], batch["instance_text"]
         if prior_preservation:
             x0 = jnp.concatenate([x0, batch["class_latents"]])
-            text = jnp.concatenate([text, batch["class_text"]])
+            text = jax.tree.map(lambda a, c: jnp.concatenate([a, c]), text, batch["class_text"])
         context = pipe.encode_text(p, text) if train_text_encoder else text
-        unet = lambda x, t, c: pipe.unet.apply({"params": p["unet"]}, x, t, c)
+        f = pipe.vae_scale_factor
+        context = pipe.add_time_ids(context, x0.shape[1] * f, x0.shape[2] * f)
+        unet = lambda x, t, c: unet_apply(pipe, p["unet"], x, t, c)
         per = losses.denoising_loss(unet, alphas, sched.prediction_type)(x0, context, rng)
         b = batch["instance_latents"].shape[0]
         out = jnp.mean(per[:b])
@@ -147,7 +151,8 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
     if prior:
         texts["class"] = pipe.tokenize([class_prompt])
     if not train_text_encoder:   # cache the prompt embeddings of the frozen text encoder
-        texts = {k: np.asarray(pipe.encode_text(params, v)) for k, v in texts.items()}
+        texts = {k: jax.tree.map(np.asarray, pipe.encode_text(params, v))
+                 for k, v in texts.items()}
     latents = {"instance": encode_latents(pipe, params, instance_images)}
     if prior:
         latents["class"] = encode_latents(pipe, params, class_images)
@@ -157,7 +162,8 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
         for i, name in enumerate(latents):
             idx = host_slice(stream_indices(len(latents[name]), batch_size, s, seed + i))
             out[f"{name}_latents"] = latents[name][idx]
-            out[f"{name}_text"] = np.repeat(texts[name], len(idx), axis=0)
+            out[f"{name}_text"] = jax.tree.map(lambda v: np.repeat(v, len(idx), axis=0),
+                                               texts[name])
         if prior:
             out["prior_weight"] = np.full((len(idx),), prior_loss_weight, np.float32)
         return out

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jaxdiff import schedules
 from jaxdiff.adapters.lora import merge_lora
+from jaxdiff.pipeline import unet_apply
 from jaxdiff.training import losses
 
 
@@ -23,7 +24,8 @@ def make_lora_loss(pipe, frozen_params, scale) -> Callable:
       scale: merge multiplier (``alpha / rank``).
     Returns:
       ``loss(lora, batch, rng) -> scalar``, with ``batch = (latents [B,h,w,C], ids [B,L])``
-      (scaled latents from ``pipe.encode_images``); gradients flow only to ``lora``, so an
+      (scaled latents from ``pipe.encode_images``; SDXL: ids [B,2,L], time ids of the
+      latents' image size added here); gradients flow only to ``lora``, so an
       optimizer state built on ``lora`` holds only the adapters.
     """
     sched = pipe.scheduler
@@ -32,8 +34,10 @@ def make_lora_loss(pipe, frozen_params, scale) -> Callable:
     def loss(lora, batch, rng):
         latents, ids = batch
         p = merge_lora(frozen_params, lora, scale)
-        context = pipe.encode_text(p, ids)
-        unet = lambda x, t, c: pipe.unet.apply({"params": p["unet"]}, x, t, c)
+        f = pipe.vae_scale_factor
+        context = pipe.add_time_ids(pipe.encode_text(p, ids), latents.shape[1] * f,
+                                    latents.shape[2] * f)
+        unet = lambda x, t, c: unet_apply(pipe, p["unet"], x, t, c)
         per = losses.denoising_loss(unet, alphas, sched.prediction_type)(latents, context, rng)
         return jnp.mean(per)
 

@@ -94,6 +94,9 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
     Returns:
       ``TIResult`` with the learned rows and a pipeline that knows the new tokens.
     """
+    if pipe.is_sdxl:
+        raise ValueError("Textual Inversion training supports SD 1.x / 2.x pipelines; SDXL "
+                         "embeddings (clip_l / clip_g files) can be loaded, not trained yet.")
     tok = ti.add_tokens(pipe.tokenizer, placeholder, num_vectors)
     vocab = len(pipe.tokenizer)
     rows0 = ti.init_embeddings(params, pipe.tokenizer, initializer_token, num_vectors)
