@@ -46,12 +46,44 @@ def hub(tmp_path_factory):
     t = load_file(vae)
     t["encoder.conv_in.bias"] = np.zeros_like(t["encoder.conv_in.bias"])
     save_file(t, vae)
+    for comp, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):  # v0 also has fp16 variant files
+        t = load_file(os.path.join(changed, comp, stem + ".safetensors"))
+        save_file({k: v.astype(np.float16) for k, v in t.items()},
+                  os.path.join(changed, comp, stem + ".fp16.safetensors"))
     _snapshot(repo, TAGGED, changed)
     os.makedirs(os.path.join(repo, "refs"))
     for ref, commit in (("main", MAIN), ("v0", TAGGED)):
         with open(os.path.join(repo, "refs", ref), "w") as f:
             f.write(commit + "\n")
     return root, jaxdiff.load_pipeline(None)[1]
+
+
+def test_revision_and_fp16_variant(hub, monkeypatch):
+    """revision= and variant= reach the cache lookup: the v0 snapshot's *.fp16.safetensors
+    are read (float16 values of v0's weights); the CLI passes --revision / --variant on."""
+    root, want = hub
+    monkeypatch.setenv("HF_HUB_CACHE", root)
+    _, v0 = jaxdiff.load_pipeline("org/tiny", revision="v0")
+    _, half = jaxdiff.load_pipeline("org/tiny", revision="v0", variant="fp16")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+        a, np.asarray(b).astype(np.float16).astype(np.float32)), half, v0)
+    assert not _bias(half).any()
+    with pytest.raises(FileNotFoundError, match="fp16"):
+        jaxdiff.load_pipeline("org/tiny", variant="fp16")  # main has no fp16 files
+
+
+def test_cli_revision_and_variant_flags(hub, tmp_path, monkeypatch, capsys):
+    root, _ = hub
+    monkeypatch.setenv("HF_HUB_CACHE", root)
+    for flags, says in ((["--revision", "v9"], "revision 'v9'"),
+                        (["--revision", "v0", "--variant", "bf16"], "bf16.safetensors")):
+        out = tmp_path / "out"
+        assert cli.main(["generate", "--model", "org/tiny", "--prompt", "x", "--out", str(out)]
+                        + flags) == 2
+        err = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("error:")]
+        assert len(err) == 1 and says in err[0] and not out.exists()
 
 
 def _bias(params):

@@ -24,9 +24,15 @@ def add_parser(sub):
                        description="Generate images with a diffusers-layout pipeline "
                        "(default: the embedded shapes-world model).")
     p.add_argument("--model", default=None,
-                   help="diffusers-layout pipeline directory, SD 1.x/2.x single .safetensors "
-                   "file (A1111/ComfyUI layout), or org/name in the local Hugging Face cache "
-                   "(default: embedded model)")
+                   help="diffusers-layout pipeline directory, SD 1.x/2.x/SDXL single "
+                   ".safetensors file (A1111/ComfyUI layout), or org/name in the local Hugging "
+                   "Face cache (default: embedded model)")
+    p.add_argument("--revision", default=None,
+                   help="for --model org/name: a branch or tag under the cache's refs/, or a "
+                   "commit hash (default main)")
+    p.add_argument("--variant", default=None,
+                   help="weight-file variant of a diffusers-layout --model, e.g. fp16 "
+                   "(reads *.fp16.safetensors)")
     p.add_argument("--model-config", default=None,
                    help="for a single-file --model: a diffusers folder (or org/name in the "
                    "cache) of the same model giving its configs and tokenizer")
@@ -46,14 +52,15 @@ def add_parser(sub):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (params stay float32)")
     p.add_argument("--lora", default=None,
-                   help="LoRA adapters to merge: a diffusers/peft safetensors file, or a folder "
-                   "holding pytorch_lora_weights.safetensors")
+                   help="LoRA adapters to merge: a diffusers/peft or kohya/A1111 safetensors "
+                   "file (SDXL ones too), or a folder holding pytorch_lora_weights.safetensors")
     p.add_argument("--lora-scale", type=float, default=1.0,
                    help="LoRA strength, multiplied by the file's alpha/rank (default 1.0; "
                    "0 = no effect)")
     p.add_argument("--textual-inversion", default=None,
-                   help="learned_embeds.safetensors (file or folder) from Textual Inversion; "
-                   "its placeholder token may then be used in --prompt")
+                   help="learned_embeds.safetensors (file or folder) from Textual Inversion, "
+                   "or an SDXL clip_l/clip_g file (placeholder: its file name); the "
+                   "placeholder may then be used in --prompt")
     c = p.add_argument_group("spatial control (diffusers ControlNet / T2I-Adapter folders)")
     c.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                    help="ControlNet folder (config.json + diffusion_pytorch_model.safetensors);"
@@ -139,7 +146,8 @@ def run(args) -> int:
         raise FileNotFoundError(f"--model {args.model}: no such directory or file (nor an "
                                 "org/name for the Hugging Face cache).")
     parallel.maybe_initialize_distributed()
-    pipe, params = load_pipeline(args.model, config=args.model_config)
+    pipe, params = load_pipeline(args.model, config=args.model_config, revision=args.revision,
+                                 variant=args.variant)
     if args.dtype == "bfloat16":
         pipe = pipe.with_dtype(jnp.bfloat16)
     pipe, params, expand = apply_adapters(pipe, params, args.lora, args.lora_scale,
