@@ -64,8 +64,7 @@ def make_loss_fn(clip: CLIP, alphas_cumprod=None):
         if alphas_cumprod is not None:
             k_t, k_eps = jax.random.split(rng)
             t = jax.random.randint(k_t, (x.shape[0],), 0, alphas_cumprod.shape[0])
-            a = alphas_cumprod[t][:, None, None, None]
-            x = jnp.sqrt(a) * x + jnp.sqrt(1.0 - a) * jax.random.normal(k_eps, x.shape)
+            x = schedules.add_noise(alphas_cumprod, x, jax.random.normal(k_eps, x.shape), t)
         text = clip.text_embeds(params, ids)
         image = clip.image_embeds(params, x, t)
         scale = jnp.exp(jnp.minimum(params["model"]["logit_scale"], MAX_LOGIT_SCALE))
