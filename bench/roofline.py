@@ -60,7 +60,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdiff import parallel, sampling  # noqa: E402
-from jaxdiff.models.clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from jaxdiff.models.clip_text import (CLIPTextConfig, CLIPTextModel,  # noqa: E402
+                                      CLIPTextModelWithProjection, CLIPTextProjectionConfig)
 from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from jaxdiff.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from jaxdiff.pipeline import Pipeline, dummy_inputs  # noqa: E402
@@ -99,7 +100,9 @@ MODELS = {  # name: (unet, vae, text encoder (None: UNet only), scheduler, image
                   use_linear_projection=True, cross_attention_dim=2048,
                   addition_embed_type="text_time", addition_time_embed_dim=256,
                   projection_class_embeddings_input_dim=2816),
-             dict(_VAE_SD, scaling_factor=0.13025), None, _SD_SCHED, 1024),
+             dict(_VAE_SD, scaling_factor=0.13025),
+             dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, hidden_act="quick_gelu"), _SD_SCHED, 1024),
     "tiny": (dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -111,6 +114,9 @@ MODELS = {  # name: (unet, vae, text encoder (None: UNet only), scheduler, image
                   num_attention_heads=4, max_position_embeddings=16), _SD_SCHED, 32),
 }
 CTX_LEN = 77
+TEXT_2 = {  # SDXL's second encoder (OpenCLIP-bigG with projection)
+    "sdxl": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, hidden_act="gelu", projection_dim=1280)}
 
 
 def build(name: str, dtype="float32", remat: bool = False) -> Pipeline:
@@ -119,14 +125,18 @@ def build(name: str, dtype="float32", remat: bool = False) -> Pipeline:
     dt = jnp.dtype(dtype)
     unet = UNet2DConditionModel(UNetConfig(**unet_kw), dtype=dt, remat=remat)
     text = None if text_kw is None else CLIPTextModel(CLIPTextConfig(**text_kw), dtype=dt)
+    text_2 = (CLIPTextModelWithProjection(CLIPTextProjectionConfig(**TEXT_2[name]), dtype=dt)
+              if name in TEXT_2 else None)
     return Pipeline(unet=unet, vae=AutoencoderKL(VAEConfig(**vae_kw), dtype=dt),
-                    text_encoder=text, tokenizer=None, scheduler=SchedulerConfig(**sched_kw))
+                    text_encoder=text, tokenizer=None, scheduler=SchedulerConfig(**sched_kw),
+                    text_encoder_2=text_2)
 
 
 def abstract_params(pipe: Pipeline) -> dict:
-    """``{"text_encoder", "unet", "vae"}`` as float32 ``ShapeDtypeStruct`` trees."""
+    """``{"text_encoder", "unet", "vae"}`` (SDXL: and ``"text_encoder_2"``) as float32
+    ``ShapeDtypeStruct`` trees."""
     out = {}
-    for kind in ("text_encoder", "unet", "vae"):
+    for kind in ("text_encoder", "unet", "vae", "text_encoder_2"):
         module = getattr(pipe, kind)
         if module is None:
             continue
@@ -307,6 +317,10 @@ class Analyser:
                     if self.pipe.text_encoder is not None else CTX_LEN)
         self.records = {}
 
+    def ids(self, rows: int):
+        """Token ids of ``rows`` prompts: [rows, L], SDXL [rows, 2, L] (both tokenizers)."""
+        return _sds((rows, 2, self.ctx) if self.pipe.is_sdxl else (rows, self.ctx), jnp.int32)
+
     def _run(self, key, lower):
         if key not in self.records:
             t0 = time.perf_counter()
@@ -346,7 +360,7 @@ class Analyser:
 
     def text(self, rows: int) -> dict:
         return self._run(("text", rows), lambda: encode_text.lower(
-            self.pipe, self.params, _sds((rows, self.ctx), jnp.int32)))
+            self.pipe, self.params, self.ids(rows)))
 
     def generate(self, b: int, steps: int) -> dict:
         """The whole generation program; per-image work adds the (steps - 1) loop
@@ -354,7 +368,7 @@ class Analyser:
         prog = sampling.generation_program(self.pipe, "ddim", steps,
                                            mesh=parallel.make_mesh(jax.devices()[:1]))
         keys = jax.eval_shape(lambda: sampling.sample_keys(0, b))
-        ids = _sds((b, self.ctx), jnp.int32)
+        ids = self.ids(b)
         rec = dict(self._run(("generate", b, steps), lambda: prog.lower(
             self.params, ids, ids, _sds((b,) + self.latent), keys, _sds(()), _sds(()),
             _sds(()), ())))
@@ -480,6 +494,10 @@ def main(argv=None):
             emit({"model": name, "missing": f"cannot build {name}: {e}"})
             continue
         for prog in args.programs:
+            if prog in ("train", "p2p") and an.pipe.is_sdxl:
+                emit({"model": name, "program": prog,
+                      "missing": "not built for SDXL here (its unet and generate are)"})
+                continue
             if prog == "train":
                 for dt in args.train_dtypes:
                     for remat in args.train_remat:
