@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from typing import List, Optional
 
 import numpy as np
@@ -120,7 +121,7 @@ class Jobs:
             if self.running() is not None:
                 raise InputError(f"job {self.running().id} is still running; wait for it or "
                                  "cancel it first.")
-            job_id = time.strftime("%Y%m%d-%H%M%S-") + kind
+            job_id = time.strftime("%Y%m%d-%H%M%S-") + kind + "-" + uuid.uuid4().hex[:4]
             folder = os.path.join(self.root, job_id)
             os.makedirs(os.path.join(folder, "instances"))
             for i, image in enumerate(images):
