@@ -37,6 +37,7 @@ SLOW_FILES = {
     "test_p2p_reference.py",   # null-text inversion + P2P against the PyTorch reference
     "test_inversion.py",       # null-text Adam loops on the shipped model
     "test_edit_scale.py",      # edits on 8 forced devices; a 2-process jax.distributed edit
+    "test_control_training.py",  # ControlNet / T2I-Adapter train steps and resume
     "test_app.py",             # jaxdiff serve in a subprocess, driven by headless Chromium
 }
 

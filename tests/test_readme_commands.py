@@ -44,6 +44,12 @@ SMOKE = {  # script -> flags appended to every command that runs it
                             " --config.checkpoint_every=2 --config.class_cache_dir=class_cache"),
     "train/textual_inversion.py": ("--config.steps=2 --config.batch_size=2"
                                    " --config.sample_every=0 --config.checkpoint_every=2"),
+    "train/controlnet.py": ("--config.data.num_train=16 --config.data.num_test=4"
+                            " --config.train.steps=2 --config.train.batch_size=8"
+                            " --config.checkpoint_every=2"),
+    "train/t2i_adapter.py": ("--config.data.num_train=16 --config.data.num_test=4"
+                             " --config.train.steps=2 --config.train.batch_size=8"
+                             " --config.adapter.num_res_blocks=1 --config.checkpoint_every=2"),
     "bench/quality.py": ("--num-one 2 --num-two 2 --num-colour-free 2 --num-shape-free 2"
                          " --num-real 2 --steps 2 --guidance 5 --chunk 8"),
     "train/text_to_image.py": ("--config.data.num_train=64 --config.data.num_test=16"

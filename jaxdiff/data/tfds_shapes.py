@@ -11,6 +11,13 @@ held-out set, identical to ``shapes.held_out_examples(spec, num_test)``.
 any world but v1 has the world in its name (``"32px"`` with ``world="v2"`` becomes
 ``"32px_v2"``), so prepared files of different worlds never share a directory.
 
+Since 1.2.0 every record also holds the control conditions made from its ground-truth
+masks (``jaxdiff.data.conditions``): ``segmentation`` (per-pixel shape class as an RGB
+image) and ``edges`` (mask boundaries, white on black), both uint8 [H, W, 3]. TFDS keeps
+each version in its own directory (``<data_dir>/jaxdiff_shapes/<config>/<version>``):
+files prepared by an older version are never rewritten; the new version is prepared
+beside them (same images and captions) the first time it is asked for.
+
 Example::
 
     builder = ShapesWorld(config=ShapesConfig(name="tiny", num_train=64, num_test=16),
@@ -28,6 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxdiff.data.conditions import conditions
 from jaxdiff.data.shapes import (MAX_OBJECTS, WorldSpec, held_out_examples, iterate, world)
 
 ARRAY_KEYS = ("image", "masks", "num_objects", "shape", "colour", "size", "position",
@@ -80,21 +88,28 @@ def features(spec: WorldSpec) -> tfds.features.FeaturesDict:
         "rgb": tfds.features.Tensor(shape=(k, 3), dtype=np.uint8),
         "mention_colour": tfds.features.Tensor(shape=(k,), dtype=np.bool_),
         "mention_shape": tfds.features.Tensor(shape=(k,), dtype=np.bool_),
+        "segmentation": tfds.features.Tensor(shape=(n, n, 3), dtype=np.uint8),
+        "edges": tfds.features.Tensor(shape=(n, n, 3), dtype=np.uint8),
     })
 
 
 def to_record(example: dict) -> dict:
-    """A ``shapes.sample_example`` dict -> the feature dict (drops the Python objects)."""
-    return {"caption": example["caption"], **{k: example[k] for k in ARRAY_KEYS}}
+    """A ``shapes.sample_example`` dict -> the feature dict (drops the Python objects; adds
+    the control conditions made from its masks)."""
+    return {"caption": example["caption"], **{k: example[k] for k in ARRAY_KEYS},
+            **conditions(example["masks"], example["shape"], example["num_objects"])}
 
 
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
     """The jaxdiff shapes world: captioned images of coloured shapes with ground truth."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "First release.",
                      "1.1.0": "Worlds (config.world: v1, v2); rgb, mention_colour and "
-                              "mention_shape features. v1 images and captions unchanged."}
+                              "mention_shape features. v1 images and captions unchanged.",
+                     "1.2.0": "Control conditions from the ground-truth masks: segmentation "
+                              "and edges features (jaxdiff.data.conditions). Existing "
+                              "features, images and captions unchanged."}
     BUILDER_CONFIGS = [
         ShapesConfig(name="32px", description="32x32 images, 20k train / 1k test"),
         ShapesConfig(name="64px", image_size=64,

@@ -1,0 +1,61 @@
+"""T2I-Adapter training on a frozen base pipeline: edge maps of the shapes world.
+
+    python train/t2i_adapter.py --config configs/t2i_adapter.py --workdir runs/adapter_edges
+
+The adapter is trained from scratch (its features have the base UNet's down-block
+channels, its ``downscale_factor`` is the base VAE's factor); only the adapter is trained,
+the base weights never change. The base is the embedded model (``model=""``, 32x32 images)
+or any SD 1.x / 2.x diffusers folder (``--config.model=DIR``; then set
+``--config.data.image_size`` to its image size). Conditions come from the TFDS shapes
+world (``condition``: "edges" or "segmentation", written by the builder from the true
+masks, see ``jaxdiff.data.conditions``). The export (``<workdir>/export``) is a diffusers
+``T2IAdapter`` folder: ``jaxdiff generate --adapter <workdir>/export --control-image
+edges.png``. ``tiny`` (``--config configs/t2i_adapter.py:tiny``): a smoke run (tests use
+it). Re-running the same command resumes from the last checkpoint. The default schedule
+has not been run to completion yet; no figures are claimed for it.
+"""
+import ml_collections
+
+
+def get_config(variant: str = ""):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ""                       # base pipeline ("" = the embedded model)
+    c.export_dir = ""                  # "" = <workdir>/export
+    c.condition = "edges"              # "edges" or "segmentation"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.data_dir = ""               # TFDS data_dir ("" = <workdir>/tfds)
+    c.data.world = "v2"                # jaxdiff.data.shapes.WORLDS name
+    c.data.image_size = 32             # must be the base model's image size
+    c.data.num_train = 20_000
+    c.data.num_test = 1_000
+    c.data.p_two_objects = 0.5
+
+    c.adapter = ml_collections.ConfigDict()
+    c.adapter.adapter_type = "full_adapter"   # or "light_adapter"
+    c.adapter.num_res_blocks = 2
+
+    c.train = ml_collections.ConfigDict(dict(steps=4000, batch_size=32, lr=1e-4, warmup=100,
+                                             weight_decay=1e-2, caption_dropout=0.5))
+    c.log_every = 50
+    c.checkpoint_every = 500
+
+    # The mesh is (data, fsdp) as in configs/shapes.py: fsdp=1 is pure data parallel.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.fsdp = 1
+    c.mesh.rules = (("^(step|rng)$", "replicate"), (".*", "fsdp"))
+    c.mesh.fsdp_min_size = 2 ** 14
+
+    if variant == "tiny":
+        c.data.num_train = 16
+        c.data.num_test = 4
+        c.adapter.num_res_blocks = 1
+        c.train = ml_collections.ConfigDict(dict(steps=2, batch_size=8, lr=1e-3, warmup=0,
+                                                 weight_decay=1e-2, caption_dropout=0.5))
+        c.log_every = 1
+        c.checkpoint_every = 2
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of configs/t2i_adapter.py "
+                         "(use '' or 'tiny').")
+    return c
