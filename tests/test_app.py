@@ -220,3 +220,17 @@ def test_server_still_healthy_and_cached(app):
     status = _wait_status(page, "#gen-status", after=before)
     assert "0 program(s) compiled" in status, status
     assert "generate" in app.log.read_text()  # the per-request compile log line
+
+
+def test_painted_strokes_become_the_mask():
+    """The ImageEditor value (RGBA layers over a 256 px canvas) -> the model-size mask that
+    blended / RePaint / DiffEdit get; no stroke -> None (the method then asks for one)."""
+    from jaxdiff.app.edit_tab import editor_mask
+    layer = np.zeros((256, 256, 4), np.uint8)
+    layer[64:128, 128:256, 3] = 255  # a stroke over rows 1/4-1/2, right half
+    mask = editor_mask({"background": None, "layers": [np.zeros_like(layer), layer]}, 32)
+    expected = np.zeros((32, 32), np.float32)
+    expected[8:16, 16:] = 1.0
+    np.testing.assert_array_equal(mask, expected)
+    assert editor_mask({"layers": [np.zeros_like(layer)]}, 32) is None
+    assert editor_mask(None, 32) is None

@@ -60,7 +60,7 @@ def warmup_jobs(state: AppState, which=("generate", "edit")):
 
 def build_app(state: AppState) -> gr.Blocks:
     """The Blocks of the app (not launched)."""
-    with gr.Blocks(title="jaxdiff") as demo:
+    with gr.Blocks(title="jaxdiff", analytics_enabled=False) as demo:  # nothing leaves
         gr.Markdown(f"## jaxdiff: {state.model_name}")
         status = gr.Markdown(state.status, elem_id="server-status")
         gr.Timer(1.0).tick(lambda: state.status, None, status, concurrency_limit=None,
