@@ -1,13 +1,14 @@
 """Noisy-latent classifier for classifier guidance (colour and shape of world-v2 scenes).
 
     python train/classifier.py --config configs/classifier.py --workdir runs/classifier
-    python train/classifier.py --config configs/classifier.py:tiny --workdir /tmp/smoke
 
 Trains ``jaxdiff.models.noisy_classifier.NoisyClassifier`` (a UNet encoder half + pooling
 heads) on the latents of the pipeline's VAE (default: the embedded model), noised at random
 timesteps of its schedule; writes ``<workdir>/export`` (``config.json``,
 ``model.safetensors``, ``metrics.json`` with held-out accuracy per timestep). The logic is
-in ``jaxdiff.training.classifier``.
+in ``jaxdiff.training.classifier``. The ``tiny`` variant (``configs/classifier.py:tiny``)
+is smoke-sized. The shipped ``jaxdiff/assets/shapes_classifier`` is this config's export
+(figures: bench/README.md, ``bench/classifier_guidance.py``).
 """
 import ml_collections
 

@@ -27,7 +27,7 @@ def clf():
     """A tiny random noisy classifier on 8x8x4 latents and a fixed noisy batch."""
     model = NoisyClassifier(CONFIG)
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
-    params = model.init(jax.random.key(0), x, jnp.zeros((2,)))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), x, jnp.zeros((2,)))["params"]
     return model, params, x
 
 
@@ -39,10 +39,10 @@ def _stub(x, t, cond):
 def test_guidance_gradient_equals_finite_differences(clf):
     model, params, x = clf
     labels = {"colour": jnp.array([0, 3]), "shape": jnp.array([-1, 2])}
-    log_p = label_log_prob(model, params, labels)
+    log_p = jax.jit(label_log_prob(model, params, labels))
     t, s = jnp.array([700, 700]), 2.5
     guided = guidance.classifier(_stub, guidance.classifier_grad(log_p), s, AC)
-    delta = guided(x, t, 0.0) - _stub(x, t, 0.0)
+    delta = jax.jit(lambda x: guided(x, t, 0.0) - _stub(x, t, 0.0))(x)
     grad = delta / (-s * jnp.sqrt(1.0 - AC[700]))        # the gradient the loop used
     v = jax.random.normal(jax.random.key(2), x.shape)
     h = 1e-2
@@ -55,12 +55,13 @@ def test_guidance_gradient_equals_finite_differences(clf):
 def test_prediction_types_move_the_noise_estimate_alike(clf, prediction_type):
     """Whatever the model predicts, the implied eps moves by -s sqrt(1 - abar) grad."""
     model, params, x = clf
-    grad = guidance.classifier_grad(label_log_prob(model, params, {"colour": jnp.array([1, 1])}))
+    grad = jax.jit(guidance.classifier_grad(
+        label_log_prob(model, params, {"colour": jnp.array([1, 1])})))
     t, s = jnp.array([400, 400]), 4.0
     a = AC[400]
     to_eps = lambda out: x0_eps_vp(prediction_type)(out, x, jnp.sqrt(a), jnp.sqrt(1 - a))[1]
     guided = guidance.classifier(_stub, grad, s, AC, prediction_type)
-    moved = to_eps(guided(x, t, 0.0)) - to_eps(_stub(x, t, 0.0))
+    moved = to_eps(jax.jit(guided)(x, t, 0.0)) - to_eps(_stub(x, t, 0.0))
     np.testing.assert_allclose(moved, -s * jnp.sqrt(1 - a) * grad(x, t), rtol=1e-3, atol=1e-5)
 
 
@@ -73,6 +74,8 @@ def test_classifier_folder_round_trip(clf, tmp_path):
     out, out2 = model.apply({"params": params}, x, t), model2.apply({"params": params2}, x, t)
     for h in out:
         np.testing.assert_array_equal(out[h], out2[h])
+    shipped, _ = load_classifier(None)  # jaxdiff/assets/shapes_classifier
+    assert dict(shipped.config.heads) == {"colour": 9, "shape": 5}
     cfg = NoisyClassifierConfig(block_out_channels=(8, 8), norm_num_groups=4)
     save_classifier(str(tmp_path / "bad"), cfg, params)   # weights of another config
     with pytest.raises(ValueError, match="does not fit config.json"):

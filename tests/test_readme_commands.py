@@ -38,6 +38,10 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SMOKE = {  # script -> flags appended to every command that runs it
     "jaxdiff generate": "--steps 2",
     "edit/": "--steps 2",
+    "jaxdiff classify": "--samples 4 8",
+    "train/classifier.py": ("--config.data.num_train=64 --config.data.num_test=16"
+                            " --config.steps=2 --config.batch_size=8 --config.checkpoint_every=2"
+                            " --config.log_every=2"),
     "jaxdiff serve": "--check",  # builds the app (model, tabs, adapter lists) and exits
     "train/dreambooth.py": ("--config.steps=2 --config.batch_size=2 --config.num_class_images=2"
                             " --config.class_sampling.steps=2 --config.sample_every=0"

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -31,6 +31,9 @@ from jaxdiff.models.layers import (Downsample2D, ResnetBlock2D, TimestepEmbeddin
                                    timestep_embedding)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+# The shipped classifier of the embedded model's latents (configs/classifier.py, world v2).
+DEFAULT_CLASSIFIER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
+                                  "shapes_classifier")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +124,12 @@ def save_classifier(folder: str, config: NoisyClassifierConfig, params) -> str:
     return folder
 
 
-def load_classifier(folder: str):
-    """(``NoisyClassifier``, params) from a folder ``save_classifier`` wrote; one-line
-    errors naming the folder for a missing or mismatched file."""
+def load_classifier(folder: Optional[str] = None):
+    """(``NoisyClassifier``, params) from a folder ``save_classifier`` wrote (None: the
+    shipped one, ``DEFAULT_CLASSIFIER``); one-line errors naming the folder for a missing
+    or mismatched file."""
     from safetensors.numpy import load_file
+    folder = DEFAULT_CLASSIFIER if folder is None else folder
     paths = [os.path.join(folder, f) for f in (CONFIG_FILE, WEIGHTS_FILE)]
     for p in paths:
         if not os.path.isfile(p):
