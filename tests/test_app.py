@@ -234,3 +234,19 @@ def test_painted_strokes_become_the_mask():
     np.testing.assert_array_equal(mask, expected)
     assert editor_mask({"layers": [np.zeros_like(layer)]}, 32) is None
     assert editor_mask(None, 32) is None
+
+
+def test_personalize_job_refuses_a_second_and_cancels(tmp_path):
+    """A background Textual-Inversion job: a second one is refused while it runs; cancel
+    ends its process group and leaves no result to offer."""
+    from jaxdiff.app.jobs import Jobs
+    images = np.stack([e["image"] for e in held_out_examples(WorldSpec(), 3, num_objects=1)])
+    jobs = Jobs(str(tmp_path), None)
+    job = jobs.start("textual_inversion", images, 500)
+    assert job.state == "running"
+    assert len(os.listdir(os.path.join(job.folder, "instances"))) == 3
+    with pytest.raises(ValueError, match="still running"):
+        jobs.start("textual_inversion", images, 5)
+    assert jobs.cancel() is job
+    assert job.state == "cancelled" and job.process.returncode is not None
+    assert job.export() is None and jobs.finished_adapters("ti") == []
