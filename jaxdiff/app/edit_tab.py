@@ -222,6 +222,7 @@ def build(state: AppState, report_errors):
                 mask = gr.ImageEditor(label="Mask: paint the region to edit (blended, RePaint; "
                                       "optional for DiffEdit)", type="numpy",
                                       brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                                      sources=(), transforms=(),  # a canvas over our upload
                                       visible=False, elem_id="edit-mask")
                 button = gr.Button("Edit", variant="primary", elem_id="edit-run")
             with gr.Column(scale=1):
