@@ -7,6 +7,7 @@ original-layout single file jaxdiff writes is read by diffusers' ``from_single_f
 SDXL (issue #15, point 3): SDEdit, kohya / peft LoRA files, clip_l / clip_g Textual
 Inversion files and DreamBooth-LoRA training equal or are read by diffusers; the fp16-fix
 VAE config is honoured (point 2)."""
+import dataclasses
 import functools
 
 import jax
@@ -363,9 +364,10 @@ def test_fp16_fix_vae_config_loads_and_is_honoured(torch, saved, tmp_path):
     assert cfg.get("force_upcast", True)  # the tiny base: diffusers' default, upcast
     cfg.update(force_upcast=False, scaling_factor=0.13025)
     json.dump(cfg, open(path, "w"))
-    up, _ = jaxdiff.load_pipeline(saved["pipeline"][1])
     pipe, params = jaxdiff.load_pipeline(folder)
     assert not pipe.vae.config.force_upcast and pipe.vae.config.scaling_factor == 0.13025
+    up = dataclasses.replace(pipe, vae=pipe.vae.clone(config=dataclasses.replace(
+        pipe.vae.config, force_upcast=True)))
     assert up.with_dtype(jnp.float16).vae.dtype == jnp.float32
     assert pipe.with_dtype(jnp.float16).vae.dtype == jnp.float16
     assert pipe.with_dtype(jnp.bfloat16).vae.dtype == jnp.bfloat16  # diffusers: fp16 only
@@ -373,7 +375,7 @@ def test_fp16_fix_vae_config_loads_and_is_honoured(torch, saved, tmp_path):
     tv = AutoencoderKL.from_pretrained(f"{folder}/vae")
     with torch.no_grad():
         want = tv.encode(torch.tensor(ref.nchw(x))).latent_dist.mean * tv.config.scaling_factor
-    got = pipe.encode_images(params, jnp.asarray(x))
+    got = jax.jit(lambda p, v: pipe.encode_images(p, v))(params, jnp.asarray(x))
     np.testing.assert_allclose(ref.nchw(got), want.numpy(), atol=1e-4, rtol=0)
     jaxdiff.save_pipeline(pipe, params, str(tmp_path / "out"))
     back = AutoencoderKL.from_pretrained(str(tmp_path / "out" / "vae"))
