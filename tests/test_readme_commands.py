@@ -43,6 +43,11 @@ SMOKE = {  # script -> flags appended to every command that runs it
                             " --config.steps=2 --config.batch_size=8 --config.checkpoint_every=2"
                             " --config.log_every=2"),
     "jaxdiff serve": "--check",  # builds the app (model, tabs, adapter lists) and exits
+    "train/clip.py": ("--config.data.num_train=64 --config.data.num_test=16"
+                      " --config.train.steps=2 --config.train.batch_size=16"
+                      " --config.checkpoint_every=2 --config.model.vision.num_hidden_layers=1"
+                      " --config.model.text.num_hidden_layers=1"),
+    "bench/clip_quality.py": "--num 4 --num-retrieval 4",
     "train/dreambooth.py": ("--config.steps=2 --config.batch_size=2 --config.num_class_images=2"
                             " --config.class_sampling.steps=2 --config.sample_every=0"
                             " --config.checkpoint_every=2 --config.class_cache_dir=class_cache"),
