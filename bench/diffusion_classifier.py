@@ -133,7 +133,8 @@ def main(argv=None):
     p.add_argument("--samples", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--adaptive", type=int, nargs="+", default=[16, 64],
                    help="adaptive schedule's cumulative samples (keep: 3, then 1)")
-    p.add_argument("--tasks", nargs="+", default=["colour", "shape", "caption"])
+    p.add_argument("--tasks", nargs="*", default=["colour", "shape", "caption"],
+                   help="accuracy tasks (none: only the speed comparison)")
     p.add_argument("--batch", type=int, default=20, help="images per classify call")
     p.add_argument("--speed-batch", type=int, default=4, help="images timed for speed")
     p.add_argument("--repeats", type=int, default=3)
