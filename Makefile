@@ -9,7 +9,7 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0.5
 # workers use both CI cores; whole files go to one worker (module fixtures built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-fast install install-test
+.PHONY: demo test test-fast install install-test browser
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,12 +24,16 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base
 install: $(VENV)/.stamp-base
 install-test: $(VENV)/.stamp-test
 
+# Debian's chromium for tests/test_app.py (apt, only when missing).
+browser:
+	bash tools/install-chromium.sh
+
 demo: install
 	$(PY) -m jaxdiff.cli generate --prompt "a small red circle on the left" \
 	  --prompt "a big blue square" --prompt "a green triangle at the top" \
 	  --prompt "a yellow star on a black background" --batch 2 --out outputs/demo
 
-test: install-test
+test: install-test browser
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # For iteration: everything except the PyTorch-reference and slow tests (markers in
