@@ -1,0 +1,194 @@
+"""CLIP guidance (semantic diffusion guidance): steer sampling by the gradient of a CLIP
+cosine similarity, as a denoiser wrapper of ``guidance.classifier``'s shape.
+
+The score of an image x_t at step t is the cosine similarity between its CLIP image
+embedding and a target: the embedding of a guidance text, or of a reference image
+(Liu et al. 2023, "More Control for Free! Image Synthesis with Semantic Diffusion
+Guidance"). Two ways to read x_t, both selectable:
+
+* ``"xt"``: a noise-aware CLIP (``configs/clip.py:noisy``, trained on this pipeline's
+  noised latents with the timestep as input) reads x_t itself;
+* ``"x0"``: a clean CLIP reads the decoded prediction of x0 from the denoiser's output at
+  x_t (the gradient flows back through the VAE decoder and the denoiser, as blended
+  diffusion's CLIP loss does); works with any CLIP in transformers' layout, the decoded
+  image is resized to the CLIP's input size.
+
+``clip_guided(denoise, log_p, scale, ...)`` is ``guidance.classifier`` with
+``log_p = similarity``: ``eps' = eps - scale * sqrt(1 - abar_t) * d cos / d x_t``; the scale
+is traced (a vmap over scales is a sweep, 0 is the plain sampler) and the gradient is
+``jax.grad`` inside the jitted loop. ``generate_clip_guided`` runs it as one program (text
+encoding -> guided loop -> VAE decode) with ``generate``'s initial noise.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import schedules
+from jaxdiff.guidance import cfg, classifier, classifier_grad
+from jaxdiff.pipeline import Pipeline, to_uint8, unet_apply
+from jaxdiff.samplers import make_sampler
+from jaxdiff.samplers.base import x0_eps_vp
+from jaxdiff.sampling import check_request, initial_noise, prompt_list, sample_keys
+from jaxdiff.weights.clip_format import CLIP
+
+MODES = ("x0", "xt")
+
+
+def _fit(clip: CLIP, images):
+    size = clip.image_size
+    if images.shape[1:3] == (size, size):
+        return images
+    return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
+
+
+def image_target(clip: CLIP, clip_params, images, latents=None):
+    """Reference images [B, H, W, 3] in [-1, 1] -> target embeddings [B, P]. A noise-aware
+    CLIP reads the reference's (clean, t = 0) ``latents`` instead."""
+    if clip.time_token is not None:
+        if latents is None:
+            raise ValueError("a noise-aware CLIP needs the reference image's latents.")
+        return clip.image_embeds(clip_params, latents, jnp.zeros((latents.shape[0],)))
+    return clip.image_embeds(clip_params, _fit(clip, images))
+
+
+def text_target(clip: CLIP, clip_params, ids):
+    """Guidance-text ids [B, L] (``clip.tokenize``) -> target embeddings [B, P]."""
+    return clip.text_embeds(clip_params, ids)
+
+
+def similarity_xt(clip: CLIP, clip_params, target) -> Callable:
+    """``log_p(x_t, t) -> [B]``: cosine similarity of a noise-aware CLIP's embedding of
+    x_t (at its timestep) with ``target`` [B, P]."""
+    if clip.time_token is None:
+        raise ValueError("mode 'xt' needs a noise-aware CLIP (trained with "
+                         "configs/clip.py:noisy); use mode 'x0' with a clean CLIP.")
+    return lambda x, t: jnp.sum(clip.image_embeds(clip_params, x, t) * target, axis=-1)
+
+
+def similarity_x0(clip: CLIP, clip_params, target, denoise: Callable, decode: Callable,
+                  alphas_cumprod, prediction_type: str) -> Callable:
+    """``log_p(x_t, t) -> [B]``: cosine similarity of a clean CLIP's embedding of
+    ``decode(x0_hat)`` with ``target``, x0_hat predicted from ``denoise(x_t, t)``."""
+    to_x0 = x0_eps_vp(prediction_type)
+    table = jnp.asarray(alphas_cumprod, jnp.float32)
+
+    def log_p(x, t):
+        a = jnp.interp(t.astype(jnp.float32), jnp.arange(table.shape[0]), table)
+        a = schedules.expand_like(a, x)
+        x0, _ = to_x0(denoise(x, t), x, jnp.sqrt(a), jnp.sqrt(1.0 - a))
+        image = _fit(clip, decode(x0))
+        return jnp.sum(clip.image_embeds(clip_params, image) * target, axis=-1)
+
+    return log_p
+
+
+def clip_guided(denoise: Callable, log_p: Callable, scale, alphas_cumprod,
+                prediction_type: str = "epsilon") -> Callable:
+    """``guidance.classifier`` driven by a CLIP similarity ``log_p(x, t) -> [B]``."""
+    return classifier(denoise, classifier_grad(log_p), scale, alphas_cumprod, prediction_type)
+
+
+def _program(pipe: Pipeline, clip: CLIP, mode: str, by_image: bool, sampler_name: str,
+             steps: int, sweep: bool, use_cfg: bool):
+    ac = schedules.alphas_cumprod(pipe.scheduler)
+    pt = pipe.scheduler.prediction_type
+
+    def run(params, clip_params, ids, neg_ids, target_in, noise, keys, clip_scale,
+            cfg_scale, eta):
+        sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
+        unet = lambda x, t, c: unet_apply(pipe, params["unet"], x, t, c)
+        cond = pipe.encode_text(params, ids)
+        if by_image:
+            latents = pipe.encode_images(params, target_in) if mode == "xt" else None
+            target = image_target(clip, clip_params, target_in, latents)
+        else:
+            target = text_target(clip, clip_params, target_in)
+        if mode == "xt":
+            log_p = similarity_xt(clip, clip_params, target)
+        else:
+            log_p = similarity_x0(clip, clip_params, target, lambda x, t: unet(x, t, cond),
+                                  lambda z: pipe.decode_latents(params, z), ac, pt)
+        if use_cfg:
+            denoise, contexts = cfg(unet, cfg_scale), (cond, pipe.encode_text(params, neg_ids))
+        else:
+            denoise, contexts = unet, cond
+        n = len(sampler.timesteps)
+
+        def loop(scale):
+            guided = clip_guided(denoise, log_p, scale, ac, pt)
+
+            def body(state, i):
+                out = guided(sampler.model_input(state, i), sampler.timesteps[i], contexts)
+                eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
+                                                           noise.shape[1:]))(keys)
+                return sampler.step(state, i, out, eps), None
+
+            state, _ = jax.lax.scan(body, sampler.init(noise * sampler.init_noise_sigma),
+                                    jnp.arange(n))
+            return sampler.latents(state)
+
+        latents = jax.vmap(loop)(clip_scale) if sweep else loop(clip_scale)
+        flat = latents.reshape((-1,) + latents.shape[-3:])
+        images = pipe.decode_latents(params, flat)
+        return images.reshape(latents.shape[:-3] + images.shape[-3:])
+
+    return run
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(pipe, clip, mode, by_image, sampler_name, steps, sweep, use_cfg):
+    return jax.jit(_program(pipe, clip, mode, by_image, sampler_name, steps, sweep, use_cfg))
+
+
+def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
+                         texts: Union[None, str, Sequence[str]] = None, images=None,
+                         mode: str = "x0", prompts: Union[None, str, Sequence[str]] = None,
+                         clip_scale: Union[float, Sequence[float]] = 100.0,
+                         guidance_scale: Optional[float] = None,
+                         negative_prompts: Union[None, str, Sequence[str]] = None,
+                         sampler: str = "ddim", steps: int = 50, seed: int = 0,
+                         eta: float = 0.0) -> np.ndarray:
+    """Generates one image per guidance text (or reference image), CLIP-guided.
+
+    Args:
+      clip, clip_params: a clean CLIP (mode "x0") or a noise-aware one on this pipeline's
+        latents (mode "xt"), e.g. ``weights.clip_format.load_clip(folder)``.
+      texts: guidance texts (B of them), or ``images``: reference images uint8
+        [B, H, W, 3] at the pipeline's size.
+      prompts: None (the empty prompt: the unconditional model), one, or B prompts.
+      clip_scale: a float, or a sequence of floats evaluated as one vmapped sweep.
+      guidance_scale: None (one UNet call per step on the prompt) or the CFG scale.
+      sampler, steps, seed, eta: as ``sampling.generate`` (the same initial noise).
+    Returns:
+      uint8 [B, H, W, 3] (or [S, B, H, W, 3] for a sweep of S scales).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown CLIP guidance mode {mode!r}; use one of {MODES}.")
+    if (texts is None) == (images is None):
+        raise ValueError("give either texts= (guidance texts) or images= (reference images).")
+    if images is not None:
+        target = jnp.asarray(np.asarray(images, np.float32) / 127.5 - 1.0)
+        b = target.shape[0]
+    else:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        target, b = jnp.asarray(clip.tokenize(texts)), len(texts)
+    prompts = prompt_list(prompts, b, "prompts", per="image")
+    negative = prompt_list(negative_prompts, b, "negative prompts", per="image")
+    h = pipe.image_size
+    check_request(pipe, b, steps, h, h, sampler)
+    if pipe.is_sdxl:
+        raise ValueError("CLIP guidance supports SD 1.x/2.x pipelines (not SDXL) so far.")
+    keys = sample_keys(seed, b)
+    noise = initial_noise(keys, pipe.latent_shape(h, h))
+    sweep = not np.isscalar(clip_scale) and np.ndim(clip_scale) == 1
+    run = _compiled(pipe, clip, mode, images is not None, sampler, int(steps), sweep,
+                    guidance_scale is not None)
+    out = run(params, clip_params, pipe.tokenize(prompts), pipe.tokenize(negative), target,
+              noise, keys, jnp.asarray(clip_scale, jnp.float32),
+              jnp.float32(1.0 if guidance_scale is None else guidance_scale), jnp.float32(eta))
+    return to_uint8(np.asarray(out))
