@@ -11,8 +11,10 @@ host devices share the machine's cores, so on CPU this measures the program's sc
 (sharding overhead, per-device batch), not hardware; on an accelerator host the devices
 are real. Reported per (method, devices): compile seconds (first call minus a timed
 call), seconds per batch (median of ``--repeats``), images/s, speed-up over 1 device,
-and the largest uint8 difference of the edited images from the 1-device run (a sanity
-check: the edit does not depend on the mesh). There is no PyTorch side: diffusers has no
+the largest uint8 difference of the edited images from the 1-device run (a sanity
+check: the edit does not depend on the mesh) and, for null-text + P2P, the number of
+cross-device collective ops in the compiled program's HLO (0: every device edits its own
+images, ``parallel.per_device``). There is no PyTorch side: diffusers has no
 multi-device edit to compare with (bench/edit_speed.py compares the 1-device program
 with the PyTorch reference).
 """
@@ -25,6 +27,8 @@ import sys
 import tempfile
 import time
 
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
+               "reduce-scatter")
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -77,11 +81,17 @@ def main():
                 out = np.asarray(calls[method](mesh))
                 times.append(time.perf_counter() - t0)
             secs = float(np.median(times))
+            collectives = None
+            if method == "p2p_null_text":  # the compiled program's cross-device ops
+                run, call_args, _ = pp._program_and_args(pipe, params, images, src, tgt,
+                                                         settings, None, mesh)
+                hlo = run.lower(*call_args).compile().as_text()
+                collectives = sum(hlo.count(op) for op in COLLECTIVES)
             base = (secs, first) if base is None else base
             rows.append(dict(method=method, devices=d, seconds=round(secs, 3),
                              compile_s=round(first_s - secs, 1),
                              images_per_s=round(args.batch / secs, 3),
-                             speedup_vs_1=round(base[0] / secs, 2),
+                             speedup_vs_1=round(base[0] / secs, 2), collectives=collectives,
                              max_abs_diff_vs_1_uint8=int(np.abs(out.astype(int)
                                                                 - base[1].astype(int)).max())))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -210,6 +210,25 @@ def place_params(params, mesh: Mesh, rules: Sequence = DEFAULT_RULES):
     return jax.device_put(params, tree_shardings(params, mesh, rules))
 
 
+def rows_spec(mesh: Mesh, axis: int = 0) -> P:
+    """A ``PartitionSpec`` splitting axis ``axis`` (the rows) over the mesh's batch axes."""
+    return P(*([None] * axis), batch_axes(mesh))
+
+
+def per_device(fn, mesh: Mesh, in_specs, out_specs):
+    """``fn`` run by every device on its own rows (``jax.shard_map``): arguments with
+    ``rows_spec`` arrive as this device's shard, ``P()`` ones whole (params, shared
+    scalars; an FSDP-sharded tree is gathered once when the program starts).
+
+    For programs over independent rows (the edit programs): each device's shard holds
+    whole images with every branch of them (CFG halves, P2P's source/target rows, mask
+    draws), so the compiled step loops hold no cross-device collective, and data-dependent
+    control flow (early stops, skipped steps) is decided per device.
+    """
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
+
+
 def trim_rows(tree, b: int, axis: int = 0):
     """The first ``b`` rows (along ``axis``) of every leaf: drops the padding again."""
     def one(x):

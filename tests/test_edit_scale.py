@@ -1,10 +1,17 @@
 """Edit programs at scale (issue 13): the batch split over 8 forced host devices equals one
-device, and a 2-process ``jax.distributed`` edit of a manifest equals one process.
+device for every method family, the sharded programs hold no cross-device collective, and
+a 2-process ``jax.distributed`` edit of a manifest equals one process.
 
-One subprocess with 8 CPU devices runs one method of each family (null-text + P2P;
-DiffEdit; the mask/strength family through blended) on a batch of 3 images (padded to 8)
-with a 1-device mesh and with the 8-device mesh; each program compiles once per mesh.
-Truth: the 1-device run, within the batch-vs-single tolerance of test_edit_batch.py.
+One subprocess with 8 CPU devices (JAX starts once) runs every family — P2P with each
+inversion (ddim, null-text, negative-prompt, direct), DiffEdit, SDEdit, blended, RePaint,
+ILVR — on 3 images (padded to 8 rows, 5 of them padding) with a 1-device mesh and with
+the 8-device mesh: each program compiles once per mesh. The direct-inversion P2P call
+edits two of the images twice (5 edits of 3 images: ``device_layout`` puts each edit on
+its image's device). To keep the 18 compiles cheap the pipeline is a micro one: a
+one-level UNet (cross-attention in its down and mid blocks: P2P's controller acts there)
+and a one-level VAE, 8x8 images and latents, random weights, beside the embedded text
+encoder. Truth: the 1-device run, within the batch-vs-single tolerance
+of test_edit_batch.py (latents 1e-4; uint8 images 1 level).
 """
 import json
 import os
@@ -22,48 +29,81 @@ from jaxdiff.data import WorldSpec, held_out_examples
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EIGHT = textwrap.dedent("""
-    import os, sys
+    import dataclasses, os, sys
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8")
-    import jax, numpy as np
+    import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     import jaxdiff
     from jaxdiff import parallel
-    from jaxdiff.data import WorldSpec, held_out_examples
-    from jaxdiff.editing import blended, diffedit, p2p_pipeline
-    from jaxdiff.pipeline import from_uint8
+    from jaxdiff.editing import blended, diffedit, ilvr, p2p_pipeline as pp, repaint, sdedit
+    from jaxdiff.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
+    from jaxdiff.pipeline import dummy_inputs, from_uint8
     assert jax.device_count() == 8
     pipe, params = jaxdiff.load_pipeline(None)
-    ex = held_out_examples(WorldSpec(image_size=32), 3, num_objects=1)
-    imgs = np.stack([e["image"] for e in ex])
-    masks = np.stack([e["masks"][0] for e in ex]).astype(np.float32)
-    src = [e["caption"] for e in ex]
-    tgt = ["a green star"] * 3
-    settings = p2p_pipeline.P2PSettings(steps=2, num_inner_steps=2, mode="refine")
+    rng = np.random.default_rng(0)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(dict(
+        block_out_channels=(8,), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("UpBlock2D",), cross_attention_dim=64, attention_head_dim=2,
+        norm_num_groups=4, sample_size=8)))
+    vae = AutoencoderKL(VAEConfig.from_dict(dict(
+        block_out_channels=(8,), norm_num_groups=4, sample_size=8, mid_block_add_attention=False,
+        scaling_factor=0.5)))
+    def rand(module, kind):  # numpy weights: no init program to compile
+        shapes = jax.eval_shape(module.init, jax.random.key(0), *dummy_inputs(module, kind))
+        return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), jnp.float32),
+                            shapes["params"])
+    pipe = dataclasses.replace(pipe, unet=unet, vae=vae)
+    params = dict(params, unet=rand(unet, "unet"), vae=rand(vae, "vae"))
+    assert pipe.image_size == 8
+    imgs = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    masks = np.zeros((3, 8, 8), np.float32)
+    masks[0, 2:6, 2:6], masks[1, :, 4:], masks[2, :4] = 1, 1, 1
+    src = ["a red circle", "a blue square", "a green star"]
+    tgt = ["a blue circle", "a blue star", "a green square"]
+    x = from_uint8(imgs)
+    def p2p(inversion, pairs=None):
+        targets = tgt if pairs is None else tgt + ["a red star", "a green circle"]
+        def call(m):
+            r = pp.p2p_edit(pipe, params, imgs, src, targets, pp.P2PSettings(
+                inversion=inversion, steps=2, num_inner_steps=2), pair_image=pairs, mesh=m)
+            return r._asdict()
+        return call
     calls = dict(
-        p2p=lambda m: p2p_pipeline.p2p_edit(pipe, params, imgs, src, [s + " star" for s in src],
-                                            settings, mesh=m)._asdict(),
-        diffedit=lambda m: diffedit.diffedit(pipe, params, from_uint8(imgs), src, tgt,
-                                             num_maps=2, steps=2, seed=3, mesh=m),
-        blended=lambda m: blended.blended(pipe, params, from_uint8(imgs), masks, tgt, steps=2,
-                                          seed=3, mesh=m))
-    rows = parallel.shard_rows(imgs, parallel.make_mesh())
-    assert [s.data.shape[0] for s in rows.addressable_shards] == [1] * 8  # 3 -> 8 rows
+        p2p_ddim=p2p("ddim"), p2p_null_text=p2p("null_text"),
+        p2p_negative_prompt=p2p("negative_prompt"), p2p_direct=p2p("direct", [0, 1, 2, 2, 0]),
+        diffedit=lambda m: diffedit.diffedit(pipe, params, x, src, tgt, num_maps=2, steps=2,
+                                             strength=(0.8, 0.5, 1.0), seed=3, mesh=m),
+        sdedit=lambda m: sdedit.sdedit(pipe, params, x, tgt, strength=(0.6, 1.0, 0.5), steps=2,
+                                       seed=3, mesh=m),
+        blended=lambda m: blended.blended(pipe, params, x, masks, tgt, steps=2, seed=3, mesh=m),
+        repaint=lambda m: repaint.repaint(pipe, params, x, masks, tgt, steps=2, jump_length=1,
+                                          jump_n_sample=2, eta=1.0, seed=3, mesh=m),
+        ilvr=lambda m: ilvr.ilvr(pipe, params, x, tgt, factor=2, steps=2, seed=3, mesh=m))
+    one, eight = parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh()
     out = {}
     for name, call in calls.items():
-        for mesh in ("one", "eight"):
-            got = call(parallel.make_mesh(jax.devices()[:1] if mesh == "one" else None))
-            out.update({f"{name}/{mesh}/{k}": np.asarray(v) for k, v in got.items()})
+        for mesh, m in (("one", one), ("eight", eight)):
+            out.update({f"{name}/{mesh}/{k}": np.asarray(v) for k, v in call(m).items()})
+    # The compiled 8-device null-text + P2P program (the jit cache's executable, no new
+    # compile): its HLO text, for collectives.
+    run, args, _ = pp._program_and_args(pipe, params, imgs, src, tgt, pp.P2PSettings(
+        inversion="null_text", steps=2, num_inner_steps=2), None, eight)
+    hlo = run.lower(*args).compile().as_text()
+    out["hlo"] = np.frombuffer(hlo.encode(), np.uint8)
     np.savez(sys.argv[1], **out)
     print("OK")
 """)
+
+METHODS = ("diffedit", "sdedit", "blended", "repaint", "ilvr")
+INVERSIONS = ("ddim", "null_text", "negative_prompt", "direct")
 
 
 @pytest.fixture(scope="module")
 def eight(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("eight") / "out.npz")
     out = subprocess.run([sys.executable, "-c", EIGHT, path], capture_output=True, text=True,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=900)
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=1800)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
@@ -73,23 +113,48 @@ def _pair(got, name, key):
     return got[f"{name}/one/{key}"], got[f"{name}/eight/{key}"]
 
 
-def test_p2p_null_text_eight_devices_equal_one(eight):
+@pytest.mark.parametrize("inversion", INVERSIONS)
+def test_p2p_eight_devices_equal_one(eight, inversion):
+    name = f"p2p_{inversion}"
+    edits = 5 if inversion == "direct" else 3
     for key in ("edited", "reconstruction"):
-        one, many = _pair(eight, "p2p", key)
-        assert one.shape == (3, 32, 32, 3)
+        one, many = _pair(eight, name, key)
+        assert one.shape == (edits, 8, 8, 3)
         assert np.abs(one.astype(int) - many.astype(int)).max() <= 1, key
-    one, many = _pair(eight, "p2p", "inner_steps")
-    np.testing.assert_array_equal(one, many)       # null-text took the same Adam steps
-    assert one.shape[1] == 3 and one.sum() > 0
+    assert not np.array_equal(*(eight[f"{name}/one/edited"][i] for i in (0, 1)))
+    one, many = _pair(eight, name, "inner_steps")
+    np.testing.assert_array_equal(one, many)  # null-text took the same Adam steps
+    assert one.shape == (2, 3) and (one.sum() > 0) == (inversion == "null_text")
 
 
-@pytest.mark.parametrize("name", ["diffedit", "blended"])
-def test_mask_methods_eight_devices_equal_one(eight, name):
+def test_p2p_edits_of_one_image_share_its_inversion(eight):
+    """Direct inversion, edits 2 and 3 of image 2 and edits 0 and 4 of image 0 (different
+    target prompts): the same reconstruction, on 1 device and on 8."""
+    for mesh in ("one", "eight"):
+        rec = eight[f"p2p_direct/{mesh}/reconstruction"].astype(int)
+        assert np.abs(rec[2] - rec[3]).max() <= 1 and np.abs(rec[0] - rec[4]).max() <= 1
+        assert np.abs(rec[0] - rec[2]).max() > 1
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_methods_eight_devices_equal_one(eight, name):
     one, many = _pair(eight, name, "latents")
     assert one.shape == (3, 8, 8, 4)
     np.testing.assert_allclose(many, one, atol=1e-4, rtol=1e-5)
-    np.testing.assert_array_equal(*_pair(eight, name, "latent_mask"))
     assert not np.allclose(one[0], one[1])
+    if f"{name}/one/latent_mask" in eight:
+        np.testing.assert_array_equal(*_pair(eight, name, "latent_mask"))
+
+
+def test_sharded_edit_program_has_no_collectives(eight):
+    """The 8-device null-text + P2P program (compiled HLO): 8 partitions, and no
+    all-gather / all-reduce / all-to-all / collective-permute / reduce-scatter anywhere —
+    each device inverts and edits its own images with all their branches."""
+    hlo = eight["hlo"].tobytes().decode()
+    assert "num_partitions=8" in hlo and "while" in hlo  # the SPMD program with its loops
+    found = {op: hlo.count(op) for op in ("all-gather", "all-reduce", "all-to-all",
+                                          "collective-permute", "reduce-scatter")}
+    assert not any(found.values()), found
 
 
 def _manifest(folder, n):

@@ -8,26 +8,59 @@ pieces its program shares (the UNet as a denoiser, per-step noise, latent masks)
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxdiff import parallel
 from jaxdiff.pipeline import unet_apply
 from jaxdiff.sampling import prompt_list, sample_keys
 
 
+def edit_mesh(mesh=None):
+    """The mesh an edit runs on: ``mesh``, or (None) all devices as ``generate``."""
+    return parallel.make_mesh() if mesh is None else mesh
+
+
+def one_device_mesh():
+    """A mesh of the first device: the program a ``_compiled`` call without a mesh gets."""
+    return parallel.make_mesh(jax.devices()[:1])
+
+
+def rows_program(run, mesh, shared: Sequence[str]):
+    """``run(params, **rows, **shared)`` as one jitted program over ``mesh``, each device
+    running ``run`` on its own rows (``parallel.per_device``: no cross-device collective).
+
+    Keyword arguments named in ``shared`` (traced scalars) and ``params`` are given to
+    every device whole; every other keyword argument is a per-image array whose leading
+    axis is split over the mesh's batch axes (its length a multiple of
+    ``parallel.rows_multiple(mesh)``). Every output has a leading image axis.
+    """
+    rows_spec = parallel.rows_spec(mesh)
+    shared = frozenset(shared)
+    body = lambda params, rows, common: run(params, **rows, **common)
+    mapped = parallel.per_device(body, mesh, in_specs=(P(), rows_spec, P()),
+                                 out_specs=rows_spec)
+
+    def program(params, **kwargs):
+        return mapped(params, {k: v for k, v in kwargs.items() if k not in shared},
+                      {k: v for k, v in kwargs.items() if k in shared})
+
+    return jax.jit(program)
+
+
 def run_rows(run, mesh, b: int, params, rows: dict, shared: dict):
-    """``run(params, **rows, **shared)`` data-parallel over ``mesh`` (default: all devices,
-    as ``generate``): the per-image ``rows`` (leading axis ``b``) are padded to a multiple
-    of the mesh's batch devices by repeating the last image and split over them, the
-    params are replicated (or FSDP-sharded by ``parallel.DEFAULT_RULES`` on an ``fsdp``
-    mesh), ``shared`` scalars are broadcast; every output is trimmed back to ``b`` rows.
-    Each image is independent in every edit program, so the result does not depend on
-    the device count (up to float round-off of different per-device batch sizes)."""
-    mesh = parallel.make_mesh() if mesh is None else mesh
+    """``run(params, **rows, **shared)`` data-parallel over ``mesh`` (``run`` from
+    ``rows_program`` for that mesh): the per-image ``rows`` (leading axis ``b``) are
+    padded to a multiple of the mesh's batch devices by repeating the last image and
+    split over them, the params are replicated (or FSDP-sharded by
+    ``parallel.DEFAULT_RULES`` on an ``fsdp`` mesh), ``shared`` scalars are broadcast;
+    every output is trimmed back to ``b`` rows. Each image is independent in every edit
+    program and each device edits its own images, so the result does not depend on the
+    device count (up to float round-off of different per-device batch sizes)."""
     out = run(parallel.place_params(params, mesh), **parallel.shard_rows(rows, mesh), **shared)
     return parallel.trim_rows(out, b)
 

@@ -63,7 +63,7 @@ def blended_latents(denoise, sampler, alphas_cumprod, z0, mask, noise, cond, unc
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, sampler_name, steps):
+def _compiled(pipe, sampler_name, steps, mesh=None):
     ac = jnp.asarray(schedules.alphas_cumprod(pipe.scheduler), jnp.float32)
 
     def run(params, images, masks, ids, neg_ids, keys, percentage, guidance, eta):
@@ -78,7 +78,8 @@ def _compiled(pipe, sampler_name, steps):
                 "reconstruction": pipe.decode_latents(params, z0), "latents": lat,
                 "latent_mask": m[..., 0]}
 
-    return jax.jit(run)
+    return batch_inputs.rows_program(run, mesh or batch_inputs.one_device_mesh(),
+                                     shared=("guidance", "eta"))
 
 
 def blended(pipe, params, images, masks, prompts, negative_prompts=None, *,
@@ -99,7 +100,8 @@ def blended(pipe, params, images, masks, prompts, negative_prompts=None, *,
     b = images.shape[0]
     masks = batch_inputs.check_masks(masks, images)
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
-    run = _compiled(pipe, sampler, int(steps))
+    mesh = batch_inputs.edit_mesh(mesh)
+    run = _compiled(pipe, sampler, int(steps), mesh)
     keys = batch_inputs.image_keys(seed, b, sample_index)
     rows = dict(images=images, masks=masks, ids=ids, neg_ids=neg, keys=keys,
                 percentage=batch_inputs.per_image(blending_percentage, b,

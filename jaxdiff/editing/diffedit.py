@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from jaxdiff import schedules
@@ -107,7 +106,7 @@ def masked_edit(denoise, tables, z0, levels, start, mask, cond, uncond, guidance
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, steps, num_maps):
+def _compiled(pipe, steps, num_maps, mesh=None):
     tables = ddim_tables(pipe.scheduler, steps)
     ac = jnp.asarray(schedules.alphas_cumprod(pipe.scheduler), jnp.float32)
     pt = pipe.scheduler.prediction_type
@@ -130,7 +129,8 @@ def _compiled(pipe, steps, num_maps):
                 "reconstruction": pipe.decode_latents(params, z0), "latents": lat,
                 "latent_mask": mask, "mask_map": norm}
 
-    return jax.jit(run)
+    return batch_inputs.rows_program(run, mesh or batch_inputs.one_device_mesh(), shared=(
+        "guidance", "mask_strength", "threshold_ratio"))
 
 
 def diffedit(pipe, params, images, source_prompts, target_prompts, negative_prompts=None, *,
@@ -162,7 +162,8 @@ def diffedit(pipe, params, images, source_prompts, target_prompts, negative_prom
     masks = jnp.zeros(images.shape[:3]) if masks is None else jnp.asarray(masks, jnp.float32)
     if masks.shape != images.shape[:3]:
         raise ValueError(f"masks have shape {masks.shape}; expected {images.shape[:3]}.")
-    run = _compiled(pipe, int(steps), int(num_maps))
+    mesh = batch_inputs.edit_mesh(mesh)
+    run = _compiled(pipe, int(steps), int(num_maps), mesh)
     keys = batch_inputs.image_keys(seed, b, sample_index)
     rows = dict(images=images, src_ids=src, tgt_ids=tgt, neg_ids=neg, keys=keys,
                 masks=masks, use_given=use_given,

@@ -79,7 +79,7 @@ def ilvr_latents(denoise, sampler, alpha_after, ref, x_T, factor: int, cond, unc
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, sampler_name, steps, factor):
+def _compiled(pipe, sampler_name, steps, factor, mesh=None):
     ts = schedules.timesteps(pipe.scheduler, steps, "ddim")
     alpha_after = level_after_step(pipe.scheduler, ts, steps)
 
@@ -93,7 +93,8 @@ def _compiled(pipe, sampler_name, steps, factor):
         return {"edited": pipe.decode_latents(params, lat),
                 "reconstruction": pipe.decode_latents(params, ref), "latents": lat}
 
-    return jax.jit(run)
+    return batch_inputs.rows_program(run, mesh or batch_inputs.one_device_mesh(),
+                                     shared=("guidance", "eta"))
 
 
 def ilvr(pipe, params, images, prompts, negative_prompts=None, *, factor: int = 2,
@@ -115,7 +116,8 @@ def ilvr(pipe, params, images, prompts, negative_prompts=None, *, factor: int = 
     if factor < 1 or hw[0] % factor or hw[1] % factor:
         raise ValueError(f"factor must be >= 1 and divide the latent size {hw}, got {factor}.")
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
-    run = _compiled(pipe, sampler, int(steps), int(factor))
+    mesh = batch_inputs.edit_mesh(mesh)
+    run = _compiled(pipe, sampler, int(steps), int(factor), mesh)
     keys = batch_inputs.image_keys(seed, b, sample_index)
     rows = dict(images=images, ids=ids, neg_ids=neg, keys=keys,
                 fraction=batch_inputs.per_image(refine_fraction, b, "refine_fraction"))

@@ -3,9 +3,11 @@
 ``p2p_edit`` is what ``edit/p2p.py`` and the benchmarks call: VAE encode -> DDIM inversion
 -> (null-text optimisation | negative-prompt nulls | direct-inversion offsets) -> the P2P
 source/target loop (optionally with LocalBlend) -> VAE decode, compiled once per
-(pipeline, batch shape, steps, inversion, mode, LocalBlend on/off). Guidance, replace-step
-fractions, reweight factors, blend threshold/start and the prompts are traced: changing
-them does not recompile.
+(pipeline, mesh, batch shape, steps, inversion, mode, LocalBlend on/off). Guidance,
+replace-step fractions, reweight factors, blend threshold/start and the prompts are
+traced: changing them does not recompile. Over a mesh every device inverts its own images
+and runs their edits (``device_layout``) with all their branches, so the program holds no
+cross-device collective.
 
 The source branch of the edit is the reconstruction (for null-text and direct
 inversion it retraces the inversion; for DDIM inversion under guidance it drifts, which
@@ -20,6 +22,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxdiff import parallel
 from jaxdiff.editing import batch_inputs
@@ -114,8 +117,16 @@ def edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image, cont
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, steps: int, inversion: str, num_inner_steps: int):
+def _compiled(pipe, steps: int, inversion: str, num_inner_steps: int, mesh=None):
+    """The edit program over ``mesh`` (default: the first device): every device inverts
+    its own images and runs the edits of them (``pair_image`` holds indices among the
+    device's own images), so no step loop holds a cross-device collective."""
+    mesh = mesh or parallel.make_mesh(jax.devices()[:1])
+
     def run(params, images, src_ids, tgt_ids, empty_ids, pair_image, control, blend, guidance):
+        control = control.replace(num_pairs=tgt_ids.shape[0])  # this device's pairs
+        if blend is not None:  # words arrive [2, pairs, L]: source rows, then target rows
+            blend = blend.replace(words=blend.words.reshape(-1, blend.words.shape[-1]))
         z0 = pipe.encode_images(params, from_uint8(images))
         out, taken = edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image,
                                   control, blend, guidance, steps=steps, inversion=inversion,
@@ -123,7 +134,52 @@ def _compiled(pipe, steps: int, inversion: str, num_inner_steps: int):
         return (pipe.decode_latents(params, out.target), pipe.decode_latents(params, out.source),
                 out.mask[..., 0] > 0, taken)
 
-    return jax.jit(run)
+    rows, pairs = parallel.rows_spec(mesh), parallel.rows_spec(mesh, 1)
+
+    def specs(control, blend):
+        ctrl = control.replace(step=P(), cross_mapper=rows, cross_alpha=pairs, equalizer=rows,
+                               refine_index=rows, refine_alpha=rows, self_steps=P())
+        return ((P(), rows, rows, rows, rows, rows, ctrl,
+                 None if blend is None else blend.replace(words=pairs, threshold=P(), start=P()),
+                 P()), (rows, rows, rows, pairs))
+
+    def program(params, images, src_ids, tgt_ids, empty_ids, pair_image, control, blend,
+                guidance):
+        in_specs, out_specs = specs(control, blend)
+        return parallel.per_device(run, mesh, in_specs, out_specs)(
+            params, images, src_ids, tgt_ids, empty_ids, pair_image, control, blend, guidance)
+
+    return jax.jit(program)
+
+
+def device_layout(pair_image, m: int, k: int):
+    """Where the images and edits of a ``p2p_edit`` go on ``k`` devices (each device's
+    edits only of its own images, so that the program needs no cross-device traffic).
+
+    Images are split in contiguous blocks of ``ceil(m / k)`` (the last image repeated to
+    fill them); each device gets the edits of its images, padded to the largest count by
+    repeating its last one (a device without edits repeats edit 0 on its first image;
+    padding is edited and dropped).
+    Returns:
+      (image rows [k * m_loc]: index of the image in each row; edit rows [k * p_loc]:
+      index of the edit in each row; local image index of each edit row [k * p_loc];
+      row of each edit [P]).
+    """
+    pair_image = np.asarray(pair_image, np.int64)
+    m_loc = -(-m // k)
+    device = pair_image // m_loc
+    mine = [np.flatnonzero(device == d) for d in range(k)]
+    p_loc = max(max(len(e) for e in mine), 1)
+    pair_rows = np.concatenate([np.pad(e, (0, p_loc - len(e)), mode="edge") if len(e)
+                                else np.zeros(p_loc, np.int64) for e in mine])
+    device_of_row = np.repeat(np.arange(k), p_loc)
+    local = np.where(np.repeat([len(e) > 0 for e in mine], p_loc),
+                     pair_image[pair_rows] - device_of_row * m_loc, 0)
+    where = np.empty(len(pair_image), np.int64)
+    for d, e in enumerate(mine):
+        where[e] = d * p_loc + np.arange(len(e))
+    return (np.minimum(np.arange(k * m_loc), m - 1), pair_rows, local.astype(np.int32),
+            where)
 
 
 def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str],
@@ -136,48 +192,58 @@ def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str
       sources: M source prompts (captions of the images).
       targets: P target prompts; edit p edits image ``pair_image[p]`` (default: p).
       settings: P2PSettings.
-      mesh: images and edits are split over its ``data`` axis (default: all devices);
-        both are padded to a multiple of its batch devices by repeating the last one
-        (the padding is edited and dropped), so results do not depend on the mesh.
+      mesh: images are split over its ``data`` axis (default: all devices), each device
+        editing its own images (``device_layout``); images and edits are padded by
+        repeating one (the padding is edited and dropped), so results do not depend on
+        the mesh.
     """
     batch_inputs.refuse_sdxl(pipe, "Prompt-to-Prompt / null-text inversion")
     settings.validate()
+    m = np.shape(images)[0]
+    run, args, where = _program_and_args(pipe, params, images, sources, targets, settings,
+                                         pair_image, mesh)
+    edited, rec, mask, taken = run(*args)
+    return P2PResult(to_uint8(np.asarray(edited)[where]), to_uint8(np.asarray(rec)[where]),
+                     np.asarray(mask)[where], np.asarray(taken)[:, :m])
+
+
+def _program_and_args(pipe, params, images, sources, targets, settings, pair_image, mesh):
+    """``p2p_edit``'s compiled program, its arguments (placed on the mesh) and the row of
+    each edit among its outputs."""
     images = np.asarray(images)
     m = images.shape[0]
     pair_image = np.arange(m) if pair_image is None else np.asarray(pair_image, np.int32)
     if len(sources) != m or len(targets) != len(pair_image):
         raise ValueError(f"{m} images, {len(sources)} source prompts, {len(targets)} target "
                          f"prompts for {len(pair_image)} edits.")
+    if len(pair_image) and (pair_image.min() < 0 or pair_image.max() >= m):
+        raise ValueError(f"pair_image has indices outside the {m} images.")
     mesh = parallel.make_mesh() if mesh is None else mesh
-    p, k = len(pair_image), parallel.rows_multiple(mesh)
-    m_pad, p_pad = -(-m // k) * k, -(-p // k) * k
-    rows = lambda n, b: np.minimum(np.arange(n), b - 1)  # pad: repeat the last row
-    images, sources = images[rows(m_pad, m)], [sources[i] for i in rows(m_pad, m)]
-    pair_image, targets = pair_image[rows(p_pad, p)], [targets[i] for i in rows(p_pad, p)]
+    img_rows, pair_rows, local, where = device_layout(pair_image, m, parallel.rows_multiple(mesh))
+    pair_src = [sources[i] for i in pair_image[pair_rows]]
+    images, sources = images[img_rows], [sources[i] for i in img_rows]
+    targets = [targets[i] for i in pair_rows]
     if _per_pair(settings.blend_words):
         settings = dataclasses.replace(
-            settings, blend_words=[settings.blend_words[i] for i in rows(p_pad, p)])
-    pair_src = [sources[i] for i in pair_image]
-    control = p2p.make_control(pipe, pair_src, list(targets), settings.steps,
+            settings, blend_words=[settings.blend_words[i] for i in pair_rows])
+    control = p2p.make_control(pipe, pair_src, targets, settings.steps,
                                mode=settings.mode,
                                cross_replace_steps=settings.cross_replace_steps,
                                self_replace_steps=settings.self_replace_steps,
                                reweight=settings.reweight)
     blend = None
     if settings.blend_words:
-        blend = lb.make_local_blend(pipe, pair_src, list(targets), settings.steps,
+        blend = lb.make_local_blend(pipe, pair_src, targets, settings.steps,
                                     settings.blend_words, threshold=settings.blend_threshold,
                                     start_fraction=settings.blend_start)
-    run = _compiled(pipe, settings.steps, settings.inversion, settings.num_inner_steps)
+        blend = blend.replace(words=blend.words.reshape(2, len(targets), -1))
+    run = _compiled(pipe, settings.steps, settings.inversion, settings.num_inner_steps, mesh)
     images, src_ids, empty_ids = parallel.shard_rows(
-        (images, pipe.tokenize(sources), pipe.tokenize([""] * m_pad)), mesh)
-    tgt_ids, pair_image = parallel.shard_rows(
-        (pipe.tokenize(targets), pair_image.astype(np.int32)), mesh)
-    edited, rec, mask, taken = run(
-        parallel.place_params(params, mesh), images, src_ids, tgt_ids, empty_ids, pair_image,
-        control, blend, jnp.float32(settings.guidance))
-    return P2PResult(to_uint8(np.asarray(edited)[:p]), to_uint8(np.asarray(rec)[:p]),
-                     np.asarray(mask)[:p], np.asarray(taken)[:, :m])
+        (images, pipe.tokenize(sources), pipe.tokenize([""] * len(sources))), mesh)
+    tgt_ids, local = parallel.shard_rows((pipe.tokenize(targets), local), mesh)
+    args = (parallel.place_params(params, mesh), images, src_ids, tgt_ids, empty_ids, local,
+            control, blend, jnp.float32(settings.guidance))
+    return run, args, where
 
 
 def _per_pair(words) -> bool:

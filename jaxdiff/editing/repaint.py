@@ -114,7 +114,7 @@ def repaint_latents(guided: Callable, tables: RePaintTables, z0, mask, x_T, nois
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, steps, jump_length, jump_n_sample):
+def _compiled(pipe, steps, jump_length, jump_n_sample, mesh=None):
     sch = jump_schedule(steps, jump_length, jump_n_sample, pipe.scheduler.num_train_timesteps)
     tables = repaint_tables(pipe.scheduler, sch, steps)
 
@@ -132,7 +132,8 @@ def _compiled(pipe, steps, jump_length, jump_n_sample):
                 "reconstruction": pipe.decode_latents(params, z0), "latents": lat,
                 "latent_mask": m[..., 0]}
 
-    return jax.jit(run)
+    return batch_inputs.rows_program(run, mesh or batch_inputs.one_device_mesh(),
+                                     shared=("guidance", "eta"))
 
 
 def repaint(pipe, params, images, masks, prompts, negative_prompts=None, *, steps: int = 50,
@@ -152,7 +153,8 @@ def repaint(pipe, params, images, masks, prompts, negative_prompts=None, *, step
     b = images.shape[0]
     masks = batch_inputs.check_masks(masks, images)
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
-    run = _compiled(pipe, int(steps), int(jump_length), int(jump_n_sample))
+    mesh = batch_inputs.edit_mesh(mesh)
+    run = _compiled(pipe, int(steps), int(jump_length), int(jump_n_sample), mesh)
     keys = batch_inputs.image_keys(seed, b, sample_index)
     rows = dict(images=images, masks=masks, ids=ids, neg_ids=neg, keys=keys)
     return batch_inputs.run_rows(run, mesh, b, params, rows, dict(

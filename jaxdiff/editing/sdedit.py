@@ -57,7 +57,7 @@ def sdedit_latents(denoise, sampler, alphas_cumprod, z0, noise, cond, uncond, st
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, sampler_name, steps, zero_uncond=False):
+def _compiled(pipe, sampler_name, steps, mesh=None, zero_uncond=False):
     """``zero_uncond``: SDXL's zero negative embeddings (no negative prompt)."""
     ac = jnp.asarray(schedules.alphas_cumprod(pipe.scheduler), jnp.float32)
 
@@ -75,7 +75,8 @@ def _compiled(pipe, sampler_name, steps, zero_uncond=False):
         return {"edited": pipe.decode_latents(params, lat),
                 "reconstruction": pipe.decode_latents(params, z0), "latents": lat}
 
-    return jax.jit(run)
+    return batch_inputs.rows_program(run, mesh or batch_inputs.one_device_mesh(),
+                                     shared=("guidance", "eta"))
 
 
 def sdedit(pipe, params, images, prompts, negative_prompts=None, *, strength=0.8,
@@ -102,8 +103,9 @@ def sdedit(pipe, params, images, prompts, negative_prompts=None, *, strength=0.8
     b = images.shape[0]
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     noise = batch_inputs.given_noise(noise, (b,) + pipe.latent_shape(*images.shape[1:3]))
+    mesh = batch_inputs.edit_mesh(mesh)
     zero = pipe.is_sdxl and pipe.force_zeros_for_empty_prompt and negative_prompts is None
-    run = _compiled(pipe, sampler, int(steps), zero)
+    run = _compiled(pipe, sampler, int(steps), mesh, zero)
     keys = batch_inputs.image_keys(seed, b, sample_index)
     rows = dict(images=images, ids=ids, neg_ids=neg, noise=noise, keys=keys,
                 strength=batch_inputs.per_image(strength, b, "strength"))
