@@ -10,14 +10,15 @@ the shipped model:
     python train/text_to_image.py --config configs/shapes.py:finetune --workdir runs/shapes_ft \
         --config.init_from=runs/shapes/export
 
-Model v2 (a candidate, not shipped yet) is three commands. ``v2``: the shipped (v1)
+Model v2 (a candidate, not shipped yet) is four commands. ``v2``: the shipped (v1)
 model's text encoder + UNet fine-tuned on world v2 (``jaxdiff.data.shapes.WORLD_V2``), VAE
 and tokenizer kept:
 
     python train/text_to_image.py --config configs/shapes.py:v2 --workdir runs/shapes_v2
 
 then ``v2_stage2`` continues it on a fresh draw of the world and ``v2_decoder`` fine-tunes
-only the VAE decoder (encoder and latent space kept, so the UNet stays valid):
+only the VAE decoder (encoder and latent space kept, so the UNet stays valid); a fourth
+command, ``v2_stage3`` (README), continues the diffusion stage on world ``v2_terse``:
 
     python train/text_to_image.py --config configs/shapes.py:v2_stage2 \
         --workdir runs/shapes_v2_stage2
