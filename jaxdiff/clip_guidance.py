@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxdiff import schedules
 from jaxdiff.guidance import cfg, classifier, classifier_grad
+from jaxdiff.guided_sampling import scan_sampler
 from jaxdiff.pipeline import Pipeline, to_uint8, unet_apply
 from jaxdiff.samplers import make_sampler
 from jaxdiff.samplers.base import x0_eps_vp
@@ -117,20 +118,10 @@ def _program(pipe: Pipeline, clip: CLIP, mode: str, by_image: bool, sampler_name
             denoise, contexts = cfg(unet, cfg_scale), (cond, pipe.encode_text(params, neg_ids))
         else:
             denoise, contexts = unet, cond
-        n = len(sampler.timesteps)
 
         def loop(scale):
-            guided = clip_guided(denoise, log_p, scale, ac, pt)
-
-            def body(state, i):
-                out = guided(sampler.model_input(state, i), sampler.timesteps[i], contexts)
-                eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
-                                                           noise.shape[1:]))(keys)
-                return sampler.step(state, i, out, eps), None
-
-            state, _ = jax.lax.scan(body, sampler.init(noise * sampler.init_noise_sigma),
-                                    jnp.arange(n))
-            return sampler.latents(state)
+            return scan_sampler(sampler, clip_guided(denoise, log_p, scale, ac, pt), noise,
+                                keys, contexts)
 
         latents = jax.vmap(loop)(clip_scale) if sweep else loop(clip_scale)
         flat = latents.reshape((-1,) + latents.shape[-3:])

@@ -24,6 +24,21 @@ from jaxdiff.samplers import make_sampler
 from jaxdiff.sampling import check_request, initial_noise, prompt_list, sample_keys
 
 
+def scan_sampler(sampler, denoise, noise, keys, contexts):
+    """Final latents of ``sampler`` run over all its timesteps with ``denoise(x, t,
+    contexts)`` in one ``lax.scan``, from ``noise``; step ``i``'s fresh noise (ancestral
+    samplers) is ``normal(fold_in(key, i + 1))`` per image, as ``generate`` draws it."""
+    def body(state, i):
+        out = denoise(sampler.model_input(state, i), sampler.timesteps[i], contexts)
+        eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
+                                                   noise.shape[1:]))(keys)
+        return sampler.step(state, i, out, eps), None
+
+    state, _ = jax.lax.scan(body, sampler.init(noise * sampler.init_noise_sigma),
+                            jnp.arange(len(sampler.timesteps)))
+    return sampler.latents(state)
+
+
 def label_log_prob(model, clf_params, labels: Mapping[str, jax.Array]):
     """``log_p(x, t) -> [B]``: sum over the heads in ``labels`` of log softmax at the
     wanted class (a label < 0 leaves that head out for that sample)."""
@@ -51,20 +66,10 @@ def _program(pipe: Pipeline, model, sampler_name: str, steps: int, sweep: bool,
         else:
             denoise, contexts = unet, cond
         grad = classifier_grad(label_log_prob(model, clf_params, labels))
-        n = len(sampler.timesteps)
 
         def loop(scale):
             guided = classifier(denoise, grad, scale, ac, pipe.scheduler.prediction_type)
-
-            def body(state, i):
-                out = guided(sampler.model_input(state, i), sampler.timesteps[i], contexts)
-                eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
-                                                           noise.shape[1:]))(keys)
-                return sampler.step(state, i, out, eps), None
-
-            state, _ = jax.lax.scan(body, sampler.init(noise * sampler.init_noise_sigma),
-                                    jnp.arange(n))
-            return sampler.latents(state)
+            return scan_sampler(sampler, guided, noise, keys, contexts)
 
         latents = jax.vmap(loop)(clf_scale) if sweep else loop(clf_scale)
         flat = latents.reshape((-1,) + latents.shape[-3:])
