@@ -78,9 +78,17 @@ class Pipeline:
                                  "model (VAE factor x UNet downsampling).")
 
     def latent_shape(self, height: int, width: int) -> tuple:
-        """(h, w, C) of the latents of a height x width image."""
+        """(h, w, C) of the latents of a height x width image (C: the VAE's latent channels,
+        which an InstructPix2Pix UNet takes twice)."""
         f = self.vae_scale_factor
-        return (height // f, width // f, self.unet.config.in_channels)
+        return (height // f, width // f, self.vae.config.latent_channels)
+
+    @property
+    def is_instruct(self) -> bool:
+        """InstructPix2Pix pipeline: the UNet takes the noisy latents and the source image's
+        latents concatenated along channels (``in_channels`` = 2 x the VAE's latent
+        channels); saved as diffusers' ``StableDiffusionInstructPix2PixPipeline``."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels
 
     @property
     def max_length(self) -> int:

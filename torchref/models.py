@@ -175,6 +175,27 @@ def make_torch_pipeline(folder, unet="sd1", vae="sd1", text="sd1", scheduler=Non
     return pipe
 
 
+def make_torch_instruct_pipeline(folder, seed=0):
+    """Builds and saves a tiny random diffusers ``StableDiffusionInstructPix2PixPipeline``
+    in ``folder``: the sd1 pipeline with an 8-channel UNet (noisy + image latents) and
+    Euler-ancestral sampling (the released InstructPix2Pix checkpoint's scheduler)."""
+    import torch
+    from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler,
+                           StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
+    torch.manual_seed(seed)
+    unet = perturb(UNet2DConditionModel(**dict(UNET_CONFIGS["sd1"], in_channels=8)),
+                   seed=seed)
+    scheduler = EulerAncestralDiscreteScheduler.from_config(
+        DDIMScheduler(**SCHEDULER_SD1).config)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=make_vae("sd1", seed), text_encoder=make_text_encoder("sd1", seed=seed),
+        tokenizer=write_tiny_tokenizer(os.path.join(folder, "_tok")), unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
 def make_torch_sdxl_pipeline(folder, seed=0, refiner=False):
     """Builds and saves a tiny random diffusers SDXL pipeline in ``folder``: CLIP-L-style and
     projection encoders (32 + 48 = the UNet's 80-wide context, pooled 32), the second

@@ -4,7 +4,9 @@ Layout: ``model_index.json``, ``unet/``, ``vae/`` (``config.json`` +
 ``diffusion_pytorch_model.safetensors``), ``text_encoder/`` (``config.json`` +
 ``model.safetensors``), ``tokenizer/`` and ``scheduler/scheduler_config.json``; SDXL adds
 ``text_encoder_2/`` (``CLIPTextModelWithProjection``) and ``tokenizer_2/`` (the refiner has
-only these two).
+only these two). An InstructPix2Pix pipeline (``Pipeline.is_instruct``: a UNet taking twice
+the VAE's latent channels) has the SD layout under diffusers' class name
+``StableDiffusionInstructPix2PixPipeline``.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ from jaxdiff.schedules import SchedulerConfig
 from jaxdiff.weights import convert, files
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "shapes")
+# The embedded model's InstructPix2Pix weights (present once shipped).
+INSTRUCT_MODEL = os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes_instruct")
+INSTRUCT_CLASS = "StableDiffusionInstructPix2PixPipeline"
 _TEXT_PREFIX = "text_model."
 
 
@@ -120,6 +125,10 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
                     force_zeros_for_empty_prompt=bool(
                         sdxl and index.get("force_zeros_for_empty_prompt", True)),
                     requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
+    if index.get("_class_name") == INSTRUCT_CLASS and not pipe.is_instruct:
+        raise ValueError(f"{index_path}: names a {INSTRUCT_CLASS} but its UNet takes "
+                         f"{pipe.unet.config.in_channels} input channels; an instruct UNet "
+                         f"takes {2 * pipe.vae.config.latent_channels} (noisy + image latents).")
     return pipe, jax.tree.map(jnp.asarray, params)
 
 
@@ -182,7 +191,8 @@ def _model_index(pipe: Pipeline) -> dict:
             "vae": ["diffusers", "AutoencoderKL"],
         }
     return {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "_class_name": INSTRUCT_CLASS if pipe.is_instruct else "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
         "feature_extractor": [None, None], "image_encoder": [None, None],
         "requires_safety_checker": False, "safety_checker": [None, None],
         "scheduler": ["diffusers", pipe.scheduler_class],
