@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from jaxdiff.models.gligen import ATTENTION_TYPES, dummy_gligen
 from jaxdiff.models.vae import sample_posterior
 
 
@@ -205,6 +206,9 @@ def dummy_inputs(module, kind: str):
             width = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
             args += (None,) * 4 + ({"text_embeds": jnp.zeros((1, width)),
                                     "time_ids": jnp.zeros((1, 1))},)
+        if cfg.attention_type in ATTENTION_TYPES:  # GLIGEN: position_net and the fusers
+            args += (None,) * (8 - len(args)) + (
+                dummy_gligen(cfg.attention_type, cfg.cross_attention_dim),)
         return args
     if kind == "vae":
         s = module.config.downscale

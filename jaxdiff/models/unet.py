@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxdiff.models import config as config_lib
 from jaxdiff.models.attention import Transformer2DModel
+from jaxdiff.models.gligen import ATTENTION_TYPES, position_net
 from jaxdiff.models.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D,
                                    conv3x3, timestep_embedding)
 
@@ -49,6 +50,8 @@ class UNetConfig:
     addition_embed_type: Any = None  # None | "text_time"
     addition_time_embed_dim: Any = None
     projection_class_embeddings_input_dim: Any = None
+    # GLIGEN: "gated" / "gated-text-image" add position_net and a fuser per block.
+    attention_type: str = "default"
 
     @property
     def text_time(self) -> bool:
@@ -69,6 +72,10 @@ class UNetConfig:
                 "larger projection_class_embeddings_input_dim (got "
                 f"{self.addition_time_embed_dim!r}, "
                 f"{self.projection_class_embeddings_input_dim!r}).")
+        if self.attention_type not in ("default",) + ATTENTION_TYPES:
+            raise config_lib.UnsupportedConfigError(
+                f"{source}: attention_type={self.attention_type!r} is not supported (only "
+                f"'default' and GLIGEN's {list(ATTENTION_TYPES)}).")
         for name, types, ok in (("down_block_types", self.down_block_types, _DOWN),
                                 ("up_block_types", self.up_block_types, _UP)):
             bad = [t for t in types if t not in ok]
@@ -118,7 +125,7 @@ UNET_FIXED = {
     "time_embedding_dim": (None,), "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "conv_in_kernel": (3,),
     "conv_out_kernel": (3,), "projection_class_embeddings_input_dim": (None,),
-    "attention_type": ("default",), "class_embeddings_concat": (False,),
+    "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False), "cross_attention_norm": (None,),
     "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,),
     "addition_time_embed_dim": (None,), "addition_embed_type_num_heads": (64,),
@@ -151,7 +158,8 @@ class UNetStage(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x, temb, context, skips=None, control=None, up_size=None, intra=None):
+    def __call__(self, x, temb, context, skips=None, control=None, up_size=None, intra=None,
+                 grounding=None):
         cfg, outputs = self.cfg, []
         Res, Tr = _maybe_remat(self.remat)
         skips = None if skips is None else list(skips)
@@ -165,7 +173,7 @@ class UNetStage(nn.Module):
                     self.heads, self.out_channels // self.heads, self.transformer_layers,
                     cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention,
                     first_layer=self.first_layer + j * self.transformer_layers,
-                    dtype=self.dtype, name=f"attentions_{j}")(x, context, control)
+                    dtype=self.dtype, name=f"attentions_{j}")(x, context, control, grounding)
             if intra is not None and j == self.num_resnets - 1:
                 x = x + intra
             outputs.append(x)
@@ -188,7 +196,7 @@ class UNetMidBlock(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x, temb, context, control=None):
+    def __call__(self, x, temb, context, control=None, grounding=None):
         cfg = self.cfg
         Res, Tr = _maybe_remat(self.remat)
         res = lambda i: Res(self.channels, cfg.norm_num_groups, cfg.norm_eps,
@@ -197,7 +205,8 @@ class UNetMidBlock(nn.Module):
         x = Tr(self.heads, self.channels // self.heads, self.transformer_layers,
                                cfg.norm_num_groups, cfg.use_linear_projection,
                                cfg.upcast_attention, first_layer=self.first_layer,
-                               dtype=self.dtype, name="attentions_0")(x, context, control)
+                               dtype=self.dtype, name="attentions_0")(x, context, control,
+                                                                      grounding)
         return res(1)(x, temb)
 
 
@@ -247,7 +256,8 @@ class UNet2DConditionModel(nn.Module):
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, control=None,
                  down_block_additional_residuals=None, mid_block_additional_residual=None,
-                 down_intrablock_additional_residuals=None, added_cond_kwargs=None):
+                 down_intrablock_additional_residuals=None, added_cond_kwargs=None,
+                 gligen=None):
         """UNet output [B,h,w,out_channels]; the residual inputs are diffusers'.
 
         Args:
@@ -263,6 +273,11 @@ class UNet2DConditionModel(nn.Module):
             (before its downsampler), or to the output of a block without attention (its
             last skip too, as diffusers' in-place add does); a leftover feature whose shape
             equals the mid block's output is added there (SDXL adapters).
+          gligen: GLIGEN grounding (``attention_type`` "gated" / "gated-text-image"
+            only): diffusers' ``cross_attention_kwargs["gligen"]`` dict of boxes, masks
+            and phrase embeddings (``models.gligen``); None runs the plain UNet. An extra
+            key ``"enabled"`` (traced bool scalar) switches the fusers on or off at run
+            time (``lax.cond``: off costs nothing; diffusers' ``enable_fuser``).
         """
         cfg = self.config
         sample = sample.astype(self.dtype)
@@ -282,6 +297,16 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError("added_cond_kwargs given to a UNet without addition_embed_type="
                              "'text_time' (only SDXL UNets take pooled text and time ids).")
         context = encoder_hidden_states.astype(self.dtype)
+        grounding = None
+        if gligen is not None:
+            if cfg.attention_type not in ATTENTION_TYPES:
+                raise ValueError("gligen= given to a UNet without GLIGEN layers (its config "
+                                 "has attention_type='default'; load a GLIGEN UNet).")
+            gligen = dict(gligen)
+            enabled = gligen.pop("enabled", None)
+            objs = position_net(cfg.attention_type, cfg.cross_attention_dim, self.dtype)(
+                **gligen)
+            grounding = (objs, enabled)
         intra = (None if down_intrablock_additional_residuals is None
                  else list(down_intrablock_additional_residuals))
 
@@ -294,7 +319,7 @@ class UNet2DConditionModel(nn.Module):
                     skips = _add_residuals(skips, down_block_additional_residuals)
                 x = UNetMidBlock(stage["out_channels"], stage["heads"], stage["transformer_layers"],
                               stage["first_layer"], cfg, self.dtype, self.remat,
-                              name="mid_block")(x, temb, context, control)
+                              name="mid_block")(x, temb, context, control, grounding)
                 if intra and intra[0].shape == x.shape:
                     x = x + intra.pop(0).astype(x.dtype)
                 if mid_block_additional_residual is not None:
@@ -303,7 +328,8 @@ class UNet2DConditionModel(nn.Module):
                 r = intra.pop(0).astype(self.dtype) if intra else None
                 x, outs = UNetStage(**kw, cfg=cfg, dtype=self.dtype, remat=self.remat,
                                  name=stage["name"])(x, temb, context, control=control,
-                                                     intra=r if stage["cross"] else None)
+                                                     intra=r if stage["cross"] else None,
+                                                     grounding=grounding)
                 if r is not None and not stage["cross"]:
                     x = x + r
                     outs = outs[:-1] + [x]
@@ -314,7 +340,8 @@ class UNet2DConditionModel(nn.Module):
                 up_size = skips[-1].shape[1:3] if skips else None
                 x, _ = UNetStage(**kw, cfg=cfg, dtype=self.dtype, remat=self.remat,
                               name=stage["name"])(x, temb, context, skips=mine,
-                                                  control=control, up_size=up_size)
+                                                  control=control, up_size=up_size,
+                                                  grounding=grounding)
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype,
                          name="conv_norm_out")(x)
         return conv3x3(cfg.out_channels, self.dtype, "conv_out")(nn.silu(x))

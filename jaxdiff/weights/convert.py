@@ -17,12 +17,15 @@ from flax import traverse_util
 _LIST_NAMES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers",
                "upsamplers", "transformer_blocks", "layers", "to_out", "net",
                "controlnet_down_blocks", "blocks", "body", "in_blocks", "out_blocks",
-               "time_embed")
+               "time_embed", "linears", "linears_text", "linears_image")
 _LIST_RE = re.compile(rf"^({'|'.join(_LIST_NAMES)})_(\d+)$")
 
-# Parameters PyTorch holds as bare ``nn.Parameter`` attributes (PixArt's, U-ViT's): the
-# Flax leaf keeps the PyTorch name instead of becoming ``weight``.
-_RAW_LEAVES = ("scale_shift_table", "pos_embed")
+# Parameters PyTorch holds as bare ``nn.Parameter`` attributes (PixArt's, U-ViT's,
+# GLIGEN's gates and null features): the Flax leaf keeps the PyTorch name instead of
+# becoming ``weight``.
+_RAW_LEAVES = ("scale_shift_table", "pos_embed", "alpha_attn", "alpha_dense",
+               "null_positive_feature", "null_position_feature", "null_text_feature",
+               "null_image_feature")
 
 # Old diffusers VAE attention names, accepted on load.
 _LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
