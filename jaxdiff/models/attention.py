@@ -250,6 +250,28 @@ class _GEGLU(nn.Module):
         return h * nn.gelu(gate, approximate=False)
 
 
+class GatedSelfAttentionDense(nn.Module):
+    """GLIGEN's ``fuser``: self-attention over [visual; projected object] tokens and a
+    GEGLU MLP, each added through a tanh gate (``alpha_attn``, ``alpha_dense``, zero at
+    init, so a new fuser leaves the block unchanged). x: [B, L, C], objs: [B, N, D]."""
+    heads: int
+    dim_head: int
+    impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, objs):
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+        gate = lambda name: jnp.tanh(self.param(name, nn.initializers.zeros, ()))
+        objs = nn.Dense(x.shape[-1], dtype=self.dtype, name="linear")(objs.astype(self.dtype))
+        both = ln("norm1")(jnp.concatenate([x, objs], axis=1))
+        a = Attention(self.heads, self.dim_head, impl=self.impl, dtype=self.dtype,
+                      name="attn")(both)[:, :x.shape[1]]
+        x = x + (gate("alpha_attn") * a).astype(x.dtype)
+        f = FeedForward(dtype=self.dtype, name="ff")(ln("norm2")(x))
+        return x + (gate("alpha_dense") * f).astype(x.dtype)
+
+
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention and GEGLU MLP, each pre-LayerNorm and residual."""
     heads: int
@@ -260,12 +282,23 @@ class BasicTransformerBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, control=None):
+    def __call__(self, x, context, control=None, grounding=None):
+        """``grounding``: None, or GLIGEN's (tokens [B, N, D_ctx], enabled: a traced bool
+        or None for on) for the gated ``fuser`` after self-attention (diffusers'
+        ``attention_type="gated"``)."""
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
         attn = lambda name: Attention(self.heads, self.dim_head, upcast=self.upcast,
                                       layer=self.layer, impl=self.impl, dtype=self.dtype,
                                       name=name)
         x = x + attn("attn1")(ln("norm1")(x), control=control)
+        if grounding is not None:
+            objs, enabled = grounding
+            fuser = GatedSelfAttentionDense(self.heads, self.dim_head, self.impl, self.dtype,
+                                            name="fuser")
+            if enabled is None or self.is_initializing():
+                x = fuser(x, objs)
+            else:
+                x = nn.cond(enabled, lambda m, v, o: m(v, o), lambda m, v, o: v, fuser, x, objs)
         x = x + attn("attn2")(ln("norm2")(x), context, control=control)
         return x + FeedForward(dtype=self.dtype, name="ff")(ln("norm3")(x))
 
@@ -287,7 +320,7 @@ class Transformer2DModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, control=None):
+    def __call__(self, x, context, control=None, grounding=None):
         b, h, w, c = x.shape
         inner = self.heads * self.dim_head
         proj = ((lambda n, f: nn.Dense(f, dtype=self.dtype, name=n)) if self.use_linear_projection
@@ -298,7 +331,7 @@ class Transformer2DModel(nn.Module):
             y = BasicTransformerBlock(self.heads, self.dim_head, self.upcast,
                                       layer=self.first_layer + i, impl=self.impl,
                                       dtype=self.dtype, name=f"transformer_blocks_{i}")(
-                                          y, context, control)
+                                          y, context, control, grounding)
         y = proj("proj_out", c)(y.reshape(b, h, w, inner))
         return x + y
 
