@@ -1,5 +1,6 @@
-"""bench/roofline.py: the UNet FLOP count against an analytic hand count, and the whole
-generation program's count against its parts (lowering only, no compile, no weights)."""
+"""bench/roofline.py: the UNet and transformer FLOP counts against analytic hand counts
+(and DiT-XL/2's against the DiT paper), the whole generation program's count against its
+parts (lowering only, no compile, no weights)."""
 import json
 import math
 import re
@@ -53,6 +54,28 @@ def lowered():
     low = roof.unet_call.lower(pipe, params, sds((B, SIDE, SIDE, 4), jnp.float32),
                                sds((B,), jnp.float32), sds((B, CTX, 48), jnp.float32))
     return roof, cfg, low
+
+
+def test_transformer_hand_count_equals_the_programs_matmuls(lowered):
+    """DiT and PixArt (cross-attention, caption projection, micro-conditions): the hand
+    count equals the lowered call's dot / convolution shapes; DiT-XL/2's is the DiT paper's
+    Gflops (multiply-adds: 118.6 at 256², 524.6 at 512²; Peebles & Xie 2023, table 4)."""
+    roof = lowered[0]
+    for name in ("dit_tiny", "pixart_tiny"):
+        an = roof.TransformerAnalyser(name, compile_=False)
+        cond, added = an.cond(B)
+        sds = jax.ShapeDtypeStruct
+        low = roof.transformer_call.lower(an.pipe.transformer, an.params,
+                                          sds((B,) + an.latent, jnp.float32),
+                                          sds((B,), jnp.float32), cond, added)
+        hand = roof.transformer_flops(an.pipe.transformer.config, B, *an.latent[:2], an.ctx or 0)
+        assert matmul_conv_flops(low.as_text(dialect="hlo")) == hand
+        xla = roof.analyse(low, compile_=False)["flops"]
+        assert hand < xla < 1.25 * hand   # + elementwise work (norms, GELU, softmax)
+    for side, paper in ((32, 118.6e9), (64, 524.6e9)):
+        model, _, _ = roof.build_transformer("dit_xl2_256" if side == 32 else "dit_xl2_512")
+        macs = roof.transformer_flops(model.config, 1, side, side) / 2
+        assert macs == pytest.approx(paper, rel=2e-3)
 
 
 def test_hand_count_equals_the_programs_matmuls_and_convolutions(lowered):
