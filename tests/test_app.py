@@ -6,14 +6,22 @@ for a compile; a Generate request with the defaults shows the model's image size
 its settings in the PNG and compiles nothing (the warm-up did); a P2P edit of an upload
 shows input | reconstruction | edit, with the upload's pixels in the input part; a text
 file and a 20000x20000 PNG header get visible error messages; afterwards the server still
-serves and a new seed still compiles nothing. ``JAXDIFF_SCREENSHOTS=DIR`` saves the three
-tabs as ``DIR/{generate,edit,personalize}.png`` (the README's ``docs/app/``).
+serves and a new seed still compiles nothing. Generate and Edit show a progress bar that
+counts denoising steps (Generate: out of its 20). A DreamBooth-LoRA job started in the
+Personalize tab at its beginning (2 steps, a sample grid at step 2) trains while the
+other tests run; at the end its status shows the finished progress bar and the sample
+grid, and the Generate tab runs with it (chosen as ``job:<id>`` in the model list)
+without compiling. ``JAXDIFF_SCREENSHOTS=DIR`` saves the tabs as
+``DIR/{generate,edit,edit_mask,personalize}.png`` (the README's ``docs/app/``), the edits
+then at the Edit tab's default settings (20 steps, null-text inversion) instead of the
+test's 3 steps.
 
 Chromium comes from apt (``.ci/run`` installs it): without it the file fails, it does not
 skip. Playwright's own browser download is not used.
 """
 import io
 import os
+import re
 import shutil
 import socket
 import struct
@@ -65,8 +73,11 @@ def app(tmp_path_factory):
     example = held_out_examples(WorldSpec(), 1, num_objects=1)[0]
     files = types.SimpleNamespace(photo=str(tmp / "photo.png"), text=str(tmp / "notes.txt"),
                                   bomb=str(tmp / "bomb.png"), caption=example["caption"],
-                                  colour=example["objects"][0].colour)
+                                  colour=example["objects"][0].colour, instances=[])
     Image.fromarray(example["image"]).save(files.photo)
+    for i, e in enumerate(held_out_examples(WorldSpec(), 3, num_objects=1, seed=7)):
+        files.instances.append(str(tmp / f"instance_{i}.png"))
+        Image.fromarray(e["image"]).save(files.instances[-1])
     (tmp / "notes.txt").write_text("not an image\n")
     (tmp / "bomb.png").write_bytes(_png_header_only(20000, 20000))
     port = _free_port()
@@ -126,12 +137,13 @@ def _wait_status(page, elem, timeout=REQUEST_TIMEOUT, after=""):
     return page.inner_text(elem)
 
 
-def _images(page, gallery):
-    """[(natural width, height, src)] of a gallery's images, once all have loaded."""
+def _images(page, gallery, old=()):
+    """[(natural width, height, src)] of a gallery's images, once all have loaded (and
+    none is one of the ``old`` srcs)."""
     page.wait_for_function(
-        f"() => {{ const im = [...document.querySelectorAll('{gallery} img')];"
-        " return im.length > 0 && im.every(e => e.complete && e.naturalWidth > 0); }",
-        timeout=60_000)
+        f"(old) => {{ const im = [...document.querySelectorAll('{gallery} img')];"
+        " return im.length > 0 && im.every(e => e.complete && e.naturalWidth > 0"
+        " && !old.includes(e.src)); }", arg=list(old), timeout=60_000)
     return page.eval_on_selector_all(
         f"{gallery} img", "els => els.map(e => [e.naturalWidth, e.naturalHeight, e.src])")
 
@@ -149,16 +161,57 @@ def test_page_loads_before_the_warm_up_is_done(app):
     status = app.page.inner_text("#server-status")
     assert time.time() - t0 < 60
     assert any(s in status for s in ("warming up", "ready: ", "model loaded")), status
-    app.page.wait_for_function(
-        "document.querySelector('#server-status').innerText.includes('ready: ')",
-        timeout=REQUEST_TIMEOUT)
+
+
+def _watch_progress(page):
+    """Records every text Gradio's progress display shows from now on (``_progress``)."""
+    page.evaluate("""() => { window.__progress = [];
+        if (window.__observer) window.__observer.disconnect();
+        window.__observer = new MutationObserver(() => {
+          for (const e of document.querySelectorAll('.progress-text, .progress-level'))
+            window.__progress.push(e.innerText); });
+        window.__observer.observe(document.body,
+                                  {subtree: true, childList: true, characterData: true}); }""")
+
+
+def _progress(page):
+    """[(done, total or None)] read from the recorded progress texts ("7/20 steps")."""
+    seen = []
+    for text in page.evaluate("window.__progress"):
+        for done, total in re.findall(r"(\d+)(?:/(\d+))? steps", text):
+            seen.append((int(done), int(total) if total else None))
+    return seen
+
+
+def test_personalize_starts_a_background_job(app):
+    """Starts a DreamBooth-LoRA job (2 steps, a sample grid at step 2); it trains while
+    the next tests run and is checked by test_personalize_result_is_used_in_generate."""
+    page = app.page
+    page.get_by_role("tab", name="Personalize").click()
+    page.set_input_files("#pers-files input[type=file]", app.files.instances)
+    page.wait_for_selector("#pers-files >> text=instance_2.png")
+    for slider, value in (("#pers-steps", "2"), ("#pers-sample-every", "2")):
+        page.fill(f"{slider} input[type=number]", value)
+        page.press(f"{slider} input[type=number]", "Enter")
+    page.click("#pers-start")
+    page.wait_for_selector("#pers-status progress", timeout=60_000)
+    status = page.inner_text("#pers-status")
+    assert "(dreambooth_lora): running" in status and "/ 2 (" in status, status
+    app.job = re.search(r"\d{8}-\d{6}-dreambooth_lora-[0-9a-f]{4}", status).group(0)
+    page.get_by_role("tab", name="Generate").click()
 
 
 def test_generate_shows_model_size_images_with_settings(app):
     page = app.page
+    page.wait_for_function(  # the warm-up (it ran beside the job's start)
+        "document.querySelector('#server-status').innerText.includes('ready: ')",
+        timeout=REQUEST_TIMEOUT)
+    _watch_progress(page)
     page.click("#gen-run")  # the defaults: the warm-up compiled this program
     status = _wait_status(page, "#gen-status")
     assert "0 program(s) compiled" in status, status
+    seen = _progress(page)  # DPM++ 2M, 20 steps: one UNet evaluation each
+    assert seen and all(total == 20 and 0 <= done <= 20 for done, total in seen), seen
     images = _images(page, "#gen-gallery")
     side = images[1][0]
     assert [tuple(i[:2]) for i in images] == [(2 * side, side), (side, side), (side, side)]
@@ -177,13 +230,16 @@ def test_p2p_edit_shows_input_reconstruction_edit(app):
     target = app.files.caption.replace(app.files.colour, "blue" if app.files.colour != "blue"
                                        else "red")
     page.fill("#edit-target textarea", target)
-    page.fill("#edit-steps input[type=number]", "3")
-    page.press("#edit-steps input[type=number]", "Enter")
-    page.click("#edit-inversion input")
-    page.get_by_role("option", name="ddim", exact=True).click()
+    if not app.shots:  # the screenshot shows the tab's defaults (20 steps, null-text)
+        page.fill("#edit-steps input[type=number]", "3")
+        page.press("#edit-steps input[type=number]", "Enter")
+        page.click("#edit-inversion input")
+        page.get_by_role("option", name="ddim", exact=True).click()
+    _watch_progress(page)
     page.click("#edit-run")
     status = _wait_status(page, "#edit-status")
     assert status.startswith("p2p: 1 image(s)"), status
+    assert _progress(page), "no progress shown"  # UNet evaluations (total: after a first run)
     (w, h, src), = _images(page, "#edit-gallery")
     assert (w, h) == (3 * 32 + 2 * 2, 32)
     panel = np.asarray(_png(app, src).convert("RGB"))
@@ -210,16 +266,72 @@ def test_server_still_healthy_and_cached(app):
     assert _get(app.url)[0] == 200
     page = app.page
     page.goto(app.url)  # a fresh page: no error message left from the last test
-    page.get_by_role("tab", name="Personalize").click()
-    page.wait_for_selector("#pers-start")
-    _screenshot(app, "personalize")
-    page.get_by_role("tab", name="Generate").click()
+    page.wait_for_selector("#gen-run")
     before = page.inner_text("#gen-status")
     page.fill("#gen-guidance textarea", "7")  # traced: no new program
     page.click("#gen-run")
     status = _wait_status(page, "#gen-status", after=before)
     assert "0 program(s) compiled" in status, status
     assert "generate" in app.log.read_text()  # the per-request compile log line
+
+
+def test_personalize_result_is_used_in_generate(app):
+    """The job started by test_personalize_starts_a_background_job: finished, its progress
+    bar full, its sample grid shown; then Generate with it (merged LoRA: the same
+    programs, nothing compiles) keeps its name in the PNG."""
+    page = app.page
+    page.get_by_role("tab", name="Personalize").click()
+    page.wait_for_function(
+        "document.querySelector('#pers-status').innerText.includes('finished')",
+        timeout=REQUEST_TIMEOUT)
+    status = page.inner_text("#pers-status")
+    assert app.job in status and "step 2 / 2 (100 %)" in status, status
+    assert f"job:{app.job}" in status
+    (w, h, _), = _images(page, "#pers-samples")  # the grid written at step 2
+    assert w >= 2 * 32 and h >= 32, (w, h)
+    _screenshot(app, "personalize")
+    page.get_by_role("tab", name="Generate").click()
+    before = page.inner_text("#gen-status")
+    old = [src for _, _, src in _images(page, "#gen-gallery")]
+    page.click("#gen-model input")
+    page.get_by_role("option", name=f"job:{app.job}", exact=True).click()
+    assert page.input_value("#gen-model input") == f"job:{app.job}"
+    page.click("#gen-run")
+    status = _wait_status(page, "#gen-status", after=before)
+    assert "0 program(s) compiled" in status, status
+    png = _png(app, _images(page, "#gen-gallery", old)[1][2])
+    assert png.text["model"] == f"job:{app.job}", png.text
+
+
+def test_screenshot_of_a_painted_mask_edit(app):
+    """Only with JAXDIFF_SCREENSHOTS: a RePaint edit at the tab's default steps with a mask
+    painted by mouse strokes on the ImageEditor (docs/app/edit_mask.png)."""
+    if not app.shots:
+        pytest.skip("screenshots only (JAXDIFF_SCREENSHOTS=DIR)")
+    page = app.page
+    page.goto(app.url)
+    page.get_by_role("tab", name="Edit").click()
+    page.set_input_files("#edit-files input[type=file]", app.files.photo)
+    page.click("#edit-method input")
+    page.get_by_role("option", name="RePaint (drawn mask)").click()
+    target = app.files.caption.replace(app.files.colour, "red" if app.files.colour != "red"
+                                       else "blue")
+    page.fill("#edit-target textarea", target)
+    canvas = page.locator("#edit-mask canvas").first
+    canvas.wait_for(timeout=60_000)
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    for k in range(1, 11):  # a stroke across the upper half
+        page.mouse.move(box["x"] + box["width"] * (0.2 + 0.06 * k),
+                        box["y"] + box["height"] * 0.3)
+    page.mouse.up()
+    page.click("#edit-run")
+    status = _wait_status(page, "#edit-status")
+    assert status.startswith("repaint: 1 image(s)"), status
+    (w, _, _), = _images(page, "#edit-gallery")
+    assert w == 4 * 32 + 3 * 2  # input | reconstruction | edit | mask
+    _screenshot(app, "edit_mask")
 
 
 def test_painted_strokes_become_the_mask():
@@ -250,3 +362,64 @@ def test_personalize_job_refuses_a_second_and_cancels(tmp_path):
     assert jobs.cancel() is job
     assert job.state == "cancelled" and job.process.returncode is not None
     assert job.export() is None and jobs.finished_adapters("ti") == []
+
+
+def test_progress_counts_steps_bit_equal_and_a_same_architecture_model_reuses_programs(
+        tmp_path):
+    """The progress-reporting UNet (app.progress) on a micro pipeline: a guidance sweep
+    gives latents bit-equal to the plain pipeline's and reports one evaluation per step
+    and scale; other params of the same architecture (a DreamBooth export) compile
+    nothing. A full DreamBooth export loaded by AppState runs on the server's own Pipeline
+    object; a model of another architecture does not."""
+    import dataclasses
+
+    import jax
+    from jaxdiff import sampling
+    from jaxdiff.app.progress import TICKS, generate_evals, with_progress
+    from jaxdiff.app.state import AppState, compile_counter, same_architecture
+    from jaxdiff.weights import load_pipeline, save_pipeline
+
+    pipe, params = _micro(*load_pipeline(None))
+    wrapped, counter = with_progress(pipe), compile_counter()
+    run = lambda p, prm: sampling.generate(p, prm, ["a red circle"] * 2, None, "dpmpp_2m", 4,
+                                           [3.0, 6.0], 1, output="latents")
+    plain = run(pipe, params)
+    before = TICKS.count
+    reported = run(wrapped, params)
+    assert TICKS.count - before == 4 * 2 == generate_evals(wrapped, "dpmpp_2m", 4, 2)
+    np.testing.assert_array_equal(reported, plain)
+    other = jax.tree.map(lambda x: x * 1.01, params)
+    compiled = counter.count
+    changed = run(wrapped, other)
+    assert counter.count == compiled  # new params, same programs
+    assert np.abs(changed - plain).max() > 0
+
+    state = AppState(None, str(tmp_path / "work"))
+    export = str(tmp_path / "db_export")  # what a full DreamBooth job exports
+    save_pipeline(dataclasses.replace(state.pipe, unet=state.pipe.unet.inner),
+                  jax.tree.map(lambda x: x + 0.001, state.params), export)
+    db_pipe, db_params, _ = state._load_job("dreambooth", export)
+    assert db_pipe is state.pipe
+    diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                        db_params, state.params)
+    assert 5e-4 < min(jax.tree.leaves(diff)) and max(jax.tree.leaves(diff)) < 2e-3
+    assert not same_architecture(state.pipe, state.params, pipe, params)
+
+
+def _micro(pipe, params):
+    """The embedded pipeline with a one-level cross-attention UNet of random params (a
+    cheap compile; as torchref.models.with_micro_unet, at the text encoder's width)."""
+    import dataclasses
+
+    import jax
+    from jaxdiff.models import UNet2DConditionModel, UNetConfig
+    from jaxdiff.pipeline import dummy_inputs
+    unet = UNet2DConditionModel(UNetConfig.from_dict(dict(
+        block_out_channels=(8,), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",), attention_head_dim=2, norm_num_groups=4,
+        cross_attention_dim=pipe.unet.config.cross_attention_dim, sample_size=4)))
+    shapes = jax.eval_shape(unet.init, jax.random.key(0), *dummy_inputs(unet, "unet"))
+    rng = np.random.default_rng(0)
+    unet_params = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32),
+                               shapes["params"])
+    return dataclasses.replace(pipe, unet=unet), dict(params, unet=unet_params)

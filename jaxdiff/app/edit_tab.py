@@ -5,7 +5,11 @@ Uploads are ``gr.File`` (the browser sends bytes; nothing is decoded before
 ``limits.decode_uploads`` checks size and pixel count). All uploads of a request are one
 batch through the method's compiled program. Masks for blended / RePaint (optional for
 DiffEdit) are drawn with ``gr.ImageEditor`` over the first upload: every brush stroke
-marks the region to edit, and the same mask is used for every image.
+marks the region to edit, and the same mask is used for every image. The model list is
+the Generate tab's (the server's model and finished Personalize jobs). The progress bar
+counts UNet evaluations (``app.progress``); their total for a request of the same method,
+settings and batch size is the count of the last such request (the warm-up's for the
+defaults), since inversions and null-text optimisation (early stop) vary.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from jaxdiff.app.limits import decode_uploads
+from jaxdiff.app.progress import run_with_progress
 from jaxdiff.app.state import AppState
 from jaxdiff.data.images import InputError, make_panel
 from jaxdiff.editing import blended, diffedit, ilvr, p2p_pipeline, repaint, sdedit
@@ -81,10 +86,14 @@ def editor_mask(editor, side: int) -> Optional[np.ndarray]:
 
 
 def run_method(state: AppState, images: np.ndarray, mask: Optional[np.ndarray],
-               r: EditRequest) -> Dict[str, np.ndarray]:
-    """The library call of one method on a batch: {"edited", "reconstruction": uint8
+               r: EditRequest, model: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """The library call of one method on a batch with ``model`` (a name from
+    ``state.model_choices()``; None: the server's): {"edited", "reconstruction": uint8
     [B, H, W, 3], "mask": bool [B, H, W] or absent}."""
-    pipe, params, b = state.pipe, state.params, images.shape[0]
+    pipe, params, expand = state.resolve_model(model)
+    b = images.shape[0]
+    r = dataclasses.replace(r, source=expand(r.source), target=expand(r.target),
+                            negative=expand(r.negative))
     x = from_uint8(images)
     masks = None if mask is None else np.broadcast_to(mask, (b,) + mask.shape)
     common = dict(steps=r.steps, guidance_scale=r.guidance, seed=r.seed)
@@ -143,8 +152,16 @@ def check_request(r: EditRequest, mask: Optional[np.ndarray]):
         raise InputError(f"steps must be >= 1, got {r.steps}.")
 
 
-def run_edit(state: AppState, files, editor, *values):
-    """One Edit request: returns ([(panel path, caption)], status line)."""
+def evals_key(r: EditRequest, batch: int, model: Optional[str]):
+    """What fixes a request's number of UNet evaluations (not prompts, guidance, seed)."""
+    fixed = {k: v for k, v in dataclasses.asdict(r).items()
+             if k not in ("source", "target", "negative", "guidance", "seed", "blend_words")}
+    return (model, batch, bool(r.blend_words.split())) + tuple(sorted(fixed.items()))
+
+
+def run_edit(state: AppState, files, editor, *values, model=None, progress=None):
+    """One Edit request: returns ([(panel path, caption)], status line). ``model``: a name
+    from ``state.model_choices()``; ``progress``: as ``generate_tab.run_generate``'s."""
     r = EditRequest(*values)
     r = dataclasses.replace(r, steps=int(r.steps), seed=int(r.seed),
                             jump_length=int(r.jump_length), jump_n=int(r.jump_n),
@@ -154,8 +171,14 @@ def run_edit(state: AppState, files, editor, *values):
     images = decode_uploads(paths, (side, side), state.limits)
     mask = editor_mask(editor, side) if METHODS.get(r.method, ("", "none"))[1] != "none" else None
     check_request(r, mask)
+    call = lambda: state.timed(f"edit {r.method}", run_method, state, images, mask, r, model)
     with state.device:
-        out, info = state.timed(f"edit {r.method}", run_method, state, images, mask, r)
+        if progress is None:
+            out, info = call()
+        else:
+            key = evals_key(r, images.shape[0], model or state.model_name)
+            (out, info), evals = run_with_progress(call, progress, state.totals.get(key))
+            state.totals.put(key, evals)
     files_out, captions = [], []
     for i in range(images.shape[0]):
         parts = [images[i], out["reconstruction"][i], out["edited"][i]]
@@ -163,7 +186,7 @@ def run_edit(state: AppState, files, editor, *values):
             parts.append(np.repeat(out["mask"][i][..., None] * 255, 3, -1).astype(np.uint8))
         files_out.append((f"panel_{i:02d}.png", make_panel(parts), dict(index=i)))
         captions.append("input | reconstruction | edit" + (" | mask" if "mask" in out else ""))
-    record = dict(dataclasses.asdict(r), model=state.model_name)
+    record = dict(dataclasses.asdict(r), model=model or state.model_name)
     paths = state.write_results("edit", files_out, record)
     status = (f"{r.method}: {images.shape[0]} image(s) in {info['seconds']:.2f} s; "
               f"{info['compiled']} program(s) compiled"
@@ -183,13 +206,17 @@ def show_upload(state: AppState, files):
 
 
 def build(state: AppState, report_errors):
-    """The tab's components and events (inside an open ``gr.Blocks``)."""
+    """The tab's components and events (inside an open ``gr.Blocks``); returns its model
+    list (refreshed when a Personalize job finishes)."""
     d = EditRequest("p2p", "a red circle", "a blue circle")
     with gr.Tab("Edit", id="edit"):
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(file_count="multiple", label="Images (one or several)",
                                 elem_id="edit-files")
+                model = gr.Dropdown(state.model_choices(), value=state.model_name,
+                                    label="Model (the server's, or a finished Personalize job)",
+                                    elem_id="edit-model")
                 method = gr.Dropdown([(label, name) for name, (label, _) in METHODS.items()],
                                      value=d.method, label="Method", elem_id="edit-method")
                 source = gr.Textbox(d.source, label="Source prompt (caption of the upload)",
@@ -241,6 +268,14 @@ def build(state: AppState, report_errors):
         names = [f.name for f in dataclasses.fields(EditRequest)]
         inputs = dict(method=method, source=source, target=target, negative=negative,
                       steps=steps, guidance=guidance, seed=seed, **opts)
-        button.click(report_errors(lambda f, m, *v: run_edit(state, f, m, *v)),
-                     [files, mask] + [inputs[n] for n in names], [gallery, status],
-                     concurrency_id="device", api_name="edit")
+        def edit(files, editor, model, method, source, target, negative, steps, guidance,
+                 seed, inversion, mode, cross, self_, blend_words, strength, blending,
+                 jump_length, jump_n, factor, progress=gr.Progress()):  # EditRequest's order
+            return run_edit(state, files, editor, method, source, target, negative, steps,
+                            guidance, seed, inversion, mode, cross, self_, blend_words,
+                            strength, blending, jump_length, jump_n, factor, model=model,
+                            progress=progress)
+
+        button.click(report_errors(edit), [files, mask, model] + [inputs[n] for n in names],
+                     [gallery, status], concurrency_id="device", api_name="edit")
+        return model

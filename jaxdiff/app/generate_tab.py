@@ -4,7 +4,9 @@ are, so a download keeps the metadata).
 
 A list of guidance scales ("3, 5, 7.5") runs as the library's vmapped sweep, one compiled
 program for all scales; the grid has one row per scale. Batch size, steps, sampler and
-size pick the program; prompts, guidance, seed and adapter scale are traced.
+size pick the program; prompts, guidance, seed and adapter scale are traced. The model
+list holds the server's model and each finished Personalize job (``AppState.resolve_model``);
+the progress bar counts the sampler's UNet evaluations (``app.progress``).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import gradio as gr
 import numpy as np
 
 from jaxdiff import sampling
+from jaxdiff.app.progress import generate_evals, run_with_progress
 from jaxdiff.app.state import NONE, AppState
 from jaxdiff.data.images import InputError, make_grid
 from jaxdiff.samplers import SAMPLERS
@@ -36,8 +39,10 @@ def parse_scales(text: str) -> List[float]:
 
 
 def run_generate(state: AppState, prompts_text, negative, sampler, steps, guidance, seed,
-                 batch, lora=NONE, lora_scale=1.0, ti=NONE):
-    """One Generate request: returns ([(png path, caption)], status line)."""
+                 batch, lora=NONE, lora_scale=1.0, ti=NONE, model=None, progress=None):
+    """One Generate request: returns ([(png path, caption)], status line). ``model``: a
+    name from ``state.model_choices()`` (None: the server's); ``progress``: a
+    ``gr.Progress`` (or any ``f((done, total), desc=...)``) told the evaluations done."""
     prompts = [p.strip() for p in str(prompts_text or "").splitlines() if p.strip()]
     if not prompts:
         raise InputError("no prompt given; type one prompt per line.")
@@ -46,15 +51,22 @@ def run_generate(state: AppState, prompts_text, negative, sampler, steps, guidan
     if len(prompts) * batch * len(scales) > MAX_IMAGES:
         raise InputError(f"{len(prompts)} prompt(s) x batch {batch} x {len(scales)} guidance "
                          f"scale(s) is more than {MAX_IMAGES} images; ask for fewer.")
-    pipe, params, expand = state.with_adapters(lora, lora_scale, ti)
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; pick one from the list.")
+    pipe, params, expand = state.with_adapters(lora, lora_scale, ti, model)
     jobs = [p for p in prompts for _ in range(batch)]
+    call = lambda: state.timed(
+        "generate", sampling.generate, pipe, params, [expand(p) for p in jobs],
+        negative or None, sampler, steps, scales if len(scales) > 1 else scales[0], seed)
     with state.device:
-        images, info = state.timed(
-            "generate", sampling.generate, pipe, params, [expand(p) for p in jobs],
-            negative or None, sampler, steps, scales if len(scales) > 1 else scales[0], seed)
+        if progress is None:
+            images, info = call()
+        else:
+            total = generate_evals(pipe, sampler, steps, len(scales))
+            (images, info), _ = run_with_progress(call, progress, total, "denoising steps")
     images = np.asarray(images).reshape((len(scales), len(jobs)) + images.shape[-3:])
     settings = dict(sampler=sampler, steps=steps, seed=seed, negative_prompt=negative or "",
-                    model=state.model_name, lora=lora, lora_scale=lora_scale,
+                    model=model or state.model_name, lora=lora, lora_scale=lora_scale,
                     textual_inversion=ti)
     files = [("grid.png", make_grid(images.reshape((-1,) + images.shape[-3:]), len(jobs)),
               dict(guidance=", ".join(map(str, scales)), prompts=" | ".join(prompts)))]
@@ -76,6 +88,9 @@ def build(state: AppState, report_errors):
     with gr.Tab("Generate", id="generate"):
         with gr.Row():
             with gr.Column(scale=1):
+                model = gr.Dropdown(state.model_choices(), value=state.model_name,
+                                    label="Model (the server's, or a finished Personalize job)",
+                                    elem_id="gen-model")
                 prompts = gr.Textbox(DEFAULTS["prompts"], lines=3, label="Prompts (one per line)",
                                      elem_id="gen-prompts")
                 negative = gr.Textbox(DEFAULTS["negative"], label="Negative prompt")
@@ -100,7 +115,13 @@ def build(state: AppState, report_errors):
                 gallery = gr.Gallery(label="Images (PNG with settings)", columns=4,
                                      format="png", elem_id="gen-gallery", object_fit="contain")
                 status = gr.Markdown(elem_id="gen-status")
-        button.click(report_errors(lambda *a: run_generate(state, *a)),
+        def generate(prompts, negative, sampler, steps, guidance, seed, batch, lora,
+                     lora_scale, ti, model, progress=gr.Progress()):
+            return run_generate(state, prompts, negative, sampler, steps, guidance, seed,
+                                batch, lora, lora_scale, ti, model, progress)
+
+        button.click(report_errors(generate),
                      [prompts, negative, sampler, steps, guidance, seed, batch, lora, lora_scale,
-                      ti], [gallery, status], concurrency_id="device", api_name="generate")
-    return dict(lora=lora, ti=ti)
+                      ti, model], [gallery, status], concurrency_id="device",
+                     api_name="generate")
+    return model

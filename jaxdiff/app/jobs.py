@@ -5,8 +5,9 @@ cancelled at any moment (its process group is terminated) and the server keeps s
 A job lives in ``<workdir>/jobs/<id>/``: ``instances/`` (the checked uploads, as PNG),
 ``log.jsonl`` (progress, written by the training loop every step), ``samples/`` (sample
 grids as they appear), ``export/`` (the result, written atomically by the recipe) and
-``job.log`` (the process's output). A finished LoRA or Textual-Inversion job is offered
-in the Generate tab's adapter lists (``finished_adapters``). One job runs at a time.
+``job.log`` (the process's output). A finished job of any kind is offered as a model in
+the Generate and Edit tabs (``finished``, ``AppState.model_choices``). One job runs at a
+time.
 
 The commands and configs are read from the source checkout beside the package
 (``train/``, ``configs/``); without one, ``start`` says so.
@@ -151,6 +152,10 @@ class Jobs:
         except ProcessLookupError:
             pass
         return job
+
+    def finished(self) -> List[Job]:
+        """Finished jobs with an export, newest first (any kind)."""
+        return [j for j in sorted(self.jobs.values(), key=lambda j: -j.started) if j.export()]
 
     def finished_adapters(self, kind: str) -> List[str]:
         """Export paths of finished jobs whose result is a LoRA (``kind="lora"``) or a

@@ -1,8 +1,8 @@
 """The Personalize tab: instance uploads -> a DreamBooth (LoRA or full) or Textual-Inversion
 job in the background (``jobs.Jobs``), polled every two seconds for its progress bar and
-sample grids; cancel at any time. A finished LoRA / Textual-Inversion result is added to
-the Generate tab's adapter lists; a full DreamBooth pipeline is served with
-``jaxdiff serve --model <its export folder>``.
+sample grids; cancel at any time. A finished job of any kind (DreamBooth full or LoRA,
+Textual Inversion) is added to the Model lists of the Generate and Edit tabs as
+``job:<id>``, usable at once (``AppState.resolve_model``; no restart).
 """
 from __future__ import annotations
 
@@ -22,19 +22,17 @@ def _bar(done: int, total: int) -> str:
 
 
 def job_view(state: AppState, jobs: Jobs):
-    """(status html, sample grid paths) of the newest job; registers finished adapters."""
+    """(status html, sample grid paths) of the newest job."""
     if not jobs.jobs:
         return "no job yet", []
     job = max(jobs.jobs.values(), key=lambda j: j.started)
     text = f"**{job.id}** ({job.kind}): {job.state}<br>{_bar(job.step(), job.steps)}"
     export = job.export()
-    if export and job.kind != "dreambooth":
-        kind = "lora" if job.kind == "dreambooth_lora" else "ti"
-        state.add_trained(kind, f"job:{job.id}", export)
-        text += (f"<br>result: `{export}`, offered as **job:{job.id}** in the Generate tab's "
-                 f"{'LoRA' if kind == 'lora' else 'Textual Inversion'} list")
-    elif export:
-        text += f"<br>result: `{export}` (serve it with `jaxdiff serve --model {export}`)"
+    if export:
+        text += (f"<br>result: `{export}`, offered as **job:{job.id}** in the Model list of "
+                 "the Generate and Edit tabs")
+        if job.kind == "textual_inversion":
+            text += " (write the placeholder token in the prompts)"
     return text, [(p, os.path.basename(p)) for p in job.samples()]
 
 
@@ -48,10 +46,10 @@ def start_job(state: AppState, jobs: Jobs, files, kind, steps, prompt, class_pro
     return job_view(state, jobs)
 
 
-def build(state: AppState, report_errors, lists):
-    """The tab's components and events (inside an open ``gr.Blocks``); ``lists``: the
-    Generate tab's adapter dropdowns, refreshed when a job finishes."""
-    jobs = Jobs(state.workdir, state.model)
+def build(state: AppState, report_errors, models):
+    """The tab's components and events (inside an open ``gr.Blocks``); ``models``: the
+    Generate and Edit tabs' model dropdowns, refreshed when a job finishes."""
+    jobs = state.jobs
     with gr.Tab("Personalize", id="personalize"):
         with gr.Row():
             with gr.Column(scale=1):
@@ -59,7 +57,7 @@ def build(state: AppState, report_errors, lists):
                                 elem_id="pers-files")
                 kind = gr.Radio([("DreamBooth LoRA", KINDS[0]), ("DreamBooth (full UNet)",
                                  KINDS[1]), ("Textual Inversion", KINDS[2])], value=KINDS[0],
-                                label="Method")
+                                label="Method", elem_id="pers-kind")
                 with gr.Row():
                     prompt = gr.Textbox("a sks circle", label="Instance prompt (DreamBooth)")
                     class_prompt = gr.Textbox("a circle", label="Class prompt (DreamBooth)")
@@ -67,9 +65,11 @@ def build(state: AppState, report_errors, lists):
                     token = gr.Textbox("<my-concept>", label="Placeholder token (TI)")
                     init_token = gr.Textbox("circle", label="Initializer token (TI)")
                 with gr.Row():
-                    steps = gr.Slider(1, 2000, 200, step=1, label="Training steps")
+                    steps = gr.Slider(1, 2000, 200, step=1, label="Training steps",
+                                      elem_id="pers-steps")
                     sample_every = gr.Slider(0, 500, 50, step=1,
-                                             label="Sample grid every N steps (0 = off)")
+                                             label="Sample grid every N steps (0 = off)",
+                                             elem_id="pers-sample-every")
                 prior = gr.Checkbox(False, label="Prior preservation (DreamBooth; generates "
                                     "class images first)")
                 with gr.Row():
@@ -77,7 +77,8 @@ def build(state: AppState, report_errors, lists):
                     cancel = gr.Button("Cancel", variant="stop", elem_id="pers-cancel")
             with gr.Column(scale=1):
                 status = gr.Markdown("no job yet", elem_id="pers-status")
-                samples = gr.Gallery(label="Sample grids", columns=2, elem_id="pers-samples")
+                samples = gr.Gallery(label="Sample grids", columns=2, elem_id="pers-samples",
+                                     format="png")
         start.click(report_errors(lambda *a: start_job(state, jobs, *a)),
                     [files, kind, steps, prompt, class_prompt, token, init_token, sample_every,
                      prior], [status, samples], concurrency_id="jobs")
@@ -91,7 +92,14 @@ def build(state: AppState, report_errors, lists):
         timer = gr.Timer(2.0)
         timer.tick(lambda: job_view(state, jobs), None, [status, samples],
                    concurrency_limit=None, show_progress="hidden")
-        timer.tick(lambda: [gr.update(choices=state.lora_choices()),
-                            gr.update(choices=state.ti_choices())], None,
-                   [lists["lora"], lists["ti"]], concurrency_limit=None, show_progress="hidden")
+        known = gr.State(state.model_choices())  # this page's lists
+
+        def refresh(shown):  # only when a job has finished (a selection is never reset)
+            now = state.model_choices()
+            if now == shown:
+                return [gr.skip() for _ in models] + [shown]
+            return [gr.update(choices=now) for _ in models] + [now]
+
+        timer.tick(refresh, [known], list(models) + [known], concurrency_limit=None,
+                   show_progress="hidden")
     return jobs

@@ -6,6 +6,13 @@ from the folders given to ``jaxdiff serve`` (``--lora-dir``, ``--ti-dir``; safet
 only, so pickle files are never listed, and the library refuses them anyway), and a name
 is resolved only if it is one of the listed ones.
 
+The models a request can pick (``model_choices``): the server's ``--model`` and every
+finished personalization job (``jobs.Jobs``) of any kind, loaded on first use without a
+restart. A full DreamBooth export of the same architecture runs on the server's own
+``Pipeline`` object with its own params, so it reuses every compiled program; a LoRA is
+merged into the params (same programs); a Textual-Inversion token grows the token table
+(its programs compile once and stay cached).
+
 Compiled programs are the library's own (``lru_cache``'d per pipeline and static
 arguments), so the second request of the same shape compiles nothing. ``CompileCounter``
 proves it: it counts JAX's lowering events (one per program traced and lowered for XLA),
@@ -29,7 +36,9 @@ import numpy as np
 from jaxdiff.adapters.apply import apply_adapters
 from jaxdiff.adapters.lora import WEIGHT_NAME as LORA_WEIGHTS
 from jaxdiff.adapters.textual_inversion import WEIGHT_NAME as TI_WEIGHTS
+from jaxdiff.app.jobs import Jobs
 from jaxdiff.app.limits import UploadLimits
+from jaxdiff.app.progress import Totals, with_progress
 from jaxdiff.data.images import InputError, save_png, write_json
 from jaxdiff.weights import load_pipeline
 
@@ -76,6 +85,33 @@ def adapter_names(folder: Optional[str], weight_name: str) -> List[str]:
     return names
 
 
+def same_architecture(pipe_a, params_a, pipe_b, params_b) -> bool:
+    """True when two pipelines differ only in their parameter values: equal module
+    configs and dtypes, scheduler, tokenizer vocabularies and parameter shapes and dtypes
+    (so one set of compiled programs serves both)."""
+    def modules(p):
+        return [(type(getattr(m, "inner", m)).__name__, getattr(m, "config", None),
+                 getattr(m, "dtype", None)) if m is not None else None
+                for m in (p.unet, p.vae, p.text_encoder, p.text_encoder_2)]
+
+    def vocab(tok):
+        return None if tok is None else (tok.get_vocab(), tok.model_max_length)
+
+    shapes = lambda params: jax.tree.map(lambda x: (x.shape, x.dtype), params)
+    return (modules(pipe_a) == modules(pipe_b) and pipe_a.scheduler == pipe_b.scheduler
+            and pipe_a.scheduler_class == pipe_b.scheduler_class
+            and vocab(pipe_a.tokenizer) == vocab(pipe_b.tokenizer)
+            and vocab(pipe_a.tokenizer_2) == vocab(pipe_b.tokenizer_2)
+            and (pipe_a.force_zeros_for_empty_prompt, pipe_a.requires_aesthetics_score)
+            == (pipe_b.force_zeros_for_empty_prompt, pipe_b.requires_aesthetics_score)
+            and jax.tree.structure(params_a) == jax.tree.structure(params_b)
+            and shapes(params_a) == shapes(params_b))
+
+
+def _chain(first, second):
+    return lambda prompt: second(first(prompt))
+
+
 @dataclasses.dataclass
 class AppState:
     """The server's state. ``model``: what ``--model`` named (None = embedded);
@@ -93,10 +129,13 @@ class AppState:
 
     def __post_init__(self):
         self.counter = compile_counter()
-        self.pipe, self.params = load_pipeline(self.model)
+        pipe, self.params = load_pipeline(self.model)
+        self.pipe = with_progress(pipe)  # every UNet evaluation reports (app.progress)
         self.status = "model loaded; warm-up not started"
         self._adapters: Dict[Tuple, Tuple] = {}
-        self.trained: Dict[str, Dict[str, str]] = {"lora": {}, "ti": {}}  # finished jobs
+        self._models: Dict[str, Tuple] = {}
+        self.jobs = Jobs(self.workdir, self.model)
+        self.totals = Totals()
         self._lock = threading.Lock()
         # At most ``concurrency`` device jobs at a time (requests and warm-up together).
         self.device = threading.BoundedSemaphore(self.concurrency)
@@ -109,42 +148,76 @@ class AppState:
     def image_size(self) -> int:
         return self.pipe.image_size
 
+    # ------------------------------------------------------------------ models
+    def model_choices(self) -> List[str]:
+        """The server's model, then ``job:<id>`` of each finished job, newest first."""
+        return [self.model_name] + ["job:" + j.id for j in self.jobs.finished()]
+
+    def resolve_model(self, name: Optional[str]):
+        """(pipe, params, expand) of a listed model name (the server's model or a finished
+        job's export); loaded once, the last four kept."""
+        if not name or name == self.model_name:
+            return self.pipe, self.params, (lambda p: p)
+        job = self.jobs.jobs.get(name[4:]) if name.startswith("job:") else None
+        export = job.export() if job is not None else None
+        if export is None:  # only listed names are opened
+            raise InputError(f"model {name!r} is not one of the server's models or finished "
+                             "jobs; pick one from the list (refresh the page if it changed).")
+        with self._lock:
+            if name not in self._models:
+                if len(self._models) >= 4:
+                    self._models.pop(next(iter(self._models)))
+                self._models[name] = self._load_job(job.kind, export)
+            return self._models[name]
+
+    def _load_job(self, kind: str, export: str):
+        if kind == "dreambooth_lora":
+            return apply_adapters(self.pipe, self.params, lora=export)
+        if kind == "textual_inversion":
+            return apply_adapters(self.pipe, self.params, textual_inversion=export)
+        pipe, params = load_pipeline(export)
+        if same_architecture(self.pipe, self.params, pipe, params):
+            log.info("%s: same architecture as %s; its programs are reused", export,
+                     self.model_name)
+            return self.pipe, params, (lambda p: p)
+        log.info("%s: another architecture; its programs compile on first use", export)
+        return with_progress(pipe), params, (lambda p: p)
+
     # ------------------------------------------------------------------ adapters
     def lora_choices(self) -> List[str]:
-        return [NONE] + adapter_names(self.lora_dir, LORA_WEIGHTS) + list(self.trained["lora"])
+        return [NONE] + adapter_names(self.lora_dir, LORA_WEIGHTS)
 
     def ti_choices(self) -> List[str]:
-        return [NONE] + adapter_names(self.ti_dir, TI_WEIGHTS) + list(self.trained["ti"])
-
-    def add_trained(self, kind: str, name: str, path: str):
-        """Offers a personalization job's result (``kind`` "lora" or "ti") by ``name``."""
-        self.trained[kind][name] = path
+        return [NONE] + adapter_names(self.ti_dir, TI_WEIGHTS)
 
     def _resolve(self, name: Optional[str], folder: Optional[str], weight: str, kind: str):
         what = "LoRA" if kind == "lora" else "Textual Inversion"
         if not name or name == NONE:
             return None
-        if name in self.trained[kind]:
-            return self.trained[kind][name]
         if name not in adapter_names(folder, weight):  # only listed names are opened
             raise InputError(f"{what} {name!r} is not in the server's {what} folder; pick "
                              "one from the list (refresh the page if it changed).")
         return os.path.join(folder, name)
 
-    def with_adapters(self, lora: Optional[str], lora_scale: float, ti: Optional[str]):
-        """(pipe, params, expand) with the chosen adapters applied; cached per choice, so a
-        Textual-Inversion pipeline (a new tokenizer) is built and compiled once."""
+    def with_adapters(self, lora: Optional[str], lora_scale: float, ti: Optional[str],
+                      model: Optional[str] = None):
+        """(pipe, params, expand) of ``model`` (``resolve_model``) with the chosen adapter
+        files applied; cached per choice, so a Textual-Inversion pipeline (a new tokenizer)
+        is built and compiled once."""
+        base = self.resolve_model(model)
         lora_path = self._resolve(lora, self.lora_dir, LORA_WEIGHTS, "lora")
         ti_path = self._resolve(ti, self.ti_dir, TI_WEIGHTS, "ti")
         if lora_path is None and ti_path is None:
-            return self.pipe, self.params, (lambda p: p)
-        key = (lora_path, float(lora_scale) if lora_path else 0.0, ti_path)
+            return base
+        key = (model or self.model_name, lora_path,
+               float(lora_scale) if lora_path else 0.0, ti_path)
         with self._lock:
             if key not in self._adapters:
                 if len(self._adapters) >= 4:
                     self._adapters.pop(next(iter(self._adapters)))
-                self._adapters[key] = apply_adapters(self.pipe, self.params, lora_path,
-                                                     lora_scale, ti_path)
+                pipe, params, expand = apply_adapters(base[0], base[1], lora_path, lora_scale,
+                                                      ti_path)
+                self._adapters[key] = (pipe, params, _chain(base[2], expand))
             return self._adapters[key]
 
     # ------------------------------------------------------------------ requests

@@ -16,8 +16,11 @@ import os
 import gradio as gr
 import numpy as np
 
+import jax
+
 from jaxdiff import sampling
 from jaxdiff.app import edit_tab, generate_tab, personalize_tab
+from jaxdiff.app.progress import TICKS
 from jaxdiff.app.state import AppState
 
 log = logging.getLogger("jaxdiff.app")
@@ -54,7 +57,13 @@ def warmup_jobs(state: AppState, which=("generate", "edit")):
             g["steps"], float(g["guidance"]), g["seed"])))
     if "edit" in which:
         blank = np.full((1, side, side, 3), 255, np.uint8)
-        jobs.append(("edit p2p", lambda: edit_tab.run_method(state, blank, None, d)))
+
+        def edit():  # also the progress bar's total for the default edit
+            before = TICKS.count
+            out = jax.block_until_ready(edit_tab.run_method(state, blank, None, d))
+            state.totals.put(edit_tab.evals_key(d, 1, state.model_name), TICKS.count - before)
+            return out
+        jobs.append(("edit p2p", edit))
     return jobs
 
 
@@ -68,9 +77,9 @@ def build_app(state: AppState) -> gr.Blocks:
         demo.load(lambda: state.status, None, status, concurrency_limit=None,
                   show_progress="hidden")
         with gr.Tabs():
-            lists = generate_tab.build(state, report_errors)
-            edit_tab.build(state, report_errors)
-            demo.jobs = personalize_tab.build(state, report_errors, lists)
+            models = (generate_tab.build(state, report_errors),
+                      edit_tab.build(state, report_errors))
+            demo.jobs = personalize_tab.build(state, report_errors, models)
     return demo
 
 
