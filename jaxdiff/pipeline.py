@@ -134,18 +134,26 @@ class Pipeline:
                               f"{[d for d in dropped if d.strip()]}")
         return ids.astype(np.int32)
 
-    def encode_text(self, params, ids):
+    @property
+    def encoder_names(self) -> tuple:
+        """The params keys of the text encoders present, in ``tokenize``'s row order."""
+        return tuple(n for n in ("text_encoder", "text_encoder_2") if getattr(self, n) is not None)
+
+    def encode_text(self, params, ids, embeddings=None):
         """ids [B, L] -> last hidden state [B, L, D] (float32).
 
         SDXL: ids [B, E, L] -> ``{"context": [B, L, D1 + D2], "text_embeds": [B, P]}``:
         every encoder's penultimate hidden state concatenated along features and the
-        second encoder's pooled, projected output (as diffusers' ``encode_prompt``)."""
+        second encoder's pooled, projected output (as diffusers' ``encode_prompt``).
+        ``embeddings``: token embeddings used in place of the table look-up (Textual
+        Inversion training): [B, L, D]; SDXL: ``{encoder name: [B, L, D]}``."""
         if not self.is_sdxl:
-            return self.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids))
+            return self.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids),
+                                           embeddings=embeddings)
         ids, hidden = jnp.asarray(ids), []
-        names = ("text_encoder", "text_encoder_2")[-len(self._encoders()):]
-        for i, ((enc, _), name) in enumerate(zip(self._encoders(), names)):
-            out = enc.apply({"params": params[name]}, ids[:, i], output_hidden_states=True)
+        for i, ((enc, _), name) in enumerate(zip(self._encoders(), self.encoder_names)):
+            out = enc.apply({"params": params[name]}, ids[:, i], output_hidden_states=True,
+                            embeddings=(embeddings or {}).get(name))
             hidden.append(out[-1][-2])
         return {"context": jnp.concatenate(hidden, axis=-1), "text_embeds": out[0]}
 
@@ -164,6 +172,35 @@ class Pipeline:
             return cond
         ids = self.time_ids(height, width, negative)
         return dict(cond, time_ids=jnp.broadcast_to(ids, (cond["context"].shape[0], len(ids))))
+
+    def zeroes_negative(self, negative_prompts) -> bool:
+        """True when no negative prompt means zero negative embeddings (SDXL pipelines with
+        ``force_zeros_for_empty_prompt``, as diffusers); static for compiled programs."""
+        return self.is_sdxl and self.force_zeros_for_empty_prompt and negative_prompts is None
+
+    def condition(self, params, ids, height: int, width: int, negative: bool = False):
+        """The UNet condition of token ids for a height x width image: ``encode_text``'s
+        embeddings [B, L, D]; SDXL: its pytree with ``time_ids`` (``add_time_ids``)."""
+        return self.add_time_ids(self.encode_text(params, ids), height, width, negative)
+
+    def encode_prompts(self, params, ids, neg_ids, height: int, width: int,
+                       zero_uncond: bool = False):
+        """(cond, uncond): the conditions of the prompts and of the negative prompts, as every
+        guided sampling and edit program feeds the UNet (docs/design.md, "Parameters are one
+        pytree"). ``zero_uncond`` (``zeroes_negative``): zero negative embeddings in place
+        of ``neg_ids``' (SDXL's time ids stay those of the negative half)."""
+        cond = self.encode_text(params, ids)
+        uncond = (jax.tree.map(jnp.zeros_like, cond) if zero_uncond
+                  else self.encode_text(params, neg_ids))
+        return (self.add_time_ids(cond, height, width),
+                self.add_time_ids(uncond, height, width, negative=True))
+
+    @property
+    def word_tokenizer(self):
+        """The tokenizer whose token positions the UNet's cross-attention sees (word
+        alignment of Prompt-to-Prompt and LocalBlend): the first text encoder's (SDXL's two
+        CLIP tokenizers give the same positions; the refiner has only the second)."""
+        return self._encoders()[0][1]
 
     def encode_images(self, params, images, key: Optional[jax.Array] = None) -> jax.Array:
         """images [B, H, W, 3] in [-1, 1] -> scaled latents [B, H/f, W/f, C].

@@ -149,11 +149,8 @@ def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False, span
 
     def run(params, ids, neg_ids, noise, keys, scale, rescale, eta, arrays=()):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
-        cond = pipe.encode_text(params, ids)
-        uncond = (jax.tree.map(jnp.zeros_like, cond) if zero_uncond
-                  else pipe.encode_text(params, neg_ids))
         size = (noise.shape[1] * pipe.vae_scale_factor, noise.shape[2] * pipe.vae_scale_factor)
-        cond, uncond = pipe.add_time_ids(cond, *size), pipe.add_time_ids(uncond, *size, True)
+        cond, uncond = pipe.encode_prompts(params, ids, neg_ids, *size, zero_uncond)
         feats = tuple(model.apply({"params": arr["params"]}, arr["image"])
                       if isinstance(model, T2IAdapter) else None
                       for (model, _), arr in zip(specs, arrays))
@@ -257,8 +254,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
         noise = _pad(noise, n)
     ids, neg_ids = _pad(pipe.tokenize(prompts), n), _pad(pipe.tokenize(negative), n)
     scale = jnp.asarray(guidance_scale, jnp.float32)
-    zero = pipe.is_sdxl and pipe.force_zeros_for_empty_prompt and negative_prompts is None
-    run = _compiled(pipe, sampler, int(steps), sweep, mesh, specs, zero, span)
+    run = _compiled(pipe, sampler, int(steps), sweep, mesh, specs,
+                    pipe.zeroes_negative(negative_prompts), span)
     images, final = run(params, ids, neg_ids, noise, keys, scale,
                         jnp.float32(guidance_rescale), jnp.float32(eta), arrays)
     if output == "latents":

@@ -72,6 +72,27 @@ def tiny_pipe_dir(tmp_path_factory, torch):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory, torch):
+    """Tiny random diffusers SDXL base and refiner pipelines saved once per session (the
+    tests/test_sdxl*.py files): ``{"pipeline" | "refiner_pipeline": (torch pipeline,
+    folder), "unet" | "refiner" | "text_encoder_2" | "legacy_eos": (torch module,
+    folder)}``; "legacy_eos" is a projection encoder with the legacy eos id. Read-only."""
+    from torchref import models as ref
+    root = tmp_path_factory.mktemp("sdxl")
+    out = {}
+    for name, refiner in (("pipeline", False), ("refiner_pipeline", True)):
+        tp = ref.make_torch_sdxl_pipeline(str(root / name), seed=int(refiner), refiner=refiner)
+        out[name] = (tp, str(root / name))
+        out["refiner" if refiner else "unet"] = (tp.unet, str(root / name / "unet"))
+    tp = out["pipeline"][0]
+    out["text_encoder_2"] = (tp.text_encoder_2, str(root / "pipeline" / "text_encoder_2"))
+    legacy = ref.make_text_encoder_2(seed=2, eos_token_id=2)
+    legacy.save_pretrained(str(root / "legacy_eos"), safe_serialization=True)
+    out["legacy_eos"] = (legacy, str(root / "legacy_eos"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def embedded():
     """(pipe, params) of the shipped model, loaded once: the same Pipeline object across
     modules, so programs compiled for it (cached per pipeline) are shared."""

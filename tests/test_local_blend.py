@@ -44,7 +44,7 @@ def _edit(setup, rows=slice(0, 2), threshold=0.3, start=0.2, words=WORDS, trace=
                             self_replace_steps=0.4)
     blend = lb.make_local_blend(pipe, src, tgt, STEPS, words[rows], threshold=threshold,
                                 start_fraction=start)
-    den = lb.capturing_denoiser(pipe.unet, params["unet"], blend.res)
+    den = lb.capturing_denoiser(pipe, params["unet"], blend.res)
     return _jit_loop(den, tab, z_T[rows], enc(src), enc(tgt), nulls[:, rows], ctrl, blend,
                      pipe.scheduler.prediction_type, trace)
 
@@ -127,7 +127,7 @@ def test_captured_maps_equal_diffusers_attention_probabilities(setup, tiny_pipe_
     with torch.no_grad():
         unet(torch.from_numpy(np.array(z_T)).permute(0, 3, 1, 2), 10,
              torch.from_numpy(np.array(ctx)))
-    _, maps = jax.jit(lb.capturing_denoiser(pipe.unet, params["unet"], res))(z_T, 10, ctx)
+    _, maps = jax.jit(lb.capturing_denoiser(pipe, params["unet"], res))(z_T, 10, ctx)
     assert len(seen) >= 2, "the tiny UNet must have cross-attention at the latent resolution"
     want = np.mean(seen, axis=0).reshape(maps.shape)
     np.testing.assert_allclose(np.asarray(maps), want, atol=1e-5)

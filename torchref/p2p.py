@@ -10,6 +10,12 @@ every step). One image per call, host-side loops and a stateful attention proces
 the reference runs. Used by tests/test_p2p_reference.py (parity) and bench/edit_speed.py
 (speed). Epsilon-prediction only, like the reference.
 
+On a diffusers ``StableDiffusionXLPipeline`` a condition is the tuple (prompt embeddings,
+pooled embeddings, time ids) from the pipeline's own ``encode_prompt`` and
+``_get_add_time_ids`` (image size, crop (0, 0)); the empty prompt is zeros where the
+pipeline's ``force_zeros_for_empty_prompt`` says so; null-text optimises the null's prompt
+and pooled embeddings with one Adam (the time ids stay).
+
 The controller's data (token mapper, per-step word alphas, refine alignment, equalizer,
 self-replace steps, LocalBlend word masks) is built from the prompts by the reference's
 own code, ported in ``torchref/p2p_control.py``; nothing is taken from jaxdiff.
@@ -34,6 +40,7 @@ class TorchP2P:
         self.timesteps = self.scheduler.timesteps
         self.ac = self.scheduler.alphas_cumprod
         self.final = self.scheduler.final_alpha_cumprod
+        self.xl = getattr(pipe, "text_encoder_2", None) is not None
         self.control = None
         self.blend = None
         self.step = 0
@@ -155,7 +162,31 @@ class TorchP2P:
         x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
         return an ** 0.5 * x0 + (1 - an) ** 0.5 * eps
 
-    def text(self, prompts):
+    def unet(self, x, t, cond):
+        """The UNet's output; ``cond``: embeddings, or SDXL's (context, pooled, time ids)."""
+        if not self.xl:
+            return self.pipe.unet(x, t, cond).sample
+        return self.pipe.unet(x, t, cond[0], added_cond_kwargs={
+            "text_embeds": cond[1], "time_ids": cond[2]}).sample
+
+    def cat(self, a, b):
+        if not self.xl:
+            return self.t.cat([a, b])
+        return tuple(self.t.cat([u, v]) for u, v in zip(a, b))
+
+    def text_xl(self, prompts, side):
+        pipe = self.pipe
+        with self.t.no_grad():
+            ctx, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+        if prompts == [""] and pipe.config.force_zeros_for_empty_prompt:
+            ctx, pooled = self.t.zeros_like(ctx), self.t.zeros_like(pooled)
+        ids = pipe._get_add_time_ids((side, side), (0, 0), (side, side), ctx.dtype,
+                                     pipe.text_encoder_2.config.projection_dim)
+        return ctx, pooled, ids
+
+    def text(self, prompts, side=None):
+        if self.xl:
+            return self.text_xl(prompts, side)
         tok = self.pipe.tokenizer(prompts, padding="max_length", truncation=True,
                                   max_length=self.pipe.tokenizer.model_max_length,
                                   return_tensors="pt")
@@ -180,29 +211,33 @@ class TorchP2P:
         with self.t.no_grad():
             for i in range(self.steps):
                 t = self.timesteps[len(self.timesteps) - i - 1]
-                z = self.next_step(self.pipe.unet(z, t, cond).sample, t, z)
+                z = self.next_step(self.unet(z, t, cond), t, z)
                 traj.append(z)
         return traj
 
     def guided(self, x, t, uncond, cond):
         with self.t.no_grad():
-            eu, ec = self.pipe.unet(self.t.cat([x, x]), t, self.t.cat([uncond, cond])).sample.chunk(2)
+            eu, ec = self.unet(self.t.cat([x, x]), t, self.cat(uncond, cond)).chunk(2)
         return eu + self.g * (ec - eu)
 
     def null_optimization(self, traj, cond, uncond, inner_steps=10, epsilon=1e-5):
         """Per-step null embeddings (each step starts from the previous step's result)."""
-        torch, unet = self.t, self.pipe.unet
+        torch, unet = self.t, self.unet
         nulls, x, taken = [], traj[-1], []
         u = uncond
         for i in range(self.steps):
-            u = u.clone().detach().requires_grad_(True)
-            opt = torch.optim.Adam([u], lr=1e-2 * (1.0 - i / 100.0))
+            if self.xl:  # prompt and pooled embeddings trained, time ids kept
+                u = tuple(v.clone().detach().requires_grad_(k < 2) for k, v in enumerate(u))
+                opt = torch.optim.Adam(list(u[:2]), lr=1e-2 * (1.0 - i / 100.0))
+            else:
+                u = u.clone().detach().requires_grad_(True)
+                opt = torch.optim.Adam([u], lr=1e-2 * (1.0 - i / 100.0))
             target, t = traj[len(traj) - i - 2], self.timesteps[i]
             with torch.no_grad():
-                eps_c = unet(x, t, cond).sample
+                eps_c = unet(x, t, cond)
             j = 0
             for j in range(inner_steps):
-                eps_u = unet(x, t, u).sample
+                eps_u = unet(x, t, u)
                 rec = self.prev_step(eps_u + self.g * (eps_c - eps_u), t, x)
                 loss = torch.nn.functional.mse_loss(rec, target)
                 opt.zero_grad()
@@ -211,7 +246,7 @@ class TorchP2P:
                 if loss.item() < epsilon + i * 2e-5:
                     break
             taken.append(j + 1)
-            u = u.detach()
+            u = tuple(v.detach() for v in u) if self.xl else u.detach()
             nulls.append(u)
             x = self.prev_step(self.guided(x, t, u, cond), t, x)
         return nulls, taken
@@ -234,7 +269,7 @@ class TorchP2P:
         acc, self.step_maps = 0.0, []
         for i, t in enumerate(self.timesteps):
             self.step = i
-            eps = self.guided(x, t, torch.cat([nulls[i], nulls[i]]), torch.cat([cond, tgt]))
+            eps = self.guided(x, t, self.cat(nulls[i], nulls[i]), self.cat(cond, tgt))
             x = self.scheduler.step(eps, t, x).prev_sample
             if offsets is not None:
                 x = torch.cat([x[:1] + offsets[i], x[1:]])
@@ -253,7 +288,8 @@ class TorchP2P:
         """
         if inversion not in INVERSIONS:
             raise ValueError(f"unknown inversion {inversion!r}")
-        cond, uncond, tgt = self.text([source]), self.text([""]), self.text([target])
+        side = image_uint8.shape[0]
+        cond, uncond, tgt = (self.text([p], side) for p in (source, "", target))
         traj = self.ddim_loop(self.encode(image_uint8), cond)
         taken, offsets = [0] * self.steps, None
         if inversion == "null_text":

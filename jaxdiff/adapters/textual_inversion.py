@@ -106,7 +106,8 @@ def token_table(params, scope: str = "text_encoder") -> jax.Array:
     return params[scope]["text_model"]["embeddings"]["token_embedding"]["embedding"]
 
 
-def init_embeddings(params, tokenizer, initializer_token: str, num_vectors: int = 1):
+def init_embeddings(params, tokenizer, initializer_token: str, num_vectors: int = 1,
+                    scope: str = "text_encoder"):
     """New rows initialised to the embedding of ``initializer_token`` (as diffusers does).
 
     Args:
@@ -114,13 +115,14 @@ def init_embeddings(params, tokenizer, initializer_token: str, num_vectors: int 
       tokenizer: tokenizer in which ``initializer_token`` is looked up.
       initializer_token: an existing word that is exactly one token (e.g. ``"star"``).
       num_vectors: rows to create.
+      scope: the text encoder whose table is read (SDXL: also ``"text_encoder_2"``).
     Returns:
       ``new_rows``: float32 ``[num_vectors, D]``.
     """
     if num_vectors < 1:
         raise ValueError(f"num_vectors must be >= 1, got {num_vectors=}.")
     ids = _encode(tokenizer, initializer_token)
-    table = token_table(params)
+    table = token_table(params, scope)
     if len(ids) != 1:
         raise ValueError(f"initializer_token {initializer_token!r} is {len(ids)} tokens "
                          f"{tokenizer.convert_ids_to_tokens(ids)}; it must be a single token.")
@@ -130,7 +132,8 @@ def init_embeddings(params, tokenizer, initializer_token: str, num_vectors: int 
     return jnp.tile(row[None], (num_vectors, 1))
 
 
-def embed(params, new_rows, ids, vocab_size: Optional[int] = None) -> jax.Array:
+def embed(params, new_rows, ids, vocab_size: Optional[int] = None,
+          scope: str = "text_encoder") -> jax.Array:
     """Token embeddings of ``ids`` with ids ``>= vocab_size`` read from ``new_rows``.
 
     Args:
@@ -139,10 +142,11 @@ def embed(params, new_rows, ids, vocab_size: Optional[int] = None) -> jax.Array:
       ids: int ``[B, L]``.
       vocab_size: V, the size of the tokenizer the rows were added to (default: the
         table's row count, which is the same for Stable Diffusion checkpoints).
+      scope: the text encoder whose table is read.
     Returns:
       ``[B, L, D]``, to pass as ``text_encoder.apply(..., embeddings=...)``.
     """
-    table = token_table(params)
+    table = token_table(params, scope)
     vocab_size = table.shape[0] if vocab_size is None else vocab_size
     ids = jnp.asarray(ids)
     base = jnp.take(table, jnp.minimum(ids, vocab_size - 1), axis=0)
@@ -150,11 +154,18 @@ def embed(params, new_rows, ids, vocab_size: Optional[int] = None) -> jax.Array:
     return jnp.where((ids >= vocab_size)[..., None], extra.astype(base.dtype), base)
 
 
-def encode_text(pipe, params, new_rows, ids, vocab_size: Optional[int] = None) -> jax.Array:
-    """``pipe.encode_text`` with the learned rows: ids ``[B, L]`` -> ``[B, L, D]``."""
-    emb = embed(params, new_rows, ids, vocab_size)
-    return pipe.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids),
-                                   embeddings=emb)
+def encode_text(pipe, params, new_rows, ids, vocab_size=None):
+    """``pipe.encode_text`` with the learned rows: ids ``[B, L]`` -> ``[B, L, D]``.
+
+    SDXL: ``new_rows`` and ``vocab_size`` are ``{encoder name: rows [n, D_e]}`` /
+    ``{encoder name: V_e}`` (every encoder of the pipeline), ids ``[B, E, L]``; returns
+    ``pipe.encode_text``'s pytree."""
+    if not pipe.is_sdxl:
+        return pipe.encode_text(params, ids, embeddings=embed(params, new_rows, ids, vocab_size))
+    ids = jnp.asarray(ids)
+    emb = {name: embed(params, new_rows[name], ids[:, i], (vocab_size or {}).get(name), name)
+           for i, name in enumerate(pipe.encoder_names)}
+    return pipe.encode_text(params, ids, embeddings=emb)
 
 
 def merge_embeddings(pipe, params, tokenizer, new_rows, scope: str = "text_encoder"):
@@ -211,6 +222,27 @@ def save_learned_embeds(path: str, placeholder: str, rows) -> str:
     file = _file(path, create=True)
     save_file({placeholder: np.ascontiguousarray(rows)}, file + ".tmp",
               metadata={"format": "pt"})
+    os.replace(file + ".tmp", file)
+    return file
+
+
+def save_sdxl_embeds(path: str, placeholder: str, rows: dict) -> str:
+    """Writes SDXL embeddings ``{"clip_l": [n, D1], "clip_g": [n, D2]}`` (``rows``:
+    ``{encoder name: [n, D]}``; the refiner's: ``clip_g`` only), read back by
+    ``load_embeddings`` and diffusers' SDXL examples with the file name as placeholder.
+
+    Args:
+      path: a directory (file ``<path>/<placeholder>.safetensors``, so the file name is
+        the placeholder) or a ``.safetensors`` file name.
+    Returns:
+      The file written (atomically).
+    """
+    names = {v: k for k, v in SDXL_KEYS.items()}
+    state = {names[k]: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in rows.items()}
+    file = path if path.endswith(".safetensors") else os.path.join(path, placeholder +
+                                                                   ".safetensors")
+    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+    save_file(state, file + ".tmp", metadata={"format": "pt"})
     os.replace(file + ".tmp", file)
     return file
 

@@ -88,7 +88,7 @@ def refuse_sdxl(pipe, method: str) -> None:
     """One-line ValueError, before any compile, for an edit method not ported to SDXL."""
     if pipe.is_sdxl:
         raise ValueError(f"{method} does not support SDXL pipelines yet (SD 1.x / 2.x only); "
-                         "SDEdit (jaxdiff.editing.sdedit) does.")
+                         "SDEdit, P2P / inversion, DiffEdit, blended, RePaint and ILVR do.")
 
 
 def step_noise(keys, i, shape):

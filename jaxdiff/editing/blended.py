@@ -63,14 +63,16 @@ def blended_latents(denoise, sampler, alphas_cumprod, z0, mask, noise, cond, unc
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, sampler_name, steps, mesh=None):
+def _compiled(pipe, sampler_name, steps, mesh=None, zero_uncond=False):
+    """``zero_uncond``: SDXL's zero negative embeddings (no negative prompt)."""
     ac = jnp.asarray(schedules.alphas_cumprod(pipe.scheduler), jnp.float32)
 
     def run(params, images, masks, ids, neg_ids, keys, percentage, guidance, eta):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         z0 = pipe.encode_images(params, images)
         m = batch_inputs.latent_mask(masks, z0.shape[1:3])
-        cond, uncond = pipe.encode_text(params, ids), pipe.encode_text(params, neg_ids)
+        cond, uncond = pipe.encode_prompts(params, ids, neg_ids, *images.shape[1:3],
+                                           zero_uncond)
         noise = initial_noise(keys, z0.shape[1:])
         lat, _ = blended_latents(batch_inputs.unet_denoiser(pipe, params), sampler, ac, z0, m,
                                  noise, cond, uncond, percentage, guidance, keys)
@@ -95,13 +97,12 @@ def blended(pipe, params, images, masks, prompts, negative_prompts=None, *,
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"blended diffusion supports samplers {SAMPLERS}, got {sampler!r}.")
-    batch_inputs.refuse_sdxl(pipe, "Blended diffusion")
     images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
     masks = batch_inputs.check_masks(masks, images)
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     mesh = batch_inputs.edit_mesh(mesh)
-    run = _compiled(pipe, sampler, int(steps), mesh)
+    run = _compiled(pipe, sampler, int(steps), mesh, pipe.zeroes_negative(negative_prompts))
     keys = batch_inputs.image_keys(seed, b, sample_index)
     rows = dict(images=images, masks=masks, ids=ids, neg_ids=neg, keys=keys,
                 percentage=batch_inputs.per_image(blending_percentage, b,

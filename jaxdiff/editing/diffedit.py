@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 
 from jaxdiff import schedules
@@ -41,7 +42,7 @@ def diffedit_mask(denoise, tables, alphas_cumprod, z0, noise, cond_q, uncond_q, 
       tables: ``samplers.ddim.DDIMTables`` of the S-step schedule.
       z0: [B, h, w, C]; noise: [B, n, h, w, C] N(0, 1), one draw per map.
       cond_q/uncond_q, cond_r/uncond_r: [B, L, D] query (target) and reference (source)
-        prompt embeddings with their negatives.
+        prompt embeddings with their negatives (or SDXL's pytrees, ``Pipeline.condition``).
       guidance, mask_strength, threshold_ratio: traced scalars (one encode timestep for
         the batch).
     Returns:
@@ -51,7 +52,7 @@ def diffedit_mask(denoise, tables, alphas_cumprod, z0, noise, cond_q, uncond_q, 
     s = tables.timesteps.shape[0]
     start = partial_trajectory.start_index(mask_strength, s)
     t = tables.timesteps[jnp.minimum(start, s - 1)]
-    rep = lambda a: jnp.repeat(a, n, axis=0)
+    rep = lambda tree: jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), tree)  # SDXL: pytrees
     x = schedules.add_noise(alphas_cumprod, rep(z0), noise.reshape((b * n,) + z0.shape[1:]), t)
     eps_q = guided_call(denoise, x, t, rep(cond_q), rep(uncond_q), guidance)
     eps_r = guided_call(denoise, x, t, rep(cond_r), rep(uncond_r), guidance)
@@ -106,7 +107,7 @@ def masked_edit(denoise, tables, z0, levels, start, mask, cond, uncond, guidance
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, steps, num_maps, mesh=None):
+def _compiled(pipe, steps, num_maps, mesh=None, zero_uncond=False):
     tables = ddim_tables(pipe.scheduler, steps)
     ac = jnp.asarray(schedules.alphas_cumprod(pipe.scheduler), jnp.float32)
     pt = pipe.scheduler.prediction_type
@@ -115,8 +116,9 @@ def _compiled(pipe, steps, num_maps, mesh=None):
             strength, mask_strength, threshold_ratio):
         den = batch_inputs.unet_denoiser(pipe, params)
         z0 = pipe.encode_images(params, images)
-        src, tgt = pipe.encode_text(params, src_ids), pipe.encode_text(params, tgt_ids)
-        neg = pipe.encode_text(params, neg_ids)
+        size = images.shape[1:3]
+        tgt, neg = pipe.encode_prompts(params, tgt_ids, neg_ids, *size, zero_uncond)
+        src = pipe.condition(params, src_ids, *size)
         noise = initial_noise(keys, (num_maps,) + z0.shape[1:])
         auto, norm = diffedit_mask(den, tables, ac, z0, noise, tgt, neg, src, neg, guidance,
                                    mask_strength, threshold_ratio)
@@ -151,7 +153,6 @@ def diffedit(pipe, params, images, source_prompts, target_prompts, negative_prom
       {"edited", "reconstruction": [B, H, W, 3] in [-1, 1]; "latents";
        "latent_mask": [B, h, w] the mask used; "mask_map": [B, h, w] normalised map}.
     """
-    batch_inputs.refuse_sdxl(pipe, "DiffEdit")
     images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
     src = pipe.tokenize(prompt_list(source_prompts, b, "source prompts", per="image"))
@@ -163,7 +164,8 @@ def diffedit(pipe, params, images, source_prompts, target_prompts, negative_prom
     if masks.shape != images.shape[:3]:
         raise ValueError(f"masks have shape {masks.shape}; expected {images.shape[:3]}.")
     mesh = batch_inputs.edit_mesh(mesh)
-    run = _compiled(pipe, int(steps), int(num_maps), mesh)
+    run = _compiled(pipe, int(steps), int(num_maps), mesh,
+                    pipe.zeroes_negative(negative_prompts))
     keys = batch_inputs.image_keys(seed, b, sample_index)
     rows = dict(images=images, src_ids=src, tgt_ids=tgt, neg_ids=neg, keys=keys,
                 masks=masks, use_given=use_given,

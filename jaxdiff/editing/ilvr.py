@@ -79,14 +79,15 @@ def ilvr_latents(denoise, sampler, alpha_after, ref, x_T, factor: int, cond, unc
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, sampler_name, steps, factor, mesh=None):
+def _compiled(pipe, sampler_name, steps, factor, mesh=None, zero_uncond=False):
     ts = schedules.timesteps(pipe.scheduler, steps, "ddim")
     alpha_after = level_after_step(pipe.scheduler, ts, steps)
 
     def run(params, images, ids, neg_ids, keys, guidance, fraction, eta):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         ref = pipe.encode_images(params, images)
-        cond, uncond = pipe.encode_text(params, ids), pipe.encode_text(params, neg_ids)
+        cond, uncond = pipe.encode_prompts(params, ids, neg_ids, *images.shape[1:3],
+                                           zero_uncond)
         lat, _ = ilvr_latents(batch_inputs.unet_denoiser(pipe, params), sampler, alpha_after, ref,
                               initial_noise(keys, ref.shape[1:]), factor, cond, uncond,
                               guidance, fraction, keys)
@@ -109,7 +110,6 @@ def ilvr(pipe, params, images, prompts, negative_prompts=None, *, factor: int = 
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"ILVR supports samplers {SAMPLERS}, got {sampler!r}.")
-    batch_inputs.refuse_sdxl(pipe, "ILVR")
     images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
     hw = pipe.latent_shape(*images.shape[1:3])[:2]
@@ -117,7 +117,8 @@ def ilvr(pipe, params, images, prompts, negative_prompts=None, *, factor: int = 
         raise ValueError(f"factor must be >= 1 and divide the latent size {hw}, got {factor}.")
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     mesh = batch_inputs.edit_mesh(mesh)
-    run = _compiled(pipe, sampler, int(steps), int(factor), mesh)
+    run = _compiled(pipe, sampler, int(steps), int(factor), mesh,
+                    pipe.zeroes_negative(negative_prompts))
     keys = batch_inputs.image_keys(seed, b, sample_index)
     rows = dict(images=images, ids=ids, neg_ids=neg, keys=keys,
                 fraction=batch_inputs.per_image(refine_fraction, b, "refine_fraction"))

@@ -1,9 +1,10 @@
 """Inversion of real images into a DDIM trajectory, batched and jitted.
 
 A *denoiser* here is ``denoise(x [B,h,w,C], t [] int, context [B,L,D]) -> model output``
-(the UNet with its params closed over). All functions are pure, run as ``lax.scan``
-loops, and treat every image of the batch independently, so inverting B images in one
-call equals inverting each alone.
+(the UNet with its params closed over); a context may be a pytree (SDXL's ``{"context",
+"text_embeds", "time_ids"}``, ``Pipeline.condition``), treated leaf by leaf. All functions
+are pure, run as ``lax.scan`` loops, and treat every image of the batch independently, so
+inverting B images in one call equals inverting each alone.
 
 Timestep alignment follows the prompt-to-prompt reference (``NullInversion.ddim_loop``),
 not diffusers' ``DDIMInverseScheduler`` (which is off by one step): with SD's schedule
@@ -53,6 +54,11 @@ def ddim_invert(denoise: Callable, tables: DDIMTables, z0, context, prediction_t
     return jnp.concatenate([z0[None], xs])
 
 
+def step_of(tree, i):
+    """Row ``i`` of every leaf of a per-step pytree (``nulls[i]`` for SDXL's pytrees)."""
+    return jax.tree.map(lambda a: a[i], tree)
+
+
 def ddim_sample(denoise: Callable, tables: DDIMTables, z_T, cond, nulls, guidance,
                 prediction_type: str, offsets=None):
     """Deterministic DDIM sampling with per-step unconditional embeddings.
@@ -68,7 +74,7 @@ def ddim_sample(denoise: Callable, tables: DDIMTables, z_T, cond, nulls, guidanc
     to_x0_eps = x0_eps_vp(prediction_type)
 
     def body(x, i):
-        out = guided_call(denoise, x, tables.timesteps[i], cond, nulls[i], guidance)
+        out = guided_call(denoise, x, tables.timesteps[i], cond, step_of(nulls, i), guidance)
         x, _ = ddim_update(out, x, tables.alpha[i], tables.alpha_prev[i], to_x0_eps=to_x0_eps)
         if offsets is not None:
             x = x + offsets[i]
@@ -80,12 +86,12 @@ def ddim_sample(denoise: Callable, tables: DDIMTables, z_T, cond, nulls, guidanc
 
 def negative_prompt_nulls(cond, num_steps: int):
     """Negative-prompt inversion: the source prompt's embedding as every step's null."""
-    return jnp.broadcast_to(cond, (num_steps,) + cond.shape)
+    return jax.tree.map(lambda c: jnp.broadcast_to(c, (num_steps,) + c.shape), cond)
 
 
 def null_text_invert(denoise: Callable, tables: DDIMTables, trajectory, cond, uncond,
                      guidance, prediction_type: str, num_inner_steps: int = 10,
-                     epsilon: float = 1e-5, lr: float = 1e-2):
+                     epsilon: float = 1e-5, lr: float = 1e-2, trainable=None):
     """Null-text inversion: per-step unconditional embeddings that retrace the trajectory.
 
     At sampling step i, Adam (lr ``lr * (1 - i/100)``, fresh state) optimises the null
@@ -97,9 +103,12 @@ def null_text_invert(denoise: Callable, tables: DDIMTables, trajectory, cond, un
 
     Args:
       trajectory: [S + 1, B, ...] from ``ddim_invert``.
-      cond, uncond: [B, L, D] source and empty-prompt embeddings.
+      cond, uncond: [B, L, D] source and empty-prompt embeddings (or pytrees of them).
+      trainable: None (every leaf of ``uncond`` is optimised) or a pytree of bools like
+        ``uncond``: the leaves that are (SDXL: the text embeddings, not the time ids).
     Returns:
-      (nulls [S, B, L, D], inner_steps [S, B] int32 updates taken per image and step).
+      (nulls [S, B, L, D] (pytrees: every leaf with a leading [S]), inner_steps [S, B]
+      int32 updates taken per image and step).
     """
     to_x0_eps = x0_eps_vp(prediction_type)
     n = tables.timesteps.shape[0]
@@ -126,8 +135,12 @@ def null_text_invert(denoise: Callable, tables: DDIMTables, trajectory, cond, un
             j, nl, opt_state, active, taken = s
             loss, vjp = jax.vjp(losses, nl)
             (grad,) = vjp(jnp.ones_like(loss))
+            if trainable is not None:  # Adam moves no leaf whose gradient is zero
+                grad = jax.tree.map(lambda g, on: g if on else jnp.zeros_like(g), grad,
+                                    trainable)
             updates, opt_state = opt.update(grad, opt_state, nl)
-            nl = jnp.where(expand_like(active, nl), nl + updates, nl)
+            nl = jax.tree.map(lambda v, u: jnp.where(expand_like(active, v), v + u, v), nl,
+                              updates)
             taken = taken + active.astype(jnp.int32)
             active = active & ~(loss < epsilon + i * 2e-5)
             return j + 1, nl, opt_state, active, taken
@@ -157,7 +170,7 @@ def direct_offsets(denoise: Callable, tables: DDIMTables, trajectory, cond, null
 
     def one(i):
         x = trajectory[n - i]
-        out = guided_call(denoise, x, tables.timesteps[i], cond, nulls[i], guidance)
+        out = guided_call(denoise, x, tables.timesteps[i], cond, step_of(nulls, i), guidance)
         x_prev, _ = ddim_update(out, x, tables.alpha[i], tables.alpha_prev[i],
                                 to_x0_eps=to_x0_eps)
         return trajectory[n - 1 - i] - x_prev

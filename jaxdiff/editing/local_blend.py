@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.editing import alignment
+from jaxdiff.pipeline import unet_apply
 
 
 @flax.struct.dataclass
@@ -85,7 +86,7 @@ def make_local_blend(pipe, sources: Sequence[str], targets: Sequence[str], num_s
         raise ValueError(f"{len(per_pair)} blend-word lists for {n} prompt pairs.")
     rows = [[], []]
     for s, t, words in zip(sources, targets, per_pair):
-        ws, wt = (_word_weights(pipe.tokenizer, p, words, length) for p in (s, t))
+        ws, wt = (_word_weights(pipe.word_tokenizer, p, words, length) for p in (s, t))
         if not ws.any() and not wt.any():
             raise ValueError(f"blend words {list(words)} occur in neither {s!r} nor {t!r}; "
                              "give words of the prompts (whitespace-separated).")
@@ -97,20 +98,21 @@ def make_local_blend(pipe, sources: Sequence[str], targets: Sequence[str], num_s
                       start=jnp.int32(int(start_fraction * num_steps)), res=side)
 
 
-def capturing_denoiser(unet, unet_params, res: int) -> Callable:
-    """``(x, t, context, control) -> (model output, maps [B, res, res, L])``.
+def capturing_denoiser(pipe, unet_params, res: int) -> Callable:
+    """``(x, t, context, control) -> (model output, maps [B, res, res, L])`` of the
+    pipeline's UNet (``context``: as ``pipeline.unet_apply`` takes it, SDXL's pytree too).
 
     ``maps`` are the cross-attention probabilities averaged over heads and over every
     ``attn2`` layer (mid block excluded) whose query grid is ``res x res``.
     """
-    heads = {s["name"]: s["heads"] for s in unet.plan()}
+    heads = {s["name"]: s["heads"] for s in pipe.unet.plan()}
 
     def want(mdl, method):
         return (method == "__call__" and mdl.name in ("to_q", "to_k")
                 and getattr(mdl.parent, "name", None) == "attn2")
 
     def denoise(x, t, context, control=None):
-        out, state = unet.apply({"params": unet_params}, x, t, context, control=control,
+        out, state = unet_apply(pipe, unet_params, x, t, context, control=control,
                                 capture_intermediates=want, mutable=["intermediates"])
         maps = []
         for stage, blocks in state["intermediates"].items():
@@ -126,7 +128,8 @@ def capturing_denoiser(unet, unet_params, res: int) -> Callable:
         if not maps:
             raise ValueError(f"LocalBlend: the UNet has no cross-attention at {res}x{res}; "
                              "choose another resolution.")
-        b, lk = x.shape[0], context.shape[1]
+        lk = (context["context"] if isinstance(context, dict) else context).shape[1]
+        b = x.shape[0]
         return out, jnp.mean(jnp.stack(maps), axis=0).reshape(b, res, res, lk)
 
     return denoise

@@ -25,11 +25,10 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff import parallel
-from jaxdiff.editing import batch_inputs
 from jaxdiff.editing import inversion as inv
 from jaxdiff.editing import local_blend as lb
 from jaxdiff.editing import prompt_to_prompt as p2p
-from jaxdiff.pipeline import from_uint8, to_uint8
+from jaxdiff.pipeline import from_uint8, to_uint8, unet_apply
 from jaxdiff.samplers.ddim import ddim_tables
 
 INVERSIONS = ("ddim", "null_text", "negative_prompt", "direct")
@@ -86,33 +85,42 @@ def edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image, cont
     """The latent part of ``p2p_edit`` (pure; jit it): invert image latents z0 [M, h, w, C],
     then run P edits (edit p on ``z0[pair_image[p]]``) under ``control`` / ``blend``.
 
+    SDXL: the conditions are ``Pipeline.condition``'s pytrees (time ids of the image size;
+    the unconditional ones zero where the pipeline zeroes an absent negative prompt);
+    null-text inversion optimises the null's text embeddings (context and pooled), not its
+    time ids; negative-prompt inversion's nulls keep the negative half's time ids.
     Returns:
       (P2POutput of [P, h, w, C] latents, null-text inner steps [S, M]).
     """
     pt = pipe.scheduler.prediction_type
     tab = ddim_tables(pipe.scheduler, steps)
-    unet = lambda x, t, c, ctrl=None: pipe.unet.apply({"params": params["unet"]}, x, t, c,
-                                                      control=ctrl)
+    unet = lambda x, t, c, ctrl=None: unet_apply(pipe, params["unet"], x, t, c, control=ctrl)
     den = lambda x, t, c: unet(x, t, c)
-    cond, uncond = pipe.encode_text(params, src_ids), pipe.encode_text(params, empty_ids)
+    size = (z0.shape[1] * pipe.vae_scale_factor, z0.shape[2] * pipe.vae_scale_factor)
+    cond, uncond = pipe.encode_prompts(params, src_ids, empty_ids, *size,
+                                       pipe.zeroes_negative(None))
+    rows = lambda tree, idx: jax.tree.map(lambda a: a[idx], tree)
     traj = inv.ddim_invert(den, tab, z0, cond, pt)
-    empty = jnp.broadcast_to(uncond, (steps,) + uncond.shape)
+    empty = inv.negative_prompt_nulls(uncond, steps)  # the empty prompt at every step
     taken = jnp.zeros((steps, z0.shape[0]), jnp.int32)
     offsets = None
     if inversion == "null_text":
+        trainable = {k: k != "time_ids" for k in uncond} if isinstance(uncond, dict) else None
         nulls, taken = inv.null_text_invert(den, tab, traj, cond, uncond, guidance, pt,
-                                            num_inner_steps=num_inner_steps)
+                                            num_inner_steps=num_inner_steps,
+                                            trainable=trainable)
     elif inversion == "negative_prompt":
-        nulls = inv.negative_prompt_nulls(cond, steps)
+        source = dict(cond, time_ids=uncond["time_ids"]) if pipe.is_sdxl else cond
+        nulls = inv.negative_prompt_nulls(source, steps)
     else:
         nulls = empty
         if inversion == "direct":
             offsets = inv.direct_offsets(den, tab, traj, cond, empty, guidance, pt)[:, pair_image]
-    edit_den = unet if blend is None else lb.capturing_denoiser(pipe.unet, params["unet"],
-                                                                 blend.res)
-    out = p2p.edit_loop(edit_den, tab, traj[-1][pair_image], cond[pair_image],
-                        pipe.encode_text(params, tgt_ids), nulls[:, pair_image], guidance,
-                        control, pt, src_offsets=offsets, blend=blend)
+    edit_den = unet if blend is None else lb.capturing_denoiser(pipe, params["unet"], blend.res)
+    out = p2p.edit_loop(edit_den, tab, traj[-1][pair_image], rows(cond, pair_image),
+                        pipe.condition(params, tgt_ids, *size),
+                        rows(nulls, (slice(None), pair_image)), guidance, control, pt,
+                        src_offsets=offsets, blend=blend)
     return out, taken
 
 
@@ -197,7 +205,6 @@ def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str
         repeating one (the padding is edited and dropped), so results do not depend on
         the mesh.
     """
-    batch_inputs.refuse_sdxl(pipe, "Prompt-to-Prompt / null-text inversion")
     settings.validate()
     m = np.shape(images)[0]
     run, args, where = _program_and_args(pipe, params, images, sources, targets, settings,

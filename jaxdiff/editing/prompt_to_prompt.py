@@ -122,7 +122,7 @@ def make_control(pipe, sources: Sequence[str], targets: Sequence[str], num_steps
     """
     if mode not in ("replace", "refine", "reweight"):
         raise ValueError(f"unknown P2P mode {mode!r}; use replace, refine or reweight.")
-    tok, length = pipe.tokenizer, pipe.max_length
+    tok, length = pipe.word_tokenizer, pipe.max_length
     n = len(sources)
     if len(targets) != n:
         raise ValueError(f"{n} source prompts but {len(targets)} target prompts.")
@@ -170,7 +170,8 @@ def edit_loop(denoise: Callable, tables, z_T, cond_src, cond_tgt, nulls, guidanc
       z_T: [N, h, w, C] inverted (or random) start latents, shared by both branches
         unless ``z_T_target`` is given.
       cond_src, cond_tgt: [N, L, D]; nulls: [S, N, L, D] per-step unconditional
-        embeddings (null-text, negative-prompt or plain empty-prompt).
+        embeddings (null-text, negative-prompt or plain empty-prompt); or pytrees of them
+        (SDXL's conditions, ``Pipeline.condition``), concatenated leaf by leaf.
       src_offsets: [S, N, h, w, C] direct-inversion offsets for the source branch.
       blend: LocalBlend data; after each step from ``blend.start`` on, the target
         latents outside the blend words' mask are set to the source latents.
@@ -180,16 +181,16 @@ def edit_loop(denoise: Callable, tables, z_T, cond_src, cond_tgt, nulls, guidanc
     to_x0_eps = x0_eps_vp(prediction_type)
     n = z_T.shape[0]
     x0 = jnp.concatenate([z_T, z_T if z_T_target is None else z_T_target])
-    cond = jnp.concatenate([cond_src, cond_tgt])
+    cat = lambda *trees: jax.tree.map(lambda *a: jnp.concatenate(a), *trees)
+    cond = cat(cond_src, cond_tgt)
     mask0 = jnp.ones(z_T.shape[:3] + (1,), z_T.dtype)
     acc0 = jnp.zeros((2 * n, blend.res, blend.res) if blend is not None else (0,), z_T.dtype)
 
     def body(carry, i):
         x, acc, mask = carry
-        null = jnp.concatenate([nulls[i], nulls[i]])
+        null = jax.tree.map(lambda a: jnp.concatenate([a[i], a[i]]), nulls)
         ctrl = control.replace(step=i)
-        out = denoise(jnp.concatenate([x, x]), tables.timesteps[i],
-                      jnp.concatenate([null, cond]), ctrl)
+        out = denoise(jnp.concatenate([x, x]), tables.timesteps[i], cat(null, cond), ctrl)
         if blend is not None:
             out, maps = out
             acc = acc + local_blend.word_maps(blend, maps[2 * n:])

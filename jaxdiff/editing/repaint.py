@@ -114,14 +114,14 @@ def repaint_latents(guided: Callable, tables: RePaintTables, z0, mask, x_T, nois
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, steps, jump_length, jump_n_sample, mesh=None):
+def _compiled(pipe, steps, jump_length, jump_n_sample, mesh=None, zero_uncond=False):
     sch = jump_schedule(steps, jump_length, jump_n_sample, pipe.scheduler.num_train_timesteps)
     tables = repaint_tables(pipe.scheduler, sch, steps)
 
     def run(params, images, masks, ids, neg_ids, keys, guidance, eta):
         z0 = pipe.encode_images(params, images)
         m = batch_inputs.latent_mask(masks, z0.shape[1:3])
-        contexts = (pipe.encode_text(params, ids), pipe.encode_text(params, neg_ids))
+        contexts = pipe.encode_prompts(params, ids, neg_ids, *images.shape[1:3], zero_uncond)
         guided_unet = cfg(batch_inputs.unet_denoiser(pipe, params), guidance)
         guided = lambda x, t: guided_unet(x, t, contexts)
         noise_fn = lambda k: batch_inputs.step_noise(keys, k, z0.shape[1:])
@@ -148,13 +148,13 @@ def repaint(pipe, params, images, masks, prompts, negative_prompts=None, *, step
     Returns:
       {"edited", "reconstruction": [B, H, W, 3] in [-1, 1]; "latents"; "latent_mask"}.
     """
-    batch_inputs.refuse_sdxl(pipe, "RePaint")
     images = batch_inputs.check_images(images, pipe)
     b = images.shape[0]
     masks = batch_inputs.check_masks(masks, images)
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     mesh = batch_inputs.edit_mesh(mesh)
-    run = _compiled(pipe, int(steps), int(jump_length), int(jump_n_sample), mesh)
+    run = _compiled(pipe, int(steps), int(jump_length), int(jump_n_sample), mesh,
+                    pipe.zeroes_negative(negative_prompts))
     keys = batch_inputs.image_keys(seed, b, sample_index)
     rows = dict(images=images, masks=masks, ids=ids, neg_ids=neg, keys=keys)
     return batch_inputs.run_rows(run, mesh, b, params, rows, dict(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from jaxdiff import schedules
@@ -64,11 +63,8 @@ def _compiled(pipe, sampler_name, steps, mesh=None, zero_uncond=False):
     def run(params, images, ids, neg_ids, noise, keys, strength, guidance, eta):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         z0 = pipe.encode_images(params, images)
-        cond = pipe.encode_text(params, ids)
-        uncond = (jax.tree.map(jnp.zeros_like, cond) if zero_uncond
-                  else pipe.encode_text(params, neg_ids))
-        size = images.shape[1:3]  # SDXL: time ids of this size, as diffusers' img2img
-        cond, uncond = pipe.add_time_ids(cond, *size), pipe.add_time_ids(uncond, *size, True)
+        # SDXL: time ids of the image size, as diffusers' img2img
+        cond, uncond = pipe.encode_prompts(params, ids, neg_ids, *images.shape[1:3], zero_uncond)
         noise = initial_noise(keys, z0.shape[1:]) if noise is None else noise
         lat = sdedit_latents(batch_inputs.unet_denoiser(pipe, params), sampler, ac, z0, noise,
                              cond, uncond, strength, guidance, keys)
@@ -104,8 +100,7 @@ def sdedit(pipe, params, images, prompts, negative_prompts=None, *, strength=0.8
     ids, neg = batch_inputs.tokenize_pair(pipe, prompts, negative_prompts, b)
     noise = batch_inputs.given_noise(noise, (b,) + pipe.latent_shape(*images.shape[1:3]))
     mesh = batch_inputs.edit_mesh(mesh)
-    zero = pipe.is_sdxl and pipe.force_zeros_for_empty_prompt and negative_prompts is None
-    run = _compiled(pipe, sampler, int(steps), mesh, zero)
+    run = _compiled(pipe, sampler, int(steps), mesh, pipe.zeroes_negative(negative_prompts))
     keys = batch_inputs.image_keys(seed, b, sample_index)
     rows = dict(images=images, ids=ids, neg_ids=neg, noise=noise, keys=keys,
                 strength=batch_inputs.per_image(strength, b, "strength"))

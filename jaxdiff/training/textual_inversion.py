@@ -7,6 +7,9 @@ construction.
 Each step draws instance latents (VAE posterior means, cached once) and, per row, one
 prompt template (``"a {}"`` -> ``"a <new-shape>"``, multi-vector placeholders expanded),
 as diffusers' ``textual_inversion.py`` does with its "a photo of a {}" templates.
+On SDXL the rows are ``{encoder name: [n, D_e]}``, one table per text encoder (both
+tokenizers get the placeholder, as diffusers' ``textual_inversion_sdxl.py``), the UNet gets
+time ids of the instance images' size, and ``save`` writes a ``clip_l`` / ``clip_g`` file.
 
 References:
   Gal et al., 2022, "An Image is Worth One Word: Personalizing Text-to-Image Generation
@@ -18,12 +21,13 @@ import dataclasses
 import os
 from typing import Callable, NamedTuple, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel, schedules
 from jaxdiff.adapters import textual_inversion as ti
-from jaxdiff.pipeline import Pipeline
+from jaxdiff.pipeline import Pipeline, unet_apply
 from jaxdiff.training import losses
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.batching import host_slice, stream_indices
@@ -36,7 +40,7 @@ from jaxdiff.training.step import make_train_step
 
 class TIResult(NamedTuple):
     placeholder: str
-    rows: np.ndarray          # [n, D] learned embeddings
+    rows: np.ndarray          # [n, D] learned embeddings (SDXL: {encoder name: [n, D_e]})
     pipe: Pipeline            # pipeline whose tokenizer and table include the new tokens
     params: dict              # its params (table [V + n, D])
 
@@ -56,20 +60,24 @@ def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Calla
     Args:
       pipe: ``jaxdiff.Pipeline``.
       frozen_params: pipeline params (text encoder, UNet) held fixed.
-      vocab_size: V of the frozen table (default: its row count).
+      vocab_size: V of the frozen table (default: its row count); SDXL: ``{encoder
+        name: V_e}``.
     Returns:
       ``loss(new_rows, batch, rng) -> scalar``, with ``batch = (latents [B,h,w,C],
-      ids [B,L])`` (scaled latents, ids from the tokenizer returned by ``ti.add_tokens``).
+      ids [B,L])`` (scaled latents, ids from the tokenizer returned by ``ti.add_tokens``;
+      SDXL: ids [B,E,L], time ids of the latents' image size).
       Use with ``make_train_step`` on a state created from ``new_rows``.
     """
     sched = pipe.scheduler
     alphas = schedules.alphas_cumprod(sched)
-    unet = lambda x, t, c: pipe.unet.apply({"params": frozen_params["unet"]}, x, t, c)
+    unet = lambda x, t, c: unet_apply(pipe, frozen_params["unet"], x, t, c)
     denoise_loss = losses.denoising_loss(unet, alphas, sched.prediction_type)
+    f = pipe.vae_scale_factor
 
     def loss(new_rows, batch, rng):
         latents, ids = batch
         context = ti.encode_text(pipe, frozen_params, new_rows, ids, vocab_size)
+        context = pipe.add_time_ids(context, latents.shape[1] * f, latents.shape[2] * f)
         return jnp.mean(denoise_loss(latents, context, rng))
 
     return loss
@@ -94,14 +102,16 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
     Returns:
       ``TIResult`` with the learned rows and a pipeline that knows the new tokens.
     """
-    if pipe.is_sdxl:
-        raise ValueError("Textual Inversion training supports SD 1.x / 2.x pipelines; SDXL "
-                         "embeddings (clip_l / clip_g files) can be loaded, not trained yet.")
-    tok = ti.add_tokens(pipe.tokenizer, placeholder, num_vectors)
-    vocab = len(pipe.tokenizer)
-    rows0 = ti.init_embeddings(params, pipe.tokenizer, initializer_token, num_vectors)
+    fields = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+    names = pipe.encoder_names
+    toks = {n: ti.add_tokens(getattr(pipe, fields[n]), placeholder, num_vectors) for n in names}
+    vocab = {n: len(getattr(pipe, fields[n])) for n in names}
+    rows0 = {n: ti.init_embeddings(params, getattr(pipe, fields[n]), initializer_token,
+                                   num_vectors, scope=n) for n in names}
+    if not pipe.is_sdxl:  # SD 1.x / 2.x: one table, the rows are an array
+        toks, vocab, rows0 = toks["text_encoder"], vocab["text_encoder"], rows0["text_encoder"]
     prompts = template_prompts(templates, placeholder, num_vectors)
-    ids = dataclasses.replace(pipe, tokenizer=tok).tokenize(prompts)
+    ids = _with_tokenizers(pipe, toks).tokenize(prompts)
     latents = encode_latents(pipe, params, instance_images)
     os.makedirs(workdir, exist_ok=True)
 
@@ -110,22 +120,43 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
         which = host_slice(stream_indices(len(ids), batch_size, s, seed + 1))
         return latents[idx], ids[which]
 
-    sample_pipe, _ = ti.merge_embeddings(pipe, params, tok, rows0)
+    sample_pipe, _ = merge_rows(pipe, params, toks, rows0)
     on_sample = None
     if sample_folder and sample_every:
         grid = sample_grid_callback(sample_pipe, prompts, sample_folder)
-        on_sample = lambda st, s: grid(ti.merge_embeddings(pipe, params, tok, st.params)[1], s)
+        on_sample = lambda st, s: grid(merge_rows(pipe, params, toks, st.params)[1], s)
     opt = constant_adamw(lr, warmup)
     state = state_lib.create(rows0, opt, seed, ema=False)
     state = train_loop(make_train_step(make_ti_loss(pipe, params, vocab), opt), state,
                        batch_fn, steps, workdir, log_every=log_every, ckpt_every=ckpt_every,
                        desc="textual_inversion", on_sample=on_sample,
                        sample_every=sample_every, mesh=mesh)
-    rows = np.asarray(parallel.gather(state.params))
-    _, merged = ti.merge_embeddings(pipe, params, tok, rows)
+    rows = jax.tree.map(np.asarray, parallel.gather(state.params))
+    _, merged = merge_rows(pipe, params, toks, rows)
     return TIResult(placeholder, rows, sample_pipe, merged)
 
 
+def _with_tokenizers(pipe, toks):
+    if not pipe.is_sdxl:
+        return dataclasses.replace(pipe, tokenizer=toks)
+    fields = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+    return dataclasses.replace(pipe, **{fields[n]: t for n, t in toks.items()})
+
+
+def merge_rows(pipe, params, toks, rows):
+    """``ti.merge_embeddings`` for every text encoder (``toks`` / ``rows``: one tokenizer
+    and [n, D] array, or SDXL's ``{encoder name: ...}``): (pipe, params) knowing the tokens."""
+    if not pipe.is_sdxl:
+        return ti.merge_embeddings(pipe, params, toks, rows)
+    for name in pipe.encoder_names:
+        pipe, params = ti.merge_embeddings(pipe, params, toks[name], rows[name], scope=name)
+    return pipe, params
+
+
 def save(result: TIResult, path: str) -> str:
-    """Writes ``learned_embeds.safetensors`` (``path``: a directory or a file name)."""
+    """Writes ``learned_embeds.safetensors`` (``path``: a directory or a file name); SDXL:
+    ``<path>/<placeholder>.safetensors`` with ``clip_l`` / ``clip_g`` (the file name is the
+    placeholder when it is loaded back, ``adapters.textual_inversion.load_embeddings``)."""
+    if isinstance(result.rows, dict):
+        return ti.save_sdxl_embeds(path, result.placeholder, result.rows)
     return ti.save_learned_embeds(path, result.placeholder, result.rows)
