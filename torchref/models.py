@@ -16,6 +16,11 @@ UNET_CONFIGS = {
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                 attention_head_dim=8, norm_num_groups=8, sample_size=8),
+    # One cross-attention block and the mid block, one resnet each (cheap to compile).
+    "sd1_micro": dict(block_out_channels=(32,), layers_per_block=1,
+                      down_block_types=("CrossAttnDownBlock2D",),
+                      up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=32,
+                      attention_head_dim=8, norm_num_groups=8, sample_size=8),
     # SD2-style: linear projections, per-block head counts, upcast attention,
     # several transformer layers per block, sin/cos order and freq shift changed.
     "sd2": dict(block_out_channels=(32, 64, 64), layers_per_block=1,
@@ -175,15 +180,16 @@ def make_torch_pipeline(folder, unet="sd1", vae="sd1", text="sd1", scheduler=Non
     return pipe
 
 
-def make_torch_instruct_pipeline(folder, seed=0):
+def make_torch_instruct_pipeline(folder, unet="sd1", seed=0):
     """Builds and saves a tiny random diffusers ``StableDiffusionInstructPix2PixPipeline``
-    in ``folder``: the sd1 pipeline with an 8-channel UNet (noisy + image latents) and
-    Euler-ancestral sampling (the released InstructPix2Pix checkpoint's scheduler)."""
+    in ``folder``: the sd1 pipeline with an 8-channel UNet (noisy + image latents; ``unet``
+    names its other settings in ``UNET_CONFIGS``) and Euler-ancestral sampling (the
+    released InstructPix2Pix checkpoint's scheduler)."""
     import torch
     from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler,
                            StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
     torch.manual_seed(seed)
-    unet = perturb(UNet2DConditionModel(**dict(UNET_CONFIGS["sd1"], in_channels=8)),
+    unet = perturb(UNet2DConditionModel(**dict(UNET_CONFIGS[unet], in_channels=8)),
                    seed=seed)
     scheduler = EulerAncestralDiscreteScheduler.from_config(
         DDIMScheduler(**SCHEDULER_SD1).config)

@@ -4,39 +4,45 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from jaxdiff.data.images import ALPHAS, FITS, InputError
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, steps: int = 50,
-                    guidance: float = 7.5, mask: str = "none",
-                    source_prompt: bool = True) -> argparse.ArgumentParser:
+                    guidance: float = 7.5, mask: str = "none", source_prompt: bool = True,
+                    helps: Optional[Mapping[str, str]] = None) -> argparse.ArgumentParser:
     """Adds the flags every edit entrypoint shares.
 
     ``--image`` (file or folder, repeatable) or ``--manifest`` (JSONL), ``--model``,
     ``--out``, ``--steps``, ``--guidance``, ``--seed``, ``--source-prompt``,
     ``--target-prompt`` (repeatable), ``--fit``, ``--alpha``, ``--max-batch``,
     ``--overwrite`` and, when
-    ``mask`` is "optional" or "required", ``--mask``.
+    ``mask`` is "optional" or "required", ``--mask``. ``helps``: a method's own help text of
+    some of them, by destination name (e.g. ``{"model": ...}``).
     """
+    helps = dict(helps or {})
+    h = lambda dest, text: helps.get(dest, text)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", action="append",
                      help="input image file or folder of images (repeatable)")
     src.add_argument("--manifest", help="JSONL file, one job per line: {\"image\": ..., "
                      "\"source_prompt\": ..., \"target_prompt\": ..., \"mask\": ...}")
     parser.add_argument("--model", default=None,
-                        help="diffusers-layout pipeline directory (default: embedded model)")
+                        help=h("model", "diffusers-layout pipeline directory (default: "
+                               "embedded model)"))
     parser.add_argument("--out", required=True, help="output folder (one sub-folder per image)")
-    parser.add_argument("--steps", type=int, default=steps, help=f"DDIM steps (default {steps})")
+    parser.add_argument("--steps", type=int, default=steps,
+                        help=h("steps", f"DDIM steps (default {steps})"))
     parser.add_argument("--guidance", type=float, default=guidance,
-                        help=f"classifier-free guidance scale (default {guidance})")
+                        help=h("guidance", f"classifier-free guidance scale (default {guidance})"))
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     if source_prompt:
         parser.add_argument("--source-prompt", default=None,
-                            help="caption of the input image(s)")
+                            help=h("source_prompt", "caption of the input image(s)"))
     parser.add_argument("--target-prompt", action="append", default=None,
-                        help="prompt of the edit (repeat for several edits per image)")
+                        help=h("target_prompt",
+                               "prompt of the edit (repeat for several edits per image)"))
     if mask != "none":
         parser.add_argument("--mask", required=False, default=None,
                             help="mask file (white = edit) or folder of masks named like the "
