@@ -85,15 +85,23 @@ def _compiled(pipe: Pipeline, sampler_name: str, steps: int, sweep: bool, mesh):
                    in_shardings=(rep,) + (data,) * 7 + (rep,) * 3, out_shardings=(out, out))
 
 
-def parse_box(text: str):
-    """``"x0,y0,x1,y1:phrase"`` (fractions of the image) -> (phrase, box); one-line
-    ValueError naming the text when it is malformed."""
-    coords, sep, phrase = text.partition(":")
+def _coords(text: str):
     try:
-        box = tuple(float(v) for v in coords.split(","))
+        box = tuple(float(v) for v in text.split(","))
     except ValueError:
-        box = ()
-    if not sep or not phrase.strip() or len(box) != 4:
+        return None
+    return box if len(box) == 4 else None
+
+
+def parse_box(text: str):
+    """``"x0,y0,x1,y1:phrase"`` or ``"phrase:x0,y0,x1,y1"`` (fractions of the image) ->
+    (phrase, box); one-line ValueError naming the text when it is malformed."""
+    head, _, tail = text.partition(":")
+    box, phrase = _coords(head), tail
+    if box is None:
+        head, _, tail = text.rpartition(":")
+        box, phrase = _coords(tail), head
+    if box is None or not phrase.strip():
         raise ValueError(f"--box {text!r}: expected 'x0,y0,x1,y1:phrase' (four fractions of "
                          "the image, then the phrase), e.g. '0.1,0.1,0.5,0.6:a red circle'.")
     check_box(box, repr(text))
@@ -147,7 +155,8 @@ def generate_gligen(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
                     guidance_scale: Union[float, Sequence[float]] = 7.5, seed: int = 0,
                     gligen_scheduled_sampling_beta: float = 0.3, latents=None,
                     height: Optional[int] = None, width: Optional[int] = None, eta: float = 0.0,
-                    mesh=None, output: str = "uint8", max_objs: int = MAX_OBJS):
+                    mesh=None, output: str = "uint8", max_objs: int = MAX_OBJS,
+                    sample_offset: int = 0):
     """Generates images with GLIGEN grounding (the pipeline's UNet must be a GLIGEN UNet:
     ``attention_type="gated"``, e.g. ``weights.load_gligen_unet``).
 
@@ -158,7 +167,8 @@ def generate_gligen(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
       gligen_scheduled_sampling_beta: fraction of the steps with the fusers on (traced).
       max_objs: object slots per image (static; diffusers' 30: other values change the
         result, the empty slots take part in the fusers' attention).
-      Others as ``jaxdiff.generate`` (``latents``: initial noise [B, h, w, C], NHWC).
+      Others as ``jaxdiff.generate`` (``latents``: initial noise [B, h, w, C], NHWC;
+      ``sample_offset``: the first image's index in a job split into chunks).
     Returns:
       uint8 [B, H, W, 3] (a sweep: [S, B, H, W, 3]), or the final latents for
       ``output="latents"``.
@@ -181,7 +191,7 @@ def generate_gligen(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     n = parallel.padded_batch(b, mesh)
     sweep = not np.isscalar(guidance_scale) and np.ndim(guidance_scale) == 1
     shape = pipe.latent_shape(height, width)
-    keys = sample_keys(seed, n)
+    keys = sample_keys(seed, n, sample_offset)
     if latents is None:
         noise = initial_noise(keys, shape)
     else:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from jaxdiff import parallel, sampling
 from jaxdiff.adapters import apply_adapters
+from jaxdiff.cli import gligen_args
 from jaxdiff.data.images import FITS, load_image, make_grid, save_png, write_json
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.weights import load_pipeline
@@ -84,6 +85,7 @@ def add_parser(sub):
     c.add_argument("--fit", default="resize", choices=FITS,
                    help="condition images of another size: resize (default), centre-crop "
                    "then resize, or reject")
+    gligen_args.add_arguments(p)
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     return p
 
@@ -148,6 +150,7 @@ def run(args) -> int:
     parallel.maybe_initialize_distributed()
     pipe, params = load_pipeline(args.model, config=args.model_config, revision=args.revision,
                                  variant=args.variant)
+    pipe, params, grounding = gligen_args.load_gligen(args, pipe, params)
     if args.dtype == "bfloat16":
         pipe = pipe.with_dtype(jnp.bfloat16)
     pipe, params, expand = apply_adapters(pipe, params, args.lora, args.lora_scale,
@@ -164,10 +167,14 @@ def run(args) -> int:
     with tqdm(total=len(jobs), unit="img", desc="generate") as bar:
         for start in range(0, len(jobs), args.max_batch):
             chunk = [expand(p) for p in prompts[start:start + args.max_batch]]
-            out = sampling.generate(pipe, params, chunk, args.negative_prompt, args.sampler,
-                                   args.steps, args.guidance, args.seed, height=height,
-                                   width=width, eta=args.eta, sample_offset=start,
-                                   control=controls)
+            if grounding is not None:
+                out = gligen_args.generate_chunk(grounding, pipe, params, chunk, args, height,
+                                                 width, start)
+            else:
+                out = sampling.generate(pipe, params, chunk, args.negative_prompt, args.sampler,
+                                       args.steps, args.guidance, args.seed, height=height,
+                                       width=width, eta=args.eta, sample_offset=start,
+                                       control=controls)
             images.append(out)
             bar.update(len(chunk))
             bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
@@ -185,6 +192,8 @@ def run(args) -> int:
                         control_image=args.control_image, control_scale=args.control_scale,
                         adapter_scale=args.adapter_scale, control_start=args.control_start,
                         control_end=args.control_end, guess_mode=args.guess_mode, fit=args.fit)
+    if grounding is not None:
+        settings.update(grounding.settings(args))
     for i, (img, prompt) in enumerate(zip(images, prompts)):
         save_png(os.path.join(args.out, f"{i:04d}.png"), img,
                   dict(settings, prompt=prompt, index=i))

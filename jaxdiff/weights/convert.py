@@ -121,7 +121,8 @@ def flax_to_torch(params, prefix: str = "") -> Dict[str, np.ndarray]:
     out = {}
     for path, value in traverse_util.flatten_dict(params).items():
         value = to_torch_layout(path[-1], np.asarray(value, dtype=np.float32))
-        out[prefix + torch_key(path)] = np.ascontiguousarray(value)
+        # reshape: ascontiguousarray makes a 0-d array (GLIGEN's gates) 1-d.
+        out[prefix + torch_key(path)] = np.ascontiguousarray(value).reshape(value.shape)
     return out
 
 
