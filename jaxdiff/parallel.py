@@ -3,6 +3,9 @@
 One code path for one CPU, 8 forced host devices, a GPU and a TPU pod: the batch is
 sharded on the ``data`` axis (and, in training, also on ``fsdp``); parameters are
 replicated, or FSDP-sharded over the ``fsdp`` axis by a rule table (``tree_shardings``).
+The transformer backbones (DiT, PixArt, U-ViT) add tensor parallelism over a ``model``
+axis (``TRANSFORMER_TP_RULES``: attention heads and MLP hidden units split Megatron-style,
+the rest FSDP), with ``make_mesh(..., model=m)``.
 
 Why a shape rule instead of flax logical-axis annotations: the networks load upstream
 checkpoints and keep upstream parameter names, and every parameter of a UNet, VAE or
@@ -25,11 +28,32 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
 FSDP = "fsdp"
+MODEL = "model"
 
 # (regex searched in the "/"-joined path of a state leaf, strategy); the first match wins,
-# leaves that match nothing are replicated. Strategies: "fsdp" | "replicate".
+# leaves that match nothing are replicated. Strategies: "fsdp" | "replicate" |
+# "model_out" / "model_in" (tensor parallel: a Dense kernel [in, out] split over ``model``
+# along out / in, its other dimension FSDP-sharded when ``fsdp`` divides it; a bias [out]
+# is split with "model_out" and replicated with "model_in").
 DEFAULT_RULES = (("^(step|rng)$", "replicate"), (".*", "fsdp"))
-STRATEGIES = ("fsdp", "replicate")
+STRATEGIES = ("fsdp", "replicate", "model_out", "model_in")
+# Megatron-style tensor parallelism of the latent transformers (DiT, PixArt: diffusers'
+# names): q, k, v and the MLP's first layer split their output units over ``model``
+# (whole heads per device when ``model`` divides the heads), the attention output and the
+# MLP's second layer their input units, so each block needs one all-reduce after attention
+# and one after the MLP. U-ViT: its MLP (``fc1`` / ``fc2``) the same way; its fused ``qkv``
+# kernel [D, 3D] is not split (contiguous halves would not hold whole heads). Everything
+# else (patch embedding, adaLN, norms, caption projection) is FSDP-sharded.
+TRANSFORMER_TP_RULES = (
+    ("^(step|rng)$", "replicate"),
+    (r"attn[12]/to_[qkv]/(kernel|bias)$", "model_out"),
+    (r"attn[12]/to_out_0/kernel$", "model_in"),
+    (r"ff/net_0/proj/(kernel|bias)$", "model_out"),
+    (r"ff/net_2/kernel$", "model_in"),
+    (r"mlp/fc1/(kernel|bias)$", "model_out"),
+    (r"mlp/fc2/kernel$", "model_in"),
+    (".*", "fsdp"),
+)
 
 
 def maybe_initialize_distributed() -> bool:
@@ -52,18 +76,22 @@ def maybe_initialize_distributed() -> bool:
     return True
 
 
-def make_mesh(devices: Optional[Sequence] = None, fsdp: int = 1) -> Mesh:
+def make_mesh(devices: Optional[Sequence] = None, fsdp: int = 1, model: int = 1) -> Mesh:
     """A data-parallel mesh over ``devices`` (default: all devices of all hosts).
 
     ``fsdp > 1`` gives a 2-D ``(data, fsdp)`` mesh: groups of ``fsdp`` consecutive devices
     (in ``jax.devices()`` order, so a group stays inside a host where possible) share
-    one copy of the FSDP-sharded parameters.
+    one copy of the FSDP-sharded parameters. ``model > 1`` adds a ``model`` axis (the
+    fastest-varying: neighbouring devices) for tensor parallelism, ``(data, fsdp, model)``.
     """
     devices = jax.devices() if devices is None else list(devices)
+    if fsdp < 1 or model < 1 or len(devices) % (fsdp * model):
+        raise ValueError(f"fsdp={fsdp} x model={model} must be >= 1 and divide the "
+                         f"{len(devices)} devices.")
+    if model > 1:
+        return Mesh(np.asarray(devices).reshape(-1, fsdp, model), (DATA, FSDP, MODEL))
     if fsdp == 1:
         return Mesh(np.asarray(devices), (DATA,))
-    if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"fsdp={fsdp} must be >= 1 and divide the {len(devices)} devices.")
     return Mesh(np.asarray(devices).reshape(-1, fsdp), (DATA, FSDP))
 
 
@@ -92,6 +120,23 @@ def fsdp_spec(shape: Sequence[int], size: int, min_size: int = 0) -> P:
     return P()
 
 
+def model_spec(shape: Sequence[int], strategy: str, model: int, fsdp: int) -> P:
+    """Tensor-parallel spec of one leaf: "model_out" splits the last dimension over
+    ``model``, "model_in" the first (a 1-D leaf: replicated); the other dimension of a
+    2-D kernel goes over ``fsdp`` when it divides. A dimension ``model`` does not divide
+    stays whole (then the leaf is only FSDP-sharded)."""
+    if len(shape) == 1 and strategy == "model_in":
+        return P()
+    d = len(shape) - 1 if strategy == "model_out" else 0
+    if model <= 1 or shape[d] % model:
+        return fsdp_spec(shape, fsdp)
+    spec = [None] * len(shape)
+    spec[d] = MODEL
+    if len(shape) == 2 and fsdp > 1 and shape[1 - d] % fsdp == 0:
+        spec[1 - d] = FSDP
+    return P(*spec)
+
+
 def _path_str(path) -> str:
     parts = []
     for k in path:
@@ -108,7 +153,8 @@ def tree_shardings(tree, mesh: Mesh, rules: Sequence = DEFAULT_RULES, min_size: 
 
     The regex is searched in the leaf's path (e.g. ``params/unet/conv_in/kernel``,
     ``opt_state/1/0/mu/unet/conv_in/kernel``); the first matching rule decides. Without an
-    ``fsdp`` axis in ``mesh`` everything is replicated.
+    ``fsdp`` axis in ``mesh`` FSDP leaves are replicated; without a ``model`` axis the
+    tensor-parallel ones fall back to FSDP.
     """
     compiled = []
     for rule in rules:
@@ -116,13 +162,16 @@ def tree_shardings(tree, mesh: Mesh, rules: Sequence = DEFAULT_RULES, min_size: 
             raise ValueError(f"sharding rule {tuple(rule)!r}: expected (regex, strategy) with "
                              f"strategy one of {STRATEGIES}.")
         compiled.append((re.compile(rule[0]), rule[1]))
-    size = mesh.shape.get(FSDP, 1)
+    size, model = mesh.shape.get(FSDP, 1), mesh.shape.get(MODEL, 1)
 
     def one(path, leaf):
         name = _path_str(path)
         strategy = next((s for r, s in compiled if r.search(name)), "replicate")
         shape = np.shape(leaf)
-        spec = fsdp_spec(shape, size, min_size) if strategy == "fsdp" else P()
+        if strategy.startswith("model_"):
+            spec = model_spec(shape, strategy, model, size)
+        else:
+            spec = fsdp_spec(shape, size, min_size) if strategy == "fsdp" else P()
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, tree)
