@@ -294,10 +294,10 @@ def step_span(pipe: Pipeline, sampler: str, steps: int, denoising_start=None,
 
 def check_handoff(sampler: str, span, sweep: bool, output: str, latents, end) -> None:
     """One-line ValueError for a partial run ``generate`` cannot do (before any compile)."""
-    if sampler == "heun" or (span[2] and sampler == "dpmpp_2m"):
-        raise ValueError(f"denoising_start/denoising_end are not supported with sampler "
-                         f"{sampler!r} (its steps carry history across the cut); use ddim, "
-                         "ddpm, euler or euler_a" + ("" if span[2] else " or dpmpp_2m") + ".")
+    if sampler == "heun":
+        raise ValueError("denoising_start/denoising_end are not supported with sampler 'heun' "
+                         "(its second-order steps straddle the cut); use ddim, ddpm, euler, "
+                         "euler_a or dpmpp_2m.")
     if span[2] and latents is None:
         raise ValueError("denoising_start needs latents=: the latents a run with "
                          "denoising_end returned (output='latents').")

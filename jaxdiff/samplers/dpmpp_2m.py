@@ -3,7 +3,9 @@ with its defaults: algorithm_type="dpmsolver++", solver_order=2, solver_type="mi
 lower_order_final=True, final_sigmas_type="zero" (``use_karras_sigmas`` from the config).
 
 The first and the last step are first order (DPM-Solver++1 = DDIM in x0 form); the others
-use the previous x0 prediction, which the state carries.
+use the previous x0 prediction, which the state carries. A run started in the middle of the
+schedule (SDXL's refiner after ``denoising_start``) has no previous prediction: its first
+step is first order too, as diffusers' ``lower_order_nums`` makes it.
 
 References: Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
 Probabilistic Models", 2022.
@@ -21,9 +23,11 @@ from jaxdiff.samplers.base import Sampler, identity_input, table, x0_eps_vp
 
 
 class DPMState(NamedTuple):
-    """x: current sample; prev_x0: the previous step's x0 prediction."""
+    """x: current sample; prev_x0: the previous step's x0 prediction; has_prev: whether a
+    step of this run made it (bool scalar)."""
     x: jax.Array
     prev_x0: jax.Array
+    has_prev: jax.Array
 
 
 def _tables(sig):
@@ -57,14 +61,15 @@ def make_dpmpp_2m(cfg: schedules.SchedulerConfig, num_steps: int) -> Sampler:
     to_x0_eps = x0_eps_vp(cfg.prediction_type)
 
     def init(x):
-        return DPMState(x, jnp.zeros_like(x))
+        return DPMState(x, jnp.zeros_like(x), jnp.zeros((), bool))
 
     def step(state, i, model_output, noise):
         del noise
         x0, _ = to_x0_eps(model_output, state.x, alpha[i], sigma[i])
         x0 = x0.astype(state.x.dtype)
-        x = ratio[i] * state.x - c0[i] * x0 - c1[i] * (x0 - state.prev_x0)
-        return DPMState(x.astype(state.x.dtype), x0)
+        c1_i = jnp.where(state.has_prev, c1[i], 0.0)
+        x = ratio[i] * state.x - c0[i] * x0 - c1_i * (x0 - state.prev_x0)
+        return DPMState(x.astype(state.x.dtype), x0, jnp.ones((), bool))
 
     return Sampler(timesteps=table(ts, jnp.int32), init_noise_sigma=1.0, init=init,
                    model_input=identity_input, step=step, latents=lambda s: s.x)
