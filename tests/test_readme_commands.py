@@ -37,6 +37,8 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SMOKE = {  # script -> flags appended to every command that runs it
     "jaxdiff generate": "--steps 2",
+    "edit/imagic.py": "--steps 2 --embedding-steps 2 --finetune-steps 2 --draws 1",
+    "edit/unitune.py": "--steps 2 --finetune-steps 2 --draws 1",
     "edit/": "--steps 2",
     "jaxdiff classify": "--samples 4 8",
     "train/classifier.py": ("--config.data.num_train=64 --config.data.num_test=16"

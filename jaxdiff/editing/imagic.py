@@ -7,20 +7,23 @@ For an image x (latent z0) and a target text embedding e_tgt:
   (b) ``finetune``: the model (full UNet or LoRA adapters, ``dreambooth.make_trainable``)
       trained with the same denoising loss on z0 with e_opt frozen (DreamBooth's loss
       without prior preservation; paper: 1500 steps, lr 5e-7, full UNet on SD);
-  (c) ``sample_interpolated``: plain text-to-image sampling (DDIM, CFG against the negative
-      prompt) from e(eta) = eta * e_tgt + (1 - eta) * e_opt with the fine-tuned model.
-      eta = 0 reconstructs the input; larger eta moves toward the target text.
+  (c) ``sample_variants``: plain text-to-image sampling (DDIM from pure noise, CFG
+      against the negative prompt) from e(eta) = eta * e_tgt + (1 - eta) * e_opt with the
+      fine-tuned model. eta = 0 reconstructs the input; larger eta moves toward the text.
 
 Both optimisations are ``lax.scan`` loops of the training step ``training.step
 .make_train_step`` (AdamW with global-norm clipping, ``training.optim.constant_adamw``),
-so ``imagic`` is one compiled program: encode -> (a) -> (b) -> (c) for every eta -> decode.
-Images are independent rows: each has its own e_opt and its own trained pytree (``vmap``
-over images; with LoRA only the adapted attention kernels exist once per image, with
-full fine-tuning the whole UNet does, so LoRA is the default). The eta values are a
-traced vector (a sweep is one program, ``vmap`` over eta sharing the image's model);
-learning rates and the guidance scale are traced too; step counts and the LoRA rank are
+and stage (c) is ``sdedit.sdedit_latents`` (at strength 1 from pure noise for Imagic), so
+``tuned_edit`` is one compiled program: encode -> (a) -> (b) -> (c) for every variant ->
+decode. UniTune (``unitune.py``) is the same program with stage (a) off, SDEdit from the
+noised image and a blend toward the input. Images are independent rows: each has its own
+e_opt and its own trained pytree (``vmap`` over images; with LoRA only the adapted
+attention kernels exist once per image, with full fine-tuning the whole UNet does, so
+LoRA is the default). The variants (eta, strength, blend) are traced vectors (a sweep is
+one program, ``vmap`` over them sharing the image's model); learning rates and the
+guidance scale are traced too; step counts, the LoRA rank and the number of variants are
 static. A learning rate of 0 leaves that stage's start point unchanged (the base model,
-or e_tgt), in the same compiled program.
+or e_tgt) in the same compiled program.
 
 References: Kawar et al., "Imagic: Text-Based Real Image Editing with Diffusion
 Models", CVPR 2023.
@@ -167,12 +170,12 @@ def _compiled(pipe, steps: int, stages: Stages, mesh=None):
         uncond = pipe.encode_text(params, neg_ids)
         trainable = dreambooth.make_trainable(params, lora_rank=stages.lora_rank)
 
-        def one(z, e0, e, u, key):
+        def one(z, e0, e, u, key, emb_lr, ft_lr):
             k_emb, k_ft, k_noise = jax.random.split(key, 3)
-            e_opt, emb_curve = optimize_embedding(pipe, params, z, e0, k_emb, lr=embedding_lr,
+            e_opt, emb_curve = optimize_embedding(pipe, params, z, e0, k_emb, lr=emb_lr,
                                                   steps=stages.embedding_steps,
                                                   draws=stages.draws)
-            trained, ft_curve = finetune(pipe, trainable, z, e_opt, k_ft, lr=finetune_lr,
+            trained, ft_curve = finetune(pipe, trainable, z, e_opt, k_ft, lr=ft_lr,
                                          steps=stages.finetune_steps, draws=stages.draws)
             denoise = batch_inputs.unet_denoiser(pipe, trainable.merge(trained))
             lat = sample_variants(denoise, sampler, ac, z, jax.random.normal(k_noise, z.shape),
@@ -180,7 +183,8 @@ def _compiled(pipe, steps: int, stages: Stages, mesh=None):
                                   guidance)
             return lat, e_opt, emb_curve, ft_curve
 
-        lat, e_opt, emb_curve, ft_curve = jax.vmap(one)(z0, e_start, e_tgt, uncond, keys)
+        lat, e_opt, emb_curve, ft_curve = jax.vmap(one)(z0, e_start, e_tgt, uncond, keys,
+                                                           embedding_lr, finetune_lr)
         flat = pipe.decode_latents(params, lat.reshape((-1,) + lat.shape[2:]))
         return {"edited": flat.reshape(lat.shape[:2] + flat.shape[1:]),
                 "reconstruction": pipe.decode_latents(params, z0), "latents": lat,
@@ -188,7 +192,7 @@ def _compiled(pipe, steps: int, stages: Stages, mesh=None):
                 "finetune_loss": ft_curve}
 
     return batch_inputs.rows_program(run, mesh or batch_inputs.one_device_mesh(), shared=(
-        "etas", "strengths", "blends", "from_noise", "embedding_lr", "finetune_lr", "guidance"))
+        "etas", "strengths", "blends", "from_noise", "guidance"))
 
 
 def _variants(b: int, **values):
@@ -215,7 +219,8 @@ def tuned_edit(pipe, params, images, start_prompts, target_prompts, negative_pro
       start_prompts / target_prompts / negative_prompts: one string or one per image.
       etas, strengths, blends: a number or a sequence per variant (E variants).
       from_noise: sample from pure noise (Imagic) instead of the noised image.
-      embedding_lr, finetune_lr: learning rates of stages (a) and (b) (0 = skip its effect).
+      embedding_lr, finetune_lr: learning rates of stages (a) and (b), a number or one per
+        image (0 = that stage changes nothing: e_tgt / the base model).
       seed, sample_index: per-image keys ``fold_in(key(seed), sample_index[i])`` drive the
         loss draws of both stages and the start noise (``batch_inputs.image_keys``).
       mesh: images split over its ``data`` axis (default: all devices).
@@ -235,11 +240,10 @@ def tuned_edit(pipe, params, images, start_prompts, target_prompts, negative_pro
     run = _compiled(pipe, int(steps), Stages(*map(int, stages)), mesh)
     keys = batch_inputs.image_keys(seed, b, sample_index)
     rows = dict(images=images, ids_start=ids_start, ids_target=ids_target, neg_ids=neg,
-                keys=keys)
+                keys=keys, embedding_lr=batch_inputs.per_image(embedding_lr, b, "embedding_lr"),
+                finetune_lr=batch_inputs.per_image(finetune_lr, b, "finetune_lr"))
     return batch_inputs.run_rows(run, mesh, b, params, rows, dict(
-        shared, from_noise=jnp.float32(bool(from_noise)),
-        embedding_lr=jnp.float32(embedding_lr), finetune_lr=jnp.float32(finetune_lr),
-        guidance=jnp.float32(guidance_scale)))
+        shared, from_noise=jnp.float32(bool(from_noise)), guidance=jnp.float32(guidance_scale)))
 
 
 def imagic(pipe, params, images, target_prompts, negative_prompts=None, *, etas=(0.7,),
@@ -253,7 +257,8 @@ def imagic(pipe, params, images, target_prompts, negative_prompts=None, *, etas=
       target_prompts: one string or one per image (the edit's text).
       negative_prompts: CFG's unconditional prompt(s) (None = "").
       etas: interpolation weights to sample (a number or a sequence; traced).
-      embedding_lr, finetune_lr: stage (a) / (b) learning rates (traced).
+      embedding_lr, finetune_lr: stage (a) / (b) learning rates (traced; a number or one
+        per image).
       stages: static stage sizes (``Stages``); steps, guidance_scale: stage (c)'s DDIM.
     Returns:
       ``tuned_edit``'s dict; "edited" [B, E, H, W, 3] holds one image per eta.

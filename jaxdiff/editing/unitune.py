@@ -45,7 +45,8 @@ def unitune(pipe, params, images, prompts, negative_prompts=None, *, token: str 
       negative_prompts: CFG's unconditional prompt(s) (None = "").
       token: the rare token the image is fine-tuned under (the whole fine-tuning prompt).
       strengths, interpolations: a number or a sequence per variant (traced).
-      finetune_lr: AdamW learning rate of the fine-tuning (traced; 0 = base model).
+      finetune_lr: AdamW learning rate of the fine-tuning (traced, a number or one per
+        image; 0 = the base model).
       stages: static sizes (``imagic.Stages``; its embedding stage runs with lr 0, so give
         ``embedding_steps=0`` unless sharing another program's shapes).
       steps, guidance_scale: SDEdit's DDIM steps and CFG scale.
