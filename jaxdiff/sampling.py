@@ -378,6 +378,10 @@ def check_request(pipe: Pipeline, b: int, steps: int, height: int, width: int,
         raise ValueError(f"steps must be >= 1, got {steps=}.")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}.")
+    if pipe.is_instruct:
+        raise ValueError("this is an InstructPix2Pix pipeline (its UNet also takes a source "
+                         "image's latents): edit images with "
+                         "jaxdiff.editing.instruct_pix2pix.edit or edit/instruct.py.")
     pipe.check_size(height, width)
 
 

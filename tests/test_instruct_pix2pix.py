@@ -99,6 +99,8 @@ def test_bad_requests_fail_in_one_line(case, embedded):
     with pytest.raises(ValueError, match="same number"):
         ip.edit(c["pipe"], c["params"], c["images"], PROMPTS, text_guidance=[1.0, 2.0],
                 image_guidance=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="InstructPix2Pix pipeline"):  # not text-to-image
+        jaxdiff.generate(c["pipe"], c["params"], PROMPTS)
     plain, params = embedded  # the embedded 4-channel model
     with pytest.raises(ValueError, match="takes 4 input channels; InstructPix2Pix needs 8"):
         ip.edit(plain, params, c["images"], PROMPTS)
