@@ -1,0 +1,158 @@
+"""Instruction edits on held-out shapes-world images, per edit kind, by method, JSON out.
+
+    python bench/instruct_quality.py --num 100 --out instruct_quality.json
+    python bench/instruct_quality.py --num 100 --methods instruct_pix2pix \
+        --instruct-models renderer=runs/ip2p_renderer/export,p2p=runs/ip2p_p2p/export
+
+For every kind of ``jaxdiff.data.instructions.KINDS`` (colour, shape, size, position,
+background) ``--num`` held-out triples (``held_out_triples``: source scenes of the world's
+test split; position edits on one-object scenes) are rendered exactly and edited by each
+method; the world's renderer draws the true edited scene. Per method and kind:
+
+- ``success``: the evaluator reads the edited image as the whole edited scene (the right
+  number of objects, every object's shape, colour, size and position, and the
+  background); ``attribute``: it reads the instructed attribute of the target object (or
+  the background) right, whatever else changed;
+- ``psnr_preserved_db``: PSNR between the edit and the input over the pixels the edit
+  must keep (``instructions.preserved_region``: outside the union of the target's old
+  and new ground-truth masks; for background edits, the objects), per image capped at
+  60 dB, then averaged;
+- ``psnr_truth_db``: PSNR of the edit against the renderer's edited scene (whole image).
+
+Methods are the ``METHODS`` table: name -> ``factory(args) -> edit(images uint8
+[N, H, W, 3], triples) -> uint8 [N, H, W, 3]``. Another editing method adds a row by adding
+an entry (Imagic, UniTune). ``instruct_pix2pix`` runs ``jaxdiff.editing.instruct_pix2pix``
+with each model of ``--instruct-models`` (default: the shipped
+``jaxdiff/assets/shapes_instruct``) on the instruction; ``p2p`` runs Prompt-to-Prompt
+(issue #6: direct inversion + replace, the best setting of bench/p2p_quality.py) on the
+embedded model from the full source caption to the edited caption.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+import jaxdiff
+from jaxdiff.data import instructions, shapes
+from jaxdiff.editing import instruct_pix2pix
+from jaxdiff.editing import p2p_pipeline as pp
+from jaxdiff.eval import shapes_eval
+from jaxdiff.weights import DEFAULT_MODEL
+
+PSNR_CAP = 60.0
+SHIPPED = os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes_instruct")
+ATTRIBUTE = {"colour": "colour", "shape": "shape", "size": "size", "position": "position"}
+
+
+def instruct_factory(args):
+    """One edit function per ``--instruct-models`` entry: {row name: edit}."""
+    out = {}
+    for entry in args.instruct_models.split(","):
+        name, _, path = entry.rpartition("=")
+        pipe, params = jaxdiff.load_pipeline(path)
+
+        def edit(images, triples, pipe=pipe, params=params):
+            return instruct_pix2pix.edit(
+                pipe, params, images, [t.instruction for t in triples], steps=args.steps,
+                text_guidance=args.text_guidance, image_guidance=args.image_guidance,
+                seed=args.seed, sampler=args.sampler)
+        out["instruct_pix2pix" + (f" ({name})" if name else "")] = edit
+    return out
+
+
+def p2p_factory(args):
+    pipe, params = jaxdiff.load_pipeline(args.base_model)
+    settings = pp.P2PSettings(inversion="direct", steps=args.p2p_steps, guidance=7.5)
+
+    def edit(images, triples):
+        return pp.p2p_edit(pipe, params, images, [t.caption for t in triples],
+                           [t.edited_caption for t in triples], settings).edited
+    return {"p2p (direct inversion)": edit}
+
+
+METHODS = {"instruct_pix2pix": instruct_factory, "p2p": p2p_factory}
+
+
+def _psnr(a, b, region=None) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    diff = (a - b) if region is None else (a - b)[region]
+    mse = float(np.mean(diff ** 2)) if diff.size else 0.0
+    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * np.log10(255.0 ** 2 / mse))
+
+
+def score(spec, triples, sources, truths, regions, edited) -> dict:
+    """Metrics of one method on one kind (see the module docstring)."""
+    succ, attr, keep, truth = [], [], [], []
+    for t, src, gt, region, img in zip(triples, sources, truths, regions, edited):
+        acc = shapes_eval.attribute_accuracy(img, t.edited_objects, spec, t.edited_background)
+        succ.append(acc["all"])
+        if t.kind == "background":
+            attr.append(acc["background"])
+        else:
+            found = shapes_eval.evaluate(img, spec)["objects"]
+            want = getattr(t.edited_objects[t.target], ATTRIBUTE[t.kind])
+            ok = (len(found) == len(t.objects)
+                  and found[t.target][ATTRIBUTE[t.kind]] == want)
+            attr.append(ok)
+        keep.append(_psnr(img, src, region))
+        truth.append(_psnr(img, gt))
+    r = lambda v: round(float(np.mean(v)), 3)
+    return {"success": r(succ), "attribute": r(attr), "psnr_preserved_db": r(keep),
+            "psnr_truth_db": r(truth), "num": len(triples)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num", type=int, default=100, help="held-out triples per kind")
+    ap.add_argument("--kinds", default=",".join(instructions.KINDS))
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"among {list(METHODS)}")
+    ap.add_argument("--instruct-models", default=SHIPPED,
+                    help="comma-separated [name=]DIR of InstructPix2Pix pipelines")
+    ap.add_argument("--base-model", default=None, help="pipeline of P2P (default embedded)")
+    ap.add_argument("--steps", type=int, default=20, help="InstructPix2Pix sampler steps")
+    ap.add_argument("--sampler", default="euler_a")
+    ap.add_argument("--text-guidance", type=float, default=7.5)
+    ap.add_argument("--image-guidance", type=float, default=1.5)
+    ap.add_argument("--p2p-steps", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
+    args = ap.parse_args()
+
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        ap.error(f"--methods: unknown {sorted(unknown)}; known: {sorted(METHODS)}")
+    kinds = args.kinds.split(",")
+    base, _ = jaxdiff.load_pipeline(args.base_model)
+    spec = shapes.world("v1", image_size=base.image_size)
+    data = {}
+    for kind in kinds:
+        ts = instructions.held_out_triples(spec, kind, args.num)
+        pairs = [instructions.render_pair(spec, t) for t in ts]
+        data[kind] = (ts, np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
+                      [instructions.preserved_region(t, p[2], p[3]) for t, p in zip(ts, pairs)])
+    result = {"bench": "instruct_quality", "num_per_kind": args.num, "world": "v1",
+              "steps": args.steps, "sampler": args.sampler,
+              "text_guidance": args.text_guidance, "image_guidance": args.image_guidance,
+              "p2p_steps": args.p2p_steps, "methods": {}}
+    for method in args.methods.split(","):
+        for name, edit in METHODS[method](args).items():
+            rows, t0 = {}, time.perf_counter()
+            for kind in kinds:
+                ts, src, gt, regions = data[kind]
+                rows[kind] = score(spec, ts, src, gt, regions, np.asarray(edit(src, ts)))
+                print(json.dumps({name: {kind: rows[kind]}}), flush=True)
+            rows["seconds_incl_compile"] = round(time.perf_counter() - t0, 1)
+            result["methods"][name] = rows
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(args.out + ".tmp", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Training an InstructPix2Pix model (Brooks et al. 2023) from a text-to-image pipeline.
+
+* ``widen_unet``: the base UNet with ``conv_in`` taking 4 more input channels (the source
+  image's latents), their kernel slices zero, so the widened model computes exactly the
+  base model's output before training, whatever the image channels hold.
+* ``make_instruct_loss``: the denoising loss on the edited image's latents with the
+  source image's latents concatenated to the noisy input (``[x_t, image]`` on the
+  channel axis, as diffusers' pipeline and training script), and the paper's condition
+  dropout (``condition_dropout``): 5 % of examples lose the instruction only, 5 % both,
+  5 % the image only (the image latents become zeros, the instruction the empty
+  prompt), so that both classifier-free guidances can be sampled.
+* The image condition is the VAE posterior mean *unscaled* (diffusers'
+  ``StableDiffusionInstructPix2PixPipeline.prepare_image_latents`` and its training
+  script use ``latent_dist.mode()`` without the scaling factor); the edited image's
+  latents are scaled as in text-to-image training.
+* Pairs come from the world's exact renderer (``jaxdiff.data.instructions``) or from the
+  embedded model with Prompt-to-Prompt (``p2p_pairs``: both captions sampled from the
+  same noise with cross/self-attention injection, kept when the evaluator reads the
+  source and edited scenes right and the preserved region did not change).
+* ``run_instruct_pix2pix``: ``configs/instruct_pix2pix.py`` -> a diffusers
+  ``StableDiffusionInstructPix2PixPipeline`` folder (8-channel UNet).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import parallel, schedules
+from jaxdiff.data import instructions, shapes
+from jaxdiff.editing import prompt_to_prompt as p2p
+from jaxdiff.eval import shapes_eval
+from jaxdiff.pipeline import Pipeline, from_uint8, to_uint8
+from jaxdiff.samplers.ddim import ddim_tables
+from jaxdiff.training import batching, losses
+from jaxdiff.training import state as state_lib
+from jaxdiff.training.latents import encode_latents, posterior_mean
+from jaxdiff.training.loop import train_loop
+from jaxdiff.training.optim import adamw_with_warmup
+from jaxdiff.training.step import make_train_step
+from jaxdiff.weights import load_pipeline, save_pipeline
+
+PIPELINE_CLASS = "StableDiffusionInstructPix2PixPipeline"
+SOURCES = ("renderer", "p2p")
+
+
+# --------------------------------------------------------------------------- the model
+
+def widen_unet(pipe: Pipeline, params, extra_channels: int = 4):
+    """(pipeline, params) whose UNet takes ``in_channels + extra_channels`` inputs; the new
+    input channels' ``conv_in`` kernel is zero (the output equals the base UNet's)."""
+    if pipe.is_sdxl:
+        raise ValueError("InstructPix2Pix training needs an SD 1.x / 2.x base pipeline.")
+    cfg = pipe.unet.config
+    unet = pipe.unet.clone(config=dataclasses.replace(
+        cfg, in_channels=cfg.in_channels + extra_channels))
+    kernel = params["unet"]["conv_in"]["kernel"]  # [3, 3, C_in, C_out]
+    pad = jnp.zeros(kernel.shape[:2] + (extra_channels,) + kernel.shape[3:], kernel.dtype)
+    conv_in = dict(params["unet"]["conv_in"], kernel=jnp.concatenate([kernel, pad], axis=2))
+    return (dataclasses.replace(pipe, unet=unet),
+            dict(params, unet=dict(params["unet"], conv_in=conv_in)))
+
+
+def condition_dropout(rng, batch: int, prob: float = 0.05):
+    """(drop_text, drop_image) bool [batch]: u < p text only, p <= u < 2p both,
+    2p <= u < 3p image only (diffusers' ``train_instruct_pix2pix.py``)."""
+    u = jax.random.uniform(rng, (batch,))
+    return u < 2 * prob, (u >= prob) & (u < 3 * prob)
+
+
+def make_instruct_loss(pipe: Pipeline, frozen_params, dropout: float = 0.05):
+    """``loss(p, (edited_latents, image_latents, ids), rng) -> scalar`` for the widened
+    ``pipe``; ``p`` holds "unet" and optionally "text_encoder" (else the frozen one)."""
+    empty = jnp.asarray(pipe.tokenize([""], warn=False)[0])
+    alphas = schedules.alphas_cumprod(pipe.scheduler)
+
+    def loss(p, batch, rng):
+        x0, image, ids = batch
+        k_drop, k_loss = jax.random.split(rng)
+        drop_text, drop_image = condition_dropout(k_drop, ids.shape[0], dropout)
+        ids = jnp.where(drop_text[:, None], empty[None], ids)
+        image = jnp.where(drop_image[:, None, None, None], 0.0, image)
+        text_params = p.get("text_encoder", frozen_params["text_encoder"])
+        context = pipe.text_encoder.apply({"params": text_params}, ids)
+
+        def denoise(x, t, cond):
+            ctx, img = cond
+            return pipe.unet.apply({"params": p["unet"]}, jnp.concatenate([x, img], -1), t, ctx)
+
+        per = losses.denoising_loss(denoise, alphas, pipe.scheduler.prediction_type)(
+            x0, (context, image), k_loss)
+        return jnp.mean(per)
+
+    return loss
+
+
+def encode_pairs(pipe: Pipeline, params, source, edited, batch_size: int = 256):
+    """uint8 pairs [N, H, W, 3] -> (scaled latents of ``edited``, unscaled posterior means
+    of ``source``), both [N, h, w, C]."""
+    target = encode_latents(pipe, params, edited, batch_size)
+    image = np.concatenate([np.asarray(posterior_mean(pipe, params["vae"],
+                                                      from_uint8(source[i:i + batch_size])))
+                            for i in range(0, len(source), batch_size)])
+    return target, image
+
+
+def train_instruct(pipe: Pipeline, params, source, edited, instruction_texts: Sequence[str],
+                   workdir: str, *, steps: int, batch_size: int, lr: float,
+                   warmup: int = 100, dropout: float = 0.05,
+                   train_text_encoder: bool = True, ema_decay: float = 0.995, seed: int = 0,
+                   log_every: int = 50, ckpt_every: int = 500, mesh=None,
+                   rules: Sequence = parallel.DEFAULT_RULES, fsdp_min_size: int = 0):
+    """Trains the widened ``pipe`` on uint8 pairs (source, edited) [N, H, W, 3] and their
+    instructions; resumes from ``workdir``'s checkpoints. Returns params with the EMA
+    weights of the trained parts."""
+    os.makedirs(workdir, exist_ok=True)
+    if pipe.unet.config.in_channels != 2 * pipe.unet.config.out_channels:
+        raise ValueError("train_instruct needs the widened UNet (widen_unet).")
+    target, image = encode_pairs(pipe, params, source, edited)
+    ids = pipe.tokenize(list(instruction_texts), warn=False)
+    trainable = {"unet": params["unet"]}
+    if train_text_encoder:
+        trainable["text_encoder"] = params["text_encoder"]
+    opt = adamw_with_warmup(lr, warmup, steps)
+
+    def batch_fn(s):
+        idx = batching.host_slice(batching.batch_indices(len(target), batch_size, s, seed))
+        return jnp.asarray(target[idx]), jnp.asarray(image[idx]), jnp.asarray(ids[idx])
+
+    state = state_lib.create(trainable, opt, seed)
+    state = train_loop(make_train_step(make_instruct_loss(pipe, params, dropout), opt,
+                                       ema_decay),
+                       state, batch_fn, steps, workdir, log_every=log_every,
+                       ckpt_every=ckpt_every, desc="instruct_pix2pix", mesh=mesh, rules=rules,
+                       fsdp_min_size=fsdp_min_size)
+    return dict(params, **parallel.gather(state.ema_params))
+
+
+def save_instruct_pipeline(pipe: Pipeline, params, out_dir: str) -> str:
+    """Writes a diffusers ``StableDiffusionInstructPix2PixPipeline`` folder (atomically)."""
+    save_pipeline(pipe, params, out_dir)
+    path = os.path.join(out_dir, "model_index.json")
+    with open(path) as f:
+        index = json.load(f)
+    index["_class_name"] = PIPELINE_CLASS
+    with open(path + ".tmp", "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return out_dir
+
+
+# ------------------------------------------------------------ generated (P2P) pairs
+
+@functools.lru_cache(maxsize=8)
+def _p2p_program(pipe: Pipeline, steps: int):
+    """Samples source and edited captions from the same noise under P2P control."""
+    def run(params, z_T, src_ids, tgt_ids, empty_ids, control, guidance):
+        tab = ddim_tables(pipe.scheduler, steps)
+        unet = lambda x, t, c, ctrl=None: pipe.unet.apply({"params": params["unet"]}, x, t,
+                                                          c, control=ctrl)
+        uncond = pipe.encode_text(params, empty_ids)
+        nulls = jnp.broadcast_to(uncond, (steps,) + uncond.shape)
+        out = p2p.edit_loop(unet, tab, z_T, pipe.encode_text(params, src_ids),
+                            pipe.encode_text(params, tgt_ids), nulls, guidance, control,
+                            pipe.scheduler.prediction_type)
+        return pipe.decode_latents(params, out.source), pipe.decode_latents(params, out.target)
+    return jax.jit(run)
+
+
+def psnr(a, b, region) -> float:
+    """PSNR (dB) of two uint8 images [H, W, 3] over a bool region [H, W] (inf if equal)."""
+    if not region.any():
+        return float("inf")
+    err = np.mean((a[region].astype(np.float64) - b[region].astype(np.float64)) ** 2)
+    return float("inf") if err == 0 else float(10 * np.log10(255.0 ** 2 / err))
+
+
+def read_pair(spec: shapes.WorldSpec, triple, source_image, edited_image) -> dict:
+    """The evaluator's verdict on an (source, edited) image pair for ``triple``:
+    {"source_ok", "edit_ok": the images read as the source / edited scene, "psnr": over
+    the region the edit must preserve, located from the evaluator's masks}."""
+    src = shapes_eval.attribute_accuracy(source_image, triple.objects, spec, triple.background)
+    dst = shapes_eval.attribute_accuracy(edited_image, triple.edited_objects, spec,
+                                         triple.edited_background)
+    out = {"source_ok": src["all"], "edit_ok": dst["all"], "psnr": float("nan")}
+    if src["count"] and dst["count"]:
+        m_src = np.stack([o["mask"] for o in shapes_eval.evaluate(source_image, spec)["objects"]])
+        m_dst = np.stack([o["mask"] for o in shapes_eval.evaluate(edited_image, spec)["objects"]])
+        region = instructions.preserved_region(triple, m_src, m_dst)
+        out["psnr"] = psnr(source_image, edited_image, region)
+    return out
+
+
+def keep_pair(reading: dict, min_psnr: float = 25.0) -> bool:
+    """The filter of generated pairs on a ``read_pair`` result: both scenes read right and
+    the preserved region at >= ``min_psnr`` dB (False when it could not be located)."""
+    return bool(reading["source_ok"] and reading["edit_ok"] and reading["psnr"] >= min_psnr)
+
+
+def p2p_pairs(pipe: Pipeline, params, triples, *, seed: int = 0, steps: int = 20,
+              guidance: float = 7.5, cross_replace_steps: float = 0.8,
+              self_replace_steps: float = 0.4, min_psnr: float = 25.0,
+              batch_size: int = 64) -> dict:
+    """Generated pairs for ``triples``: each (caption, edited caption) sampled by the base
+    model from one noise with Prompt-to-Prompt (replace mode: the captions differ by
+    swapped words), kept when ``read_pair`` finds both scenes right and the preserved
+    region at >= ``min_psnr`` dB. Returns {"source", "edited": uint8 [K, H, W, 3],
+    "instruction": list, "triples": the kept triples, "kept": bool [N]}."""
+    spec = shapes.world("v1", image_size=pipe.image_size)
+    run = _p2p_program(pipe, steps)
+    empty = pipe.tokenize([""], warn=False)
+    h = pipe.latent_shape(pipe.image_size, pipe.image_size)
+    src_all, dst_all, kept = [], [], []
+    for start in range(0, len(triples), batch_size):
+        chunk = triples[start:start + batch_size]
+        n = len(chunk)
+        caps, edits = [t.caption for t in chunk], [t.edited_caption for t in chunk]
+        control = p2p.make_control(pipe, caps, edits, steps, mode="replace",
+                                   cross_replace_steps=cross_replace_steps,
+                                   self_replace_steps=self_replace_steps)
+        z = jax.random.normal(jax.random.fold_in(jax.random.key(seed), start), (n,) + h)
+        src, dst = run(params, z, pipe.tokenize(caps, warn=False),
+                       pipe.tokenize(edits, warn=False), np.repeat(empty, n, 0), control,
+                       jnp.float32(guidance))
+        src, dst = to_uint8(src), to_uint8(dst)
+        for t, a, b in zip(chunk, src, dst):
+            kept.append(keep_pair(read_pair(spec, t, a, b), min_psnr))
+        src_all.append(src)
+        dst_all.append(dst)
+    kept = np.array(kept, bool)
+    src_all, dst_all = np.concatenate(src_all)[kept], np.concatenate(dst_all)[kept]
+    keep_t = [t for t, k in zip(triples, kept) if k]
+    return {"source": src_all, "edited": dst_all,
+            "instruction": [t.instruction for t in keep_t], "triples": keep_t, "kept": kept}
+
+
+# ----------------------------------------------------------------------------- recipe
+
+def make_pairs(config, pipe: Pipeline, params) -> dict:
+    """The training pairs of ``config.data`` (``source``: "renderer" or "p2p")."""
+    d = config.data
+    if d.source not in SOURCES:
+        raise ValueError(f"config.data.source={d.source!r}; use one of {list(SOURCES)}.")
+    spec = shapes.world(d.world, image_size=pipe.image_size)
+    if d.source == "renderer":
+        return instructions.renderer_dataset(config.seed, spec, d.num_pairs)
+    ts = instructions.triples(config.seed, spec, d.num_pairs, "train")
+    return p2p_pairs(pipe, params, ts, seed=config.seed, **config.p2p.to_dict())
+
+
+def run_instruct_pix2pix(config, workdir: str) -> str:
+    """``configs/instruct_pix2pix.py`` -> an InstructPix2Pix pipeline folder; returns it."""
+    os.makedirs(workdir, exist_ok=True)
+    pipe, params = load_pipeline(config.model or None)
+    pairs = make_pairs(config, pipe, params)
+    if len(pairs["source"]) == 0:
+        raise ValueError("no training pairs survived the evaluator's filter; raise "
+                         "config.data.num_pairs or lower config.p2p.min_psnr.")
+    print(f"{len(pairs['source'])} training pairs ({config.data.source})")
+    pipe, params = widen_unet(pipe, params)
+    params = train_instruct(
+        pipe, params, pairs["source"], pairs["edited"], pairs["instruction"],
+        os.path.join(workdir, "instruct_pix2pix"), seed=config.seed,
+        log_every=config.log_every, ckpt_every=config.checkpoint_every,
+        mesh=parallel.make_mesh(fsdp=config.mesh.fsdp),
+        rules=[tuple(r) for r in config.mesh.rules], fsdp_min_size=config.mesh.fsdp_min_size,
+        **config.train.to_dict())
+    return save_instruct_pipeline(pipe, params,
+                                  config.export_dir or os.path.join(workdir, "export"))

@@ -1,0 +1,125 @@
+"""InstructPix2Pix data and training pieces against the shapes world's ground truth.
+
+Triples: the edited scene differs from the source in exactly the instructed attribute;
+renderer pairs: the exact images agree outside the edited region and the evaluator reads
+both scenes; the P2P filter keeps exact pairs and rejects a damaged one; condition dropout
+has the paper's rates; the zero-initialised widened UNet equals the base UNet.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff.data import instructions, shapes
+from jaxdiff.eval import shapes_eval
+from jaxdiff.training import instruct_pix2pix as ip2p
+
+SPEC = shapes.world("v1")
+ATTR = {"colour": "colour", "shape": "shape", "size": "size", "position": "position"}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return instructions.renderer_dataset(3, SPEC, 60, split=None)
+
+
+def _fields(o):
+    return {a: getattr(o, a) for a in ("shape", "colour", "size", "position", "offset")}
+
+
+def test_triples_differ_exactly_by_the_instructed_attribute(data):
+    ts = data["triples"]
+    assert {t.kind for t in ts} == set(instructions.KINDS)
+    assert ts == instructions.triples(3, SPEC, 60)  # deterministic from the seed
+    for t in ts:
+        assert t.caption == shapes.caption(t.objects, t.background)
+        assert t.edited_caption == shapes.caption(t.edited_objects, t.edited_background)
+        parsed, bg = shapes.parse_caption(t.edited_caption, SPEC)
+        assert bg == t.edited_background
+        assert [(o.shape, o.colour, o.size) for o in parsed] == [
+            (o.shape, o.colour, o.size) for o in t.edited_objects]
+        words = t.instruction.split()
+        if t.kind == "background":
+            assert t.target == -1 and t.edited_objects == t.objects
+            assert t.edited_background != t.background and words[-1] == t.edited_background
+            assert t.edited_background not in {o.colour for o in t.objects}
+            continue
+        assert t.edited_background == t.background
+        for k, (a, b) in enumerate(zip(t.objects, t.edited_objects)):
+            if k != t.target:
+                assert a == b
+                continue
+            fa, fb = _fields(a), _fields(b)
+            changed = [name for name in fa if fa[name] != fb[name]]
+            assert changed == [ATTR[t.kind]], (t.instruction, changed)
+            assert words[-1] == fb[ATTR[t.kind]]
+        if t.kind == "colour":
+            assert t.edited_objects[t.target].colour != t.background
+        if t.kind == "position":
+            assert len(t.objects) == 1
+
+
+def test_render_pairs_change_only_the_edit_region(data):
+    reads = []
+    for src, dst, t in zip(data["source"], data["edited"], data["triples"]):
+        ref_src, ref_dst, m_src, m_dst = instructions.render_pair(SPEC, t)
+        np.testing.assert_array_equal(src, ref_src)
+        keep = instructions.preserved_region(t, m_src, m_dst)
+        np.testing.assert_array_equal(src[keep], dst[keep])
+        assert (src[~keep] != dst[~keep]).any(-1).sum() > 0
+        if sum(r[0] == t.kind for r in reads) < 2:  # the evaluator on two pairs per kind
+            reads.append((t.kind, ip2p.read_pair(SPEC, t, src, dst)))
+    assert len(reads) == 2 * len(instructions.KINDS)
+    reads = [r for _, r in reads]
+    assert all(r["source_ok"] and r["edit_ok"] for r in reads)
+    assert all(r["psnr"] == float("inf") for r in reads)
+
+
+def test_filter_keeps_exact_pairs_and_rejects_damaged_ones(data):
+    t = next(t for t in data["triples"] if t.kind == "colour")
+    src, dst, m_src, m_dst = instructions.render_pair(SPEC, t)
+    assert ip2p.keep_pair(ip2p.read_pair(SPEC, t, src, dst))
+    keep = instructions.preserved_region(t, m_src, m_dst)[..., None]
+    # Every preserved pixel 40 levels off (still nearest its own colour): 16 dB.
+    damaged = np.where(keep, np.where(dst < 128, dst + 40, dst - 40), dst).astype(np.uint8)
+    r = ip2p.read_pair(SPEC, t, src, damaged)
+    assert r["source_ok"] and r["edit_ok"] and 15.0 < r["psnr"] < 20.0
+    assert not ip2p.keep_pair(r)
+    wrong = dataclasses.replace(t, edited_objects=t.objects)  # the edit did not happen
+    assert not ip2p.keep_pair(ip2p.read_pair(SPEC, wrong, src, dst))
+
+
+def test_held_out_triples_are_held_out():
+    ts = instructions.held_out_triples(SPEC, "shape", 10)
+    assert all(t.kind == "shape" for t in ts)
+    assert all(shapes.split_of(SPEC, t.objects, t.background) == "test" for t in ts)
+
+
+def test_condition_dropout_rates():
+    n = 400_000
+    text, image = (np.asarray(x) for x in ip2p.condition_dropout(jax.random.key(0), n, 0.05))
+    rates = [np.mean(text & ~image), np.mean(text & image), np.mean(~text & image)]
+    np.testing.assert_allclose(rates, [0.05, 0.05, 0.05], atol=0.002)
+
+
+def test_widened_unet_equals_the_base_unet_at_step_0(embedded):
+    pipe, params = embedded
+    wide, wparams = ip2p.widen_unet(pipe, params)
+    assert wide.unet.config.in_channels == 8
+    k = wparams["unet"]["conv_in"]["kernel"]
+    np.testing.assert_array_equal(k[:, :, :4], params["unet"]["conv_in"]["kernel"])
+    assert not np.asarray(k[:, :, 4:]).any()
+    rng = np.random.default_rng(0)
+    x, img = (jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32) for _ in range(2))
+    ctx = pipe.encode_text(params, pipe.tokenize(["a red circle", "make it blue"]))
+    t = jnp.array([10, 700])
+
+    @jax.jit
+    def both(p, wp):
+        return (pipe.unet.apply({"params": p}, x, t, ctx),
+                wide.unet.apply({"params": wp}, jnp.concatenate([x, img], -1), t, ctx))
+
+    base, widened = both(params["unet"], wparams["unet"])
+    np.testing.assert_allclose(widened, base, atol=1e-5)
