@@ -57,7 +57,6 @@ def run(args) -> int:
         args.model = INSTRUCT_MODEL
 
     def edit(pipe, params, chunk):
-        instruct_pix2pix.check_instruct(pipe)
         out = instruct_pix2pix.edit_outputs(
             pipe, params, chunk.images, chunk.targets, steps=args.steps,
             text_guidance=args.guidance, image_guidance=args.image_guidance, seed=chunk.seed,

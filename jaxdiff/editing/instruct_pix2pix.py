@@ -62,8 +62,8 @@ def dual_guidance(denoise: Callable, text_scale, image_scale) -> Callable:
 
     Args:
       denoise: ``instruct_denoiser``'s ``(x, t, (context, image)) -> output``.
-      text_scale, image_scale: s_T and s_I (traced; scalars, or per image [B] broadcast
-        against the latents). s_T = s_I = 1 gives the text + image branch alone.
+      text_scale, image_scale: s_T and s_I (traced scalars). s_T = s_I = 1 gives the
+        text + image branch alone.
     Returns:
       ``guided(x, t, (cond, uncond, image)) -> output``: one call on ``[x; x; x]`` with
       contexts ``[cond; uncond; uncond]`` and images ``[image; image; 0]`` (diffusers'
