@@ -9,6 +9,9 @@ latents; the negative prompt's with zero latents), combined as
 
     eps = eps_uncond + s_T (eps_text - eps_image) + s_I (eps_image - eps_uncond).
 
+The formula holds for every (s_T, s_I); diffusers instead drops guidance altogether (the
+text + image branch alone) when s_T <= 1 or s_I < 1, so the two agree there only at
+s_T = s_I = 1 (where the formula is that branch).
 The image latents are the VAE posterior's mode, unscaled (diffusers'
 ``latent_dist.mode()`` in ``prepare_image_latents``); the denoised latents are scaled as
 usual. ``s_T`` (text guidance) and ``s_I`` (image guidance) are traced: a list of
