@@ -17,7 +17,8 @@ Guidance"). Two ways to read x_t, both selectable:
 ``log_p = similarity``: ``eps' = eps - scale * sqrt(1 - abar_t) * d cos / d x_t``; the scale
 is traced (a vmap over scales is a sweep, 0 is the plain sampler) and the gradient is
 ``jax.grad`` inside the jitted loop. ``generate_clip_guided`` runs it as one program (text
-encoding -> guided loop -> VAE decode) with ``generate``'s initial noise.
+encoding -> guided loop -> VAE decode) with ``generate``'s initial noise, its batch
+data-parallel over a mesh as ``generate``'s (``guided_sampling.guided_program``).
 """
 from __future__ import annotations
 
@@ -28,13 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import schedules
+from jaxdiff import parallel, schedules
 from jaxdiff.guidance import cfg, classifier, classifier_grad
-from jaxdiff.guided_sampling import scan_sampler
+from jaxdiff.guided_sampling import guided_program, padded_inputs, scan_sampler
 from jaxdiff.pipeline import Pipeline, to_uint8, unet_apply
 from jaxdiff.samplers import make_sampler
 from jaxdiff.samplers.base import x0_eps_vp
-from jaxdiff.sampling import check_request, initial_noise, prompt_list, sample_keys
+from jaxdiff.sampling import check_request, prompt_list
 from jaxdiff.weights.clip_format import CLIP
 
 MODES = ("x0", "xt")
@@ -132,8 +133,10 @@ def _program(pipe: Pipeline, clip: CLIP, mode: str, by_image: bool, sampler_name
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, clip, mode, by_image, sampler_name, steps, sweep, use_cfg):
-    return jax.jit(_program(pipe, clip, mode, by_image, sampler_name, steps, sweep, use_cfg))
+def _compiled(pipe, clip, mode, by_image, sampler_name, steps, sweep, use_cfg, mesh):
+    # (params, clip_params | ids, neg_ids, target_in, noise, keys | scales, eta)
+    return guided_program(_program(pipe, clip, mode, by_image, sampler_name, steps, sweep,
+                                   use_cfg), mesh, sweep, 2, 5, 3, 1)
 
 
 def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
@@ -143,7 +146,7 @@ def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
                          guidance_scale: Optional[float] = None,
                          negative_prompts: Union[None, str, Sequence[str]] = None,
                          sampler: str = "ddim", steps: int = 50, seed: int = 0,
-                         eta: float = 0.0) -> np.ndarray:
+                         eta: float = 0.0, sample_offset: int = 0, mesh=None) -> np.ndarray:
     """Generates one image per guidance text (or reference image), CLIP-guided.
 
     Args:
@@ -154,7 +157,10 @@ def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
       prompts: None (the empty prompt: the unconditional model), one, or B prompts.
       clip_scale: a float, or a sequence of floats evaluated as one vmapped sweep.
       guidance_scale: None (one UNet call per step on the prompt) or the CFG scale.
-      sampler, steps, seed, eta: as ``sampling.generate`` (the same initial noise).
+      sampler, steps, seed, eta, sample_offset: as ``sampling.generate`` (the same
+        initial noise).
+      mesh: a ``jax.sharding.Mesh`` with a ``data`` axis (default: all devices); the batch
+        is split over it.
     Returns:
       uint8 [B, H, W, 3] (or [S, B, H, W, 3] for a sweep of S scales).
     """
@@ -174,12 +180,14 @@ def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
     check_request(pipe, b, steps, h, h, sampler)
     if pipe.is_sdxl:
         raise ValueError("CLIP guidance supports SD 1.x/2.x pipelines (not SDXL) so far.")
-    keys = sample_keys(seed, b)
-    noise = initial_noise(keys, pipe.latent_shape(h, h))
+    mesh = mesh or parallel.make_mesh()
+    _, keys, noise, (ids, neg_ids, target) = padded_inputs(
+        b, mesh, seed, sample_offset, pipe.latent_shape(h, h),
+        (pipe.tokenize(prompts), pipe.tokenize(negative), target))
     sweep = not np.isscalar(clip_scale) and np.ndim(clip_scale) == 1
     run = _compiled(pipe, clip, mode, images is not None, sampler, int(steps), sweep,
-                    guidance_scale is not None)
-    out = run(params, clip_params, pipe.tokenize(prompts), pipe.tokenize(negative), target,
-              noise, keys, jnp.asarray(clip_scale, jnp.float32),
+                    guidance_scale is not None, mesh)
+    out = run(params, clip_params, ids, neg_ids, target, noise, keys,
+              jnp.asarray(clip_scale, jnp.float32),
               jnp.float32(1.0 if guidance_scale is None else guidance_scale), jnp.float32(eta))
-    return to_uint8(np.asarray(out))
+    return to_uint8(np.asarray(out)[..., :b, :, :, :])

@@ -5,8 +5,13 @@ the UNet (or around ``guidance.cfg``'s guided UNet when a CFG scale is given), t
 gradient of a ``models.noisy_classifier.NoisyClassifier`` taken by ``jax.grad`` inside the
 ``lax.scan``: text encoding -> guided loop -> VAE decode in one program. The classifier
 scale is traced; a sequence of scales is one vmapped sweep sharing the parameters. The
-initial noise is ``generate``'s (``sampling.sample_keys`` / ``initial_noise``), so a run
-with classifier scale 0 is ``generate``'s run.
+initial noise is ``generate``'s (``sampling.sample_keys`` / ``initial_noise``, with its
+``sample_offset``), so a run with classifier scale 0 is ``generate``'s run.
+
+The batch is data-parallel over a mesh as ``generate``'s: ``guided_program`` jits a
+program with its per-image inputs split over the mesh's ``data`` axis and the parameters
+replicated (``padded_inputs`` pads the batch to a multiple of the axis), so 8 devices give
+the images 1 device gives (``clip_guidance`` uses the same two helpers).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import schedules
+from jaxdiff import parallel, schedules
 from jaxdiff.guidance import cfg, classifier, classifier_grad
 from jaxdiff.pipeline import Pipeline, to_uint8, unet_apply
 from jaxdiff.samplers import make_sampler
@@ -79,9 +84,36 @@ def _program(pipe: Pipeline, model, sampler_name: str, steps: int, sweep: bool,
     return run
 
 
+def guided_program(run, mesh, sweep: bool, params_args: int, batch_args: int,
+                   scalar_args: int, outputs: int):
+    """``jax.jit(run)`` data-parallel over ``mesh``: its first ``params_args`` arguments
+    (parameters) replicated, the next ``batch_args`` (per-image inputs, pytrees allowed) split
+    along their leading axis over ``data``, the last ``scalar_args`` (scales, eta)
+    replicated; its ``outputs`` results split along the image axis (axis 1 of a sweep's
+    [S, B, ...])."""
+    rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    rows = jax.sharding.PartitionSpec(None, parallel.DATA) if sweep else \
+        jax.sharding.PartitionSpec(parallel.DATA)
+    out = jax.sharding.NamedSharding(mesh, rows)
+    ins = (rep,) * params_args + (data,) * batch_args + (rep,) * scalar_args
+    return jax.jit(run, in_shardings=ins, out_shardings=(out,) * outputs if outputs > 1 else out)
+
+
+def padded_inputs(b: int, mesh, seed: int, sample_offset: int, latent_shape, rows):
+    """(n, keys [n], noise [n, ...], ``rows`` (a pytree) padded to n): ``generate``'s
+    per-image keys and initial noise for images ``sample_offset ..`` of ``seed``, the batch
+    padded to ``n``, a multiple of the mesh's data axis (padding repeats the last row; it is
+    dropped after)."""
+    n = parallel.padded_batch(b, mesh)
+    keys = sample_keys(seed, n, sample_offset)
+    return n, keys, initial_noise(keys, latent_shape), parallel.pad_rows(rows, n)
+
+
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, model, sampler_name, steps, sweep, use_cfg):
-    return jax.jit(_program(pipe, model, sampler_name, steps, sweep, use_cfg))
+def _compiled(pipe, model, sampler_name, steps, sweep, use_cfg, mesh):
+    # (params, clf_params | ids, neg_ids, noise, keys, labels | scales, eta)
+    return guided_program(_program(pipe, model, sampler_name, steps, sweep, use_cfg), mesh,
+                          sweep, 2, 5, 3, 2)
 
 
 def generate_guided(pipe: Pipeline, params, model, clf_params,
@@ -91,7 +123,7 @@ def generate_guided(pipe: Pipeline, params, model, clf_params,
                     guidance_scale: Optional[float] = None,
                     negative_prompts: Union[None, str, Sequence[str]] = None,
                     sampler: str = "ddim", steps: int = 50, seed: int = 0, eta: float = 0.0,
-                    output: str = "uint8"):
+                    output: str = "uint8", sample_offset: int = 0, mesh=None):
     """Generates one image per label row, steered by a noisy classifier.
 
     Args:
@@ -102,7 +134,10 @@ def generate_guided(pipe: Pipeline, params, model, clf_params,
       classifier_scale: a float, or a sequence of floats evaluated as one vmapped sweep.
       guidance_scale: None (no CFG: one UNet call per step on the prompt), or the CFG
         scale (two-branch call with ``negative_prompts``, as ``generate``).
-      sampler, steps, seed, eta: as ``sampling.generate`` (the same initial noise).
+      sampler, steps, seed, eta, sample_offset: as ``sampling.generate`` (the same
+        initial noise; ``sample_offset`` numbers a chunk's images within a larger job).
+      mesh: a ``jax.sharding.Mesh`` with a ``data`` axis (default: all devices); the batch
+        is split over it.
     Returns:
       uint8 [B, H, W, 3] (or [S, B, ...] for a sweep), or the final latents for
       ``output="latents"``.
@@ -127,15 +162,19 @@ def generate_guided(pipe: Pipeline, params, model, clf_params,
     check_request(pipe, b, steps, h, h, sampler)
     if pipe.is_sdxl:
         raise ValueError("classifier guidance supports SD 1.x/2.x pipelines (not SDXL) so far.")
-    keys = sample_keys(seed, b)
-    noise = initial_noise(keys, pipe.latent_shape(h, h))
+    if output not in ("uint8", "latents"):
+        raise ValueError(f"output={output!r}; use 'uint8' or 'latents'.")
+    mesh = mesh or parallel.make_mesh()
+    _, keys, noise, (ids, neg_ids, rows) = padded_inputs(
+        b, mesh, seed, sample_offset, pipe.latent_shape(h, h),
+        (pipe.tokenize(prompts), pipe.tokenize(negative), rows))
     sweep = not np.isscalar(classifier_scale) and np.ndim(classifier_scale) == 1
-    run = _compiled(pipe, model, sampler, int(steps), sweep, guidance_scale is not None)
-    images, final = run(params, clf_params, pipe.tokenize(prompts), pipe.tokenize(negative),
-                        noise, keys, {k: jnp.asarray(v) for k, v in rows.items()},
+    run = _compiled(pipe, model, sampler, int(steps), sweep, guidance_scale is not None, mesh)
+    images, final = run(params, clf_params, ids, neg_ids, noise, keys,
+                        {k: jnp.asarray(v) for k, v in rows.items()},
                         jnp.asarray(classifier_scale, jnp.float32),
                         jnp.float32(1.0 if guidance_scale is None else guidance_scale),
                         jnp.float32(eta))
     if output == "latents":
-        return np.asarray(final)
-    return to_uint8(np.asarray(images))
+        return np.asarray(final)[..., :b, :, :, :]
+    return to_uint8(np.asarray(images)[..., :b, :, :, :])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import guidance
+from jaxdiff import guidance, parallel
 from jaxdiff.guided_sampling import _compiled, generate_guided, label_log_prob
 from jaxdiff.models.noisy_classifier import (NoisyClassifier, NoisyClassifierConfig,
                                              load_classifier, save_classifier)
@@ -92,7 +92,7 @@ def test_scale_zero_is_the_plain_sampler_and_scale_is_traced(embedded, clf):
     zero = generate_guided(pipe, params, model, cparams, labels, prompts, classifier_scale=0.0,
                            guidance_scale=3.0, **kw)
     np.testing.assert_allclose(zero, plain, rtol=0, atol=1e-6)
-    program = _compiled(pipe, model, "ddim", 4, False, True)
+    program = _compiled(pipe, model, "ddim", 4, False, True, parallel.make_mesh())
     before = program._cache_size()
     strong = generate_guided(pipe, params, model, cparams, labels, prompts,
                              classifier_scale=50.0, guidance_scale=3.0, **kw)

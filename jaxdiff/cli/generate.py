@@ -11,6 +11,7 @@ from tqdm import tqdm
 from jaxdiff import parallel, sampling
 from jaxdiff.adapters import apply_adapters
 from jaxdiff.cli import gligen_args
+from jaxdiff.cli import guided_args
 from jaxdiff.data.images import FITS, load_image, make_grid, save_png, write_json
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.weights import load_pipeline
@@ -85,6 +86,7 @@ def add_parser(sub):
     c.add_argument("--fit", default="resize", choices=FITS,
                    help="condition images of another size: resize (default), centre-crop "
                    "then resize, or reject")
+    guided_args.add_arguments(p)
     gligen_args.add_arguments(p)
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     return p
@@ -161,13 +163,17 @@ def run(args) -> int:
     height = pipe.image_size if args.height is None else args.height
     width = pipe.image_size if args.width is None else args.width
     sampling.check_request(pipe, len(prompts), args.steps, height, width, args.sampler)
+    guided = guided_args.load_guidance(args, pipe, height, width)
     controls = load_controls(args, pipe, height, width)
     sampling.control_inputs(pipe, controls, 1, 1, height, width)
     images, t0 = [], time.perf_counter()
     with tqdm(total=len(jobs), unit="img", desc="generate") as bar:
         for start in range(0, len(jobs), args.max_batch):
             chunk = [expand(p) for p in prompts[start:start + args.max_batch]]
-            if grounding is not None:
+            if guided is not None:  # [S, B, ...]: one row of images per guidance scale
+                rows = np.arange(start, start + len(chunk)) // args.batch  # prompt of each
+                out = guided_args.generate_chunk(guided, pipe, params, chunk, rows, args, start)
+            elif grounding is not None:
                 out = gligen_args.generate_chunk(grounding, pipe, params, chunk, args, height,
                                                  width, start)
             else:
@@ -178,7 +184,13 @@ def run(args) -> int:
             images.append(out)
             bar.update(len(chunk))
             bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
-    images = np.concatenate(images)
+    images = np.concatenate(images, axis=-4)
+    per_image = [{}] * len(images)
+    if guided is not None:  # scale-major: all images of the first scale, then the next ...
+        key = "classifier_scale" if guided.kind == "classifier" else "clip_scale"
+        per_image = [{key: s} for s in guided.scales for _ in prompts]
+        prompts = [p for _ in guided.scales for p in prompts]
+        images = images.reshape((-1,) + images.shape[-3:])
     os.makedirs(args.out, exist_ok=True)
     settings = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                     seed=args.seed, negative_prompt=args.negative_prompt or "",
@@ -187,6 +199,8 @@ def run(args) -> int:
         settings.update(lora=args.lora, lora_scale=args.lora_scale)
     if args.textual_inversion:
         settings.update(textual_inversion=args.textual_inversion)
+    if guided is not None:
+        settings.update(guided.settings(args))
     if controls:
         settings.update(controlnet=args.controlnet, adapter=args.adapter,
                         control_image=args.control_image, control_scale=args.control_scale,
@@ -196,9 +210,10 @@ def run(args) -> int:
         settings.update(grounding.settings(args))
     for i, (img, prompt) in enumerate(zip(images, prompts)):
         save_png(os.path.join(args.out, f"{i:04d}.png"), img,
-                  dict(settings, prompt=prompt, index=i))
-    save_png(os.path.join(args.out, "grid.png"), make_grid(images, args.batch if
-              len(args.prompt) > 1 else min(len(images), 8)), settings)
+                  dict(settings, prompt=prompt, index=i, **per_image[i]))
+    cols = (len(jobs) if guided is not None and len(guided.scales) > 1 else
+            args.batch if len(args.prompt) > 1 else min(len(images), 8))
+    save_png(os.path.join(args.out, "grid.png"), make_grid(images, cols), settings)
     write_json(os.path.join(args.out, "settings.json"), dict(settings, prompts=prompts))
     print(f"wrote {len(images)} images and grid.png to {args.out}")
     return 0
