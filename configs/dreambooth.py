@@ -25,7 +25,11 @@ figures nothing fits 16 GB per device, batch 1 fits 80 GB in every variant (FSDP
 and batch 4 does not. XLA:CPU's temporaries do not shrink with remat (they grow ~13 GB per
 UNet row either way; an unchecked guess: XLA:CPU schedules without regard to memory), so
 measure peak memory on the device with ``bench/train_step.py --remat``
-(bench/accelerator.sh) before trusting the 16 GB verdict.
+(bench/accelerator.sh) before trusting the 16 GB verdict. The same compile for a TPU v5e
+(``bench/roofline.py --target tpu_v5e:2x4``: libtpu's deviceless compiler, which schedules
+for memory) is set up but not measured yet; with the TPU splash attention kernel a 64x64
+self-attention's gradient needs 17.6 MB of temporaries instead of 1.6 GB at batch 2
+(bench/roofline_attention.py), so expect the TPU peaks well below the CPU ones.
 """
 import ml_collections
 
