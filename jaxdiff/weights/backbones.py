@@ -60,7 +60,7 @@ def load_transformer(folder: str, dtype=jnp.float32, variant=None, allow_pickle=
     path = files.find_weights(folder, _STEM, variant, allow_pickle)
     params = convert.torch_to_flax(files.read_tensors(path), transformer_shapes(module),
                                    source=path)
-    return module, jax.tree.map(jnp.asarray, params)
+    return module, files.to_device(params)
 
 
 def _write_transformer(module, params, folder):
@@ -128,7 +128,7 @@ def load_dit_pipeline(path: str, *, dtype=jnp.float32, variant=None,
     pipe = DiTPipeline(transformer, vae, SchedulerConfig.from_dict(sched_raw),
                        sched_raw.get("_class_name") or "DDIMScheduler",
                        tuple((int(k), v) for k, v in id2label.items()) if id2label else None)
-    return pipe, {"transformer": tparams, "vae": jax.tree.map(jnp.asarray, vparams)}
+    return pipe, {"transformer": tparams, "vae": files.to_device(vparams)}
 
 
 def save_dit_pipeline(pipe: DiTPipeline, params, out_dir: str, *, overwrite=True) -> str:

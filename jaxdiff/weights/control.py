@@ -59,7 +59,7 @@ def load_t2i_adapter(folder: str, dtype=jnp.float32, variant=None, allow_pickle=
 def _read(folder, module, args, variant, allow_pickle):
     path = files.find_weights(folder, _STEM, variant, allow_pickle)
     params = convert.torch_to_flax(files.read_tensors(path), _shapes(module, args), source=path)
-    return jax.tree.map(jnp.asarray, params)
+    return files.to_device(params)
 
 
 def save_control_model(module, params, out_dir: str, *, overwrite: bool = True) -> str:

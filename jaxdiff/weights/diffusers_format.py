@@ -129,7 +129,7 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
         raise ValueError(f"{index_path}: names a {INSTRUCT_CLASS} but its UNet takes "
                          f"{pipe.unet.config.in_channels} input channels; an instruct UNet "
                          f"takes {2 * pipe.vae.config.latent_channels} (noisy + image latents).")
-    return pipe, jax.tree.map(jnp.asarray, params)
+    return pipe, files.to_device(params)
 
 
 def _listed(index: dict, kind: str) -> bool:

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from typing import Dict, Optional
 
+import jax
 import numpy as np
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -19,6 +20,13 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 class PickleRefusedError(ValueError):
     """A checkpoint has only pickle-based weights and allow_pickle was not given."""
+
+
+def to_device(tree):
+    """Host (numpy) weights -> device arrays of JAX's dtypes (float64 -> float32 without x64),
+    as one transfer. Not ``jax.tree.map(jnp.asarray, tree)``: that stages every array through
+    a program compiled for its shape, ~80 small compiles for even the embedded model."""
+    return jax.device_put(tree)
 
 
 def find_weights(folder: str, stem: str, variant: Optional[str] = None,

@@ -59,7 +59,7 @@ def with_gligen(pipe: Pipeline, params, folder: str, variant=None, allow_pickle=
     check_matches(module.config, pipe.unet.config, f"GLIGEN UNet {folder}")
     module = module.clone(remat=pipe.unet.remat)
     return (dataclasses.replace(pipe, unet=module),
-            dict(params, unet=jax.tree.map(jnp.asarray, unet_params)))
+            dict(params, unet=files.to_device(unet_params)))
 
 
 def save_gligen_unet(module, params, out_dir: str, *, overwrite: bool = True) -> str:

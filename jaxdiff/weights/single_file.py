@@ -259,7 +259,7 @@ def load_single_file(path: str, *, config: Optional[str] = None,
     tokenizer.model_max_length = min(tokenizer.model_max_length, max_pos)
     pipe = Pipeline(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer,
                     SchedulerConfig.from_dict(sched[0]), sched[1])
-    return pipe, jax.tree.map(jnp.asarray, params)
+    return pipe, files.to_device(params)
 
 
 def _sdxl_prefixes(model_type: str) -> dict:
@@ -332,7 +332,7 @@ def _load_sdxl(ckpt, model_type, config, prediction_type, extract_ema, dtype):
                         index.get("force_zeros_for_empty_prompt", True)),
                     requires_aesthetics_score=bool(index.get("requires_aesthetics_score",
                                                              model_type == "xl_refiner")))
-    return pipe, jax.tree.map(jnp.asarray, params)
+    return pipe, files.to_device(params)
 
 
 def _sdxl_tokenizer(ckpt, config_dir, kind, module):
