@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import models as model_bench  # noqa: E402  (bench/models.py: timing and torch set-up)
+import models as model_bench  # noqa: E402  (bench/models.py: its UNet sizes)
 
 # size: {backbone: config}; "reduced": about DiT-S/2's width and depth at 256² images.
 SIZES = {
@@ -41,6 +41,30 @@ SIZES = {
                     uvit=dict(embed_dim=384, depth=13, num_heads=6)),
 }
 BACKBONES = ("unet", "dit", "pixart", "uvit")
+
+
+def interleaved_medians(fns, repeats):
+    """Median seconds per call of each zero-argument function, calling them in turn."""
+    times = {name: [] for name in fns}
+    for _ in range(max(repeats, 1)):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def torch_setup(dtype_name, threads=None):
+    """torch, device, dtype and a synchronise function (flush-to-zero, as XLA:CPU)."""
+    import torch
+    torch.manual_seed(0)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return torch, device, tdtype, sync
 
 
 def _build(torch, name, size):
@@ -86,7 +110,7 @@ def bench_backbone(name, size, batch, repeats, dtype_name, torch_threads=None):
     import jax
     import jax.numpy as jnp
 
-    torch, device, tdtype, sync = model_bench._torch_setup(dtype_name, torch_threads)
+    torch, device, tdtype, sync = torch_setup(dtype_name, torch_threads)
     tm, module, params = _build(torch, name, size)
     s = SIZES[size]
     rows, side = 2 * batch, s["side"]
@@ -135,7 +159,7 @@ def bench_backbone(name, size, batch, repeats, dtype_name, torch_threads=None):
 
     want = torch_call().float().cpu().numpy()
     got = np.asarray(out, np.float32).transpose(0, 3, 1, 2)
-    med = model_bench._interleaved_medians(
+    med = interleaved_medians(
         {"jaxdiff": lambda: compiled(params, *args).block_until_ready(), "torch": torch_call},
         repeats)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
