@@ -53,12 +53,14 @@ def _program(pipe: Pipeline, sampler_name: str, steps: int, sweep: bool):
                       masks=jnp.concatenate([jnp.zeros_like(masks), masks]))
 
         def loop(s):
+            # The step index decides the fusers (diffusers counts steps, not timesteps), so
+            # not guided_sampling.scan_sampler, whose denoiser sees t only.
             def body(state, i):
                 def denoise(x2, t, ctx):
                     return unet(params["unet"], x2, t, ctx,
                                 gligen=dict(gligen, enabled=i < n_ground))
-                out = cfg(denoise, s)(sampler.model_input(state, i), sampler.timesteps[i],
-                                      contexts)
+                out = cfg(denoise, s, None)(sampler.model_input(state, i),
+                                            sampler.timesteps[i], contexts)
                 eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
                                                            noise.shape[1:]))(keys)
                 return sampler.step(state, i, out, eps), None

@@ -15,7 +15,7 @@ from torchref import models as ref
 from jaxdiff import gligen_sampling as gs
 from jaxdiff import parallel
 from jaxdiff.models.gligen import GLIGENTextBoundingboxProjection, merge_params, split_params
-from jaxdiff.weights import convert
+from jaxdiff.weights import convert, save_pipeline
 from jaxdiff.weights.gligen import load_gligen_unet, save_gligen_unet, with_gligen
 
 TOL = 1e-4
@@ -43,30 +43,31 @@ def _gated_unet(torch, seed=0):
 
 @pytest.fixture(scope="module")
 def gl(torch, tiny_pipe_dir, tmp_path_factory):
-    """The torch GLIGEN UNet and pipeline (the tiny pipeline's VAE, text encoder and
-    tokenizer), its UNet folder, the jaxdiff pipeline with that UNet, and shared inputs."""
-    from diffusers import StableDiffusionPipeline
+    """The torch GLIGEN UNet and its folder, the jaxdiff pipeline with that UNet (the tiny
+    pipeline's other parts), diffusers' GLIGEN pipeline loaded from the folder jaxdiff
+    writes of it, and shared inputs."""
     from diffusers.pipelines.deprecated.stable_diffusion_gligen.pipeline_stable_diffusion_gligen \
         import StableDiffusionGLIGENPipeline
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only spin on a loaded machine
     root = tmp_path_factory.mktemp("gligen")
     tu = _gated_unet(torch)
     tu.save_pretrained(str(root / "unet"), safe_serialization=True)
-    base = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir, safety_checker=None,
-                                                   requires_safety_checker=False)
-    tp = StableDiffusionGLIGENPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=tu,
-        scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    tp.set_progress_bar_config(disable=True)
     pipe, params = jaxdiff.load_pipeline(tiny_pipe_dir)
     gpipe, gparams = with_gligen(pipe, params, str(root / "unet"))
+    # diffusers' GLIGEN pipeline reads the folder jaxdiff writes (model_index names it).
+    save_pipeline(gpipe, gparams, str(root / "pipe"))
+    tp = StableDiffusionGLIGENPipeline.from_pretrained(
+        str(root / "pipe"), safety_checker=None, requires_safety_checker=False)
+    tp.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(1)
     inputs = dict(x=torch.randn(2, 4, 8, 8, generator=g), t=torch.tensor([3, 871]),
                   ctx=torch.randn(2, 5, 32, generator=g), boxes=torch.rand(2, 3, 4, generator=g),
                   masks=torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]),
                   emb=torch.randn(2, 3, 32, generator=g))
-    return dict(tu=tu, tp=tp, dir=str(root / "unet"), pipe=gpipe, params=gparams,
-                base=(pipe, params), inputs=inputs)
+    yield dict(tu=tu, tp=tp, dir=str(root / "unet"), pipe_dir=str(root / "pipe"), pipe=gpipe, params=gparams,
+               base=(pipe, params), inputs=inputs)
+    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,11 +128,11 @@ def test_text_image_position_net_matches_diffusers(torch):
 
 
 def test_written_unet_loads_in_diffusers(torch, gl, tmp_path):
-    """save_gligen_unet -> UNet2DConditionModel.from_pretrained holds the same tensors as
-    the original (position_net, fusers and all) and computes jaxdiff's grounded output;
-    the GLIGEN layers split off and merge back to the same tree."""
+    """save_gligen_unet -> UNet2DConditionModel.from_pretrained holds exactly the tensors
+    of the original diffusers UNet (position_net, 0-d gates, fusers and all), whose grounded
+    output the first test compares; the GLIGEN layers split off and merge back."""
     from diffusers import UNet2DConditionModel
-    unet, params, inputs = gl["pipe"].unet, gl["params"]["unet"], gl["inputs"]
+    unet, params = gl["pipe"].unet, gl["params"]["unet"]
     save_gligen_unet(unet, params, str(tmp_path / "out"))
     back = UNet2DConditionModel.from_pretrained(str(tmp_path / "out")).eval()
     assert back.config.attention_type == "gated"
@@ -144,13 +145,14 @@ def test_written_unet_loads_in_diffusers(torch, gl, tmp_path):
     assert "fuser" not in str(jax.tree_util.tree_structure(base))
     assert jax.tree.all(jax.tree.map(lambda a, b: a is b, merge_params(base, layers), params))
     assert load_gligen_unet(str(tmp_path / "out"))[0].config == unet.config
+    assert load_gligen_unet(gl["pipe_dir"])[0].config == unet.config  # a pipeline folder
 
 
 def test_generate_matches_diffusers_gligen_pipeline(torch, gl):
-    """Equal to StableDiffusionGLIGENPipeline from the same latents (1e-3, as
-    test_generate.py) at gligen_scheduled_sampling_beta 0.5 and 1 — one compiled program,
-    beta traced — and beta 0 is the pipeline without grounding; per-image lists: an image
-    keeps its result when another image's objects change."""
+    """Equal to StableDiffusionGLIGENPipeline (read from jaxdiff's folder) from the same
+    latents (1e-3, as test_generate.py) at gligen_scheduled_sampling_beta 0.5, 1 and 0 (no
+    grounding) — one compiled program, beta traced; per-image lists: an image keeps its
+    result when another image's objects change."""
     tp, pipe, params = gl["tp"], gl["pipe"], gl["params"]
     noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
     got = {}

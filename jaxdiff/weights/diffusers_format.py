@@ -30,6 +30,7 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets
 # The embedded model's InstructPix2Pix weights (present once shipped).
 INSTRUCT_MODEL = os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes_instruct")
 INSTRUCT_CLASS = "StableDiffusionInstructPix2PixPipeline"
+GLIGEN_CLASS = "StableDiffusionGLIGENPipeline"  # a UNet with attention_type="gated"
 _TEXT_PREFIX = "text_model."
 
 
@@ -191,7 +192,9 @@ def _model_index(pipe: Pipeline) -> dict:
             "vae": ["diffusers", "AutoencoderKL"],
         }
     return {
-        "_class_name": INSTRUCT_CLASS if pipe.is_instruct else "StableDiffusionPipeline",
+        "_class_name": (INSTRUCT_CLASS if pipe.is_instruct else GLIGEN_CLASS
+                        if pipe.unet.config.attention_type == "gated"
+                        else "StableDiffusionPipeline"),
         "_diffusers_version": "0.42.1",
         "feature_extractor": [None, None], "image_encoder": [None, None],
         "requires_safety_checker": False, "safety_checker": [None, None],
