@@ -96,7 +96,6 @@ def test_sdxl_blended_with_a_full_mask_is_diffusers_sampling(torch, saved):
     start noise as diffusers' StableDiffusionXLPipeline does (zero negative embeddings,
     time ids of the image size); the image of the batch with an empty mask keeps its
     source (its latents are the source's noised to the last step's level)."""
-    from jaxdiff import schedules
     from jaxdiff.editing import batch_inputs, blended
     from jaxdiff.sampling import initial_noise
     tp, folder = saved["pipeline"]
