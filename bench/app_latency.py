@@ -8,7 +8,9 @@ clients. Prints JSON (and writes it with --out).
 The server runs as a subprocess (``--warmup none``, so its first request compiles); the
 requests go through Gradio's HTTP API with ``gradio_client`` (as a browser's would, less
 the rendering). The library figures are the same calls in this process (``jaxdiff.generate``,
-``p2p_pipeline.p2p_edit``), first call and median of the later ones.
+``p2p_pipeline.p2p_edit``), first call and median of the later ones, with the plain
+pipeline and with the app's progress-reporting one (``app.progress.with_progress``: one
+host callback per UNet evaluation), whose difference is the cost of the progress bar.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 import jaxdiff
+from jaxdiff.app.progress import with_progress
 from jaxdiff.data.images import write_json
 from jaxdiff.data.shapes import WorldSpec, held_out_examples
 from jaxdiff.editing import p2p_pipeline
@@ -118,15 +121,18 @@ def main(argv=None):
     proc, url = _serve(tmp)
     try:
         client = Client(url, verbose=False)
-        app_gen = lambda: client.predict(*gen_args, "(none)", 1.0, "(none)", api_name="/generate")
-        app_edit = lambda: client.predict([handle_file(photo)], None, *edit_args,
+        model = "embedded:shapes"
+        app_gen = lambda: client.predict(*gen_args, "(none)", 1.0, "(none)", model,
+                                         api_name="/generate")
+        app_edit = lambda: client.predict([handle_file(photo)], None, model, *edit_args,
                                           api_name="/edit")
         result = dict(url=url, steps=args.steps, app=dict(generate=_series(app_gen, args.repeats),
                                                           edit=_series(app_edit, args.repeats)))
         per = max(1, args.repeats // 2)
         def make_call():
             c = Client(url, verbose=False)
-            return lambda: c.predict(*gen_args, "(none)", 1.0, "(none)", api_name="/generate")
+            return lambda: c.predict(*gen_args, "(none)", 1.0, "(none)", model,
+                                     api_name="/generate")
 
         result["app"]["generate_concurrent"] = _concurrent(make_call, args.clients, per)
     finally:
@@ -141,10 +147,18 @@ def main(argv=None):
     lib_edit = lambda: p2p_pipeline.p2p_edit(pipe, params, image, [src], [tgt], settings)
     result["library"] = dict(generate=_series(lib_gen, args.repeats),
                              edit=_series(lib_edit, args.repeats))
+    pipe = with_progress(pipe)  # what the app runs
+    result["library_progress"] = dict(generate=_series(lib_gen, args.repeats),
+                                      edit=_series(lib_edit, args.repeats))
     result["overhead_ms"] = {
         k: round(1000 * (result["app"][k]["later_median_s"]
                          - result["library"][k]["later_median_s"]), 1)
         for k in ("generate", "edit")}
+    result["progress_callback_ms"] = {
+        k: round(1000 * (result["library_progress"][k]["later_median_s"]
+                         - result["library"][k]["later_median_s"]), 1)
+        for k in ("generate", "edit")}
+    result["load_average"] = os.getloadavg()
     print(json.dumps(result, indent=2))
     if args.out:
         write_json(args.out, result)
