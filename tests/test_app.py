@@ -105,6 +105,7 @@ def app(tmp_path_factory):
     browser = pw.chromium.launch(executable_path=chromium, headless=True,
                                  args=["--no-sandbox"])
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(120_000)  # uploads and clicks wait on a busy 2-core server
     shots = os.environ.get("JAXDIFF_SCREENSHOTS")
     yield types.SimpleNamespace(url=url, page=page, proc=proc, files=files, shots=shots,
                                 log=tmp / "server.log")
@@ -167,9 +168,11 @@ def _watch_progress(page):
     """Records every text Gradio's progress display shows from now on (``_progress``)."""
     page.evaluate("""() => { window.__progress = [];
         if (window.__observer) window.__observer.disconnect();
-        window.__observer = new MutationObserver(() => {
-          for (const e of document.querySelectorAll('.progress-text, .progress-level'))
-            window.__progress.push(e.innerText); });
+        window.__observer = new MutationObserver(() => {  // textContent: no layout
+          for (const e of document.querySelectorAll('.progress-text, .progress-level')) {
+            const t = e.textContent;
+            if (window.__progress[window.__progress.length - 1] !== t)
+              window.__progress.push(t); } });
         window.__observer.observe(document.body,
                                   {subtree: true, childList: true, characterData: true}); }""")
 
@@ -189,7 +192,7 @@ def test_personalize_starts_a_background_job(app):
     page = app.page
     page.get_by_role("tab", name="Personalize").click()
     page.set_input_files("#pers-files input[type=file]", app.files.instances)
-    page.wait_for_selector("#pers-files >> text=instance_2.png")
+    page.wait_for_selector("#pers-files >> text=instance_2.png")  # the upload is done
     for slider, value in (("#pers-steps", "2"), ("#pers-sample-every", "2")):
         page.fill(f"{slider} input[type=number]", value)
         page.press(f"{slider} input[type=number]", "Enter")
@@ -206,6 +209,7 @@ def test_generate_shows_model_size_images_with_settings(app):
     page.wait_for_function(  # the warm-up (it ran beside the job's start)
         "document.querySelector('#server-status').innerText.includes('ready: ')",
         timeout=REQUEST_TIMEOUT)
+    page.get_by_role("tab", name="Generate").click()
     _watch_progress(page)
     page.click("#gen-run")  # the defaults: the warm-up compiled this program
     status = _wait_status(page, "#gen-status")
@@ -311,20 +315,23 @@ def test_screenshot_of_a_painted_mask_edit(app):
     page = app.page
     page.goto(app.url)
     page.get_by_role("tab", name="Edit").click()
-    page.set_input_files("#edit-files input[type=file]", app.files.photo)
     page.click("#edit-method input")
     page.get_by_role("option", name="RePaint (drawn mask)").click()
+    page.set_input_files("#edit-files input[type=file]", app.files.photo)
     target = app.files.caption.replace(app.files.colour, "red" if app.files.colour != "red"
                                        else "blue")
     page.fill("#edit-target textarea", target)
+    page.wait_for_timeout(3000)  # the upload becomes the canvas background
     canvas = page.locator("#edit-mask canvas").first
-    canvas.wait_for(timeout=60_000)
+    canvas.scroll_into_view_if_needed()
+    page.click("#edit-mask button[aria-label=Brush]")
     box = canvas.bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)
+    x0, y0 = box["x"] + 190, box["y"] + 90
+    page.mouse.move(x0, y0)
     page.mouse.down()
-    for k in range(1, 11):  # a stroke across the upper half
-        page.mouse.move(box["x"] + box["width"] * (0.2 + 0.06 * k),
-                        box["y"] + box["height"] * 0.3)
+    for k in range(1, 21):  # a slow stroke across the upper part (a fast one is dropped)
+        page.mouse.move(x0 + 12 * k, y0, steps=2)
+        page.wait_for_timeout(30)
     page.mouse.up()
     page.click("#edit-run")
     status = _wait_status(page, "#edit-status")
