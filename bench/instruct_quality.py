@@ -30,6 +30,7 @@ embedded model from the full source caption to the edited caption.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -38,9 +39,10 @@ import numpy as np
 
 import jaxdiff
 from jaxdiff.data import instructions, shapes
-from jaxdiff.editing import instruct_pix2pix
+from jaxdiff.editing import imagic, instruct_pix2pix, unitune
 from jaxdiff.editing import p2p_pipeline as pp
 from jaxdiff.eval import shapes_eval
+from jaxdiff.pipeline import from_uint8, to_uint8
 from jaxdiff.weights import DEFAULT_MODEL
 
 PSNR_CAP = 60.0
@@ -74,7 +76,45 @@ def p2p_factory(args):
     return {"p2p (direct inversion)": edit}
 
 
-METHODS = {"instruct_pix2pix": instruct_factory, "p2p": p2p_factory}
+def _sweep(fn):
+    """``row(k, images, triples)``: variant k of ``fn(images [-1, 1], triples) -> [N, E, H,
+    W, 3]``, computed once per image set (every variant comes from one fine-tuning)."""
+    cache = {}
+
+    def row(k, images, triples):
+        key = (images.tobytes(), tuple(t.edited_caption for t in triples))
+        if key not in cache:
+            cache[key] = to_uint8(np.asarray(fn(from_uint8(images), triples)))
+        return cache[key][:, k]
+    return row
+
+
+def imagic_factory(args):
+    """Imagic (``jaxdiff.editing.imagic``, stage sizes ``imagic.Stages()`` = configs/imagic.py)
+    toward the edited caption, one row per ``--imagic-etas`` value, all etas sampled from
+    one fine-tuning per image."""
+    pipe, params = jaxdiff.load_pipeline(args.base_model)
+    etas = [float(e) for e in args.imagic_etas.split(",")]
+    run = _sweep(lambda x, ts: imagic.imagic(
+        pipe, params, x, [t.edited_caption for t in ts], etas=etas, steps=args.p2p_steps,
+        seed=args.seed)["edited"])
+    return {f"imagic (eta={e})": functools.partial(run, k) for k, e in enumerate(etas)}
+
+
+def unitune_factory(args):
+    """UniTune (``jaxdiff.editing.unitune``: LoRA per image under "sks", SDEdit toward
+    "sks <edited caption>"), one row per ``--unitune-strengths`` value."""
+    pipe, params = jaxdiff.load_pipeline(args.base_model)
+    strengths = [float(s) for s in args.unitune_strengths.split(",")]
+    run = _sweep(lambda x, ts: unitune.unitune(
+        pipe, params, x, [t.edited_caption for t in ts], strengths=strengths,
+        steps=args.p2p_steps, seed=args.seed)["edited"])
+    return {f"unitune (strength={s})": functools.partial(run, k)
+            for k, s in enumerate(strengths)}
+
+
+METHODS = {"instruct_pix2pix": instruct_factory, "p2p": p2p_factory, "imagic": imagic_factory,
+           "unitune": unitune_factory}
 
 
 def _psnr(a, b, region=None) -> float:
@@ -118,6 +158,9 @@ def main():
     ap.add_argument("--text-guidance", type=float, default=7.5)
     ap.add_argument("--image-guidance", type=float, default=1.5)
     ap.add_argument("--p2p-steps", type=int, default=50)
+    ap.add_argument("--imagic-etas", default="0.5,0.7,0.9", help="Imagic rows' etas")
+    ap.add_argument("--unitune-strengths", default="0.5,0.7,0.9",
+                    help="UniTune rows' SDEdit strengths")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
     args = ap.parse_args()
