@@ -13,9 +13,10 @@ templates such as "make the circle blue") come from the world's exact renderer
 the evaluator (``data.source="p2p"``, settings in ``p2p``). The export
 (``<workdir>/export``) is a diffusers ``StableDiffusionInstructPix2PixPipeline`` folder
 with an 8-channel UNet. ``tiny`` (``--config configs/instruct_pix2pix.py:tiny``) is a
-smoke run. Re-running the same command resumes from the last checkpoint. The shipped
-model ``jaxdiff/assets/shapes_instruct`` is this config's export; its figures are in
-bench/README.md.
+smoke run. Re-running the same command resumes from the last checkpoint. Not shipped
+yet: stopped at step 1000 (of 3000) this run misses the targets (bench/README.md,
+``bench/instruct_quality.py``); ``jaxdiff/assets/shapes_instruct`` is meant to be this
+config's full export.
 """
 import ml_collections
 
