@@ -170,3 +170,25 @@ def test_failed_save_leaves_previous_export_intact(tmp_path, torch_pipe_dir):
     assert sorted(os.listdir(out)) == before
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".export")]
     jaxdiff.load_pipeline(out)
+
+
+@pytest.mark.slow
+def test_loading_compiles_no_program_per_tensor():
+    """Reading weights is host work plus one transfer. The embedded model's ~470 arrays
+    must not each be staged through a program compiled for their shape (``jnp.asarray`` on
+    numpy arrays, or safetensors' flax reader, did that: ~80 compiles in every process that
+    loads a model). A fresh process, so no program is already in the in-process caches."""
+    import subprocess
+    import sys
+    script = (
+        "import jax, jaxdiff\n"
+        "seen = []\n"
+        "jax.monitoring.register_event_duration_secs_listener(lambda e, d, **k: seen.append(e)"
+        " if e == '/jax/core/compile/jaxpr_to_mlir_module_duration' else None)\n"
+        "pipe, params = jaxdiff.load_pipeline(None)\n"
+        "print(len(jax.tree.leaves(params)), len(seen))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    arrays, lowered = map(int, out.stdout.split()[-2:])
+    assert arrays > 400 and lowered < 10, (arrays, lowered)

@@ -65,8 +65,10 @@ def read_tensors(path: str) -> Dict[str, np.ndarray]:
         return _read_pickle(path)
     from safetensors import safe_open
     try:
-        with safe_open(path, framework="flax") as f:
-            return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+        # numpy, not flax: the flax reader stages every tensor through a program compiled
+        # for its shape (bfloat16 comes back as ml_dtypes' bfloat16 either way).
+        with safe_open(path, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path}: not a readable safetensors file ({e}); the file is "
                          "corrupt or truncated — re-download or re-export it.") from None
