@@ -142,6 +142,12 @@ def torch_classifier(clf, clf_params):
     return model.eval()
 
 
+def _features(out):
+    """transformers' get_*_features: a tensor, or (newer versions) an output whose
+    ``pooler_output`` holds the projected features."""
+    return out if hasattr(out, "norm") else out.pooler_output
+
+
 def torch_steps(folder, clip_folder, tclf):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -174,14 +180,14 @@ def torch_steps(folder, clip_folder, tclf):
         eps = unet(x, t, uncond).sample
         x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
         image = vae.decode(x0 / sf).sample.clamp(-1, 1)
-        emb = clip.get_image_features(pixel_values=((image + 1) / 2 - mean) / std)
+        emb = _features(clip.get_image_features(pixel_values=((image + 1) / 2 - mean) / std))
         emb = emb / emb.norm(dim=-1, keepdim=True)
         (grad,) = torch.autograd.grad((emb * target).sum(), x)
         return eps.detach() - scale * (1 - a) ** 0.5 * grad
 
     def text_target(ids):
         with torch.no_grad():
-            e = clip.get_text_features(input_ids=ids)
+            e = _features(clip.get_text_features(input_ids=ids))
             return e / e.norm(dim=-1, keepdim=True)
 
     return cfg_step, classifier_step, clip_step, text_target
@@ -241,7 +247,7 @@ def main(argv=None):
     clip_ids = clip.tokenize([CLIP_TEXT] * b)
     target = text_target(clip, clip_params, jnp.asarray(clip_ids))
     labels = {h: jnp.full((b,), y, jnp.int32) for h, y in LABELS.items()}
-    xj, tj = jnp.asarray(x), jnp.full((b,), args.t, jnp.int32)
+    xj, tj = jnp.asarray(x), jnp.int32(args.t)   # one timestep, as in the sampler loop
     s_cfg, s_clf, s_clip = (jnp.float32(v) for v in (args.guidance, args.classifier_scale,
                                                      args.clip_scale))
 
