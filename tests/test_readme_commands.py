@@ -63,9 +63,10 @@ SMOKE = {  # script -> flags appended to every command that runs it
                              " --config.adapter.num_res_blocks=1 --config.checkpoint_every=2"),
     "bench/quality.py": ("--num-one 2 --num-two 2 --num-colour-free 2 --num-shape-free 2"
                          " --num-real 2 --steps 2 --guidance 5 --chunk 8"),
-    "train/instruct_pix2pix.py": ("--config.data.num_pairs=16 --config.train.steps=2"
-                                  " --config.train.batch_size=8 --config.train.warmup=0"
-                                  " --config.checkpoint_every=2 --config.log_every=1"),
+    "train/instruct_pix2pix.py": ("--config.data.num_pairs=8 --config.train.steps=1"
+                                  " --config.train.batch_size=4 --config.train.warmup=0"
+                                  " --config.checkpoint_every=1 --config.log_every=1"
+                                  " --config.train.train_text_encoder=False"),
     "train/text_to_image.py": ("--config.data.num_train=64 --config.data.num_test=16"
                                " --config.autoencoder.steps=2 --config.diffusion.steps=2"
                                " --config.decoder.steps=2 --config.decoder.batch_size=16"
