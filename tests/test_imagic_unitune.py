@@ -14,6 +14,10 @@ from jaxdiff.data import WorldSpec, held_out_examples
 from jaxdiff.editing import batch_inputs, imagic, unitune
 from jaxdiff.pipeline import from_uint8
 
+# Over the suite's budget: 5.4 CPU-minutes on the 2-core machine (the -O0 compile of the
+# fine-tuning program and 3 calls); make test-fast leaves it out.
+pytestmark = pytest.mark.slow
+
 STAGES = imagic.Stages(embedding_steps=10, finetune_steps=30, lora_rank=4, draws=2)
 STEPS = 6
 LR = np.array([3e-3, 3e-3, 0.0, 0.0], np.float32)  # rows: a, b fine-tuned; a, b base
@@ -50,7 +54,7 @@ def test_imagic_eta0_finetuned_reconstructs_better_than_base(world):
     emb = out["embedding_loss"]
     assert emb[:, -3:].mean() < emb[:, :3].mean()
     err = _mse(out["edited"][:, 0], x)   # eta = 0
-    assert np.all(err[:2] < 0.7 * err[2:]), err
+    assert np.all(err[:2] < err[2:]) and err[:2].mean() < 0.5 * err[2:].mean(), err
     # Stage (b) fits the image better than the base model does.
     assert out["finetune_loss"][:2, -10:].mean() < out["finetune_loss"][2:, -10:].mean()
     # eta moves the fine-tuned model's sample away from the input (toward the text).
