@@ -2,7 +2,8 @@
 
 The default variant suits the embedded shapes model (32 px images, 8x8 latents, a 1 M
 parameter UNet); every edit optimises its own embedding and trains its own LoRA
-adapters. Measured on held-out world images in bench/README.md (``bench/finetune_edit_quality.py``).
+adapters. These values are not measured yet: bench/README.md
+(``bench/finetune_edit_quality.py``) has a reduced run (25 / 50 steps, 2 draws, DDIM 10).
 The ``sd`` variant holds the paper's Stable Diffusion values (Kawar et al. 2023,
 Sec. 4 / App. B): embedding 100 Adam steps at lr 1e-3, then the full UNet fine-tuned 1500
 steps at lr 5e-7, one (t, noise) draw per step; eta around 0.7 (DDIM 50 steps and
