@@ -6,7 +6,8 @@ PY     := $(VENV)/bin/python
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0.5
 # Test workers: most of the suite's time is single-threaded XLA compilation, so two
-# workers use both CI cores; whole files go to one worker (module fixtures built once).
+# workers use both CI cores; whole files go to one worker (module fixtures built once), the
+# costliest first (tests/conftest.py: HEAVY_FIRST, kept by --no-loadscope-reorder).
 TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast install install-test browser
@@ -34,9 +35,9 @@ demo: install
 	  --prompt "a yellow star on a black background" --batch 2 --out outputs/demo
 
 test: install-test browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # For iteration: everything except the PyTorch-reference and slow tests (markers in
 # tests/conftest.py). `make test` (and CI) still runs the whole suite.
 test-fast: install-test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not reference" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow and not reference" tests
