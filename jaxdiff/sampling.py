@@ -263,6 +263,10 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     return to_uint8(np.asarray(images)[..., :b, :, :, :])
 
 
+# Samplers whose scheduler is diffusers' ``order == 2`` (predictor + corrector evaluations).
+SECOND_ORDER = frozenset({"heun"})
+
+
 def step_span(pipe: Pipeline, sampler: str, steps: int, denoising_start=None,
               denoising_end=None):
     """The static step range ``(first, stop, handed)`` of a partial run, or None.
@@ -271,6 +275,12 @@ def step_span(pipe: Pipeline, sampler: str, steps: int, denoising_start=None,
     timesteps >= round(T - denoising_end * T); the refiner keeps those < round(T -
     denoising_start * T). ``handed``: the run starts from given latents (denoising_start).
     Ints, so the compiled program is keyed by the steps that run, not by the fraction.
+    Heun (two evaluations per step, every timestep but the first repeated): the base
+    stops after a predictor (Euler) evaluation, so its latents sit at the next sigma
+    uncorrected; the refiner keeps one evaluation more when its count is even
+    (diffusers' ``get_timesteps``: ``scheduler.order == 2``), so it starts with a whole
+    Heun step from the base's last sigma — treating the handed latents as if at that
+    sigma, exactly as ``StableDiffusionXLImg2ImgPipeline`` does.
     """
     if denoising_start is None and denoising_end is None:
         return None
@@ -284,7 +294,12 @@ def step_span(pipe: Pipeline, sampler: str, steps: int, denoising_start=None,
     ts = np.asarray(make_sampler(sampler, pipe.scheduler, int(steps)).timesteps)
     t = pipe.scheduler.num_train_timesteps
     cut = lambda frac: int(round(t - float(frac) * t))
-    first = 0 if denoising_start is None else len(ts) - int((ts < cut(denoising_start)).sum())
+    first = 0
+    if denoising_start is not None:
+        left = int((ts < cut(denoising_start)).sum())
+        if sampler in SECOND_ORDER and left % 2 == 0:
+            left += 1  # diffusers: an order-2 scheduler starts on a whole (predictor) step
+        first = len(ts) - left
     stop = len(ts) if denoising_end is None else int((ts >= cut(denoising_end)).sum())
     if first >= stop:
         raise ValueError(f"denoising_start={denoising_start} / denoising_end={denoising_end} "
@@ -294,10 +309,6 @@ def step_span(pipe: Pipeline, sampler: str, steps: int, denoising_start=None,
 
 def check_handoff(sampler: str, span, sweep: bool, output: str, latents, end) -> None:
     """One-line ValueError for a partial run ``generate`` cannot do (before any compile)."""
-    if sampler == "heun":
-        raise ValueError("denoising_start/denoising_end are not supported with sampler 'heun' "
-                         "(its second-order steps straddle the cut); use ddim, ddpm, euler, "
-                         "euler_a or dpmpp_2m.")
     if span[2] and latents is None:
         raise ValueError("denoising_start needs latents=: the latents a run with "
                          "denoising_end returned (output='latents').")

@@ -2,7 +2,8 @@
 ``CLIPTextModelWithProjection`` equal diffusers / transformers on tiny random configs; a
 diffusers SDXL pipeline folder loads (two encoders and tokenizers, zeroed negative
 embeddings), ``jaxdiff.generate`` equals ``StableDiffusionXLPipeline`` (and, base -> refiner,
-``StableDiffusionXLImg2ImgPipeline`` with denoising_end / denoising_start), the
+``StableDiffusionXLImg2ImgPipeline`` with denoising_end / denoising_start, dpmpp_2m and
+heun; ``jaxdiff generate --refiner`` writes the same images), the
 original-layout single file jaxdiff writes is read by diffusers' ``from_single_file``; the
 fp16-fix VAE config is honoured (point 2). Adapters on SDXL: tests/test_sdxl_adapters.py;
 editing: tests/test_sdxl_editing.py."""
@@ -22,8 +23,14 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def saved(tiny_sdxl):
-    """The session's tiny SDXL base / refiner folders (tests/conftest.py, ``tiny_sdxl``)."""
-    return tiny_sdxl
+    """The session's tiny SDXL base / refiner folders (tests/conftest.py, ``tiny_sdxl``),
+    and jaxdiff's (pipe, params) of both loaded once ("jax_base", "jax_refiner"): the
+    hand-off tests and the command-line test share their compiled programs (cached per
+    pipeline object)."""
+    out = dict(tiny_sdxl)
+    out["jax_base"] = jaxdiff.load_pipeline(tiny_sdxl["pipeline"][1])
+    out["jax_refiner"] = jaxdiff.load_pipeline(tiny_sdxl["refiner_pipeline"][1])
+    return out
 
 
 @pytest.mark.parametrize("name,n_ids", [("unet", 6), ("refiner", 5)])
@@ -259,24 +266,29 @@ def test_sdxl_configs_inferred_at_real_size_equal_the_hub_configs(torch, model_t
         assert {k: texts["text_encoder"][k] for k in XL_TEXT} == XL_TEXT
 
 
-# dpmpp_2m: the refiner's first step has no history (first order, as diffusers). SDXL's
-# default "euler" passed here too (left out for time since the dpmpp_2m case was added).
-@pytest.mark.parametrize("sampler", ["dpmpp_2m"])
-def test_sdxl_base_to_refiner_handoff_matches_diffusers(torch, saved, sampler):
-    """Base with denoising_end=0.6 (timesteps 801, 601, 401 of 5) returns latents;
-    the refiner (aesthetic-score time ids, second encoder only) finishes them from
-    denoising_start=0.6 (201, 1): both equal diffusers' StableDiffusionXLPipeline ->
+# dpmpp_2m: the refiner's first step has no history (first order, as diffusers). heun:
+# the base stops after a predictor evaluation, the refiner starts one evaluation earlier
+# (diffusers' order-2 "+1"). SDXL's default "euler" passed here too (left out for time
+# since the dpmpp_2m case was added).
+@pytest.mark.parametrize("sampler,spans", [("dpmpp_2m", ((0, 3), (3, 5))),
+                                           ("heun", ((0, 5), (4, 9)))])
+def test_sdxl_base_to_refiner_handoff_matches_diffusers(torch, saved, sampler, spans):
+    """Base with denoising_end=0.6 (timesteps 801, 601, 401 of 5; heun: 801, 601, 601,
+    401, 401 of 9 evaluations) returns latents; the refiner (aesthetic-score time ids,
+    second encoder only) finishes them from denoising_start=0.6 (201, 1; heun: 401, 201,
+    201, 1, 1): both equal diffusers' StableDiffusionXLPipeline ->
     StableDiffusionXLImg2ImgPipeline(image=latents) chain; prompt / seed changes reuse
     the compiled programs."""
-    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           HeunDiscreteScheduler)
     from jaxdiff import parallel, sampling
     (tb, base_dir), (tr, ref_dir) = saved["pipeline"], saved["refiner_pipeline"]
-    kind = {"euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
+    kind = {"euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler,
+            "heun": HeunDiscreteScheduler}
     if sampler in kind:  # copies: the fixture's pipelines keep DDIM
         tb, tr = (type(t).from_pipe(t, scheduler=kind[sampler].from_config(
             t.scheduler.config)) for t in (tb, tr))
-    pipe, params = jaxdiff.load_pipeline(base_dir)
-    rpipe, rparams = jaxdiff.load_pipeline(ref_dir)
+    (pipe, params), (rpipe, rparams) = saved["jax_base"], saved["jax_refiner"]
     noise = np.random.default_rng(1).standard_normal((2, 8, 8, 4)).astype(np.float32)
     kw = dict(num_inference_steps=5, guidance_scale=5.0, output_type="latent")
     with torch.no_grad():
@@ -289,11 +301,11 @@ def test_sdxl_base_to_refiner_handoff_matches_diffusers(torch, saved, sampler):
     got = jaxdiff.generate(rpipe, rparams, PROMPTS, latents=mid, denoising_start=0.6, **common)
     np.testing.assert_allclose(ref.nchw(got), want, atol=1e-3, rtol=0)
     assert np.abs(want - mid_want.numpy()).max() > 0.1  # the refiner's steps did something
-    assert sampling.step_span(pipe, sampler, 5, None, 0.6) == (0, 3, False)
-    assert sampling.step_span(rpipe, sampler, 5, 0.6) == (3, 5, True)
+    assert sampling.step_span(pipe, sampler, 5, None, 0.6) == spans[0] + (False,)
+    assert sampling.step_span(rpipe, sampler, 5, 0.6) == spans[1] + (True,)
     mesh = parallel.make_mesh()
-    programs = [sampling._compiled(pipe, sampler, 5, False, mesh, (), True, (0, 3, False)),
-                sampling._compiled(rpipe, sampler, 5, False, mesh, (), False, (3, 5, True))]
+    programs = [sampling._compiled(pipe, sampler, 5, False, mesh, (), True, spans[0] + (False,)),
+                sampling._compiled(rpipe, sampler, 5, False, mesh, (), False, spans[1] + (True,))]
     jaxdiff.generate(pipe, params, ["a green ring", "x"], seed=7, denoising_end=0.6, **common)
     jaxdiff.generate(rpipe, rparams, ["a green ring", "x"], seed=7, latents=mid,
                      denoising_start=0.6, **common)
@@ -301,17 +313,84 @@ def test_sdxl_base_to_refiner_handoff_matches_diffusers(torch, saved, sampler):
 
 
 def test_sdxl_handoff_bad_requests_fail_before_compiling(saved):
-    pipe, params = jaxdiff.load_pipeline(saved["pipeline"][1])
+    pipe, params = saved["jax_base"]
     bad = [(dict(denoising_end=0.6), "output='latents'"),
            (dict(denoising_start=0.6, output="latents"), "needs latents="),
            (dict(denoising_end=1.0, output="latents"), "strictly between"),
            (dict(denoising_start=0.7, denoising_end=0.6, output="latents"), "below"),
-           (dict(denoising_end=0.6, sampler="heun", output="latents"), "heun"),
            (dict(denoising_start=0.99, denoising_end=0.995, output="latents",
                  latents=np.zeros((1, 8, 8, 4), np.float32)), "no step")]
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
             jaxdiff.generate(pipe, params, "a", **dict(dict(steps=5), **kw))
+
+
+def _reuse_loaded(saved, monkeypatch):
+    """``jaxdiff generate`` gets the module's already loaded base / refiner for their
+    folders, so it runs the hand-off test's programs; other paths load once each."""
+    from jaxdiff.cli import generate as gen, refiner_args
+    loaded = saved.setdefault("by_path", {saved["pipeline"][1]: saved["jax_base"],
+                                          saved["refiner_pipeline"][1]: saved["jax_refiner"]})
+
+    def load(path=None, **kw):  # others (the SD 1.x folder of the error tests): once each
+        if path not in loaded:
+            loaded[path] = jaxdiff.load_pipeline(path, **kw)
+        return loaded[path]
+    monkeypatch.setattr(gen, "load_pipeline", load)
+    monkeypatch.setattr(refiner_args, "load_pipeline", load)
+    return saved["pipeline"][1], saved["refiner_pipeline"][1]
+
+
+def test_refiner_command_line_writes_the_library_handoff(saved, tmp_path, monkeypatch):
+    """``jaxdiff generate --model BASE --refiner REFINER --denoising-end 0.6`` writes the
+    images of the library's two calls (base ``denoising_end`` -> latents -> refiner
+    ``denoising_start``), itself equal to diffusers above; same sampler, steps and batch
+    as the dpmpp_2m hand-off test, so no new program compiles after it."""
+    from PIL import Image
+    from jaxdiff import cli
+    base_dir, ref_dir = _reuse_loaded(saved, monkeypatch)
+    (pipe, params), (rpipe, rparams) = saved["jax_base"], saved["jax_refiner"]
+    out = tmp_path / "out"
+    argv = ["generate", "--model", base_dir, "--refiner", ref_dir, "--denoising-end", "0.6",
+            "--sampler", "dpmpp_2m", "--steps", "5", "--guidance", "5", "--seed", "3",
+            "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--out", str(out)]
+    assert cli.main(argv) == 0
+    common = dict(sampler="dpmpp_2m", steps=5, guidance_scale=5.0, seed=3)
+    mid = jaxdiff.generate(pipe, params, PROMPTS, denoising_end=0.6, output="latents",
+                           **common)
+    want = jaxdiff.generate(rpipe, rparams, PROMPTS, latents=mid, denoising_start=0.6,
+                            **common)
+    got = np.stack([np.asarray(Image.open(out / f"{i:04d}.png").convert("RGB"))
+                    for i in range(2)])
+    np.testing.assert_array_equal(got, want)
+    import json
+    with open(out / "settings.json") as f:
+        settings = json.load(f)
+    assert settings["refiner"] == ref_dir and settings["denoising_end"] == 0.6
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--denoising-end", "1.2"], "strictly between 0 and 1"),
+    (["--denoising-end", "0.6", "--steps", "1"], "leave no step"),
+    (["--textual-inversion", "x.safetensors"], "cannot be combined with --textual-inversion"),
+    (["--model", "SD1"], "needs an SDXL --model"),
+    (["--refiner", "SD1"], "is not an SDXL model"),
+    (["--refiner", None], "--denoising-end needs --refiner")])
+def test_refiner_command_line_bad_flags_are_one_line(saved, tmp_path, monkeypatch, capsys,
+                                                     tiny_pipe_dir, extra, match):
+    """Each: exit status 2, one ``error:`` line naming the flag, no output folder."""
+    from jaxdiff import cli
+    base_dir, ref_dir = _reuse_loaded(saved, monkeypatch)
+    flags = {"--model": base_dir, "--refiner": ref_dir, "--denoising-end": "0.6"}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        flags[flag] = tiny_pipe_dir if value == "SD1" else value
+    argv = ["generate", "--prompt", "a", "--out", str(tmp_path / "out")]
+    for flag, value in flags.items():
+        argv += [flag, value] if value is not None else []
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and match in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_fp16_fix_vae_config_loads_and_is_honoured(torch, saved, tmp_path):

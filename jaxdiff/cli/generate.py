@@ -12,6 +12,7 @@ from jaxdiff import parallel, sampling
 from jaxdiff.adapters import apply_adapters
 from jaxdiff.cli import gligen_args
 from jaxdiff.cli import guided_args
+from jaxdiff.cli import refiner_args
 from jaxdiff.data.images import FITS, load_image, make_grid, save_png, write_json
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.weights import load_pipeline
@@ -88,6 +89,7 @@ def add_parser(sub):
                    "then resize, or reject")
     guided_args.add_arguments(p)
     gligen_args.add_arguments(p)
+    refiner_args.add_arguments(p)
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     return p
 
@@ -149,6 +151,7 @@ def run(args) -> int:
     if args.model is not None and not (os.path.exists(args.model) or is_repo_id(args.model)):
         raise FileNotFoundError(f"--model {args.model}: no such directory or file (nor an "
                                 "org/name for the Hugging Face cache).")
+    refiner_args.check_flags(args)
     parallel.maybe_initialize_distributed()
     pipe, params = load_pipeline(args.model, config=args.model_config, revision=args.revision,
                                  variant=args.variant)
@@ -163,6 +166,7 @@ def run(args) -> int:
     height = pipe.image_size if args.height is None else args.height
     width = pipe.image_size if args.width is None else args.width
     sampling.check_request(pipe, len(prompts), args.steps, height, width, args.sampler)
+    refiner = refiner_args.load_refiner(args, pipe, height, width)
     guided = guided_args.load_guidance(args, pipe, height, width)
     controls = load_controls(args, pipe, height, width)
     sampling.control_inputs(pipe, controls, 1, 1, height, width)
@@ -173,6 +177,9 @@ def run(args) -> int:
             if guided is not None:  # [S, B, ...]: one row of images per guidance scale
                 rows = np.arange(start, start + len(chunk)) // args.batch  # prompt of each
                 out = guided_args.generate_chunk(guided, pipe, params, chunk, rows, args, start)
+            elif refiner is not None:
+                out = refiner_args.generate_chunk(refiner, pipe, params, chunk, args, height,
+                                                  width, start)
             elif grounding is not None:
                 out = gligen_args.generate_chunk(grounding, pipe, params, chunk, args, height,
                                                  width, start)
@@ -208,6 +215,8 @@ def run(args) -> int:
                         control_end=args.control_end, guess_mode=args.guess_mode, fit=args.fit)
     if grounding is not None:
         settings.update(grounding.settings(args))
+    if refiner is not None:
+        settings.update(refiner.settings(args))
     for i, (img, prompt) in enumerate(zip(images, prompts)):
         save_png(os.path.join(args.out, f"{i:04d}.png"), img,
                   dict(settings, prompt=prompt, index=i, **per_image[i]))
