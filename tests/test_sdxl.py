@@ -159,23 +159,28 @@ def test_sdxl_generate_matches_diffusers(torch, saved):
     assert np.abs(want).max() > 0.1
 
 
-def test_sdxl_single_file_round_trip(torch, saved, tmp_path):
-    """jaxdiff writes the original SDXL layout; diffusers' from_single_file (local config)
-    reads it into exactly the source tensors, and jaxdiff reads it back (config=)."""
-    from diffusers import StableDiffusionXLPipeline
+@pytest.mark.parametrize("name", ["pipeline", "refiner_pipeline"])
+def test_sdxl_single_file_round_trip(torch, saved, tmp_path, name):
+    """jaxdiff writes the original SDXL base / refiner layout; diffusers' from_single_file
+    (local config) reads it into exactly the source tensors, and jaxdiff reads it back
+    (config=). The refiner's one encoder is OpenCLIP at ``conditioner.embedders.0``."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from safetensors import safe_open
-    tp, folder = saved["pipeline"]
-    pipe, params = jaxdiff.load_pipeline(folder)
+    refiner = name == "refiner_pipeline"
+    tp, folder = saved[name]
+    pipe, params = saved["jax_refiner" if refiner else "jax_base"]
     file = str(tmp_path / "xl.safetensors")
     jaxdiff.save_pipeline(pipe, params, file, format="single_file")
     with safe_open(file, "np") as f:
         keys = set(f.keys())
-    assert {"model.diffusion_model.label_emb.0.0.weight",
-            "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
-            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
-            "conditioner.embedders.1.model.text_projection"} <= keys
-    got = StableDiffusionXLPipeline.from_single_file(file, config=folder, local_files_only=True)
-    for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    openclip = "conditioner.embedders.0.model." if refiner else "conditioner.embedders.1.model."
+    assert {"model.diffusion_model.label_emb.0.0.weight", openclip + "text_projection",
+            openclip + "transformer.resblocks.0.attn.in_proj_weight"} <= keys
+    clip_l = "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"
+    assert (clip_l in keys) != refiner
+    cls = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
+    got = cls.from_single_file(file, config=folder, local_files_only=True)
+    for comp in ("unet", "vae", "text_encoder_2") + (() if refiner else ("text_encoder",)):
         want, have = getattr(tp, comp).state_dict(), getattr(got, comp).state_dict()
         want = {k: v for k, v in want.items() if not k.endswith("position_ids")}
         have = {k: v for k, v in have.items() if not k.endswith("position_ids")}
@@ -183,7 +188,8 @@ def test_sdxl_single_file_round_trip(torch, saved, tmp_path):
         for k in want:
             np.testing.assert_array_equal(have[k].numpy(), want[k].numpy(), err_msg=k)
     back, back_params = jaxdiff.load_pipeline(file, config=folder)
-    assert back.is_sdxl and back.force_zeros_for_empty_prompt
+    assert back.is_sdxl and back.force_zeros_for_empty_prompt != refiner
+    assert back.requires_aesthetics_score == refiner and (back.text_encoder is None) == refiner
     jax.tree.map(np.testing.assert_array_equal, back_params, params)
     # Without config=: configs inferred, but this tiny vocabulary is not CLIP's (no tokenizer).
     with pytest.raises(FileNotFoundError, match="config="):
