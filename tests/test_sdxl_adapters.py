@@ -55,8 +55,8 @@ def test_sdxl_loras_equal_diffusers_load_lora_weights(torch, saved, tmp_path):
     lora_te2_ with out_proj as real files have it (diffusers 0.42 drops q_proj-only text
     LoRAs: its format detection needs 'to_out_lora'), a LoCon 3x3 conv, alpha != rank) and
     a diffusers/peft file with text_encoder_2 modules, each through apply_adapters
-    (--lora), equal diffusers' load_lora_weights on the same base: UNet output, context
-    and pooled embeddings."""
+    (--lora), and both at once with separate scales, equal diffusers' load_lora_weights
+    (+ set_adapters) on the same base: UNet output, context and pooled embeddings."""
     from diffusers import StableDiffusionXLPipeline
     from safetensors.numpy import save_file
     from jaxdiff.adapters import apply_adapters, lora as lora_lib
@@ -97,13 +97,20 @@ def test_sdxl_loras_equal_diffusers_load_lora_weights(torch, saved, tmp_path):
     base = _torch_outputs(tp, torch)
     for file, name in ((kohya_file, "kohya"), (peft_file, "peft")):
         tp.load_lora_weights(file, adapter_name=name)
-        tp.set_adapters([name], adapter_weights=[0.7])
+    # each alone, then both at once with separate scales (--lora A --lora B --lora-scale
+    # 0.7 --lora-scale -0.4): diffusers' set_adapters with two adapters and weights
+    for names, scales in ((["kohya"], [0.7]), (["peft"], [0.7]), (["kohya", "peft"],
+                                                                   [0.7, -0.4])):
+        tp.set_adapters(names, adapter_weights=scales)
         want = _torch_outputs(tp, torch)
-        tp.delete_adapters(name)
-        _, merged, _ = apply_adapters(pipe, params, lora=file, lora_scale=0.7)
+        files = [{"kohya": kohya_file, "peft": peft_file}[n] for n in names]
+        _, merged, _ = apply_adapters(pipe, params, lora=files if len(files) > 1 else files[0],
+                                      lora_scale=scales if len(files) > 1 else scales[0])
         for g, w, b in zip(_sdxl_outputs(pipe, merged), want, base):
-            np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=name)
-            assert np.abs(w - b).max() > 1e-3, name  # each output is moved by the LoRA
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=str(names))
+            assert np.abs(w - b).max() > 1e-3, names  # each output is moved by the LoRA
+    with pytest.raises(ValueError, match="--lora-scale given 3 times for 2"):
+        apply_adapters(pipe, params, lora=[kohya_file, peft_file], lora_scale=[1.0] * 3)
 
 
 def test_sdxl_textual_inversion_clip_l_clip_g_equals_diffusers(torch, saved, tmp_path):

@@ -1,5 +1,5 @@
-"""Applying adapter files to a loaded pipeline: a LoRA merged into the params, a Textual
-Inversion placeholder added to the tokenizer and the token table."""
+"""Applying adapter files to a loaded pipeline: LoRAs (one or several) merged into the
+params, a Textual Inversion placeholder added to the tokenizer and the token table."""
 from __future__ import annotations
 
 from jaxdiff.adapters import kohya
@@ -8,13 +8,16 @@ from jaxdiff.adapters import textual_inversion as ti
 
 
 def apply_adapters(pipe, params, lora=None, lora_scale=1.0, textual_inversion=None):
-    """Merges a LoRA file and/or adds a Textual Inversion token to (pipe, params).
+    """Merges LoRA files and/or adds a Textual Inversion token to (pipe, params).
 
     Args:
       pipe, params: the loaded pipeline.
       lora: a LoRA safetensors file (diffusers/peft or kohya/A1111 keys; or a folder holding
-        pytorch_lora_weights.safetensors), or None.
-      lora_scale: strength, multiplied by the file's alpha / rank (0 = no effect).
+        pytorch_lora_weights.safetensors), a sequence of them (each merged with its own
+        scale, in order: the deltas add up, as diffusers' ``set_adapters`` with several
+        adapters), or None.
+      lora_scale: strength, multiplied by each file's alpha / rank (0 = no effect): one
+        float for every file, or one per file.
       textual_inversion: a ``learned_embeds.safetensors`` file (or folder), or None.
     Returns:
       ``(pipe, params, expand)``: ``expand(prompt)`` rewrites a prompt's placeholder into
@@ -24,18 +27,13 @@ def apply_adapters(pipe, params, lora=None, lora_scale=1.0, textual_inversion=No
         cannot be read or does not fit the model.
     """
     expand = lambda prompt: prompt
-    if lora and kohya.is_kohya_file(lora):  # per-module alpha / rank already folded in
-        adapters = read_weights(lambda p: kohya.load_kohya_lora(p, params, pipe.unet.config),
-                                lora, "--lora")
-        scale = lora_scale
-    elif lora:
-        adapters, alpha = read_weights(lora_lib.load_lora, lora, "--lora")
-        scale = lora_lib.lora_scale(alpha, lora_lib.lora_rank(adapters), lora_scale)
-    if lora:
-        try:
-            params = lora_lib.merge_lora(params, adapters, scale)
-        except ValueError as e:
-            raise ValueError(f"--lora {lora}: does not fit this model ({e})") from None
+    files = [] if not lora else [lora] if isinstance(lora, str) else list(lora)
+    scales = [lora_scale] if not isinstance(lora_scale, (list, tuple)) else list(lora_scale)
+    if files and len(scales) not in (1, len(files)):
+        raise ValueError(f"--lora-scale given {len(scales)} times for {len(files)} LoRA files; "
+                         "give it once, or once per --lora.")
+    for k, file in enumerate(files):
+        params = _merge_file(pipe, params, file, scales[k if len(scales) > 1 else 0])
     if textual_inversion:
         name, tables = read_weights(ti.load_embeddings, textual_inversion,
                                     "--textual-inversion")
@@ -47,6 +45,21 @@ def apply_adapters(pipe, params, lora=None, lora_scale=1.0, textual_inversion=No
             pipe, params = ti.merge_embeddings(pipe, params, tok, rows, scope)
         expand = lambda prompt: ti.expand_prompt(prompt, name, n)
     return pipe, params, expand
+
+
+def _merge_file(pipe, params, lora, lora_scale):
+    """``params`` with one LoRA file merged at ``lora_scale`` (times its alpha / rank)."""
+    if kohya.is_kohya_file(lora):  # per-module alpha / rank already folded in
+        adapters = read_weights(lambda p: kohya.load_kohya_lora(p, params, pipe.unet.config),
+                                lora, "--lora")
+        scale = lora_scale
+    else:
+        adapters, alpha = read_weights(lora_lib.load_lora, lora, "--lora")
+        scale = lora_lib.lora_scale(alpha, lora_lib.lora_rank(adapters), lora_scale)
+    try:
+        return lora_lib.merge_lora(params, adapters, scale)
+    except ValueError as e:
+        raise ValueError(f"--lora {lora}: does not fit this model ({e})") from None
 
 
 def embedding_tables(pipe, params, tables: dict, source: str) -> dict:

@@ -54,12 +54,13 @@ def add_parser(sub):
     p.add_argument("--width", type=int, default=None, help="pixels (default: model's)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (params stay float32)")
-    p.add_argument("--lora", default=None,
+    p.add_argument("--lora", action="append", default=None, metavar="FILE",
                    help="LoRA adapters to merge: a diffusers/peft or kohya/A1111 safetensors "
-                   "file (SDXL ones too), or a folder holding pytorch_lora_weights.safetensors")
-    p.add_argument("--lora-scale", type=float, default=1.0,
+                   "file (SDXL ones too), or a folder holding pytorch_lora_weights.safetensors;"
+                   " repeat for several (their updates add up)")
+    p.add_argument("--lora-scale", type=float, action="append", default=None, metavar="S",
                    help="LoRA strength, multiplied by the file's alpha/rank (default 1.0; "
-                   "0 = no effect)")
+                   "0 = no effect): once for every --lora, or once per --lora")
     p.add_argument("--textual-inversion", default=None,
                    help="learned_embeds.safetensors (file or folder) from Textual Inversion, "
                    "or an SDXL clip_l/clip_g file (placeholder: its file name); the "
@@ -152,13 +153,19 @@ def run(args) -> int:
         raise FileNotFoundError(f"--model {args.model}: no such directory or file (nor an "
                                 "org/name for the Hugging Face cache).")
     refiner_args.check_flags(args)
+    lora_scales = args.lora_scale or [1.0]
+    if args.lora_scale and not args.lora:
+        raise ValueError("--lora-scale needs --lora FILE.")
+    if args.lora and len(lora_scales) not in (1, len(args.lora)):
+        raise ValueError(f"--lora-scale given {len(lora_scales)} times for {len(args.lora)} "
+                         "--lora files; give it once, or once per --lora.")
     parallel.maybe_initialize_distributed()
     pipe, params = load_pipeline(args.model, config=args.model_config, revision=args.revision,
                                  variant=args.variant)
     pipe, params, grounding = gligen_args.load_gligen(args, pipe, params)
     if args.dtype == "bfloat16":
         pipe = pipe.with_dtype(jnp.bfloat16)
-    pipe, params, expand = apply_adapters(pipe, params, args.lora, args.lora_scale,
+    pipe, params, expand = apply_adapters(pipe, params, args.lora, lora_scales,
                                           args.textual_inversion)
     jobs = [(p, j) for p in args.prompt for j in range(args.batch)]
     prompts = [p for p, _ in jobs]
@@ -202,8 +209,10 @@ def run(args) -> int:
     settings = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                     seed=args.seed, negative_prompt=args.negative_prompt or "",
                     model=args.model or "embedded:shapes")
-    if args.lora:
-        settings.update(lora=args.lora, lora_scale=args.lora_scale)
+    if args.lora:  # one file: its path and scale; several: lists
+        one = len(args.lora) == 1 and len(lora_scales) == 1
+        settings.update(lora=args.lora[0] if one else args.lora,
+                        lora_scale=lora_scales[0] if one else lora_scales)
     if args.textual_inversion:
         settings.update(textual_inversion=args.textual_inversion)
     if guided is not None:
