@@ -37,9 +37,11 @@ def get_config(variant: str = ""):
                                            self_replace_steps=0.4, min_psnr=25.0,
                                            batch_size=64))
 
+    # snr_gamma: Min-SNR weighting (as the base's diffusion stages); input_lr_multiplier:
+    # conv_in (the zero-initialised image channels) steps 10x faster (see the docstring).
     c.train = ml_collections.ConfigDict(dict(
-        steps=3000, batch_size=64, lr=3e-4, warmup=100, dropout=0.05,
-        train_text_encoder=True, ema_decay=0.995))
+        steps=6000, batch_size=64, lr=3e-4, warmup=100, dropout=0.05,
+        train_text_encoder=True, ema_decay=0.995, snr_gamma=5.0, input_lr_multiplier=10.0))
     c.log_every = 50
     c.checkpoint_every = 250
 

@@ -123,3 +123,18 @@ def test_widened_unet_equals_the_base_unet_at_step_0(embedded):
 
     base, widened = both(params["unet"], wparams["unet"])
     np.testing.assert_allclose(widened, base, atol=1e-5)
+
+
+def test_instruct_optimizer_steps_the_image_input_faster():
+    """Adam's first step is lr * g / |g| per weight (analytic): conv_in of the UNet moves
+    ``input_lr_multiplier`` times as far as any other weight, the text encoder included."""
+    tree = {"unet": {"conv_in": {"kernel": jnp.zeros((3, 3, 8, 4)), "bias": jnp.zeros(4)},
+                     "conv_out": {"kernel": jnp.zeros((3, 3, 4, 4))}},
+            "text_encoder": {"conv_in": {"kernel": jnp.zeros(3)}}}
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), tree)
+    opt = ip2p.instruct_optimizer(tree, 1e-3, 0, 100, 10.0)
+    updates = jax.jit(lambda g: opt.update(g, opt.init(tree), tree)[0])(grads)
+    np.testing.assert_allclose(updates["unet"]["conv_in"]["kernel"], -1e-2, rtol=1e-3)
+    np.testing.assert_allclose(updates["unet"]["conv_in"]["bias"], -1e-2, rtol=1e-3)
+    np.testing.assert_allclose(updates["unet"]["conv_out"]["kernel"], -1e-3, rtol=1e-3)
+    np.testing.assert_allclose(updates["text_encoder"]["conv_in"]["kernel"], -1e-3, rtol=1e-3)
