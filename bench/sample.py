@@ -2,7 +2,11 @@
 
     python bench/sample.py                                   # CPU: tiny and reduced, a few minutes
     python bench/sample.py --sizes sd15 --dtype bfloat16 --steps 50 --batch 4   # GPU
+    python bench/sample.py --sizes sdxl-reduced              # SDXL architecture, CPU
+    python bench/sample.py --sizes sdxl --dtype bfloat16 --steps 30 --batch 4   # GPU, 1024²
 
+SDXL sizes compare with diffusers' ``StableDiffusionXLPipeline`` (two text encoders, pooled
+embeddings and time ids, zero negative embeddings as its ``force_zeros_for_empty_prompt``).
 Both sides run text encoding -> classifier-free guided denoising -> VAE decode to uint8
 images on the same random weights, from the same initial latents, with the same sampler
 (DDIM; DPM-Solver++ 2M, diffusers' scheduler built with ``from_config`` from the
@@ -66,18 +70,56 @@ SIZES = {
         max_length=77, side=512),
 }
 
+_XL_BLOCKS = dict(down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+                  up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",))
+_XL_UNET = dict(use_linear_projection=True, addition_embed_type="text_time", **_XL_BLOCKS)
+
+# SDXL architecture (StableDiffusionXLPipeline: text_time UNet, two text encoders, the
+# second with projection): "sdxl-reduced" with reduced widths and depths for CPU, "sdxl"
+# at SDXL 1.0 base's sizes (stabilityai/stable-diffusion-xl-base-1.0's configs).
+XL_SIZES = {
+    "sdxl-reduced": dict(
+        unet=dict(block_out_channels=(64, 128, 256), layers_per_block=2,
+                  attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 2, 4),
+                  cross_attention_dim=128 + 256, addition_time_embed_dim=64,
+                  projection_class_embeddings_input_dim=256 + 6 * 64, sample_size=32,
+                  **_XL_UNET),
+        vae=SIZES["reduced"]["vae"],
+        text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu"),
+        text_2=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                    num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                    projection_dim=256),
+        max_length=77, side=256),
+    "sdxl": dict(
+        unet=dict(block_out_channels=(320, 640, 1280), layers_per_block=2,
+                  attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                  cross_attention_dim=2048, addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816, sample_size=128, **_XL_UNET),
+        vae=dict(SIZES["sd15"]["vae"], sample_size=1024, scaling_factor=0.13025),
+        text=SIZES["sd15"]["text"],
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                    num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                    projection_dim=1280),
+        max_length=77, side=1024),
+}
+SIZES.update(XL_SIZES)
+
 SAMPLERS = {"ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
 PROMPTS = ["a red circle", "a blue square", "green star", "two cats"]
 
 
 def build_pipeline(size, folder, seed=0):
-    """Saves a perturbed random diffusers StableDiffusionPipeline of ``size`` in ``folder``."""
+    """Saves a perturbed random diffusers StableDiffusionPipeline of ``size`` in ``folder``
+    (an SDXL size: a StableDiffusionXLPipeline)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from torchref import models as ref
+    if size in XL_SIZES:
+        return build_sdxl_pipeline(size, folder, seed)
     spec = SIZES[size]
     torch.manual_seed(seed)
     unet = ref.perturb(UNet2DConditionModel(**(spec["unet"] or ref.UNET_CONFIGS["sd1"])),
@@ -93,6 +135,35 @@ def build_pipeline(size, folder, seed=0):
         unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
         scheduler=DDIMScheduler(**ref.SCHEDULER_SD1), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+def build_sdxl_pipeline(size, folder, seed=0):
+    """Saves a perturbed random diffusers StableDiffusionXLPipeline of ``size`` in
+    ``folder`` (character-level tokenizers; the second pads with '!' as SDXL's)."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from torchref import models as ref
+    spec = XL_SIZES[size]
+    torch.manual_seed(seed)
+    vocab = len(ref.tiny_vocab())
+    ids = dict(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+               pad_token_id=vocab - 1)
+    pipe = StableDiffusionXLPipeline(
+        unet=ref.perturb(UNet2DConditionModel(**spec["unet"]), seed=seed),
+        vae=ref.perturb(AutoencoderKL(**spec["vae"]), seed=seed + 1),
+        text_encoder=ref.perturb(CLIPTextModel(CLIPTextConfig(**ids, **spec["text"])),
+                                 seed=seed + 2),
+        text_encoder_2=ref.perturb(CLIPTextModelWithProjection(
+            CLIPTextConfig(**ids, **spec["text_2"])), seed=seed + 3),
+        tokenizer=ref.write_tiny_tokenizer(os.path.join(folder, "_tok"), spec["max_length"]),
+        tokenizer_2=ref.write_tiny_tokenizer(os.path.join(folder, "_tok2"), spec["max_length"],
+                                             pad_token="!"),
+        scheduler=DDIMScheduler(**ref.SCHEDULER_SD1), force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Dict, Iterable, Mapping, Tuple
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -80,15 +81,19 @@ def _candidates(key: str, prefixes: Iterable[str]) -> Iterable[str]:
 
 
 def torch_to_flax(state: Mapping[str, np.ndarray], expected, *, source: str,
-                  strip_prefixes: Tuple[str, ...] = ("",)) -> Dict:
+                  strip_prefixes: Tuple[str, ...] = ("",), device: bool = False) -> Dict:
     """Converts a PyTorch state dict to the Flax params tree whose shapes are ``expected``.
 
     Args:
-      state: key -> numpy array (any float dtype; cast to the expected dtype).
+      state: key -> numpy array (any float dtype; cast to the expected dtype); may be a
+        lazy mapping that reads each tensor on access (``files.open_tensors``).
       expected: pytree of ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` of init params).
       source: file name for error messages.
       strip_prefixes: prefixes the expected keys may carry but the file may omit
         (e.g. ``"text_model."`` for transformers v5 files), tried in order.
+      device: put each converted tensor on the default device as soon as it is made
+        (``jax.device_put``: a transfer, no compiled program), so host memory holds one
+        tensor's conversion at a time rather than a second copy of the whole model.
     Raises:
       WeightsError naming the tensor and file for missing, misshapen or unknown tensors.
     """
@@ -106,7 +111,9 @@ def torch_to_flax(state: Mapping[str, np.ndarray], expected, *, source: str,
             raise WeightsError(f"{source}: tensor '{found}' has shape "
                                f"{tuple(np.asarray(state[found]).shape)} but the model config "
                                f"needs {_torch_shape(path[-1], spec.shape)}.")
-        out[path] = value.astype(spec.dtype)
+        value = value.astype(spec.dtype)
+        out[path] = jax.device_put(value) if device else value
+        del value
         used.add(found)
     unknown = sorted(k for k in state if k not in used and not IGNORABLE.search(k))
     if unknown:

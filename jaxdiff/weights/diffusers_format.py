@@ -66,8 +66,8 @@ def load_component(folder: str, kind: str, dtype=jnp.float32, variant=None,
         module = CLIPTextModel(CLIPTextConfig.from_dict(raw, cfg_path), dtype)
         stem, prefixes = "model", (_TEXT_PREFIX,)
     path = files.find_weights(folder, stem, variant, allow_pickle)
-    params = convert.torch_to_flax(files.read_tensors(path), init_shapes(module, kind),
-                                   source=path, strip_prefixes=prefixes)
+    params = convert.torch_to_flax(files.open_tensors(path), init_shapes(module, kind),
+                                   source=path, strip_prefixes=prefixes, device=True)
     return module, params
 
 

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import jax
 import numpy as np
@@ -72,6 +72,48 @@ def read_tensors(path: str) -> Dict[str, np.ndarray]:
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path}: not a readable safetensors file ({e}); the file is "
                          "corrupt or truncated — re-download or re-export it.") from None
+
+
+class LazyTensors(Mapping):
+    """key -> numpy array of a safetensors file, read from the memory-mapped file on access
+    (``open_tensors``): a converter holds one tensor at a time, not a copy of the file."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+        self.path = path
+        try:
+            self._file = safe_open(path, framework="numpy")
+            self._keys = list(self._file.keys())
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable safetensors file ({e}); the file is "
+                             "corrupt or truncated — re-download or re-export it.") from None
+        self._set = set(self._keys)
+
+    def __getitem__(self, key):
+        if key not in self._set:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{self.path}: tensor '{key}' cannot be read ({e}); the file is "
+                             "corrupt or truncated — re-download or re-export it.") from None
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key):
+        return key in self._set
+
+
+def open_tensors(path: str) -> Mapping:
+    """``read_tensors``, lazily for a single safetensors file (``LazyTensors``); sharded
+    indexes and allowed pickles are read whole."""
+    if path.endswith(".safetensors"):
+        return LazyTensors(path)
+    return read_tensors(path)
 
 
 def _read_pickle(path):

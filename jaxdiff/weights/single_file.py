@@ -155,7 +155,7 @@ def _read_component(ckpt: Checkpoint, expected, kind, key_map, extract_ema, cfg_
         sources[key] = (src, part)
     state = _Component(ckpt, sources)
     try:
-        return convert.torch_to_flax(state, expected, source=ckpt.path)
+        return convert.torch_to_flax(state, expected, source=ckpt.path, device=True)
     except WeightsError as e:
         names = {k: o for k, (o, _) in key_map.items()}
         msg = str(e)
