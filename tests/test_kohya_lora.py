@@ -100,7 +100,8 @@ def test_bad_kohya_files_are_one_line_naming_file_and_key(sd, tmp_path):
     key = sorted(k for k in state if "attn2_to_k.lora_down" in k)[0]
     wide = dict(state, **{key: np.zeros((4, 48), np.float32)})  # a LoRA for another base
     cases = [
-        (wide, "does not fit this model"),
+        (wide, f"'{key[:-len('.lora_down.weight')]}.lora_down.weight' .* does not fit this "
+               "model's layer"),
         (dict(state, **{"lora_unet_down_blocks_9_x.lora_down.weight": np.zeros((1, 2)),
                         "lora_unet_down_blocks_9_x.lora_up.weight": np.zeros((2, 1))}),
          "module 'lora_unet_down_blocks_9_x' has no layer in this model"),

@@ -288,7 +288,7 @@ def test_sdxl_base_to_refiner_handoff_matches_diffusers(torch, saved, sampler, s
     from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                            HeunDiscreteScheduler)
     from jaxdiff import parallel, sampling
-    (tb, base_dir), (tr, ref_dir) = saved["pipeline"], saved["refiner_pipeline"]
+    tb, tr = saved["pipeline"][0], saved["refiner_pipeline"][0]
     kind = {"euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler,
             "heun": HeunDiscreteScheduler}
     if sampler in kind:  # copies: the fixture's pipelines keep DDIM

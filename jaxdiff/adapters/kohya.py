@@ -92,6 +92,7 @@ def from_state_dict(state, params, source: str = "LoRA", unet_config=None) -> di
                              "LoRA was made for another base model.")
         mods.setdefault(m.group(1) + m.group(2), {})[m.group(3)] = np.asarray(value, np.float32)
     names = module_names(params, unet_config)
+    kernels = traverse_util.flatten_dict(params)
     flat = {}
     for name in sorted(mods):
         t = mods[name]
@@ -106,11 +107,18 @@ def from_state_dict(state, params, source: str = "LoRA", unet_config=None) -> di
             raise ValueError(f"{source}: module '{name}': lora_up {up.shape} does not match "
                              f"lora_down {down.shape}.")
         alpha = float(t["alpha"]) if "alpha" in t else float(rank)
+        path = names[name]
+        kernel = kernels[path + ("kernel",)].shape  # Dense [in, out] or conv [kh, kw, in, out]
+        if int(np.prod(down.shape[1:])) != int(np.prod(kernel[:-1])) or up.shape[0] != kernel[-1]:
+            wants = (kernel[-1],) + ((kernel[-2],) + tuple(kernel[:2]) if len(kernel) == 4
+                                     else (kernel[0],))
+            raise ValueError(f"{source}: '{name}.lora_down.weight' {down.shape} / lora_up "
+                             f"{up.shape} does not fit this model's layer (weight {wants}); the "
+                             "LoRA was made for another base model.")
         if down.ndim == 4:  # [r, in, kh, kw] -> [kh * kw * in, r]
             down = down.transpose(2, 3, 1, 0).reshape(-1, rank)
         else:
             down = down.T
-        path = names[name]
         flat[path + ("down",)] = jnp.asarray(down)
         flat[path + ("up",)] = jnp.asarray(up.reshape(up.shape[0], rank).T * (alpha / rank))
     return traverse_util.unflatten_dict(flat)
