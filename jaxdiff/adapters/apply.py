@@ -47,6 +47,20 @@ def apply_adapters(pipe, params, lora=None, lora_scale=1.0, textual_inversion=No
     return pipe, params, expand
 
 
+def load_lora(pipe, params, lora, scale=1.0):
+    """``params`` with LoRA file(s) merged, as ``jaxdiff generate --lora`` does (exported as
+    ``jaxdiff.load_lora``; not ``adapters.lora.load_lora``, which reads a peft file's
+    adapter pytree).
+
+    Args:
+      lora: a diffusers/peft or kohya/A1111 file (SD 1.x/2.x or SDXL), or a list of them.
+      scale: one float, or one per file (each times its file's alpha / rank).
+    Returns:
+      new params (``params`` is not modified; unadapted leaves are shared).
+    """
+    return apply_adapters(pipe, params, lora, scale)[1]
+
+
 def _merge_file(pipe, params, lora, lora_scale):
     """``params`` with one LoRA file merged at ``lora_scale`` (times its alpha / rank)."""
     if kohya.is_kohya_file(lora):  # per-module alpha / rank already folded in
