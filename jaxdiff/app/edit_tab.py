@@ -20,7 +20,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from jaxdiff.app.limits import decode_uploads
+from jaxdiff.app.limits import decode_uploads, editor_mask
 from jaxdiff.app.progress import run_with_progress
 from jaxdiff.app.state import AppState
 from jaxdiff.data.images import InputError, make_panel
@@ -67,22 +67,6 @@ class EditRequest:
     jump_length: int = 5
     jump_n: int = 2
     factor: int = 2
-
-
-def editor_mask(editor, side: int) -> Optional[np.ndarray]:
-    """float32 [side, side] mask (1 = edit) from an ImageEditor value: wherever any layer
-    was painted; None when nothing was."""
-    layers = (editor or {}).get("layers") or []
-    alpha = None
-    for layer in layers:
-        layer = np.asarray(layer)
-        if layer.ndim == 3 and layer.shape[-1] == 4:
-            a = layer[..., 3] > 0
-            alpha = a if alpha is None else (alpha | a)
-    if alpha is None or not alpha.any():
-        return None
-    small = Image.fromarray(alpha.astype(np.uint8) * 255).resize((side, side), Image.BILINEAR)
-    return (np.asarray(small) >= 128).astype(np.float32)
 
 
 def run_method(state: AppState, images: np.ndarray, mask: Optional[np.ndarray],

@@ -6,14 +6,16 @@ Pillow reads only the header in ``Image.open``; the pixel count is checked there
 ``load``. Pillow's own bomb guard (``Image.MAX_IMAGE_PIXELS``) would otherwise stop at
 about 179 million pixels with an exception the user never sees; ours is lower and its
 message says what to do. The checked file is then decoded by ``jaxdiff.data.images``
-(the one home of image reading), at the model's resolution.
+(the one home of image reading), at the model's resolution. A mask painted on the Edit
+tab's image editor is turned into a model-size mask here too (``editor_mask``), without
+gradio.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -86,3 +88,20 @@ def decode_uploads(paths: Sequence[str], size: Tuple[int, int], limits: UploadLi
         except InputError as e:  # name the upload, not the server's temporary path
             raise InputError(str(e).replace(path, name)) from None
     return np.stack(out)
+
+
+def editor_mask(editor, side: int) -> Optional[np.ndarray]:
+    """float32 [side, side] mask (1 = edit) from an ImageEditor value: wherever any layer
+    was painted; None when nothing was."""
+    layers = (editor or {}).get("layers") or []
+    alpha = None
+    for layer in layers:
+        layer = np.asarray(layer)
+        if layer.ndim == 3 and layer.shape[-1] == 4:
+            a = layer[..., 3] > 0
+            alpha = a if alpha is None else (alpha | a)
+    if alpha is None or not alpha.any():
+        return None
+    from PIL import Image
+    small = Image.fromarray(alpha.astype(np.uint8) * 255).resize((side, side), Image.BILINEAR)
+    return (np.asarray(small) >= 128).astype(np.float32)

@@ -85,6 +85,42 @@ def adapter_names(folder: Optional[str], weight_name: str) -> List[str]:
     return names
 
 
+def resolve_adapter(name: Optional[str], folder: Optional[str], weight_name: str,
+                    kind: str) -> Optional[str]:
+    """The path of an adapter chosen by ``name`` (``kind``: "lora" or "ti"): only a name
+    that ``adapter_names(folder, weight_name)`` lists is opened, so a typed path, a pickle
+    file or a file outside the server's folder is refused with one line; None for no
+    choice."""
+    what = "LoRA" if kind == "lora" else "Textual Inversion"
+    if not name or name == NONE:
+        return None
+    if name not in adapter_names(folder, weight_name):
+        raise InputError(f"{what} {name!r} is not in the server's {what} folder; pick "
+                         "one from the list (refresh the page if it changed).")
+    return os.path.join(folder, name)
+
+
+def write_result_folder(root: str, images: List[Tuple[str, np.ndarray, dict]],
+                        settings: dict) -> List[str]:
+    """Writes ``(file name, uint8 image, PNG text)`` and ``settings.json`` into a new folder
+    under ``root``, atomically (a temporary folder renamed when complete; removed if any
+    write fails, so a failed request leaves nothing); returns the PNG paths in order."""
+    os.makedirs(root, exist_ok=True)
+    name = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    tmp = os.path.join(root, "." + name + ".tmp")
+    os.makedirs(tmp)
+    try:
+        for fname, image, meta in images:
+            save_png(os.path.join(tmp, fname), image, dict(settings, **meta))
+        write_json(os.path.join(tmp, "settings.json"), settings)
+        final = os.path.join(root, name)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [os.path.join(final, fname) for fname, _, _ in images]
+
+
 def same_architecture(pipe_a, params_a, pipe_b, params_b) -> bool:
     """True when two pipelines differ only in their parameter values: equal module
     configs and dtypes, scheduler, tokenizer vocabularies and parameter shapes and dtypes
@@ -190,23 +226,14 @@ class AppState:
     def ti_choices(self) -> List[str]:
         return [NONE] + adapter_names(self.ti_dir, TI_WEIGHTS)
 
-    def _resolve(self, name: Optional[str], folder: Optional[str], weight: str, kind: str):
-        what = "LoRA" if kind == "lora" else "Textual Inversion"
-        if not name or name == NONE:
-            return None
-        if name not in adapter_names(folder, weight):  # only listed names are opened
-            raise InputError(f"{what} {name!r} is not in the server's {what} folder; pick "
-                             "one from the list (refresh the page if it changed).")
-        return os.path.join(folder, name)
-
     def with_adapters(self, lora: Optional[str], lora_scale: float, ti: Optional[str],
                       model: Optional[str] = None):
         """(pipe, params, expand) of ``model`` (``resolve_model``) with the chosen adapter
         files applied; cached per choice, so a Textual-Inversion pipeline (a new tokenizer)
         is built and compiled once."""
         base = self.resolve_model(model)
-        lora_path = self._resolve(lora, self.lora_dir, LORA_WEIGHTS, "lora")
-        ti_path = self._resolve(ti, self.ti_dir, TI_WEIGHTS, "ti")
+        lora_path = resolve_adapter(lora, self.lora_dir, LORA_WEIGHTS, "lora")
+        ti_path = resolve_adapter(ti, self.ti_dir, TI_WEIGHTS, "ti")
         if lora_path is None and ti_path is None:
             return base
         key = (model or self.model_name, lora_path,
@@ -235,24 +262,8 @@ class AppState:
 
     def write_results(self, kind: str, images: List[Tuple[str, np.ndarray, dict]],
                       settings: dict) -> List[str]:
-        """Writes ``(file name, uint8 image, PNG text)`` into a new result folder under
-        ``<workdir>/<kind>/``, atomically (a temporary folder renamed when complete);
-        returns the PNG paths in order."""
-        root = os.path.join(self.workdir, kind)
-        os.makedirs(root, exist_ok=True)
-        name = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        tmp = os.path.join(root, "." + name + ".tmp")
-        os.makedirs(tmp)
-        try:
-            for fname, image, meta in images:
-                save_png(os.path.join(tmp, fname), image, dict(settings, **meta))
-            write_json(os.path.join(tmp, "settings.json"), settings)
-            final = os.path.join(root, name)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return [os.path.join(final, fname) for fname, _, _ in images]
+        """``write_result_folder`` under ``<workdir>/<kind>/``."""
+        return write_result_folder(os.path.join(self.workdir, kind), images, settings)
 
     # ------------------------------------------------------------------ warm-up
     def start_warmup(self, jobs: List[Tuple[str, Callable[[], object]]]):

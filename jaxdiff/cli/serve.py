@@ -46,13 +46,22 @@ def add_parser(sub):
     return p
 
 
-def _auth(text):
+def parse_auth(text):
+    """``--auth USER:PASSWORD`` -> (user, password) for Gradio's auth; None without it."""
     if text is None:
         return None
     user, sep, password = text.partition(":")
     if not sep or not user or not password:
         raise ValueError(f"--auth {text!r}: expected USER:PASSWORD.")
     return user, password
+
+
+def host_warning(host: str, auth) -> str:
+    """The warning printed for a ``--host`` other than the local one ("" for a local one)."""
+    if host in LOCAL_HOSTS:
+        return ""
+    return (f"warning: --host {host} makes the app reachable from other machines"
+            + ("" if auth else "; consider --auth USER:PASSWORD"))
 
 
 def _check_args(args):
@@ -77,10 +86,9 @@ def _check_args(args):
 
 def run(args) -> int:
     """Runs ``jaxdiff serve`` for parsed ``args``; returns the exit status."""
-    auth, warm = _auth(args.auth), _check_args(args)
-    if args.host not in LOCAL_HOSTS:
-        print(f"warning: --host {args.host} makes the app reachable from other machines"
-              + ("" if auth else "; consider --auth USER:PASSWORD"), file=sys.stderr)
+    auth, warm = parse_auth(args.auth), _check_args(args)
+    if host_warning(args.host, auth):
+        print(host_warning(args.host, auth), file=sys.stderr)
     warnings.filterwarnings("ignore", module="gradio")  # its own deprecation noise
     warnings.filterwarnings("ignore", category=ResourceWarning)
     handler = logging.StreamHandler()
