@@ -196,6 +196,32 @@ def test_sdxl_single_file_round_trip(torch, saved, tmp_path, name):
         jaxdiff.load_pipeline(file)
 
 
+def test_sdxl_loads_stream_tensor_by_tensor(saved, tmp_path, monkeypatch):
+    """Point 5's structure (bench/load.py measures the memory): from a diffusers folder and
+    from a single file, every tensor is read from the mapped file and put on the device
+    before the next is read, so the host never holds a converted copy of the model."""
+    from jaxdiff.weights import convert, files, single_file
+    pipe, params = saved["jax_base"]
+    file = jaxdiff.save_pipeline(pipe, params, str(tmp_path / "xl.safetensors"),
+                                 format="single_file")
+    log = []
+    for cls in (files.LazyTensors, single_file.Checkpoint):
+        read = cls.__getitem__
+        monkeypatch.setattr(cls, "__getitem__",
+                            lambda self, k, read=read: log.append("read") or read(self, k))
+    put = convert.jax.device_put
+    monkeypatch.setattr(convert.jax, "device_put", lambda x, *a, **kw: log.append("put")
+                        or put(x, *a, **kw))
+    n = len(jax.tree.leaves(params))
+    for source, kw in ((saved["pipeline"][1], {}), (file, dict(config=saved["pipeline"][1]))):
+        log.clear()
+        _, loaded = jaxdiff.load_pipeline(source, **kw)
+        # then one device_put of the whole (already device) tree: files.to_device
+        assert log == ["read", "put"] * n + ["put"], source
+        assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(loaded))
+        jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
 class _Shapes(dict):
     """key -> shape: what config inference reads of a checkpoint (no tensor data)."""
     path = "sdxl-size.safetensors"
