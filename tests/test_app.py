@@ -154,15 +154,21 @@ def test_progress_counts_steps_bit_equal_and_a_same_architecture_model_reuses_pr
 
 
 def test_serve_flags_adapters_only_from_server_folders_and_atomic_results(tmp_path):
-    """``jaxdiff serve``: a non-local --host warns (and names --auth when it is missing);
-    --auth is USER:PASSWORD. LoRA files are offered and opened only by a name listed from
+    """``jaxdiff serve``: local host and port 7860 by default; a non-local --host warns
+    (and names --auth when it is missing); --auth is USER:PASSWORD. LoRA files are offered and opened only by a name listed from
     the server's folder (safetensors files and run folders: a pickle file, a typed path or
     a path outside the folder is refused with one line). A result folder is written
     atomically: a write that fails leaves nothing behind."""
     from jaxdiff.adapters.lora import WEIGHT_NAME
     from jaxdiff.app.state import NONE, adapter_names, resolve_adapter, write_result_folder
-    from jaxdiff.cli.serve import host_warning, parse_auth
+    import argparse
+
+    from jaxdiff.cli.serve import add_parser, host_warning, parse_auth
     from jaxdiff.data.images import InputError
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    args = sub.choices["serve"].parse_args([])
+    assert (args.host, args.port, args.auth, args.model) == ("127.0.0.1", 7860, None, None)
     assert host_warning("127.0.0.1", None) == "" and host_warning("localhost", None) == ""
     assert "reachable from other machines" in host_warning("0.0.0.0", ("ann", "pw"))
     assert "--auth" in host_warning("0.0.0.0", None)
@@ -247,7 +253,7 @@ def test_personalize_job_trains_while_a_p2p_edit_runs_then_generate_uses_it(app)
 
     ab.wait_ready(page)  # Generate with the job's model: the warm-up's programs
     page.get_by_role("tab", name="Generate").click()
-    before = page.inner_text("#gen-status")
+    before = ab.status_text(page, "#gen-status")
     ab.choose(page, "#gen-model", f"job:{job}")
     page.click("#gen-run")
     status = ab.wait_status(page, "#gen-status", after=before)
@@ -294,7 +300,7 @@ def test_server_still_healthy_and_cached(app):
     page = app.page
     page.goto(app.url)  # a fresh page: no error message left from the last test
     page.wait_for_selector("#gen-run")
-    before = page.inner_text("#gen-status")
+    before = ab.status_text(page, "#gen-status")
     page.fill("#gen-guidance textarea", "7")  # traced: no new program
     page.click("#gen-run")
     status = ab.wait_status(page, "#gen-status", after=before)

@@ -137,17 +137,28 @@ def wait_ready(page, timeout=REQUEST_TIMEOUT):
         timeout=timeout)
 
 
-def wait_status(page, elem, timeout=REQUEST_TIMEOUT, after=""):
-    """The text of ``elem`` once it reports a finished request different from ``after``;
-    an error message shown instead raises AssertionError with its text."""
+_STATUS_TEXT = "(sel) => { const e = document.querySelector(sel);" \
+    " return ((e && (e.querySelector('.prose') || e))?.innerText || '').trim(); }"
+
+
+def status_text(page, elem) -> str:
+    """The text of a gr.Markdown status ``elem`` (its content, without the elapsed-time
+    counter Gradio overlays while a request runs)."""
+    return page.evaluate(_STATUS_TEXT, elem)
+
+
+def wait_status(page, elem, timeout=REQUEST_TIMEOUT, after="", want="compiled"):
+    """The text of ``elem`` once it reports a finished request (it contains ``want``) that
+    differs from ``after``; an error message shown instead raises AssertionError with its
+    text."""
     page.wait_for_function(
-        "([sel, old]) => { const t = document.querySelector(sel)?.innerText || '';"
-        " return (t.includes('compiled') && t !== old)"
-        " || document.querySelector('.toast-body') !== null; }", arg=[elem, after],
+        f"([sel, old, want]) => {{ const t = ({_STATUS_TEXT})(sel);"
+        " return (t.includes(want) && t !== old)"
+        " || document.querySelector('.toast-body') !== null; }", arg=[elem, after, want],
         timeout=timeout)
     errors = page.locator(".toast-body").all_inner_texts()
     assert not errors, errors
-    return page.inner_text(elem)
+    return status_text(page, elem)
 
 
 def images(page, gallery, old=(), timeout=60_000):

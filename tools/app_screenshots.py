@@ -101,11 +101,12 @@ def edit_mask(page, out, url, photo, caption, colour):
         page.mouse.move(x0 + 12 * k, y0, steps=2)
         page.wait_for_timeout(30)
     page.mouse.up()
-    status = ""
-    for _ in range(2):  # the first run compiles RePaint; the second is what a user sees
-        page.click("#edit-run")
-        status = ab.wait_status(page, "#edit-status", after=status)
-        print("edit (repaint):", status, flush=True)
+    page.click("#edit-run")  # compiles RePaint; the second run is what a user sees
+    print("edit (repaint, first):", ab.wait_status(page, "#edit-status"), flush=True)
+    page.click("#edit-run")
+    print("edit (repaint):", ab.wait_status(page, "#edit-status", want=" 0 program(s)"),
+          flush=True)
+    page.wait_for_timeout(1000)  # the result panel replaces the progress overlay
     (w, _, _), = ab.images(page, "#edit-gallery")
     assert w == 4 * 32 + 3 * 2, w  # input | reconstruction | edit | mask
     _shot(page, out, "edit_mask")
@@ -139,11 +140,14 @@ def main(argv=None):
     p.add_argument("--out", default="docs/app", help="folder of the PNGs (default docs/app)")
     p.add_argument("--job-steps", type=int, default=60,
                    help="training steps of the Personalize job (default 60)")
-    p.add_argument("--sample-every", type=int, default=20,
-                   help="a sample grid every N steps (default 20)")
+    p.add_argument("--sample-every", type=int, default=30,
+                   help="a sample grid every N steps (default 30)")
     p.add_argument("--job-timeout", type=int, default=1200, help="seconds (default 1200)")
     p.add_argument("--only", default="generate,edit,edit_mask,personalize",
                    help="comma list of the screenshots to make")
+    p.add_argument("--warmup", default="generate,edit",
+                   help="the server's --warmup (default generate,edit: the Generate and "
+                   "Edit screenshots show warm requests)")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     os.makedirs(args.out, exist_ok=True)
@@ -153,7 +157,7 @@ def main(argv=None):
         caption, colour = example["caption"], example["objects"][0].colour
         instances = [_save(e, os.path.join(tmp, f"subject_{i}.png"))
                      for i, e in enumerate(_subject(4))]
-        server = ab.Server(tmp, ("--warmup", "generate,edit"), viewport=(1280, 900))
+        server = ab.Server(tmp, ("--warmup", args.warmup), viewport=(1280, 900))
         try:
             page = server.page()
             page.goto(server.url)

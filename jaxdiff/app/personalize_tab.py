@@ -78,7 +78,7 @@ def build(state: AppState, report_errors, models):
             with gr.Column(scale=1):
                 status = gr.Markdown("no job yet", elem_id="pers-status")
                 samples = gr.Gallery(label="Sample grids", columns=2, elem_id="pers-samples",
-                                     format="png")
+                                     format="png", object_fit="contain")  # whole grids
         start.click(report_errors(lambda *a: start_job(state, jobs, *a)),
                     [files, kind, steps, prompt, class_prompt, token, init_token, sample_every,
                      prior], [status, samples], concurrency_id="jobs")
