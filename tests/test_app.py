@@ -6,10 +6,11 @@ The server runs as ``python -m jaxdiff.cli serve`` on a free local port with the
 model (warm-up: the Generate tab's defaults only); it boots while the in-process tests
 (first in the file) run. Checked in the browser: the server answers and the page loads
 while the warm-up still compiles; a DreamBooth-LoRA job started in the Personalize tab (3
-uploaded instance images, 2 steps, a sample grid after each) trains while a P2P edit of an
-upload shows input | reconstruction | edit (the upload's pixels in the input part); the
-job's status shows its progress bar part-way, then finished with both grids and its result,
-which the Generate tab uses (``job:<id>`` in its model list) without compiling; a Generate
+uploaded instance images, 2 steps, a sample grid after each) trains while a P2P edit of two
+uploads (one request) shows input | reconstruction | edit per upload (its pixels in the
+input part); the job's status shows its progress bar part-way, then finished with both
+grids and its result, which the Generate tab uses (``job:<id>`` in its model list) without
+compiling; a Generate
 request with the defaults shows the model's image size, keeps its settings in the PNG and
 compiles nothing (the warm-up did); a text file and a 20000x20000 PNG header get visible
 error messages; afterwards the server still serves and a new guidance still compiles
@@ -328,11 +329,13 @@ def _micro(pipe, params):
 
 
 def _p2p_edit(app):
-    """A P2P edit (DDIM inversion, 3 steps) of the uploaded photo: the panel is input |
-    reconstruction | edit, the input part holds the upload's pixels."""
+    """A P2P edit (DDIM inversion, 3 steps) of two uploads, one request (one batch through
+    the method's program): one input | reconstruction | edit panel per upload, in upload
+    order, its input part holding the upload's pixels; the photo's colour changed."""
     page = app.page
     page.get_by_role("tab", name="Edit").click()
-    ab.upload(page, "#edit-files", [app.files.photo])
+    uploads = [app.files.photo, app.files.instances[0]]
+    ab.upload(page, "#edit-files", uploads)
     page.fill("#edit-source textarea", app.files.caption)
     target = app.files.caption.replace(app.files.colour, "blue" if app.files.colour != "blue"
                                        else "red")
@@ -342,12 +345,14 @@ def _p2p_edit(app):
     ab.watch_progress(page)
     page.click("#edit-run")
     status = ab.wait_status(page, "#edit-status")
-    assert status.startswith("p2p: 1 image(s)"), status
+    assert status.startswith("p2p: 2 image(s)"), status
     assert ab.progress(page), "no progress shown"  # UNet evaluations (total: after a first run)
-    (w, h, src), = ab.images(page, "#edit-gallery")
-    assert (w, h) == (3 * 32 + 2 * 2, 32)
-    panel = np.asarray(ab.png(page, src).convert("RGB"))
-    photo = np.asarray(Image.open(app.files.photo).convert("RGB"))
-    np.testing.assert_array_equal(panel[:, :32], photo)  # the upload, as uploaded
-    assert (panel[:, 32:34] == 255).all() and (panel[:, 66:68] == 255).all()  # the gaps
-    assert np.abs(panel[:, 68:].astype(int) - photo).mean() > 1.0  # the edit changed it
+    panels = ab.images(page, "#edit-gallery")
+    assert [tuple(p[:2]) for p in panels] == [(3 * 32 + 2 * 2, 32)] * 2, panels
+    for (_, _, src), path in zip(panels, uploads):
+        panel = np.asarray(ab.png(page, src).convert("RGB"))
+        upload = np.asarray(Image.open(path).convert("RGB"))
+        np.testing.assert_array_equal(panel[:, :32], upload)  # the upload, as uploaded
+        assert (panel[:, 32:34] == 255).all() and (panel[:, 66:68] == 255).all()  # the gaps
+        if path == app.files.photo:
+            assert np.abs(panel[:, 68:].astype(int) - upload).mean() > 1.0  # edited
