@@ -6,16 +6,16 @@ The server runs as ``python -m jaxdiff.cli serve`` on a free local port with the
 model (warm-up: the Generate tab's defaults only); it boots while the in-process tests
 (first in the file) run. Checked in the browser: the server answers and the page loads
 while the warm-up still compiles; a DreamBooth-LoRA job started in the Personalize tab (3
-uploaded instance images, 2 steps, a sample grid after each) trains while a P2P edit of two
-uploads (one request) shows input | reconstruction | edit per upload (its pixels in the
-input part); the job's status shows its progress bar part-way, then finished with both
+uploaded instance images, 2 steps, a sample grid after each) trains while a P2P edit of
+two uploads (one request) shows input | reconstruction | edit per upload (its pixels in
+the input part); the job's status shows its progress bar part-way, then finished with both
 grids and its result, which the Generate tab uses (``job:<id>`` in its model list) without
-compiling; a Generate
-request with the defaults shows the model's image size, keeps its settings in the PNG and
-compiles nothing (the warm-up did); a text file and a 20000x20000 PNG header get visible
-error messages; afterwards the server still serves and a new guidance still compiles
-nothing. Generate and Edit show a progress bar that counts denoising steps (Generate: out
-of its 20). Every wait has an explicit timeout (a job: JOB_TIMEOUT).
+compiling; a Generate request with the defaults shows the model's image size, keeps its
+settings in the PNG and compiles nothing (the warm-up did); a text file and a 20000x20000
+PNG header get visible error messages; afterwards the server still serves and a new
+guidance still compiles nothing. Generate and Edit show a progress bar that counts
+denoising steps (Generate: out of its 20). Every wait has an explicit timeout (a job:
+JOB_TIMEOUT).
 
 Chromium comes from apt (``.ci/run`` installs it): without it the file fails, it does not
 skip. Playwright's own browser download is not used.
