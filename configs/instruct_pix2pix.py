@@ -13,9 +13,22 @@ templates such as "make the circle blue") come from the world's exact renderer
 the evaluator (``data.source="p2p"``, settings in ``p2p``). The export
 (``<workdir>/export``) is a diffusers ``StableDiffusionInstructPix2PixPipeline`` folder
 with an 8-channel UNet. ``tiny`` (``--config configs/instruct_pix2pix.py:tiny``) is a
-smoke run. Re-running the same command resumes from the last checkpoint. Not shipped
-yet: stopped at step 1000 (of 3000) this run misses the targets (bench/README.md,
-``bench/instruct_quality.py``); ``jaxdiff/assets/shapes_instruct`` is meant to be this
+smoke run. Re-running the same command resumes from the last checkpoint.
+
+Training recipe: Min-SNR weighting (``train.snr_gamma=5``, as the base's diffusion stages)
+and ``conv_in`` (whose new image channels start at zero) at 10x the learning rate
+(``train.input_lr_multiplier``). Without them (the first run, stopped at step 1000) the
+image slice of ``conv_in`` only reached RMS 0.0065 (Adam moves a weight by at most ~lr per
+step and this slice's gradient is noisy) and the edits ignored the input (7-17 dB outside
+the edit). No wiring bug was found: training and sampling both use the unscaled
+posterior mean of the *source* image, concatenated after the noisy latents, as diffusers.
+
+Not shipped yet: ``runs/instruct_pix2pix_renderer_v2`` (this config, renderer pairs)
+stopped at step 3500 of 6000 (a checkpoint is there; re-running the command above with
+``--workdir runs/instruct_pix2pix_renderer_v2`` resumes it). At step 3500 it keeps the
+input better (up to 24-31 dB outside the edit at s_T 3, s_I 3) but misses the targets
+(colour / background >= 90 % with >= 30 dB, shape >= 75 %; bench/README.md,
+``bench/instruct_quality.py``). ``jaxdiff/assets/shapes_instruct`` is meant to be this
 config's full export.
 """
 import ml_collections
