@@ -13,6 +13,9 @@
   ``StableDiffusionInstructPix2PixPipeline.prepare_image_latents`` and its training
   script use ``latent_dist.mode()`` without the scaling factor); the edited image's
   latents are scaled as in text-to-image training.
+* ``instruct_optimizer``: AdamW whose ``conv_in`` (the only weights reading the image, zero
+  at the start) may step faster (``input_lr_multiplier``); with Min-SNR weighting
+  (``snr_gamma``) this is what makes the embedded model learn to keep its input.
 * Pairs come from the world's exact renderer (``jaxdiff.data.instructions``) or from the
   embedded model with Prompt-to-Prompt (``p2p_pairs``: both captions sampled from the
   same noise with cross/self-attention injection, kept when the evaluator reads the
