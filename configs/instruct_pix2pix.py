@@ -24,10 +24,11 @@ the edit). No wiring bug was found: training and sampling both use the unscaled
 posterior mean of the *source* image, concatenated after the noisy latents, as diffusers.
 
 Not shipped yet: ``runs/instruct_pix2pix_renderer_v2`` (this config, renderer pairs)
-stopped at step 3500 of 6000 (a checkpoint is there; re-running the command above with
-``--workdir runs/instruct_pix2pix_renderer_v2`` resumes it). At step 3500 it keeps the
-input better (up to 24-31 dB outside the edit at s_T 3, s_I 3) but misses the targets
-(colour / background >= 90 % with >= 30 dB, shape >= 75 %; bench/README.md,
+stopped at step 4750 of 6000 (a checkpoint is there; re-running the command above with
+``--workdir runs/instruct_pix2pix_renderer_v2`` resumes it). At step 4750 it keeps the
+input better (26-32 dB outside colour/shape/size/position edits at s_T 3, s_I 3) but
+misses the targets: success 0.07-0.42 (colour / background >= 90 % with >= 30 dB, shape
+>= 75 % wanted; bench/README.md,
 ``bench/instruct_quality.py``). ``jaxdiff/assets/shapes_instruct`` is meant to be this
 config's full export.
 """
