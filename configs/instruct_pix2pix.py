@@ -23,12 +23,10 @@ step and this slice's gradient is noisy) and the edits ignored the input (7-17 d
 the edit). No wiring bug was found: training and sampling both use the unscaled
 posterior mean of the *source* image, concatenated after the noisy latents, as diffusers.
 
-Not shipped yet: ``runs/instruct_pix2pix_renderer_v2`` (this config, renderer pairs)
-stopped at step 4750 of 6000 (a checkpoint is there; re-running the command above with
-``--workdir runs/instruct_pix2pix_renderer_v2`` resumes it). At step 4750 it keeps the
-input better (26-32 dB outside colour/shape/size/position edits at s_T 3, s_I 3) but
-misses the targets: success 0.07-0.42 (colour / background >= 90 % with >= 30 dB, shape
->= 75 % wanted; bench/README.md,
+Not shipped yet: ``runs/instruct_pix2pix_renderer_v2`` (this config, renderer pairs,
+all 6000 steps) keeps the input better (26-32 dB outside colour/shape/size/position edits
+at s_T 3, s_I 3) but misses the targets, the same at step 4750 and 6000: success
+0.10-0.41 (colour / background >= 90 % with >= 30 dB, shape >= 75 % wanted; bench/README.md,
 ``bench/instruct_quality.py``). ``jaxdiff/assets/shapes_instruct`` is meant to be this
 config's full export.
 """
