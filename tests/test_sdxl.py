@@ -3,7 +3,8 @@
 diffusers SDXL pipeline folder loads (two encoders and tokenizers, zeroed negative
 embeddings), ``jaxdiff.generate`` equals ``StableDiffusionXLPipeline`` (and, base -> refiner,
 ``StableDiffusionXLImg2ImgPipeline`` with denoising_end / denoising_start, dpmpp_2m and
-heun; ``jaxdiff generate --refiner`` writes the same images), the
+heun; ``jaxdiff generate --refiner`` writes the same images, also for a refiner in the
+Hugging Face cache with ``--refiner-revision`` / ``--refiner-variant``), the
 original-layout single file jaxdiff writes is read by diffusers' ``from_single_file``; the
 fp16-fix VAE config is honoured (point 2). Adapters on SDXL: tests/test_sdxl_adapters.py;
 editing: tests/test_sdxl_editing.py."""
@@ -401,13 +402,80 @@ def test_refiner_command_line_writes_the_library_handoff(saved, tmp_path, monkey
     assert settings["refiner"] == ref_dir and settings["denoising_end"] == 0.6
 
 
+def test_refiner_from_the_hf_cache_with_revision_and_variant(saved, tmp_path, monkeypatch,
+                                                             capsys):
+    """``--refiner org/name --refiner-revision v0 --refiner-variant fp16`` (as --revision /
+    --variant for --model) reads the tag's snapshot's *.fp16.safetensors from a local
+    Hugging Face cache laid out as huggingface_hub does (refs/v0 -> snapshots/<commit>, no
+    refs/main): the refiner the command runs has the float16 values of the refiner's
+    weights and its images are the library's two calls with them; a revision or variant
+    that is not there is one line naming --refiner, before any compile or output."""
+    import json
+    import shutil
+    from PIL import Image
+    from safetensors.numpy import load_file, save_file
+    from jaxdiff import cli
+    from jaxdiff.cli import refiner_args
+    base_dir, ref_dir = _reuse_loaded(saved, monkeypatch)
+    (pipe, params), (rpipe, rparams) = saved["jax_base"], saved["jax_refiner"]
+    repo = tmp_path / "hub" / "models--org--xl-refiner"
+    commit = "c" * 40
+    shutil.copytree(ref_dir, repo / "snapshots" / commit)
+    for f in (repo / "snapshots" / commit).glob("*/*.safetensors"):
+        save_file({k: v.astype(np.float16) for k, v in load_file(str(f)).items()},
+                  str(f.with_suffix(".fp16.safetensors")))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v0").write_text(commit + "\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    loads = []
+
+    def load(path=None, **kw):  # the real cache lookup; the module's refiner object (and
+        got_pipe, got = jaxdiff.load_pipeline(path, **kw)  # its compiled program) with
+        assert got_pipe.unet.config == rpipe.unet.config   # the params read
+        loads.append((path, kw, got))
+        return rpipe, got
+    monkeypatch.setattr(refiner_args, "load_pipeline", load)
+    argv = ["generate", "--model", base_dir, "--refiner", "org/xl-refiner",
+            "--denoising-end", "0.6", "--sampler", "dpmpp_2m", "--steps", "5", "--guidance",
+            "5", "--seed", "3", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]
+    for flags, says in ((["--refiner-revision", "v9"], "revision 'v9'"),
+                        ([], "revision 'main'"),
+                        (["--refiner-revision", "v0", "--refiner-variant", "bf16"],
+                         "bf16.safetensors")):
+        assert cli.main(argv + flags + ["--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --refiner: ") and "\n" not in err and says in err, err
+        assert not (tmp_path / "bad").exists()
+    out = tmp_path / "out"
+    flags = ["--refiner-revision", "v0", "--refiner-variant", "fp16", "--out", str(out)]
+    assert cli.main(argv + flags) == 0
+    (path, kw, got), = loads
+    assert (path, kw) == ("org/xl-refiner", dict(revision="v0", variant="fp16"))
+    half = jax.tree.map(lambda a: np.asarray(a).astype(np.float16).astype(np.float32), rparams)
+    jax.tree.map(np.testing.assert_array_equal, got, half)
+    assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a != b).any()), got, rparams)))
+    common = dict(sampler="dpmpp_2m", steps=5, guidance_scale=5.0, seed=3)
+    mid = jaxdiff.generate(pipe, params, PROMPTS, denoising_end=0.6, output="latents",
+                           **common)
+    want = jaxdiff.generate(rpipe, got, PROMPTS, latents=mid, denoising_start=0.6, **common)
+    images = np.stack([np.asarray(Image.open(out / f"{i:04d}.png").convert("RGB"))
+                       for i in range(2)])
+    np.testing.assert_array_equal(images, want)
+    with open(out / "settings.json") as f:
+        settings = json.load(f)
+    assert (settings["refiner"], settings["refiner_revision"], settings["refiner_variant"]) \
+        == ("org/xl-refiner", "v0", "fp16")
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--denoising-end", "1.2"], "strictly between 0 and 1"),
     (["--denoising-end", "0.6", "--steps", "1"], "leave no step"),
     (["--textual-inversion", "x.safetensors"], "cannot be combined with --textual-inversion"),
     (["--model", "SD1"], "needs an SDXL --model"),
     (["--refiner", "SD1"], "is not an SDXL model"),
-    (["--refiner", None], "--denoising-end needs --refiner")])
+    (["--refiner", None], "--denoising-end needs --refiner"),
+    (["--refiner", None, "--denoising-end", None, "--refiner-variant", "fp16"],
+     "--refiner-variant needs --refiner")])
 def test_refiner_command_line_bad_flags_are_one_line(saved, tmp_path, monkeypatch, capsys,
                                                      tiny_pipe_dir, extra, match):
     """Each: exit status 2, one ``error:`` line naming the flag, no output folder."""

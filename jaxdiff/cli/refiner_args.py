@@ -2,7 +2,8 @@
 and a refiner finishes its latents (diffusers' ``StableDiffusionXLPipeline(denoising_end=)``
 then ``StableDiffusionXLImg2ImgPipeline(image=latents, denoising_start=)``).
 
-``add_arguments`` adds the flags; ``check_flags`` checks them before any model loads;
+``add_arguments`` adds the flags (``--refiner-revision`` / ``--refiner-variant``: as
+``--revision`` / ``--variant`` for ``--model``); ``check_flags`` checks them before any model loads;
 ``load_refiner`` checks them against the base and loads the refiner before anything is
 compiled or written (one-line errors naming the flag);
 ``generate_chunk`` runs one chunk: the base's program for its steps, then the refiner's
@@ -35,6 +36,12 @@ def add_arguments(p) -> None:
                    help=f"with --refiner: the fraction of the noise schedule the base "
                    f"removes, in (0, 1) (default {DEFAULT_END}: the refiner does the last "
                    f"{1 - DEFAULT_END:.0%}%)")
+    g.add_argument("--refiner-revision", default=None, metavar="REV",
+                   help="for --refiner org/name: a branch or tag under the cache's refs/, or "
+                   "a commit hash (default main), as --revision for --model")
+    g.add_argument("--refiner-variant", default=None, metavar="VARIANT",
+                   help="weight-file variant of a diffusers-layout --refiner, e.g. fp16 "
+                   "(reads *.fp16.safetensors), as --variant for --model")
 
 
 @dataclasses.dataclass
@@ -45,16 +52,22 @@ class Refiner:
     fraction: float
 
     def settings(self, args) -> dict:
-        return dict(refiner=args.refiner, denoising_end=self.fraction)
+        out = dict(refiner=args.refiner, denoising_end=self.fraction)
+        out.update({k: v for k, v in (("refiner_revision", args.refiner_revision),
+                                      ("refiner_variant", args.refiner_variant)) if v})
+        return out
 
 
 def check_flags(args) -> None:
     """One-line ValueError / FileNotFoundError for refiner flags that cannot work, before
     any model is loaded."""
     if args.refiner is None:
-        if args.denoising_end is not None:
-            raise ValueError("--denoising-end needs --refiner MODEL (the model that finishes "
-                             "the base's latents).")
+        for flag, value in (("--denoising-end", args.denoising_end),
+                            ("--refiner-revision", args.refiner_revision),
+                            ("--refiner-variant", args.refiner_variant)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --refiner MODEL (the model that finishes "
+                                 "the base's latents).")
         return
     frac = DEFAULT_END if args.denoising_end is None else args.denoising_end
     if not 0.0 < frac < 1.0:
@@ -85,7 +98,11 @@ def load_refiner(args, pipe, height: int, width: int):
     if not pipe.is_sdxl:
         raise ValueError(f"--refiner needs an SDXL --model; {args.model or 'the embedded model'}"
                          " is an SD 1.x/2.x-style pipeline (one text encoder).")
-    rpipe, rparams = load_pipeline(args.refiner)
+    try:
+        rpipe, rparams = load_pipeline(args.refiner, revision=args.refiner_revision,
+                                       variant=args.refiner_variant)
+    except (ValueError, OSError) as e:  # say which model: --model may be org/name too
+        raise type(e)(f"--refiner: {e}") from None
     if not rpipe.is_sdxl:
         raise ValueError(f"--refiner {args.refiner} is not an SDXL model (no second text "
                          "encoder); pass an SDXL refiner or base.")
