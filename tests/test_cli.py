@@ -247,3 +247,59 @@ def test_bad_adapter_file_is_one_error_line(pipe_dir, loaded, adapter_files, tmp
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and match in errors[0], err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_repeated_lora_flags_equal_load_lora_in_sequence(pipe_dir, loaded, adapter_files,
+                                                         tmp_path, monkeypatch, capsys):
+    """``--lora A --lora B --lora-scale 0.5 --lora-scale -0.8`` runs the params of
+    ``jaxdiff.load_lora`` called for A at 0.5, then for B at -0.8 (each times its own
+    alpha / rank: A rank 2 alpha 4, B rank 1 alpha 3, B on the text encoder too), and
+    writes the images the library makes with them; mismatched counts are one error line
+    before the model is even loaded."""
+    import jax
+    from jaxdiff.adapters import lora as lora_lib
+    _reuse(loaded, monkeypatch)
+    pipe, params = loaded
+    file_a = adapter_files[0]
+    key = jax.random.key(1)
+    second = {**lora_lib.init_lora(params, 1, key=key),
+              **lora_lib.init_lora(params, 1, key=key, scope="text_encoder")}
+    second = jax.tree.map(lambda v: v + 0.2 * jax.random.normal(key, v.shape), second)
+    file_b = lora_lib.save_lora(second, str(tmp_path / "b"), alpha=3)
+    built = []
+    real = cli.generate.apply_adapters
+    monkeypatch.setattr(cli.generate, "apply_adapters",
+                        lambda *a: built.append(real(*a)) or built[-1])
+    out = str(tmp_path / "two")
+    argv = ["generate", "--model", pipe_dir, "--prompt", PROMPTS[0], "--batch", "2",
+            "--max-batch", "2", "--out", out, "--lora", file_a, "--lora", file_b,
+            "--lora-scale", "0.5", "--lora-scale", "-0.8"] + SETTINGS
+    assert cli.main(argv) == 0
+    (_, got, _), = built
+    only_a = jaxdiff.load_lora(pipe, params, file_a, 0.5)
+    want = jaxdiff.load_lora(pipe, only_a, file_b, -0.8)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=0, atol=1e-6), got, want)
+    for scope in ("unet", "text_encoder"):  # B acts on both, on top of A
+        assert max(float(np.abs(np.asarray(w) - np.asarray(a)).max()) for w, a in zip(
+            jax.tree.leaves(want[scope]), jax.tree.leaves(only_a[scope]))) > 1e-3, scope
+    images = jaxdiff.generate(pipe, want, [PROMPTS[0]] * 2, sampler="ddim", steps=2,
+                              guidance_scale=3.5, seed=7)
+    assert np.abs(_images(out, 2).astype(int) - images.astype(int)).max() <= 1
+    with open(os.path.join(out, "settings.json")) as f:
+        settings = json.load(f)
+    assert settings["lora"] == [file_a, file_b] and settings["lora_scale"] == [0.5, -0.8]
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the flags were checked")
+    monkeypatch.setattr(cli.generate, "load_pipeline", no_load)
+    capsys.readouterr()  # the progress bar of the run above
+    for flags, says in (
+            (["--lora", file_a, "--lora", file_b] + ["--lora-scale", "1"] * 3,
+             "--lora-scale given 3 times for 2 --lora files"),
+            (["--lora-scale", "0.5"], "--lora-scale needs --lora")):
+        bad = tmp_path / "bad"
+        assert cli.main(["generate", "--model", pipe_dir, "--prompt", "x", "--out", str(bad)]
+                        + flags) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and says in err, err
+        assert not bad.exists()
