@@ -303,3 +303,37 @@ def test_repeated_lora_flags_equal_load_lora_in_sequence(pipe_dir, loaded, adapt
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and says in err, err
         assert not bad.exists()
+
+
+def test_peft_lora_for_another_model_is_one_line_naming_file_and_module(
+        pipe_dir, loaded, adapter_files, tmp_path, capsys, monkeypatch):
+    """A diffusers/peft LoRA file that does not fit (issue #15 point 6): a wider layer (a
+    LoRA for another base), a module this model lacks (an SDXL second-encoder module on SD
+    1.x), lora_A without its lora_B, lora_A / lora_B of different ranks: each one
+    ``error:`` line naming the file and the module as the file names it, nothing written."""
+    from safetensors.numpy import save_file
+    from jaxdiff.adapters import lora as lora_lib
+    _reuse(loaded, monkeypatch)
+    state = lora_lib.to_state_dict(adapter_files[2])
+    key = sorted(k for k in state if ".attn2.to_k.lora_A" in k)[0]
+    module = key[:-len(".lora_A.weight")]
+    te2 = "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj"
+    a, b = state[key], state[module + ".lora_B.weight"]
+    cases = [
+        ({key: np.zeros((a.shape[0], a.shape[1] + 8), np.float32)}, module, "gives a"),
+        ({te2 + ".lora_A.weight": a, te2 + ".lora_B.weight": b}, te2, "no Dense kernel"),
+        ({te2 + ".lora_A.weight": a}, te2, "lacks a 'down' or 'up'"),
+        ({module + ".lora_B.weight": np.zeros((b.shape[0], a.shape[0] + 1), np.float32)},
+         module, "rank 2 but its 'up' matrix 3")]
+    for i, (change, name, says) in enumerate(cases):
+        path = str(tmp_path / f"bad{i}.safetensors")
+        save_file(dict(state, **change), path)
+        out = tmp_path / "out"
+        argv = ["generate", "--model", pipe_dir, "--prompt", "x", "--out", str(out), "--lora",
+                path]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and says in errors[0], err
+        assert path in errors[0] and f"'{name}'" in errors[0], errors[0]
+        assert "Traceback" not in err and not out.exists()

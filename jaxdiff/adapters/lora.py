@@ -119,9 +119,13 @@ def adapters(lora) -> Dict[Path, dict]:
         if path[-1] not in ("down", "up"):
             raise ValueError(f"not a LoRA pytree: leaf {'/'.join(path)} is not 'down'/'up'.")
         mods.setdefault(path[:-1], {})[path[-1]] = value
-    bad = [p for p, m in mods.items() if set(m) != {"down", "up"}]
-    if bad:
-        raise ValueError(f"LoRA module {'/'.join(bad[0])} lacks a 'down' or 'up' matrix.")
+    for path, m in mods.items():
+        if set(m) != {"down", "up"}:
+            raise ValueError(f"LoRA module {_name(path)} lacks a 'down' or 'up' matrix.")
+        if np.shape(m["down"])[-1] != np.shape(m["up"])[0]:
+            raise ValueError(f"LoRA module {_name(path)}: its 'down' matrix has rank "
+                             f"{np.shape(m['down'])[-1]} but its 'up' matrix "
+                             f"{np.shape(m['up'])[0]}.")
     return mods
 
 
@@ -156,13 +160,13 @@ def merge_lora(params, lora, scale=1.0):
     for path, m in adapters(lora).items():
         k = path + ("kernel",)
         if k not in flat:
-            raise ValueError(f"LoRA adapter {'/'.join(path)} has no Dense kernel in params.")
+            raise ValueError(f"LoRA module {_name(path)} has no Dense kernel in params.")
         w = flat[k]
         delta = jnp.matmul(m["down"], m["up"], precision=jax.lax.Precision.HIGHEST)
         if w.ndim == 4 and delta.shape == (math.prod(w.shape[:3]), w.shape[3]):
             delta = delta.reshape(w.shape)  # a conv adapter: rows in the kernel's HWI order
         if delta.shape != w.shape:
-            raise ValueError(f"LoRA adapter {'/'.join(path)} gives a {delta.shape} update for "
+            raise ValueError(f"LoRA module {_name(path)} gives a {delta.shape} update for "
                              f"a {tuple(w.shape)} kernel.")
         flat[k] = (w + scale * delta).astype(w.dtype)
     return traverse_util.unflatten_dict(flat)
@@ -262,10 +266,14 @@ def load_lora(path: str) -> Tuple[dict, float]:
     with safe_open(file, framework="numpy") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
         header = f.metadata() or {}
-    lora, alphas = from_state_dict(state)
+    try:  # name the file: an unknown key, a module without its pair, mismatched ranks
+        lora, alphas = from_state_dict(state)
+        rank = lora_rank(lora)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
     meta = json.loads(header.get(METADATA_KEY) or "{}")
     meta.update({f"{k}.lora_alpha": v for k, v in alphas.items()})
-    return lora, _alpha(meta, lora_rank(lora), file)
+    return lora, _alpha(meta, rank, file)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -274,6 +282,11 @@ def _get(tree, path: Path):
     for name in path:
         tree = tree[name]
     return tree
+
+
+def _name(path: Path) -> str:
+    """An adapter's module as a file names it: ``'unet.down_blocks.0.attentions.0.to_q'``."""
+    return repr(f"{path[0]}.{_module_key(path[1:])}" if len(path) > 1 else "/".join(path))
 
 
 def _module_key(path: Path) -> str:
