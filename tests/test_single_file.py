@@ -155,6 +155,11 @@ def test_configs_inferred_from_tensors_and_scheduler_as_diffusers(sd, name, tmp_
         assert pipe.image_size == 768
         eps, _ = jaxdiff.load_pipeline(file, prediction_type="epsilon")
         assert (eps.scheduler.prediction_type, eps.image_size) == ("epsilon", 512)
+        # diffusers' rule: the SD 2.0 512 px base (epsilon) is the file at global_step 875000
+        # (a 0-d tensor, or 1-element as some converters write it: that was a TypeError)
+        for step, want in ((875000, "epsilon"), ([875000], "epsilon"), (1000, "v_prediction")):
+            raw, _ = single_file._scheduler({"global_step": np.array(step)}, None, "v2", None)
+            assert raw["prediction_type"] == want, step
     else:
         assert pipe.unet.config.heads() == (8, 8)
         assert (pipe.scheduler.prediction_type, pipe.scheduler_class) == ("epsilon",
