@@ -368,7 +368,7 @@ def _scheduler(ckpt, config_dir, model_type, prediction_type):
         # diffusers: the SD 2.0 base (epsilon) checkpoint is the one trained 875000 steps.
         # (a scalar, or a 1-element tensor as some converters write it)
         if model_type == "v2" and "global_step" in ckpt and \
-                np.asarray(ckpt["global_step"]).reshape(-1)[:1].tolist() == [875000]:
+                np.asarray(ckpt["global_step"]).reshape(-1).tolist() == [875000]:
             raw["prediction_type"] = "epsilon"
     if prediction_type:
         raw = dict(raw, prediction_type=prediction_type)
