@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from jaxdiff.models.gligen import ATTENTION_TYPES, dummy_gligen
+from jaxdiff.models.pixart import PixArtTransformer2DModel, pixart_dummy_inputs
 from jaxdiff.models.vae import sample_posterior
 
 
@@ -25,7 +26,10 @@ class Pipeline:
     """Stable-Diffusion-style text-to-image pipeline (modules only, no weights).
 
     Attributes:
-      unet, vae, text_encoder: flax modules (their ``config`` fields are upstream's).
+      unet: the denoiser (backbone): a ``UNet2DConditionModel``, or a text-conditioned
+        ``PixArtTransformer2DModel`` (``is_transformer``); every algorithm calls it through
+        ``denoise`` and its params sit under ``"unet"`` either way.
+      vae, text_encoder: flax modules (their ``config`` fields are upstream's).
       tokenizer: a transformers ``CLIPTokenizer`` loaded from the checkpoint.
       text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt, requires_aesthetics_score:
         SDXL only (see below); ``is_sdxl`` is true when ``text_encoder_2`` is set.
@@ -57,6 +61,11 @@ class Pipeline:
         return tuple(p for p in pairs if p[0] is not None)
 
     @property
+    def is_transformer(self) -> bool:
+        """The denoiser is a text DiT (``PixArtTransformer2DModel``), not the U-Net."""
+        return isinstance(self.unet, PixArtTransformer2DModel)
+
+    @property
     def vae_scale_factor(self) -> int:
         return self.vae.config.downscale
 
@@ -67,7 +76,10 @@ class Pipeline:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this (VAE factor x UNet downsampling)."""
+        """Image sides must be multiples of this (VAE factor x UNet downsampling, or x the
+        transformer's patch size)."""
+        if self.is_transformer:
+            return self.vae_scale_factor * self.unet.config.patch_size
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def check_size(self, height: int, width: int) -> None:
@@ -76,7 +88,7 @@ class Pipeline:
         for name, v in (("height", height), ("width", width)):
             if v <= 0 or v % mult:
                 raise ValueError(f"{name}={v} must be a positive multiple of {mult} for this "
-                                 "model (VAE factor x UNet downsampling).")
+                                 "model (VAE factor x UNet downsampling or patch size).")
 
     def latent_shape(self, height: int, width: int) -> tuple:
         """(h, w, C) of the latents of a height x width image (C: the VAE's latent channels,
@@ -222,9 +234,20 @@ class Pipeline:
         return jnp.clip(images, -1.0, 1.0)
 
 
-def unet_apply(pipe: Pipeline, unet_params, x, t, cond, **kwargs):
-    """The UNet on a ``cond`` pytree: a context array [B, L, D] (SD 1.x/2.x) or SDXL's
-    ``{"context", "text_embeds", "time_ids"}``; ``kwargs`` (control residuals) pass on."""
+def denoise(pipe: Pipeline, unet_params, x, t, cond, **kwargs):
+    """The one denoiser interface: ``(params, latents, t, conditioning) -> prediction``.
+
+    Samplers, guidance, inversion, editing and training call the pipeline's backbone only
+    through this function (docs/design.md, "One denoiser interface"), so a U-Net and a
+    text DiT pipeline run the same programs. ``unet_params``: ``params["unet"]`` (the
+    denoiser's params, whichever backbone). ``cond``: a context array [B, L, D] (SD
+    1.x/2.x, text DiT) or SDXL's ``{"context", "text_embeds", "time_ids"}``. ``kwargs``
+    pass on: ``control`` (the attention controller, docs/design.md "Controller as data")
+    for every backbone; the U-Net's control residuals, ``capture_intermediates`` and
+    ``mutable`` for the U-Net only. A learned-sigma transformer returns its noise half.
+    """
+    if isinstance(pipe.unet, PixArtTransformer2DModel):
+        return _transformer_apply(pipe.unet, unet_params, x, t, cond, **kwargs)
     if isinstance(cond, dict):
         kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"],
                                        "time_ids": cond["time_ids"]}
@@ -232,8 +255,25 @@ def unet_apply(pipe: Pipeline, unet_params, x, t, cond, **kwargs):
     return pipe.unet.apply({"params": unet_params}, x, t, cond, **kwargs)
 
 
+# The older name of ``denoise`` (the same function), kept for its many callers.
+unet_apply = denoise
+
+
+def _transformer_apply(model, params, x, t, cond, control=None, **kwargs):
+    if kwargs or isinstance(cond, dict):
+        what = sorted(kwargs) or ["SDXL's pooled text and time ids"]
+        raise ValueError(f"this pipeline's denoiser is a {type(model).__name__}: {what[0]} is "
+                         "U-Net only (the text DiT takes latents, t, text embeddings and an "
+                         "attention controller).")
+    out = model.apply({"params": params}, x, t, cond, control=control)
+    c = model.config
+    return out[..., :c.in_channels] if c.learned_sigma else out
+
+
 def dummy_inputs(module, kind: str):
     """Smallest valid inputs for ``module.init`` ("unet" | "vae" | "text_encoder[_2]")."""
+    if kind == "unet" and isinstance(module, PixArtTransformer2DModel):
+        return pixart_dummy_inputs(module)
     if kind == "unet":
         cfg = module.config
         s = 2 ** (len(cfg.block_out_channels) - 1)

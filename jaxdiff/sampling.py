@@ -24,7 +24,7 @@ from jaxdiff import parallel
 from jaxdiff.guidance import cfg
 from jaxdiff.models.controlnet import ControlNetModel
 from jaxdiff.models.t2i_adapter import T2IAdapter
-from jaxdiff.pipeline import Pipeline, to_uint8, unet_apply
+from jaxdiff.pipeline import Pipeline, denoise, to_uint8
 from jaxdiff.samplers import SAMPLERS, make_sampler
 
 
@@ -103,10 +103,10 @@ def controlled_unet(pipe: Pipeline, params, specs, arrays, adapter_feats, i, n):
                                    jnp.concatenate([img, img]), jnp.concatenate([w, w]))
             down = d if down is None else [a + c for a, c in zip(down, d)]
             mid = m if mid is None else mid + m
-        return pipe.unet.apply({"params": params["unet"]}, x, t, context,
-                               down_block_additional_residuals=down,
-                               mid_block_additional_residual=mid,
-                               down_intrablock_additional_residuals=intra)
+        return denoise(pipe, params["unet"], x, t, context,
+                       down_block_additional_residuals=down,
+                       mid_block_additional_residual=mid,
+                       down_intrablock_additional_residuals=intra)
     return unet
 
 
@@ -124,7 +124,7 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
     Returns:
       final latents [B, h, w, C].
     """
-    unet = lambda x_, t_, c_: unet_apply(pipe, params["unet"], x_, t_, c_)
+    unet = lambda x_, t_, c_: denoise(pipe, params["unet"], x_, t_, c_)
     n = len(sampler.timesteps)
 
     def body(state, i):
@@ -234,9 +234,9 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     check_request(pipe, b, steps, height, width, sampler)
     mesh = mesh or parallel.make_mesh()
     n = parallel.padded_batch(b, mesh)
-    if control is not None and pipe.is_sdxl:
-        raise ValueError("control= is not supported for SDXL pipelines yet (SD 1.x/2.x "
-                         "ControlNets and T2I-Adapters only).")
+    if control is not None and (pipe.is_sdxl or pipe.is_transformer):
+        raise ValueError("control= is not supported for SDXL or text-DiT pipelines yet "
+                         "(SD 1.x/2.x U-Net ControlNets and T2I-Adapters only).")
     specs, arrays = control_inputs(pipe, control, b, n, height, width)
     sweep = not np.isscalar(guidance_scale) and np.ndim(guidance_scale) == 1
     span = step_span(pipe, sampler, steps, denoising_start, denoising_end)

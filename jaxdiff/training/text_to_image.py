@@ -7,6 +7,7 @@ state with Orbax (resume is exact: the data position is the step) and log JSONL.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Optional, Sequence
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel, schedules
-from jaxdiff.pipeline import Pipeline, from_uint8
+from jaxdiff.pipeline import Pipeline, denoise, from_uint8
 from jaxdiff.training import batching, losses
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.latents import encode_uint8
@@ -131,28 +132,13 @@ def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,
     os.makedirs(workdir, exist_ok=True)
     latents, ids = encode_dataset(pipe, params, source)
     empty = pipe.tokenize([""], warn=False)[0]
-    sched = pipe.scheduler
     opt = adamw_with_warmup(lr, warmup, steps)
     trainable = {"unet": params["unet"]}
     if train_text_encoder:
         trainable["text_encoder"] = params["text_encoder"]
-    frozen_text = params["text_encoder"]
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"train_diffusion: {dtype=} must be 'float32' or 'bfloat16'.")
-    train_unet = pipe.unet.clone(dtype=jnp.dtype(dtype), remat=remat)
-
-    def loss_fn(p, batch, rng):
-        x0, tok = batch
-        k_drop, k_loss = jax.random.split(rng)
-        drop = jax.random.uniform(k_drop, (tok.shape[0],)) < caption_dropout
-        tok = jnp.where(drop[:, None], jnp.asarray(empty)[None], tok)
-        text_params = p.get("text_encoder", frozen_text)
-        context = pipe.text_encoder.apply({"params": text_params}, tok)
-        unet = lambda x, t, c: train_unet.apply({"params": p["unet"]}, x, t, c)
-        per = losses.denoising_loss(unet, schedules.alphas_cumprod(sched),
-                                    sched.prediction_type,
-                                    snr_gamma if snr_gamma > 0 else None)(x0, context, k_loss)
-        return jnp.mean(per)
+    loss_fn = diffusion_loss(pipe, params["text_encoder"], empty,
+                             caption_dropout=caption_dropout, snr_gamma=snr_gamma,
+                             dtype=dtype, remat=remat)
 
     def batch_fn(s):
         idx = batching.host_slice(batching.batch_indices(len(latents), batch_size, s, seed))
@@ -168,3 +154,36 @@ def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,
                        mesh=mesh, rules=rules, fsdp_min_size=fsdp_min_size,
                        accum_steps=accum_steps)
     return dict(params, **parallel.gather(state.ema_params))
+
+
+def diffusion_loss(pipe: Pipeline, frozen_text, empty, *, caption_dropout: float = 0.1,
+                   snr_gamma: float = 0.0, dtype: str = "float32",
+                   remat: bool = False) -> Callable:
+    """``train_diffusion``'s loss ``(p, (latents [B,h,w,C], ids [B,L]), rng) -> scalar``:
+    caption dropout to ``empty`` (the empty prompt's ids), the text encoder (``p``'s when
+    trained, else ``frozen_text``), and the denoising loss of the pipeline's denoiser
+    (``pipeline.denoise``: the U-Net or a text DiT) computed in ``dtype``."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"train_diffusion: {dtype=} must be 'float32' or 'bfloat16'.")
+    if remat and pipe.is_transformer:
+        raise ValueError("train_diffusion: remat=True is U-Net only; train the text DiT "
+                         "with remat=False.")
+    sched = pipe.scheduler
+    extra = {} if pipe.is_transformer else {"remat": remat}
+    train_pipe = dataclasses.replace(pipe, unet=pipe.unet.clone(dtype=jnp.dtype(dtype),
+                                                                **extra))
+
+    def loss_fn(p, batch, rng):
+        x0, tok = batch
+        k_drop, k_loss = jax.random.split(rng)
+        drop = jax.random.uniform(k_drop, (tok.shape[0],)) < caption_dropout
+        tok = jnp.where(drop[:, None], jnp.asarray(empty)[None], tok)
+        text_params = p.get("text_encoder", frozen_text)
+        context = pipe.text_encoder.apply({"params": text_params}, tok)
+        unet = lambda x, t, c: denoise(train_pipe, p["unet"], x, t, c)
+        per = losses.denoising_loss(unet, schedules.alphas_cumprod(sched),
+                                    sched.prediction_type,
+                                    snr_gamma if snr_gamma > 0 else None)(x0, context, k_loss)
+        return jnp.mean(per)
+
+    return loss_fn
