@@ -79,6 +79,9 @@ def make_local_blend(pipe, sources: Sequence[str], targets: Sequence[str], num_s
       threshold, start_fraction: reference values 0.3 and 0.2.
       res: attention-map side (default ``blend_resolution`` of the model's latents).
     """
+    if pipe.is_transformer:
+        raise ValueError("LocalBlend reads the U-Net's cross-attention maps per resolution; "
+                         "this pipeline's denoiser is a text DiT: edit without blend words.")
     n, length = len(sources), pipe.max_length
     per_pair = (blend_words if blend_words and not isinstance(blend_words[0], str)
                 else [blend_words] * n)

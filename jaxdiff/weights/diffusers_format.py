@@ -6,7 +6,11 @@ Layout: ``model_index.json``, ``unet/``, ``vae/`` (``config.json`` +
 ``text_encoder_2/`` (``CLIPTextModelWithProjection``) and ``tokenizer_2/`` (the refiner has
 only these two). An InstructPix2Pix pipeline (``Pipeline.is_instruct``: a UNet taking twice
 the VAE's latent channels) has the SD layout under diffusers' class name
-``StableDiffusionInstructPix2PixPipeline``.
+``StableDiffusionInstructPix2PixPipeline``. A text-DiT pipeline (``Pipeline.is_transformer``)
+has ``transformer/`` (a ``PixArtTransformer2DModel`` folder) in place of ``unet/``, under
+diffusers' PixArt-alpha class name, with the CLIP text encoder and tokenizer of the SD
+layout (diffusers' own PixArt-alpha pipeline uses T5: diffusers reads the components, the
+whole pipeline is jaxdiff's).
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from transformers import CLIPTokenizer
 from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel,
                             CLIPTextModelWithProjection, CLIPTextProjectionConfig,
                             UNet2DConditionModel, UNetConfig, VAEConfig)
-from jaxdiff.models.config import read_json
+from jaxdiff.models.config import UnsupportedConfigError, read_json
+from jaxdiff.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from jaxdiff.pipeline import Pipeline, dummy_inputs
 from jaxdiff.schedules import SchedulerConfig
 from jaxdiff.weights import convert, files
@@ -31,6 +36,7 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets
 INSTRUCT_MODEL = os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes_instruct")
 INSTRUCT_CLASS = "StableDiffusionInstructPix2PixPipeline"
 GLIGEN_CLASS = "StableDiffusionGLIGENPipeline"  # a UNet with attention_type="gated"
+TEXT_DIT_CLASS = "PixArtAlphaPipeline"  # denoiser: transformer/ (PixArtTransformer2DModel)
 _TEXT_PREFIX = "text_model."
 
 
@@ -55,6 +61,14 @@ def load_component(folder: str, kind: str, dtype=jnp.float32, variant=None,
     if kind == "unet":
         module = UNet2DConditionModel(UNetConfig.from_dict(raw, cfg_path), dtype)
         stem, prefixes = "diffusion_pytorch_model", ("",)
+    elif kind == "transformer":  # a text-DiT pipeline's denoiser
+        if raw.get("_class_name") != "PixArtTransformer2DModel":
+            raise UnsupportedConfigError(
+                f"{cfg_path}: _class_name={raw.get('_class_name')!r}; a text pipeline's "
+                "transformer must be a PixArtTransformer2DModel (class-conditional DiT "
+                "folders: jaxdiff.weights.backbones.load_dit_pipeline).")
+        module = PixArtTransformer2DModel(PixArtConfig.from_dict(raw, cfg_path), dtype)
+        stem, prefixes = "diffusion_pytorch_model", ("",)
     elif kind == "vae":
         module = AutoencoderKL(VAEConfig.from_dict(raw, cfg_path), dtype)
         stem, prefixes = "diffusion_pytorch_model", ("",)
@@ -66,7 +80,8 @@ def load_component(folder: str, kind: str, dtype=jnp.float32, variant=None,
         module = CLIPTextModel(CLIPTextConfig.from_dict(raw, cfg_path), dtype)
         stem, prefixes = "model", (_TEXT_PREFIX,)
     path = files.find_weights(folder, stem, variant, allow_pickle)
-    params = convert.torch_to_flax(files.open_tensors(path), init_shapes(module, kind),
+    shapes = init_shapes(module, "unet" if kind == "transformer" else kind)
+    params = convert.torch_to_flax(files.open_tensors(path), shapes,
                                    source=path, strip_prefixes=prefixes, device=True)
     return module, params
 
@@ -82,7 +97,8 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
       allow_pickle: permit ``.bin``/``.ckpt`` weights (they can execute code).
     Returns:
       ``(pipe, params)`` with params ``{"text_encoder", "unet", "vae"}`` (SDXL: and
-      ``"text_encoder_2"``; the refiner: no ``"text_encoder"``).
+      ``"text_encoder_2"``; the refiner: no ``"text_encoder"``; a text-DiT folder's
+      ``transformer/`` is the pipeline's denoiser, its params under ``"unet"``).
     """
     path = DEFAULT_MODEL if path is None else path
     index_path = os.path.join(path, "model_index.json")
@@ -96,8 +112,9 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
         if kind.startswith("text_encoder") and not _listed(index, kind):
             modules[kind] = tokenizers[kind] = None  # SDXL refiner: no first encoder
             continue
-        modules[kind], params[kind] = load_component(os.path.join(path, kind), kind, dtype,
-                                                     variant, allow_pickle)
+        folder = "transformer" if kind == "unet" and _listed(index, "transformer") else kind
+        modules[kind], params[kind] = load_component(os.path.join(path, folder), folder,
+                                                     dtype, variant, allow_pickle)
         if kind.startswith("text_encoder"):
             tok_dir = os.path.join(path, kind.replace("text_encoder", "tokenizer"))
             if not os.path.isdir(tok_dir):
@@ -110,7 +127,7 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
     if modules["text_encoder"] is None and modules["text_encoder_2"] is None:
         raise FileNotFoundError(f"{index_path}: lists no text_encoder; jaxdiff needs one.")
     sdxl = modules["text_encoder_2"] is not None
-    if sdxl != modules["unet"].config.text_time:
+    if sdxl != getattr(modules["unet"].config, "text_time", False):
         raise ValueError(f"{index_path}: text_encoder_2 and a UNet with addition_embed_type="
                          "'text_time' go together (SDXL); this folder has only one of them.")
     sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
@@ -148,13 +165,14 @@ def save_pipeline(pipe: Pipeline, params, out_dir: str, *, overwrite: bool = Tru
     with files.atomic_directory(out_dir, overwrite) as tmp:
         _write_json(os.path.join(tmp, "model_index.json"), _model_index(pipe))
         for kind, module, stem, tokenizer in (
-                ("unet", pipe.unet, "diffusion_pytorch_model", None),
+                ("unet", pipe.unet, "diffusion_pytorch_model", None),  # or transformer/
                 ("vae", pipe.vae, "diffusion_pytorch_model", None),
                 ("text_encoder", pipe.text_encoder, "model", pipe.tokenizer),
                 ("text_encoder_2", pipe.text_encoder_2, "model", pipe.tokenizer_2)):
             if module is None:
                 continue
-            os.makedirs(os.path.join(tmp, kind))
+            folder = "transformer" if kind == "unet" and pipe.is_transformer else kind
+            os.makedirs(os.path.join(tmp, folder))
             cfg = module.config.to_dict()
             if tokenizer is not None:
                 cfg.update(bos_token_id=tokenizer.bos_token_id,
@@ -164,8 +182,8 @@ def save_pipeline(pipe: Pipeline, params, out_dir: str, *, overwrite: bool = Tru
                     cfg["eos_token_id"] = module.config.eos_token_id
                 _save_tokenizer(tokenizer, os.path.join(tmp, kind.replace("text_encoder",
                                                                            "tokenizer")))
-            _write_json(os.path.join(tmp, kind, "config.json"), cfg)
-            files.write_tensors(os.path.join(tmp, kind, f"{stem}.safetensors"),
+            _write_json(os.path.join(tmp, folder, "config.json"), cfg)
+            files.write_tensors(os.path.join(tmp, folder, f"{stem}.safetensors"),
                                 convert.flax_to_torch(params[kind]))
         os.makedirs(os.path.join(tmp, "scheduler"))
         sched = dict(pipe.scheduler.to_dict(), _class_name=pipe.scheduler_class)
@@ -174,6 +192,13 @@ def save_pipeline(pipe: Pipeline, params, out_dir: str, *, overwrite: bool = Tru
 
 
 def _model_index(pipe: Pipeline) -> dict:
+    if pipe.is_transformer:
+        return {"_class_name": TEXT_DIT_CLASS, "_diffusers_version": "0.42.1",
+                "scheduler": ["diffusers", pipe.scheduler_class],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "transformer": ["diffusers", "PixArtTransformer2DModel"],
+                "vae": ["diffusers", "AutoencoderKL"]}
     if pipe.is_sdxl:
         none = [None, None]
         first = pipe.text_encoder is not None

@@ -1,0 +1,187 @@
+"""One denoiser interface (issue #18, point 1): a Pipeline whose denoiser is a PixArt-style
+text DiT (the shipped model's CLIP text encoder, VAE and tokenizer around a tiny random
+``PixArtTransformer2DModel``) generates, inverts, edits with Prompt-to-Prompt and trains
+through ``pipeline.denoise``, like a U-Net pipeline.
+
+Truth: a hand-written guided DDIM loop calling the PixArt module directly; the image
+latents an inversion started from; an identity edit vs a word swap with the controller
+on and off; the loss before and after a few optimizer steps.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxdiff
+from jaxdiff import pipeline as pl
+from jaxdiff.adapters.lora import init_lora, merge_lora
+from jaxdiff.editing import inversion as inv
+from jaxdiff.editing import p2p_pipeline as pp
+from jaxdiff.editing import prompt_to_prompt as p2p
+from jaxdiff.editing.batch_inputs import unet_denoiser
+from jaxdiff.models.pixart import PixArtConfig, PixArtTransformer2DModel
+from jaxdiff.samplers import make_sampler
+from jaxdiff.samplers.ddim import ddim_tables
+from jaxdiff.training.lora import make_lora_loss
+from jaxdiff.training.text_to_image import diffusion_loss
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def dit(embedded):
+    """(pipe, params): the shipped pipeline with its U-Net swapped for a tiny text DiT
+    (learned sigma: 8 output channels, of which ``denoise`` keeps the noise half). Its
+    output layer is scaled by 0.1 (noise predictions of std ~0.06, DiT-like near-zero
+    init): a random net at full scale varies too fast in t for DDIM's first-order
+    inversion to come back at these step counts."""
+    pipe, params = embedded
+    cfg = PixArtConfig(num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                       sample_size=pipe.unet.config.sample_size, out_channels=8,
+                       cross_attention_dim=16, use_additional_conditions=False,
+                       caption_channels=pipe.text_encoder.config.hidden_size)
+    pipe = dataclasses.replace(pipe, unet=PixArtTransformer2DModel(cfg))
+    net = pl.init_params(dataclasses.replace(pipe, text_encoder=None, vae=None))["unet"]
+    net = dict(net, proj_out=jax.tree.map(lambda a: 0.1 * a, net["proj_out"]))
+    return pipe, dict(params, unet=net)
+
+
+def _hand_loop(pipe, params, noise, scale, steps):
+    """Guided DDIM calling the PixArt module directly (no ``denoise``, no ``cfg``)."""
+    s = make_sampler("ddim", pipe.scheduler, steps)
+    ids = pipe.tokenize(PROMPTS + ["", ""])
+    ctx = pipe.text_encoder.apply({"params": params["text_encoder"]}, ids)
+    ctx = jnp.concatenate([ctx[2:], ctx[:2]])  # [uncond; cond]
+    state = s.init(jnp.asarray(noise) * s.init_noise_sigma)
+    net = jax.jit(pipe.unet.apply)
+    for i in range(steps):
+        x = s.model_input(state, i)
+        out = net({"params": params["unet"]}, jnp.concatenate([x, x]), s.timesteps[i],
+                  ctx)[..., :4]
+        u, c = out[:2], out[2:]
+        state = s.step(state, i, u + scale * (c - u), jnp.zeros_like(x))
+    return np.asarray(s.latents(state))
+
+
+def test_generate_equals_hand_loop_and_sweeps(dit):
+    pipe, params = dit
+    noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    got = jaxdiff.generate(pipe, params, PROMPTS, sampler="ddim", steps=4,
+                           guidance_scale=[1.0, 4.0], latents=noise, output="latents")
+    assert got.shape == (2, 2, 8, 8, 4)
+    for k, scale in enumerate((1.0, 4.0)):
+        want = _hand_loop(pipe, params, noise, scale, 4)
+        np.testing.assert_allclose(got[k], want, atol=2e-4, rtol=0)
+    assert np.abs(got[1] - got[0]).max() > 1e-2  # the traced scale really acts
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _invert_and_sample(pipe, params, z0, steps, ids):
+    den = unet_denoiser(pipe, params)
+    tab = ddim_tables(pipe.scheduler, steps)
+    cond = pipe.encode_text(params, ids)
+    traj = inv.ddim_invert(den, tab, z0, cond, pipe.scheduler.prediction_type)
+    nulls = inv.negative_prompt_nulls(cond, steps)  # guidance 1: the cond branch only
+    return traj, inv.ddim_sample(den, tab, traj[-1], cond, nulls, 1.0,
+                                 pipe.scheduler.prediction_type)
+
+
+def test_ddim_inversion_reconstructs(dit):
+    """Invert to z_T and sample back (guidance 1): the error is small at 50 steps and falls
+    as the step shrinks (first order: 10 -> 50 steps divides it by ~4 here)."""
+    pipe, params = dit
+    z0 = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    err = {}
+    for steps in (10, 50):
+        traj, rec = _invert_and_sample(pipe, params, z0, steps, pipe.tokenize(PROMPTS))
+        assert float(jnp.abs(traj[-1] - z0).mean()) > 0.5  # a real trip to noise
+        err[steps] = float(jnp.abs(rec - z0).max())
+    assert err[50] < 0.1 and err[50] < 0.4 * err[10], err
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _p2p_latents(pipe, params, z0, ids, control):
+    out, taken = pp.edit_latents(pipe, params, z0, ids[0:1], ids[1:2], ids[2:3],
+                                 jnp.arange(1), control, None, jnp.float32(5.0), steps=4,
+                                 inversion="null_text", num_inner_steps=3)
+    return out.source, out.target, taken
+
+
+def test_null_text_p2p_on_the_text_dit(dit):
+    """Identity edit (target = source) == the reconstruction (null-text retraces the
+    inversion). With target = source the target branch can only leave the source branch
+    through the controller, so reweighting "red" to 0 (cross-attention column zeroed in
+    the transformer's ``attn2``) moving it shows the controller acts inside the DiT; the
+    same program (the controller is traced data) runs both."""
+    pipe, params = dit
+    z0 = jax.random.normal(jax.random.key(2), (1, 8, 8, 4))
+    src = "a red circle"
+    ids = pipe.tokenize([src, src, ""])
+    same = p2p.make_control(pipe, [src], [src], 4)
+    rec, edit, taken = _p2p_latents(pipe, params, z0, ids, same)
+    np.testing.assert_allclose(np.asarray(edit), np.asarray(rec), atol=1e-5)
+    assert float(jnp.abs(rec - z0).mean()) < 0.15  # back from z_T (mean distance ~0.75)
+    assert int(np.asarray(taken).sum()) > 0  # null-text optimisation ran
+    drop = p2p.make_control(pipe, [src], [src], 4, mode="reweight", reweight={"red": 0.0})
+    rec2, moved, _ = _p2p_latents(pipe, params, z0, ids, drop)
+    np.testing.assert_array_equal(np.asarray(rec2), np.asarray(rec))  # source untouched
+    assert float(jnp.abs(moved - rec).mean()) > 1e-2
+
+
+def _descends(loss, params, batch, steps=5, lr=1e-2):
+    """(loss before, loss after ``steps`` Adam steps) on a fixed batch and rng."""
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def step(p, s):
+        val, g = jax.value_and_grad(loss)(p, batch, jax.random.key(0))
+        updates, s = opt.update(g, s, p)
+        return val, optax.apply_updates(p, updates), s
+
+    state, vals = opt.init(params), []
+    for _ in range(steps + 1):  # the last call only reads the loss
+        val, params, state = step(params, state)
+        vals.append(float(val))
+    return vals[0], vals[-1]
+
+
+def test_train_steps_lower_the_loss(dit):
+    """Text-to-image (``diffusion_loss``, denoiser trained) and LoRA on the text DiT."""
+    pipe, params = dit
+    batch = (jax.random.normal(jax.random.key(3), (2, 8, 8, 4)), pipe.tokenize(PROMPTS))
+    t2i = diffusion_loss(pipe, params["text_encoder"], pipe.tokenize([""])[0],
+                         caption_dropout=0.0)
+    before, after = _descends(t2i, {"unet": params["unet"]}, batch)
+    assert after < 0.9 * before, (before, after)
+    lora = init_lora(params, 2, key=jax.random.key(4))
+    assert lora["unet"]  # the transformer's to_q/k/v/out are targets
+    before, after = _descends(make_lora_loss(pipe, params, 1.0), lora, batch, lr=5e-2)
+    assert after < 0.97 * before, (before, after)
+    merged = merge_lora(params, lora, 1.0)
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+
+
+def test_unet_only_inputs_are_refused(dit):
+    pipe, params = dit
+    with pytest.raises(ValueError, match="U-Net only"):
+        pl.denoise(pipe, params["unet"], jnp.zeros((1, 8, 8, 4)), 1.0, jnp.zeros((1, 16, 64)),
+                   mid_block_additional_residual=jnp.zeros(1))
+    with pytest.raises(ValueError, match="remat=True is U-Net only"):
+        diffusion_loss(pipe, params["text_encoder"], None, remat=True)
+
+
+def test_save_load_round_trip(dit, tmp_path):
+    """Saved with ``transformer/`` in place of ``unet/``; loads back to the same pipeline."""
+    pipe, params = dit
+    out = jaxdiff.save_pipeline(pipe, params, str(tmp_path / "dit"))
+    assert (tmp_path / "dit" / "transformer" / "config.json").exists()
+    assert not (tmp_path / "dit" / "unet").exists()
+    back, bparams = jaxdiff.load_pipeline(out)
+    assert back.is_transformer and back.unet.config == pipe.unet.config
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(bparams)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree.structure(params) == jax.tree.structure(bparams)
