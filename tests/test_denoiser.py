@@ -26,7 +26,7 @@ from jaxdiff.editing.batch_inputs import unet_denoiser
 from jaxdiff.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from jaxdiff.samplers import make_sampler
 from jaxdiff.samplers.ddim import ddim_tables
-from jaxdiff.training.lora import make_lora_loss
+from jaxdiff.training.dreambooth import make_dreambooth_loss
 from jaxdiff.training.text_to_image import diffusion_loss
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -150,7 +150,8 @@ def _descends(loss, params, batch, steps=5, lr=1e-2):
 
 
 def test_train_steps_lower_the_loss(dit):
-    """Text-to-image (``diffusion_loss``, denoiser trained) and LoRA on the text DiT."""
+    """Text-to-image (``diffusion_loss``, denoiser trained) and DreamBooth-LoRA (prior
+    preservation; LoRA factors on the transformer's attention) on the text DiT."""
     pipe, params = dit
     batch = (jax.random.normal(jax.random.key(3), (2, 8, 8, 4)), pipe.tokenize(PROMPTS))
     t2i = diffusion_loss(pipe, params["text_encoder"], pipe.tokenize([""])[0],
@@ -159,7 +160,13 @@ def test_train_steps_lower_the_loss(dit):
     assert after < 0.9 * before, (before, after)
     lora = init_lora(params, 2, key=jax.random.key(4))
     assert lora["unet"]  # the transformer's to_q/k/v/out are targets
-    before, after = _descends(make_lora_loss(pipe, params, 1.0), lora, batch, lr=5e-2)
+    db = make_dreambooth_loss(pipe, lambda tr: merge_lora(params, tr, 1.0),
+                              train_text_encoder=True, prior_preservation=True)
+    ids = pipe.tokenize(PROMPTS)
+    db_batch = dict(instance_latents=batch[0][:1], instance_text=ids[:1],
+                    class_latents=batch[0][1:], class_text=ids[1:],
+                    prior_weight=jnp.ones((1,)))
+    before, after = _descends(lambda p, b, r: db(p, db_batch, r), lora, None, lr=5e-2)
     assert after < 0.97 * before, (before, after)
     merged = merge_lora(params, lora, 1.0)
     assert jax.tree.structure(merged) == jax.tree.structure(params)
