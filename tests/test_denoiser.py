@@ -91,16 +91,14 @@ def _invert_and_sample(pipe, params, z0, steps, ids):
 
 
 def test_ddim_inversion_reconstructs(dit):
-    """Invert to z_T and sample back (guidance 1): the error is small at 50 steps and falls
-    as the step shrinks (first order: 10 -> 50 steps divides it by ~4 here)."""
+    """Invert to z_T and sample back (guidance 1) at 50 steps: back within 0.1 (measured
+    0.08; first order, so 0.35 at 10 steps, and > 1 for a mismatched t or sign)."""
     pipe, params = dit
     z0 = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
-    err = {}
-    for steps in (10, 50):
-        traj, rec = _invert_and_sample(pipe, params, z0, steps, pipe.tokenize(PROMPTS))
-        assert float(jnp.abs(traj[-1] - z0).mean()) > 0.5  # a real trip to noise
-        err[steps] = float(jnp.abs(rec - z0).max())
-    assert err[50] < 0.1 and err[50] < 0.4 * err[10], err
+    traj, rec = _invert_and_sample(pipe, params, z0, 50, pipe.tokenize(PROMPTS))
+    assert float(jnp.abs(traj[-1] - z0).mean()) > 0.5  # a real trip to noise
+    err = float(jnp.abs(rec - z0).max())
+    assert err < 0.1, err
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
