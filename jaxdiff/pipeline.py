@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from jaxdiff.models.gligen import ATTENTION_TYPES, dummy_gligen
-from jaxdiff.models.pixart import PixArtTransformer2DModel, pixart_dummy_inputs
+from jaxdiff.models.pixart import PixArtConfig, pixart_dummy_inputs
 from jaxdiff.models.vae import sample_posterior
 
 
@@ -62,8 +62,9 @@ class Pipeline:
 
     @property
     def is_transformer(self) -> bool:
-        """The denoiser is a text DiT (``PixArtTransformer2DModel``), not the U-Net."""
-        return isinstance(self.unet, PixArtTransformer2DModel)
+        """The denoiser is a text DiT (``PixArtTransformer2DModel``), not the U-Net (told by
+        its config, so wrappers such as the web app's progress counter keep it)."""
+        return _is_transformer(self.unet)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -246,7 +247,7 @@ def denoise(pipe: Pipeline, unet_params, x, t, cond, **kwargs):
     for every backbone; the U-Net's control residuals, ``capture_intermediates`` and
     ``mutable`` for the U-Net only. A learned-sigma transformer returns its noise half.
     """
-    if isinstance(pipe.unet, PixArtTransformer2DModel):
+    if _is_transformer(pipe.unet):
         return _transformer_apply(pipe.unet, unet_params, x, t, cond, **kwargs)
     if isinstance(cond, dict):
         kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"],
@@ -257,6 +258,10 @@ def denoise(pipe: Pipeline, unet_params, x, t, cond, **kwargs):
 
 # The older name of ``denoise`` (the same function), kept for its many callers.
 unet_apply = denoise
+
+
+def _is_transformer(module) -> bool:
+    return isinstance(module.config, PixArtConfig)
 
 
 def _transformer_apply(model, params, x, t, cond, control=None, **kwargs):
@@ -272,7 +277,7 @@ def _transformer_apply(model, params, x, t, cond, control=None, **kwargs):
 
 def dummy_inputs(module, kind: str):
     """Smallest valid inputs for ``module.init`` ("unet" | "vae" | "text_encoder[_2]")."""
-    if kind == "unet" and isinstance(module, PixArtTransformer2DModel):
+    if kind == "unet" and _is_transformer(module):
         return pixart_dummy_inputs(module)
     if kind == "unet":
         cfg = module.config

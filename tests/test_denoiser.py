@@ -190,3 +190,17 @@ def test_save_load_round_trip(dit, tmp_path):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(bparams)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert jax.tree.structure(params) == jax.tree.structure(bparams)
+
+
+def test_dispatch_survives_the_progress_wrapper(dit):
+    """The web app wraps ``pipe.unet`` (``app.progress.with_progress``): ``denoise`` still
+    calls it the transformer's way (the noise half of the 8-channel learned-sigma output;
+    traced only, no compile)."""
+    from jaxdiff.app.progress import with_progress
+    pipe, params = dit
+    wrapped = with_progress(pipe)
+    assert wrapped.is_transformer and wrapped.unet is not pipe.unet
+    x, ctx = jnp.ones((1, 8, 8, 4)), jnp.full((1, 16, 64), 0.1)
+    full = jax.eval_shape(lambda: pipe.unet.apply({"params": params["unet"]}, x, 500.0, ctx))
+    out = jax.eval_shape(lambda: pl.denoise(wrapped, params["unet"], x, 500.0, ctx))
+    assert full.shape == (1, 8, 8, 8) and out.shape == (1, 8, 8, 4)
