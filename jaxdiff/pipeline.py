@@ -21,6 +21,13 @@ from jaxdiff.models.pixart import PixArtConfig, pixart_dummy_inputs
 from jaxdiff.models.vae import sample_posterior
 
 
+# SDXL micro-conditioning: diffusers' StableDiffusionXL(Img2Img)Pipeline argument names
+# (sizes and crops as (height, width) / (top, left) pixels; scores: the refiner's).
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size",
+                      "negative_original_size", "negative_crops_coords_top_left",
+                      "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Pipeline:
     """Stable-Diffusion-style text-to-image pipeline (modules only, no weights).
@@ -178,13 +185,71 @@ class Pipeline:
         tail = (score,) if self.requires_aesthetics_score else (height, width)
         return np.asarray((height, width, 0, 0) + tail, np.float32)
 
-    def add_time_ids(self, cond, height: int, width: int, negative: bool = False):
+    def time_id_pair(self, height: int, width: int, img2img: bool = False, **micro):
+        """SDXL's (positive, negative) time ids float32 [2, K] with micro-conditioning
+        ``micro`` (``MICRO_CONDITIONING``'s names, diffusers' ``__call__`` arguments; None
+        = default), as diffusers' ``_get_add_time_ids``: original / target size default to
+        (height, width), crops to (0, 0), aesthetic scores to 6 / 2.5. ``img2img`` False
+        (``StableDiffusionXLPipeline``): the negative half is the positive one unless
+        ``negative_original_size`` and ``negative_target_size`` are both given; True
+        (``StableDiffusionXLImg2ImgPipeline``, the refiner's hand-off): negative sizes
+        default to the positive ones, and a non-aesthetic model's negative half keeps the
+        positive crop. A value diffusers would ignore, or any for a pipeline without time
+        ids, is a one-line ValueError. Non-SDXL pipelines without ``micro``: None."""
+        given = {k: v for k, v in micro.items() if v is not None}
+        for k in sorted(set(micro) - set(MICRO_CONDITIONING)):
+            raise TypeError(f"unknown micro-conditioning argument {k!r}; choose from "
+                            f"{MICRO_CONDITIONING}.")
+        if not self.is_sdxl:
+            for k in sorted(given):
+                raise ValueError(f"{k} is SDXL micro-conditioning (time ids); this pipeline "
+                                 "has none (SD 1.x/2.x or text DiT): leave it out.")
+            return None
+        aesthetic = self.requires_aesthetics_score
+        img2img = img2img or aesthetic  # the refiner's one diffusers pipeline
+        unused = [k for k in given if ("target" if aesthetic else "aesthetic") in k]
+        if not img2img and not ({"negative_original_size", "negative_target_size"} <= set(given)):
+            unused += [k for k in given if k.startswith("negative_")]
+        if img2img and not aesthetic:
+            unused += [k for k in given if k == "negative_crops_coords_top_left"]
+        for k in sorted(set(unused)):
+            why = ("this model's time ids end with an aesthetic score, not a target size"
+                   if aesthetic and "target" in k else "only a refiner "
+                   "(requires_aesthetics_score) takes aesthetic scores" if "aesthetic" in k
+                   else "a base model continuing latents keeps the positive crop (as "
+                   "diffusers' img2img pipeline)" if img2img else "diffusers' base pipeline "
+                   "uses negative micro-conditioning only given both negative_original_size "
+                   "and negative_target_size")
+            raise ValueError(f"{k}={given[k]}: {why}.")
+
+        def pair(name, default):
+            v = tuple(float(x) for x in np.ravel(given.get(name, default)))
+            if len(v) != len(default):
+                raise ValueError(f"{name}={given[name]} must be {len(default)} number(s).")
+            return v
+        size = (height, width)
+        orig, crop = pair("original_size", size), pair("crops_coords_top_left", (0, 0))
+        tail = pair("aesthetic_score", (6.0,)) if aesthetic else pair("target_size", size)
+        if img2img or "negative_original_size" in given:
+            neg_orig = pair("negative_original_size", orig)
+            neg_crop = (crop if img2img and not aesthetic
+                        else pair("negative_crops_coords_top_left", (0, 0)))
+            neg_tail = (pair("negative_aesthetic_score", (2.5,)) if aesthetic
+                        else pair("negative_target_size", tail))
+        else:
+            neg_orig, neg_crop, neg_tail = orig, crop, tail
+        return np.asarray([orig + crop + tail, neg_orig + neg_crop + neg_tail], np.float32)
+
+    def add_time_ids(self, cond, height: int, width: int, negative: bool = False, ids=None):
         """``cond`` with SDXL's ``time_ids`` [B, K] for a height x width image (the
-        ``negative`` half: the refiner's lower aesthetic score); other pipelines: ``cond``."""
+        ``negative`` half: the refiner's lower aesthetic score), or ``ids`` [K] given
+        (``time_id_pair``'s rows, traced); other pipelines: ``cond``."""
         if not self.is_sdxl:
             return cond
-        ids = self.time_ids(height, width, negative)
-        return dict(cond, time_ids=jnp.broadcast_to(ids, (cond["context"].shape[0], len(ids))))
+        ids = jnp.asarray(self.time_ids(height, width, negative) if ids is None else ids,
+                          jnp.float32)
+        return dict(cond, time_ids=jnp.broadcast_to(ids, (cond["context"].shape[0],
+                                                          ids.shape[-1])))
 
     def zeroes_negative(self, negative_prompts) -> bool:
         """True when no negative prompt means zero negative embeddings (SDXL pipelines with
@@ -197,16 +262,18 @@ class Pipeline:
         return self.add_time_ids(self.encode_text(params, ids), height, width, negative)
 
     def encode_prompts(self, params, ids, neg_ids, height: int, width: int,
-                       zero_uncond: bool = False):
+                       zero_uncond: bool = False, time_ids=None):
         """(cond, uncond): the conditions of the prompts and of the negative prompts, as every
         guided sampling and edit program feeds the UNet (docs/design.md, "Parameters are one
         pytree"). ``zero_uncond`` (``zeroes_negative``): zero negative embeddings in place
-        of ``neg_ids``' (SDXL's time ids stay those of the negative half)."""
+        of ``neg_ids``' (SDXL's time ids stay those of the negative half). ``time_ids``:
+        None (defaults), or SDXL's (positive, negative) [2, K] (``time_id_pair``)."""
         cond = self.encode_text(params, ids)
         uncond = (jax.tree.map(jnp.zeros_like, cond) if zero_uncond
                   else self.encode_text(params, neg_ids))
-        return (self.add_time_ids(cond, height, width),
-                self.add_time_ids(uncond, height, width, negative=True))
+        pos, neg = (None, None) if time_ids is None else (time_ids[0], time_ids[1])
+        return (self.add_time_ids(cond, height, width, ids=pos),
+                self.add_time_ids(uncond, height, width, negative=True, ids=neg))
 
     @property
     def word_tokenizer(self):

@@ -142,15 +142,15 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
 
 def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False, span=None):
     """The whole job as one pure function of (params, ids, neg_ids, noise, keys, scalars,
-    control arrays). ``zero_uncond``: SDXL's zero negative embeddings. ``span``: None, or
+    control arrays, SDXL time ids [2, K] or None for the defaults). ``zero_uncond``: SDXL's zero negative embeddings. ``span``: None, or
     (first, stop, handed): the step range (``step_span``); ``handed``: ``noise`` are the
     latents at step ``first`` (not scaled by the init sigma). A range that stops before
     the last step returns its latents in place of images (no VAE decode)."""
 
-    def run(params, ids, neg_ids, noise, keys, scale, rescale, eta, arrays=()):
+    def run(params, ids, neg_ids, noise, keys, scale, rescale, eta, arrays=(), time_ids=None):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         size = (noise.shape[1] * pipe.vae_scale_factor, noise.shape[2] * pipe.vae_scale_factor)
-        cond, uncond = pipe.encode_prompts(params, ids, neg_ids, *size, zero_uncond)
+        cond, uncond = pipe.encode_prompts(params, ids, neg_ids, *size, zero_uncond, time_ids)
         feats = tuple(model.apply({"params": arr["params"]}, arr["image"])
                       if isinstance(model, T2IAdapter) else None
                       for (model, _), arr in zip(specs, arrays))
@@ -177,15 +177,15 @@ def _compiled(pipe, sampler_name, steps, sweep, mesh, specs=(), zero_uncond=Fals
         jax.sharding.PartitionSpec(parallel.DATA))
     arrays = tuple(dict(params=rep, image=data, scale=data, start=rep, end=rep) for _ in specs)
     return jax.jit(_program(pipe, sampler_name, steps, sweep, specs, zero_uncond, span),
-                   in_shardings=(rep, data, data, data, data, rep, rep, rep, arrays),
+                   in_shardings=(rep, data, data, data, data, rep, rep, rep, arrays, rep),
                    out_shardings=(out_batch, out_batch))
 
 
 def generation_program(pipe: Pipeline, sampler: str = "ddim", steps: int = 50,
                        sweep: bool = False, mesh=None):
     """The jitted program ``generate`` runs (the same cached object), for ahead-of-time
-    ``.lower(params, ids, neg_ids, noise, keys, scale, rescale, eta, ())`` from abstract
-    shapes (``bench/roofline.py``); no control models."""
+    ``.lower(params, ids, neg_ids, noise, keys, scale, rescale, eta, (), None)`` from
+    abstract shapes (``bench/roofline.py``); no control models, default SDXL time ids."""
     # The same positional arguments as ``generate`` (lru_cache keys on their form).
     return _compiled(pipe, sampler, int(steps), sweep, mesh or parallel.make_mesh(), (), False,
                      None)
@@ -198,7 +198,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
              eta: float = 0.0, guidance_rescale: float = 0.0, mesh=None,
              output: str = "uint8", sample_offset: int = 0,
              control: Union[None, Control, Sequence[Control]] = None,
-             denoising_start: Optional[float] = None, denoising_end: Optional[float] = None):
+             denoising_start: Optional[float] = None, denoising_end: Optional[float] = None,
+             **micro_conditioning):
     """Generates images for ``prompts``.
 
     Args:
@@ -222,6 +223,13 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
         returned (not noise); only the remaining steps run (diffusers'
         ``StableDiffusionXLImg2ImgPipeline(image=latents, denoising_start=...)``). The step
         range is static (``step_span``): another value may compile another program.
+      micro_conditioning: SDXL only, diffusers' names (``pipeline.MICRO_CONDITIONING``):
+        ``original_size`` / ``target_size`` (height, width), ``crops_coords_top_left``
+        (top, left), their ``negative_*`` forms, and the refiner's ``aesthetic_score`` /
+        ``negative_aesthetic_score``, with diffusers' defaults and rules
+        (``Pipeline.time_id_pair``; ``denoising_start`` runs follow
+        ``StableDiffusionXLImg2ImgPipeline``'s). Traced: new values never recompile. Given
+        to another pipeline: a one-line ValueError.
     Returns:
       uint8 [B, H, W, 3] images (or [S, B, H, W, 3] for a sweep of S scales); for
       ``output="latents"`` the final latents with the same leading axes.
@@ -232,6 +240,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     height = pipe.image_size if height is None else height
     width = pipe.image_size if width is None else width
     check_request(pipe, b, steps, height, width, sampler)
+    time_ids = pipe.time_id_pair(height, width, denoising_start is not None,
+                                 **micro_conditioning)
     mesh = mesh or parallel.make_mesh()
     n = parallel.padded_batch(b, mesh)
     if control is not None and (pipe.is_sdxl or pipe.is_transformer):
@@ -257,7 +267,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     run = _compiled(pipe, sampler, int(steps), sweep, mesh, specs,
                     pipe.zeroes_negative(negative_prompts), span)
     images, final = run(params, ids, neg_ids, noise, keys, scale,
-                        jnp.float32(guidance_rescale), jnp.float32(eta), arrays)
+                        jnp.float32(guidance_rescale), jnp.float32(eta), arrays,
+                        None if time_ids is None else jnp.asarray(time_ids))
     if output == "latents":
         return np.asarray(final)[..., :b, :, :, :]
     return to_uint8(np.asarray(images)[..., :b, :, :, :])

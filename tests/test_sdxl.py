@@ -475,7 +475,12 @@ def test_refiner_from_the_hf_cache_with_revision_and_variant(saved, tmp_path, mo
     (["--refiner", "SD1"], "is not an SDXL model"),
     (["--refiner", None], "--denoising-end needs --refiner"),
     (["--refiner", None, "--denoising-end", None, "--refiner-variant", "fp16"],
-     "--refiner-variant needs --refiner")])
+     "--refiner-variant needs --refiner"),
+    (["--model", "SD1", "--refiner", None, "--denoising-end", None, "--original-size", "8 8"],
+     "--original-size is SDXL micro-conditioning"),
+    (["--refiner", None, "--denoising-end", None, "--aesthetic-score", "3"],
+     "--aesthetic-score is the SDXL refiner's"),
+    (["--negative-original-size", "8 8"], "only given both --negative-original-size")])
 def test_refiner_command_line_bad_flags_are_one_line(saved, tmp_path, monkeypatch, capsys,
                                                      tiny_pipe_dir, extra, match):
     """Each: exit status 2, one ``error:`` line naming the flag, no output folder."""
@@ -486,11 +491,47 @@ def test_refiner_command_line_bad_flags_are_one_line(saved, tmp_path, monkeypatc
         flags[flag] = tiny_pipe_dir if value == "SD1" else value
     argv = ["generate", "--prompt", "a", "--out", str(tmp_path / "out")]
     for flag, value in flags.items():
-        argv += [flag, value] if value is not None else []
+        argv += [flag] + value.split(" ") if value is not None else []
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and match in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_micro_conditioning_command_line_writes_the_library_images(saved, tmp_path,
+                                                                   monkeypatch):
+    """``--original-size --crop-top-left --target-size --negative-* --aesthetic-score
+    --negative-aesthetic-score`` with ``--refiner``: the base gets the sizes and crops, the
+    (aesthetic-score) refiner the original size, crops and scores; the images are the
+    library's calls (the programs of the dpmpp_2m hand-off), settings.json records them."""
+    import json
+    from PIL import Image
+    from jaxdiff import cli
+    base_dir, ref_dir = _reuse_loaded(saved, monkeypatch)
+    (pipe, params), (rpipe, rparams) = saved["jax_base"], saved["jax_refiner"]
+    out = tmp_path / "out"
+    argv = ["generate", "--model", base_dir, "--refiner", ref_dir, "--denoising-end", "0.6",
+            "--sampler", "dpmpp_2m", "--steps", "5", "--guidance", "5", "--seed", "3",
+            "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--out", str(out),
+            "--original-size", "40", "24", "--crop-top-left", "4", "12", "--target-size", "16",
+            "32", "--negative-original-size", "8", "8", "--negative-crop-top-left", "2", "0",
+            "--negative-target-size", "24", "16", "--aesthetic-score", "3",
+            "--negative-aesthetic-score", "7.5"]
+    assert cli.main(argv) == 0
+    common = dict(sampler="dpmpp_2m", steps=5, guidance_scale=5.0, seed=3)
+    mid = jaxdiff.generate(pipe, params, PROMPTS, denoising_end=0.6, output="latents",
+                           **common, **MICRO)
+    refine = {k: v for k, v in MICRO.items() if "target" not in k}
+    want = jaxdiff.generate(rpipe, rparams, PROMPTS, latents=mid, denoising_start=0.6,
+                            **common, **refine, aesthetic_score=3.0,
+                            negative_aesthetic_score=7.5)
+    got = np.stack([np.asarray(Image.open(out / f"{i:04d}.png").convert("RGB"))
+                    for i in range(2)])
+    np.testing.assert_array_equal(got, want)
+    with open(out / "settings.json") as f:
+        settings = json.load(f)
+    assert settings["crops_coords_top_left"] == [4, 12] and settings["aesthetic_score"] == 3.0
+    assert settings["negative_target_size"] == [24, 16]
 
 
 def test_fp16_fix_vae_config_loads_and_is_honoured(torch, saved, tmp_path):
@@ -523,3 +564,70 @@ def test_fp16_fix_vae_config_loads_and_is_honoured(torch, saved, tmp_path):
     jaxdiff.save_pipeline(pipe, params, str(tmp_path / "out"))
     back = AutoencoderKL.from_pretrained(str(tmp_path / "out" / "vae"))
     assert back.config.force_upcast is False and back.config.scaling_factor == 0.13025
+
+
+# Micro-conditioning away from the defaults (base: negative sizes and crop as well; the
+# refiner: its original size, crop and aesthetic scores), pixels of the 16 x 16 images.
+MICRO = dict(original_size=(40, 24), crops_coords_top_left=(4, 12), target_size=(16, 32),
+             negative_original_size=(8, 8), negative_crops_coords_top_left=(2, 0),
+             negative_target_size=(24, 16))
+REFINE = dict(original_size=(48, 32), crops_coords_top_left=(0, 8), aesthetic_score=3.0,
+              negative_original_size=(8, 16), negative_crops_coords_top_left=(4, 0),
+              negative_aesthetic_score=7.5)
+
+
+def test_sdxl_micro_conditioning_matches_diffusers_without_recompiling(torch, saved):
+    """``generate(..., original_size=, crops_coords_top_left=, target_size=, negative_*=)``
+    (base, denoising_end) and ``aesthetic_score=`` / ``negative_aesthetic_score=`` (refiner,
+    denoising_start) equal diffusers' StableDiffusionXLPipeline ->
+    StableDiffusionXLImg2ImgPipeline with the same keyword arguments (diffusers' base one
+    image at a time: its time ids misalign with differing negatives for a batch of 2, see
+    the comment); the defaults give
+    other latents (the arguments are used); the time ids are traced: the dpmpp_2m hand-off
+    test's two programs run every call, none compiles again."""
+    from diffusers import DPMSolverMultistepScheduler
+    from jaxdiff import parallel, sampling
+    tb, tr = (type(t).from_pipe(t, scheduler=DPMSolverMultistepScheduler.from_config(
+        t.scheduler.config)) for t in (saved["pipeline"][0], saved["refiner_pipeline"][0]))
+    (pipe, params), (rpipe, rparams) = saved["jax_base"], saved["jax_refiner"]
+    noise = np.random.default_rng(1).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    kw = dict(num_inference_steps=5, guidance_scale=5.0, output_type="latent")
+    with torch.no_grad():  # the base one image at a time: for B > 1 diffusers pairs its
+        # [negative; positive] time ids with the embeddings' [negatives; positives] wrongly
+        mid_want = torch.cat([tb(p, latents=torch.tensor(ref.nchw(noise[i:i + 1])),
+                                 denoising_end=0.6, **kw, **MICRO).images
+                              for i, p in enumerate(PROMPTS)])
+        want = tr(PROMPTS, image=mid_want, denoising_start=0.6, **kw, **REFINE).images.numpy()
+    common = dict(sampler="dpmpp_2m", steps=5, guidance_scale=5.0, output="latents")
+    mid = jaxdiff.generate(pipe, params, PROMPTS, latents=noise, denoising_end=0.6, **common,
+                           **MICRO)
+    np.testing.assert_allclose(ref.nchw(mid), mid_want.numpy(), atol=1e-3, rtol=0)
+    got = jaxdiff.generate(rpipe, rparams, PROMPTS, latents=mid, denoising_start=0.6,
+                           **common, **REFINE)
+    np.testing.assert_allclose(ref.nchw(got), want, atol=1e-3, rtol=0)
+    plain = jaxdiff.generate(pipe, params, PROMPTS, latents=noise, denoising_end=0.6, **common)
+    plain_refined = jaxdiff.generate(rpipe, rparams, PROMPTS, latents=mid,
+                                     denoising_start=0.6, **common)
+    assert np.abs(plain - mid).max() > 1e-2 and np.abs(plain_refined - got).max() > 1e-2
+    mesh = parallel.make_mesh()
+    programs = [sampling._compiled(pipe, "dpmpp_2m", 5, False, mesh, (), True, (0, 3, False)),
+                sampling._compiled(rpipe, "dpmpp_2m", 5, False, mesh, (), False, (3, 5, True))]
+    assert [p._cache_size() for p in programs] == [1, 1]
+
+
+def test_sdxl_micro_conditioning_bad_requests_are_one_line(saved):
+    """Before any compile: a non-SDXL pipeline, values diffusers would ignore, wrong
+    lengths, unknown names."""
+    (pipe, params), (rpipe, _) = saved["jax_base"], saved["jax_refiner"]
+    sd = dataclasses.replace(pipe, text_encoder_2=None)  # one encoder: not SDXL
+    bad = [(sd, dict(original_size=(8, 8)), "original_size is SDXL micro-conditioning"),
+           (pipe, dict(aesthetic_score=5.0), "only a refiner"),
+           (rpipe, dict(target_size=(8, 8)), "aesthetic score, not a target size"),
+           (pipe, dict(negative_original_size=(8, 8)), "only given both"),
+           (pipe, dict(original_size=(8, 8, 8)), "must be 2 number")]
+    for p, kw, msg in bad:
+        with pytest.raises(ValueError, match=msg) as e:
+            jaxdiff.generate(p, params, "a", steps=5, **kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(TypeError, match="unknown micro-conditioning argument 'crop'"):
+        jaxdiff.generate(pipe, params, "a", steps=5, crop=(1, 1))

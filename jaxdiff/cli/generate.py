@@ -12,7 +12,7 @@ from jaxdiff import parallel, sampling
 from jaxdiff.adapters import apply_adapters
 from jaxdiff.cli import gligen_args
 from jaxdiff.cli import guided_args
-from jaxdiff.cli import refiner_args
+from jaxdiff.cli import micro_args, refiner_args
 from jaxdiff.data.images import FITS, load_image, make_grid, save_png, write_json
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.weights import load_pipeline
@@ -91,6 +91,7 @@ def add_parser(sub):
     guided_args.add_arguments(p)
     gligen_args.add_arguments(p)
     refiner_args.add_arguments(p)
+    micro_args.add_arguments(p)
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     return p
 
@@ -174,6 +175,7 @@ def run(args) -> int:
     width = pipe.image_size if args.width is None else args.width
     sampling.check_request(pipe, len(prompts), args.steps, height, width, args.sampler)
     refiner = refiner_args.load_refiner(args, pipe, height, width)
+    micro = micro_args.load(args, pipe, refiner, height, width)
     guided = guided_args.load_guidance(args, pipe, height, width)
     controls = load_controls(args, pipe, height, width)
     sampling.control_inputs(pipe, controls, 1, 1, height, width)
@@ -186,7 +188,7 @@ def run(args) -> int:
                 out = guided_args.generate_chunk(guided, pipe, params, chunk, rows, args, start)
             elif refiner is not None:
                 out = refiner_args.generate_chunk(refiner, pipe, params, chunk, args, height,
-                                                  width, start)
+                                                  width, start, micro)
             elif grounding is not None:
                 out = gligen_args.generate_chunk(grounding, pipe, params, chunk, args, height,
                                                  width, start)
@@ -194,7 +196,7 @@ def run(args) -> int:
                 out = sampling.generate(pipe, params, chunk, args.negative_prompt, args.sampler,
                                        args.steps, args.guidance, args.seed, height=height,
                                        width=width, eta=args.eta, sample_offset=start,
-                                       control=controls)
+                                       control=controls, **micro.base)
             images.append(out)
             bar.update(len(chunk))
             bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
@@ -226,6 +228,7 @@ def run(args) -> int:
         settings.update(grounding.settings(args))
     if refiner is not None:
         settings.update(refiner.settings(args))
+    settings.update(micro.settings())
     for i, (img, prompt) in enumerate(zip(images, prompts)):
         save_png(os.path.join(args.out, f"{i:04d}.png"), img,
                   dict(settings, prompt=prompt, index=i, **per_image[i]))

@@ -121,13 +121,17 @@ def load_refiner(args, pipe, height: int, width: int):
     return Refiner(rpipe, rparams, frac)
 
 
-def generate_chunk(refiner: Refiner, pipe, params, chunk, args, height, width, start):
+def generate_chunk(refiner: Refiner, pipe, params, chunk, args, height, width, start,
+                   micro=None):
     """uint8 [B, H, W, 3] images of one chunk of prompts (``start``: its first index): the
-    base down to the cut (latents), then the refiner from there."""
+    base down to the cut (latents), then the refiner from there (``micro``: the
+    ``micro_args.Micro`` keyword arguments of each)."""
     common = dict(height=height, width=width, eta=args.eta, sample_offset=start)
     latents = sampling.generate(pipe, params, chunk, args.negative_prompt, args.sampler,
                                 args.steps, args.guidance, args.seed, output="latents",
-                                denoising_end=refiner.fraction, **common)
+                                denoising_end=refiner.fraction, **common,
+                                **(micro.base if micro else {}))
     return sampling.generate(refiner.pipe, refiner.params, chunk, args.negative_prompt,
                              args.sampler, args.steps, args.guidance, args.seed,
-                             latents=latents, denoising_start=refiner.fraction, **common)
+                             latents=latents, denoising_start=refiner.fraction, **common,
+                             **(micro.refiner if micro else {}))
