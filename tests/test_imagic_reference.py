@@ -12,10 +12,15 @@ loss curves, every trained LoRA matrix and the final latents of every variant, f
 (from pure noise, three etas) and UniTune (img2img from the image noised to two
 strengths, one blend; the embedding stage at learning rate 0) in one compiled program.
 
-Measured largest differences (values' scale in brackets): e_opt 1.2e-6 (2.3), loss
-curves 3.6e-7 (1.3), LoRA ``up @ down`` 1.7e-5 / factors 1.1e-4 (``_lora_close``),
-Imagic latents 3.5e-5 (14.6), UniTune latents 1.3e-5 (6.0); the tolerances are 3-10x
-those. The latents are 4 DDIM steps at CFG 7.5 downstream of the fine-tuned weights.
+Measured largest differences (values' scale in brackets), at the suite's XLA -O0: e_opt
+1.1e-6 (2.3), loss curves 7.2e-6 (4.1), LoRA ``up @ down`` 8e-6 / factors 4.4e-5
+(``_lora_close``), Imagic latents 1.4e-4 (28.7), UniTune latents 5.5e-5 (13.2); at XLA's
+default level the same but ``up @ down`` 4e-5, factors 2.2e-4. The tolerances are
+2.5-10x the largest; the latents are 4 DDIM steps at CFG 7.5 downstream of the
+fine-tuned weights. The UNet's output layer is scaled by 4 so that stage (b)'s gradient
+norms (1.1-1.7) exceed the clipping at 1 (stage (a)'s stay ~0.1, so its clipping is not
+exercised): the reference without ``clip_grad_norm_`` misses by 6e-4 in the stage (b)
+losses, without AdamW's weight decay by 1e-4 (both measured, tolerance 3e-5).
 
 Test time is the budget here: the pipeline is ``tiny_pipe_dir``'s with the one-block UNet
 (``sd1_micro``: ~16 CPU-s to compile this program at -O0, against ~35 with the two-block
@@ -47,6 +52,7 @@ ETAS = (0.0, 0.5, 1.0)
 PROMPT = "a red ball"
 TOKEN, UNI_PROMPT = "sks", unitune.edit_prompt("sks", "a blue ball")
 STRENGTHS, BLENDS = (0.5, 0.75, 0.75), (0.0, 0.0, 0.5)
+CONV_OUT_SCALE = 4.0
 
 
 @functools.partial(jax.jit, static_argnames=("pipe",))
@@ -100,7 +106,11 @@ def world(tiny_pipe_dir, tmp_path_factory, torch):
     folder = str(tmp_path_factory.mktemp("sd_micro") / "pipe")
     shutil.copytree(tiny_pipe_dir, folder)  # the tiny pipeline with the one-block UNet
     shutil.rmtree(os.path.join(folder, "unet"))
-    models.make_unet("sd1_micro").save_pretrained(os.path.join(folder, "unet"))
+    unet = models.make_unet("sd1_micro")
+    with torch.no_grad():  # larger outputs: gradient norms above AdamW's clipping at 1
+        unet.conv_out.weight.mul_(CONV_OUT_SCALE)
+        unet.conv_out.bias.mul_(CONV_OUT_SCALE)
+    unet.save_pretrained(os.path.join(folder, "unet"))
     pipe, params = jaxdiff.load_pipeline(folder)
     ref = TorchTunedEdit(torch, StableDiffusionPipeline.from_pretrained(
         folder, safety_checker=None), STEPS, GUIDANCE)
@@ -132,20 +142,21 @@ def _close(got, want, atol, what):
 
 
 def _lora_close(got, want):
-    """The trained adapters: every weight update ``up @ down`` within 5e-5, the factors
-    within 3e-4. Adam's normalised step m / (sqrt(v) + eps) amplifies float32 round-off
-    for elements whose gradient is tiny (``down``'s gradient is proportional to ``up``,
-    which starts at 0): measured 1.1e-4 in one Imagic ``down`` element (1 % of one step at
-    lr 1e-2; its stage (b) also starts from each side's own e_opt, 1.2e-6 apart) and
-    1.7e-5 in the products; UniTune (same embedding on both sides) 3.6e-7."""
+    """The trained adapters: every weight update ``up @ down`` within 1e-4, the factors
+    within 1e-3 (``up`` entries reach ~3e-2 after 3 steps at lr 1e-2). Adam's normalised
+    step m / (sqrt(v) + eps) amplifies float32 round-off for elements whose gradient is
+    tiny (``down``'s gradient is proportional to ``up``, which starts at 0), and Imagic's
+    stage (b) starts from each side's own e_opt (1e-6 apart): measured factors 4.4e-5 and
+    products 8e-6 at the suite's -O0, factors 2.2e-4 and products 4e-5 at XLA's default
+    level."""
     got = _torch_lora(got)
     assert sorted(got) == sorted(want) and len(got) > 0
     delta = lambda down, up: np.asarray(up, np.float64) @ np.asarray(down, np.float64)
     errs = [np.abs(delta(*got[m]) - delta(*(a.numpy() for a in want[m]))).max() for m in want]
-    _close(max(errs), 0.0, 5e-5, "LoRA deltas up @ down")
+    _close(max(errs), 0.0, 1e-4, "LoRA deltas up @ down")
     for m, (down, up) in want.items():
-        _close(got[m][0], down.numpy(), 3e-4, f"{m} lora_A")
-        _close(got[m][1], up.numpy(), 3e-4, f"{m} lora_B")
+        _close(got[m][0], down.numpy(), 1e-3, f"{m} lora_A")
+        _close(got[m][1], up.numpy(), 1e-3, f"{m} lora_B")
 
 
 def test_imagic_equals_the_reference(world):
@@ -158,10 +169,10 @@ def test_imagic_equals_the_reference(world):
     assert min(np.abs(up).max() for _, up in _torch_lora(out["lora"]).values()) > 1e-3
     assert np.abs(want["latents"][2] - want["latents"][0]).max() > 1e-2
     _close(out["e_opt"], want["e_opt"], 1e-5, "e_opt")
-    _close(out["embedding_loss"], want["embedding_loss"], 1e-5, "stage (a) losses")
-    _close(out["finetune_loss"], want["finetune_loss"], 1e-5, "stage (b) losses")
+    _close(out["embedding_loss"], want["embedding_loss"], 3e-5, "stage (a) losses")
+    _close(out["finetune_loss"], want["finetune_loss"], 3e-5, "stage (b) losses")
     _lora_close(out["lora"], want["trained"])
-    _close(out["latents"].transpose(0, 3, 1, 2), want["latents"], 1e-4, "latents")
+    _close(out["latents"].transpose(0, 3, 1, 2), want["latents"], 4e-4, "latents")
 
 
 def test_unitune_equals_the_reference(world):
@@ -170,7 +181,7 @@ def test_unitune_equals_the_reference(world):
                        STRENGTHS, BLENDS, finetune_lr=FT_LR, lora=_torch_lora(out["init"]))
     # The embedding stage at learning rate 0 keeps the token's embedding.
     _close(out["e_opt"], ref.text(TOKEN)[0].numpy(), 1e-5, "token embedding")
-    _close(out["finetune_loss"], want["finetune_loss"], 1e-5, "fine-tuning losses")
+    _close(out["finetune_loss"], want["finetune_loss"], 3e-5, "fine-tuning losses")
     _lora_close(out["lora"], want["trained"])
     assert np.abs(want["latents"][1] - want["latents"][0]).max() > 1e-2
-    _close(out["latents"].transpose(0, 3, 1, 2), want["latents"], 1e-4, "latents")
+    _close(out["latents"].transpose(0, 3, 1, 2), want["latents"], 4e-4, "latents")
