@@ -23,9 +23,9 @@ exercised): the reference without ``clip_grad_norm_`` misses by 6e-4 in the stag
 losses, without AdamW's weight decay by 1e-4 (both measured, tolerance 3e-5).
 
 Test time is the budget here: the pipeline is ``tiny_pipe_dir``'s with the one-block UNet
-(``sd1_micro``: ~16 CPU-s to compile this program at -O0, against ~35 with the two-block
-``sd1`` UNet, and ~57 for the whole ``tuned_edit`` program with its VAE and text
-encoders), and the image latent is the reference VAE's posterior mean, given to both
+(``sd1_micro``: ~16 CPU-s to compile and run this program at -O0; with the two-block
+``sd1`` UNet stages (a) and (b) alone took 31, the whole ``tuned_edit`` program with its
+VAE and text encoders 57), and the image latent is the reference VAE's posterior mean, given to both
 sides (the VAE and decoding are compared in tests/test_models_parity.py).
 """
 import functools
