@@ -112,7 +112,7 @@ def test_local_blend_partial_mask_keeps_source_outside(world, loaded, tmp_path, 
     its compiled program) writes a mask covering part of the image. Outside the mask the
     edit must equal the source branch (the reconstruction): LocalBlend sets
     x_tgt = x_src + mask * (x_tgt - x_src) after each step, so the final target latents
-    equal the source latents exactly where the mask is 0; checked in latent space with
+    equal the source latents (to float32 rounding) where the mask is 0; checked in latent space with
     ``p2p_pipeline.edit_latents``. Pixels cannot show it: this model's VAE decoder mixes
     the whole 8x8 latent (mid-block attention), so pixels two latent cells away from the
     mask still move by up to 13/255 here (25/255 without LocalBlend). The latent run uses negative-prompt inversion (a third
@@ -148,7 +148,10 @@ def test_local_blend_partial_mask_keeps_source_outside(world, loaded, tmp_path, 
     m = np.asarray(res.mask[..., 0]) > 0.5
     assert 0.1 < m.mean() < 0.9
     x_src, x_tgt = np.asarray(res.source), np.asarray(res.target)
-    np.testing.assert_array_equal(x_tgt[~m], x_src[~m])  # exact: x_src + 0 * (...)
+    # x_src + 0 * (...): equal to float32 rounding. Not bit for bit: XLA may compute x_src
+    # once inside the blend's fusion and once for the output, and the two copies may round
+    # differently (1-2 ulp seen with XLA:CPU's pre-MLIR fusion emitters, the suite's flags).
+    np.testing.assert_allclose(x_tgt[~m], x_src[~m], rtol=1e-6, atol=1e-6)
     assert np.abs(x_tgt - x_src)[m].mean() > 0.1  # the edit changed the masked cells
 
 

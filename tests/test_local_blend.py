@@ -63,7 +63,9 @@ def test_target_equals_source_outside_the_mask(setup, free):
     m = np.asarray(out.mask[..., 0]) > 0
     assert 0.0 < m.mean() < 1.0  # a real partition, so both claims below are tested
     src, tgt = np.asarray(out.source), np.asarray(out.target)
-    np.testing.assert_array_equal(tgt[~m], src[~m])
+    # Equal to float32 rounding (x_src + 0 * (...)); not bit for bit, as XLA may compute the
+    # source latents in two fusions that round differently (1-2 ulp with the suite's flags).
+    np.testing.assert_allclose(tgt[~m], src[~m], rtol=1e-6, atol=1e-6)
     assert np.abs(tgt[m] - src[m]).max() > 1e-3  # inside, the edit is kept
     # without LocalBlend the target differs from the source everywhere
     assert np.abs(np.asarray(free.target) - src)[~m].min() > 0
