@@ -175,10 +175,11 @@ def generate_gligen(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
       uint8 [B, H, W, 3] (a sweep: [S, B, H, W, 3]), or the final latents for
       ``output="latents"``.
     """
-    if pipe.unet.config.attention_type != "gated" or pipe.is_sdxl:
+    attention_type = getattr(pipe.unet.config, "attention_type", None)
+    if attention_type != "gated" or pipe.is_sdxl or pipe.is_transformer:
         raise ValueError(f"generate_gligen needs an SD 1.x/2.x GLIGEN UNet (attention_type="
-                         f"'gated'); this pipeline's UNet has attention_type="
-                         f"{pipe.unet.config.attention_type!r} (load one with --gligen).")
+                         f"'gated'); this pipeline's {type(pipe.unet).__name__} has "
+                         f"attention_type={attention_type!r} (load one with --gligen).")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     b = len(prompts)
     negative = prompt_list(negative_prompts, b, "negative prompts")

@@ -23,6 +23,7 @@ from jaxdiff.editing import inversion as inv
 from jaxdiff.editing import p2p_pipeline as pp
 from jaxdiff.editing import prompt_to_prompt as p2p
 from jaxdiff.editing.batch_inputs import unet_denoiser
+from jaxdiff.gligen_sampling import generate_gligen
 from jaxdiff.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from jaxdiff.samplers import make_sampler
 from jaxdiff.samplers.ddim import ddim_tables
@@ -177,6 +178,8 @@ def test_unet_only_inputs_are_refused(dit):
                    mid_block_additional_residual=jnp.zeros(1))
     with pytest.raises(ValueError, match="remat=True is U-Net only"):
         diffusion_loss(pipe, params["text_encoder"], None, remat=True)
+    with pytest.raises(ValueError, match="GLIGEN UNet.*PixArtTransformer2DModel"):
+        generate_gligen(pipe, params, ["a red circle"], [["a red circle"]], [[(0, 0, 1, 1)]])
 
 
 def test_save_load_round_trip(dit, tmp_path):
