@@ -61,6 +61,9 @@ if "--devices" in sys.argv:  # forced host devices for the FSDP memory plan (bef
     _n = sys.argv[sys.argv.index("--devices") + 1]
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={_n}").strip()
+if "--target" in sys.argv and sys.argv[sys.argv.index("--target") + 1] != "host":
+    os.environ.setdefault("JAXDIFF_PALLAS_INTERPRET", "0")  # the real splash kernel
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402

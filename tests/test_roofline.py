@@ -106,6 +106,36 @@ def test_generation_program_is_its_parts_with_the_loop_counted_once(lowered, tmp
     assert gen["h100_s_per_image"] >= gen["flops"] / roof.HARDWARE["h100"][0]
 
 
+def test_compiled_analysis_keeps_remat_on_xla_cpu(lowered):
+    """A chain of ``jax.checkpoint``'d blocks (as ``UNet2DConditionModel(remat=True)``
+    wraps its resnets and transformers): as ``analyse`` compiles it, the recomputation
+    stays (one more forward: 4/3 of the FLOPs of 1 forward + 2 backward matmuls) and the
+    temporaries drop to about the block inputs; XLA:CPU's default pipeline merges the
+    recomputation away (same FLOPs and memory as no remat)."""
+    roof = lowered[0]
+    rows, d, n = 512, 128, 8
+
+    def block(x, w):
+        return x + jnp.tanh(jnp.tanh(x @ w[0]) @ w[1])
+
+    def loss(ws, x, remat):
+        for w in ws:
+            x = (jax.checkpoint(block) if remat else block)(x, w)
+        return jnp.mean(x ** 2)
+
+    sds = jax.ShapeDtypeStruct
+    ws = [(sds((d, 4 * d), jnp.float32), sds((4 * d, d), jnp.float32))] * n
+    low = {r: jax.jit(jax.grad(loss), static_argnums=2).lower(ws, sds((rows, d), jnp.float32), r)
+           for r in (False, True)}
+    plain, remat = (roof.analyse(low[r], compile_=True, platform="cpu") for r in (False, True))
+    matmuls = 2 * rows * d * 4 * d * 2 * n          # one forward's
+    assert plain["flops"] == pytest.approx(3 * matmuls, rel=0.05)
+    assert remat["flops"] == pytest.approx(4 * matmuls, rel=0.05)
+    assert remat["temp_gb"] < 0.3 * plain["temp_gb"]
+    default = low[True].compile().memory_analysis().temp_size_in_bytes / 1e9
+    assert default > 2 * remat["temp_gb"]
+
+
 def test_attention_choice_is_made_in_one_place_logged_and_overridable(monkeypatch, caplog):
     from jaxdiff.models import attention
     q = jax.random.normal(jax.random.key(0), (2, 40, 2, 8))
