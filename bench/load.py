@@ -91,12 +91,22 @@ print(json.dumps(dict(base=base, peak=status("VmHWM"), seconds=seconds, weights=
 def _build(size, folder, file):
     """Writes the diffusers folder (torch) and the float16 single file (jaxdiff), each in
     its own process so neither library's copy of the weights inflates the other's."""
-    code = ("import sys; sys.path.insert(0, {here!r}); import sample; "
-            "sample.build_pipeline({size!r}, {folder!r})").format(here=HERE, size=size,
-                                                               folder=folder)
-    subprocess.run([sys.executable, "-c", code], check=True)
-    code = ("import numpy as np, jaxdiff; p, w = jaxdiff.load_pipeline({folder!r}); "
-            "jaxdiff.save_pipeline(p, w, {file!r}, format='single_file', dtype=np.float16)"
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        code = ("import sys; sys.path.insert(0, {here!r}); import sample; "
+                "sample.build_pipeline({size!r}, {folder!r})").format(here=HERE, size=size,
+                                                                   folder=folder)
+        subprocess.run([sys.executable, "-c", code], check=True)
+    # float16 leaf by leaf before converting, so the writer never holds a second float32
+    # copy (its load of the folder is the peak: ~1.7 copies of the float32 weights).
+    code = ("import numpy as np, jaxdiff\n"
+            "from flax import traverse_util\n"
+            "p, w = jaxdiff.load_pipeline({folder!r})\n"
+            "for kind in list(w):\n"
+            "    flat = traverse_util.flatten_dict(w.pop(kind))\n"
+            "    for key in flat:\n"
+            "        flat[key] = np.asarray(flat[key], np.float16)\n"
+            "    w[kind] = traverse_util.unflatten_dict(flat)\n"
+            "jaxdiff.save_pipeline(p, w, {file!r}, format='single_file', dtype=np.float16)\n"
             ).format(folder=folder, file=file)
     subprocess.run([sys.executable, "-c", code], check=True)
 

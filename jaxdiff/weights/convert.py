@@ -123,11 +123,12 @@ def torch_to_flax(state: Mapping[str, np.ndarray], expected, *, source: str,
     return traverse_util.unflatten_dict(out)
 
 
-def flax_to_torch(params, prefix: str = "") -> Dict[str, np.ndarray]:
-    """Flax params tree -> PyTorch state dict (float32 numpy, contiguous)."""
+def flax_to_torch(params, prefix: str = "", dtype=np.float32) -> Dict[str, np.ndarray]:
+    """Flax params tree -> PyTorch state dict (numpy, contiguous, ``dtype``: each tensor is
+    cast as it is converted, so a float16 export never holds a float32 copy)."""
     out = {}
     for path, value in traverse_util.flatten_dict(params).items():
-        value = to_torch_layout(path[-1], np.asarray(value, dtype=np.float32))
+        value = to_torch_layout(path[-1], np.asarray(value, dtype=dtype))
         # reshape: ascontiguousarray makes a 0-d array (GLIGEN's gates) 1-d.
         out[prefix + torch_key(path)] = np.ascontiguousarray(value).reshape(value.shape)
     return out

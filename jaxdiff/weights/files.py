@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from typing import Dict, Mapping, Optional
 
@@ -144,12 +145,35 @@ def weight_file(path: str, default_name: str, create: bool, what: str = "weights
     return os.path.join(path, default_name)
 
 
+# numpy dtype -> safetensors dtype name (bfloat16 is ml_dtypes', as jax uses).
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+                       "uint8": "U8", "bool": "BOOL"}
+
+
 def write_tensors(path: str, tensors: Dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save_file
-    # ascontiguousarray makes 0-d arrays 1-d; CLIP's logit_scale is a 0-d tensor.
-    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()},
-              path,
-              metadata={"format": "pt"})
+    """Writes ``tensors`` as one ``.safetensors`` file (PyTorch metadata, keys sorted),
+    streaming each tensor's bytes to the file: no second copy of the weights is built in
+    memory (safetensors' ``save_file`` serialises everything into one buffer first)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    keys = sorted(tensors)
+    for key in keys:
+        value = tensors[key]
+        name = _SAFETENSORS_DTYPES.get(np.dtype(value.dtype).name)
+        if name is None:
+            raise ValueError(f"{path}: tensor '{key}' has dtype {value.dtype}, which "
+                             "safetensors cannot store; cast it to float32 or float16.")
+        size = int(np.prod(np.shape(value), dtype=np.int64)) * np.dtype(value.dtype).itemsize
+        header[key] = {"dtype": name, "shape": [int(d) for d in np.shape(value)],
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as save_file writes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for key in keys:
+            f.write(np.ascontiguousarray(tensors[key]).reshape(-1).view(np.uint8).data)
 
 
 @contextlib.contextmanager

@@ -409,17 +409,18 @@ def original_state_dict(pipe: Pipeline, params, dtype=np.float32,
     if pipe.is_sdxl:  # SDXL base / refiner: text encoders under conditioner.embedders.
         prefixes = _sdxl_prefixes("xl" if pipe.text_encoder is not None else "xl_refiner")
         for kind, prefix in prefixes.items():
-            state = convert.flax_to_torch(params[kind])
+            state = convert.flax_to_torch(params[kind], dtype=dtype)
             key_map = _sdxl_map(kind, state.keys(), getattr(pipe, kind).config, prefix)
             out.update(ol.to_original(state, key_map))
-        return {k: np.ascontiguousarray(v.astype(dtype)) for k, v in out.items()}
+            del state
+        return out
     if text_layout is None:
         text_layout = "openclip" if pipe.text_encoder.config.hidden_act == "gelu" else "clip"
     for kind in ("unet", "vae", "text_encoder"):
-        state = convert.flax_to_torch(params[kind])
+        state = convert.flax_to_torch(params[kind], dtype=dtype)
         key_map = component_map(kind, state.keys(), getattr(pipe, kind).config, text_layout)
         out.update(ol.to_original(state, key_map))
-    return {k: np.ascontiguousarray(v.astype(dtype)) for k, v in out.items()}
+    return out  # to_original's .T / [:, :, None, None] views are made contiguous when written
 
 
 def save_single_file(pipe: Pipeline, params, path: str, *, dtype=np.float32,
