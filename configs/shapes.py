@@ -10,6 +10,11 @@ the shipped model:
     python train/text_to_image.py --config configs/shapes.py:finetune --workdir runs/shapes_ft \
         --config.init_from=runs/shapes/export
 
+``dit`` trains the embedded text-DiT model (``embedded:dit``): a PixArt-style transformer
+from scratch on the embedded model's frozen VAE and text encoder, as the dit-L run of
+bench/backbones_study.py (its export is ``jaxdiff/assets/shapes_dit``): ``--config
+configs/shapes.py:dit --workdir runs/shapes_dit`` (bench/README.md, "Backbones trained").
+
 Model v2 (a candidate, not shipped yet) is four commands. ``v2``: the shipped (v1)
 model's text encoder + UNet fine-tuned on world v2 (``jaxdiff.data.shapes.WORLD_V2``), VAE
 and tokenizer kept:
@@ -59,6 +64,15 @@ def get_config(variant: str = ""):
                        down_block_types=("DownEncoderBlock2D",) * 3,
                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4,
                        norm_num_groups=8)
+    # The denoiser: "" keeps the init_from pipeline's (or builds the U-Net below from
+    # scratch); "unet" | "dit" builds that one (with init_from: a fresh denoiser on the
+    # loaded VAE and text encoder). "dit": a PixArt-style text DiT (PixArtTransformer2DModel,
+    # widths and depth below; sizes, channels and text width follow the VAE and text
+    # encoder). bench/backbones_study.py also trains "uvit" (no export format).
+    c.model.backbone = ""
+    c.model.dit = dict(num_attention_heads=6, attention_head_dim=16, num_layers=6,
+                       patch_size=2)
+    c.model.uvit = dict(embed_dim=112, depth=7, num_heads=7, patch_size=2)
     c.model.unet = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
                         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -101,6 +115,17 @@ def get_config(variant: str = ""):
         c.init_from = "runs/shapes/export"   # the first command's output (or "embedded")
         c.stages = "diffusion"
         c.diffusion.update(steps=8000, lr=3e-4, warmup=100, snr_gamma=5.0)
+    elif variant == "dit":
+        # The embedded text DiT: bench/backbones_study.py's dit-L run (its settings: 10 000
+        # world-v1 scenes, 450 steps at batch 64, EMA 0.99, frozen text encoder).
+        c.init_from = "embedded"
+        c.stages = "diffusion"
+        c.model.backbone = "dit"
+        c.data.num_train = 10_000
+        c.diffusion.update(steps=450, lr=5e-4, warmup=100, ema_decay=0.99,
+                           train_text_encoder=False)
+        c.checkpoint_every = 150
+        c.sample_every = 150
     elif variant == "v2":
         # Model v2: the shipped (v1) model's diffusion stage fine-tuned on world v2 (colour
         # and shape mention dropout, shades, unnamed colours, anti-aliased edges), keeping
@@ -151,5 +176,6 @@ def get_config(variant: str = ""):
         c.sample_prompts = ("a red circle",)
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of configs/shapes.py "
-                         "(use '', 'finetune', 'v2', 'v2_stage2', 'v2_decoder' or 'tiny').")
+                         "(use '', 'finetune', 'dit', 'v2', 'v2_stage2', 'v2_decoder', "
+                         "'v2_stage3' or 'tiny').")
     return c

@@ -18,6 +18,7 @@ import numpy as np
 from jaxdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from jaxdiff.models.gligen import ATTENTION_TYPES, dummy_gligen
 from jaxdiff.models.pixart import PixArtConfig, pixart_dummy_inputs
+from jaxdiff.models.uvit import UViTConfig, uvit_dummy_inputs
 from jaxdiff.models.vae import sample_posterior
 
 
@@ -328,7 +329,9 @@ unet_apply = denoise
 
 
 def _is_transformer(module) -> bool:
-    return isinstance(module.config, PixArtConfig)
+    """A PixArt text DiT, or a text-conditioned U-ViT (``models.uvit``: in-memory
+    pipelines only, e.g. bench/backbones_study.py; it has no diffusers layout to save)."""
+    return isinstance(module.config, (PixArtConfig, UViTConfig))
 
 
 def _transformer_apply(model, params, x, t, cond, control=None, **kwargs):
@@ -337,13 +340,17 @@ def _transformer_apply(model, params, x, t, cond, control=None, **kwargs):
         raise ValueError(f"this pipeline's denoiser is a {type(model).__name__}: {what[0]} is "
                          "U-Net only (the text DiT takes latents, t, text embeddings and an "
                          "attention controller).")
-    out = model.apply({"params": params}, x, t, cond, control=control)
     c = model.config
+    if isinstance(c, UViTConfig):  # text tokens concatenated with the patch tokens
+        return model.apply({"params": params}, x, t, context=cond, control=control)
+    out = model.apply({"params": params}, x, t, cond, control=control)
     return out[..., :c.in_channels] if c.learned_sigma else out
 
 
 def dummy_inputs(module, kind: str):
     """Smallest valid inputs for ``module.init`` ("unet" | "vae" | "text_encoder[_2]")."""
+    if kind == "unet" and isinstance(module.config, UViTConfig):
+        return uvit_dummy_inputs(module)
     if kind == "unet" and _is_transformer(module):
         return pixart_dummy_inputs(module)
     if kind == "unet":

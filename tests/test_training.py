@@ -139,3 +139,30 @@ def test_decoder_stage_moves_only_the_decoder_and_lowers_its_loss(trained, tmp_p
         return float(np.mean(np.abs(np.asarray(recon) - x)))
 
     assert error(p1, after) < 0.9 * error(p0, before)
+
+
+def test_recipe_trains_a_text_dit_on_the_frozen_vae_and_text_encoder(trained, tmp_path):
+    """config.model.backbone="dit" with init_from: a fresh PixArt text DiT replaces the
+    loaded U-Net and trains (2 steps) on its VAE and text encoder, which are exported bit
+    for bit; the export loads as a text-DiT pipeline. "uvit" is refused before any work."""
+    _, export = trained
+    cfg = _tiny_config()
+    cfg.model.backbone = "uvit"
+    with pytest.raises(ValueError, match="backbone='uvit'.*no diffusers layout"):
+        recipes.train_and_evaluate(cfg, str(tmp_path / "uvit"))
+    assert not os.path.exists(tmp_path / "uvit")
+    cfg.init_from, cfg.stages, cfg.model.backbone = export, "diffusion", "dit"
+    cfg.model.dit.update(num_attention_heads=2, attention_head_dim=8, num_layers=1)
+    cfg.diffusion.update(steps=2, train_text_encoder=False)
+    cfg.sample_every = 0
+    out = recipes.train_and_evaluate(cfg, str(tmp_path / "dit"))
+    (p0, before), (p1, after) = jaxdiff.load_pipeline(export), jaxdiff.load_pipeline(out)
+    assert p1.is_transformer and not p0.is_transformer
+    c = p1.unet.config
+    assert (c.num_layers, c.inner_dim, c.sample_size, c.caption_channels) == (
+        1, 16, p0.unet.config.sample_size, p0.text_encoder.config.hidden_size)
+    for kind in ("vae", "text_encoder"):
+        for a, b in zip(jax.tree.leaves(before[kind]), jax.tree.leaves(after[kind])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    lines = [json.loads(x) for x in open(tmp_path / "dit" / "diffusion" / "log.jsonl")]
+    assert lines[-1]["step"] == 2 and np.isfinite(lines[-1]["loss"])

@@ -12,6 +12,7 @@ from jaxdiff.data.images import FITS, InputError, list_image_files, load_image, 
 from jaxdiff.eval import diffusion_classifier as dc
 from jaxdiff.weights import load_pipeline
 from jaxdiff.weights.hf_cache import is_repo_id
+from jaxdiff.weights.loading import is_embedded
 
 
 def add_parser(sub):
@@ -26,7 +27,8 @@ def add_parser(sub):
                    help="candidate prompts, e.g. \"a red circle\" \"a blue circle\"")
     p.add_argument("--model", default=None,
                    help="diffusers-layout pipeline directory, single .safetensors file or "
-                   "org/name in the local Hugging Face cache (default: embedded model)")
+                   "org/name in the local Hugging Face cache, or embedded:shapes (default) / "
+                   "embedded:dit")
     p.add_argument("--samples", type=int, nargs="+", default=[16, 64],
                    help="cumulative (t, noise) samples per elimination stage (default 16 64)")
     p.add_argument("--keep", type=int, nargs="+", default=None,
@@ -56,9 +58,10 @@ def _check(args):
         raise ValueError(f"--samples / --keep / --trials: {e}") from None
     if not os.path.exists(args.image):
         raise FileNotFoundError(f"--image {args.image}: no such file or folder.")
-    if args.model is not None and not (os.path.exists(args.model) or is_repo_id(args.model)):
+    if args.model is not None and not (os.path.exists(args.model) or is_repo_id(args.model)
+                                       or is_embedded(args.model)):
         raise FileNotFoundError(f"--model {args.model}: no such directory or file (nor an "
-                                "org/name for the Hugging Face cache).")
+                                "org/name for the Hugging Face cache, nor embedded:NAME).")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise FileNotFoundError(f"--out {args.out}: its folder does not exist; create it "
                                 "first.")

@@ -7,6 +7,7 @@ import sys
 from typing import Callable, Mapping, Optional, Sequence
 
 from jaxdiff.data.images import ALPHAS, FITS, InputError
+from jaxdiff.weights.loading import is_embedded
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, steps: int = 50,
@@ -29,8 +30,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int = 50,
     src.add_argument("--manifest", help="JSONL file, one job per line: {\"image\": ..., "
                      "\"source_prompt\": ..., \"target_prompt\": ..., \"mask\": ...}")
     parser.add_argument("--model", default=None,
-                        help=h("model", "diffusers-layout pipeline directory (default: "
-                               "embedded model)"))
+                        help=h("model", "diffusers-layout pipeline directory, or "
+                               "embedded:shapes (default) / embedded:dit (the text-DiT "
+                               "model)"))
     parser.add_argument("--out", required=True, help="output folder (one sub-folder per image)")
     parser.add_argument("--steps", type=int, default=steps,
                         help=h("steps", f"DDIM steps (default {steps})"))
@@ -66,8 +68,8 @@ def check_common_args(args):
         raise InputError(f"--steps must be >= 1, got {args.steps}.")
     if args.max_batch < 1:
         raise InputError(f"--max-batch must be >= 1, got {args.max_batch}.")
-    if args.model is not None and not os.path.isdir(args.model):
-        raise InputError(f"--model {args.model}: no such directory.")
+    if args.model is not None and not (os.path.isdir(args.model) or is_embedded(args.model)):
+        raise InputError(f"--model {args.model}: no such directory (nor embedded:NAME).")
 
 
 def run_main(fn: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,

@@ -18,6 +18,7 @@ from jaxdiff.samplers import SAMPLERS
 from jaxdiff.weights import load_pipeline
 from jaxdiff.weights.control import load_controlnet, load_t2i_adapter
 from jaxdiff.weights.hf_cache import is_repo_id
+from jaxdiff.weights.loading import is_embedded
 
 SAMPLER_NAMES = tuple(sorted(SAMPLERS))
 
@@ -29,7 +30,8 @@ def add_parser(sub):
     p.add_argument("--model", default=None,
                    help="diffusers-layout pipeline directory, SD 1.x/2.x/SDXL single "
                    ".safetensors file (A1111/ComfyUI layout), or org/name in the local Hugging "
-                   "Face cache (default: embedded model)")
+                   "Face cache, or embedded:shapes (default) / embedded:dit (the text-DiT "
+                   "model)")
     p.add_argument("--revision", default=None,
                    help="for --model org/name: a branch or tag under the cache's refs/, or a "
                    "commit hash (default main)")
@@ -150,9 +152,10 @@ def run(args) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}.")
     if args.batch < 1 or args.max_batch < 1:
         raise ValueError("--batch and --max-batch must be >= 1.")
-    if args.model is not None and not (os.path.exists(args.model) or is_repo_id(args.model)):
+    if args.model is not None and not (os.path.exists(args.model) or is_repo_id(args.model)
+                                       or is_embedded(args.model)):
         raise FileNotFoundError(f"--model {args.model}: no such directory or file (nor an "
-                                "org/name for the Hugging Face cache).")
+                                "org/name for the Hugging Face cache, nor embedded:NAME).")
     refiner_args.check_flags(args)
     lora_scales = args.lora_scale or [1.0]
     if args.lora_scale and not args.lora:

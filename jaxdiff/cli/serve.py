@@ -10,6 +10,7 @@ import warnings
 from jaxdiff.app.limits import MB, UploadLimits
 from jaxdiff.app.state import AppState
 from jaxdiff.weights.hf_cache import is_repo_id
+from jaxdiff.weights.loading import is_embedded
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -20,7 +21,8 @@ def add_parser(sub):
                        "pip install -e '.[app]').")
     p.add_argument("--model", default=None,
                    help="diffusers-layout pipeline directory or org/name in the local Hugging "
-                   "Face cache (default: the embedded model)")
+                   "Face cache, or embedded:shapes (default) / embedded:dit (the text-DiT "
+                   "model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other prints a warning)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -65,9 +67,10 @@ def host_warning(host: str, auth) -> str:
 
 
 def _check_args(args):
-    if args.model is not None and not (os.path.isdir(args.model) or is_repo_id(args.model)):
+    if args.model is not None and not (os.path.isdir(args.model) or is_repo_id(args.model)
+                                       or is_embedded(args.model)):
         raise FileNotFoundError(f"--model {args.model}: no such directory (nor an org/name "
-                                "for the Hugging Face cache).")
+                                "for the Hugging Face cache, nor embedded:NAME).")
     for flag, folder in (("--lora-dir", args.lora_dir), ("--ti-dir", args.ti_dir)):
         if folder is not None and not os.path.isdir(folder):
             raise FileNotFoundError(f"{flag} {folder}: no such directory.")

@@ -58,6 +58,16 @@ class UViTConfig:
         return 2 if self.num_classes > 0 else 1
 
     @property
+    def sample_size(self) -> int:
+        """The latent side (``img_size``), under the name pipelines read."""
+        return self.img_size
+
+    @property
+    def in_channels(self) -> int:
+        """``in_chans``, under the name pipelines read."""
+        return self.in_chans
+
+    @property
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
 

@@ -16,6 +16,7 @@ stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Callable
@@ -30,6 +31,8 @@ from jaxdiff.data.image_folder import load_image_folder
 from jaxdiff.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
                             UNetConfig, VAEConfig)
+from jaxdiff.models.pixart import PixArtConfig, PixArtTransformer2DModel
+from jaxdiff.models.uvit import UViT, UViTConfig
 from jaxdiff.pipeline import Pipeline, init_params
 from jaxdiff.schedules import SchedulerConfig
 from jaxdiff.training import class_images as class_lib
@@ -49,12 +52,48 @@ CONFIG_HELP = (
 
 # ------------------------------------------------------------------------- text-to-image
 
+BACKBONES = ("unet", "dit", "uvit")
+
+
+def build_denoiser(model_cfg, backbone: str, *, latent_size: int, latent_channels: int,
+                   text_dim: int, text_len: int):
+    """The denoiser of ``config.model.backbone``: "unet" (``model_cfg["unet"]``), "dit" (a
+    PixArt-style text DiT, ``PixArtTransformer2DModel`` from ``model_cfg["dit"]``) or "uvit"
+    (a text U-ViT from ``model_cfg["uvit"]``: caption tokens concatenated with the patch
+    tokens). Sizes, channels and text width are filled in from the latent and text
+    encoder, so the dicts hold only the network's own width, depth and heads."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"config.model.backbone={backbone!r}: use one of {BACKBONES}.")
+    if backbone == "unet":
+        d = dict(model_cfg["unet"], sample_size=latent_size, in_channels=latent_channels,
+                 out_channels=latent_channels, cross_attention_dim=text_dim)
+        return UNet2DConditionModel(UNetConfig.from_dict(d, "config.model.unet"))
+    if backbone == "dit":
+        d = dict(dict(out_channels=None, use_additional_conditions=False),
+                 **model_cfg["dit"], sample_size=latent_size, in_channels=latent_channels,
+                 caption_channels=text_dim)
+        d.setdefault("cross_attention_dim", d["num_attention_heads"] * d["attention_head_dim"])
+        return PixArtTransformer2DModel(PixArtConfig.from_dict(d, "config.model.dit"))
+    d = dict(model_cfg["uvit"], img_size=latent_size, in_chans=latent_channels,
+             clip_dim=text_dim, num_clip_token=text_len)
+    return UViT(UViTConfig(**d))
+
+
 def build_pipeline(model_cfg, tokenizer) -> Pipeline:
     """A pipeline of jaxdiff modules from upstream-named config dicts."""
     text = dict(model_cfg["text_encoder"], vocab_size=len(tokenizer))
+    vae = VAEConfig.from_dict(dict(model_cfg["vae"]), "config.vae")
+    backbone = model_cfg.get("backbone") or "unet"
+    if backbone == "unet":
+        unet = UNet2DConditionModel(UNetConfig.from_dict(dict(model_cfg["unet"]), "config.unet"))
+    else:
+        unet = build_denoiser(model_cfg, backbone, latent_size=vae.sample_size // vae.downscale,
+                              latent_channels=vae.latent_channels,
+                              text_dim=text["hidden_size"],
+                              text_len=text["max_position_embeddings"])
     return Pipeline(
-        unet=UNet2DConditionModel(UNetConfig.from_dict(dict(model_cfg["unet"]), "config.unet")),
-        vae=AutoencoderKL(VAEConfig.from_dict(dict(model_cfg["vae"]), "config.vae")),
+        unet=unet,
+        vae=AutoencoderKL(vae),
         text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(text, "config.text_encoder")),
         tokenizer=tokenizer,
         scheduler=SchedulerConfig.from_dict(dict(model_cfg["scheduler"])),
@@ -62,7 +101,16 @@ def build_pipeline(model_cfg, tokenizer) -> Pipeline:
 
 
 def train_and_evaluate(config, workdir: str) -> str:
-    """Runs the stages of a ``configs/shapes.py`` config; returns the export directory."""
+    """Runs the stages of a ``configs/shapes.py`` config; returns the export directory.
+
+    ``config.model.backbone`` ("" | "unet" | "dit"): see ``build_denoiser`` and the
+    ``init_from`` note below ("uvit" is refused: no diffusers layout to export).
+    """
+    backbone = config.model.get("backbone", "")
+    if backbone not in ("",) + BACKBONES or backbone == "uvit":
+        raise ValueError(f"config.model.backbone={backbone!r}: use '', 'unet' or 'dit' ('uvit' "
+                         "has no diffusers layout to export; bench/backbones_study.py trains "
+                         "it in memory).")
     os.makedirs(workdir, exist_ok=True)
     data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
     builder = tfds_shapes.prepare(data_dir, tfds_shapes.ShapesConfig(
@@ -73,9 +121,13 @@ def train_and_evaluate(config, workdir: str) -> str:
     source = builder.as_data_source()["train"]
     if config.init_from:
         # Fine-tune an existing pipeline: its modules, tokenizer, latent scaling factor and
-        # weights replace config.model (which is then ignored).
-        pipe, params = load_pipeline(None if config.init_from == "embedded"
-                                     else config.init_from)
+        # weights replace config.model (which is then ignored) -- except with
+        # config.model.backbone set: a fresh denoiser of that kind (from config.model)
+        # replaces the loaded one and trains from scratch on its VAE and text encoder.
+        pipe, params = load_pipeline(config.init_from)  # a folder or "embedded[:NAME]"
+        if backbone:
+            pipe, params = fresh_denoiser(pipe, params, config.model.to_dict(), backbone,
+                                          config.seed)
     else:
         tok_dir = build_tokenizer(os.path.join(workdir, "tokenizer"),
                                   model_max_length=config.model.tokenizer_max_length)
@@ -111,6 +163,19 @@ def train_and_evaluate(config, workdir: str) -> str:
     export = config.export_dir or os.path.join(workdir, "export")
     save_pipeline(pipe, params, export)
     return export
+
+
+def fresh_denoiser(pipe: Pipeline, params, model_cfg, backbone: str, seed: int = 0):
+    """``pipe`` with a randomly initialised denoiser of ``backbone`` (``build_denoiser``)
+    in place of its own; VAE, text encoder, tokenizer and scheduler kept."""
+    vae = pipe.vae.config
+    unet = build_denoiser(model_cfg, backbone, latent_size=pipe.unet.config.sample_size,
+                          latent_channels=vae.latent_channels,
+                          text_dim=pipe.text_encoder.config.hidden_size,
+                          text_len=pipe.tokenizer.model_max_length)
+    pipe = dataclasses.replace(pipe, unet=unet)
+    net = init_params(dataclasses.replace(pipe, text_encoder=None, vae=None), seed)["unet"]
+    return pipe, dict(params, unet=net)
 
 
 # ----------------------------------------------------------------------- personalization

@@ -118,7 +118,7 @@ def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,
                     on_sample: Optional[Callable] = None, sample_every: int = 0,
                     dtype: str = "float32", remat: bool = False, accum_steps: int = 1,
                     mesh=None, rules: Sequence = parallel.DEFAULT_RULES,
-                    fsdp_min_size: int = 0):
+                    fsdp_min_size: int = 0, encoded=None):
     """Trains the UNet (and text encoder) on cached VAE latents with caption dropout.
 
     ``dtype="bfloat16"`` computes the UNet in bf16 (params, gradients and optimizer state
@@ -127,10 +127,12 @@ def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,
 
     ``snr_gamma > 0`` weights the loss with Min-SNR-gamma (``losses.min_snr_weight``).
     Training starts from the given ``params`` (random init or a pipeline to fine-tune).
+    ``encoded``: ``encode_dataset(pipe, params, source)``'s result when already at hand
+    (several denoisers trained on one frozen VAE; ``source`` is then unused).
     Returns params with the EMA weights of the trained parts.
     """
     os.makedirs(workdir, exist_ok=True)
-    latents, ids = encode_dataset(pipe, params, source)
+    latents, ids = encoded if encoded is not None else encode_dataset(pipe, params, source)
     empty = pipe.tokenize([""], warn=False)[0]
     opt = adamw_with_warmup(lr, warmup, steps)
     trainable = {"unet": params["unet"]}

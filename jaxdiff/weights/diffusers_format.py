@@ -32,6 +32,8 @@ from jaxdiff.schedules import SchedulerConfig
 from jaxdiff.weights import convert, files
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "shapes")
+# The embedded text-DiT model (``load_pipeline("embedded:dit")``; bench/README.md).
+DIT_MODEL = os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes_dit")
 # The embedded model's InstructPix2Pix weights (present once shipped).
 INSTRUCT_MODEL = os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes_instruct")
 INSTRUCT_CLASS = "StableDiffusionInstructPix2PixPipeline"
@@ -162,6 +164,10 @@ def save_pipeline(pipe: Pipeline, params, out_dir: str, *, overwrite: bool = Tru
 
     The write is atomic: ``out_dir`` is replaced only once every file is written.
     """
+    if pipe.is_transformer and not isinstance(pipe.unet, PixArtTransformer2DModel):
+        raise ValueError(f"save_pipeline: a {type(pipe.unet).__name__} denoiser has no "
+                         "diffusers pipeline layout; only U-Net and PixArt text-DiT pipelines "
+                         "are saved.")
     with files.atomic_directory(out_dir, overwrite) as tmp:
         _write_json(os.path.join(tmp, "model_index.json"), _model_index(pipe))
         for kind, module, stem, tokenizer in (

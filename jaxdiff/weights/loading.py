@@ -2,7 +2,9 @@
 
 * a diffusers-layout folder (``model_index.json``; ``None``: the embedded default model),
 * a single original-layout file (``.safetensors``; A1111 / ComfyUI SD 1.x / 2.x),
-* ``org/name``: a model in the local Hugging Face cache (``--model org/name``).
+* ``org/name``: a model in the local Hugging Face cache (``--model org/name``),
+* ``embedded:NAME``: a model shipped under ``jaxdiff/assets/`` (``EMBEDDED``: ``shapes``,
+  the default U-Net model, also ``embedded``; ``dit``, the text-DiT model).
 """
 from __future__ import annotations
 
@@ -14,6 +16,24 @@ import jax.numpy as jnp
 from jaxdiff.weights import diffusers_format, hf_cache, single_file
 
 FORMATS = ("diffusers", "single_file")
+# --model embedded:NAME -> the shipped pipeline folder.
+EMBEDDED = {"shapes": diffusers_format.DEFAULT_MODEL, "dit": diffusers_format.DIT_MODEL}
+
+
+def is_embedded(name: Optional[str]) -> bool:
+    """``embedded`` or ``embedded:NAME`` (any NAME: unknown ones are refused on loading),
+    unless a local path of that name exists."""
+    return bool(name) and (name == "embedded" or name.startswith("embedded:")) \
+        and not os.path.exists(name)
+
+
+def embedded_folder(name: str) -> str:
+    """The folder of ``embedded`` / ``embedded:NAME``; a one-line error for unknown names."""
+    key = name.partition(":")[2] or "shapes"
+    if key not in EMBEDDED:
+        raise FileNotFoundError(f"--model {name}: no such embedded model; use one of "
+                                f"{', '.join('embedded:' + k for k in EMBEDDED)}.")
+    return EMBEDDED[key]
 
 
 def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None,
@@ -24,7 +44,8 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
 
     Args:
       path: diffusers-layout folder, original-layout ``.safetensors`` file, ``org/name`` of
-        a model in the local Hugging Face cache, or ``None`` (the embedded default model).
+        a model in the local Hugging Face cache, ``embedded:NAME`` (``EMBEDDED``), or
+        ``None`` (the embedded default model).
       dtype: compute dtype of the networks (params are always float32).
       variant: weight-file variant of a folder, such as ``"fp16"``.
       allow_pickle: permit ``.bin``/``.ckpt`` weights (they can execute code).
@@ -37,6 +58,8 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
     Returns:
       ``(pipe, params)`` with params ``{"text_encoder", "unet", "vae"}``.
     """
+    if is_embedded(path):
+        path = embedded_folder(path)
     if path is not None and os.path.isfile(path):
         return single_file.load_single_file(path, config=config, prediction_type=prediction_type,
                                             extract_ema=extract_ema, dtype=dtype,
