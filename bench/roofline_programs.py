@@ -260,7 +260,7 @@ def train_step(name: str, b: int, dtype: str, remat: bool, fsdp: int, compile_: 
     ``fsdp`` of ``devices`` (default: this host's; ``target_devices``) by
     ``parallel.DEFAULT_RULES``. Memory figures are per device."""
     devices = jax.devices() if devices is None else devices
-    pipe = build(name, dtype, remat)
+    pipe = dreambooth.compute_pipe(build(name), dtype, remat)   # as the recipe builds it
     params = abstract_params(pipe)
     trainable = dreambooth.make_trainable({"unet": params["unet"]})
     loss = dreambooth.make_dreambooth_loss(pipe, trainable.merge, train_text_encoder=False,

@@ -60,6 +60,10 @@ def get_config(variant: str = ""):
     c.batch_size = 4                # instance rows per step (+ as many class rows)
     c.lr = 1e-4
     c.warmup = 0
+    c.dtype = "float32"             # UNet compute: float32 | bfloat16 (state stays float32)
+    c.remat = False                 # recompute UNet blocks in the backward pass (memory plan)
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.fsdp = 1                 # devices sharing one FSDP-sharded state (1 = data parallel)
 
     c.log_every = 10
     c.checkpoint_every = 100

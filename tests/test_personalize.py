@@ -89,6 +89,45 @@ def test_prior_weight_is_traced_and_weights_only_the_class_term(micro):
     np.testing.assert_allclose(l2 - l1, l1 - l0, rtol=1e-4)  # L = L_inst + lambda * L_class
 
 
+def _primitives(jaxpr, out=None):
+    """Every equation of a jaxpr, sub-jaxprs included: (primitive name, input dtypes)."""
+    out = [] if out is None else out
+    for e in jaxpr.eqns:
+        out.append((e.primitive.name, {str(v.aval.dtype) for v in e.invars
+                                       if hasattr(v.aval, "dtype")}))
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            _primitives(sub, out)
+    return out
+
+
+def test_compute_dtype_and_remat_reach_the_unet_blocks_of_the_step(micro):
+    """configs/dreambooth.py's dtype / remat (``compute_pipe``): in the loss
+    ``train_dreambooth`` differentiates, each UNet resnet / transformer block is one
+    ``jax.checkpoint`` (recomputed in the backward pass; none without remat) and the UNet's
+    matmuls and convolutions take bf16 operands (float32 without)."""
+    _, pipe, params = micro
+    tr = db.make_trainable(params)
+    ctx = np.zeros((2, 7, pipe.unet.config.cross_attention_dim), np.float32)
+    lat = np.zeros((2, 8, 8, 4), np.float32)
+    batch = {"instance_latents": lat, "instance_text": ctx, "class_latents": lat,
+             "class_text": ctx, "prior_weight": np.ones((2,), np.float32)}
+    found = {}
+    for dtype, remat in (("float32", False), ("bfloat16", True)):
+        loss = db.make_dreambooth_loss(db.compute_pipe(pipe, dtype, remat), tr.merge,
+                                       train_text_encoder=False, prior_preservation=True)
+        found[dtype] = _primitives(jax.make_jaxpr(loss)(tr.params, batch,
+                                                        jax.random.key(0)).jaxpr)
+    blocks = sum(st["num_resnets"] * (2 if st["cross"] else 1) for st in pipe.unet.plan()
+                 if st["resample"] != "mid") + 3          # + the mid block's 2 resnets + 1
+    is_remat = lambda n: n in ("checkpoint", "remat2")
+    assert sum(is_remat(n) for n, _ in found["bfloat16"]) == blocks
+    assert not any(is_remat(n) for n, _ in found["float32"])
+    for dtype, eqns in found.items():
+        dots = [d for n, d in eqns if n in ("dot_general", "conv_general_dilated")]
+        assert dots and all(d == {dtype} for d in dots)
+    with pytest.raises(ValueError, match="dtype='float16' must be 'float32' or 'bfloat16'"):
+        db.compute_pipe(pipe, "float16")
+
 def test_lora_mode_trains_only_adapters(micro):
     _, pipe, params = micro
     tr = db.make_trainable(params, lora_rank=2, train_text_encoder=True)
@@ -183,10 +222,11 @@ def test_dreambooth_entrypoint_end_to_end(micro, subject, tmp_path, torch, capsy
     # mode exports only the adapters, which diffusers loads. (In-process: same recipe.)
     config = _config("dreambooth", "tiny")
     # lr 0.1 so that one step moves the adapters measurably; alpha 8 (scale 4, not the
-    # default 1) so that the file's alpha metadata must reach diffusers.
+    # default 1) so that the file's alpha metadata must reach diffusers; the step in bf16
+    # with remat (the memory plan's settings: config to train step).
     config.update(model=folder, instance_dir=subject, instance_prompt="sks o", class_prompt="o",
                   class_cache_dir=cache, lora_rank=2, lora_alpha=8.0, lr=0.1, sample_every=0,
-                  steps=1)
+                  steps=1, dtype="bfloat16", remat=True)
     work2 = str(tmp_path / "db_lora")
     lora_file = recipes.run_dreambooth(config, work2)
     assert "reused 2 class images" in capsys.readouterr().out

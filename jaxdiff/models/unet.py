@@ -217,7 +217,10 @@ class UNet2DConditionModel(nn.Module):
       config: a ``UNetConfig``.
       dtype: compute dtype (params stay float32); bf16 on accelerators.
       remat: rematerialise every resnet and transformer block in the backward pass
-        (training memory ~ one block's activations instead of the whole network's).
+        (training memory ~ one block's activations instead of the whole network's). XLA:CPU
+        undoes it (its early optimization-barrier expansion lets CSE merge the recomputation
+        into the forward) unless compiled with ``compiler_options={"xla_disable_hlo_passes":
+        "cse_barrier_expander"}``; XLA:GPU and TPU keep it (bench/README.md "Memory plan").
     """
     config: UNetConfig
     dtype: Any = jnp.float32

@@ -26,6 +26,7 @@ References:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, NamedTuple, Optional
 
@@ -78,6 +79,20 @@ def make_trainable(params, *, train_text_encoder: bool = False, lora_rank: int =
     return Trainable(adapters, lambda tr: lora_lib.merge_lora(params, tr, scale), alpha)
 
 
+def compute_pipe(pipe: Pipeline, dtype: str = "float32", remat: bool = False) -> Pipeline:
+    """``pipe`` with its denoiser computing in ``dtype`` ("float32" | "bfloat16"; params,
+    gradients and optimizer state stay float32) and, ``remat`` (U-Net only), its resnet
+    and transformer blocks rematerialised in the backward pass (configs/dreambooth.py's
+    memory plan)."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dreambooth: dtype={dtype!r} must be 'float32' or 'bfloat16' "
+                         "(config.dtype).")
+    if remat and pipe.is_transformer:
+        raise ValueError("dreambooth: remat=True is U-Net only; use remat=False.")
+    extra = {} if pipe.is_transformer else {"remat": remat}
+    return dataclasses.replace(pipe, unet=pipe.unet.clone(dtype=jnp.dtype(dtype), **extra))
+
+
 def make_dreambooth_loss(pipe: Pipeline, merge: Callable, *, train_text_encoder: bool,
                          prior_preservation: bool) -> Callable:
     """``loss(trainable, batch, rng) -> scalar`` (module docstring).
@@ -118,7 +133,7 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
                      lora_rank: int = 0, lora_alpha: Optional[float] = None, seed: int = 0,
                      warmup: int = 0, log_every: int = 10, ckpt_every: int = 100,
                      on_sample: Optional[Callable] = None, sample_every: int = 0,
-                     mesh=None):
+                     dtype: str = "float32", remat: bool = False, mesh=None):
     """Runs DreamBooth (resuming from ``workdir``'s checkpoints).
 
     Args:
@@ -133,6 +148,10 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
       train_text_encoder, lora_rank, lora_alpha: see ``make_trainable``.
       on_sample: ``on_sample(params, step)`` with full (merged) params, every
         ``sample_every`` steps.
+      dtype, remat: the denoiser's compute dtype and block rematerialisation in the
+        train step (``compute_pipe``).
+      mesh: ``parallel.make_mesh(...)`` (default: all devices, data parallel; with
+        ``fsdp > 1`` the train state is FSDP-sharded).
     Returns:
       ``(params, lora)``: the fine-tuned pipeline params (LoRA merged at scale 1) and the
       adapter pytree (None in full fine-tuning).
@@ -145,7 +164,8 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
     os.makedirs(workdir, exist_ok=True)
     trainable = make_trainable(params, train_text_encoder=train_text_encoder,
                                lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed)
-    loss_fn = make_dreambooth_loss(pipe, trainable.merge, train_text_encoder=train_text_encoder,
+    loss_fn = make_dreambooth_loss(compute_pipe(pipe, dtype, remat), trainable.merge,
+                                   train_text_encoder=train_text_encoder,
                                    prior_preservation=prior)
     texts = {"instance": pipe.tokenize([instance_prompt])}
     if prior:

@@ -215,7 +215,8 @@ def run_dreambooth(config, workdir: str) -> str:
         train_text_encoder=config.train_text_encoder, lora_rank=config.lora_rank,
         lora_alpha=config.lora_alpha or None, seed=config.seed, log_every=config.log_every,
         ckpt_every=config.checkpoint_every, on_sample=grid,
-        sample_every=config.sample_every)
+        sample_every=config.sample_every, dtype=config.dtype, remat=config.remat,
+        mesh=parallel.make_mesh(fsdp=config.mesh.fsdp))
     export = config.export_dir or os.path.join(workdir, "export")
     if lora is not None:
         return save_lora(lora, export, alpha=config.lora_alpha or None)
