@@ -88,6 +88,37 @@ print(json.dumps(dict(base=base, peak=status("VmHWM"), seconds=seconds, weights=
 """
 
 
+WRITER = r"""
+import functools, os, numpy as np
+from flax import traverse_util
+from jaxdiff.models.config import read_json
+from jaxdiff.weights import convert, diffusers_format as df, files, single_file_write as sfw
+
+def half(module, kind, path, prefixes):  # jaxdiff's diffusers keys -> float16 file tensors
+    tensors, out = files.open_tensors(path), {{}}
+    for leaf in traverse_util.flatten_dict(df.init_shapes(module, kind)):
+        name = convert.torch_key(leaf)
+        key = next(k for k in convert._candidates(name, ("",) + prefixes) if k in tensors)
+        out[name] = np.asarray(tensors[key], np.float16)
+    return out
+
+folder = {folder!r}
+index = read_json(os.path.join(folder, "model_index.json"))
+modules, states = {{}}, {{}}
+for kind in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    modules[kind] = None
+    if (index.get(kind) or [None])[0]:  # listed (the SDXL refiner has no text_encoder)
+        modules[kind], stem, prefixes = df.component_module(os.path.join(folder, kind), kind)
+        path = files.find_weights(os.path.join(folder, kind), stem)
+        states[kind] = functools.partial(half, modules[kind], kind, path, prefixes)
+pipe = type("Configs", (), dict(modules, is_sdxl=modules["text_encoder_2"] is not None))
+state = sfw.original_from_diffusers(pipe, states)
+tmp = {file!r} + ".tmp"
+files.write_tensors(tmp, state)
+os.replace(tmp, {file!r})
+"""
+
+
 def _build(size, folder, file):
     """Writes the diffusers folder (torch) and the float16 single file (jaxdiff), each in
     its own process so neither library's copy of the weights inflates the other's."""
@@ -96,18 +127,10 @@ def _build(size, folder, file):
                 "sample.build_pipeline({size!r}, {folder!r})").format(here=HERE, size=size,
                                                                    folder=folder)
         subprocess.run([sys.executable, "-c", code], check=True)
-    # float16 leaf by leaf before converting, so the writer never holds a second float32
-    # copy (its load of the folder is the peak: ~1.7 copies of the float32 weights).
-    code = ("import numpy as np, jaxdiff\n"
-            "from flax import traverse_util\n"
-            "p, w = jaxdiff.load_pipeline({folder!r})\n"
-            "for kind in list(w):\n"
-            "    flat = traverse_util.flatten_dict(w.pop(kind))\n"
-            "    for key in flat:\n"
-            "        flat[key] = np.asarray(flat[key], np.float16)\n"
-            "    w[kind] = traverse_util.unflatten_dict(flat)\n"
-            "jaxdiff.save_pipeline(p, w, {file!r}, format='single_file', dtype=np.float16)\n"
-            ).format(folder=folder, file=file)
+    # Straight from the diffusers folder's own tensors, read one at a time and cast to
+    # float16 (jaxdiff.weights.single_file_write.original_from_diffusers), so the writer
+    # holds about one float16 copy (SDXL size: 14 GB of float32 weights, a 7 GB file).
+    code = WRITER.format(folder=folder, file=file)
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

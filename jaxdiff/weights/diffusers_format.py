@@ -48,39 +48,43 @@ def init_shapes(module, kind: str):
     return jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
 
 
-def load_component(folder: str, kind: str, dtype=jnp.float32, variant=None,
-                   allow_pickle=False):
-    """Loads one network from a diffusers/transformers component folder.
-
-    Returns:
-      (module, params): params are float32 numpy arrays in jaxdiff's layout.
-    """
+def component_module(folder: str, kind: str, dtype=jnp.float32):
+    """The network of one diffusers/transformers component folder, from its config.json
+    alone: ``(module, weights file stem, key prefixes to strip)``."""
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: missing; a diffusers-layout {kind} folder needs "
                                 "config.json next to its weights.")
     raw = read_json(cfg_path)
     if kind == "unet":
-        module = UNet2DConditionModel(UNetConfig.from_dict(raw, cfg_path), dtype)
-        stem, prefixes = "diffusion_pytorch_model", ("",)
-    elif kind == "transformer":  # a text-DiT pipeline's denoiser
+        return (UNet2DConditionModel(UNetConfig.from_dict(raw, cfg_path), dtype),
+                "diffusion_pytorch_model", ("",))
+    if kind == "transformer":  # a text-DiT pipeline's denoiser
         if raw.get("_class_name") != "PixArtTransformer2DModel":
             raise UnsupportedConfigError(
                 f"{cfg_path}: _class_name={raw.get('_class_name')!r}; a text pipeline's "
                 "transformer must be a PixArtTransformer2DModel (class-conditional DiT "
                 "folders: jaxdiff.weights.backbones.load_dit_pipeline).")
-        module = PixArtTransformer2DModel(PixArtConfig.from_dict(raw, cfg_path), dtype)
-        stem, prefixes = "diffusion_pytorch_model", ("",)
-    elif kind == "vae":
-        module = AutoencoderKL(VAEConfig.from_dict(raw, cfg_path), dtype)
-        stem, prefixes = "diffusion_pytorch_model", ("",)
-    elif kind == "text_encoder_2":  # SDXL's second encoder
-        module = CLIPTextModelWithProjection(CLIPTextProjectionConfig.from_dict(raw, cfg_path),
-                                             dtype)
-        stem, prefixes = "model", (_TEXT_PREFIX,)
-    else:
-        module = CLIPTextModel(CLIPTextConfig.from_dict(raw, cfg_path), dtype)
-        stem, prefixes = "model", (_TEXT_PREFIX,)
+        return (PixArtTransformer2DModel(PixArtConfig.from_dict(raw, cfg_path), dtype),
+                "diffusion_pytorch_model", ("",))
+    if kind == "vae":
+        return (AutoencoderKL(VAEConfig.from_dict(raw, cfg_path), dtype),
+                "diffusion_pytorch_model", ("",))
+    if kind == "text_encoder_2":  # SDXL's second encoder
+        return (CLIPTextModelWithProjection(CLIPTextProjectionConfig.from_dict(raw, cfg_path),
+                                            dtype), "model", (_TEXT_PREFIX,))
+    return (CLIPTextModel(CLIPTextConfig.from_dict(raw, cfg_path), dtype), "model",
+            (_TEXT_PREFIX,))
+
+
+def load_component(folder: str, kind: str, dtype=jnp.float32, variant=None,
+                   allow_pickle=False):
+    """Loads one network from a diffusers/transformers component folder.
+
+    Returns:
+      (module, params): params are float32 arrays in jaxdiff's layout, on the device.
+    """
+    module, stem, prefixes = component_module(folder, kind, dtype)
     path = files.find_weights(folder, stem, variant, allow_pickle)
     shapes = init_shapes(module, "unet" if kind == "transformer" else kind)
     params = convert.torch_to_flax(files.open_tensors(path), shapes,

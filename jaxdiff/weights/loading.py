@@ -13,7 +13,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from jaxdiff.weights import diffusers_format, hf_cache, single_file
+from jaxdiff.weights import diffusers_format, hf_cache, single_file, single_file_write
 
 FORMATS = ("diffusers", "single_file")
 # --model embedded:NAME -> the shipped pipeline folder.
@@ -96,5 +96,5 @@ def save_pipeline(pipe, params, out: str, *, overwrite: bool = True,
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out}: already exists; pass overwrite=True or choose another "
                               "output file.")
-    return single_file.save_single_file(pipe, params, out,
-                                        dtype=dtype if dtype is not None else "float32")
+    return single_file_write.save_single_file(pipe, params, out,
+                                              dtype=dtype if dtype is not None else "float32")

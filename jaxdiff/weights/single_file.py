@@ -11,16 +11,15 @@ The tokenizer: ``config=``'s, the Hugging Face cache's, or CLIP's built from shi
 are cast to float32). SDXL base / refiner files (``conditioner.embedders.*``): configs from
 ``config=`` or inferred (1024 px, Euler, epsilon; both tokenizers CLIP's, the second padding
 with '!'). Layouts:
-``jaxdiff.weights.original_layout``.
+``jaxdiff.weights.original_layout``; writing: ``jaxdiff.weights.single_file_write``.
 """
 from __future__ import annotations
 
 import os
 import re
 import warnings
-from typing import Dict, Mapping, Optional
+from typing import Mapping, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -262,7 +261,7 @@ def load_single_file(path: str, *, config: Optional[str] = None,
     return pipe, files.to_device(params)
 
 
-def _sdxl_prefixes(model_type: str) -> dict:
+def sdxl_prefixes(model_type: str) -> dict:
     """Component -> original-layout prefix of an SDXL base / refiner file."""
     if model_type == "xl_refiner":
         return {"unet": ol.UNET_PREFIX, "vae": ol.VAE_PREFIX,
@@ -271,7 +270,9 @@ def _sdxl_prefixes(model_type: str) -> dict:
             "text_encoder": ol.SDXL_CLIP_PREFIX, "text_encoder_2": ol.SDXL_OPENCLIP_PREFIX}
 
 
-def _sdxl_map(kind, keys, cfg, prefix):
+def sdxl_key_map(kind, keys, cfg, prefix):
+    """diffusers key -> (original key, part) of one SDXL component (``prefix``: its
+    ``sdxl_prefixes`` entry)."""
     if kind in ("unet", "vae"):
         return component_map(kind, keys, cfg)
     if kind == "text_encoder":
@@ -294,7 +295,7 @@ def _load_sdxl(ckpt, model_type, config, prediction_type, extract_ema, dtype):
     if config:
         config_dir = hf_cache.resolve(config) if not os.path.isdir(config) else config
     inferred = None if config_dir else _sdxl_inferred(ckpt, model_type)
-    prefixes = _sdxl_prefixes(model_type)
+    prefixes = sdxl_prefixes(model_type)
     modules, params, tokenizers = {"text_encoder": None}, {}, {"text_encoder": None}
     for kind, prefix in prefixes.items():
         cfg_path = os.path.join(config_dir, kind, "config.json") if config_dir else None
@@ -313,7 +314,7 @@ def _load_sdxl(ckpt, model_type, config, prediction_type, extract_ema, dtype):
                                     "inferred)")
             expected = diffusers_format.init_shapes(modules[kind], kind)
             keys = [convert.torch_key(k) for k in traverse_util.flatten_dict(expected)]
-            key_map = _sdxl_map(kind, keys, modules[kind].config, prefix)
+            key_map = sdxl_key_map(kind, keys, modules[kind].config, prefix)
             params[kind] = _read_component(
                 ckpt, expected, kind, key_map, extract_ema, f"of {config_dir}" if config_dir
                 else "inferred from its tensors (pass config=<its diffusers folder>)")
@@ -394,48 +395,3 @@ def _check_outside(ckpt, present):
     if other:
         warnings.warn(f"{ckpt.path}: ignoring {len(other)} tensor(s) outside the UNet, VAE and "
                       f"text encoder (first: '{other[0]}').")
-
-
-# ------------------------------------------------------------------------------ writing
-
-def original_state_dict(pipe: Pipeline, params, dtype=np.float32,
-                        text_layout: Optional[str] = None) -> Dict[str, np.ndarray]:
-    """``(pipe, params)`` -> one original-layout state dict (SD 1.x/2.x, A1111 / ComfyUI).
-
-    ``text_layout``: ``"clip"`` (SD 1.x) or ``"openclip"`` (SD 2.x); default by the text
-    encoder's activation (OpenCLIP uses gelu, CLIP-L quick_gelu).
-    """
-    out: Dict[str, np.ndarray] = {}
-    if pipe.is_sdxl:  # SDXL base / refiner: text encoders under conditioner.embedders.
-        prefixes = _sdxl_prefixes("xl" if pipe.text_encoder is not None else "xl_refiner")
-        for kind, prefix in prefixes.items():
-            state = convert.flax_to_torch(params[kind], dtype=dtype)
-            key_map = _sdxl_map(kind, state.keys(), getattr(pipe, kind).config, prefix)
-            out.update(ol.to_original(state, key_map))
-            del state
-        return out
-    if text_layout is None:
-        text_layout = "openclip" if pipe.text_encoder.config.hidden_act == "gelu" else "clip"
-    for kind in ("unet", "vae", "text_encoder"):
-        state = convert.flax_to_torch(params[kind], dtype=dtype)
-        key_map = component_map(kind, state.keys(), getattr(pipe, kind).config, text_layout)
-        out.update(ol.to_original(state, key_map))
-    return out  # to_original's .T / [:, :, None, None] views are made contiguous when written
-
-
-def save_single_file(pipe: Pipeline, params, path: str, *, dtype=np.float32,
-                     text_layout: Optional[str] = None) -> str:
-    """Writes one original-layout ``.safetensors`` (atomically: a temporary file renamed)."""
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"{path}: a single-file checkpoint is written as .safetensors; "
-                         "give a file name ending in .safetensors.")
-    state = original_state_dict(pipe, params, dtype, text_layout)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        files.write_tensors(tmp, state)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
