@@ -26,7 +26,9 @@ an overestimate). Programs (per model, per batch of images B):
   512², PixArt-alpha size at 1024² with T5 caption features as inputs), ``unet`` is one
   transformer call on 2B rows and ``generate`` a DDIM scan of guided calls + VAE decode;
 - ``train``: a DreamBooth full fine-tune step (prior preservation: B instance + B class
-  rows, frozen text encoder, AdamW), as ``training.dreambooth`` builds it.
+  rows, frozen text encoder, AdamW), as ``training.dreambooth`` builds it; for XLA:CPU it
+  is compiled with ``roofline_programs.CPU_KEEP_REMAT``, without which XLA:CPU merges the
+  remat recomputation away (bench/README.md "Memory plan").
 
 Attention is traced as on an accelerator (``JAXDIFF_ATTENTION=xla``: one fused op; its
 memory is the materialised [B, heads, L, L] scores, more than a flash kernel needs).

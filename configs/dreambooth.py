@@ -14,22 +14,19 @@ diffusers' DreamBooth example settings (``--config.model=/path/to/sd15 --config.
 fields take a Python tuple, quoted for the shell:
 ``--config.sample_prompts='("a sks circle", "a sks circle on the left")'``.
 
-Memory plan for SD 1.5 at 512x512 (compile-only, ``bench/roofline.py --programs
-train``, figures per device from XLA:CPU's buffer assignment, bench/README.md): a full
-fine-tune step with prior preservation (B instance + B class rows), AdamW, donated state.
-The state (fp32 UNet params + Adam moments) is 10.31 GB on one device, 2.58 / 1.29 GB per
-device with FSDP over 4 / 8. Peak (state + temporaries): batch 1: 38.4 GB bf16 with remat,
-38.4 GB bf16 without, 37.9 / 37.9 GB fp32 with / without; 23.7 / 23.6 GB bf16 + remat with
-FSDP over 4 / 8; batch 4 bf16: 112.7 GB with remat, 112.6 GB without. So on XLA:CPU's
-figures nothing fits 16 GB per device, batch 1 fits 80 GB in every variant (FSDP included)
-and batch 4 does not. XLA:CPU's temporaries do not shrink with remat (they grow ~13 GB per
-UNet row either way; an unchecked guess: XLA:CPU schedules without regard to memory), so
-measure peak memory on the device with ``bench/train_step.py --remat``
-(bench/accelerator.sh) before trusting the 16 GB verdict. The same compile for a TPU v5e
-(``bench/roofline.py --target tpu_v5e:2x4``: libtpu's deviceless compiler, which schedules
-for memory) is set up but not measured yet; with the TPU splash attention kernel a 64x64
-self-attention's gradient needs 17.6 MB of temporaries instead of 1.6 GB at batch 2
-(bench/roofline_attention.py), so expect the TPU peaks well below the CPU ones.
+Memory plan for SD 1.5 at 512x512 (full fine-tune, prior preservation: B instance + B
+class rows, AdamW; compile-only, ``bench/roofline.py --programs train``, per device, from
+XLA:CPU with remat kept; bench/README.md "Memory plan"): the fp32 UNet + Adam state is
+10.3 GB (+3.7 GB gradients / update), split by ``mesh.fsdp``. Batch 1 peaks at 20.6 GB with
+``remat=True`` and 38.4 GB without; with remat and ``mesh.fsdp=8`` 8.3 GB. So 16 GB per
+device needs ``remat=True`` and FSDP over 4-8 devices at batch 1 (batch 2 with FSDP 8 is at
+the edge, ~15.6 GB estimated); 80 GB takes batch 1-2 in any setting and batch 4 with remat
+(42.6 GB), without it only with FSDP 8, at the edge (78.7 GB). bf16 and fp32 compute
+give about the same figures on XLA:CPU; on a GPU / TPU bf16 activations take half the
+bytes and a flash attention kernel drops the 64x64 attention scores, so there these are
+upper bounds: for SD 1.5 on 16 GB devices
+``--config.dtype=bfloat16 --config.remat=True --config.mesh.fsdp=N``. Not yet measured
+on a device (``bench/train_step.py --remat``) nor compiled for a TPU.
 """
 import ml_collections
 
