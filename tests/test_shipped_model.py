@@ -4,6 +4,7 @@ The README's figures come from ``bench/quality.py`` at 200 + 100 prompts; these 
 check the same quantities at a smaller, fixed size with margins for that sample's error,
 so a regression of the shipped weights (or of the code that samples them) fails here.
 """
+import jax
 import numpy as np
 import pytest
 
@@ -41,3 +42,21 @@ def test_vae_reconstructs_held_out_images(embedded, spec):
     result = gen.vae_psnr(pipe, params, images)
     print(result)
     assert result["mean_db"] >= 30.0, result
+
+
+def test_embedded_text_dit_loads_and_generates(embedded):
+    """``embedded:dit`` (jaxdiff/assets/shapes_dit): a text-DiT pipeline on the default
+    model's VAE, text encoder and tokenizer (bit for bit), generating at its native size
+    through the same ``generate`` (2 DPM-Solver++ steps: one compile). Its accuracy is a
+    bench figure (bench/README.md, "Backbones trained on the shapes world"), not a floor."""
+    pipe, params = jaxdiff.load_pipeline("embedded:dit")
+    base, base_params = embedded
+    assert pipe.is_transformer and not base.is_transformer
+    assert pipe.vae.config.scaling_factor == base.vae.config.scaling_factor
+    for kind in ("vae", "text_encoder"):
+        for a, b in zip(jax.tree.leaves(params[kind]), jax.tree.leaves(base_params[kind])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    images = jaxdiff.generate(pipe, params, ["a big red circle", "a small blue square"],
+                              sampler="dpmpp_2m", steps=2, guidance_scale=5.0, seed=0)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    assert images[0].std() > 0
