@@ -63,16 +63,17 @@ MARKERS = {"S": "o", "M": "s", "L": "^"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbones", nargs="+", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--sizes", nargs="+", default=["S", "M", "L"], choices=["S", "M", "L"])
-    p.add_argument("--steps", type=int, default=900, help="training steps per model")
+    p.add_argument("--sizes", nargs="+", default=["S", "L", "M"], choices=["S", "M", "L"],
+                   help="in this order (default S L M: M last)")
+    p.add_argument("--steps", type=int, default=450, help="training steps per model")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema-decay", type=float, default=0.99,
                    help="EMA of the weights that are scored (0.99: a ~100-step window)")
     p.add_argument("--evals", type=int, default=3, help="evaluations per run (budgets)")
-    p.add_argument("--num-one", type=int, default=64, help="one-object prompts per evaluation")
-    p.add_argument("--num-two", type=int, default=64, help="two-object prompts per evaluation")
+    p.add_argument("--num-one", type=int, default=48, help="one-object prompts per evaluation")
+    p.add_argument("--num-two", type=int, default=48, help="two-object prompts per evaluation")
     p.add_argument("--num-train", type=int, default=10_000, help="world-v1 training scenes")
     p.add_argument("--workdir", default="runs/backbones_study")
     p.add_argument("--out", default="bench/backbones_study.json")
