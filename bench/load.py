@@ -1,7 +1,7 @@
 """Checkpoint loading: peak host memory and time, jaxdiff vs diffusers, on the same files.
 
     python bench/load.py                                # sd15 and sdxl-reduced, CPU
-    python bench/load.py --sizes sdxl                   # SDXL 1.0 size: needs ~40 GB RAM
+    python bench/load.py --sizes sdxl                   # SDXL 1.0 size: ~20 GB peak RSS
     python bench/load.py --checkpoints /tmp/ckpt        # keep / reuse the written files
 
 For each size (bench/sample.py's SIZES: random, perturbed diffusers weights) the script
@@ -186,7 +186,7 @@ def main(argv=None):
     ap.add_argument("--checkpoints", default=None, metavar="DIR",
                     help="keep the written checkpoints in DIR/<size>/ and reuse them when "
                     "there (default: a temporary folder, deleted; SD 1.5 size writes 5.8 GB, "
-                    "SDXL size ~21 GB)")
+                    "SDXL size ~19 GB)")
     args = ap.parse_args(argv)
     for size in args.sizes:
         bench_size(size, args.libraries, args.sources, args.checkpoints)
