@@ -128,6 +128,7 @@ def test_compute_dtype_and_remat_reach_the_unet_blocks_of_the_step(micro):
     with pytest.raises(ValueError, match="dtype='float16' must be 'float32' or 'bfloat16'"):
         db.compute_pipe(pipe, "float16")
 
+
 def test_lora_mode_trains_only_adapters(micro):
     _, pipe, params = micro
     tr = db.make_trainable(params, lora_rank=2, train_text_encoder=True)
