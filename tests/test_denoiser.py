@@ -7,7 +7,6 @@ Truth: a hand-written guided DDIM loop calling the PixArt module directly; the i
 latents an inversion started from; an identity edit vs a word swap with the controller
 on and off; the loss before and after a few optimizer steps.
 """
-import dataclasses
 import functools
 
 import jax
@@ -24,11 +23,11 @@ from jaxdiff.editing import p2p_pipeline as pp
 from jaxdiff.editing import prompt_to_prompt as p2p
 from jaxdiff.editing.batch_inputs import unet_denoiser
 from jaxdiff.gligen_sampling import generate_gligen
-from jaxdiff.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from jaxdiff.samplers import make_sampler
 from jaxdiff.samplers.ddim import ddim_tables
 from jaxdiff.training.dreambooth import make_dreambooth_loss
 from jaxdiff.training.text_to_image import diffusion_loss
+from text_dit import tiny_text_dit
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -36,19 +35,8 @@ PROMPTS = ["a red circle", "a blue square"]
 @pytest.fixture(scope="module")
 def dit(embedded):
     """(pipe, params): the shipped pipeline with its U-Net swapped for a tiny text DiT
-    (learned sigma: 8 output channels, of which ``denoise`` keeps the noise half). Its
-    output layer is scaled by 0.1 (noise predictions of std ~0.06, DiT-like near-zero
-    init): a random net at full scale varies too fast in t for DDIM's first-order
-    inversion to come back at these step counts."""
-    pipe, params = embedded
-    cfg = PixArtConfig(num_attention_heads=2, attention_head_dim=8, num_layers=2,
-                       sample_size=pipe.unet.config.sample_size, out_channels=8,
-                       cross_attention_dim=16, use_additional_conditions=False,
-                       caption_channels=pipe.text_encoder.config.hidden_size)
-    pipe = dataclasses.replace(pipe, unet=PixArtTransformer2DModel(cfg))
-    net = pl.init_params(dataclasses.replace(pipe, text_encoder=None, vae=None))["unet"]
-    net = dict(net, proj_out=jax.tree.map(lambda a: 0.1 * a, net["proj_out"]))
-    return pipe, dict(params, unet=net)
+    (``text_dit.tiny_text_dit``: learned sigma, output layer scaled by 0.1)."""
+    return tiny_text_dit(*embedded)
 
 
 def _hand_loop(pipe, params, noise, scale, steps):

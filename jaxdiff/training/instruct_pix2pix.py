@@ -2,7 +2,9 @@
 
 * ``widen_unet``: the base UNet with ``conv_in`` taking 4 more input channels (the source
   image's latents), their kernel slices zero, so the widened model computes exactly the
-  base model's output before training, whatever the image channels hold.
+  base model's output before training, whatever the image channels hold (a PixArt text
+  DiT: its patch embedding, the same way). The loss and the P2P pair sampler call the
+  denoiser through ``pipeline.denoise``, so either backbone trains.
 * ``make_instruct_loss``: the denoising loss on the edited image's latents with the
   source image's latents concatenated to the noisy input (``[x_t, image]`` on the
   channel axis, as diffusers' pipeline and training script), and the paper's condition
@@ -13,9 +15,9 @@
   ``StableDiffusionInstructPix2PixPipeline.prepare_image_latents`` and its training
   script use ``latent_dist.mode()`` without the scaling factor); the edited image's
   latents are scaled as in text-to-image training.
-* ``instruct_optimizer``: AdamW whose ``conv_in`` (the only weights reading the image, zero
-  at the start) may step faster (``input_lr_multiplier``); with Min-SNR weighting
-  (``snr_gamma``) this is what makes the embedded model learn to keep its input.
+* ``instruct_optimizer``: AdamW whose ``conv_in`` / ``pos_embed`` (the only weights reading
+  the image, zero at the start) may step faster (``input_lr_multiplier``); with Min-SNR
+  weighting (``snr_gamma``) this is what makes the embedded model learn to keep its input.
 * Pairs come from the world's exact renderer (``jaxdiff.data.instructions``) or from the
   embedded model with Prompt-to-Prompt (``p2p_pairs``: both captions sampled from the
   same noise with cross/self-attention injection, kept when the evaluator reads the
@@ -40,7 +42,8 @@ from jaxdiff import parallel, schedules
 from jaxdiff.data import instructions, shapes
 from jaxdiff.editing import prompt_to_prompt as p2p
 from jaxdiff.eval import shapes_eval
-from jaxdiff.pipeline import Pipeline, from_uint8, to_uint8
+from jaxdiff.models.pixart import PixArtConfig
+from jaxdiff.pipeline import Pipeline, denoise, from_uint8, to_uint8
 from jaxdiff.samplers.ddim import ddim_tables
 from jaxdiff.training import batching, losses
 from jaxdiff.training import state as state_lib
@@ -51,16 +54,30 @@ from jaxdiff.training.step import make_train_step
 from jaxdiff.weights import load_pipeline, save_pipeline
 
 PIPELINE_CLASS = "StableDiffusionInstructPix2PixPipeline"
+# The denoiser layers that read the input latents (U-Net, text DiT's patch embedding).
+INPUT_LAYERS = ("conv_in", "pos_embed")
 SOURCES = ("renderer", "p2p")
 
 
 # --------------------------------------------------------------------------- the model
 
 def widen_unet(pipe: Pipeline, params, extra_channels: int = 4):
-    """(pipeline, params) whose UNet takes ``in_channels + extra_channels`` inputs; the new
-    input channels' ``conv_in`` kernel is zero (the output equals the base UNet's)."""
+    """(pipeline, params) whose denoiser takes ``in_channels + extra_channels`` inputs; the
+    new input channels' kernel slice is zero (the output equals the base denoiser's).
+
+    U-Net: ``conv_in``. Text DiT (``PixArtTransformer2DModel``): the patch embedding
+    ``pos_embed.proj``; a learned-sigma output (``out_channels = 2 x in_channels``) is cut
+    to its noise half (``proj_out``'s columns of the noise channels), which is all any
+    pipeline reads, so the widened model's output equals the base model's noise
+    prediction (a widened ``in_channels = 2 x out_channels`` model is what
+    ``Pipeline.is_instruct`` and diffusers' InstructPix2Pix layout expect)."""
     if pipe.is_sdxl:
         raise ValueError("InstructPix2Pix training needs an SD 1.x / 2.x base pipeline.")
+    if isinstance(pipe.unet.config, PixArtConfig):
+        return _widen_pixart(pipe, params, extra_channels)
+    if pipe.is_transformer:
+        raise ValueError(f"InstructPix2Pix training: the {type(pipe.unet).__name__} backbone "
+                         "is not supported (U-Net or PixArt text DiT only).")
     cfg = pipe.unet.config
     unet = pipe.unet.clone(config=dataclasses.replace(
         cfg, in_channels=cfg.in_channels + extra_channels))
@@ -69,6 +86,28 @@ def widen_unet(pipe: Pipeline, params, extra_channels: int = 4):
     conv_in = dict(params["unet"]["conv_in"], kernel=jnp.concatenate([kernel, pad], axis=2))
     return (dataclasses.replace(pipe, unet=unet),
             dict(params, unet=dict(params["unet"], conv_in=conv_in)))
+
+
+def _widen_pixart(pipe: Pipeline, params, extra_channels: int):
+    cfg, net = pipe.unet.config, params["unet"]
+    kernel = net["pos_embed"]["proj"]["kernel"]  # [p, p, C_in, D]
+    pad = jnp.zeros(kernel.shape[:2] + (extra_channels,) + kernel.shape[3:], kernel.dtype)
+    proj = dict(net["pos_embed"]["proj"], kernel=jnp.concatenate([kernel, pad], axis=2))
+    net = dict(net, pos_embed=dict(net["pos_embed"], proj=proj))
+    out = cfg.in_channels
+    if cfg.learned_sigma:  # proj_out columns are (patch row, patch column, channel)
+        p, d = cfg.patch_size, net["proj_out"]["kernel"].shape[0]
+        keep = lambda a, lead: a.reshape(lead + (p, p, 2 * out))[..., :out].reshape(
+            lead + (p * p * out,))
+        net["proj_out"] = {"kernel": keep(net["proj_out"]["kernel"], (d,)),
+                           "bias": keep(net["proj_out"]["bias"], ())}
+    elif cfg.output_channels != out:
+        raise ValueError(f"InstructPix2Pix training: this text DiT predicts "
+                         f"{cfg.output_channels} channels from {out} latent channels; "
+                         "need out_channels = in_channels or 2 x in_channels.")
+    wide = dataclasses.replace(cfg, in_channels=out + extra_channels, out_channels=out)
+    return (dataclasses.replace(pipe, unet=pipe.unet.clone(config=wide)),
+            dict(params, unet=net))
 
 
 def condition_dropout(rng, batch: int, prob: float = 0.05):
@@ -94,11 +133,11 @@ def make_instruct_loss(pipe: Pipeline, frozen_params, dropout: float = 0.05,
         text_params = p.get("text_encoder", frozen_params["text_encoder"])
         context = pipe.text_encoder.apply({"params": text_params}, ids)
 
-        def denoise(x, t, cond):
+        def with_image(x, t, cond):
             ctx, img = cond
-            return pipe.unet.apply({"params": p["unet"]}, jnp.concatenate([x, img], -1), t, ctx)
+            return denoise(pipe, p["unet"], jnp.concatenate([x, img], -1), t, ctx)
 
-        per = losses.denoising_loss(denoise, alphas, pipe.scheduler.prediction_type,
+        per = losses.denoising_loss(with_image, alphas, pipe.scheduler.prediction_type,
                                     snr_gamma)(
             x0, (context, image), k_loss)
         return jnp.mean(per)
@@ -108,8 +147,9 @@ def make_instruct_loss(pipe: Pipeline, frozen_params, dropout: float = 0.05,
 
 def instruct_optimizer(trainable, lr: float, warmup: int, steps: int,
                        input_lr_multiplier: float = 1.0):
-    """``adamw_with_warmup`` whose UNet ``conv_in`` (the only weights that read the image
-    latents, zero-initialised) steps ``input_lr_multiplier`` times faster; 1 = plain.
+    """``adamw_with_warmup`` whose UNet ``conv_in`` / text DiT ``pos_embed`` (the only
+    weights that read the image latents, zero-initialised) steps ``input_lr_multiplier``
+    times faster; 1 = plain.
 
     Adam moves a weight by at most about lr per step: at lr 3e-4 the zero-initialised
     image slice of ``conv_in`` needs hundreds of steps of same-signed gradients to reach
@@ -118,7 +158,7 @@ def instruct_optimizer(trainable, lr: float, warmup: int, steps: int,
     if input_lr_multiplier == 1.0:
         return adamw_with_warmup(lr, warmup, steps)
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "input" if any(getattr(k, "key", None) == "conv_in" for k in path)
+        lambda path, _: "input" if any(getattr(k, "key", None) in INPUT_LAYERS for k in path)
         and getattr(path[0], "key", None) == "unet" else "rest", trainable)
     return optax.multi_transform(
         {"input": adamw_with_warmup(lr * input_lr_multiplier, warmup, steps),
@@ -192,8 +232,7 @@ def _p2p_program(pipe: Pipeline, steps: int):
     """Samples source and edited captions from the same noise under P2P control."""
     def run(params, z_T, src_ids, tgt_ids, empty_ids, control, guidance):
         tab = ddim_tables(pipe.scheduler, steps)
-        unet = lambda x, t, c, ctrl=None: pipe.unet.apply({"params": params["unet"]}, x, t,
-                                                          c, control=ctrl)
+        unet = lambda x, t, c, ctrl=None: denoise(pipe, params["unet"], x, t, c, control=ctrl)
         uncond = pipe.encode_text(params, empty_ids)
         nulls = jnp.broadcast_to(uncond, (steps,) + uncond.shape)
         out = p2p.edit_loop(unet, tab, z_T, pipe.encode_text(params, src_ids),

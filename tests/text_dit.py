@@ -1,0 +1,27 @@
+"""The tiny text DiT pipeline the interface tests share (test_denoiser.py,
+test_denoiser_methods.py): the shipped pipeline with its U-Net swapped for a tiny random
+PixArt-style ``PixArtTransformer2DModel`` (the shipped CLIP text encoder, VAE, tokenizer
+and scheduler around it)."""
+import dataclasses
+
+import jax
+
+from jaxdiff import pipeline as pl
+from jaxdiff.models.pixart import PixArtConfig, PixArtTransformer2DModel
+
+
+def tiny_text_dit(pipe, params, **config):
+    """(pipe, params) of the embedded ``(pipe, params)`` with its U-Net swapped for a tiny
+    text DiT (learned sigma: 8 output channels, of which ``denoise`` keeps the noise half;
+    ``config`` overrides PixArtConfig fields). Its output layer is scaled by 0.1 (noise
+    predictions of std ~0.06, DiT-like near-zero init): a random net at full scale varies
+    too fast in t for DDIM's first-order inversion to come back at small step counts."""
+    fields = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                  sample_size=pipe.unet.config.sample_size, out_channels=8,
+                  cross_attention_dim=16, use_additional_conditions=False,
+                  caption_channels=pipe.text_encoder.config.hidden_size)
+    cfg = PixArtConfig(**dict(fields, **config))
+    pipe = dataclasses.replace(pipe, unet=PixArtTransformer2DModel(cfg))
+    net = pl.init_params(dataclasses.replace(pipe, text_encoder=None, vae=None))["unet"]
+    net = dict(net, proj_out=jax.tree.map(lambda a: 0.1 * a, net["proj_out"]))
+    return pipe, dict(params, unet=net)
