@@ -44,6 +44,9 @@ def get_config(variant: str = ""):
     c.stages = "autoencoder,diffusion"   # comma-separated: autoencoder, decoder, diffusion
     c.export_dir = ""                    # diffusers-layout output ("" = <workdir>/export)
     c.init_from = ""                     # "" = random init; a pipeline dir or "embedded"
+    # With init_from: scheduler fields to change, e.g. dict(prediction_type="v_prediction",
+    # rescale_betas_zero_snr=True, timestep_spacing="trailing") ({} keeps the loaded one).
+    c.scheduler_update = {}
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = ""                 # TFDS data_dir ("" = <workdir>/tfds)
@@ -161,6 +164,20 @@ def get_config(variant: str = ""):
         c.data.world = "v2_terse"
         c.diffusion.update(steps=4000, lr=2e-4, warmup=100, snr_gamma=5.0)
         c.sample_prompts = V2_SAMPLE_PROMPTS
+    elif variant == "v2_zsnr":
+        # Model v2, fifth command (experiment): `v2_stage3`'s export moved to v-prediction
+        # with zero terminal SNR and trailing timesteps (Lin et al. 2024, "Common Diffusion
+        # Noise Schedules and Sample Steps are Flawed"): with SD's schedule the noisiest
+        # training step still leaks 7 % of the image, so the model never learns to decide
+        # an unnamed colour from pure noise (colour-free prompts gave empty images).
+        c.init_from = "runs/shapes_v2_stage3/export"
+        c.stages = "diffusion"
+        c.seed = 3
+        c.data.world = "v2_terse"
+        c.scheduler_update = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                  timestep_spacing="trailing")
+        c.diffusion.update(steps=3000, lr=2e-4, warmup=100, snr_gamma=5.0)
+        c.sample_prompts = V2_SAMPLE_PROMPTS
     elif variant == "tiny":
         c.data.num_train, c.data.num_test = 64, 16
         c.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -177,5 +194,5 @@ def get_config(variant: str = ""):
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of configs/shapes.py "
                          "(use '', 'finetune', 'dit', 'v2', 'v2_stage2', 'v2_decoder', "
-                         "'v2_stage3' or 'tiny').")
+                         "'v2_stage3', 'v2_zsnr' or 'tiny').")
     return c

@@ -128,6 +128,17 @@ def train_and_evaluate(config, workdir: str) -> str:
         if backbone:
             pipe, params = fresh_denoiser(pipe, params, config.model.to_dict(), backbone,
                                           config.seed)
+        # config.scheduler_update: fields of the loaded scheduler to change (e.g. to move a
+        # fine-tune to v-prediction with zero terminal SNR); {} keeps it.
+        update = config.get("scheduler_update") or {}
+        update = update.to_dict() if hasattr(update, "to_dict") else dict(update)
+        unknown = set(update) - {f.name for f in dataclasses.fields(pipe.scheduler)}
+        if unknown:
+            raise ValueError(f"config.scheduler_update: unknown scheduler field(s) "
+                             f"{sorted(unknown)}; see jaxdiff.schedules.SchedulerConfig.")
+        if update:
+            pipe = dataclasses.replace(pipe, scheduler=dataclasses.replace(pipe.scheduler,
+                                                                           **update))
     else:
         tok_dir = build_tokenizer(os.path.join(workdir, "tokenizer"),
                                   model_max_length=config.model.tokenizer_max_length)
