@@ -18,6 +18,9 @@ Semantics are diffusers' (pipelines/dit/pipeline_dit.py):
   and the beta variance (diffusers' ``DDPMScheduler(variance_type="learned_range")``,
   Nichol & Dhariwal 2021); under guidance the variance is the conditional half's.
 
+The DiT is called through ``pipeline.denoise`` (class labels as its condition, the whole
+learned-sigma output), the interface every sampler and editing method uses.
+
 Whether guidance runs (scale > 1) is static; the scale itself is traced, so a new scale
 reuses the compiled program. Noise is per sample, ``fold_in(key(seed), index)``.
 """
@@ -32,6 +35,7 @@ import numpy as np
 
 from jaxdiff.models.dit import check_class_labels, split_learned_sigma
 from jaxdiff.models.vae import AutoencoderKL
+from jaxdiff.pipeline import denoise
 from jaxdiff.samplers import SAMPLERS, make_sampler
 from jaxdiff.samplers.ddpm_learned import make_learned_range_ddpm
 from jaxdiff.sampling import initial_noise, sample_keys
@@ -46,9 +50,8 @@ def guided_dit_output(pipe: DiTPipeline, params, x, t, labels, scale, guided: bo
     """The output the scheduler steps with (``DiTPipeline``'s guidance and learned-sigma
     split). x: [B, h, w, C], labels: int [B] -> [B, h, w, C] (``keep_variance``: the
     model's variance channels after them, [B, h, w, 2C])."""
-    model, c = pipe.transformer, pipe.transformer.config
-    apply = lambda x_, l_: model.apply({"params": params["transformer"]}, x_,
-                                       jnp.broadcast_to(t, (x_.shape[0],)), l_)
+    c = pipe.transformer.config
+    apply = lambda x_, l_: denoise(pipe, params["transformer"], x_, t, l_, variance=True)
     split = (lambda out: out) if keep_variance else functools.partial(split_learned_sigma, c)
     if not guided:
         return split(apply(x, labels))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from jaxdiff.models.dit import DiTConfig, dit_dummy_inputs
 from jaxdiff.models.gligen import ATTENTION_TYPES, dummy_gligen
 from jaxdiff.models.pixart import PixArtConfig, pixart_dummy_inputs
 from jaxdiff.models.uvit import UViTConfig, uvit_dummy_inputs
@@ -308,15 +309,23 @@ def denoise(pipe: Pipeline, unet_params, x, t, cond, **kwargs):
 
     Samplers, guidance, inversion, editing and training call the pipeline's backbone only
     through this function (docs/design.md, "One denoiser interface"), so a U-Net and a
-    text DiT pipeline run the same programs. ``unet_params``: ``params["unet"]`` (the
-    denoiser's params, whichever backbone). ``cond``: a context array [B, L, D] (SD
-    1.x/2.x, text DiT) or SDXL's ``{"context", "text_embeds", "time_ids"}``. ``kwargs``
-    pass on: ``control`` (the attention controller, docs/design.md "Controller as data")
-    for every backbone; the U-Net's control residuals, ``capture_intermediates`` and
-    ``mutable`` for the U-Net only. A learned-sigma transformer returns its noise half.
+    transformer pipeline run the same programs. ``pipe.unet`` is the backbone (a
+    ``weights.backbones.DiTPipeline`` names its class-conditional DiT so too).
+    ``unet_params``: ``params["unet"]`` (the denoiser's params, whichever backbone; a
+    DiTPipeline's ``params["transformer"]``). ``cond``: a context array [B, L, D] (SD
+    1.x/2.x, text DiT, text U-ViT), SDXL's ``{"context", "text_embeds", "time_ids"}``, or
+    int class labels [B] (class-conditional DiT / U-ViT; ``num_classes`` is the DiT's null
+    class). ``kwargs`` pass on: ``control`` (the attention controller, docs/design.md
+    "Controller as data") for every backbone; the U-Net's control residuals,
+    ``capture_intermediates`` and ``mutable`` for the U-Net only. A learned-sigma
+    transformer returns its noise half; ``variance=True`` (transformers only) returns its
+    whole output, noise then variance channels (the DiT's learned-variance DDPM).
     """
     if _is_transformer(pipe.unet):
         return _transformer_apply(pipe.unet, unet_params, x, t, cond, **kwargs)
+    if "variance" in kwargs:
+        raise ValueError("denoise(variance=...) is for learned-sigma transformers; this "
+                         f"pipeline's denoiser is a {type(pipe.unet).__name__}.")
     if isinstance(cond, dict):
         kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"],
                                        "time_ids": cond["time_ids"]}
@@ -329,28 +338,36 @@ unet_apply = denoise
 
 
 def _is_transformer(module) -> bool:
-    """A PixArt text DiT, or a text-conditioned U-ViT (``models.uvit``: in-memory
-    pipelines only, e.g. bench/backbones_study.py; it has no diffusers layout to save)."""
-    return isinstance(module.config, (PixArtConfig, UViTConfig))
+    """A PixArt text DiT, a class-conditional DiT (``DiTPipeline``), or a text- or
+    class-conditional U-ViT (``models.uvit``: in-memory pipelines only, e.g.
+    bench/backbones_study.py; it has no diffusers layout to save)."""
+    return isinstance(module.config, (PixArtConfig, UViTConfig, DiTConfig))
 
 
-def _transformer_apply(model, params, x, t, cond, control=None, **kwargs):
+def _transformer_apply(model, params, x, t, cond, control=None, variance=False, **kwargs):
     if kwargs or isinstance(cond, dict):
         what = sorted(kwargs) or ["SDXL's pooled text and time ids"]
         raise ValueError(f"this pipeline's denoiser is a {type(model).__name__}: {what[0]} is "
-                         "U-Net only (the text DiT takes latents, t, text embeddings and an "
-                         "attention controller).")
+                         "U-Net only (a transformer takes latents, t, its condition -- text "
+                         "embeddings or class labels -- and an attention controller).")
     c = model.config
-    if isinstance(c, UViTConfig):  # text tokens concatenated with the patch tokens
-        return model.apply({"params": params}, x, t, context=cond, control=control)
-    out = model.apply({"params": params}, x, t, cond, control=control)
-    return out[..., :c.in_channels] if c.learned_sigma else out
+    if isinstance(c, UViTConfig):  # condition tokens concatenated with the patch tokens
+        cond_kw = {"class_labels": cond} if c.num_classes > 0 else {"context": cond}
+        return model.apply({"params": params}, x, t, control=control, **cond_kw)
+    if isinstance(c, DiTConfig):  # class labels [B] (the null class: num_classes)
+        out = model.apply({"params": params}, x, jnp.broadcast_to(t, (x.shape[0],)), cond,
+                          control=control)
+    else:
+        out = model.apply({"params": params}, x, t, cond, control=control)
+    return out[..., :c.in_channels] if c.learned_sigma and not variance else out
 
 
 def dummy_inputs(module, kind: str):
     """Smallest valid inputs for ``module.init`` ("unet" | "vae" | "text_encoder[_2]")."""
     if kind == "unet" and isinstance(module.config, UViTConfig):
         return uvit_dummy_inputs(module)
+    if kind == "unet" and isinstance(module.config, DiTConfig):
+        return dit_dummy_inputs(module)
     if kind == "unet" and _is_transformer(module):
         return pixart_dummy_inputs(module)
     if kind == "unet":

@@ -14,6 +14,7 @@ from jaxdiff import dit_sampling
 from jaxdiff.models import UnsupportedConfigError
 from jaxdiff.models.dit import DiTConfig
 from jaxdiff.models.pixart import PixArtConfig
+from jaxdiff.pipeline import denoise
 from jaxdiff.samplers import SampleState
 from jaxdiff.samplers.ddpm_learned import make_learned_range_ddpm
 from jaxdiff.schedules import SchedulerConfig
@@ -70,16 +71,20 @@ def _pixart_jax(module, params, inputs, x, mask=None):
 
 
 def test_dit_matches_diffusers(torch, nets):
-    """Learned sigma (8 output channels), a class label and the null class."""
+    """Learned sigma (8 output channels), a class label and the null class; called through
+    ``pipeline.denoise`` (class labels as the condition): the whole output with
+    ``variance=True``, its noise half by default."""
     (pipe, params), inputs = nets["dit"], nets["inputs"]
     with torch.no_grad():
         want = nets["tpipe"].transformer(torch.tensor(inputs["x"]),
                                          timestep=torch.tensor(inputs["t"]),
                                          class_labels=torch.tensor(inputs["labels"])).sample
-    got = jax.jit(pipe.transformer.apply)({"params": params["transformer"]},
-                                          ref.nhwc(inputs["x"]), inputs["t"], inputs["labels"])
+    got, noise = jax.jit(lambda p, x, t, y: (denoise(pipe, p, x, t, y, variance=True),
+                                             denoise(pipe, p, x, t, y)))(
+        params["transformer"], ref.nhwc(inputs["x"]), inputs["t"], inputs["labels"])
     assert got.shape == (2, 8, 8, 8)
     np.testing.assert_allclose(ref.nchw(got), want.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_array_equal(noise, got[..., :4])
 
 
 @pytest.mark.parametrize("size", [8, 12])

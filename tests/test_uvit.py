@@ -1,6 +1,9 @@
 """U-ViT (issue #18): parity with a PyTorch re-implementation of the reference code
 (torchref/uvit.py) on tiny random weights, text-to-image and class-conditional; the
-reference's state-dict keys load through weights.convert; bad latent sizes refused."""
+reference's state-dict keys load through weights.convert; bad latent sizes refused. The
+parity runs through ``pipeline.denoise`` (text embeddings or class labels as the condition)."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 from torchref import models as ref
 from torchref import uvit as uvit_ref
 from jaxdiff.models.uvit import UViT, UViTConfig, uvit_dummy_inputs
+from jaxdiff.pipeline import denoise
 from jaxdiff.weights import convert
 
 TOL = 1e-4
@@ -51,7 +55,10 @@ def test_uvit_matches_reference(torch, nets, name):
         want = tm(torch.tensor(x), torch.tensor(t),
                   None if ctx is None else torch.tensor(ctx),
                   None if y is None else torch.tensor(y)).numpy()
-    got = jax.jit(module.apply)({"params": params}, ref.nhwc(x), t, ctx, y)
+    # through the one denoiser interface: the condition is the text or the class labels
+    pipe = types.SimpleNamespace(unet=module)
+    got = jax.jit(lambda p, x, c: denoise(pipe, p, x, t, c))(params, ref.nhwc(x),
+                                                             y if ctx is None else ctx)
     np.testing.assert_allclose(ref.nchw(got), want, atol=TOL, rtol=0)
     assert np.abs(want).max() > 0.1
     back = convert.flax_to_torch(params)  # the reference's own keys, strict load

@@ -95,6 +95,11 @@ class DiTPipeline:
     def num_classes(self) -> int:
         return self.transformer.config.num_classes
 
+    @property
+    def unet(self) -> DiTTransformer2DModel:
+        """The denoiser under the name ``pipeline.denoise`` reads (params["transformer"])."""
+        return self.transformer
+
     def label_ids(self, names) -> list:
         """Class ids of label names (any comma-separated synonym); one-line error if unknown."""
         table = {s.strip(): int(k) for k, v in (self.id2label or ()) for s in v.split(",")}
