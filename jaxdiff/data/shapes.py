@@ -299,10 +299,7 @@ def caption(objects: Sequence[ShapeObject], background: Optional[str] = None, *,
         return np.broadcast_to(np.asarray(flag, bool), (len(objects),))
 
     def noun(o, say_colour, say_shape):
-        words = [o.size] if mention_size else []
-        if say_colour and o.colour != UNNAMED:
-            words.append(o.colour)
-        return _article(words + [o.shape if say_shape else OBJECT_WORD])
+        return _article(noun_phrase(o, mention_size, say_colour, say_shape).split())
 
     nouns = [noun(o, c, s) for o, c, s in
              zip(objects, per_object(mention_colour), per_object(mention_shape))]
@@ -320,6 +317,17 @@ def caption(objects: Sequence[ShapeObject], background: Optional[str] = None, *,
     if background is not None:
         words.append("on " + _article([background, "background"]))
     return " ".join(words)
+
+
+def noun_phrase(obj: ShapeObject, say_size: bool = True, say_colour: bool = True,
+                say_shape: bool = True) -> str:
+    """An object's noun as a caption says it, without the article: "small red circle",
+    "big object" (shape dropped), "circle" (size and colour unsaid). ``UNNAMED`` colours
+    are never said."""
+    words = [obj.size] if say_size else []
+    if say_colour and obj.colour != UNNAMED:
+        words.append(obj.colour)
+    return " ".join(words + [obj.shape if say_shape else OBJECT_WORD])
 
 
 def _article(words: list[str]) -> str:

@@ -18,6 +18,11 @@ each version in its own directory (``<data_dir>/jaxdiff_shapes/<config>/<version
 files prepared by an older version are never rewritten; the new version is prepared
 beside them (same images and captions) the first time it is asked for.
 
+Since 1.3.0 every record also holds GLIGEN grounding from its ground truth
+(``jaxdiff.data.grounding``): ``phrases`` (the objects' noun phrases as the caption says
+them, "" for empty slots; a sequence of ``MAX_OBJECTS`` texts) and ``boxes`` (float32
+[MAX_OBJECTS, 4], each object's tight mask box as x0, y0, x1, y1 fractions of the image).
+
 Example::
 
     builder = ShapesWorld(config=ShapesConfig(name="tiny", num_train=64, num_test=16),
@@ -36,6 +41,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from jaxdiff.data.conditions import conditions
+from jaxdiff.data.grounding import grounding
 from jaxdiff.data.shapes import (MAX_OBJECTS, WorldSpec, held_out_examples, iterate, world)
 
 ARRAY_KEYS = ("image", "masks", "num_objects", "shape", "colour", "size", "position",
@@ -90,26 +96,33 @@ def features(spec: WorldSpec) -> tfds.features.FeaturesDict:
         "mention_shape": tfds.features.Tensor(shape=(k,), dtype=np.bool_),
         "segmentation": tfds.features.Tensor(shape=(n, n, 3), dtype=np.uint8),
         "edges": tfds.features.Tensor(shape=(n, n, 3), dtype=np.uint8),
+        "phrases": tfds.features.Sequence(tfds.features.Text(), length=k),
+        "boxes": tfds.features.Tensor(shape=(k, 4), dtype=np.float32),
     })
 
 
 def to_record(example: dict) -> dict:
     """A ``shapes.sample_example`` dict -> the feature dict (drops the Python objects; adds
-    the control conditions made from its masks)."""
+    the control conditions made from its masks and the GLIGEN grounding)."""
     return {"caption": example["caption"], **{k: example[k] for k in ARRAY_KEYS},
-            **conditions(example["masks"], example["shape"], example["num_objects"])}
+            **conditions(example["masks"], example["shape"], example["num_objects"]),
+            **grounding(example)}
 
 
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
     """The jaxdiff shapes world: captioned images of coloured shapes with ground truth."""
 
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {"1.0.0": "First release.",
                      "1.1.0": "Worlds (config.world: v1, v2); rgb, mention_colour and "
                               "mention_shape features. v1 images and captions unchanged.",
                      "1.2.0": "Control conditions from the ground-truth masks: segmentation "
                               "and edges features (jaxdiff.data.conditions). Existing "
-                              "features, images and captions unchanged."}
+                              "features, images and captions unchanged.",
+                     "1.3.0": "GLIGEN grounding from the ground truth: phrases (each "
+                              "object's noun phrase as the caption says it) and boxes (its "
+                              "mask's tight box, x0, y0, x1, y1 fractions; "
+                              "jaxdiff.data.grounding). Existing features unchanged."}
     BUILDER_CONFIGS = [
         ShapesConfig(name="32px", description="32x32 images, 20k train / 1k test"),
         ShapesConfig(name="64px", image_size=64,

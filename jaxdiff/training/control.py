@@ -25,6 +25,7 @@ a diffusers-format export (``weights.control.save_control_model``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Sequence
 
@@ -125,24 +126,24 @@ def controlled_output(pipe: Pipeline, unet_params, module, module_params, x, t, 
                            down_intrablock_additional_residuals=feats)
 
 
-def make_control_loss(pipe: Pipeline, frozen_params, module, caption_dropout: float = 0.0):
-    """``loss(module_params, (latents, ids, cond uint8), rng) -> scalar``: the denoising
-    loss of the frozen base pipeline with ``module`` applied. Captions are replaced by the
-    empty prompt with probability ``caption_dropout`` (the condition alone must then
-    carry the layout). Gradients flow only to ``module_params``."""
+def frozen_denoising_loss(pipe: Pipeline, frozen_params, denoiser,
+                          caption_dropout: float = 0.0):
+    """``loss(trained, (latents, ids, *extra), rng) -> scalar``: the denoising loss of the
+    frozen base pipeline's denoiser ``denoiser(trained, extra, key)`` (-> a ``(x, t,
+    context) -> output`` function; ``key``: randomness of its own, e.g. grounding
+    dropout). Captions are replaced by the empty prompt with probability
+    ``caption_dropout``. Gradients flow only to ``trained``; the base params are
+    constants (ControlNet / T2I-Adapter here, GLIGEN layers in ``training.gligen``)."""
     empty = jnp.asarray(pipe.tokenize([""], warn=False)[0])
     alphas = schedules.alphas_cumprod(pipe.scheduler)
-    unet_params = frozen_params["unet"]
 
     def loss(p, batch, rng):
-        latents, ids, cond = batch
+        latents, ids, *extra = batch
         k_drop, k_loss = jax.random.split(rng)
         drop = jax.random.uniform(k_drop, (ids.shape[0],)) < caption_dropout
         ids = jnp.where(drop[:, None], empty[None], ids)
         context = jax.lax.stop_gradient(pipe.encode_text(frozen_params, ids))
-        images = cond.astype(jnp.float32) / 255.0
-        denoise = lambda x, t, c: controlled_output(pipe, unet_params, module, p, x, t, c,
-                                                    images)
+        denoise = denoiser(p, extra, jax.random.fold_in(k_drop, 1))
         per = losses.denoising_loss(denoise, alphas, pipe.scheduler.prediction_type)(
             latents, context, k_loss)
         return jnp.mean(per)
@@ -150,37 +151,68 @@ def make_control_loss(pipe: Pipeline, frozen_params, module, caption_dropout: fl
     return loss
 
 
-def train_control(pipe: Pipeline, params, module, module_params, latents, ids, conds,
-                  workdir: str, *, steps: int, batch_size: int, lr: float, warmup: int = 100,
-                  weight_decay: float = 1e-2, caption_dropout: float = 0.0, seed: int = 0,
-                  log_every: int = 50, ckpt_every: int = 500, mesh=None,
-                  rules: Sequence = parallel.DEFAULT_RULES, fsdp_min_size: int = 0):
-    """Trains ``module_params`` on cached (latents [N,h,w,C], ids [N,L], conds uint8
-    [N,H,W,C]); the pipeline's ``params`` stay frozen. Resumes from ``workdir``'s
-    checkpoints. Returns the raw (not EMA) trained params, gathered to the host."""
-    os.makedirs(workdir, exist_ok=True)
+def make_control_loss(pipe: Pipeline, frozen_params, module, caption_dropout: float = 0.0):
+    """``loss(module_params, (latents, ids, cond uint8), rng) -> scalar``: the denoising
+    loss of the frozen base pipeline with ``module`` applied. Captions are replaced by the
+    empty prompt with probability ``caption_dropout`` (the condition alone must then
+    carry the layout). Gradients flow only to ``module_params``."""
+    unet_params = frozen_params["unet"]
+
+    def denoiser(p, extra, key):
+        del key
+        images = extra[0].astype(jnp.float32) / 255.0
+        return lambda x, t, c: controlled_output(pipe, unet_params, module, p, x, t, c,
+                                                 images)
+
+    return frozen_denoising_loss(pipe, frozen_params, denoiser, caption_dropout)
+
+
+@functools.lru_cache(maxsize=4)
+def _train_step(loss_fn, lr: float, warmup: int, steps: int, weight_decay: float):
+    """(optimizer, step function) of one loss and schedule: the same objects for a run
+    and its resumption in one process, so its program is compiled once."""
     opt = adamw_with_warmup(lr, warmup, steps, weight_decay=weight_decay)
+    return opt, make_train_step(loss_fn, opt)
+
+
+def train_frozen(loss_fn, trained_params, arrays: Sequence[np.ndarray], workdir: str, *,
+                 steps: int, batch_size: int, lr: float, warmup: int = 100,
+                 weight_decay: float = 1e-2, seed: int = 0, log_every: int = 50,
+                 ckpt_every: int = 500, mesh=None, rules: Sequence = parallel.DEFAULT_RULES,
+                 fsdp_min_size: int = 0, desc: str = "train"):
+    """Trains ``trained_params`` with ``loss_fn(params, batch, rng)`` on cached ``arrays``
+    (equal first dimension; a batch is the same rows of each) through ``loop.train_loop``:
+    AdamW with warmup, Orbax checkpoints in ``workdir`` and exact resume from them, the
+    mesh and FSDP ``rules``. Returns the raw (not EMA) params, gathered to the host."""
+    os.makedirs(workdir, exist_ok=True)
+    opt, step = _train_step(loss_fn, lr, warmup, steps, weight_decay)
 
     def batch_fn(s):
-        idx = batching.host_slice(batching.batch_indices(len(latents), batch_size, s, seed))
-        return jnp.asarray(latents[idx]), jnp.asarray(ids[idx]), jnp.asarray(conds[idx])
+        idx = batching.host_slice(batching.batch_indices(len(arrays[0]), batch_size, s, seed))
+        return tuple(jnp.asarray(a[idx]) for a in arrays)
 
-    loss_fn = make_control_loss(pipe, params, module, caption_dropout)
-    state = state_lib.create(module_params, opt, seed, ema=False)
-    state = train_loop(make_train_step(loss_fn, opt), state, batch_fn, steps, workdir,
-                       log_every=log_every, ckpt_every=ckpt_every,
-                       desc=type(module).__name__, mesh=mesh, rules=rules,
-                       fsdp_min_size=fsdp_min_size)
+    state = state_lib.create(trained_params, opt, seed, ema=False)
+    state = train_loop(step, state, batch_fn, steps, workdir,
+                       log_every=log_every, ckpt_every=ckpt_every, desc=desc, mesh=mesh,
+                       rules=rules, fsdp_min_size=fsdp_min_size)
     return parallel.gather(state.params)
 
 
-def prepare_data(config, pipe: Pipeline, params, workdir: str):
-    """The TFDS shapes world of ``config.data`` -> cached (latents, ids, condition maps)
-    of its train split; ``config.condition`` names the map."""
+def train_control(pipe: Pipeline, params, module, module_params, latents, ids, conds,
+                  workdir: str, *, caption_dropout: float = 0.0, **kwargs):
+    """Trains ``module_params`` on cached (latents [N,h,w,C], ids [N,L], conds uint8
+    [N,H,W,C]); the pipeline's ``params`` stay frozen. Resumes from ``workdir``'s
+    checkpoints. ``kwargs``: ``train_frozen``'s (steps, batch_size, lr, ...). Returns the
+    raw (not EMA) trained params, gathered to the host."""
+    return train_frozen(make_control_loss(pipe, params, module, caption_dropout),
+                        module_params, (latents, ids, conds), workdir,
+                        desc=type(module).__name__, **kwargs)
+
+
+def shapes_train_source(config, pipe: Pipeline, workdir: str):
+    """The train split of the TFDS shapes world of ``config.data`` (prepared once under
+    ``config.data.data_dir``, default ``<workdir>/tfds``), checked against the base."""
     d = config.data
-    if config.condition not in CONDITIONS:
-        raise ValueError(f"config.condition={config.condition!r}; use one of "
-                         f"{list(CONDITIONS)}.")
     if d.image_size != pipe.image_size:
         raise ValueError(f"config.data.image_size={d.image_size} but the base model makes "
                          f"{pipe.image_size}x{pipe.image_size} images; make them equal.")
@@ -189,7 +221,26 @@ def prepare_data(config, pipe: Pipeline, params, workdir: str):
         name=f"px{d.image_size}_n{d.num_train}", image_size=d.image_size,
         num_train=d.num_train, num_test=d.num_test, seed=config.seed,
         p_two_objects=d.p_two_objects, world=d.world))
-    source = builder.as_data_source()["train"]
+    return builder.as_data_source()["train"]
+
+
+def loop_options(config) -> dict:
+    """``train_frozen``'s keywords from a recipe config (``train``, ``seed``, logging,
+    checkpoints and ``mesh``), without the recipe's own ``extra`` train fields."""
+    return dict(seed=config.seed, log_every=config.log_every,
+                ckpt_every=config.checkpoint_every,
+                mesh=parallel.make_mesh(fsdp=config.mesh.fsdp),
+                rules=[tuple(r) for r in config.mesh.rules],
+                fsdp_min_size=config.mesh.fsdp_min_size)
+
+
+def prepare_data(config, pipe: Pipeline, params, workdir: str):
+    """The TFDS shapes world of ``config.data`` -> cached (latents, ids, condition maps)
+    of its train split; ``config.condition`` names the map."""
+    if config.condition not in CONDITIONS:
+        raise ValueError(f"config.condition={config.condition!r}; use one of "
+                         f"{list(CONDITIONS)}.")
+    source = shapes_train_source(config, pipe, workdir)
     latents, ids = encode_dataset(pipe, params, source)
     conds = np.stack([np.asarray(source[i][config.condition], np.uint8)
                       for i in range(len(source))])
@@ -203,10 +254,7 @@ def _run(config, workdir: str, build) -> str:
     latents, ids, conds = prepare_data(config, pipe, params, workdir)
     trained = train_control(
         pipe, params, module, module_params, latents, ids, conds,
-        os.path.join(workdir, type(module).__name__.lower()), seed=config.seed,
-        log_every=config.log_every, ckpt_every=config.checkpoint_every,
-        mesh=parallel.make_mesh(fsdp=config.mesh.fsdp),
-        rules=[tuple(r) for r in config.mesh.rules], fsdp_min_size=config.mesh.fsdp_min_size,
+        os.path.join(workdir, type(module).__name__.lower()), **loop_options(config),
         **config.train.to_dict())
     return save_control_model(module, trained,
                               config.export_dir or os.path.join(workdir, "export"))
