@@ -12,13 +12,14 @@ comes from the TFDS shapes world (builder 1.3.0, written from the ground truth, 
 ``jaxdiff.data.grounding``): per object its noun phrase as the caption says it ("big blue
 square") and the tight box of its mask; phrases are embedded as diffusers'
 ``StableDiffusionGLIGENPipeline`` does (pooled text-encoder output), in ``gligen.max_objs``
-slots (30, the pipeline's). Dropout as the GLIGEN paper: all boxes of an image with
-probability ``train.grounding_dropout``, the caption with ``train.caption_dropout``. The
-export (``<workdir>/export``) is a diffusers GLIGEN pipeline folder: ``jaxdiff generate
---gligen <workdir>/export --box "0.1,0.1,0.5,0.5:red circle" "a red circle"``. ``tiny``
-(``--config configs/gligen.py:tiny``): a smoke run (tests use it). Re-running the same
-command resumes from the last checkpoint. The default schedule has not been run to
-completion yet; no figures are claimed for it.
+slots (30, the pipeline's). Dropout as diffusers' GLIGEN training example: all boxes of an
+image with probability ``train.grounding_dropout`` (0.1), the caption with
+``train.caption_dropout`` (0.5). The export (``<workdir>/export``) is a diffusers GLIGEN
+pipeline folder: ``jaxdiff generate --gligen <workdir>/export --box
+"0.1,0.1,0.5,0.5:red circle" --prompt "a red circle"``. ``tiny`` (``--config
+configs/gligen.py:tiny``): a smoke run (tests use it; 4 slots). Re-running the same command
+resumes from the last checkpoint. The default schedule has not been run to completion yet;
+no figures are claimed for it.
 """
 import ml_collections
 

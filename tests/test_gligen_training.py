@@ -81,9 +81,9 @@ def run(embedded, tmp_path_factory):
     resumed = ctl.train_frozen(loss, init, arrays, str(root / "b"), steps=STEPS,
                                ckpt_every=2, **TRAIN)
     export = gl.export_gligen(gpipe, params, base, full, str(root / "export"))
-    return dict(max_objs=cfg.gligen.max_objs, pipe=pipe, params=params, before=before, gpipe=gpipe, base=base, init=init,
+    return dict(pipe=pipe, params=params, before=before, gpipe=gpipe, base=base, init=init,
                 data=(latents, ids, grounding), source=source, full=full, resumed=resumed,
-                export=export, root=root)
+                export=export, root=root, max_objs=cfg.gligen.max_objs)
 
 
 def test_tfds_records_hold_the_grounding_of_their_masks(run):
@@ -194,7 +194,7 @@ def test_bad_configs_are_one_line_errors(run):
     pipe, params = run["pipe"], run["params"]
     cfg = _config()
     cfg.gligen.max_objs = 1
-    with pytest.raises(ValueError, match=r"^config.train.max_objs=1: needs at least the 2 "):
+    with pytest.raises(ValueError, match=r"^config.gligen.max_objs=1: needs at least the 2 "):
         gl.run_gligen(cfg, "/nonexistent/workdir")
     cfg = _config()
     cfg.train.grounding_dropout = 1.5

@@ -17,12 +17,12 @@ Per step, each image's objects fill the first of ``max_objs`` slots (mask 1; emp
 mask 0, which the position net replaces by its learned null features), 30 by default as
 the pipeline pads at sampling, so training sees the token count sampling does.
 
-Dropout, as the GLIGEN paper and diffusers' GLIGEN training example: with probability
-``grounding_dropout`` (0.1) all of an image's objects are dropped (every mask 0: the input
-the unconditional half of guidance gives), and with probability ``caption_dropout`` (0.5)
-the caption is the empty prompt, so the boxes alone must carry the layout; the two are
-drawn independently. ``gligen_scheduled_sampling_beta`` is a sampling option only
-(``gligen_sampling``); training always runs the fusers.
+Dropout, as diffusers' GLIGEN training example: with probability ``grounding_dropout``
+(0.1) all of an image's objects are dropped (every mask 0: the input the unconditional
+half of guidance gives), and with probability ``caption_dropout`` (0.5) the caption is the
+empty prompt, so the boxes alone must carry the layout; the two are drawn independently.
+``gligen_scheduled_sampling_beta`` is a sampling option only (``gligen_sampling``);
+training always runs the fusers.
 
 ``run_gligen`` is the recipe behind ``train/gligen.py``: Orbax checkpoints and exact resume
 through ``loop.train_loop`` (``control.train_frozen``: the mesh and FSDP rules of the
@@ -174,16 +174,18 @@ def train_gligen(pipe: Pipeline, params, gpipe: Pipeline, base_unet, layers, lat
 
 
 def check_options(*, max_objs: int, caption_dropout: float, grounding_dropout: float,
-                  objects: int = MAX_OBJECTS, where: str = "config.train") -> None:
-    """One-line ValueError for a slot count below the objects per scene or a dropout
-    outside [0, 1]."""
+                  objects: int = MAX_OBJECTS) -> None:
+    """One-line ValueError (naming the config field) for a slot count below the objects
+    per scene or a dropout outside [0, 1]."""
     if not objects <= max_objs <= 1024:
-        raise ValueError(f"{where}.max_objs={max_objs}: needs at least the {objects} objects "
-                         f"of a scene (and at most 1024); diffusers' pipeline uses {MAX_OBJS}.")
+        raise ValueError(f"config.gligen.max_objs={max_objs}: needs at least the {objects} "
+                         f"objects of a scene (and at most 1024); diffusers' pipeline uses "
+                         f"{MAX_OBJS}.")
     for name, value in (("caption_dropout", caption_dropout),
                         ("grounding_dropout", grounding_dropout)):
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{where}.{name}={value}: a probability, use a value in [0, 1].")
+            raise ValueError(f"config.train.{name}={value}: a probability, use a value in "
+                             "[0, 1].")
 
 
 @functools.partial(jax.jit, static_argnames=("pipe",))
