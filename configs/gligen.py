@@ -57,9 +57,7 @@ def get_config(variant: str = ""):
         c.data.num_train = 16
         c.data.num_test = 4
         c.gligen.max_objs = 4
-        c.train = ml_collections.ConfigDict(dict(steps=2, batch_size=8, lr=1e-3, warmup=0,
-                                                 weight_decay=1e-2, caption_dropout=0.5,
-                                                 grounding_dropout=0.1))
+        c.train.update(steps=2, batch_size=8, lr=1e-3, warmup=0)
         c.log_every = 1
         c.checkpoint_every = 2
     elif variant:
