@@ -72,41 +72,69 @@ def control_keep(i, n, start, end):
     return 1.0 - jnp.logical_or(i / n < start, (i + 1) / n > end).astype(jnp.float32)
 
 
+def _tile(a, r: int):
+    """``r`` copies of ``a`` stacked along the batch axis (``[a; a; ...]``)."""
+    return a if r == 1 else jnp.concatenate([a] * r)
+
+
+def adapter_features(specs, arrays) -> tuple:
+    """Per control: its T2I-Adapter's features at scale 1 for the images (None for a
+    ControlNet), computed once per program (they do not depend on the step)."""
+    return tuple(model.apply({"params": arr["params"]}, arr["image"])
+                 if isinstance(model, T2IAdapter) else None
+                 for (model, _), arr in zip(specs, arrays))
+
+
+def control_residuals(specs, arrays, adapter_feats, x, t, context, i, n) -> dict:
+    """The UNet's control keyword arguments (``down_block_additional_residuals``,
+    ``mid_block_additional_residual``, ``down_intrablock_additional_residuals``) for a
+    batch ``x`` made of ``r`` groups of the B images' rows.
+
+    ``specs``: static (model, guess_mode) per control; ``arrays``: its traced (params,
+    image [B], scale [B], start, end); ``adapter_feats``: ``adapter_features``. Each group
+    of B rows gets the same condition images and scales: r = 2 for the ``[uncond; cond]``
+    batch of ``guidance.cfg``, 1 for an unguided call, 4 for Prompt-to-Prompt's four
+    branches. ``i``, ``n``: step index and step count of ``control_keep`` (scalars, or [B]
+    per image). Guess mode: the ControlNet sees only the second half of the batch (the
+    conditional rows), zero residuals for the first half. Residuals of several models add
+    up.
+    """
+    down = mid = intra = None
+    for (model, guess), arr, feats in zip(specs, arrays, adapter_feats):
+        w = arr["scale"] * control_keep(i, n, arr["start"], arr["end"])
+        r = x.shape[0] // w.shape[0]
+        if isinstance(model, T2IAdapter):
+            wr = _tile(w, r).reshape((-1, 1, 1, 1))
+            f = [_tile(v, r) * wr for v in feats]
+            intra = f if intra is None else [a + c for a, c in zip(intra, f)]
+            continue
+        img = arr["image"]
+        if guess:
+            h = x.shape[0] // 2
+            d, m = model.apply({"params": arr["params"]}, x[h:], t, context[h:],
+                               _tile(img, r // 2), _tile(w, r // 2), guess_mode=True)
+            d = [jnp.concatenate([jnp.zeros_like(v), v]) for v in d]
+            m = jnp.concatenate([jnp.zeros_like(m), m])
+        else:
+            d, m = model.apply({"params": arr["params"]}, x, t, context, _tile(img, r),
+                               _tile(w, r))
+        down = d if down is None else [a + c for a, c in zip(down, d)]
+        mid = m if mid is None else mid + m
+    return dict(down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                down_intrablock_additional_residuals=intra)
+
+
 def controlled_unet(pipe: Pipeline, params, specs, arrays, adapter_feats, i, n):
     """The guided-batch denoiser ``(x [2B], t, context [2B]) -> output`` with control.
 
-    ``specs``: static (model, guess_mode) per control; ``arrays``: its traced
-    (params, image [B], scale [B], start, end); ``adapter_feats``: per adapter, its
-    features at scale 1 for the B images. The batch is ``[uncond; cond]`` as
-    ``guidance.cfg`` builds it: ControlNets see both halves (the condition images
-    repeated), in guess mode only the conditional half (zero residuals for the other);
-    adapter features are added to both halves. Residuals of several models add up.
+    The batch is ``[uncond; cond]`` as ``guidance.cfg`` builds it: ControlNets see both
+    halves (the condition images repeated), in guess mode only the conditional half;
+    adapter features are added to both halves (``control_residuals``; ``i``, ``n``: the
+    step index and count, scalars or [B]).
     """
     def unet(x, t, context):
-        b = x.shape[0] // 2
-        down = mid = intra = None
-        for (model, guess), arr, feats in zip(specs, arrays, adapter_feats):
-            w = arr["scale"] * control_keep(i, n, arr["start"], arr["end"])
-            if isinstance(model, T2IAdapter):
-                w2 = jnp.concatenate([w, w]).reshape((-1, 1, 1, 1))
-                f = [jnp.concatenate([v, v]) * w2 for v in feats]
-                intra = f if intra is None else [a + c for a, c in zip(intra, f)]
-                continue
-            img = arr["image"]
-            if guess:
-                d, m = model.apply({"params": arr["params"]}, x[b:], t, context[b:], img, w,
-                                   guess_mode=True)
-                d = [jnp.concatenate([jnp.zeros_like(v), v]) for v in d]
-                m = jnp.concatenate([jnp.zeros_like(m), m])
-            else:
-                d, m = model.apply({"params": arr["params"]}, x, t, context,
-                                   jnp.concatenate([img, img]), jnp.concatenate([w, w]))
-            down = d if down is None else [a + c for a, c in zip(down, d)]
-            mid = m if mid is None else mid + m
-        return denoise(pipe, params["unet"], x, t, context,
-                       down_block_additional_residuals=down,
-                       mid_block_additional_residual=mid,
-                       down_intrablock_additional_residuals=intra)
+        return denoise(pipe, params["unet"], x, t, context, **control_residuals(
+            specs, arrays, adapter_feats, x, t, context, i, n))
     return unet
 
 
@@ -151,10 +179,7 @@ def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False, span
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         size = (noise.shape[1] * pipe.vae_scale_factor, noise.shape[2] * pipe.vae_scale_factor)
         cond, uncond = pipe.encode_prompts(params, ids, neg_ids, *size, zero_uncond, time_ids)
-        feats = tuple(model.apply({"params": arr["params"]}, arr["image"])
-                      if isinstance(model, T2IAdapter) else None
-                      for (model, _), arr in zip(specs, arrays))
-        control = (specs, arrays, feats) if specs else None
+        control = (specs, arrays, adapter_features(specs, arrays)) if specs else None
         handed = span is not None and span[2]
         x = noise if handed else noise * sampler.init_noise_sigma
         loop = lambda s: denoise_loop(pipe, sampler, params, x, (cond, uncond), s, rescale,

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdiff import parallel
 from jaxdiff.pipeline import unet_apply
-from jaxdiff.sampling import prompt_list, sample_keys
+from jaxdiff.sampling import control_inputs, prompt_list, sample_keys
 
 
 def edit_mesh(mesh=None):
@@ -82,6 +82,32 @@ def unet_denoiser(pipe, params):
     """``(x, t, cond) -> model output`` with the UNet params closed over (``cond``: a
     context array, or SDXL's pytree as ``pipeline.unet_apply`` takes)."""
     return lambda x, t, c: unet_apply(pipe, params["unet"], x, t, c)
+
+
+def spatial_control(pipe, control, b: int, height: int, width: int, method: str,
+                    guess_mode: bool = True):
+    """An edit program's ControlNets / T2I-Adapters (``sampling.Control``, one or a list;
+    None: none), checked before any compile as ``generate`` checks them.
+
+    Returns (static specs, per-image arrays: per control {"image" [B, H, W, C] floats,
+    "scale" [B]}, shared arrays: per control {"params", "start", "end"}); ``((), (), ())``
+    without control. ``guess_mode=False``: a method whose passes are not all guided
+    batches refuses ControlNet guess mode.
+    """
+    if control is None:
+        return (), (), ()
+    if pipe.is_sdxl or pipe.is_transformer:
+        raise ValueError(f"{method} with control= needs an SD 1.x/2.x U-Net pipeline "
+                         "(ControlNets and T2I-Adapters of SDXL or text DiTs are not "
+                         "supported yet).")
+    specs, arrays = control_inputs(pipe, control, b, b, height, width)
+    if not guess_mode and any(guess for _, guess in specs):
+        raise ValueError(f"{method}: ControlNet guess mode is not supported here (its "
+                         "inversion evaluates the model without guidance); use "
+                         "guess_mode=False.")
+    rows = tuple(dict(image=a["image"], scale=a["scale"]) for a in arrays)
+    shared = tuple(dict(params=a["params"], start=a["start"], end=a["end"]) for a in arrays)
+    return specs, rows, shared
 
 
 def refuse_sdxl(pipe, method: str) -> None:

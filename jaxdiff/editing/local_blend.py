@@ -102,8 +102,9 @@ def make_local_blend(pipe, sources: Sequence[str], targets: Sequence[str], num_s
 
 
 def capturing_denoiser(pipe, unet_params, res: int) -> Callable:
-    """``(x, t, context, control) -> (model output, maps [B, res, res, L])`` of the
-    pipeline's UNet (``context``: as ``pipeline.unet_apply`` takes it, SDXL's pytree too).
+    """``(x, t, context, control, **unet_kwargs) -> (model output, maps [B, res, res, L])``
+    of the pipeline's UNet (``context``: as ``pipeline.unet_apply`` takes it, SDXL's pytree
+    too; ``unet_kwargs``: e.g. ControlNet residuals, passed on to it).
 
     ``maps`` are the cross-attention probabilities averaged over heads and over every
     ``attn2`` layer (mid block excluded) whose query grid is ``res x res``.
@@ -114,9 +115,10 @@ def capturing_denoiser(pipe, unet_params, res: int) -> Callable:
         return (method == "__call__" and mdl.name in ("to_q", "to_k")
                 and getattr(mdl.parent, "name", None) == "attn2")
 
-    def denoise(x, t, context, control=None):
+    def denoise(x, t, context, control=None, **unet_kwargs):
         out, state = unet_apply(pipe, unet_params, x, t, context, control=control,
-                                capture_intermediates=want, mutable=["intermediates"])
+                                capture_intermediates=want, mutable=["intermediates"],
+                                **unet_kwargs)
         maps = []
         for stage, blocks in state["intermediates"].items():
             if stage == "mid_block":

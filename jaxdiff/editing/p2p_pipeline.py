@@ -9,6 +9,11 @@ traced: changing them does not recompile. Over a mesh every device inverts its o
 and runs their edits (``device_layout``) with all their branches, so the program holds no
 cross-device collective.
 
+With ``control=`` (ControlNets / T2I-Adapters, ``sampling.Control``: one condition image
+per source image or one for all, traced scales) the control acts on every model call: the
+inversion, the null-text optimisation and both branches of the edit, so the source
+branch still retraces the (controlled) inversion.
+
 The source branch of the edit is the reconstruction (for null-text and direct
 inversion it retraces the inversion; for DDIM inversion under guidance it drifts, which
 is the published weakness of that method).
@@ -25,11 +30,13 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff import parallel
+from jaxdiff.editing import batch_inputs
 from jaxdiff.editing import inversion as inv
 from jaxdiff.editing import local_blend as lb
 from jaxdiff.editing import prompt_to_prompt as p2p
 from jaxdiff.pipeline import from_uint8, to_uint8, unet_apply
 from jaxdiff.samplers.ddim import ddim_tables
+from jaxdiff.sampling import adapter_features, control_residuals
 
 INVERSIONS = ("ddim", "null_text", "negative_prompt", "direct")
 MODES = ("replace", "refine", "reweight")
@@ -80,8 +87,38 @@ class P2PResult(NamedTuple):
     inner_steps: np.ndarray
 
 
+def with_spatial_control(denoise, spatial, timesteps):
+    """``denoise(x, t, context, *rest)`` with the residuals of ``spatial`` (None: ``denoise``
+    itself): (specs, arrays, adapter features) as ``sampling.control_residuals`` takes, the
+    rows of ``x`` being groups of the arrays' B rows. The control window's step is the
+    index of ``t`` among the sampling ``timesteps`` (an inversion evaluation at a sampling
+    step's timestep counts as that step)."""
+    if spatial is None:
+        return denoise
+    specs, arrays, feats = spatial
+    n = timesteps.shape[0]
+
+    def controlled(x, t, context, *rest):
+        i = jnp.argmax(timesteps == t)
+        return denoise(x, t, context, *rest,
+                       **control_residuals(specs, arrays, feats, x, t, context, i, n))
+
+    return controlled
+
+
+def _spatial_rows(spatial, idx):
+    """``spatial`` for the rows ``idx`` of its images (the edits' source images)."""
+    if spatial is None:
+        return None
+    specs, arrays, feats = spatial
+    arrays = tuple(dict(a, image=a["image"][idx], scale=a["scale"][idx]) for a in arrays)
+    feats = tuple(None if f is None else [v[idx] for v in f] for f in feats)
+    return specs, arrays, feats
+
+
 def edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image, control, blend,
-                 guidance, *, steps: int, inversion: str, num_inner_steps: int):
+                 guidance, *, steps: int, inversion: str, num_inner_steps: int,
+                 spatial=None):
     """The latent part of ``p2p_edit`` (pure; jit it): invert image latents z0 [M, h, w, C],
     then run P edits (edit p on ``z0[pair_image[p]]``) under ``control`` / ``blend``.
 
@@ -89,13 +126,17 @@ def edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image, cont
     the unconditional ones zero where the pipeline zeroes an absent negative prompt);
     null-text inversion optimises the null's text embeddings (context and pooled), not its
     time ids; negative-prompt inversion's nulls keep the negative half's time ids.
+    ``spatial``: None, or ControlNets / T2I-Adapters for the M images (specs, arrays,
+    adapter features; ``with_spatial_control``), applied to every model call.
     Returns:
       (P2POutput of [P, h, w, C] latents, null-text inner steps [S, M]).
     """
     pt = pipe.scheduler.prediction_type
     tab = ddim_tables(pipe.scheduler, steps)
-    unet = lambda x, t, c, ctrl=None: unet_apply(pipe, params["unet"], x, t, c, control=ctrl)
-    den = lambda x, t, c: unet(x, t, c)
+    unet = lambda x, t, c, ctrl=None, **kw: unet_apply(pipe, params["unet"], x, t, c,
+                                                       control=ctrl, **kw)
+    den = with_spatial_control(lambda x, t, c, **kw: unet(x, t, c, **kw), spatial,
+                               tab.timesteps)
     size = (z0.shape[1] * pipe.vae_scale_factor, z0.shape[2] * pipe.vae_scale_factor)
     cond, uncond = pipe.encode_prompts(params, src_ids, empty_ids, *size,
                                        pipe.zeroes_negative(None))
@@ -117,6 +158,7 @@ def edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image, cont
         if inversion == "direct":
             offsets = inv.direct_offsets(den, tab, traj, cond, empty, guidance, pt)[:, pair_image]
     edit_den = unet if blend is None else lb.capturing_denoiser(pipe, params["unet"], blend.res)
+    edit_den = with_spatial_control(edit_den, _spatial_rows(spatial, pair_image), tab.timesteps)
     out = p2p.edit_loop(edit_den, tab, traj[-1][pair_image], rows(cond, pair_image),
                         pipe.condition(params, tgt_ids, *size),
                         rows(nulls, (slice(None), pair_image)), guidance, control, pt,
@@ -125,20 +167,28 @@ def edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image, cont
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(pipe, steps: int, inversion: str, num_inner_steps: int, mesh=None):
+def _compiled(pipe, steps: int, inversion: str, num_inner_steps: int, mesh=None,
+              spatial=()):
     """The edit program over ``mesh`` (default: the first device): every device inverts
     its own images and runs the edits of them (``pair_image`` holds indices among the
-    device's own images), so no step loop holds a cross-device collective."""
+    device's own images), so no step loop holds a cross-device collective. ``spatial``:
+    the static specs of ``batch_inputs.spatial_control``; the program then takes its
+    per-image and shared arrays as two more arguments."""
     mesh = mesh or parallel.make_mesh(jax.devices()[:1])
 
-    def run(params, images, src_ids, tgt_ids, empty_ids, pair_image, control, blend, guidance):
+    def run(params, images, src_ids, tgt_ids, empty_ids, pair_image, control, blend, guidance,
+            spatial_rows=(), spatial_shared=()):
         control = control.replace(num_pairs=tgt_ids.shape[0])  # this device's pairs
         if blend is not None:  # words arrive [2, pairs, L]: source rows, then target rows
             blend = blend.replace(words=blend.words.reshape(-1, blend.words.shape[-1]))
         z0 = pipe.encode_images(params, from_uint8(images))
+        cn = None
+        if spatial:
+            arrays = tuple(dict(r, **c) for r, c in zip(spatial_rows, spatial_shared))
+            cn = (spatial, arrays, adapter_features(spatial, arrays))
         out, taken = edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image,
                                   control, blend, guidance, steps=steps, inversion=inversion,
-                                  num_inner_steps=num_inner_steps)
+                                  num_inner_steps=num_inner_steps, spatial=cn)
         return (pipe.decode_latents(params, out.target), pipe.decode_latents(params, out.source),
                 out.mask[..., 0] > 0, taken)
 
@@ -149,13 +199,14 @@ def _compiled(pipe, steps: int, inversion: str, num_inner_steps: int, mesh=None)
                                refine_index=rows, refine_alpha=rows, self_steps=P())
         return ((P(), rows, rows, rows, rows, rows, ctrl,
                  None if blend is None else blend.replace(words=pairs, threshold=P(), start=P()),
-                 P()), (rows, rows, rows, pairs))
+                 P()) + ((rows, P()) if spatial else ()), (rows, rows, rows, pairs))
 
     def program(params, images, src_ids, tgt_ids, empty_ids, pair_image, control, blend,
-                guidance):
+                guidance, *spatial_arrays):
         in_specs, out_specs = specs(control, blend)
         return parallel.per_device(run, mesh, in_specs, out_specs)(
-            params, images, src_ids, tgt_ids, empty_ids, pair_image, control, blend, guidance)
+            params, images, src_ids, tgt_ids, empty_ids, pair_image, control, blend, guidance,
+            *spatial_arrays)
 
     return jax.jit(program)
 
@@ -192,7 +243,7 @@ def device_layout(pair_image, m: int, k: int):
 
 def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str],
              settings: P2PSettings, pair_image: Optional[Sequence[int]] = None,
-             mesh=None) -> P2PResult:
+             mesh=None, control=None) -> P2PResult:
     """Inverts M images and applies P Prompt-to-Prompt edits in one compiled program.
 
     Args:
@@ -204,17 +255,22 @@ def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str
         editing its own images (``device_layout``); images and edits are padded by
         repeating one (the padding is edited and dropped), so results do not depend on
         the mesh.
+      control: None, or a ``sampling.Control`` or a list of them (ControlNets and
+        T2I-Adapters, no guess mode): condition images at the images' size, one for all or
+        one per image (M); scales a float or one per image (traced). Applied to the
+        inversion and to both branches of every edit of that image.
     """
     settings.validate()
     m = np.shape(images)[0]
     run, args, where = _program_and_args(pipe, params, images, sources, targets, settings,
-                                         pair_image, mesh)
+                                         pair_image, mesh, control)
     edited, rec, mask, taken = run(*args)
     return P2PResult(to_uint8(np.asarray(edited)[where]), to_uint8(np.asarray(rec)[where]),
                      np.asarray(mask)[where], np.asarray(taken)[:, :m])
 
 
-def _program_and_args(pipe, params, images, sources, targets, settings, pair_image, mesh):
+def _program_and_args(pipe, params, images, sources, targets, settings, pair_image, mesh,
+                      control=None):
     """``p2p_edit``'s compiled program, its arguments (placed on the mesh) and the row of
     each edit among its outputs."""
     images = np.asarray(images)
@@ -225,6 +281,9 @@ def _program_and_args(pipe, params, images, sources, targets, settings, pair_ima
                          f"prompts for {len(pair_image)} edits.")
     if len(pair_image) and (pair_image.min() < 0 or pair_image.max() >= m):
         raise ValueError(f"pair_image has indices outside the {m} images.")
+    specs, c_rows, c_shared = batch_inputs.spatial_control(
+        pipe, control, m, images.shape[1], images.shape[2], "Prompt-to-Prompt",
+        guess_mode=False)
     mesh = parallel.make_mesh() if mesh is None else mesh
     img_rows, pair_rows, local, where = device_layout(pair_image, m, parallel.rows_multiple(mesh))
     pair_src = [sources[i] for i in pair_image[pair_rows]]
@@ -244,12 +303,16 @@ def _program_and_args(pipe, params, images, sources, targets, settings, pair_ima
                                     settings.blend_words, threshold=settings.blend_threshold,
                                     start_fraction=settings.blend_start)
         blend = blend.replace(words=blend.words.reshape(2, len(targets), -1))
-    run = _compiled(pipe, settings.steps, settings.inversion, settings.num_inner_steps, mesh)
+    run = _compiled(pipe, settings.steps, settings.inversion, settings.num_inner_steps, mesh,
+                    specs)
     images, src_ids, empty_ids = parallel.shard_rows(
         (images, pipe.tokenize(sources), pipe.tokenize([""] * len(sources))), mesh)
     tgt_ids, local = parallel.shard_rows((pipe.tokenize(targets), local), mesh)
     args = (parallel.place_params(params, mesh), images, src_ids, tgt_ids, empty_ids, local,
             control, blend, jnp.float32(settings.guidance))
+    if specs:
+        c_rows = jax.tree.map(lambda a: jnp.asarray(a)[img_rows], c_rows)
+        args += (parallel.shard_rows(c_rows, mesh), c_shared)
     return run, args, where
 
 
@@ -257,13 +320,29 @@ def _per_pair(words) -> bool:
     return bool(words) and not isinstance(words[0], str)
 
 
+def _control_chunk(control, idx, n: int):
+    """``control`` (None, a ``Control`` or a list) for the images ``idx`` of ``n``: per-image
+    condition images and scales are taken at ``idx``, shared ones kept."""
+    if control is None:
+        return None
+    one = not isinstance(control, (list, tuple))
+    out = []
+    for c in [control] if one else control:
+        image, scale = np.asarray(c.image), np.asarray(c.scale)
+        out.append(dataclasses.replace(
+            c, image=image[idx] if image.ndim == 4 and image.shape[0] == n else image,
+            scale=scale[idx] if scale.ndim == 1 and scale.shape[0] == n else scale))
+    return out[0] if one else out
+
+
 def p2p_edit_chunked(pipe, params, images, sources, targets, settings: P2PSettings,
-                     max_batch: int = 16, mesh=None) -> P2PResult:
+                     max_batch: int = 16, mesh=None, control=None) -> P2PResult:
     """Edit k applies ``targets[k]`` to ``images[k]`` (caption ``sources[k]``), in chunks of
     at most ``max_batch`` edits, each chunk one ``p2p_edit`` program call. The last chunk
     is padded by repeating its last edit, so all chunks share one compiled program. An
     image edited with several targets appears once per target (and is inverted once per
-    target). ``mesh``: as ``p2p_edit``."""
+    target). ``mesh``, ``control`` (one condition image / scale per edit, or one for all):
+    as ``p2p_edit``."""
     n = len(images)
     size = min(max_batch, n)
     parts = []
@@ -275,7 +354,8 @@ def p2p_edit_chunked(pipe, params, images, sources, targets, settings: P2PSettin
             chunk = dataclasses.replace(settings,
                                         blend_words=[settings.blend_words[i] for i in pad])
         out = p2p_edit(pipe, params, np.asarray(images)[pad], [sources[i] for i in pad],
-                       [targets[i] for i in pad], chunk, mesh=mesh)
+                       [targets[i] for i in pad], chunk, mesh=mesh,
+                       control=_control_chunk(control, pad, n))
         k = len(idx)
         parts.append(P2PResult(out.edited[:k], out.reconstruction[:k], out.mask[:k],
                                out.inner_steps[:, :k]))
