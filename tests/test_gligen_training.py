@@ -24,8 +24,8 @@ from jaxdiff.weights.gligen import with_gligen
 
 pytestmark = pytest.mark.slow  # trains (a few steps)
 
-STEPS = 3
-TRAIN = dict(batch_size=4, lr=3e-3, warmup=0, weight_decay=1e-2, log_every=1, seed=0)
+STEPS, REPEAT = 3, 8
+TRAIN = dict(batch_size=4, lr=1e-2, warmup=0, weight_decay=1e-2, log_every=1, seed=0)
 
 
 def _config():
@@ -36,15 +36,18 @@ def _config():
 @functools.lru_cache(maxsize=None)
 def _probe(pipe, module, max_objs):
     """jitted (params, base UNet, layers, latents, ids, grounding) -> (inputs of one
-    evaluation on fixed noise and timesteps, GLIGEN UNet output, base UNet output, the
-    GLIGEN UNet's denoising loss there)."""
+    evaluation: the scenes repeated REPEAT times on fixed noise, timesteps spread over
+    the schedule; the GLIGEN UNet's output there, the base UNet's, the GLIGEN UNet's
+    denoising loss)."""
     alphas = schedules.alphas_cumprod(pipe.scheduler)
     target = losses.diffusion_target(pipe.scheduler.prediction_type)
 
     def run(params, base, layers, latents, ids, grounding):
-        ctx = pipe.encode_text(params, ids)
-        g = gl.pad_slots(grounding, max_objs)
-        t = jnp.linspace(50, 950, latents.shape[0]).astype(jnp.int32)
+        tile = lambda a: jnp.tile(a, (REPEAT,) + (1,) * (a.ndim - 1))
+        latents = tile(latents)
+        ctx = tile(pipe.encode_text(params, ids))
+        g = tuple(tile(a) for a in gl.pad_slots(grounding, max_objs))
+        t = jnp.linspace(20, 980, latents.shape[0]).astype(jnp.int32)
         noise = jax.random.normal(jax.random.key(7), latents.shape)
         a = jnp.asarray(alphas)[t][:, None, None, None]
         x = jnp.sqrt(a) * latents + jnp.sqrt(1 - a) * noise

@@ -49,8 +49,6 @@ from jaxdiff.training import control
 from jaxdiff.training.text_to_image import encode_dataset
 from jaxdiff.weights import load_pipeline, save_pipeline
 
-DROPOUTS = ("caption_dropout", "grounding_dropout")
-
 
 def gligen_pipeline(pipe: Pipeline) -> Pipeline:
     """``pipe`` with its UNet made a text-box GLIGEN UNet (``attention_type="gated"``:
@@ -195,7 +193,8 @@ def _embed_phrases(pipe: Pipeline, text_params, ids):
 
 def grounding_arrays(pipe: Pipeline, params, source, batch_size: int = 256):
     """Records' ``phrases`` / ``boxes`` -> (boxes float32 [N,K,4], pooled phrase
-    embeddings float32 [N,K,D] (zero for empty slots), masks float32 [N,K])."""
+    embeddings float32 [N,K,D] (zero for empty slots), masks float32 [N,K]: 1 for an
+    object with a phrase and a box)."""
     boxes, embs, masks = [], [], []
     for start in range(0, len(source), batch_size):
         recs = [source[i] for i in range(start, min(len(source), start + batch_size))]
@@ -203,10 +202,13 @@ def grounding_arrays(pipe: Pipeline, params, source, batch_size: int = 256):
                     for p in r["phrases"]] for r in recs]
         b, k = len(recs), len(phrases[0])
         ids = pipe.tokenize([p for ps in phrases for p in ps], warn=False).reshape(b, k, -1)
-        mask = np.array([[float(bool(p)) for p in ps] for ps in phrases], np.float32)
+        xyxy = np.stack([np.asarray(r["boxes"], np.float32) for r in recs])
+        # An object counts when it has a phrase and a box (a fully hidden one has none).
+        mask = (np.array([[bool(p) for p in ps] for ps in phrases])
+                & (xyxy[..., 2] > xyxy[..., 0])).astype(np.float32)
         emb = np.asarray(_embed_phrases(pipe, params["text_encoder"], ids))
         embs.append(emb * mask[..., None])
-        boxes.append(np.stack([np.asarray(r["boxes"], np.float32) for r in recs]))
+        boxes.append(xyxy)
         masks.append(mask)
     return np.concatenate(boxes), np.concatenate(embs), np.concatenate(masks)
 
