@@ -20,7 +20,9 @@ or ``edges``, written by the builder, ``jaxdiff.data.conditions``), given to the
 the text-to-image recipe does). ``run_controlnet`` / ``run_t2i_adapter`` are the recipes
 behind ``train/controlnet.py`` / ``train/t2i_adapter.py``: Orbax checkpoints and exact
 resume through ``loop.train_loop`` (the mesh and FSDP rules of ``configs/shapes.py``), and
-a diffusers-format export (``weights.control.save_control_model``).
+a diffusers-format export (``weights.control.save_control_model``). The frozen-base loss,
+loop and data pieces (``frozen_denoising_loss``, ``train_frozen``, ``shapes_train_source``,
+``loop_options``) also serve GLIGEN training (``training.gligen``).
 """
 from __future__ import annotations
 
