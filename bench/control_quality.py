@@ -1,6 +1,7 @@
 """Spatial control on the shapes world, scored against the condition each image was given.
 
-    python bench/control_quality.py --controlnet runs/controlnet/export --adapter runs/adapter/export
+    python bench/control_quality.py --controlnet runs/controlnet/export \
+        --adapter runs/adapter/export
     python bench/control_quality.py --gligen runs/gligen/export --num 200 --num-two 100
     python bench/control_quality.py --model runs/shapes_v2/export --controlnet DIR --world v2
 

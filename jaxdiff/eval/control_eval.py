@@ -139,8 +139,9 @@ def grounding_cases(spec: WorldSpec, num_one: int, num_two: int,
                     seed: int = 20_231_123) -> list:
     """``num_one`` one-object layouts (alternately ``named``: the box around the held-out
     scene's captioned position; ``unnamed``: a box at a corner or an off-grid centre, of a
-    size from 0.8 to 1.5 times the object's, the prompt without position or size) and ``num_two`` ``two_object`` layouts (a box around each object of a
-    held-out two-object scene). Returns ``GroundingCase``s."""
+    size from 0.8 to 1.5 times the object's, the prompt without position or size) and
+    ``num_two`` ``two_object`` layouts (a box around each object of a held-out two-object
+    scene). Returns ``GroundingCase``s."""
     rng = np.random.default_rng(seed)
     out = []
     ones = held_out_examples(spec, num_one, seed, num_objects=1) if num_one else []
