@@ -44,6 +44,11 @@ class Pipeline:
         SDXL only (see below); ``is_sdxl`` is true when ``text_encoder_2`` is set.
       scheduler: a ``jaxdiff.schedules.SchedulerConfig``.
       scheduler_class: the diffusers scheduler class named in the checkpoint.
+      caption_mask: PixArt text DiT only (``uses_caption_mask``): its cross-attention
+        reads the prompt's tokens only (BOS .. first EOS, the tokenizer's attention mask),
+        as diffusers' ``PixArtAlphaPipeline`` passes ``encoder_attention_mask``. False:
+        every token (a model trained that way, e.g. ``embedded:dit``; saved as
+        ``"_caption_mask": false`` in model_index.json, which diffusers ignores).
     """
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -58,6 +63,7 @@ class Pipeline:
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool = False
     requires_aesthetics_score: bool = False
+    caption_mask: bool = True
 
     @property
     def is_sdxl(self) -> bool:
@@ -74,6 +80,18 @@ class Pipeline:
         """The denoiser is a text DiT (``PixArtTransformer2DModel``), not the U-Net (told by
         its config, so wrappers such as the web app's progress counter keep it)."""
         return _is_transformer(self.unet)
+
+    @property
+    def uses_caption_mask(self) -> bool:
+        """A PixArt text DiT with ``caption_mask``: its condition is ``{"context": [B, L, D],
+        "mask": [B, L]}`` (``encode_text``)."""
+        return isinstance(self.unet.config, PixArtConfig) and self.caption_mask
+
+    @property
+    def micro_conditions(self) -> bool:
+        """A PixArt text DiT whose config uses micro-conditions (``use_additional_conditions``,
+        PixArt-alpha 1024): ``add_time_ids`` adds the image's resolution and aspect ratio."""
+        return isinstance(self.unet.config, PixArtConfig) and self.unet.config.micro_conditions
 
     @property
     def vae_scale_factor(self) -> int:
@@ -170,8 +188,12 @@ class Pipeline:
         ``embeddings``: token embeddings used in place of the table look-up (Textual
         Inversion training): [B, L, D]; SDXL: ``{encoder name: [B, L, D]}``."""
         if not self.is_sdxl:
-            return self.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids),
-                                           embeddings=embeddings)
+            hidden = self.text_encoder.apply({"params": params["text_encoder"]},
+                                             jnp.asarray(ids), embeddings=embeddings)
+            if not self.uses_caption_mask:
+                return hidden
+            return {"context": hidden,
+                    "mask": caption_attention_mask(ids, self.tokenizer.eos_token_id)}
         ids, hidden = jnp.asarray(ids), []
         for i, ((enc, _), name) in enumerate(zip(self._encoders(), self.encoder_names)):
             out = enc.apply({"params": params[name]}, ids[:, i], output_hidden_states=True,
@@ -245,7 +267,15 @@ class Pipeline:
     def add_time_ids(self, cond, height: int, width: int, negative: bool = False, ids=None):
         """``cond`` with SDXL's ``time_ids`` [B, K] for a height x width image (the
         ``negative`` half: the refiner's lower aesthetic score), or ``ids`` [K] given
-        (``time_id_pair``'s rows, traced); other pipelines: ``cond``."""
+        (``time_id_pair``'s rows, traced); a micro-conditioned text DiT: with
+        ``"resolution"`` [B, 2] = (height, width) and ``"aspect_ratio"`` [B, 1] = height /
+        width in pixels, as ``PixArtAlphaPipeline``; other pipelines: ``cond``."""
+        if self.micro_conditions:
+            cond = dict(cond) if isinstance(cond, dict) else {"context": cond}
+            b = cond["context"].shape[0]
+            return dict(cond, resolution=jnp.broadcast_to(
+                jnp.asarray([height, width], jnp.float32), (b, 2)),
+                aspect_ratio=jnp.full((b, 1), height / width, jnp.float32))
         if not self.is_sdxl:
             return cond
         ids = jnp.asarray(self.time_ids(height, width, negative) if ids is None else ids,
@@ -304,6 +334,16 @@ class Pipeline:
         return jnp.clip(images, -1.0, 1.0)
 
 
+def caption_attention_mask(ids, eos_token_id: int) -> jax.Array:
+    """float32 [B, L]: 1 from BOS through the first EOS, 0 on the padding after it -- the
+    attention mask a CLIP tokenizer returns with ``padding="max_length"`` (a prompt
+    without EOS, which the tokenizer never makes: every token)."""
+    ids = jnp.asarray(ids)
+    is_eos = ids == eos_token_id
+    last = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, -1), ids.shape[-1] - 1)
+    return (jnp.arange(ids.shape[-1])[None] <= last[:, None]).astype(jnp.float32)
+
+
 def denoise(pipe: Pipeline, unet_params, x, t, cond, **kwargs):
     """The one denoiser interface: ``(params, latents, t, conditioning) -> prediction``.
 
@@ -313,10 +353,13 @@ def denoise(pipe: Pipeline, unet_params, x, t, cond, **kwargs):
     ``weights.backbones.DiTPipeline`` names its class-conditional DiT so too).
     ``unet_params``: ``params["unet"]`` (the denoiser's params, whichever backbone; a
     DiTPipeline's ``params["transformer"]``). ``cond``: a context array [B, L, D] (SD
-    1.x/2.x, text DiT, text U-ViT), SDXL's ``{"context", "text_embeds", "time_ids"}``, or
-    int class labels [B] (class-conditional DiT / U-ViT; ``num_classes`` is the DiT's null
-    class). ``kwargs`` pass on: ``control`` (the attention controller, docs/design.md
-    "Controller as data") for every backbone; the U-Net's control residuals,
+    1.x/2.x, text U-ViT, text DiT without caption mask), SDXL's ``{"context",
+    "text_embeds", "time_ids"}``, a PixArt text DiT's ``{"context", "mask" [B, L]
+    (``encoder_attention_mask``), "resolution", "aspect_ratio" (micro-conditions)}``
+    (``Pipeline.encode_text`` / ``add_time_ids`` build both), or int class labels [B]
+    (class-conditional DiT / U-ViT; ``num_classes`` is the DiT's null class). ``kwargs``
+    pass on: ``control`` (the attention controller, docs/design.md "Controller as
+    data") for every backbone; the U-Net's control residuals,
     ``capture_intermediates`` and ``mutable`` for the U-Net only. A learned-sigma
     transformer returns its noise half; ``variance=True`` (transformers only) returns its
     whole output, noise then variance channels (the DiT's learned-variance DDPM).
@@ -344,13 +387,24 @@ def _is_transformer(module) -> bool:
     return isinstance(module.config, (PixArtConfig, UViTConfig, DiTConfig))
 
 
+_PIXART_COND = frozenset({"context", "mask", "resolution", "aspect_ratio"})
+
+
 def _transformer_apply(model, params, x, t, cond, control=None, variance=False, **kwargs):
-    if kwargs or isinstance(cond, dict):
+    c = model.config
+    pixart_dict = (isinstance(cond, dict) and isinstance(c, PixArtConfig)
+                   and set(cond) <= _PIXART_COND)
+    if kwargs or (isinstance(cond, dict) and not pixart_dict):
         what = sorted(kwargs) or ["SDXL's pooled text and time ids"]
         raise ValueError(f"this pipeline's denoiser is a {type(model).__name__}: {what[0]} is "
                          "U-Net only (a transformer takes latents, t, its condition -- text "
                          "embeddings or class labels -- and an attention controller).")
-    c = model.config
+    if pixart_dict:  # PixArtAlphaPipeline's caption mask and micro-conditions
+        added = ({k: cond[k] for k in ("resolution", "aspect_ratio")}
+                 if "resolution" in cond else None)
+        out = model.apply({"params": params}, x, t, cond["context"], added, control=control,
+                          encoder_attention_mask=cond.get("mask"))
+        return out[..., :c.in_channels] if c.learned_sigma and not variance else out
     if isinstance(c, UViTConfig):  # condition tokens concatenated with the patch tokens
         cond_kw = {"class_labels": cond} if c.num_classes > 0 else {"context": cond}
         return model.apply({"params": params}, x, t, control=control, **cond_kw)

@@ -1,17 +1,23 @@
 """The editing, guidance and personalisation methods run on a text DiT through
-``pipeline.denoise`` (issue #18, point 1): SDEdit, blended diffusion, ILVR, RePaint,
-DiffEdit, classifier guidance and Textual Inversion, each once through its public entry
-point on the tiny text-DiT pipeline of ``text_dit.tiny_text_dit``.
+``pipeline.denoise`` (issue #18, point 1), on the tiny text-DiT pipeline of
+``text_dit.tiny_text_dit``: SDEdit, classifier guidance, Textual Inversion and
+InstructPix2Pix training through their public entry points; blended diffusion, ILVR,
+RePaint and DiffEdit through their latent-space functions in one program (their public
+programs add only the VAE encode / decode and prompt encoding around them, which SDEdit
+exercises on the DiT pipeline).
 
 Truth: ``jaxdiff.generate`` from the same noise (SDEdit at strength 1 from the noised
 image, as diffusers' img2img; blended diffusion with an all-edit mask and no skipped step;
 ILVR with no refined step; classifier guidance at scale 0) -- one generate program serves
 them all; the source latents where a mask keeps everything (RePaint, DiffEdit, blended);
 the loss falling under Adam on the new token rows (Textual Inversion). Two images per call,
-with per-image traced settings, so each method compiles once.
+with per-image traced settings, so each method compiles once. The caption mask and
+micro-conditions a text DiT gets through ``denoise`` are checked against diffusers' PyTorch
+``PixArtTransformer2DModel`` called as ``PixArtAlphaPipeline`` calls it.
 """
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +26,7 @@ import optax
 import pytest
 
 import jaxdiff
+from torchref import models as ref
 from jaxdiff import pipeline as pl
 from jaxdiff import schedules
 from jaxdiff.adapters import textual_inversion as ti
@@ -27,6 +34,7 @@ from jaxdiff.editing import batch_inputs
 from jaxdiff.editing import blended as bl
 from jaxdiff.editing import diffedit as de
 from jaxdiff.editing import ilvr as il
+from jaxdiff.editing import instruct_pix2pix as ip_edit
 from jaxdiff.editing import repaint as rp
 from jaxdiff.editing.sdedit import sdedit
 from jaxdiff.guidance import cfg
@@ -181,21 +189,26 @@ def test_textual_inversion_loss_falls(dit):
 def test_instruct_pix2pix_training_on_the_text_dit(dit):
     """``widen_unet`` on the text DiT: 8 input channels (patch embedding's new slice zero),
     the learned-sigma output cut to its noise half, so at step 0 the widened DiT equals the
-    base one through ``denoise`` whatever the image channels hold; the InstructPix2Pix loss
-    then falls under ``instruct_optimizer`` and the image slice starts to read the image."""
+    base one through ``denoise`` whatever the image channels hold (and the IP2P sampler's
+    three-branch guidance at scales 1 is that output); the InstructPix2Pix loss then falls
+    under ``instruct_optimizer`` and the image slice starts to read the image."""
     pipe, params, _, z0, noise, _ = dit
     wide, wparams = ip2p.widen_unet(pipe, params)
     assert wide.is_instruct and wide.unet.config.output_channels == 4
-    ids = jnp.asarray(pipe.tokenize(PROMPTS))
+    ids, neg = jnp.asarray(pipe.tokenize(PROMPTS)), jnp.asarray(pipe.tokenize(["", ""]))
 
     @jax.jit
     def both(p, wp):
-        ctx = pipe.encode_text(params, ids)
+        ctx, empty = pipe.encode_text(params, ids), pipe.encode_text(params, neg)
+        guided = ip_edit.dual_guidance(ip_edit.instruct_denoiser(wide, {"unet": wp}), 1.0, 1.0)
         return (pl.denoise(pipe, p, noise, 500, ctx),
-                pl.denoise(wide, wp, jnp.concatenate([noise, z0], -1), 500, ctx))
+                pl.denoise(wide, wp, jnp.concatenate([noise, z0], -1), 500, ctx),
+                guided(noise, 500, (ctx, empty, z0)))
 
-    base, widened = both(params["unet"], wparams["unet"])
+    base, widened, sampled = both(params["unet"], wparams["unet"])
     np.testing.assert_allclose(widened, base, atol=1e-6, rtol=0)  # the zero slice adds 0
+    # the sampler's three-branch guidance at s_T = s_I = 1 is the text + image branch
+    np.testing.assert_allclose(sampled, widened, atol=1e-5, rtol=0)
     loss = ip2p.make_instruct_loss(wide, wparams, dropout=0.0)
     trainable = {"unet": wparams["unet"]}
     opt = ip2p.instruct_optimizer(trainable, 1e-2, 0, 10, input_lr_multiplier=3.0)
@@ -213,3 +226,47 @@ def test_instruct_pix2pix_training_on_the_text_dit(dit):
     assert vals[-1] < 0.9 * vals[0], vals
     image_slice = trainable["unet"]["pos_embed"]["proj"]["kernel"][:, :, 4:]
     assert float(jnp.abs(image_slice).max()) > 1e-2
+
+
+def test_caption_mask_and_micro_conditions_match_diffusers(dit, torch, tmp_path):
+    """A micro-conditioned tiny text DiT (``use_additional_conditions``) through
+    ``denoise`` on ``encode_prompts``' conditions equals diffusers' PyTorch
+    ``PixArtTransformer2DModel`` called as ``PixArtAlphaPipeline`` calls it: transformers'
+    CLIP text model given the tokenizer's attention mask, that mask as
+    ``encoder_attention_mask``, the negative prompt's own mask, resolution (H, W) and
+    aspect ratio H / W. Without the mask diffusers' output differs (it acts)."""
+    from diffusers import PixArtTransformer2DModel
+    from transformers import CLIPTextModel
+    from jaxdiff.weights import DEFAULT_MODEL
+    from jaxdiff.weights.backbones import save_transformer
+    pipe, params, _, _, noise, _ = dit
+    pipe, params = tiny_text_dit(pipe, params, attention_head_dim=6, cross_attention_dim=12,
+                                 use_additional_conditions=True)  # 12: divisible by 3 and 4
+    assert pipe.uses_caption_mask and pipe.micro_conditions
+    h = w = pipe.image_size
+    ids, neg = pipe.tokenize(PROMPTS), pipe.tokenize(["", ""])
+    x, t = jnp.concatenate([noise, noise[::-1]]), jnp.array([10, 400, 700, 999])
+
+    @jax.jit
+    def run(p):
+        both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]),
+                            *pipe.encode_prompts(p, ids, neg, h, w)[::-1])
+        return both, pl.denoise(pipe, p["unet"], x, t, both, variance=True)
+
+    both, got = run(params)
+    tok = pipe.tokenizer(["", ""] + PROMPTS, padding="max_length",
+                         max_length=pipe.max_length, truncation=True, return_tensors="pt")
+    np.testing.assert_array_equal(both["mask"], tok.attention_mask.numpy())
+    save_transformer(pipe.unet, params["unet"], str(tmp_path / "t"))
+    tdit = PixArtTransformer2DModel.from_pretrained(str(tmp_path / "t")).eval()
+    text = CLIPTextModel.from_pretrained(os.path.join(DEFAULT_MODEL, "text_encoder")).eval()
+    with torch.no_grad():
+        emb = text(tok.input_ids, attention_mask=tok.attention_mask)[0]
+        run = lambda mask: tdit(torch.tensor(ref.nchw(np.asarray(x))), encoder_hidden_states=emb,
+                                encoder_attention_mask=mask, timestep=torch.tensor(np.asarray(t)),
+                                added_cond_kwargs={
+                                    "resolution": torch.tensor([[h, w]] * 4, dtype=torch.float32),
+                                    "aspect_ratio": torch.tensor([[h / w]] * 4)}).sample.numpy()
+        want, unmasked = run(tok.attention_mask), run(None)
+    np.testing.assert_allclose(ref.nchw(np.asarray(got)), want, atol=1e-4, rtol=0)
+    assert np.abs(unmasked - want).max() > 1e-3

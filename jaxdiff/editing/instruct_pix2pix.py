@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import pipeline as pl
 from jaxdiff.editing import batch_inputs
 from jaxdiff.guidance import combine
 from jaxdiff.models import AutoencoderKL
@@ -51,12 +52,13 @@ def image_latents(pipe, params, images) -> jax.Array:
 
 
 def instruct_denoiser(pipe, params) -> Callable:
-    """``(x [B,h,w,C], t, (context [B,L,D], image [B,h,w,C])) -> model output``: the UNet
-    on the noisy latents with the image latents appended along channels."""
+    """``(x [B,h,w,C], t, (context [B,L,D], image [B,h,w,C])) -> model output``: the
+    denoiser (``pipeline.denoise``: the UNet, or a widened text DiT with its condition
+    pytree) on the noisy latents with the image latents appended along channels."""
     def denoise(x, t, cond):
         context, image = cond
         x_in = jnp.concatenate([x, image.astype(x.dtype)], axis=-1)
-        return pipe.unet.apply({"params": params["unet"]}, x_in, t, context)
+        return pl.denoise(pipe, params["unet"], x_in, t, context)
     return denoise
 
 
@@ -74,9 +76,9 @@ def dual_guidance(denoise: Callable, text_scale, image_scale) -> Callable:
     """
     def guided(x, t, conditions):
         cond, uncond, image = conditions
+        contexts = jax.tree.map(lambda c, u: jnp.concatenate([c, u, u]), cond, uncond)
         out = denoise(jnp.concatenate([x, x, x]), t,
-                      (jnp.concatenate([cond, uncond, uncond]),
-                       jnp.concatenate([image, image, jnp.zeros_like(image)])))
+                      (contexts, jnp.concatenate([image, image, jnp.zeros_like(image)])))
         out_text, out_image, out_uncond = jnp.split(out, 3)
         return combine(out_uncond, out_image, image_scale) + text_scale * (out_text - out_image)
     return guided

@@ -131,7 +131,9 @@ def make_instruct_loss(pipe: Pipeline, frozen_params, dropout: float = 0.05,
         ids = jnp.where(drop_text[:, None], empty[None], ids)
         image = jnp.where(drop_image[:, None, None, None], 0.0, image)
         text_params = p.get("text_encoder", frozen_params["text_encoder"])
-        context = pipe.text_encoder.apply({"params": text_params}, ids)
+        f = pipe.vae_scale_factor  # a text DiT's caption mask / micro-conditions too
+        context = pipe.condition({"text_encoder": text_params}, ids, x0.shape[1] * f,
+                                 x0.shape[2] * f)
 
         def with_image(x, t, cond):
             ctx, img = cond
@@ -234,7 +236,7 @@ def _p2p_program(pipe: Pipeline, steps: int):
         tab = ddim_tables(pipe.scheduler, steps)
         unet = lambda x, t, c, ctrl=None: denoise(pipe, params["unet"], x, t, c, control=ctrl)
         uncond = pipe.encode_text(params, empty_ids)
-        nulls = jnp.broadcast_to(uncond, (steps,) + uncond.shape)
+        nulls = jax.tree.map(lambda u: jnp.broadcast_to(u, (steps,) + u.shape), uncond)
         out = p2p.edit_loop(unet, tab, z_T, pipe.encode_text(params, src_ids),
                             pipe.encode_text(params, tgt_ids), nulls, guidance, control,
                             pipe.scheduler.prediction_type)

@@ -181,7 +181,9 @@ def diffusion_loss(pipe: Pipeline, frozen_text, empty, *, caption_dropout: float
         drop = jax.random.uniform(k_drop, (tok.shape[0],)) < caption_dropout
         tok = jnp.where(drop[:, None], jnp.asarray(empty)[None], tok)
         text_params = p.get("text_encoder", frozen_text)
-        context = pipe.text_encoder.apply({"params": text_params}, tok)
+        f = pipe.vae_scale_factor  # a text DiT's caption mask / micro-conditions too
+        context = pipe.condition({"text_encoder": text_params}, tok, x0.shape[1] * f,
+                                 x0.shape[2] * f)
         unet = lambda x, t, c: denoise(train_pipe, p["unet"], x, t, c)
         per = losses.denoising_loss(unet, schedules.alphas_cumprod(sched),
                                     sched.prediction_type,

@@ -148,7 +148,8 @@ def load_pipeline(path: Optional[str] = None, *, dtype=jnp.float32, variant=None
                     tokenizer_2=tokenizers["text_encoder_2"],
                     force_zeros_for_empty_prompt=bool(
                         sdxl and index.get("force_zeros_for_empty_prompt", True)),
-                    requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
+                    requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
+                    caption_mask=bool(index.get("_caption_mask", True)))
     if index.get("_class_name") == INSTRUCT_CLASS and not pipe.is_instruct:
         raise ValueError(f"{index_path}: names a {INSTRUCT_CLASS} but its UNet takes "
                          f"{pipe.unet.config.in_channels} input channels; an instruct UNet "
@@ -208,7 +209,9 @@ def _model_index(pipe: Pipeline) -> dict:
                 "text_encoder": ["transformers", "CLIPTextModel"],
                 "tokenizer": ["transformers", "CLIPTokenizer"],
                 "transformer": ["diffusers", "PixArtTransformer2DModel"],
-                "vae": ["diffusers", "AutoencoderKL"]}
+                "vae": ["diffusers", "AutoencoderKL"],
+                # a text DiT trained without the caption mask (diffusers ignores "_" keys)
+                **({} if pipe.caption_mask else {"_caption_mask": False})}
     if pipe.is_sdxl:
         none = [None, None]
         first = pipe.text_encoder is not None
