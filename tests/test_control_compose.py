@@ -23,7 +23,7 @@ from jaxdiff.editing import sdedit as sd
 from jaxdiff.eval import control_eval as ce
 from jaxdiff.models.gligen import dummy_gligen, merge_params, split_params
 from jaxdiff.sampling import Control
-from jaxdiff.training.control import new_t2i_adapter
+from jaxdiff.models.t2i_adapter import T2IAdapter, T2IAdapterConfig, adapter_dummy_inputs
 from jaxdiff.weights.control import load_controlnet, save_control_model
 from jaxdiff.weights.gligen import save_gligen_unet
 
@@ -43,10 +43,21 @@ def cc(tiny_pipe_dir, tmp_path_factory):
     rng = np.random.default_rng(0)
     return dict(pipe=pipe, params=params, cn=load_controlnet(str(root / "cn")),
                 cn_dir=str(root / "cn"), pipe_dir=tiny_pipe_dir,
-                adapter=new_t2i_adapter(pipe, num_res_blocks=1, seed=1),
+                adapter=_random_adapter(pipe, rng),
                 images=rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
                 cond=rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8),
                 noise=rng.standard_normal((2, 8, 8, 4)).astype(np.float32))
+
+
+def _random_adapter(pipe, rng):
+    """A full T2I-Adapter fitting the tiny UNet, random weights (shapes from
+    ``eval_shape``: no op-by-op init)."""
+    module = T2IAdapter(T2IAdapterConfig(channels=tuple(pipe.unet.config.block_out_channels),
+                                         num_res_blocks=1,
+                                         downscale_factor=pipe.vae_scale_factor))
+    shapes_ = jax.eval_shape(module.init, jax.random.key(0), *adapter_dummy_inputs(module))
+    return module, jax.tree.map(lambda a: jnp.asarray(
+        0.2 * rng.standard_normal(a.shape), a.dtype), shapes_["params"])
 
 
 def _controls(cc, cn_scale, adapter_scale, start=0.0, end=1.0):
