@@ -121,14 +121,15 @@ def denoising_errors(pipe: Pipeline, unet_params, latents, contexts, timesteps, 
 
     Args:
       latents: scaled clean latents x0 [B, h, w, C].
-      contexts: text embeddings of each image's candidates [B, K, L, D].
+      contexts: text embeddings of each image's candidates [B, K, L, D] (or a pytree of
+        such leaves: a text DiT's ``{"context", "mask"}``).
       timesteps: int32 [N] (N a multiple of ``chunk``); noise: [N, h, w, C].
       count: how many of the N samples to evaluate (traced: no recompile per count).
     Returns:
       float32 [B, K, N]: mean ``loss`` between the UNet output and its target over the
       latent elements; 0 past ``count``.
     """
-    b, k = contexts.shape[:2]
+    b, k = jax.tree.leaves(contexts)[0].shape[:2]
     n = timesteps.shape[0]
     ac = jnp.asarray(schedules.alphas_cumprod(pipe.scheduler), jnp.float32)
     target_fn, loss_fn = diffusion_target(pipe.scheduler.prediction_type), LOSSES[loss]
@@ -145,8 +146,9 @@ def denoising_errors(pipe: Pipeline, unet_params, latents, contexts, timesteps, 
         # All candidates x samples in one UNet call: [B, K, S] flattened.
         x_in = jnp.broadcast_to(x_t[:, None], (b, k, chunk) + shape).reshape((-1,) + shape)
         t_in = jnp.broadcast_to(t, (b, k, chunk)).reshape(-1)
-        ctx = jnp.broadcast_to(contexts[:, :, None], (b, k, chunk) + contexts.shape[2:])
-        out = unet_apply(pipe, unet_params, x_in, t_in, ctx.reshape((-1,) + contexts.shape[2:]))
+        ctx = jax.tree.map(lambda c: jnp.broadcast_to(c[:, :, None], (b, k, chunk) + c.shape[2:])
+                           .reshape((-1,) + c.shape[2:]), contexts)
+        out = unet_apply(pipe, unet_params, x_in, t_in, ctx)
         out = out.astype(jnp.float32).reshape((b, k, chunk) + shape)
         err = jnp.mean(loss_fn(out - target[:, None]), axis=(3, 4, 5))
         valid = c * chunk + jnp.arange(chunk) < count
@@ -251,8 +253,9 @@ def classify(pipe: Pipeline, params, images, prompts: Sequence,
             ts[:s] = stage.timesteps
             idx = np.zeros(n, np.int32)
             idx[:s] = stage.noise_index
+            pick = np.take_along_axis(cand, alive, axis=1)
             err = denoising_errors(pipe, params["unet"], latents,
-                                   contexts[np.take_along_axis(cand, alive, axis=1)],
+                                   jax.tree.map(lambda c: c[pick], contexts),
                                    jnp.asarray(ts), noise[idx], jnp.int32(s), loss=loss,
                                    chunk=chunk)
             sums[rows, alive] += np.asarray(err, np.float64)[:, :, :s].sum(-1)
