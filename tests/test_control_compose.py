@@ -132,6 +132,21 @@ def test_p2p_with_control(cc):
     np.testing.assert_array_equal(got.mask, plain.mask)
 
 
+def test_bad_control_refused_before_compiling(cc, monkeypatch):
+    """One line each, before any compile: guess mode in P2P (its inversion runs unguided
+    passes), a condition image of another size in SDEdit."""
+    monkeypatch.setattr(pp, "_compiled", None)
+    monkeypatch.setattr(sd, "_compiled", None)
+    u8 = np.zeros((2, 16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="Prompt-to-Prompt: ControlNet guess mode"):
+        pp.p2p_edit(cc["pipe"], cc["params"], u8, PROMPTS, PROMPTS, pp.P2PSettings(),
+                    control=Control(*cc["cn"], cc["cond"], guess_mode=True))
+    with pytest.raises(ValueError, match=r"control 0 \(ControlNetModel\): condition image "
+                                         r"of shape \(2, 12, 16, 3\)"):
+        sd.sdedit(cc["pipe"], cc["params"], cc["images"], PROMPTS,
+                  control=Control(*cc["cn"], cc["cond"][:, :12]))
+
+
 # --- bench/control_quality.py: its scoring on ground truth, and a smoke run ---------------
 
 V2 = shapes.world("v2")

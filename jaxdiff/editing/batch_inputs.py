@@ -102,9 +102,9 @@ def spatial_control(pipe, control, b: int, height: int, width: int, method: str,
                          "supported yet).")
     specs, arrays = control_inputs(pipe, control, b, b, height, width)
     if not guess_mode and any(guess for _, guess in specs):
-        raise ValueError(f"{method}: ControlNet guess mode is not supported here (its "
-                         "inversion evaluates the model without guidance); use "
-                         "guess_mode=False.")
+        raise ValueError(f"{method}: ControlNet guess mode (guess_mode=True, or a "
+                         "global_pool_conditions ControlNet) is not supported here: its "
+                         "inversion evaluates the model without guidance.")
     rows = tuple(dict(image=a["image"], scale=a["scale"]) for a in arrays)
     shared = tuple(dict(params=a["params"], start=a["start"], end=a["end"]) for a in arrays)
     return specs, rows, shared
