@@ -33,6 +33,7 @@ from jaxdiff.adapters import textual_inversion as ti
 from jaxdiff.editing import batch_inputs
 from jaxdiff.editing import blended as bl
 from jaxdiff.editing import diffedit as de
+from jaxdiff.editing import imagic, unitune
 from jaxdiff.editing import ilvr as il
 from jaxdiff.editing import instruct_pix2pix as ip_edit
 from jaxdiff.editing import repaint as rp
@@ -270,3 +271,13 @@ def test_caption_mask_and_micro_conditions_match_diffusers(dit, torch, tmp_path)
         want, unmasked = run(tok.attention_mask), run(None)
     np.testing.assert_allclose(ref.nchw(np.asarray(got)), want, atol=1e-4, rtol=0)
     assert np.abs(unmasked - want).max() > 1e-3
+
+
+def test_imagic_and_unitune_refuse_a_caption_masked_dit(dit):
+    """Their embedding optimisation / interpolation is on plain arrays: one line, no
+    compile (they run on a text DiT with ``caption_mask=False``, as embedded:dit)."""
+    pipe, params, images, _, _, _ = dit
+    with pytest.raises(ValueError, match="Imagic works on plain text-embedding arrays"):
+        imagic.imagic(pipe, params, images, PROMPTS)
+    with pytest.raises(ValueError, match="UniTune works on plain text-embedding arrays"):
+        unitune.unitune(pipe, params, images, PROMPTS)

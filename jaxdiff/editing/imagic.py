@@ -118,6 +118,15 @@ def finetune(pipe, trainable: dreambooth.Trainable, z0, context, key, *, lr, ste
     return fit(loss, trainable.params, lr, steps, batch, key)
 
 
+def refuse_caption_mask(pipe, method: str) -> None:
+    """One-line ValueError, before any compile, for a caption-masked text DiT: the
+    embedding optimisation and interpolation here work on a plain [L, D] array."""
+    if pipe.uses_caption_mask:
+        raise ValueError(f"{method} works on plain text-embedding arrays; this text DiT's "
+                         "condition carries a caption mask: use dataclasses.replace(pipe, "
+                         "caption_mask=False) or a U-Net pipeline.")
+
+
 def interpolate(e_tgt, e_opt, eta):
     """e(eta) = eta * e_tgt + (1 - eta) * e_opt (paper eq. 3)."""
     return eta * e_tgt + (1.0 - eta) * e_opt
@@ -264,6 +273,7 @@ def imagic(pipe, params, images, target_prompts, negative_prompts=None, *, etas=
       ``tuned_edit``'s dict; "edited" [B, E, H, W, 3] holds one image per eta.
     """
     batch_inputs.refuse_sdxl(pipe, "Imagic")
+    refuse_caption_mask(pipe, "Imagic")
     return tuned_edit(pipe, params, images, target_prompts, target_prompts, negative_prompts,
                       etas=etas, strengths=1.0, blends=0.0, from_noise=True,
                       embedding_lr=embedding_lr, finetune_lr=finetune_lr, stages=stages,

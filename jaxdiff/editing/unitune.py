@@ -55,6 +55,7 @@ def unitune(pipe, params, images, prompts, negative_prompts=None, *, token: str 
       ``imagic.tuned_edit``'s dict ("edited" [B, E, H, W, 3], one per variant).
     """
     batch_inputs.refuse_sdxl(pipe, "UniTune")
+    imagic.refuse_caption_mask(pipe, "UniTune")
     if not token.strip():
         raise ValueError("UniTune needs a rare token (e.g. 'sks'), got an empty one.")
     b = batch_inputs.check_images(images, pipe).shape[0]
