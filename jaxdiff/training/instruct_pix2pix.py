@@ -215,8 +215,13 @@ def train_instruct(pipe: Pipeline, params, source, edited, instruction_texts: Se
 
 
 def save_instruct_pipeline(pipe: Pipeline, params, out_dir: str) -> str:
-    """Writes a diffusers ``StableDiffusionInstructPix2PixPipeline`` folder (atomically)."""
+    """Writes a diffusers ``StableDiffusionInstructPix2PixPipeline`` folder (atomically); a
+    widened text DiT keeps ``save_pipeline``'s ``PixArtAlphaPipeline`` layout (diffusers
+    has no InstructPix2Pix transformer pipeline; jaxdiff loads it as an instruct pipeline
+    by its 8 input channels)."""
     save_pipeline(pipe, params, out_dir)
+    if pipe.is_transformer:
+        return out_dir
     path = os.path.join(out_dir, "model_index.json")
     with open(path) as f:
         index = json.load(f)
