@@ -92,13 +92,26 @@ def test_batches_are_a_pure_function_of_step():
 
 
 def test_init_from_fine_tunes_an_existing_pipeline(trained, tmp_path):
-    """config.init_from: the VAE and tokenizer come from the given pipeline; the UNet moves."""
+    """config.init_from: the VAE and tokenizer come from the given pipeline; the UNet moves;
+    config.scheduler_update changes the loaded scheduler (here: to v-prediction with zero
+    terminal SNR, as configs/shapes.py:v2_zsnr does) and the export keeps the change."""
     _, export = trained
     cfg = _tiny_config()
     cfg.init_from, cfg.stages = export, "diffusion"
     cfg.sample_every = 0
+    update = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                  timestep_spacing="trailing")
+    cfg.scheduler_update = update
     out = recipes.train_and_evaluate(cfg, str(tmp_path / "ft"))
     (p0, before), (p1, after) = jaxdiff.load_pipeline(export), jaxdiff.load_pipeline(out)
+    assert p0.scheduler.prediction_type == "epsilon"
+    assert {k: getattr(p1.scheduler, k) for k in update} == update
+    with open(os.path.join(out, "scheduler", "scheduler_config.json")) as f:
+        saved = json.load(f)
+    assert {k: saved[k] for k in update} == update
+    cfg.scheduler_update = dict(prediction="v")
+    with pytest.raises(ValueError, match=r"scheduler_update: unknown .*\['prediction'\]"):
+        recipes.train_and_evaluate(cfg, str(tmp_path / "bad"))
     assert p1.vae.config.scaling_factor == p0.vae.config.scaling_factor
     for a, b in zip(jax.tree.leaves(before["vae"]), jax.tree.leaves(after["vae"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -36,7 +36,7 @@ from jaxdiff.models.uvit import UViT, UViTConfig
 from jaxdiff.pipeline import Pipeline, init_params
 from jaxdiff.schedules import SchedulerConfig
 from jaxdiff.training import class_images as class_lib
-from jaxdiff.training import dreambooth, text_to_image, textual_inversion
+from jaxdiff.training import dreambooth, grow, text_to_image, textual_inversion
 from jaxdiff.training.batching import read_batch
 from jaxdiff.training.latents import latent_scaling_factor, with_scaling_factor
 from jaxdiff.training.sample_grids import sample_grid_callback
@@ -139,6 +139,10 @@ def train_and_evaluate(config, workdir: str) -> str:
         if update:
             pipe = dataclasses.replace(pipe, scheduler=dataclasses.replace(pipe.scheduler,
                                                                            **update))
+        if config.model.get("deepen", False):
+            # One more layer per U-Net block, computing what the loaded U-Net did
+            # (jaxdiff.training.grow): more capacity for the fine-tune.
+            pipe, params = grow.deepen_unet(pipe, params, config.seed)
     else:
         tok_dir = build_tokenizer(os.path.join(workdir, "tokenizer"),
                                   model_max_length=config.model.tokenizer_max_length)
