@@ -146,7 +146,10 @@ def edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image, cont
     taken = jnp.zeros((steps, z0.shape[0]), jnp.int32)
     offsets = None
     if inversion == "null_text":
-        trainable = {k: k != "time_ids" for k in uncond} if isinstance(uncond, dict) else None
+        # Only embeddings are optimised: never SDXL's time ids or a text DiT's caption mask,
+        # resolution or aspect ratio.
+        trainable = ({k: k in ("context", "text_embeds") for k in uncond}
+                     if isinstance(uncond, dict) else None)
         nulls, taken = inv.null_text_invert(den, tab, traj, cond, uncond, guidance, pt,
                                             num_inner_steps=num_inner_steps,
                                             trainable=trainable)
