@@ -69,6 +69,9 @@ SMOKE = {  # script -> flags appended to every command that runs it
     "train/t2i_adapter.py": ("--config.data.num_train=16 --config.data.num_test=4"
                              " --config.train.steps=2 --config.train.batch_size=8"
                              " --config.adapter.num_res_blocks=1 --config.checkpoint_every=2"),
+    "train/gligen.py": ("--config.data.num_train=16 --config.data.num_test=4"
+                        " --config.train.steps=2 --config.train.batch_size=8"
+                        " --config.checkpoint_every=2 --config.gligen.max_objs=4"),
     "bench/quality.py": ("--num-one 2 --num-two 2 --num-colour-free 2 --num-shape-free 2"
                          " --num-real 2 --steps 2 --guidance 5 --chunk 8"),
     "train/instruct_pix2pix.py": ("--config.data.num_pairs=8 --config.train.steps=1"
