@@ -136,21 +136,12 @@ def get_config(variant: str = ""):
         # Model v2: the shipped (v1) model's diffusion stage fine-tuned on world v2 (colour
         # and shape mention dropout, shades, unnamed colours, anti-aliased edges), keeping
         # its VAE and tokenizer ("object" is already a token) as `finetune` does.
-        c.init_from = "embedded"
-        c.stages = "diffusion"
-        c.data.world = "v2"
-        c.diffusion.update(steps=6000, lr=3e-4, warmup=100, snr_gamma=5.0)
-        c.sample_prompts = V2_SAMPLE_PROMPTS
+        _v2_diffusion(c, "embedded", seed=0, world="v2", steps=6000, lr=3e-4)
     elif variant == "v2_stage2":
         # Model v2, second command: continues `v2`'s export for 6000 more diffusion steps at a
         # lower peak learning rate on a fresh draw of world v2 (seed 1: 20 000 new images,
         # new noise), so the two stages together see 40 000 distinct images.
-        c.init_from = "runs/shapes_v2/export"
-        c.stages = "diffusion"
-        c.seed = 1
-        c.data.world = "v2"
-        c.diffusion.update(steps=6000, lr=2e-4, warmup=100, snr_gamma=5.0)
-        c.sample_prompts = V2_SAMPLE_PROMPTS
+        _v2_diffusion(c, "runs/shapes_v2/export", seed=1, world="v2", steps=6000, lr=2e-4)
     elif variant == "v2_decoder":
         # Model v2, third command: only the VAE decoder fine-tuned on world v2 (shades,
         # anti-aliased edges); the encoder, the latent space and the UNet are kept.
@@ -161,12 +152,8 @@ def get_config(variant: str = ""):
         # Model v2, fourth command: the diffusion stage continued from `v2_decoder`'s export
         # on a fresh draw (seed 2) of world "v2_terse" (colour word dropped for half of the
         # objects), so that colour-free prompts are learned; VAE and tokenizer kept.
-        c.init_from = "runs/shapes_v2_decoder/export"
-        c.stages = "diffusion"
-        c.seed = 2
-        c.data.world = "v2_terse"
-        c.diffusion.update(steps=4000, lr=2e-4, warmup=100, snr_gamma=5.0)
-        c.sample_prompts = V2_SAMPLE_PROMPTS
+        _v2_diffusion(c, "runs/shapes_v2_decoder/export", seed=2, world="v2_terse",
+                      steps=4000, lr=2e-4)
     elif variant == "v2_zsnr":
         # A tried fifth step (negative result, not part of model v2): `v2_stage3`'s export
         # moved to v-prediction with zero terminal SNR and trailing timesteps (Lin et al.
@@ -174,25 +161,22 @@ def get_config(variant: str = ""):
         # whether SD's schedule (its noisiest step still leaks 7 % of the image) kept the
         # model from deciding an unnamed colour from pure noise. It did not: colour-free
         # prompts 0.775 (v2_stage3: 0.835), two-object 0.925 (0.895); bench/README.md.
-        c.init_from = "runs/shapes_v2_stage3/export"
-        c.stages = "diffusion"
-        c.seed = 3
-        c.data.world = "v2_terse"
+        _v2_diffusion(c, "runs/shapes_v2_stage3/export", seed=3, world="v2_terse",
+                      steps=3000, lr=2e-4)
         c.scheduler_update = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,
                                   timestep_spacing="trailing")
-        c.diffusion.update(steps=3000, lr=2e-4, warmup=100, snr_gamma=5.0)
-        c.sample_prompts = V2_SAMPLE_PROMPTS
     elif variant == "v2_deep":
-        # Model v2 experiment: `v2_stage3`'s U-Net grown one layer deeper per block (1.08 M
-        # -> 1.58 M params, same function at the start) and fine-tuned on a fresh draw
-        # (seed 4) of world "v2_terse": more capacity for colour-free prompts.
-        c.init_from = "runs/shapes_v2_stage3/export"
-        c.stages = "diffusion"
-        c.seed = 4
-        c.data.world = "v2_terse"
+        # Model v2, fifth command: `v2_stage3`'s U-Net grown one layer deeper per block
+        # (1.08 M -> 1.58 M params, same function at the start) and fine-tuned on a fresh
+        # draw (seed 4) of world "v2_terse": more capacity for colour-free prompts.
+        _v2_diffusion(c, "runs/shapes_v2_stage3/export", seed=4, world="v2_terse",
+                      steps=2500, lr=2e-4)
         c.model.deepen = True
-        c.diffusion.update(steps=2500, lr=2e-4, warmup=100, snr_gamma=5.0)
-        c.sample_prompts = V2_SAMPLE_PROMPTS
+    elif variant == "v2_deep2":
+        # Model v2, sixth command: continues `v2_deep`'s export on a fresh draw (seed 5) of
+        # "v2_terse" at a lower peak learning rate.
+        _v2_diffusion(c, "runs/shapes_v2_deep/export", seed=5, world="v2_terse",
+                      steps=3000, lr=1.5e-4)
     elif variant == "tiny":
         c.data.num_train, c.data.num_test = 64, 16
         c.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -209,5 +193,14 @@ def get_config(variant: str = ""):
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of configs/shapes.py "
                          "(use '', 'finetune', 'dit', 'v2', 'v2_stage2', 'v2_decoder', "
-                         "'v2_stage3', 'v2_zsnr', 'v2_deep' or 'tiny').")
+                         "'v2_stage3', 'v2_zsnr', 'v2_deep', 'v2_deep2' or 'tiny').")
     return c
+
+
+def _v2_diffusion(c, init_from: str, *, seed: int, world: str, steps: int, lr: float):
+    """A model-v2 diffusion stage: ``init_from``'s diffusion stage fine-tuned on a draw
+    (``seed``) of ``world`` (Min-SNR-5, 100 warm-up steps), VAE and tokenizer kept."""
+    c.init_from, c.stages, c.seed = init_from, "diffusion", seed
+    c.data.world = world
+    c.diffusion.update(steps=steps, lr=lr, warmup=100, snr_gamma=5.0)
+    c.sample_prompts = V2_SAMPLE_PROMPTS
