@@ -21,8 +21,9 @@ XLA:CPU with remat kept; bench/README.md "Memory plan"): the fp32 UNet + Adam st
 ``remat=True`` and 38.4 GB without; with remat and ``mesh.fsdp=8`` 8.3 GB. So 16 GB per
 device needs ``remat=True`` and FSDP: batch 1 over 4-8 devices (10.2 / 8.3 GB), batch 2
 over 8 (14.9 GB); 80 GB takes batch 1-2 in any setting and batch 4 with remat (42.6 GB),
-without it only in bf16 with FSDP 4-8, at the edge (78.9 / 78.7 GB; fp32 needs 94.0).
-With remat bf16 and fp32 compute give about the same figures on XLA:CPU; on a GPU / TPU
+without it only in bf16 with FSDP 4-8, at the edge (78.9 / 78.7 GB; fp32 needs 90.8 /
+94.0). With remat fp32 compute needs the same or up to 1.6 GB less than bf16 on XLA:CPU
+(all 18 cells compiled in both); without remat at FSDP 4-8 fp32 needs 6-15 GB more. On a GPU / TPU
 bf16 activations take half the bytes and a flash attention kernel drops the 64x64 attention scores, so there these are
 upper bounds: for SD 1.5 on 16 GB devices
 ``--config.dtype=bfloat16 --config.remat=True --config.mesh.fsdp=N``. Not yet measured
