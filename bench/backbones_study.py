@@ -83,7 +83,7 @@ def parse_args(argv=None):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _denoise(pipe, params, x, t, cond):
-    from jaxdiff.pipeline import denoise
+    from jaxdiff.denoiser import denoise
     return denoise(pipe, params, x, t, cond)
 
 

@@ -49,7 +49,7 @@ def _jax_steps(pipe, clf, clip):
     from jaxdiff import guidance, schedules
     from jaxdiff.clip_guidance import clip_guided, similarity_x0
     from jaxdiff.guided_sampling import label_log_prob
-    from jaxdiff.pipeline import unet_apply
+    from jaxdiff.denoiser import unet_apply
 
     ac = schedules.alphas_cumprod(pipe.scheduler)
     pt = pipe.scheduler.prediction_type

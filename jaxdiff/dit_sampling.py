@@ -18,7 +18,7 @@ Semantics are diffusers' (pipelines/dit/pipeline_dit.py):
   and the beta variance (diffusers' ``DDPMScheduler(variance_type="learned_range")``,
   Nichol & Dhariwal 2021); under guidance the variance is the conditional half's.
 
-The DiT is called through ``pipeline.denoise`` (class labels as its condition, the whole
+The DiT is called through ``denoiser.denoise`` (class labels as its condition, the whole
 learned-sigma output), the interface every sampler and editing method uses.
 
 Whether guidance runs (scale > 1) is static; the scale itself is traced, so a new scale
@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.denoiser import denoise
 from jaxdiff.models.dit import check_class_labels, split_learned_sigma
 from jaxdiff.models.vae import AutoencoderKL
-from jaxdiff.pipeline import denoise
 from jaxdiff.samplers import SAMPLERS, make_sampler
 from jaxdiff.samplers.ddpm_learned import make_learned_range_ddpm
 from jaxdiff.sampling import initial_noise, sample_keys

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel, schedules
+from jaxdiff.denoiser import unet_apply
 from jaxdiff.guidance import cfg, classifier, classifier_grad
-from jaxdiff.pipeline import Pipeline, to_uint8, unet_apply
+from jaxdiff.pipeline import Pipeline, to_uint8
 from jaxdiff.samplers import make_sampler
 from jaxdiff.sampling import check_request, initial_noise, prompt_list, sample_keys
 

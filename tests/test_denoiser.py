@@ -1,7 +1,7 @@
 """One denoiser interface (issue #18, point 1): a Pipeline whose denoiser is a PixArt-style
 text DiT (the shipped model's CLIP text encoder, VAE and tokenizer around a tiny random
 ``PixArtTransformer2DModel``) generates, inverts, edits with Prompt-to-Prompt and trains
-through ``pipeline.denoise``, like a U-Net pipeline.
+through ``denoiser.denoise``, like a U-Net pipeline.
 
 Truth: a hand-written guided DDIM loop calling the PixArt module directly; the image
 latents an inversion started from; an identity edit vs a word swap with the controller
@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import jaxdiff
-from jaxdiff import pipeline as pl
+from jaxdiff import denoiser
 from jaxdiff.adapters.lora import init_lora, merge_lora
 from jaxdiff.editing import inversion as inv
 from jaxdiff.editing import p2p_pipeline as pp
@@ -172,7 +172,7 @@ def test_train_steps_lower_the_loss(dit):
 def test_unet_only_inputs_are_refused(dit):
     pipe, params = dit
     with pytest.raises(ValueError, match="U-Net only"):
-        pl.denoise(pipe, params["unet"], jnp.zeros((1, 8, 8, 4)), 1.0, jnp.zeros((1, 16, 64)),
+        denoiser.denoise(pipe, params["unet"], jnp.zeros((1, 8, 8, 4)), 1.0, jnp.zeros((1, 16, 64)),
                    mid_block_additional_residual=jnp.zeros(1))
     with pytest.raises(ValueError, match="remat=True is U-Net only"):
         diffusion_loss(pipe, params["text_encoder"], None, remat=True)
@@ -208,5 +208,5 @@ def test_dispatch_survives_the_progress_wrapper(dit):
     assert wrapped.is_transformer and wrapped.unet is not pipe.unet
     x, ctx = jnp.ones((1, 8, 8, 4)), jnp.full((1, 16, 64), 0.1)
     full = jax.eval_shape(lambda: pipe.unet.apply({"params": params["unet"]}, x, 500.0, ctx))
-    out = jax.eval_shape(lambda: pl.denoise(wrapped, params["unet"], x, 500.0, ctx))
+    out = jax.eval_shape(lambda: denoiser.denoise(wrapped, params["unet"], x, 500.0, ctx))
     assert full.shape == (1, 8, 8, 8) and out.shape == (1, 8, 8, 4)

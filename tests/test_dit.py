@@ -11,10 +11,10 @@ import pytest
 
 from torchref import models as ref
 from jaxdiff import dit_sampling
+from jaxdiff.denoiser import denoise
 from jaxdiff.models import UnsupportedConfigError
 from jaxdiff.models.dit import DiTConfig
 from jaxdiff.models.pixart import PixArtConfig
-from jaxdiff.pipeline import denoise
 from jaxdiff.samplers import SampleState
 from jaxdiff.samplers.ddpm_learned import make_learned_range_ddpm
 from jaxdiff.schedules import SchedulerConfig
@@ -72,7 +72,7 @@ def _pixart_jax(module, params, inputs, x, mask=None):
 
 def test_dit_matches_diffusers(torch, nets):
     """Learned sigma (8 output channels), a class label and the null class; called through
-    ``pipeline.denoise`` (class labels as the condition): the whole output with
+    ``denoiser.denoise`` (class labels as the condition): the whole output with
     ``variance=True``, its noise half by default."""
     (pipe, params), inputs = nets["dit"], nets["inputs"]
     with torch.no_grad():

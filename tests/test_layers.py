@@ -18,7 +18,8 @@ LAYERS = (
     ("jaxdiff.gligen_sampling", 3),
     ("jaxdiff.editing", 3),
     ("jaxdiff.training", 3), ("jaxdiff.eval", 3), ("jaxdiff.adapters", 2),
-    ("jaxdiff.pipeline", 1), ("jaxdiff.guidance", 1), ("jaxdiff.weights", 1),
+    ("jaxdiff.pipeline", 1), ("jaxdiff.denoiser", 1), ("jaxdiff.guidance", 1),
+    ("jaxdiff.weights", 1),
     ("jaxdiff.models", 0), ("jaxdiff.schedules", 0), ("jaxdiff.samplers", 0),
     ("jaxdiff.parallel", 0), ("jaxdiff.data", 0),
 )

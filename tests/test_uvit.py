@@ -1,7 +1,7 @@
 """U-ViT (issue #18): parity with a PyTorch re-implementation of the reference code
 (torchref/uvit.py) on tiny random weights, text-to-image and class-conditional; the
 reference's state-dict keys load through weights.convert; bad latent sizes refused. The
-parity runs through ``pipeline.denoise`` (text embeddings or class labels as the condition)."""
+parity runs through ``denoiser.denoise`` (text embeddings or class labels as the condition)."""
 import types
 
 import jax
@@ -11,8 +11,8 @@ import pytest
 
 from torchref import models as ref
 from torchref import uvit as uvit_ref
+from jaxdiff.denoiser import denoise
 from jaxdiff.models.uvit import UViT, UViTConfig, uvit_dummy_inputs
-from jaxdiff.pipeline import denoise
 from jaxdiff.weights import convert
 
 TOL = 1e-4

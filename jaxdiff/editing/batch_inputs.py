@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff import parallel
-from jaxdiff.pipeline import unet_apply
+from jaxdiff.denoiser import unet_apply
 from jaxdiff.sampling import control_inputs, prompt_list, sample_keys
 
 
@@ -80,7 +80,7 @@ def image_keys(seed, b: int, sample_index=None) -> jax.Array:
 
 def unet_denoiser(pipe, params):
     """``(x, t, cond) -> model output`` with the UNet params closed over (``cond``: a
-    context array, or SDXL's pytree as ``pipeline.unet_apply`` takes)."""
+    context array, or SDXL's pytree as ``denoiser.unet_apply`` takes)."""
     return lambda x, t, c: unet_apply(pipe, params["unet"], x, t, c)
 
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import pipeline as pl
+from jaxdiff import denoiser
 from jaxdiff.editing import batch_inputs
 from jaxdiff.guidance import combine
 from jaxdiff.models import AutoencoderKL
@@ -53,12 +53,12 @@ def image_latents(pipe, params, images) -> jax.Array:
 
 def instruct_denoiser(pipe, params) -> Callable:
     """``(x [B,h,w,C], t, (context [B,L,D], image [B,h,w,C])) -> model output``: the
-    denoiser (``pipeline.denoise``: the UNet, or a widened text DiT with its condition
+    denoiser (``denoiser.denoise``: the UNet, or a widened text DiT with its condition
     pytree) on the noisy latents with the image latents appended along channels."""
     def denoise(x, t, cond):
         context, image = cond
         x_in = jnp.concatenate([x, image.astype(x.dtype)], axis=-1)
-        return pl.denoise(pipe, params["unet"], x_in, t, context)
+        return denoiser.denoise(pipe, params["unet"], x_in, t, context)
     return denoise
 
 

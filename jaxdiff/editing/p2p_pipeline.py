@@ -30,11 +30,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff import parallel
+from jaxdiff.denoiser import unet_apply
 from jaxdiff.editing import batch_inputs
 from jaxdiff.editing import inversion as inv
 from jaxdiff.editing import local_blend as lb
 from jaxdiff.editing import prompt_to_prompt as p2p
-from jaxdiff.pipeline import from_uint8, to_uint8, unet_apply
+from jaxdiff.pipeline import from_uint8, to_uint8
 from jaxdiff.samplers.ddim import ddim_tables
 from jaxdiff.sampling import adapter_features, control_residuals
 

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import schedules
-from jaxdiff.pipeline import Pipeline, unet_apply
+from jaxdiff.denoiser import unet_apply
+from jaxdiff.pipeline import Pipeline
 from jaxdiff.training.latents import encode_uint8
 from jaxdiff.training.losses import diffusion_target
 

@@ -4,7 +4,7 @@
   image's latents), their kernel slices zero, so the widened model computes exactly the
   base model's output before training, whatever the image channels hold (a PixArt text
   DiT: its patch embedding, the same way). The loss and the P2P pair sampler call the
-  denoiser through ``pipeline.denoise``, so either backbone trains.
+  denoiser through ``denoiser.denoise``, so either backbone trains.
 * ``make_instruct_loss``: the denoising loss on the edited image's latents with the
   source image's latents concatenated to the noisy input (``[x_t, image]`` on the
   channel axis, as diffusers' pipeline and training script), and the paper's condition
@@ -40,10 +40,11 @@ import optax
 
 from jaxdiff import parallel, schedules
 from jaxdiff.data import instructions, shapes
+from jaxdiff.denoiser import denoise
 from jaxdiff.editing import prompt_to_prompt as p2p
 from jaxdiff.eval import shapes_eval
 from jaxdiff.models.pixart import PixArtConfig
-from jaxdiff.pipeline import Pipeline, denoise, from_uint8, to_uint8
+from jaxdiff.pipeline import Pipeline, from_uint8, to_uint8
 from jaxdiff.samplers.ddim import ddim_tables
 from jaxdiff.training import batching, losses
 from jaxdiff.training import state as state_lib

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxdiff import schedules
 from jaxdiff.adapters.lora import merge_lora
-from jaxdiff.pipeline import unet_apply
+from jaxdiff.denoiser import unet_apply
 from jaxdiff.training import losses
 
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel, schedules
-from jaxdiff.pipeline import Pipeline, denoise, from_uint8
+from jaxdiff.denoiser import denoise
+from jaxdiff.pipeline import Pipeline, from_uint8
 from jaxdiff.training import batching, losses
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.latents import encode_uint8
@@ -164,7 +165,7 @@ def diffusion_loss(pipe: Pipeline, frozen_text, empty, *, caption_dropout: float
     """``train_diffusion``'s loss ``(p, (latents [B,h,w,C], ids [B,L]), rng) -> scalar``:
     caption dropout to ``empty`` (the empty prompt's ids), the text encoder (``p``'s when
     trained, else ``frozen_text``), and the denoising loss of the pipeline's denoiser
-    (``pipeline.denoise``: the U-Net or a text DiT) computed in ``dtype``."""
+    (``denoiser.denoise``: the U-Net or a text DiT) computed in ``dtype``."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"train_diffusion: {dtype=} must be 'float32' or 'bfloat16'.")
     if remat and pipe.is_transformer:

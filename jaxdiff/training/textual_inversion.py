@@ -27,7 +27,8 @@ import numpy as np
 
 from jaxdiff import parallel, schedules
 from jaxdiff.adapters import textual_inversion as ti
-from jaxdiff.pipeline import Pipeline, unet_apply
+from jaxdiff.denoiser import unet_apply
+from jaxdiff.pipeline import Pipeline
 from jaxdiff.training import losses
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.batching import host_slice, stream_indices

@@ -97,7 +97,7 @@ class DiTPipeline:
 
     @property
     def unet(self) -> DiTTransformer2DModel:
-        """The denoiser under the name ``pipeline.denoise`` reads (params["transformer"])."""
+        """The denoiser under the name ``denoiser.denoise`` reads (params["transformer"])."""
         return self.transformer
 
     def label_ids(self, names) -> list:
