@@ -11,7 +11,7 @@ become the unknown token ``<|endoftext|>``. Merges are built so that every word 
 world, ``EXTRA_WORDS`` and ``RARE_IDENTIFIERS`` is one token: 547 tokens by default.
 
 ``model_max_length`` defaults to 16: the longest world caption is 16 tokens with BOS/EOS
-(see ``jaxdiff.data.shapes``), and a short context keeps the tiny text encoder cheap.
+(see ``jaxdiff.data.shapes.grammar``), and a short context keeps the tiny text encoder cheap.
 """
 from __future__ import annotations
 
