@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--num-real", type=int, default=200,
                    help="held-out world images for VAE PSNR and the evaluator check")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 5.0, 7.5])
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0),
+                   metavar=("START", "END"), help="fractions of the steps where CFG acts "
+                   "(jaxdiff.generate's guidance_interval; default 0 1: every step)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--seed", type=int, default=0)
@@ -68,7 +71,8 @@ def generate_all(pipe, params, prompts, args):
         batch = batch + [batch[-1]] * (chunk - real)   # one shape -> one compile
         images = jaxdiff.generate(pipe, params, batch, sampler=args.sampler, steps=args.steps,
                                   guidance_scale=list(args.guidance), seed=args.seed,
-                                  sample_offset=start)
+                                  sample_offset=start,
+                                  guidance_interval=args.guidance_interval)
         out.append(images[:, :real])
         print(f"generated {start + real}/{n}", file=sys.stderr, flush=True)
     return np.concatenate(out, axis=1)
@@ -115,7 +119,8 @@ def main(argv=None):
     spec = world(args.world, image_size=pipe.image_size)
     result = {"model": args.model or "embedded", "world": args.world,
               "image_size": spec.image_size, "sampler": args.sampler, "steps": args.steps,
-              "seed": args.seed, "guidance": list(args.guidance)}
+              "seed": args.seed, "guidance": list(args.guidance),
+              "guidance_interval": list(args.guidance_interval)}
 
     cases = gen.prompt_set(spec, args.num_one, args.num_two)
     groups = gen.split_by_objects(cases)

@@ -1,8 +1,9 @@
 """Text-to-image sampling as one jitted SPMD program: encode text -> scan -> decode.
 
 Shapes (batch, resolution, steps, number of guidance scales, which control models) select
-the compiled program; guidance scale, guidance rescale, eta, prompts, seeds, condition
-images, control scales and control step windows are traced inputs and never recompile.
+the compiled program; guidance scale, guidance rescale, the guidance interval, eta, prompts,
+seeds, condition images, control scales and control step windows are traced inputs and never
+recompile.
 Spatial control (``Control``: diffusers ControlNets and T2I-Adapters, several at once) runs
 inside the same scan, as diffusers' ``StableDiffusionControlNetPipeline`` /
 ``StableDiffusionAdapterPipeline`` do. SDXL's base -> refiner hand-off
@@ -139,7 +140,7 @@ def controlled_unet(pipe: Pipeline, params, specs, arrays, adapter_feats, i, n):
 
 
 def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, keys,
-                 control=None, span=None):
+                 control=None, span=None, interval=None):
     """Runs the sampler's ``lax.scan`` from initial latents ``x`` (already sigma-scaled).
 
     Args:
@@ -149,6 +150,8 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
       control: None, or (specs, arrays, adapter features) as ``controlled_unet`` takes.
       span: None (every step), or static (first, stop) step indices: only evaluations
         ``first .. stop - 1`` run (``x`` is then the state at step ``first``).
+      interval: None, or traced (start, end) fractions of the steps where guidance acts
+        (``control_keep``'s rule); outside it the scale is 1 (the conditional output).
     Returns:
       final latents [B, h, w, C].
     """
@@ -157,8 +160,10 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
 
     def body(state, i):
         denoise = unet if control is None else controlled_unet(pipe, params, *control, i, n)
-        out = cfg(denoise, scale, rescale)(sampler.model_input(state, i), sampler.timesteps[i],
-                                           contexts)
+        s = scale if interval is None else jnp.where(control_keep(i, n, *interval) > 0,
+                                                     scale, 1.0)
+        out = cfg(denoise, s, rescale)(sampler.model_input(state, i), sampler.timesteps[i],
+                                       contexts)
         noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
                                                      x.shape[1:]))(keys)
         return sampler.step(state, i, out, noise), None
@@ -169,13 +174,15 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
 
 
 def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False, span=None):
-    """The whole job as one pure function of (params, ids, neg_ids, noise, keys, scalars,
-    control arrays, SDXL time ids [2, K] or None for the defaults). ``zero_uncond``: SDXL's zero negative embeddings. ``span``: None, or
+    """The whole job as one pure function of (params, ids, neg_ids, noise, keys, scalars
+    (scale, rescale, eta, the guidance interval [2]), control arrays, SDXL time ids [2, K]
+    or None for the defaults). ``zero_uncond``: SDXL's zero negative embeddings. ``span``: None, or
     (first, stop, handed): the step range (``step_span``); ``handed``: ``noise`` are the
     latents at step ``first`` (not scaled by the init sigma). A range that stops before
     the last step returns its latents in place of images (no VAE decode)."""
 
-    def run(params, ids, neg_ids, noise, keys, scale, rescale, eta, arrays=(), time_ids=None):
+    def run(params, ids, neg_ids, noise, keys, scale, rescale, eta, interval, arrays=(),
+            time_ids=None):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         size = (noise.shape[1] * pipe.vae_scale_factor, noise.shape[2] * pipe.vae_scale_factor)
         cond, uncond = pipe.encode_prompts(params, ids, neg_ids, *size, zero_uncond, time_ids)
@@ -183,7 +190,8 @@ def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False, span
         handed = span is not None and span[2]
         x = noise if handed else noise * sampler.init_noise_sigma
         loop = lambda s: denoise_loop(pipe, sampler, params, x, (cond, uncond), s, rescale,
-                                      keys, control, span and span[:2])
+                                      keys, control, span and span[:2],
+                                      (interval[0], interval[1]))
         latents = jax.vmap(loop)(scale) if sweep else loop(scale)
         if span is not None and span[1] < sampler.num_evals:
             return latents, latents
@@ -202,14 +210,14 @@ def _compiled(pipe, sampler_name, steps, sweep, mesh, specs=(), zero_uncond=Fals
         jax.sharding.PartitionSpec(parallel.DATA))
     arrays = tuple(dict(params=rep, image=data, scale=data, start=rep, end=rep) for _ in specs)
     return jax.jit(_program(pipe, sampler_name, steps, sweep, specs, zero_uncond, span),
-                   in_shardings=(rep, data, data, data, data, rep, rep, rep, arrays, rep),
+                   in_shardings=(rep, data, data, data, data, rep, rep, rep, rep, arrays, rep),
                    out_shardings=(out_batch, out_batch))
 
 
 def generation_program(pipe: Pipeline, sampler: str = "ddim", steps: int = 50,
                        sweep: bool = False, mesh=None):
     """The jitted program ``generate`` runs (the same cached object), for ahead-of-time
-    ``.lower(params, ids, neg_ids, noise, keys, scale, rescale, eta, (), None)`` from
+    ``.lower(params, ids, neg_ids, noise, keys, scale, rescale, eta, interval, (), None)`` from
     abstract shapes (``bench/roofline.py``); no control models, default SDXL time ids."""
     # The same positional arguments as ``generate`` (lru_cache keys on their form).
     return _compiled(pipe, sampler, int(steps), sweep, mesh or parallel.make_mesh(), (), False,
@@ -220,7 +228,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
              negative_prompts: Optional[Union[str, Sequence[str]]] = None, sampler: str = "ddim",
              steps: int = 50, guidance_scale: Union[float, Sequence[float]] = 7.5, seed: int = 0,
              latents=None, height: Optional[int] = None, width: Optional[int] = None,
-             eta: float = 0.0, guidance_rescale: float = 0.0, mesh=None,
+             eta: float = 0.0, guidance_rescale: float = 0.0,
+             guidance_interval: Sequence[float] = (0.0, 1.0), mesh=None,
              output: str = "uint8", sample_offset: int = 0,
              control: Union[None, Control, Sequence[Control]] = None,
              denoising_start: Optional[float] = None, denoising_end: Optional[float] = None,
@@ -233,6 +242,11 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
         zero negative embeddings, as diffusers), one string, or one per prompt.
       sampler: a name from ``jaxdiff.samplers.SAMPLERS``.
       guidance_scale: a float, or a sequence of floats evaluated as one vmapped sweep.
+      guidance_interval: (start, end) fractions of the steps where classifier-free guidance
+        acts (Kynkaenniemi et al. 2024, "Applying Guidance in a Limited Interval"); step i
+        is guided unless i/N < start or (i+1)/N > end (the rule of ``Control.start/end``),
+        the other steps use the conditional output alone (scale 1). Traced. Default (0, 1):
+        every step, as diffusers.
       seed: per-sample noise is ``fold_in(key(seed), sample_offset + index)``, so a
         large job split into chunks (``sample_offset``) gives the same images.
       latents: optional initial noise [B, h, w, C] (NHWC, not yet multiplied by the
@@ -265,6 +279,7 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     height = pipe.image_size if height is None else height
     width = pipe.image_size if width is None else width
     check_request(pipe, b, steps, height, width, sampler)
+    interval = check_interval(guidance_interval)
     time_ids = pipe.time_id_pair(height, width, denoising_start is not None,
                                  **micro_conditioning)
     mesh = mesh or parallel.make_mesh()
@@ -292,7 +307,7 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     run = _compiled(pipe, sampler, int(steps), sweep, mesh, specs,
                     pipe.zeroes_negative(negative_prompts), span)
     images, final = run(params, ids, neg_ids, noise, keys, scale,
-                        jnp.float32(guidance_rescale), jnp.float32(eta), arrays,
+                        jnp.float32(guidance_rescale), jnp.float32(eta), interval, arrays,
                         None if time_ids is None else jnp.asarray(time_ids))
     if output == "latents":
         return np.asarray(final)[..., :b, :, :, :]
@@ -430,6 +445,15 @@ def check_request(pipe: Pipeline, b: int, steps: int, height: int, width: int,
                          "image's latents): edit images with "
                          "jaxdiff.editing.instruct_pix2pix.edit or edit/instruct.py.")
     pipe.check_size(height, width)
+
+
+def check_interval(interval, name: str = "guidance_interval") -> jax.Array:
+    """``guidance_interval`` as a float32 [2], or a one-line ValueError naming ``name``."""
+    start, end = (float(v) for v in interval)
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"{name} {start:g} {end:g}: need 0 <= start < end <= 1 "
+                         "(fractions of the steps where guidance acts).")
+    return jnp.asarray([start, end], jnp.float32)
 
 
 def _pad(x, n):

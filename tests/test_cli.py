@@ -92,6 +92,7 @@ def test_images_equal_library_generate(loaded, generated):
     (["--steps", "0"], "--steps must be >= 1"),
     (["--height", "18"], "height=18 must be a positive multiple of 4"),
     (["--width", "0"], "width=0 must be a positive multiple of 4"),
+    (["--guidance-interval", "0.5", "0.2"], "--guidance-interval 0.5 0.2: need 0 <= start"),
 ])
 def test_bad_input_is_one_error_line_and_no_files(pipe_dir, tmp_path, capsys, extra, match):
     out = tmp_path / "out"

@@ -73,10 +73,12 @@ def test_traced_values_do_not_recompile(loaded, monkeypatch):
     real = gen_lib.denoise_loop
     monkeypatch.setattr(gen_lib, "denoise_loop",
                         lambda *a, **k: traces.append(1) or real(*a, **k))
-    for scale, eta, neg, seed in [(5.0, 0.0, "green", 0), (7.5, 0.5, "blue dark", 1),
-                                  (1.0, 1.0, None, 2)]:
+    for scale, eta, neg, seed, window in [(5.0, 0.0, "green", 0, (0.0, 1.0)),
+                                          (7.5, 0.5, "blue dark", 1, (0.25, 0.9)),
+                                          (1.0, 1.0, None, 2, (0.0, 0.5))]:
         jaxdiff.generate(pipe, params, PROMPTS, neg, sampler="ddim", steps=4,
-                         guidance_scale=scale, eta=eta, seed=seed, guidance_rescale=0.3)
+                         guidance_scale=scale, eta=eta, seed=seed, guidance_rescale=0.3,
+                         guidance_interval=window)
     assert len(traces) == 1
     jaxdiff.generate(pipe, params, PROMPTS, sampler="ddim", steps=5)  # new shape: recompiles
     assert len(traces) == 2
@@ -101,6 +103,27 @@ def test_guidance_sweep_equals_separate_runs(loaded):
         np.testing.assert_allclose(sweep[i], one, rtol=1e-5, atol=1e-4)
 
 
+def test_guidance_interval(loaded):
+    """Guidance only inside the interval: no step inside it is plain conditional sampling
+    (scale 1); guidance on the first half of the steps equals a run that stops at half way
+    (``denoising_end``) handing its latents to an unguided run of the rest
+    (``denoising_start``)."""
+    pipe, params = loaded
+    kw = dict(sampler="ddim", steps=4, output="latents", seed=4)
+    none = jaxdiff.generate(pipe, params, PROMPTS, guidance_scale=6.0,
+                            guidance_interval=(0.99, 1.0), **kw)
+    np.testing.assert_allclose(none, jaxdiff.generate(pipe, params, PROMPTS,
+                                                      guidance_scale=1.0, **kw),
+                               rtol=1e-5, atol=1e-5)
+    half = jaxdiff.generate(pipe, params, PROMPTS, guidance_scale=6.0,
+                            guidance_interval=(0.0, 0.5), **kw)
+    mid = jaxdiff.generate(pipe, params, PROMPTS, guidance_scale=6.0, denoising_end=0.5, **kw)
+    rest = jaxdiff.generate(pipe, params, PROMPTS, guidance_scale=1.0, latents=mid,
+                            denoising_start=0.5, **kw)
+    np.testing.assert_allclose(half, rest, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(half, none, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_runs_end_to_end(loaded, name):
     pipe, params = loaded
@@ -121,6 +144,7 @@ def test_chunks_reproduce_one_batch(loaded):
     (dict(height=10), "height=10 must be a positive multiple of 4"),
     (dict(sampler="plms"), "unknown sampler"),
     (dict(negative_prompts=["a", "b", "c"]), "3 negative prompts for 2 prompts"),
+    (dict(guidance_interval=(0.6, 0.2)), "need 0 <= start < end <= 1"),
 ])
 def test_bad_arguments_are_clear_errors(loaded, kwargs, match):
     pipe, params = loaded

@@ -47,6 +47,10 @@ def add_parser(sub):
     p.add_argument("--sampler", default="dpmpp_2m", choices=SAMPLER_NAMES)
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5.0)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0),
+                   metavar=("START", "END"),
+                   help="fractions of the steps where CFG acts, the rest use the conditional "
+                        "output alone (default 0 1: every step)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
@@ -157,6 +161,11 @@ def run(args) -> int:
         raise FileNotFoundError(f"--model {args.model}: no such directory or file (nor an "
                                 "org/name for the Hugging Face cache, nor embedded:NAME).")
     refiner_args.check_flags(args)
+    sampling.check_interval(args.guidance_interval, "--guidance-interval")
+    if tuple(args.guidance_interval) != (0.0, 1.0) and (
+            args.box or args.refiner or args.classifier or args.clip):
+        raise ValueError("--guidance-interval applies to plain and ControlNet/adapter "
+                         "sampling; drop it with --box, --refiner, --classifier or --clip.")
     lora_scales = args.lora_scale or [1.0]
     if args.lora_scale and not args.lora:
         raise ValueError("--lora-scale needs --lora FILE.")
@@ -199,6 +208,7 @@ def run(args) -> int:
                 out = sampling.generate(pipe, params, chunk, args.negative_prompt, args.sampler,
                                        args.steps, args.guidance, args.seed, height=height,
                                        width=width, eta=args.eta, sample_offset=start,
+                                       guidance_interval=args.guidance_interval,
                                        control=controls, **micro.base)
             images.append(out)
             bar.update(len(chunk))
@@ -220,6 +230,8 @@ def run(args) -> int:
                         lora_scale=lora_scales[0] if one else lora_scales)
     if args.textual_inversion:
         settings.update(textual_inversion=args.textual_inversion)
+    if tuple(args.guidance_interval) != (0.0, 1.0):
+        settings.update(guidance_interval=list(args.guidance_interval))
     if guided is not None:
         settings.update(guided.settings(args))
     if controls:
