@@ -38,6 +38,9 @@ V2_SAMPLE_PROMPTS = ("a small red circle on the left", "a square on a white back
                      "a blue triangle above a green cross", "an object on the right")
 
 
+GROWN_STEPS = 9000
+
+
 def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -177,6 +180,22 @@ def get_config(variant: str = ""):
         # "v2_terse" at a lower peak learning rate.
         _v2_diffusion(c, "runs/shapes_v2_deep/export", seed=5, world="v2_terse",
                       steps=3000, lr=1.5e-4)
+    elif variant == "v2_vae":
+        # Model v2 (compact chain), first command: only the embedded model's VAE decoder
+        # fine-tuned on world v2 (shades, anti-aliased edges); encoder, latent space, text
+        # encoder and U-Net kept.
+        c.init_from = "embedded"
+        c.stages = "decoder"
+        c.data.world = "v2"
+    elif variant == "v2_grown":
+        # Model v2 (compact chain), second command: `v2_vae`'s U-Net (the embedded one) grown
+        # one layer deeper per block (jaxdiff.training.grow: same function at the start,
+        # 1.08 M -> 1.58 M params), then text encoder + U-Net trained on 40 000 scenes of
+        # world "v2_terse" (colour word dropped for half of the objects, shape for a fifth).
+        _v2_diffusion(c, "runs/shapes_v2_vae/export", seed=10, world="v2_terse",
+                      steps=GROWN_STEPS, lr=3e-4)
+        c.data.num_train = 40_000
+        c.model.deepen = True
     elif variant == "tiny":
         c.data.num_train, c.data.num_test = 64, 16
         c.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -193,7 +212,7 @@ def get_config(variant: str = ""):
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of configs/shapes.py "
                          "(use '', 'finetune', 'dit', 'v2', 'v2_stage2', 'v2_decoder', "
-                         "'v2_stage3', 'v2_zsnr', 'v2_deep', 'v2_deep2' or 'tiny').")
+                         "'v2_stage3', 'v2_zsnr', 'v2_deep', 'v2_deep2', 'v2_vae', 'v2_grown' or 'tiny').")
     return c
 
 
