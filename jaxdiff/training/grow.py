@@ -23,12 +23,13 @@ U-Net (``layers_per_block`` + 1 in its config).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.unet import UNet2DConditionModel
-from jaxdiff.pipeline import init_params
+from jaxdiff.pipeline import dummy_inputs
 
 
 def deepen_unet(pipe, params, seed: int = 0):
@@ -50,31 +51,47 @@ def deepen_unet(pipe, params, seed: int = 0):
     new_cfg = dataclasses.replace(
         cfg, layers_per_block=deeper[0] if len(set(deeper)) == 1 else deeper)
     new_pipe = dataclasses.replace(pipe, unet=unet.clone(config=new_cfg))
-    fresh = init_params(dataclasses.replace(new_pipe, text_encoder=None, vae=None,
-                                            text_encoder_2=None), seed)["unet"]
+    stages = [s for s in unet.plan() if s["name"] != "mid_block"]
+    new_at = tuple((s["name"], _new_index(s)) for s in stages)
+    # init_params' key for the U-Net (the second of its modules), so the new layers are
+    # drawn as ``init_params(new_pipe, seed)["unet"]`` draws them.
+    key = jax.random.fold_in(jax.random.key(seed), 1)
+    fresh = _new_layers_init(new_pipe.unet, new_at)(key, *dummy_inputs(new_pipe.unet, "unet"))
     old = params["unet"]
-    net = dict(fresh)
-    for key in old:                                   # conv_in, time embedding, mid, ...
-        if not key.startswith(("down_blocks_", "up_blocks_")):
-            net[key] = old[key]
-    for stage in unet.plan():
-        name = stage["name"]
-        if name == "mid_block":
-            continue
-        net[name] = _grown_block(old[name], fresh[name], stage)
+    net = dict(old)                                   # conv_in, time embedding, mid, ...
+    for stage in stages:
+        net[stage["name"]] = _grown_block(old[stage["name"]], fresh[stage["name"]], stage)
     return new_pipe, dict(params, unet=net)
 
 
+def _new_index(stage: dict) -> int:
+    """Index of the inserted layer in a grown down / up block (module doc)."""
+    return 1 if stage["name"].startswith("up_blocks_") else stage["num_resnets"]
+
+
+@functools.lru_cache(maxsize=4)
+def _new_layers_init(unet, new_at: tuple):
+    """jitted ``(key, *dummy inputs) -> {block: {"resnets_i", "attentions_i": params}}``:
+    the inserted layers' params (``new_at``: (block name, index) pairs) of ``unet.init``,
+    only those, so XLA drops the random draws of every other parameter (same values;
+    compile 31 -> 8 CPU-s on the embedded U-Net)."""
+    def init(key, *args):
+        p = unet.init(key, *args)["params"]
+        return {b: {k: v for k, v in p[b].items() if k in (f"resnets_{i}", f"attentions_{i}")}
+                for b, i in new_at}
+    return jax.jit(init)
+
+
 def _grown_block(old: dict, fresh: dict, stage: dict) -> dict:
-    """One down or up block's params with the identity layer inserted (see module doc)."""
+    """One down or up block's params with the identity layer inserted (see module doc);
+    ``fresh``: the inserted layer's freshly initialised params."""
     n = stage["num_resnets"]                          # the old block's resnet count
-    up = stage["name"].startswith("up_blocks_")
-    new_at = 1 if up else n                           # index of the inserted layer
+    new_at = _new_index(stage)
     out = {k: v for k, v in old.items() if not k.startswith(("resnets_", "attentions_"))}
     for i in range(n + 1):
         src = None if i == new_at else (i if i < new_at else i - 1)
         for kind in ("resnets", "attentions"):
-            if f"{kind}_0" not in fresh:
+            if f"{kind}_{new_at}" not in fresh:
                 continue
             if src is not None:
                 out[f"{kind}_{i}"] = old[f"{kind}_{src}"]
