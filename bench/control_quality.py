@@ -71,7 +71,8 @@ def control_images(pipe, params, cases, models, args):
     ``models``: one generate program for all (per-row control scales), the same start noise
     for a scene in every row group."""
     import jaxdiff
-    from jaxdiff.sampling import Control, initial_noise, sample_keys
+    from jaxdiff.control import Control
+    from jaxdiff.sampling import initial_noise, sample_keys
 
     names = ["baseline"] + [m[0] for m in models]
     out = {name: [] for name in names}

@@ -62,7 +62,7 @@ def bench_size(size, steps, batch, guidance, repeats, dtype_name, torch_threads=
     from PIL import Image
 
     import jaxdiff
-    from jaxdiff.sampling import Control
+    from jaxdiff.control import Control
     from jaxdiff.weights.control import load_controlnet
     from torchref import models as ref
 

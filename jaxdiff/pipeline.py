@@ -17,9 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# denoise: jaxdiff/sampling.py still imports it from here; once it imports it from
-# jaxdiff.denoiser, drop it from this line.
-from jaxdiff.denoiser import caption_attention_mask, denoise, is_transformer_backbone  # noqa: F401
+from jaxdiff.denoiser import caption_attention_mask, is_transformer_backbone
 from jaxdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from jaxdiff.models.dit import DiTConfig, dit_dummy_inputs
 from jaxdiff.models.gligen import ATTENTION_TYPES, dummy_gligen

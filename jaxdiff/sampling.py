@@ -4,8 +4,8 @@ Shapes (batch, resolution, steps, number of guidance scales, which control model
 the compiled program; guidance scale, guidance rescale, the guidance interval, eta, prompts,
 seeds, condition images, control scales and control step windows are traced inputs and never
 recompile.
-Spatial control (``Control``: diffusers ControlNets and T2I-Adapters, several at once) runs
-inside the same scan, as diffusers' ``StableDiffusionControlNetPipeline`` /
+Spatial control (``control.Control``: diffusers ControlNets and T2I-Adapters, several at
+once) runs inside the same scan, as diffusers' ``StableDiffusionControlNetPipeline`` /
 ``StableDiffusionAdapterPipeline`` do. SDXL's base -> refiner hand-off
 (``denoising_end`` / ``denoising_start``) runs a static range of the steps in one program.
 The batch is sharded over the mesh's ``data`` axis; each sample's noise comes from
@@ -13,9 +13,8 @@ The batch is sharded over the mesh's ``data`` axis; each sample's noise comes fr
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +22,10 @@ import numpy as np
 
 from jaxdiff import parallel
 from jaxdiff.guidance import cfg
-from jaxdiff.models.controlnet import ControlNetModel
-from jaxdiff.models.t2i_adapter import T2IAdapter
-from jaxdiff.pipeline import Pipeline, denoise, to_uint8
+from jaxdiff.control import Control, adapter_features, control_inputs, control_keep, \
+    controlled_unet
+from jaxdiff.denoiser import denoise
+from jaxdiff.pipeline import Pipeline, to_uint8
 from jaxdiff.samplers import SAMPLERS, make_sampler
 
 
@@ -38,105 +38,6 @@ def sample_keys(seed, n: int, offset: int = 0) -> jax.Array:
 def initial_noise(keys, shape) -> jax.Array:
     """Standard normal initial latents [n, *shape], one key per sample."""
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Control:
-    """One ControlNet or T2I-Adapter applied while sampling (``generate(control=...)``).
-
-    Attributes:
-      model: a ``models.controlnet.ControlNetModel`` or ``models.t2i_adapter.T2IAdapter``
-        (its config must fit the pipeline's UNet and VAE: checked before any compile).
-      params: its parameter pytree (e.g. from ``jaxdiff.weights.control.load_controlnet``).
-      image: condition image(s) at the generated size: uint8 [H, W, C] (one for every
-        image) or [B, H, W, C] (one per image), or floats in [0, 1].
-      scale: ``conditioning_scale`` / ``adapter_conditioning_scale``: a float or one per
-        image [B] (traced: a sweep over scales is a batch, never a recompile).
-      start, end: fraction of the steps where control acts (diffusers'
-        ``control_guidance_start/end``: step i is kept unless i/N < start or (i+1)/N > end);
-        traced.
-      guess_mode: ControlNet guess mode (static): the ControlNet sees only the conditional
-        half of the guided batch, its residuals weighted 0.1 .. 1 from shallow to deep.
-    """
-    model: Any
-    params: Any
-    image: Any
-    scale: Any = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    guess_mode: bool = False
-
-
-def control_keep(i, n, start, end):
-    """1.0 where step ``i`` of ``n`` lies in [start, end] (diffusers' controlnet_keep)."""
-    i = jnp.asarray(i, jnp.float32)
-    return 1.0 - jnp.logical_or(i / n < start, (i + 1) / n > end).astype(jnp.float32)
-
-
-def _tile(a, r: int):
-    """``r`` copies of ``a`` stacked along the batch axis (``[a; a; ...]``)."""
-    return a if r == 1 else jnp.concatenate([a] * r)
-
-
-def adapter_features(specs, arrays) -> tuple:
-    """Per control: its T2I-Adapter's features at scale 1 for the images (None for a
-    ControlNet), computed once per program (they do not depend on the step)."""
-    return tuple(model.apply({"params": arr["params"]}, arr["image"])
-                 if isinstance(model, T2IAdapter) else None
-                 for (model, _), arr in zip(specs, arrays))
-
-
-def control_residuals(specs, arrays, adapter_feats, x, t, context, i, n) -> dict:
-    """The UNet's control keyword arguments (``down_block_additional_residuals``,
-    ``mid_block_additional_residual``, ``down_intrablock_additional_residuals``) for a
-    batch ``x`` made of ``r`` groups of the B images' rows.
-
-    ``specs``: static (model, guess_mode) per control; ``arrays``: its traced (params,
-    image [B], scale [B], start, end); ``adapter_feats``: ``adapter_features``. Each group
-    of B rows gets the same condition images and scales: r = 2 for the ``[uncond; cond]``
-    batch of ``guidance.cfg``, 1 for an unguided call, 4 for Prompt-to-Prompt's four
-    branches. ``i``, ``n``: step index and step count of ``control_keep`` (scalars, or [B]
-    per image). Guess mode: the ControlNet sees only the second half of the batch (the
-    conditional rows), zero residuals for the first half. Residuals of several models add
-    up.
-    """
-    down = mid = intra = None
-    for (model, guess), arr, feats in zip(specs, arrays, adapter_feats):
-        w = arr["scale"] * control_keep(i, n, arr["start"], arr["end"])
-        r = x.shape[0] // w.shape[0]
-        if isinstance(model, T2IAdapter):
-            wr = _tile(w, r).reshape((-1, 1, 1, 1))
-            f = [_tile(v, r) * wr for v in feats]
-            intra = f if intra is None else [a + c for a, c in zip(intra, f)]
-            continue
-        img = arr["image"]
-        if guess:
-            h = x.shape[0] // 2
-            d, m = model.apply({"params": arr["params"]}, x[h:], t, context[h:],
-                               _tile(img, r // 2), _tile(w, r // 2), guess_mode=True)
-            d = [jnp.concatenate([jnp.zeros_like(v), v]) for v in d]
-            m = jnp.concatenate([jnp.zeros_like(m), m])
-        else:
-            d, m = model.apply({"params": arr["params"]}, x, t, context, _tile(img, r),
-                               _tile(w, r))
-        down = d if down is None else [a + c for a, c in zip(down, d)]
-        mid = m if mid is None else mid + m
-    return dict(down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                down_intrablock_additional_residuals=intra)
-
-
-def controlled_unet(pipe: Pipeline, params, specs, arrays, adapter_feats, i, n):
-    """The guided-batch denoiser ``(x [2B], t, context [2B]) -> output`` with control.
-
-    The batch is ``[uncond; cond]`` as ``guidance.cfg`` builds it: ControlNets see both
-    halves (the condition images repeated), in guess mode only the conditional half;
-    adapter features are added to both halves (``control_residuals``; ``i``, ``n``: the
-    step index and count, scalars or [B]).
-    """
-    def unet(x, t, context):
-        return denoise(pipe, params["unet"], x, t, context, **control_residuals(
-            specs, arrays, adapter_feats, x, t, context, i, n))
-    return unet
 
 
 def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, keys,
@@ -301,8 +202,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
         if noise.shape != (b,) + shape:
             raise ValueError(f"latents has shape {noise.shape}; expected {(b,) + shape} "
                              "(NHWC) for this batch and resolution.")
-        noise = _pad(noise, n)
-    ids, neg_ids = _pad(pipe.tokenize(prompts), n), _pad(pipe.tokenize(negative), n)
+        noise = parallel.pad_rows(noise, n)
+    ids, neg_ids = parallel.pad_rows(pipe.tokenize(prompts), n), parallel.pad_rows(pipe.tokenize(negative), n)
     scale = jnp.asarray(guidance_scale, jnp.float32)
     run = _compiled(pipe, sampler, int(steps), sweep, mesh, specs,
                     pipe.zeroes_negative(negative_prompts), span)
@@ -371,51 +272,6 @@ def check_handoff(sampler: str, span, sweep: bool, output: str, latents, end) ->
                          "pass output='latents'.")
 
 
-def control_inputs(pipe: Pipeline, control, b: int, n: int, height: int, width: int):
-    """(static specs, traced arrays) for ``control``, checked before any compile: each
-    model must fit the UNet (one-line ValueError naming both values), each image be
-    ``height`` x ``width`` with the model's channels, one or ``b`` images and scales."""
-    if control is None:
-        return (), ()
-    controls = [control] if isinstance(control, Control) else list(control)
-    specs, arrays = [], []
-    for k, c in enumerate(controls):
-        what = f"control {k} ({type(c.model).__name__})"
-        if isinstance(c.model, ControlNetModel):
-            c.model.config.check_matches(pipe.unet.config, pipe.vae_scale_factor, source=what)
-            channels = c.model.config.conditioning_channels
-        elif isinstance(c.model, T2IAdapter):
-            c.model.config.check_matches(pipe.unet.config, pipe.vae_scale_factor, source=what)
-            channels = c.model.config.in_channels
-        else:
-            raise TypeError(f"{what}: model must be a ControlNetModel or a T2IAdapter.")
-        image = np.asarray(c.image)
-        image = image[None] if image.ndim == 3 else image
-        if (image.ndim != 4 or image.shape[1:] != (height, width, channels)
-                or image.shape[0] not in (1, b)):
-            raise ValueError(f"{what}: condition image of shape {image.shape}; expected "
-                             f"[{height}, {width}, {channels}] or [1 or {b}, {height}, {width}, "
-                             f"{channels}] (resize it to the generated size).")
-        image = (image.astype(np.float32) / 255.0 if image.dtype == np.uint8
-                 else image.astype(np.float32))
-        scale = np.asarray(c.scale, np.float32)
-        if scale.ndim > 1 or scale.size not in (1, b):
-            raise ValueError(f"{what}: scale must be a float or {b} floats, got shape "
-                             f"{scale.shape}.")
-        if not 0.0 <= float(c.start) < float(c.end) <= 1.0:
-            raise ValueError(f"{what}: need 0 <= start < end <= 1, got start={c.start}, "
-                             f"end={c.end}.")
-        guess = bool(c.guess_mode) or (isinstance(c.model, ControlNetModel)
-                                        and c.model.config.global_pool_conditions)
-        specs.append((c.model, guess))
-        arrays.append((c, np.broadcast_to(image, (b,) + image.shape[1:]),
-                       np.broadcast_to(scale.reshape(-1), (b,))))
-    arrays = [dict(params=c.params, image=_pad(image, n), scale=_pad(scale, n),
-                   start=jnp.float32(c.start), end=jnp.float32(c.end))
-              for c, image, scale in arrays]
-    return tuple(specs), tuple(arrays)
-
-
 def prompt_list(prompts: Union[str, Sequence[str], None], b: int, name: str,
                 default: str = "", per: str = "prompt") -> list:
     """One prompt per sample: a string is repeated, None gives ``default``, a sequence
@@ -454,11 +310,3 @@ def check_interval(interval, name: str = "guidance_interval") -> jax.Array:
         raise ValueError(f"{name} {start:g} {end:g}: need 0 <= start < end <= 1 "
                          "(fractions of the steps where guidance acts).")
     return jnp.asarray([start, end], jnp.float32)
-
-
-def _pad(x, n):
-    x = jnp.asarray(x)
-    if x.shape[0] == n:
-        return x
-    reps = jnp.repeat(x[-1:], n - x.shape[0], axis=0)
-    return jnp.concatenate([x, reps])

@@ -22,7 +22,7 @@ from jaxdiff.editing import p2p_pipeline as pp
 from jaxdiff.editing import sdedit as sd
 from jaxdiff.eval import control_eval as ce
 from jaxdiff.models.gligen import dummy_gligen, merge_params, split_params
-from jaxdiff.sampling import Control
+from jaxdiff.control import Control
 from jaxdiff.models.t2i_adapter import T2IAdapter, T2IAdapterConfig, adapter_dummy_inputs
 from jaxdiff.weights.control import load_controlnet, save_control_model
 from jaxdiff.weights.gligen import save_gligen_unet

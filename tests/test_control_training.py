@@ -17,7 +17,7 @@ from jaxdiff import sampling as gen_lib
 from jaxdiff.data import conditions as cond_lib
 from jaxdiff.data import shapes, tfds_shapes
 from jaxdiff.models.controlnet import ControlNetModel
-from jaxdiff.sampling import Control
+from jaxdiff.control import Control
 from jaxdiff.training import control as ctl
 from jaxdiff.training.latents import encode_latents
 from jaxdiff.weights import convert

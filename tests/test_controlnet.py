@@ -13,10 +13,11 @@ import pytest
 import jaxdiff
 from torchref import models as ref
 from jaxdiff import cli
+from jaxdiff import control as control_lib
 from jaxdiff import sampling as gen_lib
 from jaxdiff.adapters import lora as lora_lib
 from jaxdiff.data.images import load_image
-from jaxdiff.sampling import Control
+from jaxdiff.control import Control
 from jaxdiff.models.controlnet import ControlNetConfig
 from jaxdiff.weights import load_component
 from jaxdiff.weights.control import load_controlnet, save_control_model
@@ -234,7 +235,7 @@ def test_control_values_are_traced_and_scale_zero_is_the_plain_path(nets):
             np.testing.assert_allclose(got, plain, atol=1e-5, rtol=0)
         else:
             assert np.abs(got - plain).max() > 0.05
-    specs = gen_lib.control_inputs(pipe, _two_controls(nets, _cond_images()), 2, 2, 16, 16)[0]
+    specs = control_lib.control_inputs(pipe, _two_controls(nets, _cond_images()), 2, 2, 16, 16)[0]
     # generate's own call (zero_uncond False: not SDXL), so the same cached program
     run = gen_lib._compiled(pipe, "ddim", 4, False, jaxdiff.parallel.make_mesh(), specs, False,
                             None)

@@ -15,7 +15,7 @@ PKG = os.path.join(ROOT, "jaxdiff")
 LAYERS = (
     ("jaxdiff.cli", 4), ("jaxdiff.app", 4), ("jaxdiff.sampling", 3), ("jaxdiff.dit_sampling", 3),
     ("jaxdiff.guided_sampling", 3), ("jaxdiff.clip_guidance", 3),
-    ("jaxdiff.gligen_sampling", 3),
+    ("jaxdiff.gligen_sampling", 3), ("jaxdiff.control", 3),
     ("jaxdiff.editing", 3),
     ("jaxdiff.training", 3), ("jaxdiff.eval", 3), ("jaxdiff.adapters", 2),
     ("jaxdiff.pipeline", 1), ("jaxdiff.denoiser", 1), ("jaxdiff.guidance", 1),

@@ -11,7 +11,7 @@ import jaxdiff
 from torchref import models as ref
 from jaxdiff import cli
 from jaxdiff.data.images import load_image
-from jaxdiff.sampling import Control
+from jaxdiff.control import Control
 from jaxdiff.models.t2i_adapter import T2IAdapterConfig, avg_pool_2x2_ceil
 from jaxdiff.weights import load_component
 from jaxdiff.weights.control import load_t2i_adapter, save_control_model

@@ -13,6 +13,7 @@ from jaxdiff.adapters import apply_adapters
 from jaxdiff.cli import gligen_args
 from jaxdiff.cli import guided_args
 from jaxdiff.cli import micro_args, refiner_args
+from jaxdiff.control import Control, control_inputs
 from jaxdiff.data.images import FITS, load_image, make_grid, save_png, write_json
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.weights import load_pipeline
@@ -139,7 +140,7 @@ def load_controls(args, pipe, height, width):
         image = load_image(images[k if len(images) > 1 else 0], (height, width), fit=args.fit)
         if _channels(model) == 1:  # grayscale adapters (sketch): ITU-R 601 luma, as PIL's "L"
             image = np.round(image @ np.array([0.299, 0.587, 0.114]))[..., None].astype(np.uint8)
-        controls.append(sampling.Control(
+        controls.append(Control(
             model, params, image, scales[k], args.control_start if is_cn else 0.0,
             args.control_end if is_cn else 1.0, args.guess_mode and is_cn))
     return controls
@@ -190,7 +191,7 @@ def run(args) -> int:
     micro = micro_args.load(args, pipe, refiner, height, width)
     guided = guided_args.load_guidance(args, pipe, height, width)
     controls = load_controls(args, pipe, height, width)
-    sampling.control_inputs(pipe, controls, 1, 1, height, width)
+    control_inputs(pipe, controls, 1, 1, height, width)
     images, t0 = [], time.perf_counter()
     with tqdm(total=len(jobs), unit="img", desc="generate") as bar:
         for start in range(0, len(jobs), args.max_batch):

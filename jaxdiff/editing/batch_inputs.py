@@ -17,7 +17,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdiff import parallel
 from jaxdiff.denoiser import unet_apply
-from jaxdiff.sampling import control_inputs, prompt_list, sample_keys
+from jaxdiff.control import control_inputs
+from jaxdiff.sampling import prompt_list, sample_keys
 
 
 def edit_mesh(mesh=None):
@@ -86,7 +87,7 @@ def unet_denoiser(pipe, params):
 
 def spatial_control(pipe, control, b: int, height: int, width: int, method: str,
                     guess_mode: bool = True):
-    """An edit program's ControlNets / T2I-Adapters (``sampling.Control``, one or a list;
+    """An edit program's ControlNets / T2I-Adapters (``control.Control``, one or a list;
     None: none), checked before any compile as ``generate`` checks them.
 
     Returns (static specs, per-image arrays: per control {"image" [B, H, W, C] floats,

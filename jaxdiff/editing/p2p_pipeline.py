@@ -9,7 +9,7 @@ traced: changing them does not recompile. Over a mesh every device inverts its o
 and runs their edits (``device_layout``) with all their branches, so the program holds no
 cross-device collective.
 
-With ``control=`` (ControlNets / T2I-Adapters, ``sampling.Control``: one condition image
+With ``control=`` (ControlNets / T2I-Adapters, ``control.Control``: one condition image
 per source image or one for all, traced scales) the control acts on every model call: the
 inversion, the null-text optimisation and both branches of the edit, so the source
 branch still retraces the (controlled) inversion.
@@ -37,7 +37,7 @@ from jaxdiff.editing import local_blend as lb
 from jaxdiff.editing import prompt_to_prompt as p2p
 from jaxdiff.pipeline import from_uint8, to_uint8
 from jaxdiff.samplers.ddim import ddim_tables
-from jaxdiff.sampling import adapter_features, control_residuals
+from jaxdiff.control import adapter_features, control_residuals
 
 INVERSIONS = ("ddim", "null_text", "negative_prompt", "direct")
 MODES = ("replace", "refine", "reweight")
@@ -90,7 +90,7 @@ class P2PResult(NamedTuple):
 
 def with_spatial_control(denoise, spatial, timesteps):
     """``denoise(x, t, context, *rest)`` with the residuals of ``spatial`` (None: ``denoise``
-    itself): (specs, arrays, adapter features) as ``sampling.control_residuals`` takes, the
+    itself): (specs, arrays, adapter features) as ``control.control_residuals`` takes, the
     rows of ``x`` being groups of the arrays' B rows. The control window's step is the
     index of ``t`` among the sampling ``timesteps`` (an inversion evaluation at a sampling
     step's timestep counts as that step)."""
@@ -259,7 +259,7 @@ def p2p_edit(pipe, params, images, sources: Sequence[str], targets: Sequence[str
         editing its own images (``device_layout``); images and edits are padded by
         repeating one (the padding is edited and dropped), so results do not depend on
         the mesh.
-      control: None, or a ``sampling.Control`` or a list of them (ControlNets and
+      control: None, or a ``control.Control`` or a list of them (ControlNets and
         T2I-Adapters, no guess mode): condition images at the images' size, one for all or
         one per image (M); scales a float or one per image (traced). Applied to the
         inversion and to both branches of every edit of that image.

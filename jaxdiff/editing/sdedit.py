@@ -7,7 +7,7 @@ traced (see ``partial_trajectory.py`` for how the number of steps varies without
 strength may differ per image of a batch. On SDXL pipelines (base or refiner) it is
 diffusers' ``StableDiffusionXLImg2ImgPipeline`` (time ids of the image size, the refiner's
 aesthetic scores, zero negative embeddings where the pipeline asks for them). With
-``control=`` (ControlNets / T2I-Adapters, ``sampling.Control``) it is diffusers'
+``control=`` (ControlNets / T2I-Adapters, ``control.Control``) it is diffusers'
 ``StableDiffusionControlNetImg2ImgPipeline``: per-image condition images and traced scales;
 the control window (``start``, ``end``) counts the steps each image runs.
 
@@ -24,7 +24,8 @@ from jaxdiff import schedules
 from jaxdiff.editing import batch_inputs, partial_trajectory
 from jaxdiff.guidance import cfg
 from jaxdiff.samplers import SampleState, make_sampler
-from jaxdiff.sampling import adapter_features, controlled_unet, initial_noise
+from jaxdiff.control import adapter_features, controlled_unet
+from jaxdiff.sampling import initial_noise
 
 SAMPLERS = ("ddim", "ddpm")  # VP samplers whose state is the latent itself
 
@@ -104,7 +105,7 @@ def sdedit(pipe, params, images, prompts, negative_prompts=None, *, strength=0.8
       mesh: the images are split over its ``data`` axis (default: all devices).
       sample_index: the images' indices in the whole job, which pick their noise
         (``batch_inputs.image_keys``; default 0..B-1).
-      control: None, or a ``sampling.Control`` or a list of them (ControlNets and
+      control: None, or a ``control.Control`` or a list of them (ControlNets and
         T2I-Adapters): condition images at the images' size, one or one per image; scales
         a float or one per image (traced). Their ``start`` / ``end`` fractions count the
         steps that run (``int(steps * strength)``), as diffusers' ControlNet img2img.

@@ -3,7 +3,7 @@
 Only the new module is trained; the base pipeline's params (text encoder, UNet, VAE) are
 constants of the loss and come back untouched. The loss is the standard denoising loss
 (``losses.denoising_loss``) of the base UNet with the module's residuals added, exactly as
-sampling applies them (``sampling.controlled_unet``):
+sampling applies them (``jaxdiff.control.controlled_unet``):
 
 * ControlNet (Zhang et al. 2023): ``controlnet_from_unet`` builds it as diffusers'
   ``ControlNetModel.from_unet`` does: ``conv_in``, the time embedding, the down blocks
