@@ -49,22 +49,22 @@ def _jax_steps(pipe, clf, clip):
     from jaxdiff import guidance, schedules
     from jaxdiff.clip_guidance import clip_guided, similarity_x0
     from jaxdiff.guided_sampling import label_log_prob
-    from jaxdiff.denoiser import unet_apply
+    from jaxdiff.denoiser import denoise
 
     ac = schedules.alphas_cumprod(pipe.scheduler)
     pt = pipe.scheduler.prediction_type
 
     def cfg_step(params, x, t, cond, uncond, scale):
-        unet = lambda x, t, c: unet_apply(pipe, params["unet"], x, t, c)
+        unet = lambda x, t, c: denoise(pipe, params["unet"], x, t, c)
         return guidance.cfg(unet, scale)(x, t, (cond, uncond))
 
     def classifier_step(params, clf_params, x, t, uncond, labels, scale):
-        unet = lambda x, t, c: unet_apply(pipe, params["unet"], x, t, c)
+        unet = lambda x, t, c: denoise(pipe, params["unet"], x, t, c)
         grad = guidance.classifier_grad(label_log_prob(clf, clf_params, labels))
         return guidance.classifier(unet, grad, scale, ac, pt)(x, t, uncond)
 
     def clip_step(params, clip_params, x, t, uncond, target, scale):
-        unet = lambda x, t, c: unet_apply(pipe, params["unet"], x, t, c)
+        unet = lambda x, t, c: denoise(pipe, params["unet"], x, t, c)
         log_p = similarity_x0(clip, clip_params, target, lambda x, t: unet(x, t, uncond),
                               lambda z: pipe.decode_latents(params, z), ac, pt)
         return clip_guided(unet, log_p, scale, ac, pt)(x, t, uncond)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel, schedules
-from jaxdiff.denoiser import unet_apply
+from jaxdiff import denoiser
 from jaxdiff.guidance import cfg, classifier, classifier_grad
 from jaxdiff.pipeline import Pipeline, to_uint8
 from jaxdiff.samplers import make_sampler
@@ -65,7 +65,7 @@ def _program(pipe: Pipeline, model, sampler_name: str, steps: int, sweep: bool,
 
     def run(params, clf_params, ids, neg_ids, noise, keys, labels, clf_scale, cfg_scale, eta):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
-        unet = lambda x, t, c: unet_apply(pipe, params["unet"], x, t, c)
+        unet = lambda x, t, c: denoiser.denoise(pipe, params["unet"], x, t, c)
         cond = pipe.encode_text(params, ids)
         if use_cfg:
             denoise, contexts = cfg(unet, cfg_scale), (cond, pipe.encode_text(params, neg_ids))

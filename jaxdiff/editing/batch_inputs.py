@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff import parallel
-from jaxdiff.denoiser import unet_apply
+from jaxdiff.denoiser import denoise
 from jaxdiff.control import control_inputs
 from jaxdiff.sampling import prompt_list, sample_keys
 
@@ -81,8 +81,8 @@ def image_keys(seed, b: int, sample_index=None) -> jax.Array:
 
 def unet_denoiser(pipe, params):
     """``(x, t, cond) -> model output`` with the UNet params closed over (``cond``: a
-    context array, or SDXL's pytree as ``denoiser.unet_apply`` takes)."""
-    return lambda x, t, c: unet_apply(pipe, params["unet"], x, t, c)
+    context array, or SDXL's pytree as ``denoiser.denoise`` takes)."""
+    return lambda x, t, c: denoise(pipe, params["unet"], x, t, c)
 
 
 def spatial_control(pipe, control, b: int, height: int, width: int, method: str,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.editing import alignment
-from jaxdiff.denoiser import unet_apply
+from jaxdiff import denoiser
 
 
 @flax.struct.dataclass
@@ -103,7 +103,7 @@ def make_local_blend(pipe, sources: Sequence[str], targets: Sequence[str], num_s
 
 def capturing_denoiser(pipe, unet_params, res: int) -> Callable:
     """``(x, t, context, control, **unet_kwargs) -> (model output, maps [B, res, res, L])``
-    of the pipeline's UNet (``context``: as ``denoiser.unet_apply`` takes it, SDXL's pytree
+    of the pipeline's UNet (``context``: as ``denoiser.denoise`` takes it, SDXL's pytree
     too; ``unet_kwargs``: e.g. ControlNet residuals, passed on to it).
 
     ``maps`` are the cross-attention probabilities averaged over heads and over every
@@ -116,9 +116,9 @@ def capturing_denoiser(pipe, unet_params, res: int) -> Callable:
                 and getattr(mdl.parent, "name", None) == "attn2")
 
     def denoise(x, t, context, control=None, **unet_kwargs):
-        out, state = unet_apply(pipe, unet_params, x, t, context, control=control,
-                                capture_intermediates=want, mutable=["intermediates"],
-                                **unet_kwargs)
+        out, state = denoiser.denoise(pipe, unet_params, x, t, context, control=control,
+                                      capture_intermediates=want, mutable=["intermediates"],
+                                      **unet_kwargs)
         maps = []
         for stage, blocks in state["intermediates"].items():
             if stage == "mid_block":

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff import parallel
-from jaxdiff.denoiser import unet_apply
+from jaxdiff import denoiser
 from jaxdiff.editing import batch_inputs
 from jaxdiff.editing import inversion as inv
 from jaxdiff.editing import local_blend as lb
@@ -134,8 +134,8 @@ def edit_latents(pipe, params, z0, src_ids, tgt_ids, empty_ids, pair_image, cont
     """
     pt = pipe.scheduler.prediction_type
     tab = ddim_tables(pipe.scheduler, steps)
-    unet = lambda x, t, c, ctrl=None, **kw: unet_apply(pipe, params["unet"], x, t, c,
-                                                       control=ctrl, **kw)
+    unet = lambda x, t, c, ctrl=None, **kw: denoiser.denoise(pipe, params["unet"], x, t, c,
+                                                             control=ctrl, **kw)
     den = with_spatial_control(lambda x, t, c, **kw: unet(x, t, c, **kw), spatial,
                                tab.timesteps)
     size = (z0.shape[1] * pipe.vae_scale_factor, z0.shape[2] * pipe.vae_scale_factor)

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import schedules
-from jaxdiff.denoiser import unet_apply
+from jaxdiff.denoiser import denoise
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.training.latents import encode_uint8
 from jaxdiff.training.losses import diffusion_target
@@ -149,7 +149,7 @@ def denoising_errors(pipe: Pipeline, unet_params, latents, contexts, timesteps, 
         t_in = jnp.broadcast_to(t, (b, k, chunk)).reshape(-1)
         ctx = jax.tree.map(lambda c: jnp.broadcast_to(c[:, :, None], (b, k, chunk) + c.shape[2:])
                            .reshape((-1,) + c.shape[2:]), contexts)
-        out = unet_apply(pipe, unet_params, x_in, t_in, ctx)
+        out = denoise(pipe, unet_params, x_in, t_in, ctx)
         out = out.astype(jnp.float32).reshape((b, k, chunk) + shape)
         err = jnp.mean(loss_fn(out - target[:, None]), axis=(3, 4, 5))
         valid = c * chunk + jnp.arange(chunk) < count

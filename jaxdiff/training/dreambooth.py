@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxdiff import parallel, schedules
 from jaxdiff.adapters import lora as lora_lib
-from jaxdiff.denoiser import unet_apply
+from jaxdiff.denoiser import denoise
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.training import losses
 from jaxdiff.training import state as state_lib
@@ -116,7 +116,7 @@ def make_dreambooth_loss(pipe: Pipeline, merge: Callable, *, train_text_encoder:
         context = pipe.encode_text(p, text) if train_text_encoder else text
         f = pipe.vae_scale_factor
         context = pipe.add_time_ids(context, x0.shape[1] * f, x0.shape[2] * f)
-        unet = lambda x, t, c: unet_apply(pipe, p["unet"], x, t, c)
+        unet = lambda x, t, c: denoise(pipe, p["unet"], x, t, c)
         per = losses.denoising_loss(unet, alphas, sched.prediction_type)(x0, context, rng)
         b = batch["instance_latents"].shape[0]
         out = jnp.mean(per[:b])

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxdiff import schedules
 from jaxdiff.adapters.lora import merge_lora
-from jaxdiff.denoiser import unet_apply
+from jaxdiff.denoiser import denoise
 from jaxdiff.training import losses
 
 
@@ -37,7 +37,7 @@ def make_lora_loss(pipe, frozen_params, scale) -> Callable:
         f = pipe.vae_scale_factor
         context = pipe.add_time_ids(pipe.encode_text(p, ids), latents.shape[1] * f,
                                     latents.shape[2] * f)
-        unet = lambda x, t, c: unet_apply(pipe, p["unet"], x, t, c)
+        unet = lambda x, t, c: denoise(pipe, p["unet"], x, t, c)
         per = losses.denoising_loss(unet, alphas, sched.prediction_type)(latents, context, rng)
         return jnp.mean(per)
 

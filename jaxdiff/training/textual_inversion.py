@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxdiff import parallel, schedules
 from jaxdiff.adapters import textual_inversion as ti
-from jaxdiff.denoiser import unet_apply
+from jaxdiff.denoiser import denoise
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.training import losses
 from jaxdiff.training import state as state_lib
@@ -71,7 +71,7 @@ def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Calla
     """
     sched = pipe.scheduler
     alphas = schedules.alphas_cumprod(sched)
-    unet = lambda x, t, c: unet_apply(pipe, frozen_params["unet"], x, t, c)
+    unet = lambda x, t, c: denoise(pipe, frozen_params["unet"], x, t, c)
     denoise_loss = losses.denoising_loss(unet, alphas, sched.prediction_type)
     f = pipe.vae_scale_factor
 
