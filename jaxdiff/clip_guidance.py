@@ -18,7 +18,9 @@ Guidance"). Two ways to read x_t, both selectable:
 is traced (a vmap over scales is a sweep, 0 is the plain sampler) and the gradient is
 ``jax.grad`` inside the jitted loop. ``generate_clip_guided`` runs it as one program (text
 encoding -> guided loop -> VAE decode) with ``generate``'s initial noise, its batch
-data-parallel over a mesh as ``generate``'s (``guided_sampling.guided_program``).
+data-parallel over a mesh as ``generate``'s (``guided_sampling.guided_program``). The
+denoiser is any backbone through ``denoiser.denoise`` (U-Net, or a text DiT with its caption
+mask and micro-conditions from ``Pipeline.encode_prompts``).
 """
 from __future__ import annotations
 
@@ -105,7 +107,8 @@ def _program(pipe: Pipeline, clip: CLIP, mode: str, by_image: bool, sampler_name
             cfg_scale, eta):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         unet = lambda x, t, c: unet_apply(pipe, params["unet"], x, t, c)
-        cond = pipe.encode_text(params, ids)
+        h = pipe.image_size  # a micro-conditioned text DiT's resolution / aspect ratio
+        cond, uncond = pipe.encode_prompts(params, ids, neg_ids, h, h)
         if by_image:
             latents = pipe.encode_images(params, target_in) if mode == "xt" else None
             target = image_target(clip, clip_params, target_in, latents)
@@ -117,7 +120,7 @@ def _program(pipe: Pipeline, clip: CLIP, mode: str, by_image: bool, sampler_name
             log_p = similarity_x0(clip, clip_params, target, lambda x, t: unet(x, t, cond),
                                   lambda z: pipe.decode_latents(params, z), ac, pt)
         if use_cfg:
-            denoise, contexts = cfg(unet, cfg_scale), (cond, pipe.encode_text(params, neg_ids))
+            denoise, contexts = cfg(unet, cfg_scale), (cond, uncond)
         else:
             denoise, contexts = unet, cond
 
@@ -128,7 +131,7 @@ def _program(pipe: Pipeline, clip: CLIP, mode: str, by_image: bool, sampler_name
         latents = jax.vmap(loop)(clip_scale) if sweep else loop(clip_scale)
         flat = latents.reshape((-1,) + latents.shape[-3:])
         images = pipe.decode_latents(params, flat)
-        return images.reshape(latents.shape[:-3] + images.shape[-3:])
+        return images.reshape(latents.shape[:-3] + images.shape[-3:]), latents
 
     return run
 
@@ -137,7 +140,7 @@ def _program(pipe: Pipeline, clip: CLIP, mode: str, by_image: bool, sampler_name
 def _compiled(pipe, clip, mode, by_image, sampler_name, steps, sweep, use_cfg, mesh):
     # (params, clip_params | ids, neg_ids, target_in, noise, keys | scales, eta)
     return guided_program(_program(pipe, clip, mode, by_image, sampler_name, steps, sweep,
-                                   use_cfg), mesh, sweep, 2, 5, 3, 1)
+                                   use_cfg), mesh, sweep, 2, 5, 3, 2)
 
 
 def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
@@ -147,7 +150,8 @@ def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
                          guidance_scale: Optional[float] = None,
                          negative_prompts: Union[None, str, Sequence[str]] = None,
                          sampler: str = "ddim", steps: int = 50, seed: int = 0,
-                         eta: float = 0.0, sample_offset: int = 0, mesh=None) -> np.ndarray:
+                         eta: float = 0.0, output: str = "uint8", sample_offset: int = 0,
+                         mesh=None) -> np.ndarray:
     """Generates one image per guidance text (or reference image), CLIP-guided.
 
     Args:
@@ -163,7 +167,8 @@ def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
       mesh: a ``jax.sharding.Mesh`` with a ``data`` axis (default: all devices); the batch
         is split over it.
     Returns:
-      uint8 [B, H, W, 3] (or [S, B, H, W, 3] for a sweep of S scales).
+      uint8 [B, H, W, 3] (or [S, B, H, W, 3] for a sweep of S scales), or the final
+      latents for ``output="latents"``.
     """
     if mode not in MODES:
         raise ValueError(f"unknown CLIP guidance mode {mode!r}; use one of {MODES}.")
@@ -181,6 +186,8 @@ def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
     check_request(pipe, b, steps, h, h, sampler)
     if pipe.is_sdxl:
         raise ValueError("CLIP guidance supports SD 1.x/2.x pipelines (not SDXL) so far.")
+    if output not in ("uint8", "latents"):
+        raise ValueError(f"output={output!r}; use 'uint8' or 'latents'.")
     mesh = mesh or parallel.make_mesh()
     _, keys, noise, (ids, neg_ids, target) = padded_inputs(
         b, mesh, seed, sample_offset, pipe.latent_shape(h, h),
@@ -188,7 +195,10 @@ def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
     sweep = not np.isscalar(clip_scale) and np.ndim(clip_scale) == 1
     run = _compiled(pipe, clip, mode, images is not None, sampler, int(steps), sweep,
                     guidance_scale is not None, mesh)
-    out = run(params, clip_params, ids, neg_ids, target, noise, keys,
-              jnp.asarray(clip_scale, jnp.float32),
-              jnp.float32(1.0 if guidance_scale is None else guidance_scale), jnp.float32(eta))
-    return to_uint8(np.asarray(out)[..., :b, :, :, :])
+    images, final = run(params, clip_params, ids, neg_ids, target, noise, keys,
+                        jnp.asarray(clip_scale, jnp.float32),
+                        jnp.float32(1.0 if guidance_scale is None else guidance_scale),
+                        jnp.float32(eta))
+    if output == "latents":
+        return np.asarray(final)[..., :b, :, :, :]
+    return to_uint8(np.asarray(images)[..., :b, :, :, :])

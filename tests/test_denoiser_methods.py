@@ -1,16 +1,18 @@
 """The editing, guidance and personalisation methods run on a text DiT through
 ``denoiser.denoise`` (issue #18, point 1), on the tiny text-DiT pipeline of
-``text_dit.tiny_text_dit``: SDEdit, classifier guidance, Textual Inversion and
-InstructPix2Pix training through their public entry points; blended diffusion, ILVR,
+``text_dit.tiny_text_dit``: SDEdit, classifier guidance, CLIP guidance, Textual Inversion
+and InstructPix2Pix training through their public entry points (CLIP guidance's x0 mode,
+which differentiates through the denoiser, also by its gradient); blended diffusion, ILVR,
 RePaint and DiffEdit through their latent-space functions in one program (their public
 programs add only the VAE encode / decode and prompt encoding around them, which SDEdit
 exercises on the DiT pipeline).
 
 Truth: ``jaxdiff.generate`` from the same noise (SDEdit at strength 1 from the noised
 image, as diffusers' img2img; blended diffusion with an all-edit mask and no skipped step;
-ILVR with no refined step; classifier guidance at scale 0) -- one generate program serves
-them all; the source latents where a mask keeps everything (RePaint, DiffEdit, blended);
-the loss falling under Adam on the new token rows (Textual Inversion). Two images per call,
+ILVR with no refined step; classifier and CLIP guidance at scale 0) -- one generate program
+serves them all; the source latents where a mask keeps everything (RePaint, DiffEdit,
+blended); the loss falling under Adam on the new token rows (Textual Inversion); a central
+difference (the CLIP-guidance gradient through the DiT). Two images per call,
 with per-image traced settings, so each method compiles once. The caption mask and
 micro-conditions a text DiT gets through ``denoise`` are checked against diffusers' PyTorch
 ``PixArtTransformer2DModel`` called as ``PixArtAlphaPipeline`` calls it.
@@ -28,6 +30,7 @@ import pytest
 import jaxdiff
 from torchref import models as ref
 from jaxdiff import denoiser
+from jaxdiff import clip_guidance as cg
 from jaxdiff import schedules
 from jaxdiff.adapters import textual_inversion as ti
 from jaxdiff.editing import batch_inputs
@@ -38,7 +41,7 @@ from jaxdiff.editing import ilvr as il
 from jaxdiff.editing import instruct_pix2pix as ip_edit
 from jaxdiff.editing import repaint as rp
 from jaxdiff.editing.sdedit import sdedit
-from jaxdiff.guidance import cfg
+from jaxdiff.guidance import cfg, classifier_grad
 from jaxdiff.guided_sampling import generate_guided
 from jaxdiff.models.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
 from jaxdiff.samplers import make_sampler
@@ -46,6 +49,7 @@ from jaxdiff.samplers.base import clip_fn
 from jaxdiff.samplers.ddim import ddim_tables
 from jaxdiff.sampling import initial_noise, sample_keys
 from jaxdiff.training import instruct_pix2pix as ip2p
+from jaxdiff.training.clip import build_clip, init_params as init_clip
 from jaxdiff.training.textual_inversion import make_ti_loss
 from text_dit import tiny_text_dit
 
@@ -160,6 +164,68 @@ def test_classifier_guidance(dit):
     np.testing.assert_allclose(out[0], truth(noise), atol=TOL, rtol=0)
     assert np.abs(out[1] - out[0]).max() > 1e-2
 
+
+def _random_clip(pipe, noisy: bool):
+    """A tiny CLIP (8x8 inputs: the DiT's 4-channel latents with the timestep if ``noisy``,
+    else 3-channel images) with random weights from its shapes (no init compile)."""
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2)
+    vision = dict(small, image_size=8, patch_size=2, num_channels=4 if noisy else 3)
+    clip = build_clip(pipe.tokenizer, small, vision, 16, noisy=noisy,
+                      noise_schedule=pipe.scheduler.to_dict())
+    rng = np.random.default_rng(2)
+    return clip, jax.tree.map(lambda a: 0.2 * rng.standard_normal(a.shape).astype(a.dtype),
+                              jax.eval_shape(lambda: init_clip(clip)))
+
+
+def test_clip_guidance(dit):
+    """``generate_clip_guided`` on the text DiT (mode "xt": a noise-aware CLIP reads x_t;
+    CFG over the caption-masked conditions): scale 0 of a [0, s] sweep = generation, scale s
+    moves the samples."""
+    pipe, params, _, _, noise, truth = dit
+    clip, clip_params = _random_clip(pipe, noisy=True)
+    out = cg.generate_clip_guided(pipe, params, clip, clip_params, mode="xt",
+                                  texts=["a green star", "a red circle"], prompts=PROMPTS,
+                                  clip_scale=[0.0, 100.0], guidance_scale=SCALE,
+                                  steps=STEPS, output="latents")
+    np.testing.assert_allclose(out[0], truth(noise), atol=TOL, rtol=0)
+    assert np.abs(out[1] - out[0]).max() > 1e-2
+
+
+def test_clip_guidance_gradient_through_the_dit(dit):
+    """Mode "x0" differentiates the CLIP similarity of the decoded x0 that the text DiT
+    predicts from x_t (caption-masked conditions), built as ``generate_clip_guided`` builds
+    it: the central difference along the gradient gives its norm, and the DiT's Jacobian is
+    a large part of that gradient (with the DiT's output held fixed it differs by far more
+    than the tolerance). The DiT's output layer is at full scale here (``tiny_text_dit``
+    scales it by 0.1); a stub decoder stands in for the VAE (the U-Net path's)."""
+    pipe, params, _, _, noise, _ = dit
+    clip, clip_params = _random_clip(pipe, noisy=False)
+    ac, pt = schedules.alphas_cumprod(pipe.scheduler), pipe.scheduler.prediction_type
+    target = cg.text_target(clip, clip_params,
+                            jnp.asarray(clip.tokenize(["a green star", "a red circle"])))
+    ids = jnp.asarray(pipe.tokenize(PROMPTS))
+    decode = lambda z: jnp.tanh(z[..., :3])  # 8x8x4 latents -> the CLIP's 8x8 images
+
+    @jax.jit
+    def check(p, x, t):
+        cond = pipe.condition(p, ids, pipe.image_size, pipe.image_size)
+        den = lambda x_, t_: batch_inputs.unet_denoiser(pipe, p)(x_, t_, cond)
+        log_p = cg.similarity_x0(clip, clip_params, target, den, decode, ac, pt)
+        fixed = cg.similarity_x0(clip, clip_params, target,
+                                 lambda x_, t_: jax.lax.stop_gradient(den(x_, t_)), decode,
+                                 ac, pt)
+        g, g_fixed = classifier_grad(log_p)(x, t), classifier_grad(fixed)(x, t)
+        norm = jnp.sqrt(jnp.sum(g ** 2, axis=(1, 2, 3)))
+        v, h = g / norm[:, None, None, None], 1e-2
+        fd = (log_p(x + h * v, t) - log_p(x - h * v, t)) / (2 * h)
+        return norm, fd, jnp.sqrt(jnp.sum((g - g_fixed) ** 2, axis=(1, 2, 3)))
+
+    full = dict(params, unet=dict(params["unet"], proj_out=jax.tree.map(
+        lambda a: 10.0 * a, params["unet"]["proj_out"])))
+    norm, fd, dit_part = map(np.asarray, check(full, noise, jnp.array([300, 700])))
+    np.testing.assert_allclose(fd, norm, rtol=2e-3)  # measured 3e-4
+    assert (dit_part > 0.2 * norm).all(), (dit_part, norm)
 
 def test_textual_inversion_loss_falls(dit):
     """The TI loss (a function of the new rows only: nothing else can move) falls at every
