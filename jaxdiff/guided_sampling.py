@@ -66,9 +66,10 @@ def _program(pipe: Pipeline, model, sampler_name: str, steps: int, sweep: bool,
     def run(params, clf_params, ids, neg_ids, noise, keys, labels, clf_scale, cfg_scale, eta):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         unet = lambda x, t, c: denoiser.denoise(pipe, params["unet"], x, t, c)
-        cond = pipe.encode_text(params, ids)
+        h = pipe.image_size  # a micro-conditioned text DiT's resolution / aspect ratio
+        cond, uncond = pipe.encode_prompts(params, ids, neg_ids, h, h)
         if use_cfg:
-            denoise, contexts = cfg(unet, cfg_scale), (cond, pipe.encode_text(params, neg_ids))
+            denoise, contexts = cfg(unet, cfg_scale), (cond, uncond)
         else:
             denoise, contexts = unet, cond
         grad = classifier_grad(label_log_prob(model, clf_params, labels))
