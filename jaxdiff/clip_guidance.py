@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import parallel, schedules
-from jaxdiff.denoiser import unet_apply
+from jaxdiff import denoiser, parallel, schedules
 from jaxdiff.guidance import cfg, classifier, classifier_grad
 from jaxdiff.guided_sampling import guided_program, padded_inputs, scan_sampler
 from jaxdiff.pipeline import Pipeline, to_uint8
@@ -106,7 +105,7 @@ def _program(pipe: Pipeline, clip: CLIP, mode: str, by_image: bool, sampler_name
     def run(params, clip_params, ids, neg_ids, target_in, noise, keys, clip_scale,
             cfg_scale, eta):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
-        unet = lambda x, t, c: unet_apply(pipe, params["unet"], x, t, c)
+        unet = lambda x, t, c: denoiser.denoise(pipe, params["unet"], x, t, c)
         h = pipe.image_size  # a micro-conditioned text DiT's resolution / aspect ratio
         cond, uncond = pipe.encode_prompts(params, ids, neg_ids, h, h)
         if by_image:
