@@ -60,10 +60,6 @@ def denoise(pipe, unet_params, x, t, cond, **kwargs):
     return pipe.unet.apply({"params": unet_params}, x, t, cond, **kwargs)
 
 
-# The older name of ``denoise`` (the same function), kept for its many callers.
-unet_apply = denoise
-
-
 def is_transformer_backbone(module) -> bool:
     """A PixArt text DiT, a class-conditional DiT (``DiTPipeline``), or a text- or
     class-conditional U-ViT (``models.uvit``: in-memory pipelines only, e.g.
