@@ -123,7 +123,8 @@ def denoising_errors(pipe: Pipeline, unet_params, latents, contexts, timesteps, 
     Args:
       latents: scaled clean latents x0 [B, h, w, C].
       contexts: text embeddings of each image's candidates [B, K, L, D] (or a pytree of
-        such leaves: a text DiT's ``{"context", "mask"}``).
+        [B, K, ...] leaves: a text DiT's ``{"context", "mask", "resolution",
+        "aspect_ratio"}``, ``encode_prompts``).
       timesteps: int32 [N] (N a multiple of ``chunk``); noise: [N, h, w, C].
       count: how many of the N samples to evaluate (traced: no recompile per count).
     Returns:
@@ -162,10 +163,13 @@ def denoising_errors(pipe: Pipeline, unet_params, latents, contexts, timesteps, 
     return errors
 
 
-@functools.partial(jax.jit, static_argnames=("pipe",))
-def encode_prompts(pipe: Pipeline, params, ids):
-    """Token ids [K, L] -> text embeddings [K, L, D] (one compiled program)."""
-    return pipe.encode_text(params, ids)
+@functools.partial(jax.jit, static_argnames=("pipe", "height", "width"))
+def encode_prompts(pipe: Pipeline, params, ids, height: Optional[int] = None,
+                   width: Optional[int] = None):
+    """Token ids [K, L] -> the denoiser's conditions of a height x width image (default the
+    model's resolution), one compiled program: text embeddings [K, L, D]; a text DiT's
+    pytree with its caption mask and micro-conditions (``Pipeline.condition``)."""
+    return pipe.condition(params, ids, height or pipe.image_size, width or pipe.image_size)
 
 
 def candidate_table(prompts: Sequence) -> tuple[list[str], np.ndarray]:
@@ -238,7 +242,9 @@ def classify(pipe: Pipeline, params, images, prompts: Sequence,
         raise ValueError(f"{cand.shape[0]} candidate lists for {b} images; give one list "
                          "for all images or one per image.")
     cand = np.broadcast_to(cand, (b, k_all))
-    contexts = encode_prompts(pipe, params, pipe.tokenize(table))
+    f = pipe.vae_scale_factor
+    contexts = encode_prompts(pipe, params, pipe.tokenize(table), latents.shape[1] * f,
+                              latents.shape[2] * f)
     noise = jax.random.normal(jax.random.key(seed),
                               (max(samples) * trials,) + latents.shape[1:], jnp.float32)
     sums = np.zeros((b, k_all), np.float64)
