@@ -92,7 +92,8 @@ def instruct_latents(denoise: Callable, sampler, x, cond, uncond, image, text_sc
       denoise: ``instruct_denoiser``'s function.
       sampler: a ``jaxdiff.samplers.Sampler``.
       x: [B, h, w, C] initial latents, already multiplied by ``sampler.init_noise_sigma``.
-      cond, uncond: [B, L, D] instruction and negative-prompt embeddings.
+      cond, uncond: [B, L, D] instruction and negative-prompt embeddings (a text DiT's
+        condition pytrees, ``Pipeline.encode_prompts``).
       image: [B, h, w, C] ``image_latents`` of the source images.
       text_scale, image_scale: s_T, s_I (traced).
       keys: [B] per-image keys of the per-step noise (ancestral / stochastic samplers).
@@ -119,7 +120,7 @@ def _compiled(pipe, sampler_name, steps, sweep, mesh=None):
     def run(params, images, ids, neg_ids, noise, keys, text_scale, image_scale, eta):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         image = image_latents(pipe, params, images)
-        cond, uncond = pipe.encode_text(params, ids), pipe.encode_text(params, neg_ids)
+        cond, uncond = pipe.encode_prompts(params, ids, neg_ids, *images.shape[1:3])
         x = noise * sampler.init_noise_sigma
         loop = lambda s_t, s_i: instruct_latents(instruct_denoiser(pipe, params), sampler, x,
                                                  cond, uncond, image, s_t, s_i, keys)
