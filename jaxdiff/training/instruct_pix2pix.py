@@ -241,10 +241,11 @@ def _p2p_program(pipe: Pipeline, steps: int):
     def run(params, z_T, src_ids, tgt_ids, empty_ids, control, guidance):
         tab = ddim_tables(pipe.scheduler, steps)
         unet = lambda x, t, c, ctrl=None: denoise(pipe, params["unet"], x, t, c, control=ctrl)
-        uncond = pipe.encode_text(params, empty_ids)
+        h, w = (n * pipe.vae_scale_factor for n in z_T.shape[1:3])
+        uncond = pipe.condition(params, empty_ids, h, w, negative=True)
         nulls = jax.tree.map(lambda u: jnp.broadcast_to(u, (steps,) + u.shape), uncond)
-        out = p2p.edit_loop(unet, tab, z_T, pipe.encode_text(params, src_ids),
-                            pipe.encode_text(params, tgt_ids), nulls, guidance, control,
+        out = p2p.edit_loop(unet, tab, z_T, pipe.condition(params, src_ids, h, w),
+                            pipe.condition(params, tgt_ids, h, w), nulls, guidance, control,
                             pipe.scheduler.prediction_type)
         return pipe.decode_latents(params, out.source), pipe.decode_latents(params, out.target)
     return jax.jit(run)
