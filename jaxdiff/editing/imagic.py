@@ -84,7 +84,8 @@ def optimize_embedding(pipe, params, z0, e_tgt, key, *, lr, steps: int, draws: i
     """Stage (a): the text embedding that best reconstructs one image, model frozen.
 
     Args:
-      z0: [h, w, C] scaled image latent; e_tgt: [L, D] target text embedding (the start).
+      z0: [h, w, C] scaled image latent; e_tgt: [L, D] target text embedding (the start;
+        a micro-conditioned text DiT gets z0's resolution / aspect ratio added per call).
       lr: Adam learning rate (traced); steps, draws: static (``Stages``).
     Returns:
       (e_opt [L, D], losses [steps]).
@@ -94,8 +95,10 @@ def optimize_embedding(pipe, params, z0, e_tgt, key, *, lr, steps: int, draws: i
                                     pipe.scheduler.prediction_type)
 
     def loss(e, batch, rng):
-        x0 = batch["latents"]
-        return jnp.mean(per_row(x0, jnp.broadcast_to(e, (x0.shape[0],) + e.shape), rng))
+        x0, f = batch["latents"], pipe.vae_scale_factor
+        cond = pipe.add_time_ids(jnp.broadcast_to(e, (x0.shape[0],) + e.shape),
+                                 x0.shape[1] * f, x0.shape[2] * f)  # a text DiT's micro-conditions
+        return jnp.mean(per_row(x0, cond, rng))
 
     return fit(loss, e_tgt, lr, steps, {"latents": _repeat(z0, draws)}, key, weight_decay=0.0)
 
@@ -186,7 +189,8 @@ def _compiled(pipe, steps: int, stages: Stages, mesh=None):
                                                   draws=stages.draws)
             trained, ft_curve = finetune(pipe, trainable, z, e_opt, k_ft, lr=ft_lr,
                                          steps=stages.finetune_steps, draws=stages.draws)
-            denoise = batch_inputs.unet_denoiser(pipe, trainable.merge(trained))
+            tuned = batch_inputs.unet_denoiser(pipe, trainable.merge(trained))
+            denoise = lambda x, t, c: tuned(x, t, pipe.add_time_ids(c, *images.shape[1:3]))
             lat = sample_variants(denoise, sampler, ac, z, jax.random.normal(k_noise, z.shape),
                                   e, e_opt, u, key, etas, strengths, from_noise, blends,
                                   guidance)
