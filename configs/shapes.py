@@ -15,20 +15,19 @@ from scratch on the embedded model's frozen VAE and text encoder, as the dit-L r
 bench/backbones_study.py (its export is ``jaxdiff/assets/shapes_dit``): ``--config
 configs/shapes.py:dit --workdir runs/shapes_dit`` (bench/README.md, "Backbones trained").
 
-Model v2 (a candidate, not shipped yet) is four commands. ``v2``: the shipped (v1)
-model's text encoder + UNet fine-tuned on world v2 (``jaxdiff.data.shapes.WORLD_V2``), VAE
-and tokenizer kept:
+Model v2 (a candidate, not shipped yet: ``candidates/shapes_v2_grown``) is two commands.
+``v2_vae`` fine-tunes only the shipped model's VAE decoder on world v2
+(``jaxdiff.data.shapes.WORLD_V2``; encoder, latent space, text encoder and UNet kept), then
+``v2_grown`` grows its U-Net one layer deeper per block and trains text encoder + U-Net on
+world ``v2_terse`` (README, bench/README.md):
 
-    python train/text_to_image.py --config configs/shapes.py:v2 --workdir runs/shapes_v2
+    python train/text_to_image.py --config configs/shapes.py:v2_vae --workdir runs/shapes_v2_vae
+    python train/text_to_image.py --config configs/shapes.py:v2_grown \
+        --workdir runs/shapes_v2_grown
 
-then ``v2_stage2`` continues it on a fresh draw of the world and ``v2_decoder`` fine-tunes
-only the VAE decoder (encoder and latent space kept, so the UNet stays valid); a fourth
-command, ``v2_stage3`` (README), continues the diffusion stage on world ``v2_terse``:
-
-    python train/text_to_image.py --config configs/shapes.py:v2_stage2 \
-        --workdir runs/shapes_v2_stage2
-    python train/text_to_image.py --config configs/shapes.py:v2_decoder \
-        --workdir runs/shapes_v2_decoder --config.data.data_dir=runs/shapes_v2/tfds
+The variants ``v2``, ``v2_stage2``, ``v2_decoder``, ``v2_stage3``, ``v2_zsnr``, ``v2_deep``
+and ``v2_deep2`` are an earlier, longer chain (each starts from the previous one's
+``runs/`` export; bench/README.md has their figures).
 """
 import ml_collections
 
