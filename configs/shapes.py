@@ -37,9 +37,6 @@ V2_SAMPLE_PROMPTS = ("a small red circle on the left", "a square on a white back
                      "a blue triangle above a green cross", "an object on the right")
 
 
-GROWN_STEPS = 9000
-
-
 def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -147,9 +144,7 @@ def get_config(variant: str = ""):
     elif variant == "v2_decoder":
         # Model v2, third command: only the VAE decoder fine-tuned on world v2 (shades,
         # anti-aliased edges); the encoder, the latent space and the UNet are kept.
-        c.init_from = "runs/shapes_v2_stage2/export"
-        c.stages = "decoder"
-        c.data.world = "v2"
+        _v2_decoder(c, "runs/shapes_v2_stage2/export")
     elif variant == "v2_stage3":
         # Model v2, fourth command: the diffusion stage continued from `v2_decoder`'s export
         # on a fresh draw (seed 2) of world "v2_terse" (colour word dropped for half of the
@@ -183,16 +178,14 @@ def get_config(variant: str = ""):
         # Model v2 (compact chain), first command: only the embedded model's VAE decoder
         # fine-tuned on world v2 (shades, anti-aliased edges); encoder, latent space, text
         # encoder and U-Net kept.
-        c.init_from = "embedded"
-        c.stages = "decoder"
-        c.data.world = "v2"
+        _v2_decoder(c, "embedded")
     elif variant == "v2_grown":
         # Model v2 (compact chain), second command: `v2_vae`'s U-Net (the embedded one) grown
         # one layer deeper per block (jaxdiff.training.grow: same function at the start,
         # 1.08 M -> 1.58 M params), then text encoder + U-Net trained on 40 000 scenes of
         # world "v2_terse" (colour word dropped for half of the objects, shape for a fifth).
         _v2_diffusion(c, "runs/shapes_v2_vae/export", seed=10, world="v2_terse",
-                      steps=GROWN_STEPS, lr=3e-4)
+                      steps=9000, lr=3e-4)
         c.data.num_train = 40_000
         c.model.deepen = True
     elif variant == "tiny":
@@ -213,6 +206,12 @@ def get_config(variant: str = ""):
                          "(use '', 'finetune', 'dit', 'v2', 'v2_stage2', 'v2_decoder', "
                          "'v2_stage3', 'v2_zsnr', 'v2_deep', 'v2_deep2', 'v2_vae', 'v2_grown' or 'tiny').")
     return c
+
+
+def _v2_decoder(c, init_from: str):
+    """A model-v2 decoder stage: only ``init_from``'s VAE decoder fine-tuned on world v2."""
+    c.init_from, c.stages = init_from, "decoder"
+    c.data.world = "v2"
 
 
 def _v2_diffusion(c, init_from: str, *, seed: int, world: str, steps: int, lr: float):
