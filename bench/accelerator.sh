@@ -14,7 +14,7 @@
 #   generate_b1  SD 1.5 bf16, 50 DDIM steps, batch 1: jaxdiff vs diffusers (SDPA) on the
 #   generate_b8  same device, batch 8 (bench/sample.py: img/s both sides, compile seconds)
 #   recompile    XLA compiles in 2 more calls of the generation program that change only
-#                traced values (guidance, seed, prompts, eta): must be 0 (tiny model)
+#                traced values (guidance, seed, prompts, eta, guidance interval): must be 0
 #   p2p_b1       null-text inversion + P2P, batch 1 and 8 (bench/edit_speed.py; its tiny
 #   p2p_b8       pipeline: it has no SD 1.5 size yet)
 #   train        DreamBooth / full fine-tune step, SD 1.5 bf16 + remat, batch 1: s/step and
@@ -125,7 +125,8 @@ counts = []
 for i, (scale, eta) in enumerate([(7.5, 0.0), (3.0, 0.5), (1.0, 1.0)]):
     keys = sampling.sample_keys(i, 1)
     prog(params, ids + i, ids, sampling.initial_noise(keys, shape[1:]), keys,
-         jax.numpy.float32(scale), jax.numpy.float32(0.0), jax.numpy.float32(eta), (), None)
+         jax.numpy.float32(scale), jax.numpy.float32(0.0), jax.numpy.float32(eta),
+         sampling.check_interval((0.1 * i, 1.0)), (), None)
     counts.append(len(compiles))
 print(json.dumps({"generate_calls": 3, "compiles_first_call": counts[0],
                   "recompiles": counts[-1] - counts[0]}))
