@@ -34,7 +34,9 @@ The ring / star / pink sections score with the v1 world's evaluator (``WorldSpec
 the colours section with world v2's. ``--sections`` picks sections (default: all).
 
     python bench/personalize.py --steps 400 --lr 3e-4 --ti-steps 600 --ti-lr 1e-2
-    python bench/personalize.py --model runs/shapes_v2/export --sections colours
+    python bench/personalize.py --model candidates/shapes_v2_grown --sections colours
+    python bench/personalize.py --model candidates/shapes_v2_grown --sections colours \
+        --colour-vae-scan
 
 Prints JSON (and writes it with --out).
 """
@@ -306,6 +308,11 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-4, help="DreamBooth learning rate (ring)")
     ap.add_argument("--ti-lr", type=float, default=5e-3,
                     help="Textual Inversion learning rate (ring, star, pink)")
+    ap.add_argument("--colours", default="dark violet,light lime",
+                    help="colours: comma-separated colours to teach, from "
+                    "personalize_colours.CANDIDATES")
+    ap.add_argument("--colour-vae-scan", action="store_true",
+                    help="colours: only the VAE round trip of every candidate colour")
     ap.add_argument("--colour-steps", type=int, default=1000,
                     help="colours: DreamBooth and DreamBooth-LoRA steps")
     ap.add_argument("--colour-lr", type=float, default=3e-4,

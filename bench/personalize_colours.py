@@ -1,10 +1,15 @@
 """Personalization of off-palette colours (issue #22 point 4), run by ``bench/personalize.py``.
 
-Two colours the world never names, one dark and one light, each far outside every named
-colour's shade spread (world v2: shades within 30 RGB units of the anchor; ours are
->= 99 units from every anchor, so a named-colour shade is >= 69 away):
+Colours the world never names, by default one dark and one light, each far outside every
+named colour's shade spread (world v2: shades within 30 RGB units of the anchor; these
+two are >= 99 units from every anchor, so a named-colour shade is >= 69 away):
 
     dark violet (90, 20, 140) on white    light lime (200, 255, 150) on black
+
+``--colours`` picks others from ``CANDIDATES`` (dark ones on white, light ones on black;
+all >= 80 units from every anchor); ``--colour-vae-scan`` only measures every candidate's
+VAE round trip (``vae_scan``: seconds, no training), to check first that the model's
+autoencoder can carry a colour at all.
 
 Each is taught from five world-v2 renders (the five shapes, big/small alternating, the
 five positions, anti-aliased, on its background) by
@@ -52,9 +57,18 @@ from jaxdiff.training import textual_inversion as ti_train
 from jaxdiff.training.latents import encode_latents
 
 SPEC = WORLD_V2
-# name, RGB, background, Textual Inversion placeholder
-COLOURS = (("dark violet", (90, 20, 140), "white", "<c1>"),
-           ("light lime", (200, 255, 150), "black", "<c2>"))
+# Off-palette colours the section can teach (``--colours``): name -> (RGB, background);
+# dark ones on white, light ones on black (the evaluator segments by contrast). Every one
+# is >= 80 RGB units from every named anchor (>= 50 outside the shade spread).
+CANDIDATES = {
+    "dark violet": ((90, 20, 140), "white"), "crimson": ((160, 20, 80), "white"),
+    "olive": ((110, 110, 20), "white"), "brown": ((110, 70, 20), "white"),
+    "dark teal": ((20, 90, 90), "white"), "indigo": ((60, 40, 160), "white"),
+    "navy": ((20, 30, 110), "white"), "dark green": ((20, 80, 30), "white"),
+    "light lime": ((200, 255, 150), "black"), "peach": ((255, 190, 130), "black"),
+    "lavender": ((200, 170, 255), "black"), "light sky": ((150, 200, 255), "black"),
+}
+DEFAULT_COLOURS = ("dark violet", "light lime")
 POSITIONS = ("centre", "left", "right", "top", "bottom")
 SAMPLING = dict(sampler="dpmpp_2m", steps=25, guidance_scale=5.0)
 
@@ -139,8 +153,35 @@ def drift(pipe, params, rgb, background: str, per_shape: int) -> dict:
         shape_prompts_count=acc["count"])
 
 
+def chosen(names) -> list[tuple[str, tuple, str, str]]:
+    """(name, RGB, background, Textual Inversion placeholder ``<cK>``) for each of
+    ``names`` (keys of ``CANDIDATES``), in order."""
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise ValueError(f"unknown colours {unknown}; known: {sorted(CANDIDATES)}")
+    return [(n, *CANDIDATES[n], f"<c{i + 1}>") for i, n in enumerate(names)]
+
+
+def vae_scan(pipe, params, work: str) -> dict:
+    """``vae_ceiling`` and the nearest anchor of every ``CANDIDATES`` colour (cheap: no
+    training, no generation): which colours the model's autoencoder can carry at all."""
+    out = {}
+    for name, (rgb, bg) in CANDIDATES.items():
+        dist = anchor_distances(rgb, SPEC)
+        nearest = min(dist, key=dist.get)
+        folder = draw(os.path.join(work, "scan", name.replace(" ", "_")), rgb, bg)
+        images, _ = load_image_folder(folder, (SPEC.image_size,) * 2)
+        out[name] = dict(rgb=list(rgb), background=bg,
+                         nearest_anchor=[nearest, round(dist[nearest], 1)],
+                         vae_ceiling=vae_ceiling(pipe, params, images, rgb))
+    return out
+
+
 def run(pipe, params, work: str, args) -> dict:
-    """The whole section; ``args``: the ``--colour-*`` flags of ``bench/personalize.py``."""
+    """The whole section; ``args``: the ``--colour*`` flags of ``bench/personalize.py``
+    (``--colour-vae-scan``: only ``vae_scan``)."""
+    if args.colour_vae_scan:
+        return dict(world="v2", within=WITHIN, vae_scan=vae_scan(pipe, params, work))
     per = args.colour_samples
     out = dict(world="v2", within=WITHIN, generations_per_row=len(SHAPES) * per,
                sampling=SAMPLING,
@@ -152,7 +193,7 @@ def run(pipe, params, work: str, args) -> dict:
                                     rank=args.colour_lora_rank, alpha=args.colour_lora_rank,
                                     batch="4 + 4", prior_loss_weight=1.0),
                colours={})
-    for name, rgb, bg, placeholder in COLOURS:
+    for name, rgb, bg, placeholder in chosen(args.colours.split(",")):
         dist = anchor_distances(rgb, SPEC)
         nearest = min(dist, key=dist.get)
         folder = draw(os.path.join(work, placeholder.strip("<>")), rgb, bg)
