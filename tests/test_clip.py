@@ -1,5 +1,5 @@
-"""CLIP: parity with transformers, transformers-layout round trip, contrastive training,
-and the shipped shapes CLIP's zero-shot colour accuracy."""
+"""CLIP: parity with transformers, transformers-layout round trip, contrastive training (and
+the recipe's init_from), and the shipped shapes CLIP's zero-shot colour accuracy."""
 import os
 
 import jax
@@ -185,3 +185,28 @@ def test_clip_guidance_gradient_matches_finite_differences():
     np.testing.assert_allclose(np.asarray(moved),
                                np.asarray(denoise(x, t) - 5.0 * jnp.sqrt(1 - a) * g),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_recipe_init_from_starts_from_the_exported_weights(tmp_path):
+    """``config.init_from``: a 0-step run of the ``tiny`` recipe initialised from a saved tiny
+    export exports exactly those weights (not its own random init); an export of another
+    size is refused."""
+    from configs.clip import get_config
+    config = get_config("tiny")
+    tok = load_tokenizer(os.path.join(DEFAULT_MODEL, "tokenizer"))
+    clip = clip_train.build_clip(tok, dict(config.model.text), dict(config.model.vision),
+                                 config.model.projection_dim)
+    saved = clip_train.init_params(clip, seed=7)
+    folder = clip_format.save_clip(clip, saved, str(tmp_path / "start"))
+    config.init_from = folder
+    config.train.steps = 0
+    out = clip_train.run_clip(config, str(tmp_path / "run"))
+    _, exported = clip_format.load_clip(out)
+    jax.tree.map(np.testing.assert_array_equal, exported, jax.tree.map(np.asarray, saved))
+    fresh = clip_train.init_params(clip, seed=config.seed)
+    assert not np.array_equal(exported["model"]["text_projection"]["kernel"],
+                              fresh["model"]["text_projection"]["kernel"])  # seed 7 != 0
+    wider = clip_train.build_clip(tok, dict(config.model.text, hidden_size=32),
+                                  dict(config.model.vision), config.model.projection_dim)
+    with pytest.raises(ValueError, match="init_from"):
+        clip_train.initial_params(wider, 0, folder)

@@ -15,6 +15,8 @@ uses it.
 ``run_clip(config, workdir)`` is the recipe behind ``train/clip.py`` (``configs/clip.py``):
 TFDS data of the chosen world, the embedded model's tokenizer, Orbax checkpoints and
 resume through ``loop.train_loop``, and a transformers-layout export (``save_clip``).
+``config.init_from`` (an exported CLIP folder, e.g. the shipped one) starts from those
+weights instead of a random init (``initial_params``); a checkpoint in the workdir still wins.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from jaxdiff.training.loop import train_loop
 from jaxdiff.training.optim import adamw_with_warmup
 from jaxdiff.training.step import make_train_step
 from jaxdiff.weights import DEFAULT_MODEL, load_pipeline
-from jaxdiff.weights.clip_format import CLIP, save_clip
+from jaxdiff.weights.clip_format import CLIP, load_clip, save_clip
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -101,6 +103,22 @@ def init_params(clip: CLIP, seed: int = 0) -> dict:
     return params
 
 
+def initial_params(clip: CLIP, seed: int = 0, init_from: str = "") -> dict:
+    """Random init (``init_from=""``) or the weights of an exported CLIP folder, which must
+    have exactly the shapes of ``clip`` (same config); raises ValueError otherwise."""
+    fresh = init_params(clip, seed)
+    if not init_from:
+        return fresh
+    _, loaded = load_clip(init_from)
+    def sizes(tree):
+        return jax.tree.map(lambda a: f"{tuple(a.shape)} {a.dtype}", tree)
+    if sizes(fresh) != sizes(loaded):
+        raise ValueError(f"config.init_from={init_from!r}: its weights do not fit the "
+                         "config's model (sizes, layers or noisy flag differ); use the "
+                         "config it was trained with.")
+    return jax.tree.map(jnp.asarray, loaded)
+
+
 def train_clip(clip: CLIP, params, inputs: np.ndarray, ids: np.ndarray, workdir: str, *,
                steps: int, batch_size: int, lr: float, warmup: int = 100,
                weight_decay: float = 0.1, alphas_cumprod=None, seed: int = 0,
@@ -151,7 +169,8 @@ def run_clip(config, workdir: str) -> str:
     clip = build_clip(tokenizer, dict(config.model.text), vision,
                       config.model.projection_dim, config.noisy, schedule)
     ids = clip.tokenize(captions)
-    params = train_clip(clip, init_params(clip, config.seed), inputs, ids,
+    init = initial_params(clip, config.seed, config.get("init_from", ""))
+    params = train_clip(clip, init, inputs, ids,
                         os.path.join(workdir, "clip"), alphas_cumprod=acp, seed=config.seed,
                         log_every=config.log_every, ckpt_every=config.checkpoint_every,
                         mesh=parallel.make_mesh(), **config.train.to_dict())
