@@ -38,7 +38,8 @@ the colours section with world v2's. ``--sections`` picks sections (default: all
     python bench/personalize.py --model candidates/shapes_v2_grown --sections colours \
         --colour-vae-scan
 
-Prints JSON (and writes it with --out).
+Prints JSON (and writes it with --out; the colours section writes what it has finished
+there after each method, marked "partial": true, so a long run keeps its figures).
 """
 from __future__ import annotations
 
@@ -409,7 +410,11 @@ def main(argv=None):
             after=colour_rate(r.pipe, r.params, spec, "a <p> circle on a black background"))
     if "colours" in sections:
         import personalize_colours
-        result["off_palette_colours"] = personalize_colours.run(pipe, params, work, args)
+        def partial(section):  # each finished method reaches --out at once
+            if args.out:
+                write_json(args.out, dict(result, off_palette_colours=section, partial=True))
+        result["off_palette_colours"] = personalize_colours.run(pipe, params, work, args,
+                                                                partial)
     result["quality_wall_s"] = time.perf_counter() - t
     if "speed" in sections:
         result["train_step"] = step_speed(pipe, params, root, torch_threads=args.torch_threads)

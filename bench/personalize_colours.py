@@ -177,9 +177,11 @@ def vae_scan(pipe, params, work: str) -> dict:
     return out
 
 
-def run(pipe, params, work: str, args) -> dict:
+def run(pipe, params, work: str, args, on_colour=None) -> dict:
     """The whole section; ``args``: the ``--colour*`` flags of ``bench/personalize.py``
-    (``--colour-vae-scan``: only ``vae_scan``)."""
+    (``--colour-vae-scan``: only ``vae_scan``). ``on_colour(out)``, if given, is called
+    with the results so far after each method of each colour (a long run keeps what it
+    finished)."""
     if args.colour_vae_scan:
         return dict(world="v2", within=WITHIN, vae_scan=vae_scan(pipe, params, work))
     per = args.colour_samples
@@ -193,6 +195,7 @@ def run(pipe, params, work: str, args) -> dict:
                                     rank=args.colour_lora_rank, alpha=args.colour_lora_rank,
                                     batch="4 + 4", prior_loss_weight=1.0),
                colours={})
+    report = on_colour or (lambda _: None)
     for name, rgb, bg, placeholder in chosen(args.colours.split(",")):
         dist = anchor_distances(rgb, SPEC)
         nearest = min(dist, key=dist.get)
@@ -201,6 +204,8 @@ def run(pipe, params, work: str, args) -> dict:
         row = dict(rgb=list(rgb), background=bg, nearest_anchor=[nearest, round(dist[nearest], 1)],
                    vae_ceiling=vae_ceiling(pipe, params, images, rgb),
                    base_closest=base_closest(pipe, params, rgb, bg, per))
+        out["colours"][name] = row
+        report(out)
         r = ti_train.train_textual_inversion(
             pipe, params, images, os.path.join(work, f"ti_{placeholder}"),
             placeholder=placeholder, initializer_token=nearest,
@@ -210,6 +215,7 @@ def run(pipe, params, work: str, args) -> dict:
         row["textual_inversion"] = dict(placeholder=placeholder, initializer=nearest,
                                         **colour_scores(r.pipe, r.params, placeholder, rgb,
                                                         bg, per, True))
+        report(out)
         class_prompt = f"an object on a {bg} background"
         classes, _, _ = class_lib.class_images(pipe, params, class_prompt,
                                                args.colour_num_class,
@@ -225,5 +231,5 @@ def run(pipe, params, work: str, args) -> dict:
                 ckpt_every=10 ** 9)
             row[mode] = dict(**colour_scores(pipe, tuned, "sks", rgb, bg, per, True),
                              drift=drift(pipe, tuned, rgb, bg, per))
-        out["colours"][name] = row
+            report(out)
     return out
