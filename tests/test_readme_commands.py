@@ -17,12 +17,13 @@ Commands run in document order, so later ones use what earlier ones wrote
 * ``make demo`` runs as the Makefile's demo recipe line (smoke-sized); ``make test`` is
   this suite itself and is not started again from inside it.
 
-A plain ``python <script> ...`` or ``jaxdiff ...`` line (no shell syntax, no environment
-prefix) runs as a child of tests/forkserver.py — a fresh process forked from one that
-has the heavy libraries imported, running the same script file with the same argv, working
-directory and environment — instead of bash starting a new interpreter (about 4.5 CPU-s
-of imports saved per command); every other line (``make demo``'s recipe, ``cp``, the
-8-device command) runs in bash. Either way each command is its own process.
+A plain ``python <script> ...``, ``python -m <module> ...`` (``make demo``'s recipe) or
+``jaxdiff ...`` line (no shell syntax, no environment prefix) runs as a child of
+tests/forkserver.py — a fresh process forked from one that has the heavy libraries
+imported, running the same script file or module with the same argv, working directory
+and environment — instead of bash starting a new interpreter (about 4.5 CPU-s of imports
+saved per command); every other line (``cp``, the 8-device command) runs in bash. Either
+way each command is its own process.
 """
 import ast
 import json
@@ -204,9 +205,11 @@ def _python_command(line):
     venv_bin = os.path.join(sys.prefix, "bin")
     if words[0] in ("jaxdiff", ".venv/bin/jaxdiff"):
         return os.path.join(venv_bin, "jaxdiff"), [words[0]] + words[1:]
-    if (words[0] in ("python", ".venv/bin/python") and len(words) > 1
-            and words[1].endswith(".py")):
-        return words[1], words[1:]
+    if words[0] in ("python", ".venv/bin/python") and len(words) > 1:
+        if words[1].endswith(".py"):
+            return words[1], words[1:]
+        if words[1] == "-m" and len(words) > 2:  # python -m sets argv[0] to the module's file
+            return f"-m {words[2]}", [words[0]] + words[3:]
     return None
 
 
@@ -259,16 +262,20 @@ def test_command_runs(scratch, cmd, eight):
 
 
 def test_fork_server_routes_and_reports_failure(scratch):
-    """Plain python / jaxdiff lines go to the fork server, shell syntax to bash; a failing
-    command's exit status and stderr come back (the check above can fail)."""
-    tmp, _, server = scratch
+    """Plain python / python -m / jaxdiff lines go to the fork server, shell syntax to bash;
+    a failing command's exit status and stderr come back (the check above can fail)."""
+    tmp, tiny_sd, server = scratch
     assert _python_command(".venv/bin/python edit/p2p.py --prompt 'a <ring>' --steps 2")
     assert _python_command('jaxdiff generate --prompt "a b" --steps 2')[1][:2] == [
         "jaxdiff", "generate"]
+    assert _python_command('.venv/bin/python -m jaxdiff.cli generate --prompt "a b"') == (
+        "-m jaxdiff.cli", [".venv/bin/python", "generate", "--prompt", "a b"])
+    assert _python_command(_smoke("make demo", False, tmp, tiny_sd)[1])[0] == "-m jaxdiff.cli"
     for line in ("cp runs/x/*.safetensors y/", "make demo", "A=1 python x.py",
-                 "python x.py && python y.py", "python x.py > out.txt"):
+                 "python x.py && python y.py", "python x.py > out.txt", "python -m"):
         assert _python_command(line) is None, line
-    code, _, err = server.run(".venv/bin/jaxdiff", [".venv/bin/jaxdiff", "generate", "--prompt",
-                                                     "a", "--out", "o", "--no-such-flag"],
-                              tmp, dict(os.environ))
-    assert code == 2 and "unrecognized arguments: --no-such-flag" in err, (code, err)
+    for script in (".venv/bin/jaxdiff", "-m jaxdiff.cli"):
+        code, _, err = server.run(script, [".venv/bin/jaxdiff", "generate", "--prompt", "a",
+                                           "--out", "o", "--no-such-flag"],
+                                  tmp, dict(os.environ))
+        assert code == 2 and "unrecognized arguments: --no-such-flag" in err, (script, err)
