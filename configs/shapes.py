@@ -15,15 +15,18 @@ from scratch on the embedded model's frozen VAE and text encoder, as the dit-L r
 bench/backbones_study.py (its export is ``jaxdiff/assets/shapes_dit``): ``--config
 configs/shapes.py:dit --workdir runs/shapes_dit`` (bench/README.md, "Backbones trained").
 
-Model v2 (a candidate, not shipped yet: ``candidates/shapes_v2_grown``) is two commands.
+Model v2 (a candidate, not shipped yet: ``candidates/shapes_v2_grown2``) is three commands.
 ``v2_vae`` fine-tunes only the shipped model's VAE decoder on world v2
 (``jaxdiff.data.shapes.WORLD_V2``; encoder, latent space, text encoder and UNet kept), then
 ``v2_grown`` grows its U-Net one layer deeper per block and trains text encoder + U-Net on
-world ``v2_terse`` (README, bench/README.md):
+world ``v2_terse``, and ``v2_grown2`` trains that on a fresh draw at half the learning rate
+(README, bench/README.md):
 
     python train/text_to_image.py --config configs/shapes.py:v2_vae --workdir runs/shapes_v2_vae
     python train/text_to_image.py --config configs/shapes.py:v2_grown \
         --workdir runs/shapes_v2_grown
+    python train/text_to_image.py --config configs/shapes.py:v2_grown2 \
+        --workdir runs/shapes_v2_grown2
 
 The variants ``v2``, ``v2_stage2``, ``v2_decoder``, ``v2_stage3``, ``v2_zsnr``, ``v2_deep``
 and ``v2_deep2`` are an earlier, longer chain (each starts from the previous one's
