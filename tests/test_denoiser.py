@@ -29,7 +29,7 @@ from jaxdiff.samplers import make_sampler
 from jaxdiff.samplers.ddim import ddim_tables
 from jaxdiff.training.dreambooth import make_dreambooth_loss
 from jaxdiff.training.text_to_image import diffusion_loss
-from text_dit import tiny_text_dit
+from text_dit import optimise, tiny_text_dit
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -131,18 +131,8 @@ def test_null_text_p2p_on_the_text_dit(dit):
 
 def _descends(loss, params, batch, steps=5, lr=1e-2):
     """(loss before, loss after ``steps`` Adam steps) on a fixed batch and rng."""
-    opt = optax.adam(lr)
-
-    @jax.jit
-    def step(p, s):
-        val, g = jax.value_and_grad(loss)(p, batch, jax.random.key(0))
-        updates, s = opt.update(g, s, p)
-        return val, optax.apply_updates(p, updates), s
-
-    state, vals = opt.init(params), []
-    for _ in range(steps + 1):  # the last call only reads the loss
-        val, params, state = step(params, state)
-        vals.append(float(val))
+    # steps + 1 calls: the last one only reads the loss.
+    vals, _ = optimise(loss, params, batch, optax.adam(lr), steps + 1)
     return vals[0], vals[-1]
 
 

@@ -51,7 +51,7 @@ from jaxdiff.sampling import initial_noise, sample_keys
 from jaxdiff.training import instruct_pix2pix as ip2p
 from jaxdiff.training.clip import build_clip, init_params as init_clip
 from jaxdiff.training.textual_inversion import make_ti_loss
-from text_dit import tiny_text_dit
+from text_dit import optimise, tiny_text_dit
 
 PROMPTS = ["a red circle", "a blue square"]
 STEPS, SCALE = 4, 3.0
@@ -236,7 +236,7 @@ def test_textual_inversion_loss_falls(dit):
     ids = dataclasses.replace(pipe, tokenizer=tok).tokenize(["a <new-shape>", "a red <new-shape>"])
     assert (ids == len(pipe.tokenizer)).sum() == 2  # the new token is in both prompts
     loss = make_ti_loss(pipe, params)
-    vals, rows = _optimise(loss, rows, (z0, jnp.asarray(ids)), optax.adam(0.3), 6)
+    vals, rows = optimise(loss, rows, (z0, jnp.asarray(ids)), optax.adam(0.3), 6)
     # The DiT's outputs are small (std ~0.06), so the loss is mostly the noise's own
     # variance; the rows move the part they can steadily (measured 1.1264 -> 1.1156).
     assert all(b < a for a, b in zip(vals, vals[1:])) and vals[-1] < vals[0] - 5e-3, vals
@@ -268,7 +268,7 @@ def test_instruct_pix2pix_training_on_the_text_dit(dit):
     loss = ip2p.make_instruct_loss(wide, wparams, dropout=0.0)
     trainable = {"unet": wparams["unet"]}
     opt = ip2p.instruct_optimizer(trainable, 1e-2, 0, 10, input_lr_multiplier=3.0)
-    vals, trainable = _optimise(loss, trainable, (z0, z0[::-1], ids), opt, 5)
+    vals, trainable = optimise(loss, trainable, (z0, z0[::-1], ids), opt, 5)
     assert vals[-1] < 0.9 * vals[0], vals
     image_slice = trainable["unet"]["pos_embed"]["proj"]["kernel"][:, :, 4:]
     assert float(jnp.abs(image_slice).max()) > 1e-2
@@ -326,19 +326,3 @@ def test_imagic_and_unitune_refuse_a_caption_masked_dit(dit):
         imagic.imagic(pipe, params, images, PROMPTS)
     with pytest.raises(ValueError, match="UniTune works on plain text-embedding arrays"):
         unitune.unitune(pipe, params, images, PROMPTS)
-
-
-def _optimise(loss, params, batch, opt, steps: int):
-    """``steps`` jitted ``opt`` updates of ``loss(params, batch, key)`` (fixed key): the
-    losses before each update and the final params."""
-    @jax.jit
-    def step(p, s):
-        val, g = jax.value_and_grad(loss)(p, batch, jax.random.key(0))
-        u, s = opt.update(g, s, p)
-        return val, optax.apply_updates(p, u), s
-
-    state, vals = opt.init(params), []
-    for _ in range(steps):
-        val, params, state = step(params, state)
-        vals.append(float(val))
-    return vals, params

@@ -1,11 +1,12 @@
 """The tiny text DiT pipeline the interface tests share (test_denoiser.py,
 test_denoiser_methods.py): the shipped pipeline with its U-Net swapped for a tiny random
 PixArt-style ``PixArtTransformer2DModel`` (the shipped CLIP text encoder, VAE, tokenizer
-and scheduler around it)."""
+and scheduler around it), and the fixed-batch optimiser loop their training tests use."""
 import dataclasses
 
 import jax
 import numpy as np
+import optax
 
 from jaxdiff import pipeline as pl
 from jaxdiff.models.pixart import PixArtConfig, PixArtTransformer2DModel
@@ -35,3 +36,19 @@ def tiny_text_dit(pipe, params, from_shapes: bool = False, **config):
         net = pl.init_params(dataclasses.replace(pipe, text_encoder=None, vae=None))["unet"]
     net = dict(net, proj_out=jax.tree.map(lambda a: 0.1 * a, net["proj_out"]))
     return pipe, dict(params, unet=net)
+
+
+def optimise(loss, params, batch, opt, steps: int):
+    """``steps`` jitted ``opt`` updates of ``loss(params, batch, key)`` (fixed key): the
+    losses before each update and the final params."""
+    @jax.jit
+    def step(p, s):
+        val, g = jax.value_and_grad(loss)(p, batch, jax.random.key(0))
+        u, s = opt.update(g, s, p)
+        return val, optax.apply_updates(p, u), s
+
+    state, vals = opt.init(params), []
+    for _ in range(steps):
+        val, params, state = step(params, state)
+        vals.append(float(val))
+    return vals, params
