@@ -2,32 +2,46 @@
 
     python train/clip.py --config configs/clip.py --workdir runs/clip_shapes
 
-The shipped ``jaxdiff/assets/clip_shapes/`` is the export (transformers ``CLIPModel``
-layout) of that command followed by the same command again with
-``--config.train.steps=1600`` (it resumes from the step-1000 checkpoint and runs a cosine
-schedule over 1600 steps to the end: 600 more steps). ``tiny`` shrinks everything for a
-smoke run (tests use it). ``noisy`` trains the noise-aware variant by the same recipe: its
-inputs are the embedded model's VAE latents (8x8x4, patch 1), noised at a uniform random
-timestep of the embedded model's schedule, with the timestep added to the class token
-(guidance on x_t):
+``tiny`` shrinks everything for a smoke run (tests use it). ``noisy`` trains the
+noise-aware variant by the same recipe: its inputs are the embedded model's VAE latents
+(8x8x4, patch 1), noised at a uniform random timestep of the embedded model's schedule, with
+the timestep added to the class token (guidance on x_t):
 
     python train/clip.py --config configs/clip.py:noisy --workdir runs/clip_shapes_noisy
 
 ``init_from`` starts from an exported CLIP folder of the same config instead of a random
 init (a checkpoint in the workdir still wins on resume). ``more`` uses it to continue the
-shipped weights: a fresh draw of 20k training scenes (seed 1), 50 warm-up steps, then a
-cosine from 8e-4 to 8e-5 over ``train.steps``, a checkpoint every 200 steps:
+shipped weights (``jaxdiff/assets/clip_shapes``): a fresh draw of 20k training scenes
+(seed 1), 50 warm-up steps, then a cosine from 8e-4 to 8e-5 over ``train.steps``, a
+checkpoint every 200 steps.
 
-    python train/clip.py --config configs/clip.py:more --workdir runs/clip_shapes_more
+The shipped ``jaxdiff/assets/clip_shapes/`` (transformers ``CLIPModel`` layout) is the
+export of the fourth of these commands (2220 steps in all):
+
+    python train/clip.py --config configs/clip.py --workdir runs/clip_shapes
+    python train/clip.py --config configs/clip.py --workdir runs/clip_shapes \
+        --config.train.steps=1600
+    python train/clip.py --config configs/clip.py:more --workdir runs/clip_shapes_more \
+        --config.init_from=runs/clip_shapes/export --config.train.steps=320 \
+        --config.train.warmup=30
+    python train/clip.py --config configs/clip.py:more --workdir runs/clip_shapes_more2 \
+        --config.init_from=runs/clip_shapes_more/export \
+        --config.data.data_dir=runs/clip_shapes_more/tfds --config.train.steps=300 \
+        --config.train.warmup=20 --config.train.lr=5e-4 --config.checkpoint_every=100
+
+(1000 steps from a random init; the second resumes from the step-1000 checkpoint with a
+cosine over 1600 steps: 600 more; the third continues that export for 320 steps on fresh
+scenes, the fourth that export for 300 more on the same scenes at a peak lr of 5e-4.)
 
 Images are 32x32 world-v2 scenes (``jaxdiff.data.shapes.WORLD_V2``) read from the TFDS
 builder; the text tower uses the embedded model's tokenizer (16 tokens). 0.25 M parameters
-(1.0 MB): a 4-layer ViT of width 64 (patch 4) and a 2-layer text tower of width 64,
-1000 steps at batch 128 (46 min of training, plus 6 min preparing the data, at
-``nice -n 15`` on 2 CPU cores that other jobs kept at a load of 10-13), then 600 more
-(38 min at ``nice -n 5``, load 25-38). Figures (``bench/clip_quality.py``, bench/README.md)
-on 500 held-out one-object scenes: zero-shot colour 99.8%, shape 88.2% (69.0% after the
-first 1000 steps; the 95% shape target is still not met).
+(1.0 MB): a 4-layer ViT of width 64 (patch 4) and a 2-layer text tower of width 64 at batch
+128. Wall time on 2 shared CPU cores: 6 min of data preparation and 46 min (``nice -n 15``,
+load 10-13), 38 min (``nice -n 5``, load 25-38), 16 min of data preparation and 19 min
+(``nice -n 15``, 0.15-0.29 steps/s, load 8-13), 4 min (``nice -n 15``, 1.3 steps/s,
+load 2-4). Figures (``bench/clip_quality.py``, bench/README.md) on 500
+held-out one-object scenes: zero-shot colour 100%, shape 97.0% (88.2% after 1600 steps,
+93.8% after 1920).
 """
 import os
 
