@@ -106,13 +106,13 @@ def init_params(clip: CLIP, seed: int = 0) -> dict:
 def initial_params(clip: CLIP, seed: int = 0, init_from: str = "") -> dict:
     """Random init (``init_from=""``) or the weights of an exported CLIP folder, which must
     have exactly the shapes of ``clip`` (same config); raises ValueError otherwise."""
-    fresh = init_params(clip, seed)
     if not init_from:
-        return fresh
+        return init_params(clip, seed)
     _, loaded = load_clip(init_from)
     def sizes(tree):
         return jax.tree.map(lambda a: f"{tuple(a.shape)} {a.dtype}", tree)
-    if sizes(fresh) != sizes(loaded):
+    # The config's shapes without drawing (and discarding) a random init.
+    if sizes(jax.eval_shape(lambda: init_params(clip, seed))) != sizes(loaded):
         raise ValueError(f"config.init_from={init_from!r}: its weights do not fit the "
                          "config's model (sizes, layers or noisy flag differ); use the "
                          "config it was trained with.")
