@@ -195,6 +195,18 @@ def test_v2_captions_follow_the_grammar_and_the_mention_flags(v2_examples):
     assert shapes.parse_caption("an object", V2) == ([ShapeObject(None, None, None, None)], None)
 
 
+def test_v2_brief_draws_the_terse_world_with_size_and_position_said_half_the_time():
+    terse = _take(12, shapes.WORLD_V2_TERSE, n=400)
+    brief = _take(12, shapes.world("v2_brief"), n=400)
+    for t, b in zip(terse, brief, strict=True):  # same scenes, captions at most terser
+        assert np.array_equal(t["image"], b["image"]) and t["objects"] == b["objects"]
+        assert b["mention_size"] <= t["mention_size"]
+        assert b["mention_position"] <= t["mention_position"]
+    for key, lo, hi in (("mention_size", 0.43, 0.57), ("mention_position", 0.43, 0.57)):
+        assert lo < np.mean([b[key] for b in brief]) < hi
+        assert np.mean([t[key] for t in terse]) > 0.72
+
+
 def test_v2_colours_are_shades_of_the_anchors_or_unnamed(v2_examples):
     anchors = dict(V2.colours)
     table = np.array(list(anchors.values()), float)
