@@ -89,6 +89,71 @@ def test_prior_weight_is_traced_and_weights_only_the_class_term(micro):
     np.testing.assert_allclose(l2 - l1, l1 - l0, rtol=1e-4)  # L = L_inst + lambda * L_class
 
 
+def _old_batch_fn(latents, texts, batch_size, seed, prior_loss_weight):
+    """``train_dreambooth``'s batch function before per-image prompts, verbatim (one
+    prompt per key, repeated over the rows): the behaviour a single prompt must keep."""
+    from jaxdiff.training.batching import host_slice, stream_indices
+
+    def batch_fn(s):
+        out = {}
+        for i, name in enumerate(latents):
+            idx = host_slice(stream_indices(len(latents[name]), batch_size, s, seed + i))
+            out[f"{name}_latents"] = latents[name][idx]
+            out[f"{name}_text"] = jax.tree.map(lambda v: np.repeat(v, len(idx), axis=0),
+                                               texts[name])
+        if "class" in latents:
+            out["prior_weight"] = np.full((len(idx),), prior_loss_weight, np.float32)
+        return out
+
+    return batch_fn
+
+
+def test_per_image_instance_prompts_pair_each_row_with_its_image(micro, tmp_path):
+    """Per-image captions: every instance row of every batch carries the prompt of the image
+    its latent came from (found by the latent's content; the prompt's embedding computed
+    alone), class rows the class prompt; a single prompt gives exactly the old batches."""
+    _, pipe, params = micro
+    prompts = ["sks o", "a sks x", "sks b", "o sks", "x a sks"]
+    rng = np.random.default_rng(0)
+    lat = {"instance": rng.normal(size=(5, 8, 8, 4)).astype(np.float32),
+           "class": rng.normal(size=(3, 8, 8, 4)).astype(np.float32)}
+    encode = jax.jit(pipe.encode_text)
+    alone = {p: np.asarray(encode(params, pipe.tokenize([p])))[0] for p in prompts + ["o"]}
+    embeds = list(alone.values())
+    assert min(np.abs(a - b).max() for i, a in enumerate(embeds) for b in embeds[i + 1:]) > 1e-2
+    for train_text in (True, False):     # token ids / cached embeddings (kept below)
+        texts = {"instance": db.encode_prompts(pipe, params, prompts, train_text),
+                 "class": db.encode_prompts(pipe, params, ["o"], train_text)}
+        want = ((lambda p: pipe.tokenize([p])[0]) if train_text else alone.get)
+        batch_fn = db.make_batch_fn(lat, texts, batch_size=4, seed=3, prior_loss_weight=0.5,
+                                    paired=("instance",))
+        seen = []
+        for s in range(3):                # 12 rows: every image at least twice
+            b = batch_fn(s)
+            for x, t in zip(b["instance_latents"], b["instance_text"]):
+                (i,) = [k for k in range(5) if np.array_equal(lat["instance"][k], x)]
+                np.testing.assert_allclose(t, want(prompts[i]), atol=1e-5, rtol=0)
+                seen.append(i)
+            for t in b["class_text"]:
+                np.testing.assert_allclose(t, want("o"), atol=1e-5, rtol=0)
+            np.testing.assert_array_equal(b["prior_weight"], np.full(4, 0.5, np.float32))
+        assert sorted(set(seen)) == list(range(5))
+    single = {"instance": texts["instance"][:1], "class": texts["class"]}  # one prompt each
+    new = db.make_batch_fn(lat, single, batch_size=4, seed=3, prior_loss_weight=0.5)
+    old = _old_batch_fn(lat, single, 4, 3, 0.5)
+    for s in range(3):
+        got, ref_batch = new(s), old(s)
+        assert got.keys() == ref_batch.keys()
+        for k in got:
+            assert got[k].dtype == ref_batch[k].dtype and np.array_equal(got[k], ref_batch[k])
+    with pytest.raises(ValueError, match="^instance_prompt: 2 prompts for 5 instance images; "
+                       "give one per image, or one string for all.$"):
+        db.train_dreambooth(pipe, params, np.zeros((5, 16, 16, 3), np.uint8),
+                            str(tmp_path / "w"), instance_prompt=["sks o", "sks x"], steps=1,
+                            batch_size=1, lr=1e-3)
+    assert not (tmp_path / "w").exists()
+
+
 def _primitives(jaxpr, out=None):
     """Every equation of a jaxpr, sub-jaxprs included: (primitive name, input dtypes)."""
     out = [] if out is None else out

@@ -14,6 +14,7 @@ from jaxdiff.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxdiff.training import state as state_lib
 from jaxdiff.adapters import textual_inversion as ti
 from jaxdiff.training.step import make_train_step
+from jaxdiff.training import textual_inversion as ti_train
 from jaxdiff.training.textual_inversion import make_ti_loss
 
 PLACEHOLDER, N = "<cat-toy>", 2
@@ -127,3 +128,48 @@ def test_diffusers_load_textual_inversion_matches(sd, tmp_path, torch):
     init = ti.init_embeddings(params, tok, "a", N)
     assert np.abs(want - jax.jit(lambda p, r: ti.encode_text(pipe, p, r, ids))(params, init)
                   ).max() > 1e-2
+
+
+def test_per_image_captions_pair_each_row_with_its_image(sd, tmp_path):
+    """``captions``: every row's ids are its own image's caption (the image found by the
+    latent's content, the caption tokenized alone); templates keep exactly the old batches
+    (drawn independently of the image)."""
+    from jaxdiff.training.batching import host_slice, stream_indices
+    _, pipe, params = sd
+    tok = ti.add_tokens(pipe.tokenizer, PLACEHOLDER, N)
+    captions = ["a {} x", "{} b", "a b {}", "x {} a", "{} o"]
+    prompts = ti_train.template_prompts(captions, PLACEHOLDER, N, what="captions")
+    ids = dataclasses.replace(pipe, tokenizer=tok).tokenize(prompts)
+    lat = np.random.default_rng(0).normal(size=(5, 4, 4, 4)).astype(np.float32)
+    batch_fn = ti_train.make_batch_fn(lat, ids, batch_size=4, seed=3, paired=True)
+    seen = []
+    for s in range(3):                    # 12 rows: every image at least twice
+        x, got = batch_fn(s)
+        for row, row_ids in zip(x, got):
+            (i,) = [k for k in range(5) if np.array_equal(lat[k], row)]
+            np.testing.assert_array_equal(
+                row_ids, _tokenize(pipe, tok, [captions[i].format(PLACEHOLDER)])[0])
+            seen.append(i)
+    assert sorted(set(seen)) == list(range(5))
+    assert len({tuple(r) for r in ids}) == 5
+    templates = ids[:2]
+
+    def old(s):  # train_textual_inversion's batch function before captions, verbatim
+        idx = host_slice(stream_indices(len(lat), 4, s, 3))
+        which = host_slice(stream_indices(len(templates), 4, s, 3 + 1))
+        return lat[idx], templates[which]
+
+    new = ti_train.make_batch_fn(lat, templates, batch_size=4, seed=3)
+    for s in range(3):
+        for a, b in zip(new(s), old(s)):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    imgs = np.zeros((5, 16, 16, 3), np.uint8)
+    kw = dict(placeholder=PLACEHOLDER, initializer_token="a", steps=1, batch_size=1, lr=1e-3)
+    for bad, message in ((dict(captions=captions[:2]), "^captions: 2 captions for 5 instance "
+                          "images; give a sequence of one template per image.$"),
+                         (dict(captions="a {}"), "^captions: a string for 5"),
+                         (dict(captions=captions, templates=["a {}"]), "not both"),
+                         (dict(captions=["a {}"] * 4 + ["x"]), "captions must be")):
+        with pytest.raises(ValueError, match=message):
+            ti_train.train_textual_inversion(pipe, params, imgs, str(tmp_path / "w"), **bad, **kw)
+    assert not (tmp_path / "w").exists()

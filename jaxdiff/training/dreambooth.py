@@ -18,7 +18,12 @@ What trains is its own pytree, merged functionally into the frozen params:
     attention projections (and the text encoder's, if trained), merged with scale
     alpha / rank.
 The optimizer state therefore holds only what trains. VAE latents (posterior means) are
-computed once; with a frozen text encoder so are the two prompt embeddings.
+computed once; with a frozen text encoder so are the prompt embeddings.
+
+The instance prompt is one prompt for every image, or per-image captions (one prompt per
+instance image, "a sks circle on a white background" for the circle image, as kohya's and
+EveryDream's caption files): each instance row of a batch carries its own image's prompt,
+so the identifier need not also explain what differs between the images.
 
 References:
   Ruiz et al., 2023, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -127,8 +132,46 @@ def make_dreambooth_loss(pipe: Pipeline, merge: Callable, *, train_text_encoder:
     return loss
 
 
+def encode_prompts(pipe: Pipeline, params, prompts: Sequence[str], train_text_encoder: bool):
+    """Prompts -> what ``make_dreambooth_loss``'s batch carries per row: token ids ``[P, L]``
+    if the text encoder trains, else the frozen encoder's embeddings (cached once, host
+    arrays; SDXL: ids ``[P, 2, L]`` / ``{"context", "text_embeds"}``)."""
+    ids = pipe.tokenize(list(prompts))
+    if train_text_encoder:
+        return ids
+    return jax.tree.map(np.asarray, pipe.encode_text(params, ids))
+
+
+def make_batch_fn(latents: dict, texts: dict, *, batch_size: int, seed: int,
+                  prior_loss_weight: float = 1.0, paired: Sequence[str] = ()) -> Callable:
+    """``batch_fn(step) -> batch`` of ``make_dreambooth_loss`` (this host's rows).
+
+    Args:
+      latents: ``{"instance": [N,h,w,C]}``, plus ``"class": [M,h,w,C]`` with prior
+        preservation (then the batch holds ``prior_weight``).
+      texts: the same keys, each ``encode_prompts`` of one prompt (every row gets it) or,
+        for the keys in ``paired``, of one prompt per latent (row i captions latent i: each
+        batch row gets its own latent's prompt).
+      batch_size, seed: rows per key and step, drawn by ``stream_indices`` (seed + k for
+        the k-th key).
+    """
+    def batch_fn(s):
+        out = {}
+        for i, name in enumerate(latents):
+            idx = host_slice(stream_indices(len(latents[name]), batch_size, s, seed + i))
+            rows = idx if name in paired else np.zeros(len(idx), np.int64)
+            out[f"{name}_latents"] = latents[name][idx]
+            out[f"{name}_text"] = jax.tree.map(lambda v: v[rows], texts[name])
+        if "class" in latents:
+            out["prior_weight"] = np.full((len(idx),), prior_loss_weight, np.float32)
+        return out
+
+    return batch_fn
+
+
 def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
-                     instance_prompt: str, steps: int, batch_size: int, lr: float,
+                     instance_prompt: Union[str, Sequence[str]], steps: int,
+                     batch_size: int, lr: float,
                      class_images=None, class_prompt: str = "",
                      prior_loss_weight: float = 1.0, train_text_encoder: bool = False,
                      lora_rank: int = 0, lora_alpha: Optional[float] = None, seed: int = 0,
@@ -140,7 +183,9 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
     Args:
       pipe, params: the pipeline to personalise.
       instance_images: uint8 [N, H, W, 3] subject images (``data.image_folder``).
-      instance_prompt: e.g. ``"a sks circle"``.
+      instance_prompt: e.g. ``"a sks circle"`` for every image, or a sequence of N prompts,
+        one per instance image in order (per-image captions, each batch row paired with
+        its image's prompt).
       steps, batch_size, lr, warmup: optimisation (``batch_size`` instance rows, plus as
         many class rows with prior preservation; ``optim.constant_adamw``).
       class_images: uint8 [M, H, W, 3] or None (no prior preservation).
@@ -159,6 +204,11 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
     """
     if len(instance_images) < 1:
         raise ValueError("no instance images given.")
+    paired = not isinstance(instance_prompt, str)
+    if paired and len(instance_prompt) != len(instance_images):
+        raise ValueError(f"instance_prompt: {len(instance_prompt)} prompts for "
+                         f"{len(instance_images)} instance images; give one per image, or "
+                         "one string for all.")
     prior = class_images is not None
     if prior and not class_prompt:
         raise ValueError("prior preservation needs a class_prompt (e.g. 'a circle').")
@@ -168,26 +218,16 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
     loss_fn = make_dreambooth_loss(compute_pipe(pipe, dtype, remat), trainable.merge,
                                    train_text_encoder=train_text_encoder,
                                    prior_preservation=prior)
-    texts = {"instance": pipe.tokenize([instance_prompt])}
+    prompts = {"instance": list(instance_prompt) if paired else [instance_prompt]}
     if prior:
-        texts["class"] = pipe.tokenize([class_prompt])
-    if not train_text_encoder:   # cache the prompt embeddings of the frozen text encoder
-        texts = {k: jax.tree.map(np.asarray, pipe.encode_text(params, v))
-                 for k, v in texts.items()}
+        prompts["class"] = [class_prompt]
+    texts = {k: encode_prompts(pipe, params, v, train_text_encoder) for k, v in prompts.items()}
     latents = {"instance": encode_latents(pipe, params, instance_images)}
     if prior:
         latents["class"] = encode_latents(pipe, params, class_images)
-
-    def batch_fn(s):
-        out = {}
-        for i, name in enumerate(latents):
-            idx = host_slice(stream_indices(len(latents[name]), batch_size, s, seed + i))
-            out[f"{name}_latents"] = latents[name][idx]
-            out[f"{name}_text"] = jax.tree.map(lambda v: np.repeat(v, len(idx), axis=0),
-                                               texts[name])
-        if prior:
-            out["prior_weight"] = np.full((len(idx),), prior_loss_weight, np.float32)
-        return out
+    batch_fn = make_batch_fn(latents, texts, batch_size=batch_size, seed=seed,
+                             prior_loss_weight=prior_loss_weight,
+                             paired=("instance",) if paired else ())
 
     opt = constant_adamw(lr, warmup)
     state = state_lib.create(trainable.params, opt, seed, ema=False)

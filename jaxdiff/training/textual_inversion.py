@@ -7,6 +7,10 @@ construction.
 Each step draws instance latents (VAE posterior means, cached once) and, per row, one
 prompt template (``"a {}"`` -> ``"a <new-shape>"``, multi-vector placeholders expanded),
 as diffusers' ``textual_inversion.py`` does with its "a photo of a {}" templates.
+Instead of templates drawn independently of the image, ``captions`` gives one template per
+image (``"a {} circle on a white background"`` for the circle image), paired with its image
+in every row: the new token then carries only what the images share, not also what the
+caption could say (kohya's and EveryDream's per-image caption files).
 On SDXL the rows are ``{encoder name: [n, D_e]}``, one table per text encoder (both
 tokenizers get the placeholder, as diffusers' ``textual_inversion_sdxl.py``), the UNet gets
 time ids of the instance images' size, and ``save`` writes a ``clip_l`` / ``clip_g`` file.
@@ -46,13 +50,29 @@ class TIResult(NamedTuple):
     params: dict              # its params (table [V + n, D])
 
 
-def template_prompts(templates: Sequence[str], placeholder: str, num_vectors: int) -> list:
-    """Templates with ``{}`` -> the placeholder expanded to all its tokens."""
+def template_prompts(templates: Sequence[str], placeholder: str, num_vectors: int,
+                     what: str = "templates") -> list:
+    """Templates with ``{}`` -> the placeholder expanded to all its tokens (``what``: the
+    argument's name in the error)."""
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"templates must be non-empty and each contain '{{}}', got "
+        raise ValueError(f"{what} must be non-empty and each contain '{{}}', got "
                          f"{list(templates)!r}.")
     return [ti.expand_prompt(t.format(placeholder), placeholder, num_vectors)
             for t in templates]
+
+
+def make_batch_fn(latents: np.ndarray, ids: np.ndarray, *, batch_size: int, seed: int,
+                  paired: bool = False) -> Callable:
+    """``batch_fn(step) -> (latents [B,h,w,C], ids [B,L])`` (this host's rows) of
+    ``make_ti_loss``. ``ids``: one row per template (each batch row draws one, independently
+    of its latent) or, ``paired``, one row per latent (row i captions latent i: each batch
+    row gets its own latent's caption)."""
+    def batch_fn(s):
+        idx = host_slice(stream_indices(len(latents), batch_size, s, seed))
+        which = idx if paired else host_slice(stream_indices(len(ids), batch_size, s, seed + 1))
+        return latents[idx], ids[which]
+
+    return batch_fn
 
 
 def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Callable:
@@ -86,7 +106,8 @@ def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Calla
 
 def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: str, *,
                             placeholder: str, initializer_token: str, num_vectors: int = 1,
-                            templates: Sequence[str] = ("a {}",), steps: int, batch_size: int,
+                            templates: Optional[Sequence[str]] = None,
+                            captions: Optional[Sequence[str]] = None, steps: int, batch_size: int,
                             lr: float, warmup: int = 0, seed: int = 0, log_every: int = 10,
                             ckpt_every: int = 100, sample_folder: Optional[str] = None,
                             sample_every: int = 0, mesh=None) -> TIResult:
@@ -97,12 +118,24 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
       instance_images: uint8 [N, H, W, 3] images of the concept.
       placeholder: new token, e.g. ``"<new-shape>"`` (must not exist in the vocabulary).
       initializer_token: existing single-token word the rows start from (e.g. ``"circle"``).
-      templates: prompt templates with ``{}`` for the placeholder.
+      templates: prompt templates with ``{}`` for the placeholder, each row drawing one
+        (default ``("a {}",)``).
+      captions: instead of ``templates`` (not both): one template per instance image, in
+        order, each row paired with its image's (per-image captions).
       steps, batch_size, lr, warmup: optimisation (``optim.constant_adamw``).
-      sample_folder, sample_every: write a grid of template generations every N steps.
+      sample_folder, sample_every: write a grid of the templates' (captions') generations
+        every N steps.
     Returns:
       ``TIResult`` with the learned rows and a pipeline that knows the new tokens.
     """
+    if captions is not None:
+        if templates is not None:
+            raise ValueError("give templates (drawn per row) or captions (one per image), "
+                             "not both.")
+        if isinstance(captions, str) or len(captions) != len(instance_images):
+            got = "a string" if isinstance(captions, str) else f"{len(captions)} captions"
+            raise ValueError(f"captions: {got} for {len(instance_images)} instance images; "
+                             "give a sequence of one template per image.")
     fields = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
     names = pipe.encoder_names
     toks = {n: ti.add_tokens(getattr(pipe, fields[n]), placeholder, num_vectors) for n in names}
@@ -111,15 +144,16 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
                                    num_vectors, scope=n) for n in names}
     if not pipe.is_sdxl:  # SD 1.x / 2.x: one table, the rows are an array
         toks, vocab, rows0 = toks["text_encoder"], vocab["text_encoder"], rows0["text_encoder"]
-    prompts = template_prompts(templates, placeholder, num_vectors)
+    if captions is not None:
+        prompts = template_prompts(captions, placeholder, num_vectors, what="captions")
+    else:
+        prompts = template_prompts(("a {}",) if templates is None else templates, placeholder,
+                                   num_vectors)
     ids = _with_tokenizers(pipe, toks).tokenize(prompts)
     latents = encode_latents(pipe, params, instance_images)
     os.makedirs(workdir, exist_ok=True)
-
-    def batch_fn(s):
-        idx = host_slice(stream_indices(len(latents), batch_size, s, seed))
-        which = host_slice(stream_indices(len(ids), batch_size, s, seed + 1))
-        return latents[idx], ids[which]
+    batch_fn = make_batch_fn(latents, ids, batch_size=batch_size, seed=seed,
+                             paired=captions is not None)
 
     sample_pipe, _ = merge_rows(pipe, params, toks, rows0)
     on_sample = None
