@@ -36,6 +36,8 @@ the colours section with world v2's. ``--sections`` picks sections (default: all
     python bench/personalize.py --steps 400 --lr 3e-4 --ti-steps 600 --ti-lr 1e-2
     python bench/personalize.py --model candidates/shapes_v2_grown2 --sections colours
     python bench/personalize.py --model candidates/shapes_v2_grown2 --sections colours \
+        --colour-captions shape
+    python bench/personalize.py --model candidates/shapes_v2_grown2 --sections colours \
         --colour-vae-scan
 
 Prints JSON (and writes it with --out; the colours section writes what it has finished
@@ -188,6 +190,10 @@ def main(argv=None):
                     help="colours: Textual Inversion steps")
     ap.add_argument("--colour-ti-lr", type=float, default=1e-2,
                     help="colours: Textual Inversion learning rate")
+    ap.add_argument("--colour-captions", default="object", choices=("object", "shape"),
+                    help="colours: 'object' = one caption for all five instance images "
+                    "('a sks object on a BG background'), 'shape' = per-image captions "
+                    "naming each image's shape ('a sks circle on a BG background')")
     ap.add_argument("--colour-num-class", type=int, default=32, help="colours: class images")
     ap.add_argument("--colour-samples", type=int, default=8,
                     help="colours: generations per shape and prompt (5 shapes)")

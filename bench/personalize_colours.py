@@ -15,12 +15,20 @@ Each is taught from five world-v2 renders (the five shapes, big/small alternatin
 five positions, anti-aliased, on its background) by
 
 * Textual Inversion: placeholder ``<c1>`` / ``<c2>`` initialised from the nearest named
-  colour word, templates "a {} object on a BG background" and "a {} object" (the v2
-  grammar's shape-free form: the images show five shapes);
-* DreamBooth, full UNet, and DreamBooth-LoRA (UNet attention adapters): instance prompt
-  "a sks object on a BG background", prior preservation (lambda = 1) with the colour-
-  and shape-free class prompt "an object on a BG background" and class images the model
-  draws for it.
+  colour word;
+* DreamBooth, full UNet, and DreamBooth-LoRA (UNet attention adapters): identifier "sks",
+  prior preservation (lambda = 1) with the colour- and shape-free class prompt "an object
+  on a BG background" and class images the model draws for it.
+
+with the captions ``--colour-captions`` picks (``CAPTIONS``):
+
+* ``object``: one generic caption for all five images, the v2 grammar's shape-free form
+  (the images show five shapes): Textual Inversion templates "a {} object on a BG
+  background" and "a {} object", DreamBooth instance prompt "a sks object on a BG
+  background";
+* ``shape``: per-image captions naming each image's shape, "a {} circle on a BG
+  background" / "a sks circle on a BG background" for the circle image, etc.
+  (``captions=`` / a list ``instance_prompt``): the new word then carries only the colour.
 
 Fidelity (``jaxdiff.eval.colour_fidelity``): for "a WORD SHAPE on a BG background", every
 shape, ``--colour-samples`` seeds each, the generated object's median colour inside the
@@ -69,6 +77,7 @@ CANDIDATES = {
     "lavender": ((200, 170, 255), "black"), "light sky": ((150, 200, 255), "black"),
 }
 DEFAULT_COLOURS = ("dark violet", "light lime")
+CAPTIONS = ("object", "shape")   # --colour-captions (module docstring)
 POSITIONS = ("centre", "left", "right", "top", "bottom")
 SAMPLING = dict(sampler="dpmpp_2m", steps=25, guidance_scale=5.0)
 
@@ -82,6 +91,21 @@ def draw(folder: str, rgb, background: str) -> str:
                           position=POSITIONS[i], rgb=tuple(rgb))
         save_png(os.path.join(folder, f"{shape}.png"), render(SPEC, [obj], background)[0])
     return folder
+
+
+def teaching_captions(mode: str, paths, background: str) -> tuple[dict, str | list]:
+    """(Textual Inversion keyword arguments, DreamBooth instance prompt) for the instance
+    images at ``paths`` (``draw``'s files, named by shape) in caption mode ``mode``."""
+    if mode == "object":
+        return (dict(templates=(f"a {{}} object on a {background} background", "a {} object")),
+                f"a sks object on a {background} background")
+    if mode != "shape":
+        raise ValueError(f"unknown caption mode {mode!r}; use one of {CAPTIONS}.")
+    shapes = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if not set(shapes) <= set(SHAPES):
+        raise ValueError(f"caption mode 'shape' needs files named by shape, got {shapes}.")
+    return (dict(captions=[f"a {{}} {s} on a {background} background" for s in shapes]),
+            [f"a sks {s} on a {background} background" for s in shapes])
 
 
 def _article(word: str) -> str:
@@ -186,7 +210,7 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
         return dict(world="v2", within=WITHIN, vae_scan=vae_scan(pipe, params, work))
     per = args.colour_samples
     out = dict(world="v2", within=WITHIN, generations_per_row=len(SHAPES) * per,
-               sampling=SAMPLING,
+               sampling=SAMPLING, captions=args.colour_captions,
                textual_inversion=dict(steps=args.colour_ti_steps, lr=args.colour_ti_lr,
                                       batch=4),
                dreambooth=dict(steps=args.colour_steps, lr=args.colour_lr, batch="4 + 4",
@@ -200,7 +224,8 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
         dist = anchor_distances(rgb, SPEC)
         nearest = min(dist, key=dist.get)
         folder = draw(os.path.join(work, placeholder.strip("<>")), rgb, bg)
-        images, _ = load_image_folder(folder, (SPEC.image_size,) * 2)
+        images, paths = load_image_folder(folder, (SPEC.image_size,) * 2)
+        ti_captions, instance_prompt = teaching_captions(args.colour_captions, paths, bg)
         row = dict(rgb=list(rgb), background=bg, nearest_anchor=[nearest, round(dist[nearest], 1)],
                    vae_ceiling=vae_ceiling(pipe, params, images, rgb),
                    base_closest=base_closest(pipe, params, rgb, bg, per))
@@ -209,8 +234,7 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
         r = ti_train.train_textual_inversion(
             pipe, params, images, os.path.join(work, f"ti_{placeholder}"),
             placeholder=placeholder, initializer_token=nearest,
-            templates=(f"a {{}} object on a {bg} background", "a {} object"),
-            steps=args.colour_ti_steps, batch_size=4, lr=args.colour_ti_lr,
+            **ti_captions, steps=args.colour_ti_steps, batch_size=4, lr=args.colour_ti_lr,
             log_every=max(1, args.colour_ti_steps), ckpt_every=10 ** 9)
         row["textual_inversion"] = dict(placeholder=placeholder, initializer=nearest,
                                         **colour_scores(r.pipe, r.params, placeholder, rgb,
@@ -225,7 +249,7 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
                                ("dreambooth_lora", args.colour_lora_rank, args.colour_lora_lr)):
             tuned, _ = db.train_dreambooth(
                 pipe, params, images, os.path.join(work, f"{mode}_{placeholder}"),
-                instance_prompt=f"a sks object on a {bg} background", class_images=classes,
+                instance_prompt=instance_prompt, class_images=classes,
                 class_prompt=class_prompt, prior_loss_weight=1.0, steps=args.colour_steps,
                 batch_size=4, lr=lr, lora_rank=rank, log_every=max(1, args.colour_steps),
                 ckpt_every=10 ** 9)
