@@ -15,20 +15,22 @@ from scratch on the embedded model's frozen VAE and text encoder, as the dit-L r
 bench/backbones_study.py (its export is ``jaxdiff/assets/shapes_dit``): ``--config
 configs/shapes.py:dit --workdir runs/shapes_dit`` (bench/README.md, "Backbones trained").
 
-Model v2 (a candidate, not shipped yet: ``candidates/shapes_v2_grown2``) is three commands.
+Model v2 (a candidate, not shipped yet: ``candidates/shapes_v2_brief``) is three commands.
 ``v2_vae`` fine-tunes only the shipped model's VAE decoder on world v2
 (``jaxdiff.data.shapes.WORLD_V2``; encoder, latent space, text encoder and UNet kept), then
 ``v2_grown`` grows its U-Net one layer deeper per block and trains text encoder + U-Net on
-world ``v2_terse``, and ``v2_grown2`` trains that on a fresh draw at half the learning rate
-(README, bench/README.md):
+world ``v2_terse``, and ``v2_brief`` trains that on a fresh draw of world ``v2_brief``
+(terser captions) at half the learning rate, on two XLA CPU devices (README,
+bench/README.md):
 
     python train/text_to_image.py --config configs/shapes.py:v2_vae --workdir runs/shapes_v2_vae
     python train/text_to_image.py --config configs/shapes.py:v2_grown \
         --workdir runs/shapes_v2_grown
-    python train/text_to_image.py --config configs/shapes.py:v2_grown2 \
-        --workdir runs/shapes_v2_grown2
+    python train/text_to_image.py --config configs/shapes.py:v2_brief \
+        --workdir runs/shapes_v2_brief
 
-The variants ``v2``, ``v2_stage2``, ``v2_decoder``, ``v2_stage3``, ``v2_zsnr``, ``v2_deep``
+``v2_grown2`` is the previous third command (``v2_terse``, 5500 steps, one device). The
+variants ``v2``, ``v2_stage2``, ``v2_decoder``, ``v2_stage3``, ``v2_zsnr``, ``v2_deep``
 and ``v2_deep2`` are an earlier, longer chain (each starts from the previous one's
 ``runs/`` export; bench/README.md has their figures).
 """
@@ -43,6 +45,7 @@ V2_SAMPLE_PROMPTS = ("a small red circle on the left", "a square on a white back
 def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.cpu_devices = 0                    # >0: split the CPU into this many XLA devices
     c.stages = "autoencoder,diffusion"   # comma-separated: autoencoder, decoder, diffusion
     c.export_dir = ""                    # diffusers-layout output ("" = <workdir>/export)
     c.init_from = ""                     # "" = random init; a pipeline dir or "embedded"
@@ -192,22 +195,22 @@ def get_config(variant: str = ""):
         c.data.num_train = 40_000
         c.model.deepen = True
     elif variant == "v2_grown2":
-        # Model v2 (compact chain), third command: `v2_grown`'s export trained on for 5500
-        # more steps on a fresh draw (seed 11) of 40 000 "v2_terse" scenes, at half the peak
-        # learning rate (a new warm-up and cosine decay).
+        # Model v2 (compact chain), the previous third command (candidate until v2_brief):
+        # `v2_grown`'s export trained on for 5500 more steps on a fresh draw (seed 11) of
+        # 40 000 "v2_terse" scenes, at half the peak learning rate (new warm-up + cosine).
         _v2_diffusion(c, "runs/shapes_v2_grown/export", seed=11, world="v2_terse",
                       steps=5500, lr=1.5e-4)
         c.data.num_train = 40_000
     elif variant == "v2_brief":
-        # Model v2 (compact chain), an alternative third command: `v2_grown`'s export trained
+        # Model v2 (compact chain), third command: `v2_grown`'s export trained
         # on a fresh draw (seed 12) of 40 000 scenes of world "v2_brief" (v2_terse with size
         # and position said for half of the captions, so prompts as terse as "a square on a
-        # white background" are ~6x more frequent), at half the peak learning rate. Run with
-        # XLA_FLAGS=--xla_force_host_platform_device_count=2 (data parallel over two CPU
-        # devices: ~1.2x the steps/s of one on 2 cores).
+        # white background" are ~6x more frequent), at half the peak learning rate, data
+        # parallel over two XLA CPU devices (~1.2x the steps/s of one device on 2 cores).
         _v2_diffusion(c, "runs/shapes_v2_grown/export", seed=12, world="v2_brief",
                       steps=9000, lr=1.5e-4)
         c.data.num_train = 40_000
+        c.cpu_devices = 2
     elif variant == "tiny":
         c.data.num_train, c.data.num_test = 64, 16
         c.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -199,3 +199,26 @@ def test_two_hosts_equal_one_device(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
     steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert steps == [1, 2]
+
+
+def test_cpu_devices_splits_the_cpu_before_jax_starts():
+    """``config.cpu_devices`` (``parallel.set_cpu_devices``) gives that many XLA CPU devices,
+    also over an XLA_FLAGS device count; too late (backends started) is a one-line error."""
+    script = textwrap.dedent("""
+        import jax
+        from jaxdiff import parallel
+        parallel.set_cpu_devices(3)
+        assert len(jax.devices("cpu")) == 3, jax.devices("cpu")
+        try:
+            parallel.set_cpu_devices(2)
+        except ValueError as e:
+            assert "before JAX starts" in str(e) and "\\n" not in str(e), e
+        else:
+            raise AssertionError("no error after the backends started")
+        print("OK")
+    """)
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

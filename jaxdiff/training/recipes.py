@@ -259,7 +259,8 @@ def run_textual_inversion(config, workdir: str) -> str:
 
 def run_training_main(recipe: Callable[[object, str], str]) -> None:
     """The body of every ``train/*.py``: parse ``--config FILE[:variant]`` (with
-    ``--config.x=y`` overrides) and ``--workdir``, start ``jax.distributed`` when the
+    ``--config.x=y`` overrides) and ``--workdir``, split the CPU into ``config.cpu_devices``
+    XLA devices if the config sets it, start ``jax.distributed`` when the
     environment asks for it, run ``recipe(config, workdir)`` and print the export it
     returns. Bad input (ValueError / FileNotFoundError raised by the recipe) exits with a
     one-line ``error: ...`` message."""
@@ -272,6 +273,7 @@ def run_training_main(recipe: Callable[[object, str], str]) -> None:
     def main(argv):
         del argv
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+        parallel.set_cpu_devices(config.value.get("cpu_devices", 0))
         parallel.maybe_initialize_distributed()
         try:
             export = recipe(config.value, workdir.value)
