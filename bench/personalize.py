@@ -34,10 +34,10 @@ The ring / star / pink sections score with the v1 world's evaluator (``WorldSpec
 the colours section with world v2's. ``--sections`` picks sections (default: all).
 
     python bench/personalize.py --steps 400 --lr 3e-4 --ti-steps 600 --ti-lr 1e-2
-    python bench/personalize.py --model candidates/shapes_v2_grown2 --sections colours
-    python bench/personalize.py --model candidates/shapes_v2_grown2 --sections colours \
+    python bench/personalize.py --model candidates/shapes_v2_brief --sections colours
+    python bench/personalize.py --model candidates/shapes_v2_brief --sections colours \
         --colour-captions shape
-    python bench/personalize.py --model candidates/shapes_v2_grown2 --sections colours \
+    python bench/personalize.py --model candidates/shapes_v2_brief --sections colours \
         --colour-vae-scan
 
 Prints JSON (and writes it with --out; the colours section writes what it has finished
