@@ -227,7 +227,8 @@ def get_config(variant: str = ""):
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of configs/shapes.py "
                          "(use '', 'finetune', 'dit', 'v2', 'v2_stage2', 'v2_decoder', "
-                         "'v2_stage3', 'v2_zsnr', 'v2_deep', 'v2_deep2', 'v2_vae', 'v2_grown', 'v2_grown2' or 'tiny').")
+                         "'v2_stage3', 'v2_zsnr', 'v2_deep', 'v2_deep2', 'v2_vae', 'v2_grown', "
+                         "'v2_grown2', 'v2_brief' or 'tiny').")
     return c
 
 

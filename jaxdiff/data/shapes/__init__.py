@@ -22,7 +22,7 @@ from jaxdiff.data.shapes.spec import (BACKGROUNDS, COLOURS, MAX_OBJECTS, OBJECT_
 __all__ = [
     "BACKGROUNDS", "COLOURS", "MAX_OBJECTS", "OBJECT_WORD", "PAIRS", "POSITION_PHRASES",
     "POSITIONS", "RELATIONS", "SHAPES", "SIZES", "UNNAMED", "WORLD_V2", "WORLD_V2_BRIEF",
-    "WORLD_V2_TERSE", "WORLDS", "Rgb", "ShapeObject", "WorldSpec", "anchor", "caption", "held_out_examples",
-    "iterate", "make_example", "noun_phrase", "object_coverage", "object_mask", "object_rgb",
+    "WORLD_V2_TERSE", "WORLDS", "Rgb", "ShapeObject", "WorldSpec", "anchor", "caption",
+    "held_out_examples", "iterate", "make_example", "noun_phrase", "object_coverage", "object_mask", "object_rgb",
     "palette", "parse_caption", "render", "sample_example", "scene_key", "split_of", "world",
 ]
