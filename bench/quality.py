@@ -51,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0),
                    metavar=("START", "END"), help="fractions of the steps where CFG acts "
                    "(jaxdiff.generate's guidance_interval; default 0 1: every step)")
+    p.add_argument("--condition-annealing", type=float, nargs=4, default=None,
+                   metavar=("TAU1", "TAU2", "NOISE", "PSI"), help="CADS on the conditional "
+                   "embedding (jaxdiff.generate's condition_annealing; e.g. 0.6 0.9 0.25 1; "
+                   "default off)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--seed", type=int, default=0)
@@ -72,7 +76,8 @@ def generate_all(pipe, params, prompts, args):
         images = jaxdiff.generate(pipe, params, batch, sampler=args.sampler, steps=args.steps,
                                   guidance_scale=list(args.guidance), seed=args.seed,
                                   sample_offset=start,
-                                  guidance_interval=args.guidance_interval)
+                                  guidance_interval=args.guidance_interval,
+                                  condition_annealing=args.condition_annealing)
         out.append(images[:, :real])
         print(f"generated {start + real}/{n}", file=sys.stderr, flush=True)
     return np.concatenate(out, axis=1)
@@ -120,7 +125,8 @@ def main(argv=None):
     result = {"model": args.model or "embedded", "world": args.world,
               "image_size": spec.image_size, "sampler": args.sampler, "steps": args.steps,
               "seed": args.seed, "guidance": list(args.guidance),
-              "guidance_interval": list(args.guidance_interval)}
+              "guidance_interval": list(args.guidance_interval),
+              "condition_annealing": args.condition_annealing}
 
     cases = gen.prompt_set(spec, args.num_one, args.num_two)
     groups = gen.split_by_objects(cases)

@@ -217,7 +217,7 @@ class Analyser:
         ids = self.ids(b)
         rec = dict(self._run(("generate", b, steps), lambda: prog.lower(
             self.params, ids, ids, _sds((b,) + self.latent), keys, _sds(()), _sds(()),
-            _sds(()), _sds((2,)), (), None)))
+            _sds(()), _sds((2,)), (), None, None)))
         unet = self.unet(2 * b)
         rec["flops_raw"], rec["bytes_raw"] = rec["flops"], rec["bytes"]
         rec["flops"] = rec["flops_raw"] + (steps - 1) * unet["flops"]

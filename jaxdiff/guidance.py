@@ -8,6 +8,8 @@ Loops that call the UNet themselves (editing: attention control, per-step null
 embeddings) combine its raw ``[2B]`` output with ``guide``, or call ``guided_call``.
 ``classifier`` is gradient guidance as a wrapper of the same kind (a classifier's
 ``jax.grad`` inside the loop, traced scale); it composes with ``cfg``.
+``anneal_condition`` is CADS (condition-annealed sampling): noise on the condition at high
+noise levels, against the diversity collapse of strong guidance.
 """
 from __future__ import annotations
 
@@ -74,6 +76,71 @@ def cfg(denoise: Callable, scale, rescale=0.0) -> Callable:
         return guided_call(denoise, x, t, cond, uncond, scale, rescale)
 
     return guided
+
+
+# Leaves of an SDXL condition pytree that carry the prompt (``time_ids`` are sizes, kept).
+_ANNEALED_KEYS = ("context", "text_embeds")
+
+
+def annealing_weight(t, tau1, tau2):
+    """CADS' schedule gamma(t): 1 for t <= tau1, 0 for t >= tau2, linear between
+    (t: diffusion time in [0, 1], 1 = pure noise)."""
+    return jnp.clip((tau2 - t) / jnp.maximum(tau2 - tau1, 1e-6), 0.0, 1.0)
+
+
+def anneal_condition(cond, keys, t, annealing):
+    """Condition-annealed sampling (CADS, Sadat et al. 2024, eqs. 2-4) of one step.
+
+    ``y' = sqrt(gamma) y + s sqrt(1 - gamma) n``, then rescaled to ``y``'s own mean and
+    std and mixed, ``psi * rescaled + (1 - psi) * y'``. Per sample (each row has its own
+    key and its own statistics), so a batch equals its rows run alone. Only the
+    conditional branch is annealed; the unconditional one stays as it is.
+
+    Args:
+      cond: [B, L, D] text embeddings, or SDXL's dict (its ``context`` and ``text_embeds``
+        are annealed).
+      keys: [B] per-sample keys for this step (distinct per step).
+      t: diffusion time of the step in [0, 1] (1 = pure noise).
+      annealing: traced float [4]: (tau1, tau2, noise_scale s, psi).
+    References: Sadat et al., "CADS: Unleashing the Diversity of Diffusion Models through
+      Condition-Annealed Sampling", ICLR 2024.
+    """
+    tau1, tau2, s, psi = (annealing[k] for k in range(4))
+    gamma = annealing_weight(t, tau1, tau2)
+
+    def one(y, key):
+        y32 = y.astype(jnp.float32)
+        noisy = jnp.sqrt(gamma) * y32 + s * jnp.sqrt(1.0 - gamma) * jax.random.normal(
+            key, y.shape, jnp.float32)
+        rescaled = ((noisy - noisy.mean()) / jnp.maximum(noisy.std(), 1e-12) * y32.std()
+                    + y32.mean())
+        mixed = psi * rescaled + (1.0 - psi) * noisy
+        return jnp.where(gamma >= 1.0, y32, mixed).astype(y.dtype)
+
+    if isinstance(cond, dict):
+        out = dict(cond)
+        for n, name in enumerate(_ANNEALED_KEYS):
+            if name in cond:
+                out[name] = jax.vmap(one)(cond[name], jax.vmap(
+                    lambda k: jax.random.fold_in(k, n))(keys))
+        return out
+    return jax.vmap(one)(cond, keys)
+
+
+def check_annealing(annealing):
+    """``condition_annealing`` as float32 [4] (None stays None), or a one-line ValueError."""
+    if annealing is None:
+        return None
+    vals = [float(v) for v in annealing]
+    if len(vals) != 4:
+        raise ValueError(f"condition_annealing needs 4 numbers (tau1, tau2, noise_scale, psi), "
+                         f"got {len(vals)}.")
+    tau1, tau2, s, psi = vals
+    if not (0.0 <= tau1 < tau2 <= 1.0 and s >= 0.0 and 0.0 <= psi <= 1.0):
+        raise ValueError(f"condition_annealing {tau1:g} {tau2:g} {s:g} {psi:g}: need "
+                         "0 <= tau1 < tau2 <= 1, noise_scale >= 0, 0 <= psi <= 1 (CADS; "
+                         "e.g. 0.6 0.9 0.25 1).")
+    return jnp.asarray(vals, jnp.float32)
 
 
 def classifier_grad(log_p: Callable) -> Callable:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel
-from jaxdiff.guidance import cfg
+from jaxdiff.guidance import anneal_condition, cfg, check_annealing
 from jaxdiff.control import Control, adapter_features, control_inputs, control_keep, \
     controlled_unet
 from jaxdiff.denoiser import denoise
@@ -40,8 +40,12 @@ def initial_noise(keys, shape) -> jax.Array:
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
 
 
+# fold_in tag of the condition-annealing noise stream (the sampler's noise uses i + 1).
+ANNEAL_TAG = 0xCAD5
+
+
 def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, keys,
-                 control=None, span=None, interval=None):
+                 control=None, span=None, interval=None, annealing=None):
     """Runs the sampler's ``lax.scan`` from initial latents ``x`` (already sigma-scaled).
 
     Args:
@@ -53,6 +57,9 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
         ``first .. stop - 1`` run (``x`` is then the state at step ``first``).
       interval: None, or traced (start, end) fractions of the steps where guidance acts
         (``control_keep``'s rule); outside it the scale is 1 (the conditional output).
+      annealing: None, or traced CADS parameters [4] (``guidance.anneal_condition``); the
+        condition of step i is annealed at its diffusion time t = timestep /
+        num_train_timesteps, with keys fold_in(fold_in(key, ANNEAL_TAG), i).
     Returns:
       final latents [B, h, w, C].
     """
@@ -63,8 +70,14 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
         denoise = unet if control is None else controlled_unet(pipe, params, *control, i, n)
         s = scale if interval is None else jnp.where(control_keep(i, n, *interval) > 0,
                                                      scale, 1.0)
+        ctx = contexts
+        if annealing is not None:
+            step_keys = jax.vmap(lambda k: jax.random.fold_in(
+                jax.random.fold_in(k, ANNEAL_TAG), i))(keys)
+            t_frac = sampler.timesteps[i] / pipe.scheduler.num_train_timesteps
+            ctx = (anneal_condition(contexts[0], step_keys, t_frac, annealing), contexts[1])
         out = cfg(denoise, s, rescale)(sampler.model_input(state, i), sampler.timesteps[i],
-                                       contexts)
+                                       ctx)
         noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
                                                      x.shape[1:]))(keys)
         return sampler.step(state, i, out, noise), None
@@ -77,13 +90,13 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
 def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False, span=None):
     """The whole job as one pure function of (params, ids, neg_ids, noise, keys, scalars
     (scale, rescale, eta, the guidance interval [2]), control arrays, SDXL time ids [2, K]
-    or None for the defaults). ``zero_uncond``: SDXL's zero negative embeddings. ``span``: None, or
+    or None for the defaults, CADS parameters [4] or None). ``zero_uncond``: SDXL's zero negative embeddings. ``span``: None, or
     (first, stop, handed): the step range (``step_span``); ``handed``: ``noise`` are the
     latents at step ``first`` (not scaled by the init sigma). A range that stops before
     the last step returns its latents in place of images (no VAE decode)."""
 
     def run(params, ids, neg_ids, noise, keys, scale, rescale, eta, interval, arrays=(),
-            time_ids=None):
+            time_ids=None, annealing=None):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         size = (noise.shape[1] * pipe.vae_scale_factor, noise.shape[2] * pipe.vae_scale_factor)
         cond, uncond = pipe.encode_prompts(params, ids, neg_ids, *size, zero_uncond, time_ids)
@@ -92,7 +105,7 @@ def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False, span
         x = noise if handed else noise * sampler.init_noise_sigma
         loop = lambda s: denoise_loop(pipe, sampler, params, x, (cond, uncond), s, rescale,
                                       keys, control, span and span[:2],
-                                      (interval[0], interval[1]))
+                                      (interval[0], interval[1]), annealing)
         latents = jax.vmap(loop)(scale) if sweep else loop(scale)
         if span is not None and span[1] < sampler.num_evals:
             return latents, latents
@@ -111,14 +124,15 @@ def _compiled(pipe, sampler_name, steps, sweep, mesh, specs=(), zero_uncond=Fals
         jax.sharding.PartitionSpec(parallel.DATA))
     arrays = tuple(dict(params=rep, image=data, scale=data, start=rep, end=rep) for _ in specs)
     return jax.jit(_program(pipe, sampler_name, steps, sweep, specs, zero_uncond, span),
-                   in_shardings=(rep, data, data, data, data, rep, rep, rep, rep, arrays, rep),
+                   in_shardings=(rep, data, data, data, data, rep, rep, rep, rep, arrays, rep,
+                                 rep),
                    out_shardings=(out_batch, out_batch))
 
 
 def generation_program(pipe: Pipeline, sampler: str = "ddim", steps: int = 50,
                        sweep: bool = False, mesh=None):
     """The jitted program ``generate`` runs (the same cached object), for ahead-of-time
-    ``.lower(params, ids, neg_ids, noise, keys, scale, rescale, eta, interval, (), None)`` from
+    ``.lower(params, ids, neg_ids, noise, keys, scale, rescale, eta, interval, (), None, None)`` from
     abstract shapes (``bench/roofline.py``); no control models, default SDXL time ids."""
     # The same positional arguments as ``generate`` (lru_cache keys on their form).
     return _compiled(pipe, sampler, int(steps), sweep, mesh or parallel.make_mesh(), (), False,
@@ -130,7 +144,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
              steps: int = 50, guidance_scale: Union[float, Sequence[float]] = 7.5, seed: int = 0,
              latents=None, height: Optional[int] = None, width: Optional[int] = None,
              eta: float = 0.0, guidance_rescale: float = 0.0,
-             guidance_interval: Sequence[float] = (0.0, 1.0), mesh=None,
+             guidance_interval: Sequence[float] = (0.0, 1.0),
+             condition_annealing: Optional[Sequence[float]] = None, mesh=None,
              output: str = "uint8", sample_offset: int = 0,
              control: Union[None, Control, Sequence[Control]] = None,
              denoising_start: Optional[float] = None, denoising_end: Optional[float] = None,
@@ -148,6 +163,12 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
         is guided unless i/N < start or (i+1)/N > end (the rule of ``Control.start/end``),
         the other steps use the conditional output alone (scale 1). Traced. Default (0, 1):
         every step, as diffusers.
+      condition_annealing: None, or CADS' (tau1, tau2, noise_scale, psi) (Sadat et al.
+        2024; ``guidance.anneal_condition``): at the steps whose diffusion time t = timestep
+        / num_train_timesteps is above tau1 the conditional embedding is mixed with per-sample Gaussian noise (all noise above
+        tau2), rescaled to its own statistics, against the diversity collapse of strong
+        guidance on under-specified prompts. Traced (new values never recompile; None and
+        a value are two programs). The paper's defaults: 0.6 0.9 0.25 1.
       seed: per-sample noise is ``fold_in(key(seed), sample_offset + index)``, so a
         large job split into chunks (``sample_offset``) gives the same images.
       latents: optional initial noise [B, h, w, C] (NHWC, not yet multiplied by the
@@ -181,6 +202,7 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     width = pipe.image_size if width is None else width
     check_request(pipe, b, steps, height, width, sampler)
     interval = check_interval(guidance_interval)
+    annealing = check_annealing(condition_annealing)
     time_ids = pipe.time_id_pair(height, width, denoising_start is not None,
                                  **micro_conditioning)
     mesh = mesh or parallel.make_mesh()
@@ -209,7 +231,7 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
                     pipe.zeroes_negative(negative_prompts), span)
     images, final = run(params, ids, neg_ids, noise, keys, scale,
                         jnp.float32(guidance_rescale), jnp.float32(eta), interval, arrays,
-                        None if time_ids is None else jnp.asarray(time_ids))
+                        None if time_ids is None else jnp.asarray(time_ids), annealing)
     if output == "latents":
         return np.asarray(final)[..., :b, :, :, :]
     return to_uint8(np.asarray(images)[..., :b, :, :, :])

@@ -10,6 +10,7 @@ import pytest
 
 import jaxdiff
 from torchref import models as ref
+from jaxdiff import guidance
 from jaxdiff import sampling as gen_lib
 from jaxdiff.samplers import SAMPLERS
 
@@ -124,6 +125,49 @@ def test_guidance_interval(loaded):
     assert not np.allclose(half, none, atol=1e-3)
 
 
+def test_condition_annealing_schedule_and_statistics():
+    """CADS (Sadat et al. 2024): gamma(t) is 1 up to tau1, 0 from tau2, linear between;
+    psi = 1 keeps each row's own mean and std; all-noise steps with psi = 0 are pure
+    N(0, s^2) noise, independent of the condition; a row's result does not depend on the
+    batch; gamma = 1 returns the condition bit for bit."""
+    w = [float(guidance.annealing_weight(t, 0.6, 0.9)) for t in (0.0, 0.6, 0.75, 0.9, 1.0)]
+    np.testing.assert_allclose(w, [1.0, 1.0, 0.5, 0.0, 0.0], atol=1e-6)
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.normal(0.3, 2.0, (3, 77, 64)) * np.arange(1, 4)[:, None, None],
+                    jnp.float32)
+    keys = gen_lib.sample_keys(1, 3)
+    mixed = guidance.anneal_condition(y, keys, 0.75, jnp.asarray([0.6, 0.9, 0.5, 1.0]))
+    assert not np.allclose(mixed, y, atol=1e-2)
+    np.testing.assert_allclose(mixed.mean(axis=(1, 2)), y.mean(axis=(1, 2)), atol=1e-4)
+    np.testing.assert_allclose(mixed.std(axis=(1, 2)), y.std(axis=(1, 2)), rtol=1e-4)
+    noise = guidance.anneal_condition(y, keys, 0.95, jnp.asarray([0.6, 0.9, 0.5, 0.0]))
+    assert abs(float(noise.std()) - 0.5) < 0.01 and abs(float(noise.mean())) < 0.01
+    assert abs(np.corrcoef(np.ravel(noise), np.ravel(y))[0, 1]) < 0.02
+    row = guidance.anneal_condition(y[1:2], keys[1:2], 0.75, jnp.asarray([0.6, 0.9, 0.5, 1.0]))
+    np.testing.assert_allclose(row, mixed[1:2], rtol=1e-6, atol=1e-6)
+    same = guidance.anneal_condition(y, keys, 0.5, jnp.asarray([0.6, 0.9, 0.5, 1.0]))
+    assert np.array_equal(same, y)
+
+
+def test_condition_annealing_in_generate(loaded, monkeypatch):
+    """Noise scale 0 with psi = 1 rescales the condition back to itself: the images equal
+    plain sampling; a real noise scale changes them; new values are traced (one program)."""
+    pipe, params = loaded
+    kw = dict(sampler="ddim", steps=4, output="latents", seed=2, guidance_scale=5.0)
+    plain = jaxdiff.generate(pipe, params, PROMPTS, **kw)
+    gen_lib._compiled.cache_clear()
+    traces = []
+    real = gen_lib.denoise_loop
+    monkeypatch.setattr(gen_lib, "denoise_loop",
+                        lambda *a, **k: traces.append(1) or real(*a, **k))
+    off = jaxdiff.generate(pipe, params, PROMPTS, condition_annealing=(0.0, 1.0, 0.0, 1.0), **kw)
+    # (DDIM 4 steps: t <= 0.751 < tau2 = 1, so gamma > 0 and the rescale restores y)
+    np.testing.assert_allclose(off, plain, rtol=1e-4, atol=1e-4)
+    on = jaxdiff.generate(pipe, params, PROMPTS, condition_annealing=(0.3, 0.9, 1.0, 1.0), **kw)
+    assert np.abs(on - plain).max() > 1e-2
+    assert len(traces) == 1
+
+
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_runs_end_to_end(loaded, name):
     pipe, params = loaded
@@ -145,6 +189,8 @@ def test_chunks_reproduce_one_batch(loaded):
     (dict(sampler="plms"), "unknown sampler"),
     (dict(negative_prompts=["a", "b", "c"]), "3 negative prompts for 2 prompts"),
     (dict(guidance_interval=(0.6, 0.2)), "need 0 <= start < end <= 1"),
+    (dict(condition_annealing=(0.9, 0.6, 0.25, 1.0)), "need 0 <= tau1 < tau2 <= 1"),
+    (dict(condition_annealing=(0.6, 0.9)), "needs 4 numbers"),
 ])
 def test_bad_arguments_are_clear_errors(loaded, kwargs, match):
     pipe, params = loaded

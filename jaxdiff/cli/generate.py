@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxdiff import parallel, sampling
+from jaxdiff import guidance, parallel, sampling
 from jaxdiff.adapters import apply_adapters
 from jaxdiff.cli import gligen_args
 from jaxdiff.cli import guided_args
@@ -52,6 +52,12 @@ def add_parser(sub):
                    metavar=("START", "END"),
                    help="fractions of the steps where CFG acts, the rest use the conditional "
                         "output alone (default 0 1: every step)")
+    p.add_argument("--condition-annealing", type=float, nargs=4, default=None,
+                   metavar=("TAU1", "TAU2", "NOISE", "PSI"),
+                   help="CADS: Gaussian noise on the prompt embedding at diffusion times above "
+                        "TAU1 (only noise above TAU2), rescaled to its statistics and mixed "
+                        "by PSI, for more varied images at high guidance (e.g. 0.6 0.9 0.25 "
+                        "1; default off)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
@@ -167,6 +173,11 @@ def run(args) -> int:
             args.box or args.refiner or args.classifier or args.clip):
         raise ValueError("--guidance-interval applies to plain and ControlNet/adapter "
                          "sampling; drop it with --box, --refiner, --classifier or --clip.")
+    if args.condition_annealing is not None:
+        guidance.check_annealing(args.condition_annealing)
+        if args.box or args.refiner or args.classifier or args.clip:
+            raise ValueError("--condition-annealing applies to plain and ControlNet/adapter "
+                             "sampling; drop it with --box, --refiner, --classifier or --clip.")
     lora_scales = args.lora_scale or [1.0]
     if args.lora_scale and not args.lora:
         raise ValueError("--lora-scale needs --lora FILE.")
@@ -210,6 +221,7 @@ def run(args) -> int:
                                        args.steps, args.guidance, args.seed, height=height,
                                        width=width, eta=args.eta, sample_offset=start,
                                        guidance_interval=args.guidance_interval,
+                                       condition_annealing=args.condition_annealing,
                                        control=controls, **micro.base)
             images.append(out)
             bar.update(len(chunk))
@@ -233,6 +245,8 @@ def run(args) -> int:
         settings.update(textual_inversion=args.textual_inversion)
     if tuple(args.guidance_interval) != (0.0, 1.0):
         settings.update(guidance_interval=list(args.guidance_interval))
+    if args.condition_annealing is not None:
+        settings.update(condition_annealing=list(args.condition_annealing))
     if guided is not None:
         settings.update(guided.settings(args))
     if controls:
