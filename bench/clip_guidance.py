@@ -1,17 +1,22 @@
-"""CLIP-text guidance (SDG) on the embedded model with the empty prompt, JSON.
+"""CLIP guidance (SDG) on the embedded model with the empty prompt, JSON.
 
     python bench/clip_guidance.py [--num 32] [--scales 0,10,30,100] [--steps 20] \\
-        [--mode x0] [--clip DIR] [--out results.json]
+        [--mode x0] [--clip DIR] [--target text|image] [--normalize] [--recurrence K] \\
+        [--out results.json]
 
-Each image is guided towards "a {colour} {shape}" (colours in turn, shapes drawn with a
-fixed seed) by ``jaxdiff.clip_guidance.generate_clip_guided`` (DDIM, the empty prompt,
-no classifier-free guidance, one vmapped program over the scales); the shapes-world
-evaluator reads colour and shape back. Scale 0 is the unconditional model (chance-level
-agreement). Prints one JSON object (also written atomically to ``--out``).
+``--target text``: each image is guided towards "a {colour} {shape}" (colours in turn,
+shapes drawn with a fixed seed); ``--target image``: towards the CLIP embedding of a
+reference image, a held-out one-object world scene (its colour and shape are the target).
+``jaxdiff.clip_guidance.generate_clip_guided`` runs it (DDIM, the empty prompt, no
+classifier-free guidance, one vmapped program over the scales; ``--normalize``: unit-RMS
+gradients, ``--recurrence``: self-recurrence); the shapes-world evaluator reads colour and
+shape back. Scale 0 is the unconditional model (chance-level agreement). Prints one JSON
+object (also written atomically to ``--out``).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -20,7 +25,7 @@ import numpy as np
 import jaxdiff
 from jaxdiff import clip_guidance as cg
 from jaxdiff.data.images import write_json
-from jaxdiff.data.shapes import ShapeObject, WorldSpec, caption
+from jaxdiff.data.shapes import ShapeObject, WorldSpec, caption, held_out_examples
 from jaxdiff.eval import shapes_eval
 from jaxdiff.weights.clip_format import SHAPES_CLIP, load_clip
 
@@ -32,21 +37,37 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--mode", default="x0", choices=cg.MODES)
     p.add_argument("--clip", default=SHAPES_CLIP, help="transformers CLIPModel folder")
+    p.add_argument("--target", default="text", choices=("text", "image"),
+                   help="guide towards a text or a reference image's embedding")
+    p.add_argument("--normalize", action="store_true",
+                   help="unit-RMS similarity gradients (scales ~1-2)")
+    p.add_argument("--recurrence", type=int, default=1, help="self-recurrence rounds per step")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     pipe, params = jaxdiff.load_pipeline(None)
     clip, clip_params = load_clip(args.clip)
     spec = WorldSpec()  # the embedded model's world
-    rng = np.random.default_rng(0)
-    targets = [ShapeObject(spec.shapes[rng.integers(len(spec.shapes))],
-                           spec.colour_names[i % len(spec.colour_names)], None, None)
-               for i in range(args.num)]
-    texts = [caption([o], None, mention_size=False, mention_position=False) for o in targets]
+    if args.target == "text":
+        rng = np.random.default_rng(0)
+        targets = [ShapeObject(spec.shapes[rng.integers(len(spec.shapes))],
+                               spec.colour_names[i % len(spec.colour_names)], None, None)
+                   for i in range(args.num)]
+        texts = [caption([o], None, mention_size=False, mention_position=False)
+                 for o in targets]
+        what = dict(texts=texts)
+    else:
+        refs = held_out_examples(spec, args.num, num_objects=1)
+        targets = [dataclasses.replace(ex["objects"][0], size=None, position=None)
+                   for ex in refs]
+        what = dict(images=np.stack([ex["image"] for ex in refs]))
     scales = [float(s) for s in args.scales.split(",")]
     t0 = time.perf_counter()
-    images = cg.generate_clip_guided(pipe, params, clip, clip_params, texts=texts,
-                                     clip_scale=scales, steps=args.steps, mode=args.mode)
-    result = {"num": args.num, "steps": args.steps, "mode": args.mode, "by_scale": {}}
+    images = cg.generate_clip_guided(pipe, params, clip, clip_params, clip_scale=scales,
+                                     steps=args.steps, mode=args.mode,
+                                     normalize=args.normalize, recurrence=args.recurrence,
+                                     **what)
+    result = {"num": args.num, "steps": args.steps, "mode": args.mode, "target": args.target,
+              "normalize": args.normalize, "recurrence": args.recurrence, "by_scale": {}}
     for s, row in zip(scales, images):
         reads = [shapes_eval.attribute_accuracy(img, [o], spec) for img, o in zip(row, targets)]
         result["by_scale"][str(s)] = {k: round(float(np.mean([r[k] for r in reads])), 4)

@@ -30,15 +30,41 @@ from jaxdiff.samplers import make_sampler
 from jaxdiff.sampling import check_request, initial_noise, prompt_list, sample_keys
 
 
-def scan_sampler(sampler, denoise, noise, keys, contexts):
+# fold_in tag of the self-recurrence re-noising stream (the sampler's noise uses i + 1).
+RECURRENCE_TAG = 0x5E1F
+
+
+def scan_sampler(sampler, denoise, noise, keys, contexts, recurrence: int = 1, renoise=None):
     """Final latents of ``sampler`` run over all its timesteps with ``denoise(x, t,
     contexts)`` in one ``lax.scan``, from ``noise``; step ``i``'s fresh noise (ancestral
-    samplers) is ``normal(fold_in(key, i + 1))`` per image, as ``generate`` draws it."""
-    def body(state, i):
+    samplers) is ``normal(fold_in(key, i + 1))`` per image, as ``generate`` draws it.
+
+    ``recurrence`` k > 1 is universal guidance's self-recurrence (Bansal et al. 2023,
+    Algorithm 1): each step is taken k times, the first k - 1 results put back at the
+    step's noise level by ``renoise(x_next, i, n) -> x`` (fresh N(0, 1) ``n`` per round,
+    ``fold_in(fold_in(key, RECURRENCE_TAG), i * k + r)``); the guidance gradient gets k
+    chances per noise level. Static (it sets the loop)."""
+    def draw(i, tag=None, r=0):
+        def one(k):
+            k = jax.random.fold_in(k, i + 1) if tag is None else jax.random.fold_in(
+                jax.random.fold_in(k, tag), i * recurrence + r)
+            return jax.random.normal(k, noise.shape[1:])
+        return jax.vmap(one)(keys)
+
+    def step(state, i):
         out = denoise(sampler.model_input(state, i), sampler.timesteps[i], contexts)
-        eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
-                                                   noise.shape[1:]))(keys)
-        return sampler.step(state, i, out, eps), None
+        return sampler.step(state, i, out, draw(i))
+
+    def body(state, i):
+        if recurrence == 1:
+            return step(state, i), None
+
+        def round_(r, st):  # one copy of the guided step in the program, k rounds
+            nxt = step(st, i)
+            back = sampler.init(renoise(sampler.latents(nxt), i, draw(i, RECURRENCE_TAG, r))
+                                .astype(noise.dtype))
+            return jax.tree.map(lambda b, n: jnp.where(r < recurrence - 1, b, n), back, nxt)
+        return jax.lax.fori_loop(0, recurrence, round_, state), None
 
     state, _ = jax.lax.scan(body, sampler.init(noise * sampler.init_noise_sigma),
                             jnp.arange(len(sampler.timesteps)))

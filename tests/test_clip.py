@@ -187,6 +187,70 @@ def test_clip_guidance_gradient_matches_finite_differences():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_normalized_gradient_and_ddim_renoise_are_exact():
+    """``unit_rms``: each sample's gradient keeps its direction at RMS 1, and a normalized
+    ``clip_guided`` moves the output by ``scale * sqrt(1 - abar)`` of it; ``ddim_renoise``
+    is the forward process from the next level: data x0 = c with x_next = sqrt(a') c +
+    sqrt(1 - a') e comes back as mean sqrt(a) c and variance 1 - a (analytic)."""
+    from jaxdiff import clip_guidance as cg
+    from jaxdiff import schedules
+    from jaxdiff.samplers.ddim import ddim_tables
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 4, 4)), jnp.float32)
+    grad = lambda x_, t_: x_ * jnp.asarray([1e-4, 30.0])[:, None, None, None]
+    g = cg.unit_rms(grad)(x, None)
+    np.testing.assert_allclose(np.sqrt(np.mean(np.square(g), axis=(1, 2, 3))), 1.0, rtol=1e-5)
+    cos = np.sum(np.asarray(g) * np.asarray(x), axis=(1, 2, 3)) / np.sqrt(
+        np.sum(np.square(g), axis=(1, 2, 3)) * np.sum(np.square(x), axis=(1, 2, 3)))
+    np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
+    acp = jnp.linspace(0.999, 0.01, 1000)
+    log_p = lambda x_, t_: jnp.sum(x_ ** 2, axis=(1, 2, 3)) * jnp.asarray([1e-4, 30.0]) / 2
+    moved = cg.clip_guided(lambda x_, t_, c_: 0.5 * x_, log_p, 2.0, acp, normalize=True)(
+        x, jnp.array([100, 500]), None)
+    a = acp[jnp.array([100, 500])][:, None, None, None]
+    np.testing.assert_allclose(np.asarray(moved), np.asarray(0.5 * x - 2.0 * jnp.sqrt(1 - a) * g),
+                               rtol=1e-5, atol=1e-6)
+    cfg = schedules.SchedulerConfig()
+    tables, renoise = ddim_tables(cfg, 10), cg.ddim_renoise(cfg, 10)
+    rng = np.random.default_rng(2)
+    c = 0.7
+    for i in (0, 4, 9):
+        a_t, a_next = float(tables.alpha[i]), float(tables.alpha_prev[i])
+        x_next = np.sqrt(a_next) * c + np.sqrt(1 - a_next) * rng.standard_normal(200_000)
+        back = np.asarray(renoise(jnp.asarray(x_next, jnp.float32), i,
+                                  jnp.asarray(rng.standard_normal(200_000), jnp.float32)))
+        assert abs(back.mean() - np.sqrt(a_t) * c) < 0.01
+        assert abs(back.var() - (1 - a_t)) < 0.01 * max(1 - a_t, 0.1)
+
+
+def test_self_recurrence_renoises_to_each_steps_level():
+    """Self-recurrence with the exact denoiser of point-mass data x0 = m: every one of the
+    steps x rounds calls sees x_t = sqrt(abar_t) m + sqrt(1 - abar_t) z with z ~ N(0, 1)
+    (analytic for correctly re-noised states; a wrong level gives another variance), and
+    the result is m, as without recurrence."""
+    from jaxdiff import clip_guidance as cg
+    from jaxdiff import schedules
+    from jaxdiff.guided_sampling import scan_sampler
+    from jaxdiff.samplers import make_sampler
+    cfg, steps, m = schedules.SchedulerConfig(), 6, 0.8
+    acp = jnp.asarray(schedules.alphas_cumprod(cfg), jnp.float32)
+    seen = []
+
+    def denoise(x, t, _):
+        a = acp[t]
+        z = (x - jnp.sqrt(a) * m) / jnp.sqrt(1 - a)
+        jax.debug.callback(lambda v: seen.append(float(v)), jnp.var(z))
+        return z
+
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(256))
+    noise = jax.random.normal(jax.random.key(4), (256, 8, 8, 4))
+    sampler = make_sampler("ddim", cfg, steps)
+    out = jax.jit(lambda n: scan_sampler(sampler, denoise, n, keys, None, 3,
+                                         cg.ddim_renoise(cfg, steps)))(noise)
+    assert len(seen) == 3 * steps
+    np.testing.assert_allclose(seen, 1.0, atol=0.02)
+    np.testing.assert_allclose(np.asarray(out), m, atol=1e-4)
+
+
 def test_recipe_init_from_starts_from_the_exported_weights(tmp_path):
     """``config.init_from``: a 0-step run of the ``tiny`` recipe initialised from a saved tiny
     export exports exactly those weights (not its own random init); an export of another

@@ -123,6 +123,21 @@ def test_clip_flags_write_what_the_library_makes(embedded, guides, monkeypatch):
     np.testing.assert_array_equal(_images(out, 2), want[0])
     _, meta = _read(os.path.join(out, "0001.png"))
     assert meta["clip_scale"] == "300.0" and meta["clip_mode"] == "xt"
+    # Normalized gradients and self-recurrence reach the library call the same way.
+    out2 = str(guides["tmp"] / "clip_out2")
+    argv = argv[:argv.index("--clip-scale")] + ["--clip-scale", "2", "--clip-normalize",
+                                                "--clip-recurrence", "2", "--out", out2] + SETTINGS
+    assert _run(embedded, guides, argv, monkeypatch) == 0
+    kw = dict(texts=["a red star", "a blue circle"], mode="xt", prompts=["", ""],
+              clip_scale=[2.0], sampler="ddim", steps=2, seed=5, normalize=True)
+    want2 = generate_clip_guided(pipe, params, guides["clip"], guides["clip_params"],
+                                 recurrence=2, **kw)
+    np.testing.assert_array_equal(_images(out2, 2), want2[0])
+    once = generate_clip_guided(pipe, params, guides["clip"], guides["clip_params"], **kw)
+    assert np.abs(want2.astype(int) - once.astype(int)).max() > 2
+    with open(os.path.join(out2, "settings.json")) as f:
+        settings = json.load(f)
+    assert settings["clip_normalize"] is True and settings["clip_recurrence"] == 2
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -141,6 +156,9 @@ def test_clip_flags_write_what_the_library_makes(embedded, guides, monkeypatch):
     (["--clip", "shipped", "--clip-image", "{tmp}/none.png"], "none.png"),
     (["--clip", "shipped", "--clip-prompt", "a", "--classifier", "{clf}"], "give one kind"),
     (["--clip", "shipped", "--clip-prompt", "a", "--height", "64"], "model's size 32x32"),
+    (["--clip-normalize"], "need --clip DIR"),
+    (["--clip", "shipped", "--clip-prompt", "a", "--clip-recurrence", "2", "--sampler",
+      "euler"], "only with --sampler ddim"),
 ])
 def test_bad_guidance_flags_are_one_error_line_and_no_files(embedded, guides, tmp_path, capsys,
                                                              monkeypatch, extra, match):

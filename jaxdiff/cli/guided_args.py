@@ -53,6 +53,12 @@ def add_arguments(p) -> None:
     g.add_argument("--clip-mode", default="x0", choices=MODES,
                    help="x0: a clean CLIP reads the decoded predicted x0 (default); xt: a "
                    "noise-aware CLIP (configs/clip.py:noisy) reads x_t")
+    g.add_argument("--clip-normalize", action="store_true",
+                   help="unit-RMS similarity gradient per image and step: --clip-scale is "
+                   "then the push in noise units (try 1.5)")
+    g.add_argument("--clip-recurrence", type=int, default=1, metavar="K",
+                   help="self-recurrence: each step taken K times, re-noised in between "
+                   "(--sampler ddim; K times the cost; default 1)")
 
 
 @dataclasses.dataclass
@@ -73,7 +79,9 @@ class Guidance:
             return dict(classifier=args.classifier, classes=args.classes,
                         classifier_scale=list(self.scales))
         return dict(clip=args.clip, clip_mode=args.clip_mode, clip_prompt=args.clip_prompt,
-                    clip_image=args.clip_image, clip_scale=list(self.scales))
+                    clip_image=args.clip_image, clip_scale=list(self.scales),
+                    clip_normalize=args.clip_normalize,
+                    clip_recurrence=args.clip_recurrence)
 
 
 def _per_prompt(values, n, flag):
@@ -124,8 +132,13 @@ def load_guidance(args, pipe, height: int, width: int) -> Optional[Guidance]:
     clip_flags = args.clip_prompt or args.clip_image or args.clip_scale is not None
     if args.classifier is None and clf_flags:
         raise ValueError("--class / --classifier-scale need --classifier DIR.")
+    if args.clip_recurrence < 1 or (args.clip_recurrence > 1 and args.sampler != "ddim"):
+        raise ValueError(f"--clip-recurrence {args.clip_recurrence}: needs K >= 1, and K > 1 "
+                         f"only with --sampler ddim (got {args.sampler}).")
+    clip_flags = clip_flags or args.clip_normalize or args.clip_recurrence != 1
     if args.clip is None and clip_flags:
-        raise ValueError("--clip-prompt / --clip-image / --clip-scale need --clip DIR.")
+        raise ValueError("--clip-prompt / --clip-image / --clip-scale / --clip-normalize / "
+                         "--clip-recurrence need --clip DIR.")
     if args.classifier is None and args.clip is None:
         return None
     if args.classifier is not None and args.clip is not None:
@@ -192,4 +205,5 @@ def generate_chunk(g: Guidance, pipe, params, prompts, rows, args, sample_offset
     target = (dict(texts=[g.texts[r] for r in rows]) if g.texts is not None
               else dict(images=g.images[rows]))
     return generate_clip_guided(pipe, params, g.model, g.params, mode=args.clip_mode,
-                                clip_scale=scales, **target, **kw)
+                                clip_scale=scales, normalize=args.clip_normalize,
+                                recurrence=args.clip_recurrence, **target, **kw)
