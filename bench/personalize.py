@@ -179,7 +179,7 @@ def main(argv=None):
                     "personalize_colours.CANDIDATES")
     ap.add_argument("--colour-vae-scan", action="store_true",
                     help="colours: only the VAE round trip of every candidate colour")
-    ap.add_argument("--colour-steps", type=int, default=1000,
+    ap.add_argument("--colour-steps", type=int, default=1500,
                     help="colours: DreamBooth and DreamBooth-LoRA steps")
     ap.add_argument("--colour-lr", type=float, default=3e-4,
                     help="colours: DreamBooth (full UNet) learning rate")
@@ -190,10 +190,11 @@ def main(argv=None):
                     help="colours: Textual Inversion steps")
     ap.add_argument("--colour-ti-lr", type=float, default=1e-2,
                     help="colours: Textual Inversion learning rate")
-    ap.add_argument("--colour-captions", default="object", choices=("object", "shape"),
+    ap.add_argument("--colour-captions", default="both", choices=("object", "shape", "both"),
                     help="colours: 'object' = one caption for all five instance images "
                     "('a sks object on a BG background'), 'shape' = per-image captions "
-                    "naming each image's shape ('a sks circle on a BG background')")
+                    "naming each image's shape ('a sks circle on a BG background'), 'both' = "
+                    "each image twice, once with each")
     ap.add_argument("--colour-num-class", type=int, default=32, help="colours: class images")
     ap.add_argument("--colour-samples", type=int, default=8,
                     help="colours: generations per shape and prompt (5 shapes)")

@@ -28,7 +28,11 @@ with the captions ``--colour-captions`` picks (``CAPTIONS``):
   background";
 * ``shape``: per-image captions naming each image's shape, "a {} circle on a BG
   background" / "a sks circle on a BG background" for the circle image, etc.
-  (``captions=`` / a list ``instance_prompt``): the new word then carries only the colour.
+  (``captions=`` / a list ``instance_prompt``): the new word then carries only the colour;
+* ``both`` (the default): the five images twice, once captioned "a {} object on a BG
+  background" / "a sks object on a BG background", once with their shape caption
+  (``teaching_set``): the word is seen beside "object" and beside every shape word, so
+  the colour carries over to "a sks star" as well as to "a sks object".
 
 Fidelity (``jaxdiff.eval.colour_fidelity``): for "a WORD SHAPE on a BG background", every
 shape, ``--colour-samples`` seeds each, the generated object's median colour inside the
@@ -77,7 +81,7 @@ CANDIDATES = {
     "lavender": ((200, 170, 255), "black"), "light sky": ((150, 200, 255), "black"),
 }
 DEFAULT_COLOURS = ("dark violet", "light lime")
-CAPTIONS = ("object", "shape")   # --colour-captions (module docstring)
+CAPTIONS = ("object", "shape", "both")   # --colour-captions (module docstring)
 POSITIONS = ("centre", "left", "right", "top", "bottom")
 SAMPLING = dict(sampler="dpmpp_2m", steps=25, guidance_scale=5.0)
 
@@ -93,9 +97,24 @@ def draw(folder: str, rgb, background: str) -> str:
     return folder
 
 
+def teaching_set(mode: str, images, paths, background: str) -> tuple[np.ndarray, dict,
+                                                                     str | list]:
+    """(instance images, Textual Inversion keyword arguments, DreamBooth instance prompt)
+    for caption mode ``mode``: ``teaching_captions`` for 'object' / 'shape'; 'both' repeats
+    the five images, the first five captioned 'object', the repeats 'shape' (per image)."""
+    if mode != "both":
+        return (images, *teaching_captions(mode, paths, background))
+    generic = f"a {{}} object on a {background} background"
+    shaped, prompts = teaching_captions("shape", paths, background)
+    return (np.concatenate([images, images]),
+            dict(captions=[generic] * len(paths) + shaped["captions"]),
+            [generic.format("sks")] * len(paths) + prompts)
+
+
 def teaching_captions(mode: str, paths, background: str) -> tuple[dict, str | list]:
     """(Textual Inversion keyword arguments, DreamBooth instance prompt) for the instance
-    images at ``paths`` (``draw``'s files, named by shape) in caption mode ``mode``."""
+    images at ``paths`` (``draw``'s files, named by shape) in caption mode ``mode``
+    ('object' or 'shape'; 'both' is ``teaching_set``'s)."""
     if mode == "object":
         return (dict(templates=(f"a {{}} object on a {background} background", "a {} object")),
                 f"a sks object on a {background} background")
@@ -225,14 +244,15 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
         nearest = min(dist, key=dist.get)
         folder = draw(os.path.join(work, placeholder.strip("<>")), rgb, bg)
         images, paths = load_image_folder(folder, (SPEC.image_size,) * 2)
-        ti_captions, instance_prompt = teaching_captions(args.colour_captions, paths, bg)
+        taught, ti_captions, instance_prompt = teaching_set(args.colour_captions, images,
+                                                            paths, bg)
         row = dict(rgb=list(rgb), background=bg, nearest_anchor=[nearest, round(dist[nearest], 1)],
                    vae_ceiling=vae_ceiling(pipe, params, images, rgb),
                    base_closest=base_closest(pipe, params, rgb, bg, per))
         out["colours"][name] = row
         report(out)
         r = ti_train.train_textual_inversion(
-            pipe, params, images, os.path.join(work, f"ti_{placeholder}"),
+            pipe, params, taught, os.path.join(work, f"ti_{placeholder}"),
             placeholder=placeholder, initializer_token=nearest,
             **ti_captions, steps=args.colour_ti_steps, batch_size=4, lr=args.colour_ti_lr,
             log_every=max(1, args.colour_ti_steps), ckpt_every=10 ** 9)
@@ -248,7 +268,7 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
         for mode, rank, lr in (("dreambooth", 0, args.colour_lr),
                                ("dreambooth_lora", args.colour_lora_rank, args.colour_lora_lr)):
             tuned, _ = db.train_dreambooth(
-                pipe, params, images, os.path.join(work, f"{mode}_{placeholder}"),
+                pipe, params, taught, os.path.join(work, f"{mode}_{placeholder}"),
                 instance_prompt=instance_prompt, class_images=classes,
                 class_prompt=class_prompt, prior_loss_weight=1.0, steps=args.colour_steps,
                 batch_size=4, lr=lr, lora_rank=rank, log_every=max(1, args.colour_steps),
