@@ -142,6 +142,32 @@ def test_a_few_train_steps_lower_the_loss(noisy):
         assert jax.tree.all(moved)  # the timestep input is trained too
 
 
+def test_noised_latent_features_follow_the_forward_process():
+    """A tiny random noise-aware CLIP: the features at timestep t are its embedding of
+    sqrt(abar_t) x + sqrt(1 - abar_t) n with n drawn from the seed, at that timestep; a
+    clean CLIP and a feature count that does not match the examples are refused."""
+    tok = load_tokenizer(os.path.join(DEFAULT_MODEL, "tokenizer"))
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(text, image_size=8, patch_size=2, num_channels=4)
+    clip = clip_train.build_clip(tok, text, vision, 16, True, {"num_train_timesteps": 1000})
+    params = clip_train.init_params(clip)
+    lat = np.random.default_rng(1).normal(size=(3, 8, 8, 4)).astype(np.float32)
+    acp = np.linspace(0.999, 0.01, 1000).astype(np.float32)
+    got = zs.noised_latent_features(clip, params, lat, 600, acp, seed=4, chunk=2)
+    n = jax.random.normal(jax.random.key(4), lat.shape)
+    x = np.sqrt(acp[600]) * lat + np.sqrt(1.0 - acp[600]) * n
+    want = clip.image_embeds(params, jnp.asarray(x), jnp.full((3,), 600))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(got - zs.noised_latent_features(clip, params, lat, 100, acp, seed=4)).max() \
+        > 1e-3    # the timestep matters
+    clean = clip_train.build_clip(tok, text, dict(vision, num_channels=3), 16, False, None)
+    with pytest.raises(ValueError, match="noise-aware"):
+        zs.noised_latent_features(clean, clip_train.init_params(clean), lat, 0, acp)
+    examples = held_out_examples(world("v2"), 4, num_objects=1)
+    with pytest.raises(ValueError, match="3 feature rows for 4 examples"):
+        zs.attribute_accuracy(clip, params, examples, world("v2"), features=got)
+
+
 @pytest.mark.slow
 def test_shipped_clip_zero_shot_colour_far_above_chance():
     clip, params = clip_format.load_clip(clip_format.SHAPES_CLIP)

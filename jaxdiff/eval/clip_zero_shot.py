@@ -10,6 +10,11 @@ objects of an unnamed colour (world v2) are left out of the colour score.
 Retrieval recall@1 over N held-out scenes with their own captions: image -> text is right
 when the best caption is the image's caption (or the same string), text -> image when the
 best image is one whose caption is that string.
+
+A noise-aware CLIP (``configs/clip.py:noisy``) reads VAE latents noised to a timestep:
+``noised_latent_features`` embeds clean latents after one fixed noise draw at timestep
+``t``, and both scores take precomputed image ``features``, so they are measured per noise
+level.
 """
 from __future__ import annotations
 
@@ -17,7 +22,10 @@ import functools
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from jaxdiff import schedules
 
 from jaxdiff.data.shapes import ShapeObject, WorldSpec, caption
 from jaxdiff.pipeline import from_uint8
@@ -48,6 +56,28 @@ def image_features(clip: CLIP, params, images, chunk: int = 256) -> np.ndarray:
                            for i in range(0, len(images), chunk)])
 
 
+@functools.partial(jax.jit, static_argnames=("clip",))
+def _noised_embeds(clip: CLIP, params, latents, noise, t, alphas_cumprod):
+    t = jnp.full((latents.shape[0],), t, jnp.int32)
+    return clip.image_embeds(params, schedules.add_noise(alphas_cumprod, latents, noise, t), t)
+
+
+def noised_latent_features(clip: CLIP, params, latents, t: int, alphas_cumprod, *,
+                           seed: int = 0, chunk: int = 256) -> np.ndarray:
+    """Noise-aware CLIP: clean latents [N, h, w, C] noised to timestep ``t`` by the forward
+    process of ``alphas_cumprod`` (one draw of ``seed``) -> L2-normalised embeddings [N, P]."""
+    if clip.time_token is None:
+        raise ValueError("noised_latent_features needs a noise-aware CLIP "
+                         "(configs/clip.py:noisy); this one reads clean pixels.")
+    latents = np.asarray(latents, np.float32)
+    noise = np.asarray(jax.random.normal(jax.random.key(seed), latents.shape), np.float32)
+    acp = jnp.asarray(alphas_cumprod, jnp.float32)
+    return np.concatenate([
+        np.asarray(_noised_embeds(clip, params, latents[i:i + chunk], noise[i:i + chunk],
+                                  int(t), acp))
+        for i in range(0, len(latents), chunk)])
+
+
 def _noun(colour, shape) -> str:
     """The world's own caption of one object, size and position unsaid ("a red circle";
     ``colour=None`` -> "a circle"; ``shape=None`` -> "a red object")."""
@@ -75,15 +105,26 @@ def ensemble_features(clip: CLIP, params, prompts: dict) -> np.ndarray:
     return np.stack(out)
 
 
-def attribute_accuracy(clip: CLIP, params, examples: Sequence[dict], spec: WorldSpec) -> dict:
+def attribute_accuracy(clip: CLIP, params, examples: Sequence[dict], spec: WorldSpec,
+                       features=None) -> dict:
     """Zero-shot colour and shape accuracy on one-object ``examples`` (``shapes`` dicts).
 
+    Other examples are left out. ``features``: image embeddings [N, P] of all ``examples``
+    if already computed (e.g. ``noised_latent_features``); default: ``image_features``.
     Returns {"colour_accuracy", "shape_accuracy", "num_colour", "num_shape", "chance_*"}.
     """
-    examples = [e for e in examples if int(e["num_objects"]) == 1]
-    if not examples:
+    one = np.array([int(e["num_objects"]) == 1 for e in examples], bool)
+    if not one.any():
         raise ValueError("attribute_accuracy needs one-object examples.")
-    image = image_features(clip, params, np.stack([e["image"] for e in examples]))
+    if features is None:
+        image = image_features(clip, params, np.stack([e["image"] for e in examples if
+                                                       int(e["num_objects"]) == 1]))
+    elif len(features) != len(examples):
+        raise ValueError(f"attribute_accuracy: {len(features)} feature rows for "
+                         f"{len(examples)} examples; give one row per example.")
+    else:
+        image = np.asarray(features)[one]
+    examples = [e for e, keep in zip(examples, one) if keep]
     out = {}
     for attr, names in (("colour", spec.colour_names), ("shape", spec.shapes)):
         classes = ensemble_features(clip, params, class_prompts(spec)[attr])
@@ -96,10 +137,13 @@ def attribute_accuracy(clip: CLIP, params, examples: Sequence[dict], spec: World
     return out
 
 
-def retrieval_recall_at_1(clip: CLIP, params, examples: Sequence[dict]) -> dict:
-    """Image -> text and text -> image recall@1 among ``examples`` and their captions."""
+def retrieval_recall_at_1(clip: CLIP, params, examples: Sequence[dict],
+                          features=None) -> dict:
+    """Image -> text and text -> image recall@1 among ``examples`` and their captions
+    (``features``: their image embeddings if already computed, as in ``attribute_accuracy``)."""
     captions = [str(e["caption"]) for e in examples]
-    image = image_features(clip, params, np.stack([e["image"] for e in examples]))
+    image = (image_features(clip, params, np.stack([e["image"] for e in examples]))
+             if features is None else np.asarray(features))
     text = text_features(clip, params, captions)
     sim = image @ text.T                                  # [images, texts]
     same = np.array([[a == b for b in captions] for a in captions])
