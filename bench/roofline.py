@@ -41,8 +41,9 @@ recorded as ``hand_flops``; like XLA it leaves out taps on zero padding), and th
 roofline uses it.
 
 The code is split by concept: ``roofline_models.py`` (the model table, built without
-weights), ``roofline_count.py`` (hand counts), ``roofline_programs.py`` (the jitted
-programs, their analysis, the roofline); this file is the command line.
+weights), ``roofline_count.py`` (hand counts), ``roofline_programs.py`` (the U-Net model's jitted
+programs, their analysis, the roofline), ``roofline_transformers.py`` (the DiT / PixArt
+programs); this file is the command line.
 
 Roofline: seconds per image >= max(FLOPs / peak FLOP/s, bytes / bandwidth) at bf16 peak
 (H100 SXM: 989 TFLOP/s dense, 3.35 TB/s; TPU v5e: 197 TFLOP/s, 819 GB/s); both sides
@@ -76,9 +77,9 @@ from roofline_count import (transformer_flops, unet_flops,  # noqa: E402,F401
                             upsample_extra_flops)
 from roofline_models import (ANCHORS, HARDWARE, MODELS, TRANSFORMERS,  # noqa: E402,F401
                              abstract_params, build, build_transformer)
-from roofline_programs import (Analyser, TransformerAnalyser, analyse,  # noqa: E402,F401
-                               roofline, target_devices, train_step, transformer_call,
-                               unet_call)
+from roofline_programs import (Analyser, analyse, roofline,  # noqa: E402,F401
+                               target_devices, train_step, unet_call)
+from roofline_transformers import TransformerAnalyser, transformer_call  # noqa: E402,F401
 
 
 def main(argv=None):
