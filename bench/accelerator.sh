@@ -126,7 +126,7 @@ for i, (scale, eta) in enumerate([(7.5, 0.0), (3.0, 0.5), (1.0, 1.0)]):
     keys = sampling.sample_keys(i, 1)
     prog(params, ids + i, ids, sampling.initial_noise(keys, shape[1:]), keys,
          jax.numpy.float32(scale), jax.numpy.float32(0.0), jax.numpy.float32(eta),
-         sampling.check_interval((0.1 * i, 1.0)), (), None, None)
+         sampling.check_interval((0.1 * i, 1.0)), (), None, None, None)
     counts.append(len(compiles))
 print(json.dumps({"generate_calls": 3, "compiles_first_call": counts[0],
                   "recompiles": counts[-1] - counts[0]}))

@@ -55,6 +55,10 @@ def parse_args(argv=None):
                    metavar=("TAU1", "TAU2", "NOISE", "PSI"), help="CADS on the conditional "
                    "embedding (jaxdiff.generate's condition_annealing; e.g. 0.6 0.9 0.25 1; "
                    "default off)")
+    p.add_argument("--apg", type=float, nargs=3, default=None,
+                   metavar=("ETA", "THRESHOLD", "MOMENTUM"), help="adaptive projected "
+                   "guidance on the x0 predictions (jaxdiff.generate's adaptive_projection; "
+                   "1 0 0 is CFG; e.g. 0 0 -0.5; default off: CFG)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--seed", type=int, default=0)
@@ -77,7 +81,8 @@ def generate_all(pipe, params, prompts, args):
                                   guidance_scale=list(args.guidance), seed=args.seed,
                                   sample_offset=start,
                                   guidance_interval=args.guidance_interval,
-                                  condition_annealing=args.condition_annealing)
+                                  condition_annealing=args.condition_annealing,
+                                  adaptive_projection=args.apg)
         out.append(images[:, :real])
         print(f"generated {start + real}/{n}", file=sys.stderr, flush=True)
     return np.concatenate(out, axis=1)
@@ -126,7 +131,7 @@ def main(argv=None):
               "image_size": spec.image_size, "sampler": args.sampler, "steps": args.steps,
               "seed": args.seed, "guidance": list(args.guidance),
               "guidance_interval": list(args.guidance_interval),
-              "condition_annealing": args.condition_annealing}
+              "condition_annealing": args.condition_annealing, "apg": args.apg}
 
     cases = gen.prompt_set(spec, args.num_one, args.num_two)
     groups = gen.split_by_objects(cases)

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import parallel
-from jaxdiff.guidance import anneal_condition, cfg, check_annealing
+from jaxdiff import parallel, schedules
+from jaxdiff.guidance import adaptive_projection, anneal_condition, cfg, check_annealing, \
+    check_projection
 from jaxdiff.control import Control, adapter_features, control_inputs, control_keep, \
     controlled_unet
 from jaxdiff.denoiser import denoise
@@ -45,7 +46,7 @@ ANNEAL_TAG = 0xCAD5
 
 
 def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, keys,
-                 control=None, span=None, interval=None, annealing=None):
+                 control=None, span=None, interval=None, annealing=None, projection=None):
     """Runs the sampler's ``lax.scan`` from initial latents ``x`` (already sigma-scaled).
 
     Args:
@@ -60,52 +61,96 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
       annealing: None, or traced CADS parameters [4] (``guidance.anneal_condition``); the
         condition of step i is annealed at its diffusion time t = timestep /
         num_train_timesteps, with keys fold_in(fold_in(key, ANNEAL_TAG), i).
+      projection: None (CFG), or APG's (traced values [3], alpha [M], sigma [M]): eta,
+        norm threshold and momentum (``guidance.adaptive_projection``) and the sampler's
+        ``x = alpha x0 + sigma eps`` levels of each evaluation (``vp_levels``). The
+        momentum's running average is carried in the scan and advances only at guided
+        steps (inside ``interval``), as diffusers' APG guider.
     Returns:
       final latents [B, h, w, C].
     """
     unet = lambda x_, t_, c_: denoise(pipe, params["unet"], x_, t_, c_)
     n = len(sampler.timesteps)
 
-    def body(state, i):
+    def body(carry, i):
         denoise = unet if control is None else controlled_unet(pipe, params, *control, i, n)
-        s = scale if interval is None else jnp.where(control_keep(i, n, *interval) > 0,
-                                                     scale, 1.0)
+        keep = None if interval is None else control_keep(i, n, *interval) > 0
+        s = scale if keep is None else jnp.where(keep, scale, 1.0)
         ctx = contexts
         if annealing is not None:
             step_keys = jax.vmap(lambda k: jax.random.fold_in(
                 jax.random.fold_in(k, ANNEAL_TAG), i))(keys)
             t_frac = sampler.timesteps[i] / pipe.scheduler.num_train_timesteps
             ctx = (anneal_condition(contexts[0], step_keys, t_frac, annealing), contexts[1])
-        out = cfg(denoise, s, rescale)(sampler.model_input(state, i), sampler.timesteps[i],
-                                       ctx)
+        state = carry if projection is None else carry[0]
+        x_in, t = sampler.model_input(state, i), sampler.timesteps[i]
+        if projection is None:
+            out = cfg(denoise, s, rescale)(x_in, t, ctx)
+        else:
+            values, alpha, sigma = projection
+            out, average = adaptive_projection(
+                denoise, s, rescale, values, pipe.scheduler.prediction_type, alpha[i],
+                sigma[i])(x_in, t, ctx, carry[1])
+            average = average if keep is None else jnp.where(keep, average, carry[1])
         noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
                                                      x.shape[1:]))(keys)
-        return sampler.step(state, i, out, noise), None
+        state = sampler.step(state, i, out, noise)
+        return (state if projection is None else (state, average)), None
 
     first, stop = span or (0, n)
-    state, _ = jax.lax.scan(body, sampler.init(x), jnp.arange(first, stop))
-    return sampler.latents(state)
+    init = sampler.init(x)
+    carry, _ = jax.lax.scan(body, init if projection is None else (init, jnp.zeros_like(x)),
+                            jnp.arange(first, stop))
+    return sampler.latents(carry if projection is None else carry[0])
+
+
+# Samplers whose UNet input is x_t = alpha x0 + sigma eps at an integer timestep.
+VP_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+
+
+def check_vp_sampler(sampler: str, name: str = "adaptive_projection") -> None:
+    """One-line ValueError naming ``name`` unless ``sampler`` is one of ``VP_SAMPLERS`` (the
+    sigma-based ones carry VE-scaled samples whose levels APG does not read)."""
+    if sampler not in VP_SAMPLERS:
+        raise ValueError(f"{name} works with the {', '.join(VP_SAMPLERS)} samplers, not "
+                         f"{sampler!r}.")
+
+
+def vp_levels(sampler: str, cfg, steps: int):
+    """float32 (alpha [M], sigma [M]) of each evaluation's ``x = alpha x0 + sigma eps``, from
+    the sampler's own schedule (alpha-bar at its timesteps; DPM-Solver's sigma table), so
+    APG converts outputs to x0 as the sampler does."""
+    check_vp_sampler(sampler)
+    if sampler == "dpmpp_2m":
+        sig = schedules.dpm_sigmas(cfg, steps)[1][:-1]
+        alpha = (1 / (sig ** 2 + 1) ** np.float32(0.5)).astype(np.float32)
+        return jnp.asarray(alpha), jnp.asarray(sig * alpha, jnp.float32)
+    ac = schedules.alphas_cumprod(cfg)[schedules.timesteps(cfg, steps, "ddim")]  # DDIM, DDPM
+    return jnp.asarray(ac ** 0.5, jnp.float32), jnp.asarray((1 - ac) ** 0.5, jnp.float32)
 
 
 def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False, span=None):
     """The whole job as one pure function of (params, ids, neg_ids, noise, keys, scalars
     (scale, rescale, eta, the guidance interval [2]), control arrays, SDXL time ids [2, K]
-    or None for the defaults, CADS parameters [4] or None). ``zero_uncond``: SDXL's zero negative embeddings. ``span``: None, or
+    or None for the defaults, CADS parameters [4] or None, APG parameters [3] or None).
+    ``zero_uncond``: SDXL's zero negative embeddings. ``span``: None, or
     (first, stop, handed): the step range (``step_span``); ``handed``: ``noise`` are the
     latents at step ``first`` (not scaled by the init sigma). A range that stops before
     the last step returns its latents in place of images (no VAE decode)."""
 
     def run(params, ids, neg_ids, noise, keys, scale, rescale, eta, interval, arrays=(),
-            time_ids=None, annealing=None):
+            time_ids=None, annealing=None, projection=None):
         sampler = make_sampler(sampler_name, pipe.scheduler, steps, eta=eta)
         size = (noise.shape[1] * pipe.vae_scale_factor, noise.shape[2] * pipe.vae_scale_factor)
         cond, uncond = pipe.encode_prompts(params, ids, neg_ids, *size, zero_uncond, time_ids)
         control = (specs, arrays, adapter_features(specs, arrays)) if specs else None
         handed = span is not None and span[2]
         x = noise if handed else noise * sampler.init_noise_sigma
+        apg = projection if projection is None else (
+            projection, *vp_levels(sampler_name, pipe.scheduler, steps))
         loop = lambda s: denoise_loop(pipe, sampler, params, x, (cond, uncond), s, rescale,
                                       keys, control, span and span[:2],
-                                      (interval[0], interval[1]), annealing)
+                                      (interval[0], interval[1]), annealing, apg)
         latents = jax.vmap(loop)(scale) if sweep else loop(scale)
         if span is not None and span[1] < sampler.num_evals:
             return latents, latents
@@ -125,15 +170,16 @@ def _compiled(pipe, sampler_name, steps, sweep, mesh, specs=(), zero_uncond=Fals
     arrays = tuple(dict(params=rep, image=data, scale=data, start=rep, end=rep) for _ in specs)
     return jax.jit(_program(pipe, sampler_name, steps, sweep, specs, zero_uncond, span),
                    in_shardings=(rep, data, data, data, data, rep, rep, rep, rep, arrays, rep,
-                                 rep),
+                                 rep, rep),
                    out_shardings=(out_batch, out_batch))
 
 
 def generation_program(pipe: Pipeline, sampler: str = "ddim", steps: int = 50,
                        sweep: bool = False, mesh=None):
     """The jitted program ``generate`` runs (the same cached object), for ahead-of-time
-    ``.lower(params, ids, neg_ids, noise, keys, scale, rescale, eta, interval, (), None, None)`` from
-    abstract shapes (``bench/roofline.py``); no control models, default SDXL time ids."""
+    ``.lower(params, ids, neg_ids, noise, keys, scale, rescale, eta, interval, (), None, None,
+    None)`` from abstract shapes (``bench/roofline.py``); no control models, default SDXL
+    time ids."""
     # The same positional arguments as ``generate`` (lru_cache keys on their form).
     return _compiled(pipe, sampler, int(steps), sweep, mesh or parallel.make_mesh(), (), False,
                      None)
@@ -145,7 +191,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
              latents=None, height: Optional[int] = None, width: Optional[int] = None,
              eta: float = 0.0, guidance_rescale: float = 0.0,
              guidance_interval: Sequence[float] = (0.0, 1.0),
-             condition_annealing: Optional[Sequence[float]] = None, mesh=None,
+             condition_annealing: Optional[Sequence[float]] = None,
+             adaptive_projection: Optional[Sequence[float]] = None, mesh=None,
              output: str = "uint8", sample_offset: int = 0,
              control: Union[None, Control, Sequence[Control]] = None,
              denoising_start: Optional[float] = None, denoising_end: Optional[float] = None,
@@ -169,6 +216,18 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
         tau2), rescaled to its own statistics, against the diversity collapse of strong
         guidance on under-specified prompts. Traced (new values never recompile; None and
         a value are two programs). The paper's defaults: 0.6 0.9 0.25 1.
+      adaptive_projection: None (CFG), or APG's (eta, norm_threshold, momentum) (Sadat et
+        al. 2025; ``guidance.apg_combine``): guidance acts on the denoised (x0)
+        predictions, ``c + (w - 1) (orth + eta par)``, with the part of the update parallel
+        to the conditional prediction weighted by eta, the update first averaged over the
+        steps with ``momentum`` (the paper: -0.5; 0 off) and clipped to norm
+        ``norm_threshold`` per image (0 off). (1, 0, 0) is CFG. High guidance scales then
+        oversaturate less and keep thin objects: on the shapes_v2_brief model at guidance
+        5 (dpmpp_2m, 20 steps), eta 0 reads the asked "a star on a white background" in
+        0.75 of images against CFG's 0.45. Composes with ``guidance_interval`` (the
+        average advances only at guided steps), scale sweeps and ``condition_annealing``.
+        VP samplers only (ddim, ddpm, dpmpp_2m). Traced (None and a value are two
+        programs).
       seed: per-sample noise is ``fold_in(key(seed), sample_offset + index)``, so a
         large job split into chunks (``sample_offset``) gives the same images.
       latents: optional initial noise [B, h, w, C] (NHWC, not yet multiplied by the
@@ -203,6 +262,9 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     check_request(pipe, b, steps, height, width, sampler)
     interval = check_interval(guidance_interval)
     annealing = check_annealing(condition_annealing)
+    projection = check_projection(adaptive_projection)
+    if projection is not None:
+        check_vp_sampler(sampler)
     time_ids = pipe.time_id_pair(height, width, denoising_start is not None,
                                  **micro_conditioning)
     mesh = mesh or parallel.make_mesh()
@@ -231,7 +293,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
                     pipe.zeroes_negative(negative_prompts), span)
     images, final = run(params, ids, neg_ids, noise, keys, scale,
                         jnp.float32(guidance_rescale), jnp.float32(eta), interval, arrays,
-                        None if time_ids is None else jnp.asarray(time_ids), annealing)
+                        None if time_ids is None else jnp.asarray(time_ids), annealing,
+                        projection)
     if output == "latents":
         return np.asarray(final)[..., :b, :, :, :]
     return to_uint8(np.asarray(images)[..., :b, :, :, :])

@@ -94,6 +94,8 @@ def test_images_equal_library_generate(loaded, generated):
     (["--width", "0"], "width=0 must be a positive multiple of 4"),
     (["--guidance-interval", "0.5", "0.2"], "--guidance-interval 0.5 0.2: need 0 <= start"),
     (["--condition-annealing", "0.6", "0.9", "-1", "1"], "need 0 <= tau1 < tau2 <= 1"),
+    (["--apg", "0", "0", "1"], "-1 < momentum < 1"),
+    (["--apg", "0", "0", "0", "--sampler", "euler"], "--apg works with the ddim"),
 ])
 def test_bad_input_is_one_error_line_and_no_files(pipe_dir, tmp_path, capsys, extra, match):
     out = tmp_path / "out"
@@ -144,6 +146,25 @@ def test_condition_annealing_flag_equals_the_library(loaded, pipe_dir, tmp_path,
     assert np.abs(got.astype(int) - plain[0].astype(int)).max() > 1
     with open(tmp_path / "settings.json") as f:
         assert json.load(f)["condition_annealing"] == cads
+
+
+def test_apg_flag_equals_the_library(loaded, pipe_dir, tmp_path, monkeypatch):
+    """``--apg`` reaches ``generate``'s ``adaptive_projection`` (same images, not CFG's) and
+    is written to settings.json."""
+    _reuse(loaded, monkeypatch)
+    apg = [0.0, 0.0, -0.5]
+    argv = ["generate", "--model", pipe_dir, "--prompt", PROMPTS[0], "--out", str(tmp_path),
+            "--apg", *map(str, apg)] + SETTINGS
+    assert cli.main(argv) == 0
+    pipe, params = loaded
+    kw = dict(sampler="ddim", steps=2, guidance_scale=3.5, seed=7)
+    want = jaxdiff.generate(pipe, params, [PROMPTS[0]], adaptive_projection=apg, **kw)
+    plain = jaxdiff.generate(pipe, params, [PROMPTS[0]], **kw)
+    got = _read(tmp_path / "0000.png")[0]
+    assert np.abs(got.astype(int) - want[0].astype(int)).max() <= 1
+    assert np.abs(got.astype(int) - plain[0].astype(int)).max() > 1
+    with open(tmp_path / "settings.json") as f:
+        assert json.load(f)["apg"] == apg
 
 
 def test_zero_size_is_an_error_in_the_library(loaded):

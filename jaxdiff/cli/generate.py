@@ -58,6 +58,14 @@ def add_parser(sub):
                         "TAU1 (only noise above TAU2), rescaled to its statistics and mixed "
                         "by PSI, for more varied images at high guidance (e.g. 0.6 0.9 0.25 "
                         "1; default off)")
+    p.add_argument("--apg", type=float, nargs=3, default=None,
+                   metavar=("ETA", "THRESHOLD", "MOMENTUM"),
+                   help="adaptive projected guidance: CFG on the denoised predictions with "
+                        "the update's part along the conditional one weighted by ETA, the "
+                        "update clipped to norm THRESHOLD (0: off) and averaged over steps "
+                        "with MOMENTUM in (-1, 1) (0: off), for less oversaturation at high "
+                        "guidance (1 0 0 is CFG; e.g. 0 0 -0.5; ddim, ddpm, dpmpp_2m; "
+                        "default off)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
@@ -178,6 +186,12 @@ def run(args) -> int:
         if args.box or args.refiner or args.classifier or args.clip:
             raise ValueError("--condition-annealing applies to plain and ControlNet/adapter "
                              "sampling; drop it with --box, --refiner, --classifier or --clip.")
+    if args.apg is not None:
+        guidance.check_projection(args.apg)
+        sampling.check_vp_sampler(args.sampler, "--apg")
+        if args.box or args.refiner or args.classifier or args.clip:
+            raise ValueError("--apg applies to plain and ControlNet/adapter sampling; drop it "
+                             "with --box, --refiner, --classifier or --clip.")
     lora_scales = args.lora_scale or [1.0]
     if args.lora_scale and not args.lora:
         raise ValueError("--lora-scale needs --lora FILE.")
@@ -222,7 +236,7 @@ def run(args) -> int:
                                        width=width, eta=args.eta, sample_offset=start,
                                        guidance_interval=args.guidance_interval,
                                        condition_annealing=args.condition_annealing,
-                                       control=controls, **micro.base)
+                                       adaptive_projection=args.apg, control=controls, **micro.base)
             images.append(out)
             bar.update(len(chunk))
             bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
@@ -247,6 +261,8 @@ def run(args) -> int:
         settings.update(guidance_interval=list(args.guidance_interval))
     if args.condition_annealing is not None:
         settings.update(condition_annealing=list(args.condition_annealing))
+    if args.apg is not None:
+        settings.update(apg=list(args.apg))
     if guided is not None:
         settings.update(guided.settings(args))
     if controls:
