@@ -241,7 +241,7 @@ def check_projection(projection):
     if not (np.isfinite(eta) and 0.0 <= threshold < np.inf and -1.0 < momentum < 1.0):
         raise ValueError(f"adaptive_projection {eta:g} {threshold:g} {momentum:g}: need a "
                          "finite eta, norm_threshold >= 0 (0: none), -1 < momentum < 1 (APG; "
-                         "e.g. 0 0 -0.5).")
+                         "e.g. 0 0 0).")
     return jnp.asarray(vals, jnp.float32)
 
 

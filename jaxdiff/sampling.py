@@ -63,7 +63,7 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
         num_train_timesteps, with keys fold_in(fold_in(key, ANNEAL_TAG), i).
       projection: None (CFG), or APG's (traced values [3], alpha [M], sigma [M]): eta,
         norm threshold and momentum (``guidance.adaptive_projection``) and the sampler's
-        ``x = alpha x0 + sigma eps`` levels of each evaluation (``vp_levels``). The
+        ``x = alpha x0 + sigma eps`` levels of each evaluation (``apg_levels``). The
         momentum's running average is carried in the scan and advances only at guided
         steps (inside ``interval``), as diffusers' APG guider.
     Returns:
@@ -104,29 +104,35 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
     return sampler.latents(carry if projection is None else carry[0])
 
 
-# Samplers whose UNet input is x_t = alpha x0 + sigma eps at an integer timestep.
-VP_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+# Samplers with one model evaluation per step (Heun's two would advance APG's momentum twice
+# a step and mix predictor and corrector levels).
+APG_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "euler", "euler_a")
 
 
-def check_vp_sampler(sampler: str, name: str = "adaptive_projection") -> None:
-    """One-line ValueError naming ``name`` unless ``sampler`` is one of ``VP_SAMPLERS`` (the
-    sigma-based ones carry VE-scaled samples whose levels APG does not read)."""
-    if sampler not in VP_SAMPLERS:
-        raise ValueError(f"{name} works with the {', '.join(VP_SAMPLERS)} samplers, not "
+def check_apg_sampler(sampler: str, name: str = "adaptive_projection") -> None:
+    """One-line ValueError naming ``name`` unless ``sampler`` is one of ``APG_SAMPLERS``."""
+    if sampler not in APG_SAMPLERS:
+        raise ValueError(f"{name} works with the {', '.join(APG_SAMPLERS)} samplers, not "
                          f"{sampler!r}.")
 
 
-def vp_levels(sampler: str, cfg, steps: int):
-    """float32 (alpha [M], sigma [M]) of each evaluation's ``x = alpha x0 + sigma eps``, from
-    the sampler's own schedule (alpha-bar at its timesteps; DPM-Solver's sigma table), so
-    APG converts outputs to x0 as the sampler does."""
-    check_vp_sampler(sampler)
+def apg_levels(sampler: str, cfg, steps: int):
+    """float32 (alpha [M], sigma [M]) of each evaluation's UNet input ``x = alpha x0 + sigma
+    eps``, from the sampler's own schedule, so APG converts outputs to x0 as the sampler
+    does: alpha-bar at DDIM's / DDPM's timesteps; for the sigma-based samplers (DPM-Solver++,
+    Euler, Euler-ancestral) the input is ``x_ve / sqrt(s^2 + 1)`` at their sigma s, i.e.
+    alpha = 1 / sqrt(s^2 + 1), sigma = s alpha (``x0_ve`` is ``x0_eps_vp`` there)."""
+    check_apg_sampler(sampler)
+    if sampler in ("ddim", "ddpm"):
+        ac = schedules.alphas_cumprod(cfg)[schedules.timesteps(cfg, steps, "ddim")]
+        return jnp.asarray(ac ** 0.5, jnp.float32), jnp.asarray((1 - ac) ** 0.5, jnp.float32)
     if sampler == "dpmpp_2m":
         sig = schedules.dpm_sigmas(cfg, steps)[1][:-1]
-        alpha = (1 / (sig ** 2 + 1) ** np.float32(0.5)).astype(np.float32)
-        return jnp.asarray(alpha), jnp.asarray(sig * alpha, jnp.float32)
-    ac = schedules.alphas_cumprod(cfg)[schedules.timesteps(cfg, steps, "ddim")]  # DDIM, DDPM
-    return jnp.asarray(ac ** 0.5, jnp.float32), jnp.asarray((1 - ac) ** 0.5, jnp.float32)
+    else:  # euler_a never uses Karras sigmas (as diffusers' EulerAncestralDiscreteScheduler)
+        sig = schedules.k_sigmas(cfg, steps, use_karras=False if sampler == "euler_a" else
+                                 None)[1][:-1]
+    alpha = (1 / (sig ** 2 + 1) ** np.float32(0.5)).astype(np.float32)
+    return jnp.asarray(alpha), jnp.asarray(sig * alpha, jnp.float32)
 
 
 def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False, span=None):
@@ -147,7 +153,7 @@ def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False, span
         handed = span is not None and span[2]
         x = noise if handed else noise * sampler.init_noise_sigma
         apg = projection if projection is None else (
-            projection, *vp_levels(sampler_name, pipe.scheduler, steps))
+            projection, *apg_levels(sampler_name, pipe.scheduler, steps))
         loop = lambda s: denoise_loop(pipe, sampler, params, x, (cond, uncond), s, rescale,
                                       keys, control, span and span[:2],
                                       (interval[0], interval[1]), annealing, apg)
@@ -226,7 +232,7 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
         5 (dpmpp_2m, 20 steps), eta 0 reads the asked "a star on a white background" in
         0.75 of images against CFG's 0.45. Composes with ``guidance_interval`` (the
         average advances only at guided steps), scale sweeps and ``condition_annealing``.
-        VP samplers only (ddim, ddpm, dpmpp_2m). Traced (None and a value are two
+        Every sampler but heun (``APG_SAMPLERS``). Traced (None and a value are two
         programs).
       seed: per-sample noise is ``fold_in(key(seed), sample_offset + index)``, so a
         large job split into chunks (``sample_offset``) gives the same images.
@@ -264,7 +270,7 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
     annealing = check_annealing(condition_annealing)
     projection = check_projection(adaptive_projection)
     if projection is not None:
-        check_vp_sampler(sampler)
+        check_apg_sampler(sampler)
     time_ids = pipe.time_id_pair(height, width, denoising_start is not None,
                                  **micro_conditioning)
     mesh = mesh or parallel.make_mesh()

@@ -79,7 +79,8 @@ def test_eta_one_is_cfg_with_interval_sweep_and_cads(loaded):
     np.testing.assert_allclose(apg, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_values_change_images_without_retracing(loaded, monkeypatch):
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_values_change_images_without_retracing(loaded, monkeypatch, sampler):
     """eta, threshold and momentum each change the images and are traced: one program."""
     pipe, params = loaded
     gen_lib._compiled.cache_clear()
@@ -87,7 +88,7 @@ def test_values_change_images_without_retracing(loaded, monkeypatch):
     real = gen_lib.denoise_loop
     monkeypatch.setattr(gen_lib, "denoise_loop",
                         lambda *a, **k: traces.append(1) or real(*a, **k))
-    kw = dict(sampler="ddim", steps=4, output="latents", seed=2, guidance_scale=7.0)
+    kw = dict(sampler=sampler, steps=4, output="latents", seed=2, guidance_scale=7.0)
     runs = [jaxdiff.generate(pipe, params, PROMPTS, adaptive_projection=v, **kw)
             for v in [(1.0, 0.0, 0.0), (0.0, 0.0, 0.0), (1.0, 1.0, 0.0), (1.0, 0.0, -0.5)]]
     assert len(traces) == 1
@@ -99,7 +100,7 @@ def test_values_change_images_without_retracing(loaded, monkeypatch):
     (dict(adaptive_projection=(0.0, 0.0, 1.0)), "-1 < momentum < 1"),
     (dict(adaptive_projection=(0.0, -1.0, 0.0)), "norm_threshold >= 0"),
     (dict(adaptive_projection=(0.0, 0.0)), "needs 3 numbers"),
-    (dict(adaptive_projection=(0.0, 0.0, 0.0), sampler="euler"), "works with the ddim"),
+    (dict(adaptive_projection=(0.0, 0.0, 0.0), sampler="heun"), "works with the ddim"),
 ])
 def test_bad_values_are_clear_errors(loaded, kwargs, match):
     pipe, params = loaded
@@ -108,15 +109,24 @@ def test_bad_values_are_clear_errors(loaded, kwargs, match):
 
 
 def test_levels_are_the_samplers_own(loaded):
-    """APG's x0 conversion uses the levels the samplers step with: DDIM's alpha-bar table
-    and DPM-Solver++'s (alpha, sigma) table."""
-    from jaxdiff.samplers import ddim, dpmpp_2m
+    """APG's x0 conversion uses the levels the samplers step with: DDIM's alpha-bar table,
+    DPM-Solver++'s (alpha, sigma) table, and the 1 / sqrt(s^2 + 1) by which Euler and
+    Euler-ancestral scale their VE sample into the UNet's input; alpha^2 + sigma^2 = 1."""
+    from jaxdiff.samplers import SampleState, ddim, dpmpp_2m, make_sampler
 
     cfg = loaded[0].scheduler
-    alpha, sigma = gen_lib.vp_levels("ddim", cfg, 5)
+    for name in gen_lib.APG_SAMPLERS:
+        alpha, sigma = gen_lib.apg_levels(name, cfg, 5)
+        assert alpha.shape == (make_sampler(name, cfg, 5).num_evals,)
+        np.testing.assert_allclose(alpha ** 2 + sigma ** 2, 1.0, rtol=1e-6)
+    alpha, _ = gen_lib.apg_levels("ddim", cfg, 5)
     np.testing.assert_allclose(alpha ** 2, ddim.ddim_tables(cfg, 5).alpha, rtol=1e-6)
-    np.testing.assert_allclose(alpha ** 2 + sigma ** 2, 1.0, rtol=1e-6)
-    alpha, sigma = gen_lib.vp_levels("dpmpp_2m", cfg, 5)
+    alpha, sigma = gen_lib.apg_levels("dpmpp_2m", cfg, 5)
     want = dpmpp_2m._tables(gen_lib.schedules.dpm_sigmas(cfg, 5)[1])
     np.testing.assert_array_equal(alpha, want[0])
     np.testing.assert_array_equal(sigma, want[1])
+    for name in ("euler", "euler_a"):
+        sampler, (alpha, _) = make_sampler(name, cfg, 5), gen_lib.apg_levels(name, cfg, 5)
+        ones = SampleState(jnp.ones((1, 2, 2, 1)))
+        got = [float(sampler.model_input(ones, i)[0, 0, 0, 0]) for i in range(5)]
+        np.testing.assert_allclose(got, alpha, rtol=1e-6)

@@ -95,7 +95,7 @@ def test_images_equal_library_generate(loaded, generated):
     (["--guidance-interval", "0.5", "0.2"], "--guidance-interval 0.5 0.2: need 0 <= start"),
     (["--condition-annealing", "0.6", "0.9", "-1", "1"], "need 0 <= tau1 < tau2 <= 1"),
     (["--apg", "0", "0", "1"], "-1 < momentum < 1"),
-    (["--apg", "0", "0", "0", "--sampler", "euler"], "--apg works with the ddim"),
+    (["--apg", "0", "0", "0", "--sampler", "heun"], "--apg works with the ddim"),
 ])
 def test_bad_input_is_one_error_line_and_no_files(pipe_dir, tmp_path, capsys, extra, match):
     out = tmp_path / "out"

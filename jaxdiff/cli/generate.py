@@ -62,10 +62,10 @@ def add_parser(sub):
                    metavar=("ETA", "THRESHOLD", "MOMENTUM"),
                    help="adaptive projected guidance: CFG on the denoised predictions with "
                         "the update's part along the conditional one weighted by ETA, the "
-                        "update clipped to norm THRESHOLD (0: off) and averaged over steps "
-                        "with MOMENTUM in (-1, 1) (0: off), for less oversaturation at high "
-                        "guidance (1 0 0 is CFG; e.g. 0 0 -0.5; ddim, ddpm, dpmpp_2m; "
-                        "default off)")
+                        "update averaged over steps with MOMENTUM in (-1, 1) (0: off), then "
+                        "clipped to norm THRESHOLD (0: off), for less oversaturation at high "
+                        "guidance (1 0 0 is CFG; e.g. 0 0 0; every sampler but heun; default "
+                        "off)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
@@ -188,7 +188,7 @@ def run(args) -> int:
                              "sampling; drop it with --box, --refiner, --classifier or --clip.")
     if args.apg is not None:
         guidance.check_projection(args.apg)
-        sampling.check_vp_sampler(args.sampler, "--apg")
+        sampling.check_apg_sampler(args.sampler, "--apg")
         if args.box or args.refiner or args.classifier or args.clip:
             raise ValueError("--apg applies to plain and ControlNet/adapter sampling; drop it "
                              "with --box, --refiner, --classifier or --clip.")
