@@ -99,7 +99,7 @@ def get_config(variant: str = ""):
     c.decoder = ml_collections.ConfigDict(dict(steps=400, batch_size=16, lr=1e-3, warmup=50))
     c.diffusion = ml_collections.ConfigDict(dict(
         steps=6000, batch_size=64, lr=5e-4, warmup=300, caption_dropout=0.1,
-        ema_decay=0.999, train_text_encoder=True, snr_gamma=0.0))
+        ema_decay=0.999, train_text_encoder=True, snr_gamma=0.0, object_weight=0.0))
     c.log_every = 50
     c.checkpoint_every = 500
     c.sample_every = 2000               # 0 disables periodic sample grids

@@ -35,3 +35,32 @@ def test_denoising_loss_weighting_is_per_sample_min_snr():
     allowed = np.asarray(losses.min_snr_weight(jnp.asarray(table), "epsilon", 5.0))
     assert np.all(np.min(np.abs(ratio[:, None] - allowed[None]), axis=1) < 1e-5)
     assert ratio.min() < 0.5 and ratio.max() <= 1.0 + 1e-6   # some low-noise steps damped
+
+
+def test_pixel_weights_give_the_weighted_mean_of_the_squared_error():
+    """A zero denoiser with x0 = 0 and the epsilon target makes the squared error the noise
+    squared (same rng -> same noise): the weighted loss is sum(w n^2) / sum(w) per sample;
+    uniform weights are the plain mean."""
+    table = np.linspace(0.99, 0.01, 1000).astype(np.float32)
+    zero = lambda x, t, c: jnp.zeros_like(x)
+    x0 = jnp.zeros((3, 4, 4, 2))
+    loss = losses.denoising_loss(zero, table, "epsilon")
+    rng = jax.random.key(5)
+    noise = jax.random.normal(jax.random.split(rng)[1], x0.shape)
+    w = jnp.zeros((3, 4, 4, 1)).at[:, :2, :2].set(5.0) + 1.0   # an "object" in one corner
+    want = np.sum(np.asarray(w * noise ** 2), (1, 2, 3)) / np.sum(np.broadcast_to(w, x0.shape),
+                                                                 (1, 2, 3))
+    np.testing.assert_allclose(loss(x0, None, rng, w), want, rtol=1e-5)
+    np.testing.assert_allclose(loss(x0, None, rng, jnp.full((3, 4, 4, 1), 2.0)),
+                               loss(x0, None, rng), rtol=1e-6)
+
+
+def test_object_coverage_pools_the_union_of_the_masks():
+    from jaxdiff.training.text_to_image import object_coverage
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, :4, :4] = True       # one object fills the top-left latent pixel
+    masks[1, 4:6, 4:8] = True     # the other half of the bottom-right one
+    cov = object_coverage([{"masks": masks}], factor=4)
+    np.testing.assert_array_equal(cov[0, ..., 0], [[1.0, 0.0], [0.0, 0.5]])
+    with pytest.raises(ValueError, match="needs ground-truth 'masks'"):
+        object_coverage([{"image": np.zeros((8, 8, 3))}], factor=4)

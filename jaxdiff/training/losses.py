@@ -50,19 +50,26 @@ def denoising_loss(denoise: Callable, alphas_cumprod, prediction_type: str,
       snr_gamma: if given (not None), each sample's error is weighted by
         ``min_snr_weight`` (faster convergence; the optimum is unchanged per timestep).
     Returns:
-      ``loss(x0, context, rng) -> [B]`` per-sample (weighted) mean squared error.
+      ``loss(x0, context, rng, weight=None) -> [B]`` per-sample (weighted) mean squared
+      error; ``weight`` [B, h, w, 1] (or broadcastable) weights the squared error per
+      latent pixel, normalised by its sum (e.g. object masks up-weighted).
     """
     target_fn = diffusion_target(prediction_type)
     alphas_cumprod = jnp.asarray(alphas_cumprod, jnp.float32)
 
-    def loss(x0, context, rng):
+    def loss(x0, context, rng, weight=None):
         k_t, k_n = jax.random.split(rng)
         t = jax.random.randint(k_t, (x0.shape[0],), 0, alphas_cumprod.shape[0])
         noise = jax.random.normal(k_n, x0.shape, x0.dtype)
         a = alphas_cumprod[t][:, None, None, None]
         x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
         pred = denoise(x_t, t, context).astype(jnp.float32)
-        err = jnp.mean((pred - target_fn(x0, noise, a)) ** 2, axis=(1, 2, 3))
+        sq = (pred - target_fn(x0, noise, a)) ** 2
+        if weight is None:
+            err = jnp.mean(sq, axis=(1, 2, 3))
+        else:
+            w = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), sq.shape)
+            err = jnp.sum(w * sq, axis=(1, 2, 3)) / jnp.sum(w, axis=(1, 2, 3))
         if snr_gamma is None:
             return err
         return err * min_snr_weight(alphas_cumprod[t], prediction_type, snr_gamma)
