@@ -146,6 +146,19 @@ def encode_text(pipe, params, ids):
     return pipe.encode_text(params, ids)
 
 
+def cached_analysis(records: dict, key, lower, compile_: bool) -> dict:
+    """``records[key]``, made on first use: ``lower()`` timed (under the accelerator
+    attention setting) and its ``analyse`` record."""
+    if key not in records:
+        t0 = time.perf_counter()
+        with accelerator_attention():
+            lowered = lower()
+        rec = {"lower_s": round(time.perf_counter() - t0, 1)}
+        rec.update(analyse(lowered, compile_))
+        records[key] = rec
+    return records[key]
+
+
 class Analyser:
     """Lowers (and compiles) programs of one model, caching each record by name."""
 
@@ -164,14 +177,7 @@ class Analyser:
         return _sds((rows, 2, self.ctx) if self.pipe.is_sdxl else (rows, self.ctx), jnp.int32)
 
     def _run(self, key, lower):
-        if key not in self.records:
-            t0 = time.perf_counter()
-            with accelerator_attention():
-                lowered = lower()
-            rec = {"lower_s": round(time.perf_counter() - t0, 1)}
-            rec.update(analyse(lowered, self.compile))
-            self.records[key] = rec
-        return self.records[key]
+        return cached_analysis(self.records, key, lower, self.compile)
 
     def unet(self, rows: int) -> dict:
         cfg = self.pipe.unet.config

@@ -5,7 +5,6 @@ abstract shapes by ``TransformerAnalyser`` and analysed by ``roofline_programs.a
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ from jaxdiff.weights.backbones import DiTPipeline
 from roofline_count import transformer_flops  # noqa: E402  (bench/)
 from roofline_models import (TRANSFORMERS, build_transformer,  # noqa: E402
                              transformer_params)
-from roofline_programs import _sds, accelerator_attention, analyse  # noqa: E402
+from roofline_programs import _sds, cached_analysis  # noqa: E402
 
 
 def _transformer_apply(model, params, x, t, cond, added):
@@ -83,14 +82,7 @@ class TransformerAnalyser:
         self.records = {}
 
     def _run(self, key, lower):
-        if key not in self.records:
-            t0 = time.perf_counter()
-            with accelerator_attention():
-                lowered = lower()
-            rec = {"lower_s": round(time.perf_counter() - t0, 1)}
-            rec.update(analyse(lowered, self.compile))
-            self.records[key] = rec
-        return self.records[key]
+        return cached_analysis(self.records, key, lower, self.compile)
 
     def cond(self, rows: int):
         """(conditioning, micro-conditions) of ``rows`` images."""

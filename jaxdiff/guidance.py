@@ -133,20 +133,26 @@ def anneal_condition(cond, keys, t, annealing):
     return jax.vmap(one)(cond, keys)
 
 
+def _option_values(values, name: str, fields: str, ok, rule: str):
+    """A sampling option's numbers as float32 [len(fields)] (None stays None), or a one-line
+    ValueError naming the option, its fields and the ``rule`` that ``ok(*values)`` checks."""
+    if values is None:
+        return None
+    vals = [float(v) for v in values]
+    n = len(fields.split(", "))
+    if len(vals) != n:
+        raise ValueError(f"{name} needs {n} numbers ({fields}), got {len(vals)}.")
+    if not ok(*vals):
+        raise ValueError(f"{name} {' '.join(f'{v:g}' for v in vals)}: need {rule}.")
+    return jnp.asarray(vals, jnp.float32)
+
+
 def check_annealing(annealing):
     """``condition_annealing`` as float32 [4] (None stays None), or a one-line ValueError."""
-    if annealing is None:
-        return None
-    vals = [float(v) for v in annealing]
-    if len(vals) != 4:
-        raise ValueError(f"condition_annealing needs 4 numbers (tau1, tau2, noise_scale, psi), "
-                         f"got {len(vals)}.")
-    tau1, tau2, s, psi = vals
-    if not (0.0 <= tau1 < tau2 <= 1.0 and s >= 0.0 and 0.0 <= psi <= 1.0):
-        raise ValueError(f"condition_annealing {tau1:g} {tau2:g} {s:g} {psi:g}: need "
-                         "0 <= tau1 < tau2 <= 1, noise_scale >= 0, 0 <= psi <= 1 (CADS; "
-                         "e.g. 0.6 0.9 0.25 1).")
-    return jnp.asarray(vals, jnp.float32)
+    return _option_values(
+        annealing, "condition_annealing", "tau1, tau2, noise_scale, psi",
+        lambda tau1, tau2, s, psi: 0.0 <= tau1 < tau2 <= 1.0 and s >= 0.0 and 0.0 <= psi <= 1.0,
+        "0 <= tau1 < tau2 <= 1, noise_scale >= 0, 0 <= psi <= 1 (CADS; e.g. 0.6 0.9 0.25 1)")
 
 
 def apg_combine(x0_uncond, x0_cond, scale, eta, norm_threshold, momentum, average):
@@ -231,18 +237,10 @@ def adaptive_projection(denoise: Callable, scale, rescale, projection, predictio
 
 def check_projection(projection):
     """``adaptive_projection`` as float32 [3] (None stays None), or a one-line ValueError."""
-    if projection is None:
-        return None
-    vals = [float(v) for v in projection]
-    if len(vals) != 3:
-        raise ValueError(f"adaptive_projection needs 3 numbers (eta, norm_threshold, "
-                         f"momentum), got {len(vals)}.")
-    eta, threshold, momentum = vals
-    if not (np.isfinite(eta) and 0.0 <= threshold < np.inf and -1.0 < momentum < 1.0):
-        raise ValueError(f"adaptive_projection {eta:g} {threshold:g} {momentum:g}: need a "
-                         "finite eta, norm_threshold >= 0 (0: none), -1 < momentum < 1 (APG; "
-                         "e.g. 0 0 0).")
-    return jnp.asarray(vals, jnp.float32)
+    return _option_values(
+        projection, "adaptive_projection", "eta, norm_threshold, momentum",
+        lambda eta, r, m: np.isfinite(eta) and 0.0 <= r < np.inf and -1.0 < m < 1.0,
+        "a finite eta, norm_threshold >= 0 (0: none), -1 < momentum < 1 (APG; e.g. 0 0 0)")
 
 
 def classifier_grad(log_p: Callable) -> Callable:

@@ -129,42 +129,29 @@ def test_long_prompt_is_truncated_with_a_warning(pipe_dir, loaded, tmp_path, mon
     assert meta["prompt"] == long  # metadata keeps what the user asked for
 
 
-def test_condition_annealing_flag_equals_the_library(loaded, pipe_dir, tmp_path, monkeypatch):
-    """``--condition-annealing`` reaches ``generate``'s ``condition_annealing`` (same
-    images) and is written to settings.json."""
+@pytest.mark.parametrize("flag,values,kwarg,key", [
+    ("--condition-annealing", [0.2, 0.9, 0.5, 1.0], "condition_annealing",
+     "condition_annealing"),
+    ("--apg", [0.0, 0.0, -0.5], "adaptive_projection", "apg"),
+])
+def test_sampling_option_flag_equals_the_library(loaded, pipe_dir, tmp_path, monkeypatch,
+                                                 flag, values, kwarg, key):
+    """``--condition-annealing`` (CADS) and ``--apg`` reach ``generate``'s
+    ``condition_annealing`` / ``adaptive_projection`` (same images, not plain CFG's) and
+    are written to settings.json."""
     _reuse(loaded, monkeypatch)
-    cads = [0.2, 0.9, 0.5, 1.0]
     argv = ["generate", "--model", pipe_dir, "--prompt", PROMPTS[0], "--out", str(tmp_path),
-            "--condition-annealing", *map(str, cads)] + SETTINGS
+            flag, *map(str, values)] + SETTINGS
     assert cli.main(argv) == 0
     pipe, params = loaded
     kw = dict(sampler="ddim", steps=2, guidance_scale=3.5, seed=7)
-    want = jaxdiff.generate(pipe, params, [PROMPTS[0]], condition_annealing=cads, **kw)
+    want = jaxdiff.generate(pipe, params, [PROMPTS[0]], **{kwarg: values}, **kw)
     plain = jaxdiff.generate(pipe, params, [PROMPTS[0]], **kw)
     got = _read(tmp_path / "0000.png")[0]
     assert np.abs(got.astype(int) - want[0].astype(int)).max() <= 1
     assert np.abs(got.astype(int) - plain[0].astype(int)).max() > 1
     with open(tmp_path / "settings.json") as f:
-        assert json.load(f)["condition_annealing"] == cads
-
-
-def test_apg_flag_equals_the_library(loaded, pipe_dir, tmp_path, monkeypatch):
-    """``--apg`` reaches ``generate``'s ``adaptive_projection`` (same images, not CFG's) and
-    is written to settings.json."""
-    _reuse(loaded, monkeypatch)
-    apg = [0.0, 0.0, -0.5]
-    argv = ["generate", "--model", pipe_dir, "--prompt", PROMPTS[0], "--out", str(tmp_path),
-            "--apg", *map(str, apg)] + SETTINGS
-    assert cli.main(argv) == 0
-    pipe, params = loaded
-    kw = dict(sampler="ddim", steps=2, guidance_scale=3.5, seed=7)
-    want = jaxdiff.generate(pipe, params, [PROMPTS[0]], adaptive_projection=apg, **kw)
-    plain = jaxdiff.generate(pipe, params, [PROMPTS[0]], **kw)
-    got = _read(tmp_path / "0000.png")[0]
-    assert np.abs(got.astype(int) - want[0].astype(int)).max() <= 1
-    assert np.abs(got.astype(int) - plain[0].astype(int)).max() > 1
-    with open(tmp_path / "settings.json") as f:
-        assert json.load(f)["apg"] == apg
+        assert json.load(f)[key] == values
 
 
 def test_zero_size_is_an_error_in_the_library(loaded):
