@@ -163,3 +163,16 @@ def reuse_embedded(embedded, monkeypatch):
     monkeypatch.setattr(jaxdiff, "load_pipeline", lambda path=None, **kw: embedded)
     return embedded
 
+
+
+@pytest.fixture
+def generation_traces(monkeypatch):
+    """A list that gains one entry each time ``jaxdiff.generate``'s sampling loop is traced
+    (the compiled-program cache is cleared first): its length is the number of compiles."""
+    from jaxdiff import sampling
+    sampling._compiled.cache_clear()
+    traces = []
+    real = sampling.denoise_loop
+    monkeypatch.setattr(sampling, "denoise_loop",
+                        lambda *a, **k: traces.append(1) or real(*a, **k))
+    return traces

@@ -67,13 +67,9 @@ def test_images_are_decoded_latents(loaded):
     assert np.abs(img.astype(int) - want.astype(int)).max() <= 1
 
 
-def test_traced_values_do_not_recompile(loaded, monkeypatch):
+def test_traced_values_do_not_recompile(loaded, generation_traces):
     pipe, params = loaded
-    gen_lib._compiled.cache_clear()
-    traces = []
-    real = gen_lib.denoise_loop
-    monkeypatch.setattr(gen_lib, "denoise_loop",
-                        lambda *a, **k: traces.append(1) or real(*a, **k))
+    traces = generation_traces
     for scale, eta, neg, seed, window in [(5.0, 0.0, "green", 0, (0.0, 1.0)),
                                           (7.5, 0.5, "blue dark", 1, (0.25, 0.9)),
                                           (1.0, 1.0, None, 2, (0.0, 0.5))]:
@@ -149,17 +145,13 @@ def test_condition_annealing_schedule_and_statistics():
     assert np.array_equal(same, y)
 
 
-def test_condition_annealing_in_generate(loaded, monkeypatch):
+def test_condition_annealing_in_generate(loaded, request):
     """Noise scale 0 with psi = 1 rescales the condition back to itself: the images equal
     plain sampling; a real noise scale changes them; new values are traced (one program)."""
     pipe, params = loaded
     kw = dict(sampler="ddim", steps=4, output="latents", seed=2, guidance_scale=5.0)
     plain = jaxdiff.generate(pipe, params, PROMPTS, **kw)
-    gen_lib._compiled.cache_clear()
-    traces = []
-    real = gen_lib.denoise_loop
-    monkeypatch.setattr(gen_lib, "denoise_loop",
-                        lambda *a, **k: traces.append(1) or real(*a, **k))
+    traces = request.getfixturevalue("generation_traces")
     off = jaxdiff.generate(pipe, params, PROMPTS, condition_annealing=(0.0, 1.0, 0.0, 1.0), **kw)
     # (DDIM 4 steps: t <= 0.751 < tau2 = 1, so gamma > 0 and the rescale restores y)
     np.testing.assert_allclose(off, plain, rtol=1e-4, atol=1e-4)
