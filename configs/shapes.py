@@ -97,6 +97,8 @@ def get_config(variant: str = ""):
         steps=4000, batch_size=32, lr=1e-3, warmup=100, kl_weight=1e-6))
     # Decoder-only fine-tuning (stage "decoder"): encoder and latent space kept.
     c.decoder = ml_collections.ConfigDict(dict(steps=400, batch_size=16, lr=1e-3, warmup=50))
+    # object_weight > 0: each latent pixel's loss weighted by 1 + object_weight * its
+    # ground-truth object coverage (text_to_image.train_diffusion); 0 in every variant.
     c.diffusion = ml_collections.ConfigDict(dict(
         steps=6000, batch_size=64, lr=5e-4, warmup=300, caption_dropout=0.1,
         ema_decay=0.999, train_text_encoder=True, snr_gamma=0.0, object_weight=0.0))
