@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import parallel, schedules
+from jaxdiff import parallel
 from jaxdiff.guidance import adaptive_projection, anneal_condition, cfg, check_annealing, \
     check_projection
 from jaxdiff.control import Control, adapter_features, control_inputs, control_keep, \
@@ -28,6 +28,7 @@ from jaxdiff.control import Control, adapter_features, control_inputs, control_k
 from jaxdiff.denoiser import denoise
 from jaxdiff.pipeline import Pipeline, to_uint8
 from jaxdiff.samplers import SAMPLERS, make_sampler
+from jaxdiff.samplers.levels import apg_levels, check_apg_sampler
 
 
 def sample_keys(seed, n: int, offset: int = 0) -> jax.Array:
@@ -102,37 +103,6 @@ def denoise_loop(pipe: Pipeline, sampler, params, x, contexts, scale, rescale, k
     carry, _ = jax.lax.scan(body, init if projection is None else (init, jnp.zeros_like(x)),
                             jnp.arange(first, stop))
     return sampler.latents(carry if projection is None else carry[0])
-
-
-# Samplers with one model evaluation per step (Heun's two would advance APG's momentum twice
-# a step and mix predictor and corrector levels).
-APG_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "euler", "euler_a")
-
-
-def check_apg_sampler(sampler: str, name: str = "adaptive_projection") -> None:
-    """One-line ValueError naming ``name`` unless ``sampler`` is one of ``APG_SAMPLERS``."""
-    if sampler not in APG_SAMPLERS:
-        raise ValueError(f"{name} works with the {', '.join(APG_SAMPLERS)} samplers, not "
-                         f"{sampler!r}.")
-
-
-def apg_levels(sampler: str, cfg, steps: int):
-    """float32 (alpha [M], sigma [M]) of each evaluation's UNet input ``x = alpha x0 + sigma
-    eps``, from the sampler's own schedule, so APG converts outputs to x0 as the sampler
-    does: alpha-bar at DDIM's / DDPM's timesteps; for the sigma-based samplers (DPM-Solver++,
-    Euler, Euler-ancestral) the input is ``x_ve / sqrt(s^2 + 1)`` at their sigma s, i.e.
-    alpha = 1 / sqrt(s^2 + 1), sigma = s alpha (``x0_ve`` is ``x0_eps_vp`` there)."""
-    check_apg_sampler(sampler)
-    if sampler in ("ddim", "ddpm"):
-        ac = schedules.alphas_cumprod(cfg)[schedules.timesteps(cfg, steps, "ddim")]
-        return jnp.asarray(ac ** 0.5, jnp.float32), jnp.asarray((1 - ac) ** 0.5, jnp.float32)
-    if sampler == "dpmpp_2m":
-        sig = schedules.dpm_sigmas(cfg, steps)[1][:-1]
-    else:  # euler_a never uses Karras sigmas (as diffusers' EulerAncestralDiscreteScheduler)
-        sig = schedules.k_sigmas(cfg, steps, use_karras=False if sampler == "euler_a" else
-                                 None)[1][:-1]
-    alpha = (1 / (sig ** 2 + 1) ** np.float32(0.5)).astype(np.float32)
-    return jnp.asarray(alpha), jnp.asarray(sig * alpha, jnp.float32)
 
 
 def _program(pipe, sampler_name, steps, sweep, specs=(), zero_uncond=False, span=None):
@@ -232,8 +202,8 @@ def generate(pipe: Pipeline, params, prompts: Union[str, Sequence[str]],
         5 (dpmpp_2m, 20 steps), eta 0 reads the asked "a star on a white background" in
         0.75 of images against CFG's 0.45. Composes with ``guidance_interval`` (the
         average advances only at guided steps), scale sweeps and ``condition_annealing``.
-        Every sampler but heun (``APG_SAMPLERS``). Traced (None and a value are two
-        programs).
+        Every sampler but heun (``samplers.levels.APG_SAMPLERS``). Traced (None and a
+        value are two programs).
       seed: per-sample noise is ``fold_in(key(seed), sample_offset + index)``, so a
         large job split into chunks (``sample_offset``) gives the same images.
       latents: optional initial noise [B, h, w, C] (NHWC, not yet multiplied by the

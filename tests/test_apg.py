@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import guidance
-from jaxdiff import sampling as gen_lib
+from jaxdiff import guidance, schedules
+from jaxdiff.samplers import levels
 from jaxdiff.samplers.base import x0_eps_vp
 
 PROMPTS = ["a red circle", "blue square"]
@@ -111,18 +111,18 @@ def test_levels_are_the_samplers_own(loaded):
     from jaxdiff.samplers import SampleState, ddim, dpmpp_2m, make_sampler
 
     cfg = loaded[0].scheduler
-    for name in gen_lib.APG_SAMPLERS:
-        alpha, sigma = gen_lib.apg_levels(name, cfg, 5)
+    for name in levels.APG_SAMPLERS:
+        alpha, sigma = levels.apg_levels(name, cfg, 5)
         assert alpha.shape == (make_sampler(name, cfg, 5).num_evals,)
         np.testing.assert_allclose(alpha ** 2 + sigma ** 2, 1.0, rtol=1e-6)
-    alpha, _ = gen_lib.apg_levels("ddim", cfg, 5)
+    alpha, _ = levels.apg_levels("ddim", cfg, 5)
     np.testing.assert_allclose(alpha ** 2, ddim.ddim_tables(cfg, 5).alpha, rtol=1e-6)
-    alpha, sigma = gen_lib.apg_levels("dpmpp_2m", cfg, 5)
-    want = dpmpp_2m._tables(gen_lib.schedules.dpm_sigmas(cfg, 5)[1])
+    alpha, sigma = levels.apg_levels("dpmpp_2m", cfg, 5)
+    want = dpmpp_2m._tables(schedules.dpm_sigmas(cfg, 5)[1])
     np.testing.assert_array_equal(alpha, want[0])
     np.testing.assert_array_equal(sigma, want[1])
     for name in ("euler", "euler_a"):
-        sampler, (alpha, _) = make_sampler(name, cfg, 5), gen_lib.apg_levels(name, cfg, 5)
+        sampler, (alpha, _) = make_sampler(name, cfg, 5), levels.apg_levels(name, cfg, 5)
         ones = SampleState(jnp.ones((1, 2, 2, 1)))
         got = [float(sampler.model_input(ones, i)[0, 0, 0, 0]) for i in range(5)]
         np.testing.assert_allclose(got, alpha, rtol=1e-6)

@@ -16,6 +16,7 @@ from jaxdiff.cli import micro_args, refiner_args
 from jaxdiff.control import Control, control_inputs
 from jaxdiff.data.images import FITS, load_image, make_grid, save_png, write_json
 from jaxdiff.samplers import SAMPLERS
+from jaxdiff.samplers.levels import check_apg_sampler
 from jaxdiff.weights import load_pipeline
 from jaxdiff.weights.control import load_controlnet, load_t2i_adapter
 from jaxdiff.weights.hf_cache import is_repo_id
@@ -188,7 +189,7 @@ def run(args) -> int:
                              "sampling; drop it with --box, --refiner, --classifier or --clip.")
     if args.apg is not None:
         guidance.check_projection(args.apg)
-        sampling.check_apg_sampler(args.sampler, "--apg")
+        check_apg_sampler(args.sampler, "--apg")
         if args.box or args.refiner or args.classifier or args.clip:
             raise ValueError("--apg applies to plain and ControlNet/adapter sampling; drop it "
                              "with --box, --refiner, --classifier or --clip.")
