@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import schedules
-
 from jaxdiff.data.shapes import ShapeObject, WorldSpec, caption
 from jaxdiff.pipeline import from_uint8
 from jaxdiff.weights.clip_format import CLIP

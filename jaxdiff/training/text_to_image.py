@@ -111,22 +111,21 @@ def encode_dataset(pipe: Pipeline, params, source, batch_size: int = 256):
     return np.concatenate(latents), np.concatenate(ids)
 
 
-def object_coverage(source, factor: int, batch_size: int = 256) -> np.ndarray:
+def object_coverage(source, factor: int) -> np.ndarray:
     """Every example's object coverage at latent resolution [N, H/f, W/f, 1] in [0, 1]: the
     union of its ground-truth ``masks`` [K, H, W], average-pooled over ``factor`` x
     ``factor`` pixels (the VAE's downsampling)."""
     out = []
-    for start in range(0, len(source), batch_size):
-        for i in range(start, min(len(source), start + batch_size)):
-            example = source[i]
-            if "masks" not in example:
-                raise ValueError("object_weight > 0 needs ground-truth 'masks' in the data "
-                                 "(the shapes world's TFDS builder writes them); set "
-                                 "object_weight to 0 for other data.")
-            union = np.any(np.asarray(example["masks"], bool), axis=0).astype(np.float32)
-            h, w = union.shape[0] // factor, union.shape[1] // factor
-            out.append(union[:h * factor, :w * factor].reshape(h, factor, w, factor)
-                       .mean(axis=(1, 3))[..., None])
+    for i in range(len(source)):
+        example = source[i]
+        if "masks" not in example:
+            raise ValueError("object_weight > 0 needs ground-truth 'masks' in the data "
+                             "(the shapes world's TFDS builder writes them); set "
+                             "object_weight to 0 for other data.")
+        union = np.any(np.asarray(example["masks"], bool), axis=0).astype(np.float32)
+        h, w = union.shape[0] // factor, union.shape[1] // factor
+        out.append(union[:h * factor, :w * factor].reshape(h, factor, w, factor)
+                   .mean(axis=(1, 3))[..., None])
     return np.stack(out)
 
 
