@@ -59,11 +59,16 @@ def guide(out, scale, rescale=None):
     return jnp.where(rescale > 0, rescale_noise_cfg(g, out_cond, rescale), g)
 
 
-def guided_call(denoise: Callable, x, t, cond, uncond, scale, rescale=None):
-    """One UNet call on the concatenated batch ``[x; x]`` with ``[uncond; cond]``, guided
-    (conditions may be pytrees, e.g. SDXL's; concatenated leaf by leaf)."""
+def paired_call(denoise: Callable, x, t, cond, uncond):
+    """One UNet call on the concatenated batch ``[x; x]`` with ``[uncond; cond]`` (conditions
+    may be pytrees, e.g. SDXL's; concatenated leaf by leaf) -> its raw ``[2B]`` output."""
     both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
-    return guide(denoise(jnp.concatenate([x, x]), t, both), scale, rescale)
+    return denoise(jnp.concatenate([x, x]), t, both)
+
+
+def guided_call(denoise: Callable, x, t, cond, uncond, scale, rescale=None):
+    """``paired_call``, guided by ``guide``."""
+    return guide(paired_call(denoise, x, t, cond, uncond), scale, rescale)
 
 
 def cfg(denoise: Callable, scale, rescale=0.0) -> Callable:
@@ -222,8 +227,7 @@ def adaptive_projection(denoise: Callable, scale, rescale, projection, predictio
 
     def guided(x, t, contexts, average):
         cond, uncond = contexts
-        both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
-        out_uncond, out_cond = jnp.split(denoise(jnp.concatenate([x, x]), t, both), 2)
+        out_uncond, out_cond = jnp.split(paired_call(denoise, x, t, cond, uncond), 2)
         x0_u, x0_c = (to_x0(o, x, alpha, sigma)[0] for o in (out_uncond, out_cond))
         x0, average = apg_combine(x0_u, x0_c, scale, *(projection[k] for k in range(3)),
                                   average)
