@@ -81,20 +81,36 @@ CANDIDATES = {
     "lavender": ((200, 170, 255), "black"), "light sky": ((150, 200, 255), "black"),
 }
 DEFAULT_COLOURS = ("dark violet", "light lime")
+METHODS = ("textual_inversion", "dreambooth", "dreambooth_lora")  # --colour-methods
 CAPTIONS = ("object", "shape", "both")   # --colour-captions (module docstring)
 POSITIONS = ("centre", "left", "right", "top", "bottom")
 SAMPLING = dict(sampler="dpmpp_2m", steps=25, guidance_scale=5.0)
 
 
-def draw(folder: str, rgb, background: str) -> str:
+def scenes(rgb, background: str) -> dict:
     """Five world-v2 renders of one object of colour ``rgb``: each shape once, big/small
-    alternating, the five positions in turn."""
-    os.makedirs(folder, exist_ok=True)
+    alternating, the five positions in turn; ``{shape: (image, mask [H, W])}``."""
+    out = {}
     for i, shape in enumerate(SHAPES):
         obj = ShapeObject(shape=shape, colour=UNNAMED, size=("big", "small")[i % 2],
                           position=POSITIONS[i], rgb=tuple(rgb))
-        save_png(os.path.join(folder, f"{shape}.png"), render(SPEC, [obj], background)[0])
+        image, masks = render(SPEC, [obj], background)
+        out[shape] = (image, masks[0])
+    return out
+
+
+def draw(folder: str, rgb, background: str) -> str:
+    """``scenes`` written to ``folder`` as ``SHAPE.png``."""
+    os.makedirs(folder, exist_ok=True)
+    for shape, (image, _) in scenes(rgb, background).items():
+        save_png(os.path.join(folder, f"{shape}.png"), image)
     return folder
+
+
+def masks_of(paths, rgb, background: str) -> np.ndarray:
+    """The object masks [N, H, W] of ``draw``'s files at ``paths`` (named by shape)."""
+    drawn = scenes(rgb, background)
+    return np.stack([drawn[os.path.splitext(os.path.basename(p))[0]][1] for p in paths])
 
 
 def teaching_set(mode: str, images, paths, background: str) -> tuple[np.ndarray, dict,
@@ -231,7 +247,7 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
     out = dict(world="v2", within=WITHIN, generations_per_row=len(SHAPES) * per,
                sampling=SAMPLING, captions=args.colour_captions,
                textual_inversion=dict(steps=args.colour_ti_steps, lr=args.colour_ti_lr,
-                                      batch=4),
+                                      batch=4, mask_weight=args.colour_ti_mask_weight),
                dreambooth=dict(steps=args.colour_steps, lr=args.colour_lr, batch="4 + 4",
                                prior_loss_weight=1.0, num_class_images=args.colour_num_class),
                dreambooth_lora=dict(steps=args.colour_steps, lr=args.colour_lora_lr,
@@ -239,6 +255,10 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
                                     batch="4 + 4", prior_loss_weight=1.0),
                colours={})
     report = on_colour or (lambda _: None)
+    methods = set(args.colour_methods.split(","))
+    unknown = methods - set(METHODS)
+    if unknown:
+        raise ValueError(f"--colour-methods: unknown {sorted(unknown)}; use some of {METHODS}.")
     for name, rgb, bg, placeholder in chosen(args.colours.split(",")):
         dist = anchor_distances(rgb, SPEC)
         nearest = min(dist, key=dist.get)
@@ -251,15 +271,21 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
                    base_closest=base_closest(pipe, params, rgb, bg, per))
         out["colours"][name] = row
         report(out)
-        r = ti_train.train_textual_inversion(
-            pipe, params, taught, os.path.join(work, f"ti_{placeholder}"),
-            placeholder=placeholder, initializer_token=nearest,
-            **ti_captions, steps=args.colour_ti_steps, batch_size=4, lr=args.colour_ti_lr,
-            log_every=max(1, args.colour_ti_steps), ckpt_every=10 ** 9)
-        row["textual_inversion"] = dict(placeholder=placeholder, initializer=nearest,
-                                        **colour_scores(r.pipe, r.params, placeholder, rgb,
-                                                        bg, per, True))
-        report(out)
+        if "textual_inversion" in methods:
+            masks = masks_of(paths, rgb, bg)
+            r = ti_train.train_textual_inversion(
+                pipe, params, taught, os.path.join(work, f"ti_{placeholder}"),
+                placeholder=placeholder, initializer_token=nearest, **ti_captions,
+                instance_masks=np.concatenate([masks] * (len(taught) // len(masks))),
+                mask_weight=args.colour_ti_mask_weight, steps=args.colour_ti_steps,
+                batch_size=4, lr=args.colour_ti_lr, log_every=max(1, args.colour_ti_steps),
+                ckpt_every=10 ** 9)
+            row["textual_inversion"] = dict(placeholder=placeholder, initializer=nearest,
+                                            **colour_scores(r.pipe, r.params, placeholder,
+                                                            rgb, bg, per, True))
+            report(out)
+        if not {"dreambooth", "dreambooth_lora"} & methods:
+            continue
         class_prompt = f"an object on a {bg} background"
         classes, _, _ = class_lib.class_images(pipe, params, class_prompt,
                                                args.colour_num_class,
@@ -267,6 +293,8 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
         row["drift_before"] = drift(pipe, params, rgb, bg, per)
         for mode, rank, lr in (("dreambooth", 0, args.colour_lr),
                                ("dreambooth_lora", args.colour_lora_rank, args.colour_lora_lr)):
+            if mode not in methods:
+                continue
             tuned, _ = db.train_dreambooth(
                 pipe, params, taught, os.path.join(work, f"{mode}_{placeholder}"),
                 instance_prompt=instance_prompt, class_images=classes,

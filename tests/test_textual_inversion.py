@@ -173,3 +173,42 @@ def test_per_image_captions_pair_each_row_with_its_image(sd, tmp_path):
         with pytest.raises(ValueError, match=message):
             ti_train.train_textual_inversion(pipe, params, imgs, str(tmp_path / "w"), **bad, **kw)
     assert not (tmp_path / "w").exists()
+
+
+def test_masked_loss_weights_each_row_by_its_own_mask(sd, tmp_path):
+    """``instance_masks`` + ``mask_weight``: each batch row carries 1 + w x its own image's
+    mask coverage (the image found by the latent's content), the loss with unit weights is
+    the plain loss, and bad masks / weights are one-line errors before anything is
+    written."""
+    pipe, params = _with_micro_unet(*sd[1:])
+    rng = np.random.default_rng(2)
+    masks = rng.random((5, 8, 8)) < 0.5
+    lat = rng.normal(size=(5, 2, 2, 4)).astype(np.float32)
+    weights = ti_train._mask_weights(masks, 3.0, np.zeros((5, 8, 8, 3)), factor=4)
+    want = 1.0 + 3.0 * masks.reshape(5, 2, 4, 2, 4).mean(axis=(2, 4))[..., None]
+    np.testing.assert_allclose(weights, want, rtol=1e-6)
+    tok = ti.add_tokens(pipe.tokenizer, PLACEHOLDER, N)
+    ids = _tokenize(pipe, tok, ["a <cat-toy>"] * 5)
+    batch_fn = ti_train.make_batch_fn(lat, ids, batch_size=4, seed=1, paired=True,
+                                      weights=weights)
+    for s in range(3):
+        x, _, w = batch_fn(s)
+        for row, row_w in zip(x, w):
+            (i,) = [k for k in range(5) if np.array_equal(lat[k], row)]
+            np.testing.assert_array_equal(row_w, weights[i])
+    loss = jax.jit(make_ti_loss(pipe, params))
+    rows, key = ti.init_embeddings(params, tok, "a", N), jax.random.key(0)
+    x, i, w = (jnp.asarray(a) for a in batch_fn(0))
+    plain = float(loss(rows, (x, i), key))
+    np.testing.assert_allclose(float(loss(rows, (x, i, jnp.ones_like(w)), key)), plain,
+                               rtol=1e-6)
+    assert abs(float(loss(rows, (x, i, w), key)) - plain) > 1e-6 * plain
+    imgs = np.zeros((5, 16, 16, 3), np.uint8)
+    kw = dict(placeholder=PLACEHOLDER, initializer_token="a", steps=1, batch_size=1, lr=1e-3)
+    for bad, message in ((dict(mask_weight=2.0), "^mask_weight > 0 needs instance_masks"),
+                         (dict(mask_weight=-1.0), "^mask_weight must be >= 0"),
+                         (dict(mask_weight=2.0, instance_masks=np.ones((4, 16, 16))),
+                          r"^instance_masks: shape \(4, 16, 16\) does not match")):
+        with pytest.raises(ValueError, match=message):
+            ti_train.train_textual_inversion(pipe, params, imgs, str(tmp_path / "w"), **bad, **kw)
+    assert not (tmp_path / "w").exists()

@@ -1,4 +1,5 @@
-"""VAE latents for training: the cached latents of a dataset and the latent scaling factor.
+"""VAE latents for training: the cached latents of a dataset, masks at latent resolution and
+the latent scaling factor.
 
 Training steps run in latent space on latents computed once (posterior means, as
 diffusers' scripts do when they cache); the compiled encoders are module-level jitted
@@ -33,6 +34,18 @@ def encode_latents(pipe: Pipeline, params, images, batch_size: int = 64) -> np.n
     """uint8 images [N,H,W,3] -> scaled posterior-mean latents [N,h,w,C] (cached once)."""
     return np.concatenate([np.asarray(encode_uint8(pipe, params, images[i:i + batch_size]))
                            for i in range(0, len(images), batch_size)])
+
+
+def mask_coverage(masks, factor: int) -> np.ndarray:
+    """Masks [N, H, W] (nonzero = object) -> the share of each latent pixel they cover,
+    [N, H/f, W/f, 1] float32 in [0, 1]: the masks average-pooled over ``factor`` x
+    ``factor`` pixels (the VAE's downsampling; rows / columns past a multiple dropped)."""
+    m = np.asarray(masks) != 0
+    if m.ndim != 3:
+        raise ValueError(f"masks must be [N, H, W], got shape {m.shape}.")
+    n, h, w = m.shape[0], m.shape[1] // factor, m.shape[2] // factor
+    return (m[:, :h * factor, :w * factor].reshape(n, h, factor, w, factor)
+            .mean(axis=(2, 4), dtype=np.float32)[..., None])
 
 
 def latent_scaling_factor(pipe: Pipeline, params, images) -> float:

@@ -20,7 +20,7 @@ from jaxdiff.denoiser import denoise
 from jaxdiff.pipeline import Pipeline, from_uint8
 from jaxdiff.training import batching, losses
 from jaxdiff.training import state as state_lib
-from jaxdiff.training.latents import encode_uint8
+from jaxdiff.training.latents import encode_uint8, mask_coverage
 from jaxdiff.training.loop import train_loop
 from jaxdiff.training.optim import adamw_with_warmup
 from jaxdiff.training.step import make_train_step
@@ -115,18 +115,15 @@ def object_coverage(source, factor: int) -> np.ndarray:
     """Every example's object coverage at latent resolution [N, H/f, W/f, 1] in [0, 1]: the
     union of its ground-truth ``masks`` [K, H, W], average-pooled over ``factor`` x
     ``factor`` pixels (the VAE's downsampling)."""
-    out = []
+    unions = []
     for i in range(len(source)):
         example = source[i]
         if "masks" not in example:
             raise ValueError("object_weight > 0 needs ground-truth 'masks' in the data "
                              "(the shapes world's TFDS builder writes them); set "
                              "object_weight to 0 for other data.")
-        union = np.any(np.asarray(example["masks"], bool), axis=0).astype(np.float32)
-        h, w = union.shape[0] // factor, union.shape[1] // factor
-        out.append(union[:h * factor, :w * factor].reshape(h, factor, w, factor)
-                   .mean(axis=(1, 3))[..., None])
-    return np.stack(out)
+        unions.append(np.any(np.asarray(example["masks"], bool), axis=0))
+    return mask_coverage(np.stack(unions), factor)
 
 
 def train_diffusion(pipe: Pipeline, params, source, workdir: str, *, steps: int,

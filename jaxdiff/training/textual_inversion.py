@@ -36,7 +36,7 @@ from jaxdiff.pipeline import Pipeline
 from jaxdiff.training import losses
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.batching import host_slice, stream_indices
-from jaxdiff.training.latents import encode_latents
+from jaxdiff.training.latents import encode_latents, mask_coverage
 from jaxdiff.training.loop import train_loop
 from jaxdiff.training.optim import constant_adamw
 from jaxdiff.training.sample_grids import sample_grid_callback
@@ -62,15 +62,18 @@ def template_prompts(templates: Sequence[str], placeholder: str, num_vectors: in
 
 
 def make_batch_fn(latents: np.ndarray, ids: np.ndarray, *, batch_size: int, seed: int,
-                  paired: bool = False) -> Callable:
+                  paired: bool = False, weights: Optional[np.ndarray] = None) -> Callable:
     """``batch_fn(step) -> (latents [B,h,w,C], ids [B,L])`` (this host's rows) of
     ``make_ti_loss``. ``ids``: one row per template (each batch row draws one, independently
     of its latent) or, ``paired``, one row per latent (row i captions latent i: each batch
-    row gets its own latent's caption)."""
+    row gets its own latent's caption). ``weights`` [N,h,w,1] (one per latent): the batch
+    is ``(latents, ids, weights)``, each row its latent's loss weights."""
     def batch_fn(s):
         idx = host_slice(stream_indices(len(latents), batch_size, s, seed))
         which = idx if paired else host_slice(stream_indices(len(ids), batch_size, s, seed + 1))
-        return latents[idx], ids[which]
+        if weights is None:
+            return latents[idx], ids[which]
+        return latents[idx], ids[which], weights[idx]
 
     return batch_fn
 
@@ -86,7 +89,8 @@ def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Calla
     Returns:
       ``loss(new_rows, batch, rng) -> scalar``, with ``batch = (latents [B,h,w,C],
       ids [B,L])`` (scaled latents, ids from the tokenizer returned by ``ti.add_tokens``;
-      SDXL: ids [B,E,L], time ids of the latents' image size).
+      SDXL: ids [B,E,L], time ids of the latents' image size), or ``(latents, ids,
+      weights [B,h,w,1])``: each latent pixel's squared error weighted (``instance_masks``).
       Use with ``make_train_step`` on a state created from ``new_rows``.
     """
     sched = pipe.scheduler
@@ -96,10 +100,10 @@ def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Calla
     f = pipe.vae_scale_factor
 
     def loss(new_rows, batch, rng):
-        latents, ids = batch
+        latents, ids, *weights = batch
         context = ti.encode_text(pipe, frozen_params, new_rows, ids, vocab_size)
         context = pipe.add_time_ids(context, latents.shape[1] * f, latents.shape[2] * f)
-        return jnp.mean(denoise_loss(latents, context, rng))
+        return jnp.mean(denoise_loss(latents, context, rng, *weights))
 
     return loss
 
@@ -107,7 +111,9 @@ def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Calla
 def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: str, *,
                             placeholder: str, initializer_token: str, num_vectors: int = 1,
                             templates: Optional[Sequence[str]] = None,
-                            captions: Optional[Sequence[str]] = None, steps: int, batch_size: int,
+                            captions: Optional[Sequence[str]] = None,
+                            instance_masks: Optional[np.ndarray] = None,
+                            mask_weight: float = 0.0, steps: int, batch_size: int,
                             lr: float, warmup: int = 0, seed: int = 0, log_every: int = 10,
                             ckpt_every: int = 100, sample_folder: Optional[str] = None,
                             sample_every: int = 0, mesh=None) -> TIResult:
@@ -122,6 +128,12 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
         (default ``("a {}",)``).
       captions: instead of ``templates`` (not both): one template per instance image, in
         order, each row paired with its image's (per-image captions).
+      instance_masks, mask_weight: masks [N, H, W] of the concept in each instance image
+        (nonzero = concept) and a weight ``w`` > 0: each latent pixel's squared error is
+        weighted by ``1 + w * (the share of it the mask covers)`` (normalised per image), so
+        the concept's pixels count more than the background (a softened form of
+        Break-A-Scene's masked diffusion loss, Avrahami et al. 2023). ``w = 0``: the plain
+        loss (masks, if given, unused).
       steps, batch_size, lr, warmup: optimisation (``optim.constant_adamw``).
       sample_folder, sample_every: write a grid of the templates' (captions') generations
         every N steps.
@@ -136,6 +148,8 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
             got = "a string" if isinstance(captions, str) else f"{len(captions)} captions"
             raise ValueError(f"captions: {got} for {len(instance_images)} instance images; "
                              "give a sequence of one template per image.")
+    weights = _mask_weights(instance_masks, mask_weight, instance_images,
+                            pipe.vae_scale_factor)
     fields = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
     names = pipe.encoder_names
     toks = {n: ti.add_tokens(getattr(pipe, fields[n]), placeholder, num_vectors) for n in names}
@@ -153,7 +167,7 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
     latents = encode_latents(pipe, params, instance_images)
     os.makedirs(workdir, exist_ok=True)
     batch_fn = make_batch_fn(latents, ids, batch_size=batch_size, seed=seed,
-                             paired=captions is not None)
+                             paired=captions is not None, weights=weights)
 
     sample_pipe, _ = merge_rows(pipe, params, toks, rows0)
     on_sample = None
@@ -169,6 +183,23 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
     rows = jax.tree.map(np.asarray, parallel.gather(state.params))
     _, merged = merge_rows(pipe, params, toks, rows)
     return TIResult(placeholder, rows, sample_pipe, merged)
+
+
+def _mask_weights(masks, weight: float, images, factor: int) -> Optional[np.ndarray]:
+    """Loss weights [N, h, w, 1] ``1 + weight * mask_coverage`` (None when ``weight`` is
+    0); one-line errors for a negative weight or masks that do not match the images."""
+    if weight < 0:
+        raise ValueError(f"mask_weight must be >= 0 (0: off), got {weight}.")
+    if weight == 0:
+        return None
+    if masks is None:
+        raise ValueError("mask_weight > 0 needs instance_masks [N, H, W], one per instance "
+                         "image.")
+    masks = np.asarray(masks)
+    if masks.shape != tuple(np.shape(images)[:3]):
+        raise ValueError(f"instance_masks: shape {masks.shape} does not match the instance "
+                         f"images' {tuple(np.shape(images)[:3])} (one [H, W] mask per image).")
+    return 1.0 + weight * mask_coverage(masks, factor)
 
 
 def _with_tokenizers(pipe, toks):
