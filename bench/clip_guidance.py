@@ -2,7 +2,7 @@
 
     python bench/clip_guidance.py [--num 32] [--scales 0,10,30,100] [--steps 20] \\
         [--mode x0] [--clip DIR] [--target text|image] [--normalize] [--recurrence K] \\
-        [--out results.json]
+        [--views V] [--model DIR --world v2] [--out results.json]
 
 ``--target text``: each image is guided towards "a {colour} {shape}" (colours in turn,
 shapes drawn with a fixed seed); ``--target image``: towards the CLIP embedding of a
@@ -25,7 +25,7 @@ import numpy as np
 import jaxdiff
 from jaxdiff import clip_guidance as cg
 from jaxdiff.data.images import write_json
-from jaxdiff.data.shapes import ShapeObject, WorldSpec, caption, held_out_examples
+from jaxdiff.data.shapes import WORLDS, ShapeObject, caption, held_out_examples
 from jaxdiff.eval import shapes_eval
 from jaxdiff.weights.clip_format import SHAPES_CLIP, load_clip
 
@@ -42,11 +42,15 @@ def main(argv=None):
     p.add_argument("--normalize", action="store_true",
                    help="unit-RMS similarity gradients (scales ~1-2)")
     p.add_argument("--recurrence", type=int, default=1, help="self-recurrence rounds per step")
+    p.add_argument("--views", type=int, default=1,
+                   help="mode x0: similarity averaged over this many shifted views")
+    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
+    p.add_argument("--world", default="v1", help="shapes world of the targets (v1 | v2)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
-    pipe, params = jaxdiff.load_pipeline(None)
+    pipe, params = jaxdiff.load_pipeline(args.model)
     clip, clip_params = load_clip(args.clip)
-    spec = WorldSpec()  # the embedded model's world
+    spec = WORLDS[args.world]  # v1: the embedded model's world
     if args.target == "text":
         rng = np.random.default_rng(0)
         targets = [ShapeObject(spec.shapes[rng.integers(len(spec.shapes))],
@@ -65,9 +69,10 @@ def main(argv=None):
     images = cg.generate_clip_guided(pipe, params, clip, clip_params, clip_scale=scales,
                                      steps=args.steps, mode=args.mode,
                                      normalize=args.normalize, recurrence=args.recurrence,
-                                     **what)
+                                     views=args.views, **what)
     result = {"num": args.num, "steps": args.steps, "mode": args.mode, "target": args.target,
-              "normalize": args.normalize, "recurrence": args.recurrence, "by_scale": {}}
+              "normalize": args.normalize, "recurrence": args.recurrence, "views": args.views,
+              "model": args.model or "embedded", "world": args.world, "by_scale": {}}
     for s, row in zip(scales, images):
         reads = [shapes_eval.attribute_accuracy(img, [o], spec) for img, o in zip(row, targets)]
         result["by_scale"][str(s)] = {k: round(float(np.mean([r[k] for r in reads])), 4)

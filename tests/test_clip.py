@@ -213,6 +213,41 @@ def test_clip_guidance_gradient_matches_finite_differences():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_shifted_views_average_the_similarity_of_translated_images():
+    """``views``: the similarity is the mean over the image and its translations by
+    r = H // 16 px (edge pixels repeated), each view built here by index arithmetic;
+    views = 1 is the image alone; views > 1 is mode x0 only (one-line error)."""
+    from jaxdiff import clip_guidance as cg
+    img = jnp.asarray(np.random.default_rng(5).normal(size=(2, 32, 32, 3)), jnp.float32)
+    got = np.asarray(cg.shifted_views(img, 5)).reshape(5, 2, 32, 32, 3)
+    np.testing.assert_array_equal(got[0], img)
+    clamp = lambda i: np.clip(np.arange(32) + i, 0, 31)
+    for view, (dy, dx) in zip(got[1:], ((0, 2), (2, 0), (0, -2), (-2, 0))):
+        np.testing.assert_array_equal(view, np.asarray(img)[:, clamp(dy)][:, :, clamp(dx)])
+    assert cg.shifted_views(img, 1) is img
+    tok = load_tokenizer(os.path.join(DEFAULT_MODEL, "tokenizer"))
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    clip = clip_train.build_clip(tok, text, dict(text, image_size=8, patch_size=2), 16)
+    clip_params = clip_train.init_params(clip)
+    target = cg.text_target(clip, clip_params, jnp.asarray(clip.tokenize(["a red circle"] * 2)))
+    decode = lambda z: jnp.tanh(z[..., :3])
+    x, t = jnp.asarray(np.random.default_rng(6).normal(size=(2, 8, 8, 4)), jnp.float32), \
+        jnp.array([10, 20])
+    sim = lambda v: cg.similarity_x0(clip, clip_params, target, lambda x_, t_: x_, decode,
+                                     jnp.linspace(0.999, 0.01, 1000), "sample", v)(x, t)
+    one = lambda image: jnp.sum(clip.image_embeds(clip_params, image) * target, axis=-1)
+    views = cg.shifted_views(decode(x), 3).reshape(3, 2, 8, 8, 3)
+    np.testing.assert_allclose(np.asarray(sim(3)), np.mean([one(v) for v in views], axis=0),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sim(1)), np.asarray(one(decode(x))), rtol=1e-6)
+    import jaxdiff
+    pipe, params = jaxdiff.load_pipeline(None)
+    with pytest.raises(ValueError, match="^views=2: needs an integer >= 1, and > 1 only in "
+                       "mode 'x0'"):
+        cg.generate_clip_guided(pipe, params, clip, clip_params, texts="a", mode="xt",
+                                views=2)
+
+
 def test_normalized_gradient_and_ddim_renoise_are_exact():
     """``unit_rms``: each sample's gradient keeps its direction at RMS 1, and a normalized
     ``clip_guided`` moves the output by ``scale * sqrt(1 - abar)`` of it; ``ddim_renoise``
