@@ -190,9 +190,9 @@ def main(argv=None):
                     help="colours: Textual Inversion steps")
     ap.add_argument("--colour-ti-lr", type=float, default=1e-2,
                     help="colours: Textual Inversion learning rate")
-    ap.add_argument("--colour-ti-mask-weight", type=float, default=0.0,
-                    help="colours: Textual Inversion's masked loss, each latent pixel's error "
-                    "x (1 + W x the object's coverage of it) (0: the plain loss)")
+    ap.add_argument("--colour-mask-weight", type=float, default=0.0,
+                    help="colours: masked loss for every method, each instance latent pixel's "
+                    "error x (1 + W x the object's coverage of it) (0: the plain loss)")
     ap.add_argument("--colour-methods", default="textual_inversion,dreambooth,dreambooth_lora",
                     help="colours: the methods to run, comma-separated")
     ap.add_argument("--colour-captions", default="both", choices=("object", "shape", "both"),

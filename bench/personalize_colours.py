@@ -34,6 +34,10 @@ with the captions ``--colour-captions`` picks (``CAPTIONS``):
   (``teaching_set``): the word is seen beside "object" and beside every shape word, so
   the colour carries over to "a sks star" as well as to "a sks object".
 
+``--colour-mask-weight W`` (default 0: the plain loss) trains every method with the masked
+loss (``mask_weight=W``, the renders' exact object masks): each instance latent pixel's
+error x (1 + W x the object's coverage of it). ``--colour-methods`` picks the methods.
+
 Fidelity (``jaxdiff.eval.colour_fidelity``): for "a WORD SHAPE on a BG background", every
 shape, ``--colour-samples`` seeds each, the generated object's median colour inside the
 evaluator's mask; its RGB distance to the taught colour; the share within 40 units and
@@ -247,7 +251,8 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
     out = dict(world="v2", within=WITHIN, generations_per_row=len(SHAPES) * per,
                sampling=SAMPLING, captions=args.colour_captions,
                textual_inversion=dict(steps=args.colour_ti_steps, lr=args.colour_ti_lr,
-                                      batch=4, mask_weight=args.colour_ti_mask_weight),
+                                      batch=4),
+               mask_weight=args.colour_mask_weight,
                dreambooth=dict(steps=args.colour_steps, lr=args.colour_lr, batch="4 + 4",
                                prior_loss_weight=1.0, num_class_images=args.colour_num_class),
                dreambooth_lora=dict(steps=args.colour_steps, lr=args.colour_lora_lr,
@@ -271,13 +276,13 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
                    base_closest=base_closest(pipe, params, rgb, bg, per))
         out["colours"][name] = row
         report(out)
+        masks = np.concatenate([masks_of(paths, rgb, bg)] * (len(taught) // len(paths)))
+        masked = dict(instance_masks=masks, mask_weight=args.colour_mask_weight)
         if "textual_inversion" in methods:
-            masks = masks_of(paths, rgb, bg)
             r = ti_train.train_textual_inversion(
                 pipe, params, taught, os.path.join(work, f"ti_{placeholder}"),
                 placeholder=placeholder, initializer_token=nearest, **ti_captions,
-                instance_masks=np.concatenate([masks] * (len(taught) // len(masks))),
-                mask_weight=args.colour_ti_mask_weight, steps=args.colour_ti_steps,
+                **masked, steps=args.colour_ti_steps,
                 batch_size=4, lr=args.colour_ti_lr, log_every=max(1, args.colour_ti_steps),
                 ckpt_every=10 ** 9)
             row["textual_inversion"] = dict(placeholder=placeholder, initializer=nearest,
@@ -300,7 +305,7 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
                 instance_prompt=instance_prompt, class_images=classes,
                 class_prompt=class_prompt, prior_loss_weight=1.0, steps=args.colour_steps,
                 batch_size=4, lr=lr, lora_rank=rank, log_every=max(1, args.colour_steps),
-                ckpt_every=10 ** 9)
+                ckpt_every=10 ** 9, **masked)
             row[mode] = dict(**colour_scores(pipe, tuned, "sks", rgb, bg, per, True),
                              drift=drift(pipe, tuned, rgb, bg, per))
             report(out)

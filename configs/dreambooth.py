@@ -40,6 +40,8 @@ def get_config(variant: str = ""):
 
     c.instance_dir = ""             # folder of subject images (required)
     c.fit = "crop"                  # mixed sizes: crop | resize | reject
+    c.mask_dir = ""                 # masks, one per instance image (same name, white = subject)
+    c.mask_weight = 0.0             # >0: masked loss, a pixel's error x (1 + w x mask coverage)
     c.instance_prompt = "a sks circle"
     c.class_prompt = "a circle"
 

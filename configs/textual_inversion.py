@@ -23,6 +23,8 @@ def get_config(variant: str = ""):
 
     c.instance_dir = ""             # folder of concept images (required)
     c.fit = "crop"                  # mixed sizes: crop | resize | reject
+    c.mask_dir = ""                 # masks, one per instance image (same name, white = subject)
+    c.mask_weight = 0.0             # >0: masked loss, a pixel's error x (1 + w x mask coverage)
     c.placeholder_token = "<new-shape>"
     c.initializer_token = "circle"
     c.num_vectors = 1

@@ -127,6 +127,20 @@ def tiny_pipe_dir(tmp_path_factory, torch):
     return folder
 
 
+@pytest.fixture(scope="module")
+def micro(tiny_pipe_dir, tmp_path_factory):
+    """The tiny diffusers pipeline with a one-block cross-attention UNet (cheap to compile,
+    still has attention projections for LoRA), saved as a diffusers directory:
+    ``(folder, pipe, params)``."""
+    import jaxdiff
+    from torchref import models as ref
+    pipe, params = ref.with_micro_unet(*jaxdiff.load_pipeline(tiny_pipe_dir), cross=True,
+                                       sample_size=8)
+    folder = str(tmp_path_factory.mktemp("micro") / "pipe")
+    jaxdiff.save_pipeline(pipe, params, folder)
+    return folder, pipe, params
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory, torch):
     """Tiny random diffusers SDXL base and refiner pipelines saved once per session (the

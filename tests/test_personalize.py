@@ -30,17 +30,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def micro(tiny_pipe_dir, tmp_path_factory):
-    """The tiny diffusers pipeline with a one-block cross-attention UNet (cheap to compile,
-    still has attention projections for LoRA), saved as a diffusers directory."""
-    pipe, params = ref.with_micro_unet(*jaxdiff.load_pipeline(tiny_pipe_dir), cross=True,
-                                       sample_size=8)
-    folder = str(tmp_path_factory.mktemp("micro") / "pipe")
-    jaxdiff.save_pipeline(pipe, params, folder)
-    return folder, pipe, params
-
-
-@pytest.fixture(scope="module")
 def subject(tmp_path_factory):
     """Four 16x16 images of a 'new subject' (a ring) plus one 24x20 image (mixed sizes)."""
     folder = tmp_path_factory.mktemp("subject")

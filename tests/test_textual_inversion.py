@@ -15,6 +15,7 @@ from jaxdiff.training import state as state_lib
 from jaxdiff.adapters import textual_inversion as ti
 from jaxdiff.training.step import make_train_step
 from jaxdiff.training import textual_inversion as ti_train
+from jaxdiff.training.latents import mask_loss_weights
 from jaxdiff.training.textual_inversion import make_ti_loss
 
 PLACEHOLDER, N = "<cat-toy>", 2
@@ -184,7 +185,7 @@ def test_masked_loss_weights_each_row_by_its_own_mask(sd, tmp_path):
     rng = np.random.default_rng(2)
     masks = rng.random((5, 8, 8)) < 0.5
     lat = rng.normal(size=(5, 2, 2, 4)).astype(np.float32)
-    weights = ti_train._mask_weights(masks, 3.0, np.zeros((5, 8, 8, 3)), factor=4)
+    weights = mask_loss_weights(masks, 3.0, np.zeros((5, 8, 8, 3)), factor=4)
     want = 1.0 + 3.0 * masks.reshape(5, 2, 4, 2, 4).mean(axis=(2, 4))[..., None]
     np.testing.assert_allclose(weights, want, rtol=1e-6)
     tok = ti.add_tokens(pipe.tokenizer, PLACEHOLDER, N)

@@ -16,6 +16,9 @@ Modes are converted as ``jaxdiff.data.images.load_image`` does (grayscale, palet
 
 Every problem (missing or empty folder, unreadable file, wrong size under ``"reject"``)
 raises ``InputError`` with one line naming the path, what is wrong and what to do.
+
+``load_mask_folder(folder, paths, size)`` reads one mask per instance image (same name,
+white = the subject) for the personalization recipes' masked loss.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from typing import List, Tuple
 
 import numpy as np
 
-from jaxdiff.data.images import FITS, IMAGE_EXTENSIONS, InputError, load_image
+from jaxdiff.data.images import FITS, IMAGE_EXTENSIONS, InputError, image_size, load_image, \
+    load_mask
 
 
 def list_images(folder: str) -> List[str]:
@@ -65,3 +69,27 @@ def load_image_folder(folder: str, size: Tuple[int, int], *, fit: str = "crop",
     paths = list_images(folder)
     images = np.stack([load_image(p, tuple(size), fit=fit, alpha=alpha) for p in paths])
     return images, paths
+
+
+def load_mask_folder(folder: str, paths: List[str], size: Tuple[int, int], *,
+                     fit: str = "crop") -> np.ndarray:
+    """The masks of the images at ``paths`` (``load_image_folder``'s) from ``folder``: for
+    each image the file there with the same name before the extension (any image
+    extension), read by ``images.load_mask`` (white / opaque = the subject) with the same
+    ``fit``. Returns bool ``[N, H, W]``; a missing, unreadable, empty or mis-shaped mask is
+    an ``InputError`` naming it."""
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder}: mask folder not found; pass a folder with one mask per "
+                         "instance image, named as the image.")
+    by_stem = {}
+    for p in list_images(folder):
+        by_stem.setdefault(os.path.splitext(os.path.basename(p))[0], p)
+    out = []
+    for p in paths:
+        stem = os.path.splitext(os.path.basename(p))[0]
+        if stem not in by_stem:
+            raise InputError(f"{folder}: no mask for {os.path.basename(p)} (looked for "
+                             f"{stem}.png or another image file named {stem}); add one, "
+                             "white where the subject is.")
+        out.append(load_mask(by_stem[stem], tuple(size), fit=fit, image_size=image_size(p)))
+    return np.stack(out)

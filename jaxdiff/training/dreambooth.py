@@ -46,7 +46,7 @@ from jaxdiff.pipeline import Pipeline
 from jaxdiff.training import losses
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.batching import host_slice, stream_indices
-from jaxdiff.training.latents import encode_latents
+from jaxdiff.training.latents import encode_latents, mask_loss_weights
 from jaxdiff.training.loop import train_loop
 from jaxdiff.training.optim import constant_adamw
 from jaxdiff.training.step import make_train_step
@@ -107,7 +107,9 @@ def make_dreambooth_loss(pipe: Pipeline, merge: Callable, *, train_text_encoder:
     ``[B,L]`` if the text encoder trains, else cached embeddings ``[B,L,D]``; SDXL: ids
     ``[B,2,L]`` or the cached ``{"context", "text_embeds"}``, with time ids of the latents'
     image size added here); with prior preservation also ``class_latents``, ``class_text``
-    and ``prior_weight [B]`` (lambda, the same value in every row; traced).
+    and ``prior_weight [B]`` (lambda, the same value in every row; traced); with masks
+    ``instance_weights [B,h,w,1]`` (each instance latent pixel's loss weight; class rows
+    keep the plain loss).
     """
     sched = pipe.scheduler
     alphas = schedules.alphas_cumprod(sched)
@@ -122,8 +124,13 @@ def make_dreambooth_loss(pipe: Pipeline, merge: Callable, *, train_text_encoder:
         f = pipe.vae_scale_factor
         context = pipe.add_time_ids(context, x0.shape[1] * f, x0.shape[2] * f)
         unet = lambda x, t, c: denoise(pipe, p["unet"], x, t, c)
-        per = losses.denoising_loss(unet, alphas, sched.prediction_type)(x0, context, rng)
         b = batch["instance_latents"].shape[0]
+        weight = batch.get("instance_weights")
+        if weight is not None and prior_preservation:  # class rows: the plain loss
+            weight = jnp.concatenate([weight, jnp.ones((x0.shape[0] - b,) + weight.shape[1:],
+                                                       weight.dtype)])
+        per = losses.denoising_loss(unet, alphas, sched.prediction_type)(x0, context, rng,
+                                                                           weight)
         out = jnp.mean(per[:b])
         if prior_preservation:
             out = out + jnp.mean(batch["prior_weight"] * per[b:])
@@ -143,7 +150,8 @@ def encode_prompts(pipe: Pipeline, params, prompts: Sequence[str], train_text_en
 
 
 def make_batch_fn(latents: dict, texts: dict, *, batch_size: int, seed: int,
-                  prior_loss_weight: float = 1.0, paired: Sequence[str] = ()) -> Callable:
+                  prior_loss_weight: float = 1.0, paired: Sequence[str] = (),
+                  weights: Optional[np.ndarray] = None) -> Callable:
     """``batch_fn(step) -> batch`` of ``make_dreambooth_loss`` (this host's rows).
 
     Args:
@@ -154,6 +162,8 @@ def make_batch_fn(latents: dict, texts: dict, *, batch_size: int, seed: int,
         batch row gets its own latent's prompt).
       batch_size, seed: rows per key and step, drawn by ``stream_indices`` (seed + k for
         the k-th key).
+      weights: [N,h,w,1] loss weights of the instance latents (masked loss): the batch
+        holds ``instance_weights``, each row its latent's.
     """
     def batch_fn(s):
         out = {}
@@ -162,6 +172,8 @@ def make_batch_fn(latents: dict, texts: dict, *, batch_size: int, seed: int,
             rows = idx if name in paired else np.zeros(len(idx), np.int64)
             out[f"{name}_latents"] = latents[name][idx]
             out[f"{name}_text"] = jax.tree.map(lambda v: v[rows], texts[name])
+            if name == "instance" and weights is not None:
+                out["instance_weights"] = weights[idx]
         if "class" in latents:
             out["prior_weight"] = np.full((len(idx),), prior_loss_weight, np.float32)
         return out
@@ -177,7 +189,9 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
                      lora_rank: int = 0, lora_alpha: Optional[float] = None, seed: int = 0,
                      warmup: int = 0, log_every: int = 10, ckpt_every: int = 100,
                      on_sample: Optional[Callable] = None, sample_every: int = 0,
-                     dtype: str = "float32", remat: bool = False, mesh=None):
+                     dtype: str = "float32", remat: bool = False,
+                     instance_masks: Optional[np.ndarray] = None, mask_weight: float = 0.0,
+                     mesh=None):
     """Runs DreamBooth (resuming from ``workdir``'s checkpoints).
 
     Args:
@@ -196,6 +210,11 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
         ``sample_every`` steps.
       dtype, remat: the denoiser's compute dtype and block rematerialisation in the
         train step (``compute_pipe``).
+      instance_masks, mask_weight: the subject's masks [N, H, W] (nonzero = subject) and
+        ``w`` > 0: each instance latent pixel's squared error weighted by ``1 + w * (the
+        share of it the mask covers)`` (``latents.mask_loss_weights``; class rows
+        unweighted), the subject counting more than its background (kohya's masked loss,
+        Break-A-Scene's softened). ``w = 0``: the plain loss.
       mesh: ``parallel.make_mesh(...)`` (default: all devices, data parallel; with
         ``fsdp > 1`` the train state is FSDP-sharded).
     Returns:
@@ -209,6 +228,8 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
         raise ValueError(f"instance_prompt: {len(instance_prompt)} prompts for "
                          f"{len(instance_images)} instance images; give one per image, or "
                          "one string for all.")
+    weights = mask_loss_weights(instance_masks, mask_weight, instance_images,
+                                pipe.vae_scale_factor)
     prior = class_images is not None
     if prior and not class_prompt:
         raise ValueError("prior preservation needs a class_prompt (e.g. 'a circle').")
@@ -227,7 +248,7 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
         latents["class"] = encode_latents(pipe, params, class_images)
     batch_fn = make_batch_fn(latents, texts, batch_size=batch_size, seed=seed,
                              prior_loss_weight=prior_loss_weight,
-                             paired=("instance",) if paired else ())
+                             paired=("instance",) if paired else (), weights=weights)
 
     opt = constant_adamw(lr, warmup)
     state = state_lib.create(trainable.params, opt, seed, ema=False)

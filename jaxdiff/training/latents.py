@@ -48,6 +48,24 @@ def mask_coverage(masks, factor: int) -> np.ndarray:
             .mean(axis=(2, 4), dtype=np.float32)[..., None])
 
 
+def mask_loss_weights(masks, weight: float, images, factor: int):
+    """Per-latent-pixel loss weights [N, H/f, W/f, 1] = ``1 + weight * mask_coverage``
+    for personalization's masked loss (None when ``weight`` is 0: the plain loss); one-line
+    errors for a negative weight, missing masks or masks that do not match ``images``."""
+    if weight < 0:
+        raise ValueError(f"mask_weight must be >= 0 (0: off), got {weight}.")
+    if weight == 0:
+        return None
+    if masks is None:
+        raise ValueError("mask_weight > 0 needs instance_masks [N, H, W], one per instance "
+                         "image.")
+    masks = np.asarray(masks)
+    if masks.shape != tuple(np.shape(images)[:3]):
+        raise ValueError(f"instance_masks: shape {masks.shape} does not match the instance "
+                         f"images' {tuple(np.shape(images)[:3])} (one [H, W] mask per image).")
+    return 1.0 + weight * mask_coverage(masks, factor)
+
+
 def latent_scaling_factor(pipe: Pipeline, params, images) -> float:
     """1 / std of the posterior-mean latents of uint8 ``images`` [N,H,W,3] (unit-variance
     latents, as Stable Diffusion chose its factor)."""

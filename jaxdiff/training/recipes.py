@@ -27,7 +27,7 @@ from ml_collections import config_flags
 from jaxdiff import parallel
 from jaxdiff.adapters.lora import save_lora
 from jaxdiff.data import tfds_shapes
-from jaxdiff.data.image_folder import load_image_folder
+from jaxdiff.data.image_folder import load_image_folder, load_mask_folder
 from jaxdiff.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
                             UNetConfig, VAEConfig)
@@ -196,20 +196,27 @@ def fresh_denoiser(pipe: Pipeline, params, model_cfg, backbone: str, seed: int =
 # ----------------------------------------------------------------------- personalization
 
 def instance_images(config, pipe: Pipeline):
-    """The subject images of ``config.instance_dir`` at the model's size, uint8 [N,H,W,3]."""
+    """The subject images of ``config.instance_dir`` at the model's size, uint8 [N,H,W,3],
+    and their masks bool [N,H,W] from ``config.mask_dir`` (None when it is empty)."""
     if not config.instance_dir:
         raise ValueError("config.instance_dir is empty; pass --config.instance_dir=FOLDER "
                          "(a folder of 3-10 images of your subject).")
-    images, _ = load_image_folder(config.instance_dir, (pipe.image_size, pipe.image_size),
-                                  fit=config.fit)
-    return images
+    size = (pipe.image_size, pipe.image_size)
+    images, paths = load_image_folder(config.instance_dir, size, fit=config.fit)
+    if config.mask_weight > 0 and not config.mask_dir:
+        raise ValueError(f"config.mask_weight={config.mask_weight} needs masks; pass "
+                         "--config.mask_dir=FOLDER (one mask per instance image, same name, "
+                         "white where the subject is).")
+    masks = load_mask_folder(config.mask_dir, paths, size, fit=config.fit) \
+        if config.mask_dir else None
+    return images, masks
 
 
 def run_dreambooth(config, workdir: str) -> str:
     """DreamBooth from a ``configs/dreambooth.py`` config; returns what was exported (a
     diffusers pipeline directory, or the LoRA safetensors file in LoRA mode)."""
     pipe, params = load_pipeline(config.model or None)
-    instances = instance_images(config, pipe)
+    instances, masks = instance_images(config, pipe)
     classes = None
     if config.prior_preservation:
         cache = config.class_cache_dir or class_lib.default_cache_dir()
@@ -231,6 +238,7 @@ def run_dreambooth(config, workdir: str) -> str:
         lora_alpha=config.lora_alpha or None, seed=config.seed, log_every=config.log_every,
         ckpt_every=config.checkpoint_every, on_sample=grid,
         sample_every=config.sample_every, dtype=config.dtype, remat=config.remat,
+        instance_masks=masks, mask_weight=config.mask_weight,
         mesh=parallel.make_mesh(fsdp=config.mesh.fsdp))
     export = config.export_dir or os.path.join(workdir, "export")
     if lora is not None:
@@ -243,9 +251,10 @@ def run_textual_inversion(config, workdir: str) -> str:
     """Textual Inversion from a ``configs/textual_inversion.py`` config; returns the
     ``learned_embeds.safetensors`` file written."""
     pipe, params = load_pipeline(config.model or None)
-    instances = instance_images(config, pipe)
+    instances, masks = instance_images(config, pipe)
     result = textual_inversion.train_textual_inversion(
-        pipe, params, instances, workdir, placeholder=config.placeholder_token,
+        pipe, params, instances, workdir, instance_masks=masks, mask_weight=config.mask_weight,
+        placeholder=config.placeholder_token,
         initializer_token=config.initializer_token, num_vectors=config.num_vectors,
         templates=list(config.templates), steps=config.steps, batch_size=config.batch_size,
         lr=config.lr, warmup=config.warmup, seed=config.seed, log_every=config.log_every,

@@ -36,7 +36,7 @@ from jaxdiff.pipeline import Pipeline
 from jaxdiff.training import losses
 from jaxdiff.training import state as state_lib
 from jaxdiff.training.batching import host_slice, stream_indices
-from jaxdiff.training.latents import encode_latents, mask_coverage
+from jaxdiff.training.latents import encode_latents, mask_loss_weights
 from jaxdiff.training.loop import train_loop
 from jaxdiff.training.optim import constant_adamw
 from jaxdiff.training.sample_grids import sample_grid_callback
@@ -148,8 +148,8 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
             got = "a string" if isinstance(captions, str) else f"{len(captions)} captions"
             raise ValueError(f"captions: {got} for {len(instance_images)} instance images; "
                              "give a sequence of one template per image.")
-    weights = _mask_weights(instance_masks, mask_weight, instance_images,
-                            pipe.vae_scale_factor)
+    weights = mask_loss_weights(instance_masks, mask_weight, instance_images,
+                                pipe.vae_scale_factor)
     fields = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
     names = pipe.encoder_names
     toks = {n: ti.add_tokens(getattr(pipe, fields[n]), placeholder, num_vectors) for n in names}
@@ -183,23 +183,6 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
     rows = jax.tree.map(np.asarray, parallel.gather(state.params))
     _, merged = merge_rows(pipe, params, toks, rows)
     return TIResult(placeholder, rows, sample_pipe, merged)
-
-
-def _mask_weights(masks, weight: float, images, factor: int) -> Optional[np.ndarray]:
-    """Loss weights [N, h, w, 1] ``1 + weight * mask_coverage`` (None when ``weight`` is
-    0); one-line errors for a negative weight or masks that do not match the images."""
-    if weight < 0:
-        raise ValueError(f"mask_weight must be >= 0 (0: off), got {weight}.")
-    if weight == 0:
-        return None
-    if masks is None:
-        raise ValueError("mask_weight > 0 needs instance_masks [N, H, W], one per instance "
-                         "image.")
-    masks = np.asarray(masks)
-    if masks.shape != tuple(np.shape(images)[:3]):
-        raise ValueError(f"instance_masks: shape {masks.shape} does not match the instance "
-                         f"images' {tuple(np.shape(images)[:3])} (one [H, W] mask per image).")
-    return 1.0 + weight * mask_coverage(masks, factor)
 
 
 def _with_tokenizers(pipe, toks):
