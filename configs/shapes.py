@@ -195,11 +195,13 @@ def get_config(variant: str = ""):
         # Model v2 (compact chain), second command: `v2_vae`'s U-Net (the embedded one) grown
         # one layer deeper per block (jaxdiff.training.grow: same function at the start,
         # 1.08 M -> 1.58 M params), then text encoder + U-Net trained on 40 000 scenes of
-        # world "v2_terse" (colour word dropped for half of the objects, shape for a fifth).
+        # world "v2_terse" (colour word dropped for half of the objects, shape for a fifth),
+        # data parallel over two XLA CPU devices as the later commands.
         _v2_diffusion(c, "runs/shapes_v2_vae/export", seed=10, world="v2_terse",
                       steps=9000, lr=3e-4)
         c.data.num_train = 40_000
         c.model.deepen = True
+        c.cpu_devices = 2
     elif variant == "v2_grown2":
         # Model v2 (compact chain), the previous third command (candidate until v2_brief):
         # `v2_grown`'s export trained on for 5500 more steps on a fresh draw (seed 11) of
