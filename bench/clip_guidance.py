@@ -44,6 +44,10 @@ def main(argv=None):
     p.add_argument("--recurrence", type=int, default=1, help="self-recurrence rounds per step")
     p.add_argument("--views", type=int, default=1,
                    help="mode x0: similarity averaged over this many shifted views")
+    p.add_argument("--backward-steps", type=int, default=0,
+                   help="universal guidance backward steps on the predicted x0 per step")
+    p.add_argument("--backward-size", type=float, default=0.1,
+                   help="each backward step's size per unit of CLIP scale (unit RMS)")
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     p.add_argument("--world", default="v1", help="shapes world of the targets (v1 | v2)")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -69,9 +73,11 @@ def main(argv=None):
     images = cg.generate_clip_guided(pipe, params, clip, clip_params, clip_scale=scales,
                                      steps=args.steps, mode=args.mode,
                                      normalize=args.normalize, recurrence=args.recurrence,
-                                     views=args.views, **what)
+                                     views=args.views, backward_steps=args.backward_steps,
+                                     backward_size=args.backward_size, **what)
     result = {"num": args.num, "steps": args.steps, "mode": args.mode, "target": args.target,
               "normalize": args.normalize, "recurrence": args.recurrence, "views": args.views,
+              "backward_steps": args.backward_steps, "backward_size": args.backward_size,
               "model": args.model or "embedded", "world": args.world, "by_scale": {}}
     for s, row in zip(scales, images):
         reads = [shapes_eval.attribute_accuracy(img, [o], spec) for img, o in zip(row, targets)]

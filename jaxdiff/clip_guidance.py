@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import denoiser, parallel, schedules
-from jaxdiff.guidance import cfg, classifier, classifier_grad
+from jaxdiff.guidance import cfg, classifier, classifier_grad, with_noise_change
 from jaxdiff.guided_sampling import guided_program, padded_inputs, scan_sampler
 from jaxdiff.pipeline import Pipeline, to_uint8
 from jaxdiff.samplers import make_sampler
@@ -94,24 +94,63 @@ def shifted_views(images, views: int):
     return jnp.concatenate(out)
 
 
-def similarity_x0(clip: CLIP, clip_params, target, denoise: Callable, decode: Callable,
-                  alphas_cumprod, prediction_type: str, views: int = 1) -> Callable:
-    """``log_p(x_t, t) -> [B]``: cosine similarity of a clean CLIP's embedding of
-    ``decode(x0_hat)`` with ``target``, x0_hat predicted from ``denoise(x_t, t)``; with
-    ``views`` > 1 the mean similarity over ``shifted_views`` of the decoded image."""
-    to_x0 = x0_eps_vp(prediction_type)
-    table = jnp.asarray(alphas_cumprod, jnp.float32)
-
-    def log_p(x, t):
-        a = jnp.interp(t.astype(jnp.float32), jnp.arange(table.shape[0]), table)
-        a = schedules.expand_like(a, x)
-        x0, _ = to_x0(denoise(x, t), x, jnp.sqrt(a), jnp.sqrt(1.0 - a))
-        image = _fit(clip, shifted_views(decode(x0), views))
+def similarity_decoded(clip: CLIP, clip_params, target, decode: Callable,
+                       views: int = 1) -> Callable:
+    """``score(z0) -> [B]``: cosine similarity of a clean CLIP's embedding of the decoded
+    latents ``decode(z0)`` with ``target``; with ``views`` > 1 the mean over
+    ``shifted_views`` of the decoded image."""
+    def score(z0):
+        image = _fit(clip, shifted_views(decode(z0), views))
         sim = jnp.sum(clip.image_embeds(clip_params, image).reshape(views, *target.shape)
                       * target, axis=-1)
         return jnp.mean(sim, axis=0)
+    return score
+
+
+def _abar(table, t, x):
+    a = jnp.interp(jnp.asarray(t).astype(jnp.float32), jnp.arange(table.shape[0]), table)
+    return schedules.expand_like(jnp.broadcast_to(a, (x.shape[0],)), x)
+
+
+def similarity_x0(clip: CLIP, clip_params, target, denoise: Callable, decode: Callable,
+                  alphas_cumprod, prediction_type: str, views: int = 1) -> Callable:
+    """``log_p(x_t, t) -> [B]``: ``similarity_decoded`` of x0_hat, predicted from
+    ``denoise(x_t, t)``."""
+    to_x0 = x0_eps_vp(prediction_type)
+    table = jnp.asarray(alphas_cumprod, jnp.float32)
+    score = similarity_decoded(clip, clip_params, target, decode, views)
+
+    def log_p(x, t):
+        a = _abar(table, t, x)
+        x0, _ = to_x0(denoise(x, t), x, jnp.sqrt(a), jnp.sqrt(1.0 - a))
+        return score(x0)
 
     return log_p
+
+
+def backward_guided(denoise: Callable, score: Callable, steps: int, step_size,
+                    alphas_cumprod, prediction_type: str = "epsilon") -> Callable:
+    """Universal guidance's backward step (Bansal et al. 2023, eq. 9 and Algorithm 1): the
+    denoiser's predicted clean latents z0 are moved by ``steps`` ascent steps on
+    ``score(z0) -> [B]`` (each step's gradient at unit RMS per sample, times
+    ``step_size``; traced, 0 leaves ``denoise`` unchanged), and the output is the one
+    whose prediction of z0 is the moved one: noise change ``-sqrt(abar / (1 - abar)) *
+    delta_z0``, converted to the model's prediction type as ``guidance.classifier``'s.
+    Only the score's model (decoder + CLIP) is differentiated, not the denoiser."""
+    to_x0 = x0_eps_vp(prediction_type)
+    table = jnp.asarray(alphas_cumprod, jnp.float32)
+    ascent = unit_rms(lambda z, _: jax.grad(lambda v: jnp.sum(score(v)))(z))
+    adjust = with_noise_change(prediction_type)
+
+    def guided(x, t, cond):
+        out = denoise(x, t, cond)
+        a = _abar(table, t, x)
+        z0, _ = to_x0(out, x, jnp.sqrt(a), jnp.sqrt(1.0 - a))
+        z = jax.lax.fori_loop(0, steps, lambda _, z: z + step_size * ascent(z, None), z0)
+        eps_change = -jnp.sqrt(a / (1.0 - a)) * (z - z0)
+        return adjust(out, eps_change.astype(out.dtype), a)
+
+    return guided
 
 
 def unit_rms(grad_fn: Callable) -> Callable:
@@ -149,7 +188,8 @@ def ddim_renoise(cfg, steps: int) -> Callable:
 
 def _program(pipe: Pipeline, clip: CLIP, mode: str, by_image: bool, sampler_name: str,
              steps: int, sweep: bool, use_cfg: bool, normalize: bool = False,
-             recurrence: int = 1, views: int = 1):
+             recurrence: int = 1, views: int = 1, backward_steps: int = 0,
+             backward_size: float = 0.0):
     ac = schedules.alphas_cumprod(pipe.scheduler)
     pt = pipe.scheduler.prediction_type
 
@@ -165,19 +205,24 @@ def _program(pipe: Pipeline, clip: CLIP, mode: str, by_image: bool, sampler_name
             target = image_target(clip, clip_params, target_in, latents)
         else:
             target = text_target(clip, clip_params, target_in)
+        decode = lambda z: pipe.decode_latents(params, z)
         if mode == "xt":
             log_p = similarity_xt(clip, clip_params, target)
         else:
             log_p = similarity_x0(clip, clip_params, target, lambda x, t: unet(x, t, cond),
-                                  lambda z: pipe.decode_latents(params, z), ac, pt, views)
+                                  decode, ac, pt, views)
         if use_cfg:
             denoise, contexts = cfg(unet, cfg_scale), (cond, uncond)
         else:
             denoise, contexts = unet, cond
 
         def loop(scale):
-            return scan_sampler(sampler, clip_guided(denoise, log_p, scale, ac, pt, normalize),
-                                noise, keys, contexts, recurrence, renoise)
+            guided = clip_guided(denoise, log_p, scale, ac, pt, normalize)
+            if backward_steps:
+                score = similarity_decoded(clip, clip_params, target, decode, views)
+                guided = backward_guided(guided, score, backward_steps,
+                                         scale * backward_size, ac, pt)
+            return scan_sampler(sampler, guided, noise, keys, contexts, recurrence, renoise)
 
         latents = jax.vmap(loop)(clip_scale) if sweep else loop(clip_scale)
         flat = latents.reshape((-1,) + latents.shape[-3:])
@@ -189,10 +234,11 @@ def _program(pipe: Pipeline, clip: CLIP, mode: str, by_image: bool, sampler_name
 
 @functools.lru_cache(maxsize=16)
 def _compiled(pipe, clip, mode, by_image, sampler_name, steps, sweep, use_cfg, mesh,
-              normalize=False, recurrence=1, views=1):
+              normalize=False, recurrence=1, views=1, backward_steps=0, backward_size=0.0):
     # (params, clip_params | ids, neg_ids, target_in, noise, keys | scales, eta)
     return guided_program(_program(pipe, clip, mode, by_image, sampler_name, steps, sweep,
-                                   use_cfg, normalize, recurrence, views),
+                                   use_cfg, normalize, recurrence, views, backward_steps,
+                                   backward_size),
                           mesh, sweep, 2, 5, 3, 2)
 
 
@@ -205,6 +251,7 @@ def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
                          sampler: str = "ddim", steps: int = 50, seed: int = 0,
                          eta: float = 0.0, output: str = "uint8", sample_offset: int = 0,
                          normalize: bool = False, recurrence: int = 1, views: int = 1,
+                         backward_steps: int = 0, backward_size: float = 0.1,
                          mesh=None) -> np.ndarray:
     """Generates one image per guidance text (or reference image), CLIP-guided.
 
@@ -227,6 +274,10 @@ def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
         scale 1.5 and recurrence 3 reach the asked colour/shape far more often.
       views: mode "x0" only: the similarity averaged over this many ``shifted_views`` of
         the decoded prediction (1: the image alone); costs that many CLIP image passes.
+      backward_steps: universal guidance's backward step (``backward_guided``): at every
+        step the predicted clean latents take this many unit-RMS ascent steps of size
+        ``backward_size * clip_scale`` on the decoded image's CLIP similarity (0: none).
+        Needs a clean CLIP (its score reads decoded latents).
       mesh: a ``jax.sharding.Mesh`` with a ``data`` axis (default: all devices); the batch
         is split over it.
     Returns:
@@ -257,6 +308,10 @@ def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
     if int(views) < 1 or (int(views) > 1 and mode != "x0"):
         raise ValueError(f"views={views}: needs an integer >= 1, and > 1 only in mode 'x0' "
                          f"(got mode {mode!r}).")
+    if int(backward_steps) < 0 or (int(backward_steps) > 0 and clip.time_token is not None):
+        raise ValueError(f"backward_steps={backward_steps}: needs an integer >= 0, and > 0 "
+                         "only with a clean CLIP (a noise-aware one reads x_t, not decoded "
+                         "latents).")
     mesh = mesh or parallel.make_mesh()
     _, keys, noise, (ids, neg_ids, target) = padded_inputs(
         b, mesh, seed, sample_offset, pipe.latent_shape(h, h),
@@ -264,7 +319,8 @@ def generate_clip_guided(pipe: Pipeline, params, clip: CLIP, clip_params, *,
     sweep = not np.isscalar(clip_scale) and np.ndim(clip_scale) == 1
     run = _compiled(pipe, clip, mode, images is not None, sampler, int(steps), sweep,
                     guidance_scale is not None, mesh, bool(normalize), int(recurrence),
-                    int(views))
+                    int(views), int(backward_steps),
+                    float(backward_size) if backward_steps else 0.0)
     images, final = run(params, clip_params, ids, neg_ids, target, noise, keys,
                         jnp.asarray(clip_scale, jnp.float32),
                         jnp.float32(1.0 if guidance_scale is None else guidance_scale),

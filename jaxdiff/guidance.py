@@ -256,6 +256,20 @@ def classifier_grad(log_p: Callable) -> Callable:
     return jax.grad(lambda x, t: jnp.sum(log_p(x, t)))
 
 
+def with_noise_change(prediction_type: str) -> Callable:
+    """``adjust(out, delta, abar) -> out'``: a model output of ``prediction_type`` whose
+    predicted noise is ``delta`` more, at the same x_t (v: ``v + delta / sqrt(abar)``,
+    x0: ``x0 - sqrt((1 - abar) / abar) * delta``)."""
+    if prediction_type == "epsilon":
+        return lambda out, delta, a: out + delta
+    if prediction_type == "v_prediction":
+        return lambda out, delta, a: out + delta / jnp.sqrt(a)
+    if prediction_type == "sample":
+        return lambda out, delta, a: out - jnp.sqrt((1.0 - a) / a) * delta
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; use epsilon, "
+                     "v_prediction or sample.")
+
+
 def classifier(denoise: Callable, grad_log_p: Callable, scale, alphas_cumprod,
                prediction_type: str = "epsilon") -> Callable:
     """Classifier guidance (Dhariwal & Nichol 2021, sec. 4.2, for DDIM-style samplers).
@@ -278,15 +292,7 @@ def classifier(denoise: Callable, grad_log_p: Callable, scale, alphas_cumprod,
       NeurIPS 2021 (Algorithm 2 and eq. 14).
     """
     table = jnp.asarray(alphas_cumprod, jnp.float32)
-    if prediction_type == "epsilon":
-        adjust = lambda out, delta, a: out + delta
-    elif prediction_type == "v_prediction":
-        adjust = lambda out, delta, a: out + delta / jnp.sqrt(a)
-    elif prediction_type == "sample":
-        adjust = lambda out, delta, a: out - jnp.sqrt((1.0 - a) / a) * delta
-    else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; use epsilon, "
-                         "v_prediction or sample.")
+    adjust = with_noise_change(prediction_type)
 
     def guided(x, t, cond):
         t_b = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))

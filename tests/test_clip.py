@@ -283,6 +283,36 @@ def test_normalized_gradient_and_ddim_renoise_are_exact():
         assert abs(back.var() - (1 - a_t)) < 0.01 * max(1 - a_t, 0.1)
 
 
+def test_backward_guidance_moves_the_predicted_x0_along_the_score():
+    """``backward_guided`` (universal guidance's backward step) with the score
+    -|z - c|^2 / 2: its unit-RMS ascent points straight at c, so k steps of size h move the
+    predicted z0 by k h (c - z0) / rms(c - z0) (analytic while short of c); the output,
+    for each prediction type, predicts exactly that z0 at the same x_t, and size 0 leaves
+    the denoiser's output as it was."""
+    from jaxdiff import clip_guidance as cg
+    from jaxdiff.samplers.base import x0_eps_vp
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 4, 4, 4)), jnp.float32)
+    c = jnp.asarray(rng.normal(size=(2, 4, 4, 4)) * 3, jnp.float32)
+    acp = jnp.linspace(0.999, 0.01, 1000)
+    t = jnp.array([100, 700])
+    a = acp[t][:, None, None, None]
+    score = lambda z: -0.5 * jnp.sum((z - c) ** 2, axis=(1, 2, 3))
+    for pt in ("epsilon", "v_prediction", "sample"):
+        denoise = lambda x_, t_, c_: 0.3 * x_ + 0.1
+        to_x0 = x0_eps_vp(pt)
+        z0, _ = to_x0(denoise(x, t, None), x, jnp.sqrt(a), jnp.sqrt(1 - a))
+        d = c - z0
+        want = z0 + 3 * 0.2 * d / jnp.sqrt(jnp.mean(d ** 2, axis=(1, 2, 3), keepdims=True))
+        out = cg.backward_guided(denoise, score, 3, 0.2, acp, pt)(x, t, None)
+        got, _ = to_x0(out, x, jnp.sqrt(a), jnp.sqrt(1 - a))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4,
+                                   err_msg=pt)
+        same = cg.backward_guided(denoise, score, 3, 0.0, acp, pt)(x, t, None)
+        np.testing.assert_allclose(np.asarray(same), np.asarray(denoise(x, t, None)),
+                                   rtol=1e-6, atol=1e-6, err_msg=pt)
+
+
 def test_self_recurrence_renoises_to_each_steps_level():
     """Self-recurrence with the exact denoiser of point-mass data x0 = m: every one of the
     steps x rounds calls sees x_t = sqrt(abar_t) m + sqrt(1 - abar_t) z with z ~ N(0, 1)
