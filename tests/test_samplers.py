@@ -5,6 +5,7 @@ on diffusers' model input) and the same N(0, 1) noise, and compares the model in
 the sample after every step.
 """
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -63,18 +64,34 @@ def model_fn(x, t):
 
 # The bound the README states: after every step, and on the final latents, jaxdiff's
 # sample is within RTOL of diffusers' relative to that step's own magnitude
-# (max(1, max |x|) of diffusers' sample at that step; no running maximum). Measured:
-# <= 2e-6 for every case but zero-terminal-SNR Euler / Euler-ancestral (1.9e-5 / 9e-6:
-# their first step starts at sigma_max = 4096 and float32 cancels ~1e4 against O(1)).
+# (max(1, max |x|) of diffusers' sample at that step; no running maximum), or within two
+# float32 spacings of the first latents' largest value (``_ulp_floor``) where that is
+# larger. Measured (2026-12-03, JAXDIFF_PRINT_SAMPLER_ERRORS=1 pytest -s -k parity):
+# <= 2e-6 for every case but zero-terminal-SNR Euler / Euler-ancestral (4.2e-5 / 3.6e-5,
+# 1.9e-5 / 9e-6 on an earlier machine: their first step starts at sigma_max = 4096, the
+# latents are ~1.2e4, and the difference is one float32 spacing there, 2^-10).
 RTOL = 3e-5
 
 
-def _close(actual, expected, what):
-    """Within RTOL of diffusers, relative to this step's own magnitude."""
+def _close(actual, expected, what, floor=0.0):
+    """Within RTOL of diffusers, relative to this step's own magnitude, or within ``floor``
+    (``_ulp_floor``) where that is larger."""
     expected = np.asarray(expected, np.float64)
     scale = max(1.0, float(np.abs(expected).max()))
+    err = float(np.abs(np.asarray(actual, np.float64) - expected).max())
+    if os.environ.get("JAXDIFF_PRINT_SAMPLER_ERRORS"):
+        print(f"{what}: {err / scale:.2e} of the step's magnitude, {err:.2e} absolute")
     np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=0,
-                               atol=RTOL * scale, err_msg=what)
+                               atol=max(RTOL * scale, floor), err_msg=what)
+
+
+def _ulp_floor(x_init, init_noise_sigma):
+    """Two float32 spacings at the largest first latent, ``init_noise_sigma * max |x|``:
+    a float32 sampler's first step computes with numbers this large, so no float32
+    implementation can be asked to agree more closely than that (zero terminal SNR:
+    sigma_max = 4096, latents ~1e4, spacing 2^-10 ~ 1e-3 after a step of magnitude ~30;
+    for every other schedule this is far below RTOL)."""
+    return 2.0 * float(np.spacing(np.float32(init_noise_sigma * np.abs(x_init).max())))
 
 
 def _sampler_name(case):
@@ -141,10 +158,11 @@ def test_parity_with_diffusers(torch, diffusers_mod, monkeypatch, case, config):
     # Step by step, with a traced index.
     step, model_input = jax.jit(sampler.step), jax.jit(sampler.model_input)
     state = sampler.init(jnp.asarray(x_init) * sampler.init_noise_sigma)
+    floor = _ulp_floor(x_init, float(sampler.init_noise_sigma))
     for i in range(len(ref_ts)):
-        _close(model_input(state, jnp.int32(i)), inputs[i], f"model input {i}")
+        _close(model_input(state, jnp.int32(i)), inputs[i], f"model input {i}", floor)
         state = step(state, jnp.int32(i), jnp.asarray(outputs[i]), jnp.asarray(noise[i]))
-        _close(sampler.latents(state), samples[i], f"sample after step {i}")
+        _close(sampler.latents(state), samples[i], f"sample after step {i}", floor)
 
     # The same loop as one lax.scan.
     def body(st, xs):
@@ -155,7 +173,7 @@ def test_parity_with_diffusers(torch, diffusers_mod, monkeypatch, case, config):
     final, _ = jax.jit(lambda s0: jax.lax.scan(
         body, s0, (jnp.arange(n), jnp.asarray(np.stack(outputs)), jnp.asarray(noise[:n]))))(
         sampler.init(jnp.asarray(x_init) * sampler.init_noise_sigma))
-    _close(sampler.latents(final), samples[-1], "scan result")
+    _close(sampler.latents(final), samples[-1], "scan result", floor)
 
 
 def test_euler_ancestral_sample_prediction_matches_diffusers_epsilon_path(
