@@ -84,7 +84,11 @@ SMOKE = {  # script -> flags appended to every command that runs it
                                " --config.decoder.steps=2 --config.decoder.batch_size=16"
                                " --config.autoencoder.batch_size=16"
                                " --config.diffusion.batch_size=16 --config.sample_every=0"
-                               " --config.checkpoint_every=2"),
+                               " --config.checkpoint_every=2"
+                               # one learning rate for all: the model-v2 commands that
+                               # share an architecture then share one compiled train step
+                               # (the persistent cache serves the next one)
+                               " --config.diffusion.lr=1e-4"),
 }
 
 
