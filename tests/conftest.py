@@ -28,6 +28,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # (``xla_cpu_use_fusion_emitters=false``), no expensive LLVM passes, codegen in one piece.
 # Flag names are jaxlib's: an unknown one aborts XLA, so they are set only for the jaxlib
 # versions they were checked on.
+# Known -O0 cost (jaxlib 0.10.2, 2026-12-03): a gradient through a conv *inside a loop*
+# (scan / fori_loop: CLIP or classifier guidance, Adam loops) keeps its input-gradient
+# convs in the "01oi" kernel layout, which XLA:CPU emits as plain loops instead of its conv
+# library (outside loops, convolution-canonicalization makes them "01io"); at -O0 those
+# loops run ~10x slower (the README's CLIP-guidance command: 40 s of its 74 s running;
+# 3 s at -O1, where the compile costs 30 s more). Disabling loop-invariant code motion
+# does not change it.
 _FAST_COMPILE = ("--xla_cpu_use_fusion_emitters=false --xla_llvm_disable_expensive_passes=true"
                  " --xla_cpu_parallel_codegen_split_count=1")
 _OPT = os.environ.get("JAXDIFF_TEST_XLA_OPT", "0")
