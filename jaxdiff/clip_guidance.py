@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import denoiser, parallel, schedules
-from jaxdiff.guidance import cfg, classifier, classifier_grad, with_noise_change
+from jaxdiff.guidance import abar_at, cfg, classifier, classifier_grad, with_noise_change
 from jaxdiff.guided_sampling import guided_program, padded_inputs, scan_sampler
 from jaxdiff.pipeline import Pipeline, to_uint8
 from jaxdiff.samplers import make_sampler
@@ -107,11 +107,6 @@ def similarity_decoded(clip: CLIP, clip_params, target, decode: Callable,
     return score
 
 
-def _abar(table, t, x):
-    a = jnp.interp(jnp.asarray(t).astype(jnp.float32), jnp.arange(table.shape[0]), table)
-    return schedules.expand_like(jnp.broadcast_to(a, (x.shape[0],)), x)
-
-
 def similarity_x0(clip: CLIP, clip_params, target, denoise: Callable, decode: Callable,
                   alphas_cumprod, prediction_type: str, views: int = 1) -> Callable:
     """``log_p(x_t, t) -> [B]``: ``similarity_decoded`` of x0_hat, predicted from
@@ -121,7 +116,7 @@ def similarity_x0(clip: CLIP, clip_params, target, denoise: Callable, decode: Ca
     score = similarity_decoded(clip, clip_params, target, decode, views)
 
     def log_p(x, t):
-        a = _abar(table, t, x)
+        a = abar_at(table, t, x)
         x0, _ = to_x0(denoise(x, t), x, jnp.sqrt(a), jnp.sqrt(1.0 - a))
         return score(x0)
 
@@ -144,7 +139,7 @@ def backward_guided(denoise: Callable, score: Callable, steps: int, step_size,
 
     def guided(x, t, cond):
         out = denoise(x, t, cond)
-        a = _abar(table, t, x)
+        a = abar_at(table, t, x)
         z0, _ = to_x0(out, x, jnp.sqrt(a), jnp.sqrt(1.0 - a))
         z = jax.lax.fori_loop(0, steps, lambda _, z: z + step_size * ascent(z, None), z0)
         eps_change = -jnp.sqrt(a / (1.0 - a)) * (z - z0)

@@ -256,6 +256,13 @@ def classifier_grad(log_p: Callable) -> Callable:
     return jax.grad(lambda x, t: jnp.sum(log_p(x, t)))
 
 
+def abar_at(table, t, x):
+    """alpha-bar at (possibly fractional, scalar or per-sample) timesteps ``t``, interpolated
+    in ``table`` [T], shaped [B, 1, ...] to broadcast against ``x`` [B, ...]."""
+    a = jnp.interp(jnp.asarray(t).astype(jnp.float32), jnp.arange(table.shape[0]), table)
+    return jnp.broadcast_to(a, (x.shape[0],)).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
 def with_noise_change(prediction_type: str) -> Callable:
     """``adjust(out, delta, abar) -> out'``: a model output of ``prediction_type`` whose
     predicted noise is ``delta`` more, at the same x_t (v: ``v + delta / sqrt(abar)``,
@@ -296,8 +303,7 @@ def classifier(denoise: Callable, grad_log_p: Callable, scale, alphas_cumprod,
 
     def guided(x, t, cond):
         t_b = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
-        a = jnp.interp(t_b.astype(jnp.float32), jnp.arange(table.shape[0]), table)
-        a = a.reshape((-1,) + (1,) * (x.ndim - 1))
+        a = abar_at(table, t_b, x)
         delta = -scale * jnp.sqrt(1.0 - a) * grad_log_p(x, t_b)
         return adjust(denoise(x, t, cond), delta.astype(x.dtype), a)
 
