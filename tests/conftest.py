@@ -16,25 +16,21 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The suite's time is mostly XLA:CPU compilation of small programs; LLVM at -O0 compiles
 # them about a quarter faster than -O1 (a third faster than the default -O2). Results are
 # the same programs, only less optimised machine code (the library itself runs at XLA's
-# default level). Inherited by the subprocesses tests start. Files whose programs loop
-# (Adam inversions, fine-tuning) use the ``xla_o1`` fixture below. JAXDIFF_TEST_XLA_OPT=
-# default keeps XLA's default; JAXDIFF_TEST_XLA_OPT=<n> picks another level.
-# Measured (clean-clone suite, CPU seconds per file, -O0 vs everything at -O1): the loops
-# of test_inversion 344 -> 130 and test_imagic_unitune 307 -> 79, but the compile-bound
-# files +25-60 % (test_generate 112 -> 176, test_edit_scale 164 -> 236), 69 -> 77 CPU-min.
+# default level). Inherited by the subprocesses tests start. JAXDIFF_TEST_XLA_OPT=default
+# keeps XLA's default; JAXDIFF_TEST_XLA_OPT=<n> picks another level.
 # Three more XLA:CPU compile-time flags halve the compile time again at -O0 (measured on
 # the embedded model, one process each, no cache: generate 6.3 -> 3.5 CPU-s, a UNet Adam
 # train step 15.1 -> 6.3; run time unchanged, outputs equal): the pre-MLIR fusion emitters
 # (``xla_cpu_use_fusion_emitters=false``), no expensive LLVM passes, codegen in one piece.
 # Flag names are jaxlib's: an unknown one aborts XLA, so they are set only for the jaxlib
 # versions they were checked on.
-# Known -O0 cost (jaxlib 0.10.2, 2026-12-03): a gradient through a conv *inside a loop*
-# (scan / fori_loop: CLIP or classifier guidance, Adam loops) keeps its input-gradient
-# convs in the "01oi" kernel layout, which XLA:CPU emits as plain loops instead of its conv
-# library (outside loops, convolution-canonicalization makes them "01io"); at -O0 those
-# loops run ~10x slower (the README's CLIP-guidance command: 40 s of its 74 s running;
-# 3 s at -O1, where the compile costs 30 s more). Disabling loop-invariant code motion
-# does not change it.
+# Programs that loop over gradients (null-text / Imagic Adam loops, CLIP and classifier
+# guidance, fine-tuning loops) once ran up to 30x slower at -O0 and two files compiled at
+# -O1 instead: XLA:CPU emitted JAX's conv-gradient convolutions inside loops as naive
+# loops. jaxdiff/models/conv.py writes those gradients as canonical convolutions; since then
+# those files run faster at -O0 than they did at -O1 (2026-12-03, same machine, no cache:
+# test_inversion's early-stopping null-text test 68 -> 31 s, test_imagic_unitune's
+# fine-tuning fixture 120 -> 64 s).
 _FAST_COMPILE = ("--xla_cpu_use_fusion_emitters=false --xla_llvm_disable_expensive_passes=true"
                  " --xla_cpu_parallel_codegen_split_count=1")
 _OPT = os.environ.get("JAXDIFF_TEST_XLA_OPT", "0")
@@ -84,30 +80,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
-
-
-@pytest.fixture(scope="module")
-def xla_o1():
-    """Programs compiled while the module runs use LLVM -O1 instead of the suite's -O0.
-
-    For files whose time is running loops, not compiling: -O0 machine code of the Adam
-    inversion / fine-tuning programs runs up to 30x slower (one Imagic call of
-    test_imagic_unitune: 85 CPU-s at -O0, 2.3 at -O1). Sets the level as a per-compile
-    option override (the persistent cache keys on it), restored after the module."""
-    from jax._src import compiler  # private: without it the module just runs at -O0
-    original = getattr(compiler, "get_compile_options", None)
-    if _OPT == "default" or original is None:
-        yield
-        return
-
-    def with_o1(*args, env_options_overrides=None, **kwargs):
-        env = dict(env_options_overrides or {})
-        env.setdefault("xla_backend_optimization_level", "1")
-        return original(*args, env_options_overrides=env, **kwargs)
-
-    compiler.get_compile_options = with_o1
-    yield
-    compiler.get_compile_options = original
 
 
 @pytest.fixture(scope="session")

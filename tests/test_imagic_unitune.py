@@ -14,14 +14,10 @@ from jaxdiff.data import WorldSpec, held_out_examples
 from jaxdiff.editing import batch_inputs, imagic, unitune
 from jaxdiff.pipeline import from_uint8
 
-# make test-fast leaves it out (1.3 CPU-minutes in the clean-clone suite at -O1; 5.1 at the
-# suite's -O0, where one call of the fine-tuning program ran 85 CPU-s instead of 2.3).
+# make test-fast leaves it out: the shared fine-tuning fixture alone compiles and runs for
+# about a minute (64 s, 2026-12-03, no compilation cache).
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _optimised(xla_o1):
-    """The fine-tuning loops compile at -O1 (tests/conftest.py: xla_o1)."""
 
 STAGES = imagic.Stages(embedding_steps=10, finetune_steps=30, lora_rank=4, draws=2)
 STEPS = 6

@@ -11,12 +11,6 @@ from jaxdiff.editing import inversion as inv
 from jaxdiff.samplers.ddim import ddim_tables
 from jaxdiff.schedules import SchedulerConfig, alphas_cumprod
 
-@pytest.fixture(scope="module", autouse=True)
-def _optimised(xla_o1):
-    """The null-text Adam loops compile at -O1 (tests/conftest.py: xla_o1): 344 -> 130
-    CPU-s for this file in the clean-clone suite."""
-
-
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
           set_alpha_to_one=False)
 SIGMA = 0.5

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.conv import Conv
+
 
 def _split_heads(x, heads):
     b, l, d = x.shape
@@ -324,7 +326,7 @@ class Transformer2DModel(nn.Module):
         b, h, w, c = x.shape
         inner = self.heads * self.dim_head
         proj = ((lambda n, f: nn.Dense(f, dtype=self.dtype, name=n)) if self.use_linear_projection
-                else (lambda n, f: nn.Conv(f, (1, 1), dtype=self.dtype, name=n)))
+                else (lambda n, f: Conv(f, (1, 1), dtype=self.dtype, name=n)))
         y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         y = proj("proj_in", inner)(y).reshape(b, h * w, inner)
         for i in range(self.num_layers):

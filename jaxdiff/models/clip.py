@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxdiff.models import config as config_lib
 from jaxdiff.models.clip_text import (ACTIVATIONS, CLIPEncoder, CLIPTextProjectionConfig,
                                       CLIPTextTransformer, pool_at_eos)
+from jaxdiff.models.conv import Conv
 from jaxdiff.models.layers import TimestepEmbedding, timestep_embedding
 
 # transformers' CLIPTextConfig defaults (its config.json omits fields left at them).
@@ -117,7 +118,7 @@ class _VisionEmbeddings(nn.Module):
             raise ValueError(f"CLIP vision tower: images are {h}x{w} but the config's "
                              f"image_size is {cfg.image_size}; resize them first.")
         cls = self.param("class_embedding", nn.initializers.normal(d ** -0.5), (d,))
-        patches = nn.Conv(d, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2,
+        patches = Conv(d, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2,
                           padding="VALID", use_bias=False, dtype=self.dtype,
                           name="patch_embedding")(pixel_values.astype(self.dtype))
         cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d))

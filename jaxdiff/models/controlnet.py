@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models import config as config_lib
+from jaxdiff.models.conv import Conv
 from jaxdiff.models.layers import TimestepEmbedding, conv3x3, timestep_embedding
 from jaxdiff.models.unet import (UNET_FIXED, UNet2DConditionModel, UNetConfig, UNetMidBlock,
                                  UNetStage)
@@ -202,9 +203,9 @@ class ControlNetModel(nn.Module):
             x, outs = UNetStage(**kw, cfg=ucfg, dtype=self.dtype, name=stage["name"])(
                 x, temb, context)
             skips.extend(outs)
-        down = [nn.Conv(s.shape[-1], (1, 1), dtype=self.dtype,
+        down = [Conv(s.shape[-1], (1, 1), dtype=self.dtype,
                         name=f"controlnet_down_blocks_{i}")(s) for i, s in enumerate(skips)]
-        mid = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="controlnet_mid_block")(x)
+        mid = Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="controlnet_mid_block")(x)
         scale = jnp.asarray(conditioning_scale, jnp.float32)
         scale = scale.reshape((-1, 1, 1, 1)) if scale.ndim == 1 else scale
         if guess_mode and not cfg.global_pool_conditions:

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.conv import Conv, conv_general_dilated
+
 
 def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool = False,
                        downscale_freq_shift: float = 1.0, max_period: float = 10000.0):
@@ -45,9 +47,9 @@ class TimestepEmbedding(nn.Module):
         return nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(x)
 
 
-def conv3x3(features: int, dtype, name: str, stride: int = 1, padding=1) -> nn.Conv:
+def conv3x3(features: int, dtype, name: str, stride: int = 1, padding=1) -> Conv:
     pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
-    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=pad, dtype=dtype,
+    return Conv(features, (3, 3), strides=(stride, stride), padding=pad, dtype=dtype,
                    name=name)
 
 
@@ -71,7 +73,7 @@ class ResnetBlock2D(nn.Module):
         h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm2")(h)
         h = conv3x3(self.out_channels, self.dtype, "conv2")(nn.silu(h))
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+            x = Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
         return x + h
 
 
@@ -141,7 +143,7 @@ class _Upsample2xConv3x3(nn.Module):
         rows = []
         for a, k_rows in enumerate(_phase_taps(kernel)):
             k_cols = _phase_taps(k_rows.transpose(1, 0, 2, 3))
-            rows.append(jnp.stack([jax.lax.conv_general_dilated(
+            rows.append(jnp.stack([conv_general_dilated(
                 x[:, a:a + h + 1, p:p + w + 1], kc.transpose(1, 0, 2, 3).astype(self.dtype),
                 (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
                 for p, kc in enumerate(k_cols)], axis=3))  # [B, H, W, 2, D]

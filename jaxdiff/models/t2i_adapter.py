@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdiff.models import config as config_lib
+from jaxdiff.models.conv import Conv
 
 ADAPTER_TYPES = ("full_adapter", "full_adapter_xl", "light_adapter")
 
@@ -96,7 +97,7 @@ def avg_pool_2x2_ceil(x):
 
 def _conv(features, k, dtype, name):
     p = k // 2
-    return nn.Conv(features, (k, k), padding=((p, p), (p, p)), dtype=dtype, name=name)
+    return Conv(features, (k, k), padding=((p, p), (p, p)), dtype=dtype, name=name)
 
 
 class _ResBlock(nn.Module):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.models.conv import Conv
 from jaxdiff.models.layers import TimestepEmbedding, timestep_embedding
 
 _ACTIVATIONS = ("gelu-approximate", "gelu")
@@ -66,7 +67,7 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x):
         p = self.patch_size
-        y = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+        y = Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                     name="proj")(x)
         b, h, w, d = y.shape
         y = y.reshape(b, h * w, d)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jaxdiff.models import config as config_lib
 from jaxdiff.models.attention import attend
+from jaxdiff.models.conv import Conv
 from jaxdiff.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv3x3
 
 
@@ -162,9 +163,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg, self.dtype)
         self.decoder = Decoder(cfg, self.dtype)
         if cfg.use_quant_conv:
-            self.quant_conv = nn.Conv(2 * cfg.latent_channels, (1, 1), dtype=self.dtype)
+            self.quant_conv = Conv(2 * cfg.latent_channels, (1, 1), dtype=self.dtype)
         if cfg.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv(cfg.latent_channels, (1, 1), dtype=self.dtype)
+            self.post_quant_conv = Conv(cfg.latent_channels, (1, 1), dtype=self.dtype)
 
     def encode(self, images):
         """images [B,H,W,3] -> (mean, logvar), each [B,H/f,W/f,latent_channels], float32."""
