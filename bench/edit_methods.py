@@ -1,10 +1,11 @@
 """SDEdit, DiffEdit, blended latent diffusion, RePaint and ILVR on held-out shapes-world
 images (ground truth known), as JSON.
 
-    python bench/edit_methods.py [--model DIR] [--num 100] [--steps 50]
+    python bench/edit_methods.py [--model DIR] [--world v1|v2] [--num 100] [--steps 50]
         [--methods sdedit diffedit blended repaint ilvr]
 
-Each one-object held-out image gets a colour swap: the target prompt is its caption with
+Each one-object held-out image (``--world v2``: one whose caption names its colour and
+shape) gets a colour swap: the target prompt is its caption with
 the object's colour replaced (the next colour of the palette that is not the background).
 Scored with the shapes-world evaluator (``jaxdiff.eval.shapes_eval``):
 
@@ -30,8 +31,8 @@ import numpy as np
 from scipy import ndimage
 
 import jaxdiff
-from jaxdiff.data import WorldSpec, held_out_examples
-from jaxdiff.data.shapes import caption, palette
+from jaxdiff.data import held_out_examples
+from jaxdiff.data.shapes import caption, palette, world
 from jaxdiff.editing import blended, diffedit, ilvr, repaint, sdedit
 from jaxdiff.eval import shapes_eval
 from jaxdiff.eval.generation import psnr
@@ -44,7 +45,7 @@ def swap_colour(ex, spec):
     bg = spec.background_names[int(ex["background"])]
     names = list(palette(spec, bg))
     new = names[(names.index(obj.colour) + 1) % len(names)]
-    tgt = dataclasses.replace(obj, colour=new)
+    tgt = dataclasses.replace(obj, colour=new, rgb=None)
     cap = caption([tgt], bg if ex["mention_background"] else None,
                   mention_size=bool(ex["mention_size"]),
                   mention_position=bool(ex["mention_position"]))
@@ -76,6 +77,7 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--dilate", type=int, default=2)
+    ap.add_argument("--world", default="v1", help="shapes world of the held-out images (v1 | v2)")
     ap.add_argument("--methods", nargs="+",
                     default=["sdedit", "diffedit", "blended", "repaint", "ilvr"])
     ap.add_argument("--repaint-steps", type=int, default=25)
@@ -84,8 +86,8 @@ def main():
 
     pipe, params = jaxdiff.load_pipeline(args.model)
     side = pipe.image_size
-    spec = WorldSpec(image_size=side)
-    ex = held_out_examples(spec, args.num, num_objects=1)
+    spec = world(args.world, image_size=side)
+    ex = held_out_examples(spec, args.num, num_objects=1, named=True)
     images = np.stack([e["image"] for e in ex])
     gt = np.stack([e["masks"][0] for e in ex])
     src = [e["caption"] for e in ex]

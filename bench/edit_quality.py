@@ -1,6 +1,6 @@
 """Inversion reconstruction on held-out shapes-world images (ground truth known), as JSON.
 
-    python bench/edit_quality.py [--model DIR] [--num 100] [--steps 50]
+    python bench/edit_quality.py [--model DIR] [--world v1|v2] [--num 100] [--steps 50]
 
 For each method the source image is inverted with its own caption and reconstructed
 with DDIM; PSNR is measured in pixels against the original image, and against the VAE
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxdiff
-from jaxdiff.data import WorldSpec, held_out_examples
+from jaxdiff.data import held_out_examples
+from jaxdiff.data.shapes import world
 from jaxdiff.editing import batch_inputs, inversion as inv
 from jaxdiff.eval.generation import psnr
 from jaxdiff.pipeline import from_uint8, to_uint8
@@ -31,11 +32,12 @@ def main():
     ap.add_argument("--num", type=int, default=100)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--world", default="v1", help="shapes world of the held-out images (v1 | v2)")
     args = ap.parse_args()
 
     pipe, params = jaxdiff.load_pipeline(args.model)
     side = pipe.image_size
-    ex = held_out_examples(WorldSpec(image_size=side), args.num)
+    ex = held_out_examples(world(args.world, image_size=side), args.num)
     images = np.stack([e["image"] for e in ex])
     pt, g, s = pipe.scheduler.prediction_type, args.guidance, args.steps
     tab = ddim_tables(pipe.scheduler, s)
@@ -61,7 +63,8 @@ def main():
     out, taken = run(images, ids, pipe.tokenize([""] * len(ex)))
     seconds = time.perf_counter() - t0
     vae = to_uint8(out["vae_only"])
-    result = {"bench": "inversion_reconstruction", "num_images": len(ex), "steps": s,
+    result = {"bench": "inversion_reconstruction", "model": args.model or "embedded",
+              "world": args.world, "num_images": len(ex), "steps": s,
               "guidance": g, "seconds_total": round(seconds, 1),
               "null_text_mean_inner_steps": round(float(np.mean(np.asarray(taken))), 2)}
     for name, imgs in out.items():

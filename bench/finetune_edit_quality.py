@@ -1,9 +1,9 @@
 """Fine-tuning editors (Imagic, UniTune) beside Prompt-to-Prompt on held-out shapes-world
 images: size, position and colour edits scored against the known truth, as JSON.
 
-    python bench/finetune_edit_quality.py [--model DIR] [--num 100] [--kinds size position colour]
-        [--etas 0.5 0.7 0.9 1.0] [--strengths 0.5 0.7 0.9] [--methods imagic unitune p2p]
-        [--out results.json]
+    python bench/finetune_edit_quality.py [--model DIR] [--world v1|v2] [--num 100]
+        [--kinds size position colour] [--etas 0.5 0.7 0.9 1.0] [--strengths 0.5 0.7 0.9]
+        [--methods imagic unitune p2p] [--out results.json]
 
 Every held-out one-object image gets, per kind, one edit of its fully stated caption
 ("a small red circle on the left on a black background"): size small <-> big, position
@@ -32,8 +32,8 @@ import numpy as np
 from scipy import ndimage
 
 import jaxdiff
-from jaxdiff.data import WorldSpec, held_out_examples
-from jaxdiff.data.shapes import caption, palette, render
+from jaxdiff.data import held_out_examples
+from jaxdiff.data.shapes import caption, palette, render, world
 from jaxdiff.editing import imagic, unitune
 from jaxdiff.editing import p2p_pipeline as pp
 from jaxdiff.eval import shapes_eval
@@ -97,11 +97,12 @@ def main():
     ap.add_argument("--chunk", type=int, default=50, help="images per program call")
     ap.add_argument("--dilate", type=int, default=1)
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--world", default="v1", help="shapes world of the held-out images (v1 | v2)")
     args = ap.parse_args()
 
     pipe, params = jaxdiff.load_pipeline(args.model)
-    spec = WorldSpec(image_size=pipe.image_size)
-    examples = held_out_examples(spec, args.num, num_objects=1)
+    spec = world(args.world, image_size=pipe.image_size)
+    examples = held_out_examples(spec, args.num, num_objects=1, named=True)
     jobs = [(ex, kind) for kind in args.kinds for ex in examples]
     targets = {"edits": [edit_of(ex, spec, k) for ex, k in jobs], "kinds": [k for _, k in jobs]}
     images = from_uint8(np.stack([ex["image"] for ex, _ in jobs]))

@@ -1,6 +1,6 @@
 """Prompt-to-Prompt edit quality on held-out shapes-world images (ground truth known), JSON.
 
-    python bench/p2p_quality.py [--model DIR] [--num 100] [--steps 50] [--blend] \\
+    python bench/p2p_quality.py [--model DIR] [--world v1|v2] [--num 100] [--steps 50] [--blend] \\
         [--inversions ddim,negative_prompt,null_text,direct] [--out results.json]
 
 Every held-out one-object image gets two word-swap edits (P2P replace, cross/self
@@ -34,7 +34,7 @@ from scipy import ndimage
 
 import jaxdiff
 from jaxdiff.data import WorldSpec, held_out_examples
-from jaxdiff.data.shapes import caption
+from jaxdiff.data.shapes import caption, world
 from jaxdiff.editing import p2p_pipeline as pp
 from jaxdiff.eval import shapes_eval
 from jaxdiff.eval.generation import psnr
@@ -50,7 +50,7 @@ def swap_edits(spec: WorldSpec, examples, seed: int = 0):
         bg = spec.background_names[int(ex["background"])]
         colours = [c for c in spec.colour_names if c not in (obj.colour, bg)]
         shapes = [s for s in spec.shapes if s != obj.shape]
-        new_c = dataclasses.replace(obj, colour=colours[rng.integers(len(colours))])
+        new_c = dataclasses.replace(obj, colour=colours[rng.integers(len(colours))], rgb=None)
         new_s = dataclasses.replace(obj, shape=shapes[rng.integers(len(shapes))])
         kw = dict(mention_size=bool(ex["mention_size"]),
                   mention_position=bool(ex["mention_position"]))
@@ -110,17 +110,19 @@ def main():
     ap.add_argument("--blend", action="store_true", help="also run with LocalBlend")
     ap.add_argument("--blend-threshold", type=float, default=0.3)
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--world", default="v1", help="shapes world of the held-out images (v1 | v2)")
     args = ap.parse_args()
 
     pipe, params = jaxdiff.load_pipeline(args.model)
-    spec = WorldSpec(image_size=pipe.image_size)
-    examples = held_out_examples(spec, args.num, num_objects=1)
+    spec = world(args.world, image_size=pipe.image_size)
+    examples = held_out_examples(spec, args.num, num_objects=1, named=True)
     edits = swap_edits(spec, examples)
     images = np.stack([e["image"] for e in examples])
     rows = np.repeat(np.arange(len(examples)), 2)  # colour swap, shape swap per image
     targets = [t for pair in edits for t, _, _ in pair]
     words = [w for pair in edits for _, _, w in pair]
-    result = {"bench": "p2p_edit_quality", "num_images": len(examples), "steps": args.steps,
+    result = {"bench": "p2p_edit_quality", "model": args.model or "embedded", "world": args.world,
+              "num_images": len(examples), "steps": args.steps,
               "guidance": args.guidance, "blend_threshold": args.blend_threshold, "cross_replace_steps": 0.8,
               "self_replace_steps": 0.4, "methods": {}}
     for blend in ([False, True] if args.blend else [False]):

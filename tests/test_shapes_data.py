@@ -114,6 +114,21 @@ def test_held_out_split_is_fixed_and_disjoint():
     assert 0.06 < frac < 0.14
 
 
+def test_held_out_named_scenes_say_every_colour_and_shape():
+    v2 = shapes.world("v2", image_size=32)
+    named = shapes.held_out_examples(v2, 30, num_objects=1, named=True)
+    every = shapes.held_out_examples(v2, 60, num_objects=1)
+    assert all(e["mention_colour"][0] and e["mention_shape"][0]
+               and e["objects"][0].colour in v2.colour_names
+               and e["objects"][0].colour in e["caption"] for e in named)
+    kept = [e["caption"] for e in every if e["mention_colour"][0] and e["mention_shape"][0]]
+    assert len(kept) < len(every)  # v2 leaves words out; the filter keeps the stream order
+    assert [e["caption"] for e in named][:len(kept)] == kept[:len(named)]
+    # v1 names everything: the filter changes nothing there.
+    assert ([e["caption"] for e in shapes.held_out_examples(SPEC, 20, named=True)]
+            == [e["caption"] for e in shapes.held_out_examples(SPEC, 20)])
+
+
 def test_jitter_keeps_pairs_apart():
     spec = WorldSpec(jitter=0.04, p_two_objects=1.0)
     for ex in _take(7, spec, n=150):

@@ -184,6 +184,15 @@ def iterate(seed: int, spec: WorldSpec, split: Optional[str] = None,
 
 
 def held_out_examples(spec: WorldSpec, num: int, seed: int = 20_231_123,
-                      num_objects: Optional[int] = None) -> list[dict]:
-    """The fixed held-out evaluation set: the first ``num`` "test"-split scenes of ``seed``."""
-    return list(itertools.islice(iterate(seed, spec, "test", num_objects), num))
+                      num_objects: Optional[int] = None, named: bool = False) -> list[dict]:
+    """The fixed held-out evaluation set: the first ``num`` "test"-split scenes of ``seed``.
+
+    ``named``: only scenes whose caption names every object's colour and shape (editing
+    benches swap those words); in world v1 every caption does, so the set is unchanged.
+    """
+    stream = iterate(seed, spec, "test", num_objects)
+    if named:
+        stream = (ex for ex in stream
+                  if ex["mention_colour"][:ex["num_objects"]].all()
+                  and ex["mention_shape"][:ex["num_objects"]].all())
+    return list(itertools.islice(stream, num))
