@@ -32,7 +32,8 @@ browser:
 demo: install
 	$(PY) -m jaxdiff.cli generate --prompt "a small red circle on the left" \
 	  --prompt "a big blue square" --prompt "a green triangle at the top" \
-	  --prompt "a yellow star on a black background" --batch 2 --out outputs/demo
+	  --prompt "a yellow star on a black background" --prompt "a cross on a gray background" \
+	  --prompt "a purple object" --batch 2 --out outputs/demo
 
 test: install-test browser
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests

@@ -2,7 +2,7 @@
 
     python bench/clip_guidance.py [--num 32] [--scales 0,10,30,100] [--steps 20] \\
         [--mode x0] [--clip DIR] [--target text|image] [--normalize] [--recurrence K] \\
-        [--views V] [--model DIR --world v2] [--out results.json]
+        [--views V] [--model candidates/shapes_v1 --world v1] [--out results.json]
 
 ``--target text``: each image is guided towards "a {colour} {shape}" (colours in turn,
 shapes drawn with a fixed seed); ``--target image``: towards the CLIP embedding of a
@@ -49,12 +49,13 @@ def main(argv=None):
     p.add_argument("--backward-size", type=float, default=0.1,
                    help="each backward step's size per unit of CLIP scale (unit RMS)")
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
-    p.add_argument("--world", default="v1", help="shapes world of the targets (v1 | v2)")
+    p.add_argument("--world", default="v2",
+                   help="shapes world of the targets (v2: the embedded model's | v1)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     pipe, params = jaxdiff.load_pipeline(args.model)
     clip, clip_params = load_clip(args.clip)
-    spec = WORLDS[args.world]  # v1: the embedded model's world
+    spec = WORLDS[args.world]
     if args.target == "text":
         rng = np.random.default_rng(0)
         targets = [ShapeObject(spec.shapes[rng.integers(len(spec.shapes))],

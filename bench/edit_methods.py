@@ -1,7 +1,7 @@
 """SDEdit, DiffEdit, blended latent diffusion, RePaint and ILVR on held-out shapes-world
 images (ground truth known), as JSON.
 
-    python bench/edit_methods.py [--model DIR] [--world v1|v2] [--num 100] [--steps 50]
+    python bench/edit_methods.py [--model DIR] [--world v2|v1] [--num 100] [--steps 50]
         [--methods sdedit diffedit blended repaint ilvr]
 
 Each one-object held-out image (``--world v2``: one whose caption names its colour and
@@ -77,7 +77,8 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--dilate", type=int, default=2)
-    ap.add_argument("--world", default="v1", help="shapes world of the held-out images (v1 | v2)")
+    ap.add_argument("--world", default="v2",
+                    help="shapes world of the held-out images (v2: the embedded model's | v1)")
     ap.add_argument("--methods", nargs="+",
                     default=["sdedit", "diffedit", "blended", "repaint", "ilvr"])
     ap.add_argument("--repaint-steps", type=int, default=25)

@@ -1,6 +1,6 @@
 """Inversion reconstruction on held-out shapes-world images (ground truth known), as JSON.
 
-    python bench/edit_quality.py [--model DIR] [--world v1|v2] [--num 100] [--steps 50]
+    python bench/edit_quality.py [--model DIR] [--world v2|v1] [--num 100] [--steps 50]
 
 For each method the source image is inverted with its own caption and reconstructed
 with DDIM; PSNR is measured in pixels against the original image, and against the VAE
@@ -32,7 +32,8 @@ def main():
     ap.add_argument("--num", type=int, default=100)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--world", default="v1", help="shapes world of the held-out images (v1 | v2)")
+    ap.add_argument("--world", default="v2",
+                    help="shapes world of the held-out images (v2: the embedded model's | v1)")
     args = ap.parse_args()
 
     pipe, params = jaxdiff.load_pipeline(args.model)

@@ -1,7 +1,7 @@
 """Fine-tuning editors (Imagic, UniTune) beside Prompt-to-Prompt on held-out shapes-world
 images: size, position and colour edits scored against the known truth, as JSON.
 
-    python bench/finetune_edit_quality.py [--model DIR] [--world v1|v2] [--num 100]
+    python bench/finetune_edit_quality.py [--model DIR] [--world v2|v1] [--num 100]
         [--kinds size position colour] [--etas 0.5 0.7 0.9 1.0] [--strengths 0.5 0.7 0.9]
         [--methods imagic unitune p2p] [--out results.json]
 
@@ -97,7 +97,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=50, help="images per program call")
     ap.add_argument("--dilate", type=int, default=1)
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    ap.add_argument("--world", default="v1", help="shapes world of the held-out images (v1 | v2)")
+    ap.add_argument("--world", default="v2",
+                    help="shapes world of the held-out images (v2: the embedded model's | v1)")
     args = ap.parse_args()
 
     pipe, params = jaxdiff.load_pipeline(args.model)

@@ -1,6 +1,6 @@
 """Prompt-to-Prompt edit quality on held-out shapes-world images (ground truth known), JSON.
 
-    python bench/p2p_quality.py [--model DIR] [--world v1|v2] [--num 100] [--steps 50] [--blend] \\
+    python bench/p2p_quality.py [--model DIR] [--world v2|v1] [--num 100] [--steps 50] [--blend] \\
         [--inversions ddim,negative_prompt,null_text,direct] [--out results.json]
 
 Every held-out one-object image gets two word-swap edits (P2P replace, cross/self
@@ -110,7 +110,8 @@ def main():
     ap.add_argument("--blend", action="store_true", help="also run with LocalBlend")
     ap.add_argument("--blend-threshold", type=float, default=0.3)
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    ap.add_argument("--world", default="v1", help="shapes world of the held-out images (v1 | v2)")
+    ap.add_argument("--world", default="v2",
+                    help="shapes world of the held-out images (v2: the embedded model's | v1)")
     args = ap.parse_args()
 
     pipe, params = jaxdiff.load_pipeline(args.model)

@@ -2,7 +2,7 @@
 
     python bench/quality.py                          # the embedded model
     python bench/quality.py --model runs/shapes/export --num-one 50 --num-two 50
-    python bench/quality.py --model runs/shapes_v2/export --world v2
+    python bench/quality.py --model candidates/shapes_v1 --world v1   # model v1
 
 Prints one JSON object (also written to ``--out``):
 
@@ -43,8 +43,8 @@ def parse_args(argv=None):
                    help="'a square on a gray background' prompts (default 200)")
     p.add_argument("--num-shape-free", type=int, default=200,
                    help="'a red object on a gray background' prompts (default 200)")
-    p.add_argument("--world", default="v1", help="shapes world of the real images and of "
-                   "the evaluator: v1 (default) or v2")
+    p.add_argument("--world", default="v2", help="shapes world of the real images and of "
+                   "the evaluator: v2 (default: the embedded model's) or v1")
     p.add_argument("--num-real", type=int, default=200,
                    help="held-out world images for VAE PSNR and the evaluator check")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 5.0, 7.5])

@@ -1,28 +1,30 @@
 """Trains the embedded default model: a tiny SD-architecture pipeline on the shapes world.
 
+The shipped model (``jaxdiff/assets/shapes``, model v2) is six commands: model v1's two
+(kept as ``candidates/shapes_v1``), then model v2's four on top of v1's export.
+
     python train/text_to_image.py --config configs/shapes.py --workdir runs/shapes
-    python train/text_to_image.py --config configs/shapes.py:tiny --workdir /tmp/smoke
-
-The ``tiny`` variant shrinks everything for a smoke run (tests use it). ``finetune``
-continues the diffusion stage of an existing pipeline (``init_from``), as was done for
-the shipped model:
-
     python train/text_to_image.py --config configs/shapes.py:finetune --workdir runs/shapes_ft \
         --config.init_from=runs/shapes/export
+    python train/text_to_image.py --config configs/shapes.py:tiny --workdir /tmp/smoke
+
+The first (no variant) trains the autoencoder and the text encoder + U-Net from scratch on
+world v1; ``finetune`` continues the diffusion stage of an existing pipeline
+(``init_from``). The ``tiny`` variant shrinks everything for a smoke run (tests use it).
 
 ``dit`` trains the embedded text-DiT model (``embedded:dit``): a PixArt-style transformer
-from scratch on the embedded model's frozen VAE and text encoder, as the dit-L run of
-bench/backbones_study.py (its export is ``jaxdiff/assets/shapes_dit``): ``--config
-configs/shapes.py:dit --workdir runs/shapes_dit`` (bench/README.md, "Backbones trained").
+from scratch on model v1's frozen VAE and text encoder (``candidates/shapes_v1``), as the
+dit-L run of bench/backbones_study.py (its export is ``jaxdiff/assets/shapes_dit``):
+``--config configs/shapes.py:dit --workdir runs/shapes_dit`` (bench/README.md, "Backbones
+trained").
 
-Model v2 (a candidate, not shipped yet: ``candidates/shapes_v2_focus``) is four commands.
-``v2_vae`` fine-tunes only the shipped model's VAE decoder on world v2
-(``jaxdiff.data.shapes.WORLD_V2``; encoder, latent space, text encoder and UNet kept), then
-``v2_grown`` grows its U-Net one layer deeper per block and trains text encoder + U-Net on
-world ``v2_terse``, ``v2_brief`` trains that on a fresh draw of world ``v2_brief``
-(terser captions) at half the learning rate, on two XLA CPU devices, and ``v2_focus``
-trains that for 2500 more steps with the object-weighted loss (``diffusion.object_weight``;
-README, bench/README.md):
+Model v2 (shipped) is four commands on model v1's export. ``v2_vae`` fine-tunes only
+v1's VAE decoder on world v2 (``jaxdiff.data.shapes.WORLD_V2``; encoder, latent space,
+text encoder and UNet kept), then ``v2_grown`` grows its U-Net one layer deeper per block
+and trains text encoder + U-Net on world ``v2_terse``, ``v2_brief`` trains that on a fresh
+draw of world ``v2_brief`` (terser captions) at half the learning rate, on two XLA CPU
+devices, and ``v2_focus`` trains that for 2500 more steps with the object-weighted loss
+(``diffusion.object_weight``; README, bench/README.md):
 
     python train/text_to_image.py --config configs/shapes.py:v2_vae --workdir runs/shapes_v2_vae
     python train/text_to_image.py --config configs/shapes.py:v2_grown \
@@ -32,11 +34,14 @@ README, bench/README.md):
     python train/text_to_image.py --config configs/shapes.py:v2_focus \
         --workdir runs/shapes_v2_focus
 
+``v2_vae`` starts from ``runs/shapes_ft/export`` (the v1 commands' output); the shipped
+model was made from the shipped v1 weights, ``--config.init_from=candidates/shapes_v1``.
 (``candidates/shapes_v2_brief`` is the third command's export.)
 ``v2_grown2`` is the previous third command (``v2_terse``, 5500 steps, one device). The
 variants ``v2``, ``v2_stage2``, ``v2_decoder``, ``v2_stage3``, ``v2_zsnr``, ``v2_deep``
 and ``v2_deep2`` are an earlier, longer chain (each starts from the previous one's
-``runs/`` export; bench/README.md has their figures).
+``runs/`` export, the first from ``candidates/shapes_v1``; bench/README.md has their
+figures).
 """
 import ml_collections
 
@@ -127,15 +132,16 @@ def get_config(variant: str = ""):
     c.diffusion.dtype = "float32"        # UNet compute dtype: float32 | bfloat16
 
     if variant == "finetune":
-        # Second stage of the shipped model: continue the diffusion stage of the embedded
-        # model (fresh optimizer, Min-SNR-5 weighting), keeping its VAE and tokenizer.
-        c.init_from = "runs/shapes/export"   # the first command's output (or "embedded")
+        # Second stage of model v1: continue the diffusion stage of the first command's
+        # export (fresh optimizer, Min-SNR-5 weighting), keeping its VAE and tokenizer.
+        c.init_from = "runs/shapes/export"   # the first command's output
         c.stages = "diffusion"
         c.diffusion.update(steps=8000, lr=3e-4, warmup=100, snr_gamma=5.0)
     elif variant == "dit":
         # The embedded text DiT: bench/backbones_study.py's dit-L run (its settings: 10 000
-        # world-v1 scenes, 450 steps at batch 64, EMA 0.99, frozen text encoder).
-        c.init_from = "embedded"
+        # world-v1 scenes, 450 steps at batch 64, EMA 0.99, frozen text encoder), on model
+        # v1's VAE and text encoder.
+        c.init_from = "candidates/shapes_v1"
         c.stages = "diffusion"
         c.model.backbone = "dit"
         c.data.num_train = 10_000
@@ -144,10 +150,10 @@ def get_config(variant: str = ""):
         c.checkpoint_every = 150
         c.sample_every = 150
     elif variant == "v2":
-        # Model v2: the shipped (v1) model's diffusion stage fine-tuned on world v2 (colour
+        # An early model v2: model v1's diffusion stage fine-tuned on world v2 (colour
         # and shape mention dropout, shades, unnamed colours, anti-aliased edges), keeping
         # its VAE and tokenizer ("object" is already a token) as `finetune` does.
-        _v2_diffusion(c, "embedded", seed=0, world="v2", steps=6000, lr=3e-4)
+        _v2_diffusion(c, "candidates/shapes_v1", seed=0, world="v2", steps=6000, lr=3e-4)
     elif variant == "v2_stage2":
         # Model v2, second command: continues `v2`'s export for 6000 more diffusion steps at a
         # lower peak learning rate on a fresh draw of world v2 (seed 1: 20 000 new images,
@@ -187,12 +193,12 @@ def get_config(variant: str = ""):
         _v2_diffusion(c, "runs/shapes_v2_deep/export", seed=5, world="v2_terse",
                       steps=3000, lr=1.5e-4)
     elif variant == "v2_vae":
-        # Model v2 (compact chain), first command: only the embedded model's VAE decoder
-        # fine-tuned on world v2 (shades, anti-aliased edges); encoder, latent space, text
-        # encoder and U-Net kept.
-        _v2_decoder(c, "embedded")
+        # Model v2 (compact chain), first command: only model v1's VAE decoder fine-tuned
+        # on world v2 (shades, anti-aliased edges); encoder, latent space, text encoder and
+        # U-Net kept. The shipped v2 started from the shipped v1 (candidates/shapes_v1).
+        _v2_decoder(c, "runs/shapes_ft/export")
     elif variant == "v2_grown":
-        # Model v2 (compact chain), second command: `v2_vae`'s U-Net (the embedded one) grown
+        # Model v2 (compact chain), second command: `v2_vae`'s U-Net (model v1's) grown
         # one layer deeper per block (jaxdiff.training.grow: same function at the start,
         # 1.08 M -> 1.58 M params), then text encoder + U-Net trained on 40 000 scenes of
         # world "v2_terse" (colour word dropped for half of the objects, shape for a fifth),

@@ -149,6 +149,16 @@ def embedded():
     return jaxdiff.load_pipeline(None)
 
 
+@pytest.fixture(scope="session")
+def shapes_v1():
+    """(pipe, params) of model v1, the previous embedded model (``candidates/shapes_v1``):
+    the trained one-layer-per-block U-Net that tests of growth and of the text DiT's shared
+    parts use."""
+    import jaxdiff
+    return jaxdiff.load_pipeline(os.path.join(os.path.dirname(__file__), "..", "candidates",
+                                              "shapes_v1"))
+
+
 @pytest.fixture
 def reuse_embedded(embedded, monkeypatch):
     """Entrypoints under test get the already loaded embedded pipeline."""

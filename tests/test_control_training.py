@@ -24,7 +24,9 @@ from jaxdiff.weights import convert
 from jaxdiff.weights.control import load_controlnet, save_control_model
 
 N, STEPS = 4, 3
-TRAIN = dict(batch_size=N, lr=3e-3, warmup=0, caption_dropout=0.0, log_every=1, seed=0)
+# lr 1e-3: on model v2 the 16-draw probe loss falls with it over 3, 6, 12 steps (0.0125 ->
+# 0.0120, 0.0118, 0.0114); at 3e-3 it goes up and down (0.0128, 0.0119, 0.0125).
+TRAIN = dict(batch_size=N, lr=1e-3, warmup=0, caption_dropout=0.0, log_every=1, seed=0)
 
 
 def _data(pipe, params, key):
@@ -33,15 +35,22 @@ def _data(pipe, params, key):
     conds = np.stack([cond_lib.conditions(e["masks"], e["shape"], e["num_objects"])[key]
                       for e in exs])
     images = np.stack([e["image"] for e in exs])
-    return (encode_latents(pipe, params, images),
-            pipe.tokenize([e["caption"] for e in exs], warn=False), conds)
+    # Empty prompts: the condition is then the only word on what goes where, so the few
+    # training steps have something to add that shows in the loss. (With the captions the
+    # embedded model's loss on these scenes is already at its floor: model v2's probe loss
+    # went 0.0039 -> 0.0043 after the 3 steps.)
+    return (encode_latents(pipe, params, images), pipe.tokenize([""] * N, warn=False), conds)
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(pipe, module):
+def _probe(pipe, module, draws: int = 16):
     """jitted (pipe params, module params, latents, ids, conds) -> (controlled UNet output,
-    base UNet output, loss) on fixed noise and timesteps."""
+    base UNet output, loss) on fixed noise and timesteps: every example ``draws`` times
+    (timesteps spread over [50, 950]), so the loss is an estimate of the expected loss, not
+    one draw's."""
     def run(pipe_params, cn_params, latents, ids, conds):
+        latents, ids, conds = (jnp.tile(a, (draws,) + (1,) * (a.ndim - 1))
+                               for a in (latents, ids, conds))
         ctx = pipe.encode_text(pipe_params, ids)
         t = jnp.linspace(50, 950, latents.shape[0]).astype(jnp.int32)
         noise = jax.random.normal(jax.random.key(7), latents.shape)

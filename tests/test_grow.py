@@ -1,4 +1,7 @@
-"""Growing a trained U-Net deeper (jaxdiff.training.grow): same function, more layers."""
+"""Growing a trained U-Net deeper (jaxdiff.training.grow): same function, more layers.
+
+On model v1 (``candidates/shapes_v1``, one layer per block): the step that made model v2.
+"""
 import types
 
 import jax
@@ -11,8 +14,8 @@ from jaxdiff.training import grow
 
 
 @pytest.fixture(scope="module")
-def grown(embedded):
-    pipe, params = embedded
+def grown(shapes_v1):
+    pipe, params = shapes_v1
     new_pipe, new_params = grow.deepen_unet(pipe, params, seed=1)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)

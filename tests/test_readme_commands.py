@@ -3,7 +3,7 @@
 The commands are read from the documents themselves (README ``bash`` blocks, the
 ``python ...`` lines of ``configs/*.py`` docstrings), so a renamed flag or file breaks this
 test. Each runs in bash from a scratch folder that looks like the repository root
-(``.venv``, ``train/``, ``edit/``, ``configs/``, ``bench/`` linked in; ``photo.png``, ``mask.png``,
+(``.venv``, ``train/``, ``edit/``, ``configs/``, ``bench/``, ``candidates/`` linked in; ``photo.png``, ``mask.png``,
 ``jobs.jsonl``, ``my_subject/``, ``my_concept/`` made from the shapes world), with the
 venv's ``bin`` first on PATH (``python`` in a docstring means the activated venv).
 Commands run in document order, so later ones use what earlier ones wrote
@@ -152,11 +152,9 @@ def _smoke(cmd, eight, tmp, tiny_sd):
 
 
 def _scratch(tmp):
-    for name in ("train", "edit", "configs", "bench"):
+    for name in ("train", "edit", "configs", "bench", "candidates"):
         os.symlink(os.path.join(ROOT, name), os.path.join(tmp, name))
     os.symlink(sys.prefix, os.path.join(tmp, ".venv"))
-    for d in ("jaxdiff/assets/shapes/unet", "jaxdiff/assets/shapes/text_encoder"):
-        os.makedirs(os.path.join(tmp, d))  # `cp ... jaxdiff/assets/...` writes here, not the repo
     examples = held_out_examples(WorldSpec(), 6, num_objects=1)
     Image.fromarray(examples[0]["image"]).save(os.path.join(tmp, "photo.png"))
     Image.fromarray(examples[0]["masks"][0].astype(np.uint8) * 255).save(
