@@ -6,7 +6,6 @@ these tests check the same quantities at a smaller, fixed size with margins for 
 sample's error, so a regression of the shipped weights (or of the code that samples them)
 fails here.
 """
-
 import jax
 import numpy as np
 import pytest
