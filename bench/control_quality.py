@@ -1,5 +1,6 @@
 """Spatial control on the shapes world, scored against the condition each image was given.
 
+    python bench/control_quality.py --controlnet shipped --adapter shipped --gligen shipped
     python bench/control_quality.py --controlnet runs/controlnet/export \
         --adapter runs/adapter/export
     python bench/control_quality.py --gligen runs/gligen/export --num 200 --num-two 100
@@ -37,9 +38,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="base pipeline directory or embedded[:NAME] "
                    "(default: the embedded shapes model)")
-    p.add_argument("--controlnet", default=None, help="ControlNet folder (segmentation maps)")
-    p.add_argument("--adapter", default=None, help="T2I-Adapter folder (edge maps)")
-    p.add_argument("--gligen", default=None, help="GLIGEN UNet or pipeline folder")
+    p.add_argument("--controlnet", default=None, help="ControlNet folder (segmentation maps), "
+                   "or 'shipped' (jaxdiff/assets/shapes_controlnet_seg)")
+    p.add_argument("--adapter", default=None, help="T2I-Adapter folder (edge maps), or "
+                   "'shipped' (jaxdiff/assets/shapes_adapter_edges)")
+    p.add_argument("--gligen", default=None, help="GLIGEN UNet, pipeline or layers folder, or "
+                   "'shipped' (jaxdiff/assets/shapes_gligen)")
     p.add_argument("--world", default="v2", help="shapes world: v1 or v2 (default)")
     p.add_argument("--num", type=int, default=200,
                    help="held-out scenes (ControlNet / adapter) and one-object layouts (GLIGEN)")
@@ -127,8 +131,14 @@ def main(argv=None):
     from jaxdiff.data.images import write_json
     from jaxdiff.data.shapes import world
     from jaxdiff.eval import control_eval as ce
-    from jaxdiff.weights.control import load_controlnet, load_t2i_adapter
-    from jaxdiff.weights.gligen import with_gligen
+    from jaxdiff.weights.control import (SHAPES_ADAPTER, SHAPES_CONTROLNET, load_controlnet,
+                                         load_t2i_adapter)
+    from jaxdiff.weights.gligen import SHAPES_GLIGEN, with_gligen
+
+    for name, shipped in (("controlnet", SHAPES_CONTROLNET), ("adapter", SHAPES_ADAPTER),
+                          ("gligen", SHAPES_GLIGEN)):
+        if getattr(args, name) == "shipped":
+            setattr(args, name, shipped)
 
     pipe, params = jaxdiff.load_pipeline(args.model)
     spec = world(args.world, image_size=pipe.image_size)

@@ -23,6 +23,7 @@ def get_config(variant: str = ""):
     c.seed = 0
     c.model = ""                       # base pipeline ("" = the embedded model)
     c.export_dir = ""                  # "" = <workdir>/export
+    c.export_dtype = "float32"         # tensors of the export (the shipped ones: float16)
     c.condition = "segmentation"       # "segmentation" or "edges"
 
     c.data = ml_collections.ConfigDict()

@@ -29,6 +29,8 @@ def get_config(variant: str = ""):
     c.seed = 0
     c.init_from = "embedded"           # base pipeline: "embedded" or a diffusers folder
     c.export_dir = ""                  # "" = <workdir>/export
+    c.export_dtype = "float32"         # tensors of the export (the shipped ones: float16)
+    c.export_layers = False            # True: a GLIGEN layers folder, not a pipeline
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = ""               # TFDS data_dir ("" = <workdir>/tfds)

@@ -22,6 +22,7 @@ def get_config(variant: str = ""):
     c.seed = 0
     c.model = ""                       # base pipeline ("" = the embedded model)
     c.export_dir = ""                  # "" = <workdir>/export
+    c.export_dtype = "float32"         # tensors of the export (the shipped ones: float16)
     c.condition = "edges"              # "edges" or "segmentation"
 
     c.data = ml_collections.ConfigDict()

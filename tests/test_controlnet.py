@@ -140,6 +140,17 @@ def test_written_folder_loads_in_diffusers(torch, nets, tmp_path):
                          conditioning_scale=1.3, return_dict=False)
     _check(_residuals(cn)({"params": cp}, *_jax_inputs(inputs), 1.3), (down, mid))
     assert load_controlnet(str(tmp_path / "out"))[0].config == cn.config
+    # float16 (the shipped form): diffusers reads it, jaxdiff reads float32 params equal to
+    # the rounded originals.
+    save_control_model(cn, cp, str(tmp_path / "half"), dtype=np.float16)
+    half = load_controlnet(str(tmp_path / "half"))[1]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+        np.asarray(a), np.asarray(b).astype(np.float16).astype(np.float32)), half, cp)
+    back = ControlNetModel.from_pretrained(str(tmp_path / "half")).eval()
+    with torch.no_grad():
+        down, mid = back(inputs["x"], inputs["t"], inputs["ctx"], inputs["img"],
+                         conditioning_scale=1.3, return_dict=False)
+    _check(_residuals(cn)({"params": half}, *_jax_inputs(inputs), 1.3), (down, mid))
 
 
 def test_config_must_match_the_base_unet(nets):

@@ -3,7 +3,9 @@
 the text-image position net, files written by jaxdiff loading in diffusers, sampling equal
 to ``StableDiffusionGLIGENPipeline`` from the same latents (scheduled sampling beta traced),
 and the one-line errors for bad boxes."""
+import dataclasses
 import functools
+import os
 import re
 
 import jax
@@ -146,6 +148,33 @@ def test_written_unet_loads_in_diffusers(torch, gl, tmp_path):
     assert jax.tree.all(jax.tree.map(lambda a, b: a is b, merge_params(base, layers), params))
     assert load_gligen_unet(str(tmp_path / "out"))[0].config == unet.config
     assert load_gligen_unet(gl["pipe_dir"])[0].config == unet.config  # a pipeline folder
+
+
+def test_layers_folder_joins_the_base_unet(gl, tmp_path):
+    """save_gligen_layers writes only position_net + fusers (float16 by default); with_gligen
+    puts them into the plain base pipeline's UNet: the base weights are the base's own, the
+    layers the float16-rounded originals; a layers folder of another UNet is refused."""
+    from jaxdiff.weights import files
+    from jaxdiff.weights.gligen import LAYERS_FILE, is_layers_folder, save_gligen_layers
+    unet, params = gl["pipe"].unet, gl["params"]["unet"]
+    out = save_gligen_layers(unet, params, str(tmp_path / "layers"))
+    assert is_layers_folder(out) and sorted(os.listdir(out)) == ["config.json", LAYERS_FILE]
+    stored = files.read_tensors(os.path.join(out, LAYERS_FILE))
+    assert all(k.startswith("position_net.") or ".fuser." in k for k in stored)
+    assert {v.dtype for v in stored.values()} == {np.dtype(np.float16)}
+    base_pipe, base_params = gl["base"]
+    pipe, joined = with_gligen(base_pipe, base_params, out)
+    assert pipe.unet.config == unet.config
+    want_base, want_layers = split_params(params)
+    got_base, got_layers = split_params(joined["unet"])
+    assert jax.tree.all(jax.tree.map(lambda a, b: a is b, got_base, base_params["unet"]))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+        np.asarray(a), np.asarray(b).astype(np.float16).astype(np.float32)),
+        got_layers, want_layers)
+    other = dataclasses.replace(unet.config, cross_attention_dim=16)
+    with pytest.raises(ValueError, match="cross_attention_dim=16 but the base UNet has"):
+        with_gligen(base_pipe, base_params,
+                    save_gligen_layers(unet.clone(config=other), params, str(tmp_path / "x")))
 
 
 def test_generate_matches_diffusers_gligen_pipeline(torch, gl):

@@ -18,7 +18,8 @@ from jaxdiff.data.images import FITS, load_image, make_grid, save_png, write_jso
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.samplers.levels import check_apg_sampler
 from jaxdiff.weights import load_pipeline
-from jaxdiff.weights.control import load_controlnet, load_t2i_adapter
+from jaxdiff.weights.control import (SHAPES_ADAPTER, SHAPES_CONTROLNET, load_controlnet,
+                                     load_t2i_adapter)
 from jaxdiff.weights.hf_cache import is_repo_id
 from jaxdiff.weights.loading import is_embedded
 
@@ -89,10 +90,12 @@ def add_parser(sub):
                    "placeholder may then be used in --prompt")
     c = p.add_argument_group("spatial control (diffusers ControlNet / T2I-Adapter folders)")
     c.add_argument("--controlnet", action="append", default=[], metavar="DIR",
-                   help="ControlNet folder (config.json + diffusion_pytorch_model.safetensors);"
-                   " repeat for several")
+                   help="ControlNet folder (config.json + diffusion_pytorch_model.safetensors),"
+                   " or 'shipped' for the embedded model's segmentation-map ControlNet "
+                   "(jaxdiff/assets/shapes_controlnet_seg); repeat for several")
     c.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                   help="T2I-Adapter folder; repeat for several")
+                   help="T2I-Adapter folder, or 'shipped' for the embedded model's edge-map "
+                   "adapter (jaxdiff/assets/shapes_adapter_edges); repeat for several")
     c.add_argument("--control-image", action="append", default=[], metavar="PNG",
                    help="condition image: one for every control model, or one per model "
                    "(ControlNets first, then adapters, each in flag order)")
@@ -129,8 +132,10 @@ def _per_model(values, n, flag, default=1.0):
 
 def load_controls(args, pipe, height, width):
     """The ``Control`` list of the parsed flags, checked against ``pipe`` (before any compile)."""
-    kinds = [(d, load_controlnet, "--controlnet") for d in args.controlnet] + \
-        [(d, load_t2i_adapter, "--adapter") for d in args.adapter]
+    kinds = [(guided_args.shipped_folder(d, SHAPES_CONTROLNET, "--controlnet"),
+              load_controlnet, "--controlnet") for d in args.controlnet] + \
+        [(guided_args.shipped_folder(d, SHAPES_ADAPTER, "--adapter"), load_t2i_adapter,
+          "--adapter") for d in args.adapter]
     if not kinds:
         if args.control_image:
             raise ValueError("--control-image needs a --controlnet or --adapter.")
@@ -146,8 +151,6 @@ def load_controls(args, pipe, height, width):
               + _per_model(args.adapter_scale, len(args.adapter), "--adapter-scale"))
     controls = []
     for k, (folder, load, flag) in enumerate(kinds):
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{flag} {folder}: no such directory.")
         model, params = load(folder, pipe.unet.dtype)  # --dtype computes control in it too
         is_cn = flag == "--controlnet"
         model.config.check_matches(pipe.unet.config, pipe.vae_scale_factor,

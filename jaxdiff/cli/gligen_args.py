@@ -8,17 +8,21 @@ GLIGEN UNet in the pipeline before anything is compiled or written (one-line err
 from __future__ import annotations
 
 import dataclasses
+
+from jaxdiff.cli.guided_args import shipped_folder
 from jaxdiff.gligen_sampling import generate_gligen, parse_box
 from jaxdiff.models.gligen import ATTENTION_TYPES
-from jaxdiff.weights.gligen import with_gligen
+from jaxdiff.weights.gligen import SHAPES_GLIGEN, with_gligen
 
 
 def add_arguments(p) -> None:
     g = p.add_argument_group("GLIGEN grounding (boxes + phrases; a GLIGEN UNet)")
     g.add_argument("--gligen", default=None, metavar="DIR",
                    help="GLIGEN UNet folder (diffusers UNet2DConditionModel with "
-                   "attention_type='gated') or GLIGEN pipeline folder; its UNet replaces the "
-                   "model's (not needed when --model is a GLIGEN pipeline)")
+                   "attention_type='gated') or GLIGEN pipeline folder, whose UNet replaces the "
+                   "model's (not needed when --model is a GLIGEN pipeline); a GLIGEN layers "
+                   "folder (gligen_layers.safetensors), whose layers join the model's UNet; "
+                   "or 'shipped' for the embedded model's layers (jaxdiff/assets/shapes_gligen)")
     g.add_argument("--box", action="append", default=[], metavar="x0,y0,x1,y1:PHRASE",
                    help="an object: its box as fractions of the image (left, top, right, "
                    "bottom) and its phrase, e.g. '0.1,0.1,0.5,0.6:a red circle' (also "
@@ -55,7 +59,8 @@ def load_gligen(args, pipe, params):
         raise ValueError(f"--gligen-beta {args.gligen_beta} must be in [0, 1].")
     parsed = [parse_box(text) for text in args.box]
     if args.gligen is not None:
-        pipe, params = with_gligen(pipe, params, args.gligen)
+        folder = shipped_folder(args.gligen, SHAPES_GLIGEN, "--gligen")
+        pipe, params = with_gligen(pipe, params, folder)
     elif pipe.unet.config.attention_type not in ATTENTION_TYPES:
         raise ValueError("--box needs a GLIGEN UNet: pass --gligen DIR (or a GLIGEN pipeline "
                          "as --model).")

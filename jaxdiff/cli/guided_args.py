@@ -94,7 +94,8 @@ def _per_prompt(values, n, flag):
     return list(values) * n if len(values) == 1 else list(values)
 
 
-def _folder(value, shipped, flag):
+def shipped_folder(value, shipped, flag):
+    """``value``'s folder (``'shipped'``: ``shipped``); a one-line error if it is none."""
     folder = shipped if value == SHIPPED else value
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{flag} {value}: no such directory (give a folder, or "
@@ -159,7 +160,7 @@ def load_guidance(args, pipe, height: int, width: int) -> Optional[Guidance]:
     if pipe.is_sdxl:
         raise ValueError("--classifier / --clip support SD 1.x/2.x pipelines (not SDXL) so far.")
     if args.classifier is not None:
-        folder = _folder(args.classifier, DEFAULT_CLASSIFIER, "--classifier")
+        folder = shipped_folder(args.classifier, DEFAULT_CLASSIFIER, "--classifier")
         try:
             model, params = load_classifier(folder)
         except (ValueError, KeyError, TypeError) as e:
@@ -176,7 +177,7 @@ def load_guidance(args, pipe, height: int, width: int) -> Optional[Guidance]:
     if bool(args.clip_prompt) == bool(args.clip_image):
         raise ValueError("--clip needs a target: --clip-prompt TEXT or --clip-image PNG "
                          "(one of the two).")
-    folder = _folder(args.clip, SHAPES_CLIP, "--clip")
+    folder = shipped_folder(args.clip, SHAPES_CLIP, "--clip")
     try:
         clip, params = load_clip(folder)
     except (ValueError, KeyError, TypeError) as e:

@@ -259,7 +259,8 @@ def _run(config, workdir: str, build) -> str:
         os.path.join(workdir, type(module).__name__.lower()), **loop_options(config),
         **config.train.to_dict())
     return save_control_model(module, trained,
-                              config.export_dir or os.path.join(workdir, "export"))
+                              config.export_dir or os.path.join(workdir, "export"),
+                              dtype=np.dtype(config.export_dtype))
 
 
 def run_controlnet(config, workdir: str) -> str:

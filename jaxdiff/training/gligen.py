@@ -48,6 +48,7 @@ from jaxdiff.pipeline import Pipeline
 from jaxdiff.training import control
 from jaxdiff.training.text_to_image import encode_dataset
 from jaxdiff.weights import load_pipeline, save_pipeline
+from jaxdiff.weights.gligen import save_gligen_layers
 
 
 def gligen_pipeline(pipe: Pipeline) -> Pipeline:
@@ -246,5 +247,7 @@ def run_gligen(config, workdir: str) -> str:
     trained = train_gligen(pipe, params, gpipe, base_unet, layers, latents, ids, grounding,
                            os.path.join(workdir, "gligen"), max_objs=config.gligen.max_objs,
                            **control.loop_options(config), **train)
-    return export_gligen(gpipe, params, base_unet, trained,
-                         config.export_dir or os.path.join(workdir, "export"))
+    out = config.export_dir or os.path.join(workdir, "export")
+    if config.export_layers:
+        return save_gligen_layers(gpipe.unet, trained, out, dtype=np.dtype(config.export_dtype))
+    return export_gligen(gpipe, params, base_unet, trained, out)

@@ -3,18 +3,23 @@
 ``T2IAdapter.from_pretrained`` read and ``save_pretrained`` writes them."""
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.models.config import read_json
 from jaxdiff.models.controlnet import ControlNetConfig, ControlNetModel, controlnet_dummy_inputs
 from jaxdiff.models.t2i_adapter import T2IAdapter, T2IAdapterConfig, adapter_dummy_inputs
 from jaxdiff.weights import convert, files
+from jaxdiff.weights.diffusers_format import DEFAULT_MODEL
 
 _STEM = "diffusion_pytorch_model"
+# The embedded model's shipped control models (configs/controlnet.py, configs/t2i_adapter.py;
+# figures in bench/README.md): ``--controlnet shipped`` / ``--adapter shipped``.
+SHAPES_CONTROLNET = os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes_controlnet_seg")
+SHAPES_ADAPTER = os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes_adapter_edges")
 
 
 def _shapes(module, args):
@@ -62,14 +67,11 @@ def _read(folder, module, args, variant, allow_pickle):
     return files.to_device(params)
 
 
-def save_control_model(module, params, out_dir: str, *, overwrite: bool = True) -> str:
+def save_control_model(module, params, out_dir: str, *, overwrite: bool = True,
+                       dtype=np.float32) -> str:
     """Writes a ``ControlNetModel`` or ``T2IAdapter`` and its params as a diffusers folder
-    (atomically: ``out_dir`` is replaced only once every file is written)."""
-    with files.atomic_directory(out_dir, overwrite) as tmp:
-        cfg = dict(module.config.to_dict(), _diffusers_version="0.42.1")
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-            f.write("\n")
-        files.write_tensors(os.path.join(tmp, f"{_STEM}.safetensors"),
-                            convert.flax_to_torch(params))
-    return out_dir
+    (atomically: ``out_dir`` is replaced only once every file is written), the tensors in
+    ``dtype`` (float16: half the size; loading gives float32 params either way)."""
+    return files.write_model_folder(out_dir, module.config.to_dict(), f"{_STEM}.safetensors",
+                                    convert.flax_to_torch(params, dtype=dtype),
+                                    overwrite=overwrite)

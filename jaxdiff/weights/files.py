@@ -199,3 +199,17 @@ def atomic_directory(out_dir: str, overwrite: bool = True):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_model_folder(out_dir: str, config: dict, weights_name: str,
+                       tensors: Dict[str, np.ndarray], *, overwrite: bool = True) -> str:
+    """Writes a diffusers-style model folder atomically (``atomic_directory``):
+    ``config.json`` (``config`` with ``_diffusers_version``, keys sorted) and the
+    ``weights_name`` safetensors file of ``tensors``. Returns ``out_dir``."""
+    with atomic_directory(out_dir, overwrite) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(dict(config, _diffusers_version="0.42.1"), f, indent=2, sort_keys=True)
+            f.write("\n")
+        write_tensors(os.path.join(tmp, weights_name), tensors)
+    return out_dir
+

@@ -1,22 +1,34 @@
 """GLIGEN UNets in diffusers format: a ``UNet2DConditionModel`` folder whose config has
 ``attention_type="gated"`` (``position_net.*`` and ``...transformer_blocks.N.fuser.*``
 tensors beside the UNet's), alone or as the ``unet/`` of a ``StableDiffusionGLIGENPipeline``
-folder, as ``from_pretrained`` reads and ``save_pretrained`` writes them."""
+folder, as ``from_pretrained`` reads and ``save_pretrained`` writes them.
+
+Also jaxdiff's *GLIGEN layers* folder: the GLIGEN UNet's ``config.json`` and
+``gligen_layers.safetensors`` holding only the ``position_net.*`` and ``*.fuser.*`` tensors
+(``save_gligen_layers``), a few MB where a whole UNet would repeat its base's weights;
+``with_gligen`` puts the layers into the pipeline's own UNet (which must be the base they
+were trained on). The shipped layers for the embedded model (``SHAPES_GLIGEN``,
+``--gligen shipped``) are such a folder.
+"""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxdiff.models.gligen import ATTENTION_TYPES
+from jaxdiff.models.gligen import ATTENTION_TYPES, merge_params, split_params
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.weights import convert, files
-from jaxdiff.weights.diffusers_format import load_component
+from jaxdiff.weights.diffusers_format import (DEFAULT_MODEL, component_module, init_shapes,
+                                              load_component)
 
 _STEM = "diffusion_pytorch_model"
+LAYERS_FILE = "gligen_layers.safetensors"
+# The embedded model's shipped GLIGEN layers (configs/gligen.py; bench/README.md).
+SHAPES_GLIGEN = os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes_gligen")
 
 
 def _unet_folder(folder: str) -> str:
@@ -51,12 +63,53 @@ def check_matches(gligen_cfg, base_cfg, source: str = "GLIGEN UNet") -> None:
                              f"{f.name}={theirs!r}; use a GLIGEN model built on this base.")
 
 
+def is_layers_folder(folder: str) -> bool:
+    """True for a GLIGEN layers folder (``save_gligen_layers``; or a pipeline holding one)."""
+    return os.path.exists(os.path.join(_unet_folder(folder), LAYERS_FILE))
+
+
+def load_gligen_layers(folder: str, dtype=jnp.float32, base_config=None):
+    """Reads a GLIGEN layers folder: (GLIGEN UNet module, its GLIGEN layers alone, float32
+    params in the UNet tree's paths). ``base_config``: the UNet config the layers are for,
+    checked (``check_matches``) before any tensor is read."""
+    unet_dir = _unet_folder(folder)
+    module, _, _ = component_module(unet_dir, "unet", dtype)
+    if module.config.attention_type not in ATTENTION_TYPES:
+        raise ValueError(f"{os.path.join(unet_dir, 'config.json')}: attention_type="
+                         f"{module.config.attention_type!r}; a GLIGEN layers folder has "
+                         f"{' or '.join(map(repr, ATTENTION_TYPES))}.")
+    if base_config is not None:
+        check_matches(module.config, base_config, f"GLIGEN layers {folder}")
+    path = os.path.join(unet_dir, LAYERS_FILE)
+    shapes = split_params(init_shapes(module, "unet"))[1]
+    return module, convert.torch_to_flax(files.read_tensors(path), shapes, source=path)
+
+
+def save_gligen_layers(module, layers, out_dir: str, *, dtype=np.float16,
+                       overwrite: bool = True) -> str:
+    """Writes a GLIGEN layers folder (atomically): the GLIGEN UNet ``module``'s config and
+    ``layers`` (``split_params``' second part, or a whole GLIGEN UNet's params, of which
+    only the layers are kept), cast to ``dtype`` (float16 by default: the shipped form)."""
+    layers = split_params(layers)[1]
+    if not layers:
+        raise ValueError(f"{out_dir}: no GLIGEN layers (position_net / fuser) to write.")
+    return files.write_model_folder(out_dir, module.config.to_dict(), LAYERS_FILE,
+                                    convert.flax_to_torch(layers, dtype=dtype),
+                                    overwrite=overwrite)
+
+
 def with_gligen(pipe: Pipeline, params, folder: str, variant=None, allow_pickle=False):
     """(pipe, params) with the GLIGEN UNet of ``folder`` in place of the pipeline's UNet
     (checked against it first: ``check_matches``), as diffusers' GLIGEN pipeline uses its
-    own UNet whole."""
-    module, unet_params = load_gligen_unet(folder, pipe.unet.dtype, variant, allow_pickle)
-    check_matches(module.config, pipe.unet.config, f"GLIGEN UNet {folder}")
+    own UNet whole. A GLIGEN layers folder (``is_layers_folder``) instead adds its layers
+    to the pipeline's own UNet weights."""
+    if is_layers_folder(folder):
+        module, layers = load_gligen_layers(folder, pipe.unet.dtype, pipe.unet.config)
+        base = split_params(params["unet"])[0]
+        unet_params = merge_params(base, files.to_device(layers))
+    else:
+        module, unet_params = load_gligen_unet(folder, pipe.unet.dtype, variant, allow_pickle)
+        check_matches(module.config, pipe.unet.config, f"GLIGEN UNet {folder}")
     module = module.clone(remat=pipe.unet.remat)
     return (dataclasses.replace(pipe, unet=module),
             dict(params, unet=files.to_device(unet_params)))
@@ -64,11 +117,5 @@ def with_gligen(pipe: Pipeline, params, folder: str, variant=None, allow_pickle=
 
 def save_gligen_unet(module, params, out_dir: str, *, overwrite: bool = True) -> str:
     """Writes a GLIGEN UNet and its params as a diffusers UNet folder (atomically)."""
-    with files.atomic_directory(out_dir, overwrite) as tmp:
-        cfg = dict(module.config.to_dict(), _diffusers_version="0.42.1")
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-            f.write("\n")
-        files.write_tensors(os.path.join(tmp, f"{_STEM}.safetensors"),
-                            convert.flax_to_torch(params))
-    return out_dir
+    return files.write_model_folder(out_dir, module.config.to_dict(), f"{_STEM}.safetensors",
+                                    convert.flax_to_torch(params), overwrite=overwrite)
