@@ -12,8 +12,14 @@ image size). Conditions come from the TFDS shapes world (``condition``: "segment
 export (``<workdir>/export``) is a diffusers ``ControlNetModel`` folder: ``jaxdiff
 generate --controlnet <workdir>/export --control-image map.png``. ``tiny`` (``--config
 configs/controlnet.py:tiny``): a smoke run (tests use it). Re-running the same command
-resumes from the last checkpoint. The default schedule has not been run to completion yet;
-no figures are claimed for it.
+resumes from the last checkpoint.
+
+The shipped ControlNet (``jaxdiff/assets/shapes_controlnet_seg``, ``--controlnet shipped``)
+is this default run (4000 steps, batch 32, lr 3e-4; 35 min on the 2-core CPU) written in
+float16: add ``--config.export_dir=jaxdiff/assets/shapes_controlnet_seg
+--config.export_dtype=float16`` to the command above (a finished run does not train again:
+it reads the data and exports). Measured by ``bench/control_quality.py`` (figures in
+bench/README.md).
 """
 import ml_collections
 
@@ -33,13 +39,14 @@ def get_config(variant: str = ""):
     c.data.num_train = 20_000
     c.data.num_test = 1_000
     c.data.p_two_objects = 0.5
+    c.data.jitter = 0.0                # max offset of an object from its named anchor
 
     c.controlnet = ml_collections.ConfigDict()
     # Widths of the condition embedding; () = diffusers' (16, 32, 96, 256) cut to the
     # base VAE's factor (log2(factor) + 1 entries: (16, 32, 96) for the embedded model).
     c.controlnet.conditioning_embedding_out_channels = ()
 
-    c.train = ml_collections.ConfigDict(dict(steps=4000, batch_size=32, lr=1e-4, warmup=100,
+    c.train = ml_collections.ConfigDict(dict(steps=4000, batch_size=32, lr=3e-4, warmup=100,
                                              weight_decay=1e-2, caption_dropout=0.5))
     c.log_every = 50
     c.checkpoint_every = 500

@@ -11,8 +11,13 @@ world (``condition``: "edges" or "segmentation", written by the builder from the
 masks, see ``jaxdiff.data.conditions``). The export (``<workdir>/export``) is a diffusers
 ``T2IAdapter`` folder: ``jaxdiff generate --adapter <workdir>/export --control-image
 edges.png``. ``tiny`` (``--config configs/t2i_adapter.py:tiny``): a smoke run (tests use
-it). Re-running the same command resumes from the last checkpoint. The default schedule
-has not been run to completion yet; no figures are claimed for it.
+it). Re-running the same command resumes from the last checkpoint.
+
+The shipped adapter (``jaxdiff/assets/shapes_adapter_edges``, ``--adapter shipped``) is
+this default run (1500 steps, batch 32, lr 1e-3) written in float16: add
+``--config.export_dir=jaxdiff/assets/shapes_adapter_edges --config.export_dtype=float16``
+to the command above (a finished run does not train again: it reads the data and exports).
+Measured by ``bench/control_quality.py`` (figures in bench/README.md).
 """
 import ml_collections
 
@@ -32,12 +37,13 @@ def get_config(variant: str = ""):
     c.data.num_train = 20_000
     c.data.num_test = 1_000
     c.data.p_two_objects = 0.5
+    c.data.jitter = 0.0                # max offset of an object from its named anchor
 
     c.adapter = ml_collections.ConfigDict()
     c.adapter.adapter_type = "full_adapter"   # or "light_adapter"
     c.adapter.num_res_blocks = 2
 
-    c.train = ml_collections.ConfigDict(dict(steps=4000, batch_size=32, lr=1e-4, warmup=100,
+    c.train = ml_collections.ConfigDict(dict(steps=1500, batch_size=32, lr=1e-3, warmup=100,
                                              weight_decay=1e-2, caption_dropout=0.5))
     c.log_every = 50
     c.checkpoint_every = 500

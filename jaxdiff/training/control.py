@@ -218,11 +218,12 @@ def shapes_train_source(config, pipe: Pipeline, workdir: str):
     if d.image_size != pipe.image_size:
         raise ValueError(f"config.data.image_size={d.image_size} but the base model makes "
                          f"{pipe.image_size}x{pipe.image_size} images; make them equal.")
+    jitter = float(d.get("jitter", 0.0))
+    name = f"px{d.image_size}_n{d.num_train}" + (f"_j{jitter:g}" if jitter else "")
     builder = tfds_shapes.prepare(d.data_dir or os.path.join(workdir, "tfds"),
                                   tfds_shapes.ShapesConfig(
-        name=f"px{d.image_size}_n{d.num_train}", image_size=d.image_size,
-        num_train=d.num_train, num_test=d.num_test, seed=config.seed,
-        p_two_objects=d.p_two_objects, world=d.world))
+        name=name, image_size=d.image_size, num_train=d.num_train, num_test=d.num_test,
+        seed=config.seed, p_two_objects=d.p_two_objects, jitter=jitter, world=d.world))
     return builder.as_data_source()["train"]
 
 
