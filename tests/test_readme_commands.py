@@ -3,10 +3,9 @@
 The commands are read from the documents themselves (README ``bash`` blocks, the
 ``python ...`` lines of ``configs/*.py`` docstrings), so a renamed flag or file breaks this
 test. Each runs in bash from a scratch folder that looks like the repository root
-(``.venv``, ``train/``, ``edit/``, ``configs/``, ``bench/``, ``candidates/`` linked in;
-``photo.png``, ``mask.png``, ``jobs.jsonl``, ``my_subject/``, ``my_concept/`` made from the
-shapes world), with the
-venv's ``bin`` first on PATH (``python`` in a docstring means the activated venv).
+(``.venv``, ``train/``, ``edit/``, ``configs/``, ``bench/``, ``candidates/``, ``docs/``
+linked in; ``photo.png``, ``mask.png``, ``jobs.jsonl``, ``my_subject/``, ``my_concept/``
+made from the shapes world), with the venv's ``bin`` first on PATH (``python`` in a docstring means the activated venv).
 Commands run in document order, so later ones use what earlier ones wrote
 (``runs/db/export`` ...). What is changed, and only this:
 
@@ -153,7 +152,7 @@ def _smoke(cmd, eight, tmp, tiny_sd):
 
 
 def _scratch(tmp):
-    for name in ("train", "edit", "configs", "bench", "candidates"):
+    for name in ("train", "edit", "configs", "bench", "candidates", "docs"):
         os.symlink(os.path.join(ROOT, name), os.path.join(tmp, name))
     os.symlink(sys.prefix, os.path.join(tmp, ".venv"))
     examples = held_out_examples(WorldSpec(), 6, num_objects=1)
