@@ -260,6 +260,8 @@ def test_cli_gligen_equals_library(gl, tiny_pipe_dir, tmp_path, monkeypatch):
     (["--gligen", "{gligen}", "--box", "0.1,0.2:dot"], r"expected 'x0,y0,x1,y1:phrase'"),
     (["--box", "0.1,0.2,0.5,0.6:dot"], "--box needs a GLIGEN UNet: pass --gligen DIR"),
     (["--gligen", "{gligen}"], "--gligen needs objects"),
+    (["--gligen", "shipped", "--box", "0.1,0.2,0.5,0.6:dot"],
+     "--gligen shipped: this jaxdiff ships no such model yet"),
     (["--gligen", "{plain}", "--box", "0.1,0.2,0.5,0.6:dot"],
      r"attention_type='default'; a GLIGEN UNet has 'gated'"),
     (["--gligen", "{gligen}", "--box", "0.1,0.2,0.5,0.6:dot", "--controlnet", "{gligen}",

@@ -22,7 +22,8 @@ def add_arguments(p) -> None:
                    "attention_type='gated') or GLIGEN pipeline folder, whose UNet replaces the "
                    "model's (not needed when --model is a GLIGEN pipeline); a GLIGEN layers "
                    "folder (gligen_layers.safetensors), whose layers join the model's UNet; "
-                   "or 'shipped' for the embedded model's layers (jaxdiff/assets/shapes_gligen)")
+                   "or 'shipped' for the embedded model's layers (jaxdiff/assets/shapes_gligen; "
+                   "none are shipped yet)")
     g.add_argument("--box", action="append", default=[], metavar="x0,y0,x1,y1:PHRASE",
                    help="an object: its box as fractions of the image (left, top, right, "
                    "bottom) and its phrase, e.g. '0.1,0.1,0.5,0.6:a red circle' (also "

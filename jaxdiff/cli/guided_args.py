@@ -97,6 +97,9 @@ def _per_prompt(values, n, flag):
 def shipped_folder(value, shipped, flag):
     """``value``'s folder (``'shipped'``: ``shipped``); a one-line error if it is none."""
     folder = shipped if value == SHIPPED else value
+    if value == SHIPPED and not os.path.isdir(folder):
+        raise FileNotFoundError(f"{flag} {SHIPPED}: this jaxdiff ships no such model yet "
+                                f"({folder} is missing); give a folder.")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{flag} {value}: no such directory (give a folder, or "
                                 f"'{SHIPPED}').")
