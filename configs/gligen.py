@@ -58,7 +58,7 @@ def get_config(variant: str = ""):
 
     c.train = ml_collections.ConfigDict(dict(steps=4000, batch_size=32, lr=3e-4, warmup=100,
                                              weight_decay=1e-2, caption_dropout=0.5,
-                                             grounding_dropout=0.1))
+                                             grounding_dropout=0.1, min_timestep=500))
     c.log_every = 50
     c.checkpoint_every = 500
 

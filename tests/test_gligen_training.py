@@ -86,13 +86,16 @@ def run(embedded, tmp_path_factory):
     export = gl.export_gligen(gpipe, params, base, full, str(root / "export"))
     return dict(pipe=pipe, params=params, before=before, gpipe=gpipe, base=base, init=init,
                 data=(latents, ids, grounding), source=source, full=full, resumed=resumed,
-                export=export, root=root, max_objs=cfg.gligen.max_objs)
+                export=export, root=root, max_objs=cfg.gligen.max_objs,
+                jitter=cfg.data.jitter)
 
 
 def test_tfds_records_hold_the_grounding_of_their_masks(run):
     """Each box is the tight box of its object's mask (every mask pixel inside, a mask
-    pixel on each of its four edges); circles and squares are centred on their anchor and
-    as wide as their size says; each phrase is the caption's noun for its object."""
+    pixel on each of its four edges); circles and squares are centred within the config's
+    jitter (0.3) of their anchor and, where the image edge does not cut them, as wide as
+    their size says; each phrase is the caption's noun for its object."""
+    assert run["jitter"] == 0.3
     assert str(tfds_shapes.ShapesWorld.VERSION) == "1.3.0"
     spec = shapes.world("v2")
     src = run["source"]
@@ -113,8 +116,11 @@ def test_tfds_records_hold_the_grounding_of_their_masks(run):
             if shape in ("circle", "square"):
                 cx, cy = dict(spec.positions)[spec.position_names[r["position"][j]]]
                 half = dict(spec.sizes)[spec.size_names[r["size"][j]]]
-                np.testing.assert_allclose(r["boxes"][j], [cx - half, cy - half, cx + half,
-                                                           cy + half], atol=1.5 / n)
+                box = np.asarray(r["boxes"][j], np.float64)
+                centre, width = (box[:2] + box[2:]) / 2, box[2:] - box[:2]
+                uncut = (box[:2] > 0) & (box[2:] < 1)
+                assert np.all(np.abs(centre - [cx, cy]) <= run["jitter"] + 1.5 / n), box
+                np.testing.assert_allclose(width[uncut], 2 * half, atol=1.5 / n)
             assert f" {phrase} " in f" {caption} ", (phrase, caption)
             words = phrase.split()
             assert words[-1] == (shape if r["mention_shape"][j] else "object")
@@ -202,6 +208,11 @@ def test_bad_configs_are_one_line_errors(run):
     cfg = _config()
     cfg.train.grounding_dropout = 1.5
     with pytest.raises(ValueError, match=r"^config.train.grounding_dropout=1.5: a probability"):
+        gl.run_gligen(cfg, "/nonexistent/workdir")
+    cfg = _config()
+    cfg.train.min_timestep = 1000
+    with pytest.raises(ValueError, match=r"^config.train.min_timestep=1000: use a timestep in "
+                                         r"\[0, 1000\)"):
         gl.run_gligen(cfg, "/nonexistent/workdir")
     assert not os.path.exists("/nonexistent/workdir")
     cfg = _config()

@@ -37,6 +37,23 @@ def test_denoising_loss_weighting_is_per_sample_min_snr():
     assert ratio.min() < 0.5 and ratio.max() <= 1.0 + 1e-6   # some low-noise steps damped
 
 
+def test_min_timestep_draws_only_the_noisier_timesteps():
+    """A denoiser exact (epsilon from x_t when x0 = 0) only at t >= 500 has zero loss for
+    every sample when timesteps come from [500, T), and not when they come from [0, T)."""
+    sched = schedules.SchedulerConfig(beta_start=0.00085, beta_end=0.012,
+                                      beta_schedule="scaled_linear")
+    table = jnp.asarray(schedules.alphas_cumprod(sched))
+    exact_late = lambda x, t, c: jnp.where(
+        (t >= 500)[:, None, None, None], x / jnp.sqrt(1.0 - table[t])[:, None, None, None], 0.0)
+    x0 = jnp.zeros((512, 2, 2, 1))
+    late = losses.denoising_loss(exact_late, table, "epsilon", min_timestep=500)(
+        x0, None, jax.random.key(0))
+    every = losses.denoising_loss(exact_late, table, "epsilon")(x0, None, jax.random.key(0))
+    assert float(jnp.max(late)) < 1e-8
+    share_early = float(jnp.mean(every > 1e-4))
+    assert 0.4 < share_early < 0.6, share_early
+
+
 def test_pixel_weights_give_the_weighted_mean_of_the_squared_error():
     """A zero denoiser with x0 = 0 and the epsilon target makes the squared error the noise
     squared (same rng -> same noise): the weighted loss is sum(w n^2) / sum(w) per sample;

@@ -129,12 +129,13 @@ def controlled_output(pipe: Pipeline, unet_params, module, module_params, x, t, 
 
 
 def frozen_denoising_loss(pipe: Pipeline, frozen_params, denoiser,
-                          caption_dropout: float = 0.0):
+                          caption_dropout: float = 0.0, min_timestep: int = 0):
     """``loss(trained, (latents, ids, *extra), rng) -> scalar``: the denoising loss of the
     frozen base pipeline's denoiser ``denoiser(trained, extra, key)`` (-> a ``(x, t,
     context) -> output`` function; ``key``: randomness of its own, e.g. grounding
     dropout). Captions are replaced by the empty prompt with probability
-    ``caption_dropout``. Gradients flow only to ``trained``; the base params are
+    ``caption_dropout``; timesteps from [``min_timestep``, T) (``losses.denoising_loss``).
+    Gradients flow only to ``trained``; the base params are
     constants (ControlNet / T2I-Adapter here, GLIGEN layers in ``training.gligen``)."""
     empty = jnp.asarray(pipe.tokenize([""], warn=False)[0])
     alphas = schedules.alphas_cumprod(pipe.scheduler)
@@ -146,8 +147,8 @@ def frozen_denoising_loss(pipe: Pipeline, frozen_params, denoiser,
         ids = jnp.where(drop[:, None], empty[None], ids)
         context = jax.lax.stop_gradient(pipe.encode_text(frozen_params, ids))
         denoise = denoiser(p, extra, jax.random.fold_in(k_drop, 1))
-        per = losses.denoising_loss(denoise, alphas, pipe.scheduler.prediction_type)(
-            latents, context, k_loss)
+        per = losses.denoising_loss(denoise, alphas, pipe.scheduler.prediction_type,
+                                    min_timestep=min_timestep)(latents, context, k_loss)
         return jnp.mean(per)
 
     return loss

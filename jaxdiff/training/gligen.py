@@ -143,39 +143,47 @@ def drop_grounding(masks, key, p):
 
 def make_gligen_loss(pipe: Pipeline, frozen_params, module, base_unet, *,
                      max_objs: int = MAX_OBJS, caption_dropout: float = 0.5,
-                     grounding_dropout: float = 0.1):
+                     grounding_dropout: float = 0.1, min_timestep: int = 0):
     """``loss(layers, (latents, ids, boxes, embeddings, masks), rng) -> scalar``: the
-    denoising loss of the frozen base with GLIGEN ``layers`` (dropout: module docstring).
-    Gradients flow only to ``layers``."""
+    denoising loss of the frozen base with GLIGEN ``layers`` (dropout: module docstring;
+    timesteps from [``min_timestep``, T)). Gradients flow only to ``layers``."""
     def denoiser(layers, extra, key):
         boxes, emb, masks = extra
         grounding = pad_slots((boxes, emb, drop_grounding(masks, key, grounding_dropout)),
                               max_objs)
         return lambda x, t, c: gligen_output(module, base_unet, layers, x, t, c, grounding)
 
-    return control.frozen_denoising_loss(pipe, frozen_params, denoiser, caption_dropout)
+    return control.frozen_denoising_loss(pipe, frozen_params, denoiser, caption_dropout,
+                                         min_timestep)
 
 
 def train_gligen(pipe: Pipeline, params, gpipe: Pipeline, base_unet, layers, latents, ids,
                  grounding, workdir: str, *, max_objs: int = MAX_OBJS,
-                 caption_dropout: float = 0.5, grounding_dropout: float = 0.1, **kwargs):
+                 caption_dropout: float = 0.5, grounding_dropout: float = 0.1,
+                 min_timestep: int = 0, **kwargs):
     """Trains GLIGEN ``layers`` on cached latents [N,h,w,C], ids [N,L] and ``grounding``
     (boxes [N,K,4], phrase embeddings [N,K,D], masks [N,K]); ``params`` stay frozen.
     Resumes from ``workdir``'s checkpoints. ``kwargs``: ``control.train_frozen``'s.
     Returns the trained layers, gathered to the host."""
     check_options(max_objs=max_objs, caption_dropout=caption_dropout,
-                  grounding_dropout=grounding_dropout, objects=grounding[0].shape[1])
+                  grounding_dropout=grounding_dropout, objects=grounding[0].shape[1],
+                  min_timestep=min_timestep,
+                  timesteps=pipe.scheduler.num_train_timesteps)
     loss = make_gligen_loss(pipe, params, gpipe.unet, base_unet, max_objs=max_objs,
                             caption_dropout=caption_dropout,
-                            grounding_dropout=grounding_dropout)
+                            grounding_dropout=grounding_dropout, min_timestep=min_timestep)
     return control.train_frozen(loss, layers, (latents, ids) + tuple(grounding), workdir,
                                 desc="GLIGEN", **kwargs)
 
 
 def check_options(*, max_objs: int, caption_dropout: float, grounding_dropout: float,
-                  objects: int = MAX_OBJECTS) -> None:
+                  objects: int = MAX_OBJECTS, min_timestep: int = 0,
+                  timesteps: int = 1000) -> None:
     """One-line ValueError (naming the config field) for a slot count below the objects
-    per scene or a dropout outside [0, 1]."""
+    per scene, a dropout outside [0, 1] or a ``min_timestep`` outside [0, timesteps)."""
+    if not 0 <= min_timestep < timesteps:
+        raise ValueError(f"config.train.min_timestep={min_timestep}: use a timestep in "
+                         f"[0, {timesteps}) (0 = train on every timestep).")
     if not objects <= max_objs <= 1024:
         raise ValueError(f"config.gligen.max_objs={max_objs}: needs at least the {objects} "
                          f"objects of a scene (and at most 1024); diffusers' pipeline uses "
@@ -239,7 +247,8 @@ def run_gligen(config, workdir: str) -> str:
     diffusers GLIGEN pipeline folder; returns the folder."""
     train = config.train.to_dict()
     check_options(max_objs=config.gligen.max_objs, caption_dropout=train["caption_dropout"],
-                  grounding_dropout=train["grounding_dropout"])
+                  grounding_dropout=train["grounding_dropout"],
+                  min_timestep=train.get("min_timestep", 0))
     os.makedirs(workdir, exist_ok=True)
     pipe, params = load_base(config.init_from)
     gpipe, base_unet, layers = new_gligen_layers(pipe, params, config.seed)

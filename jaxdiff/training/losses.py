@@ -41,7 +41,7 @@ def min_snr_weight(alpha_bar, prediction_type: str, snr_gamma: float):
 
 
 def denoising_loss(denoise: Callable, alphas_cumprod, prediction_type: str,
-                   snr_gamma: Optional[float] = None):
+                   snr_gamma: Optional[float] = None, min_timestep: int = 0):
     """Standard DDPM loss ``E ||f(x_t, t, c) - target||^2`` per sample.
 
     Args:
@@ -49,6 +49,8 @@ def denoising_loss(denoise: Callable, alphas_cumprod, prediction_type: str,
       alphas_cumprod: [T] table of the training schedule.
       snr_gamma: if given (not None), each sample's error is weighted by
         ``min_snr_weight`` (faster convergence; the optimum is unchanged per timestep).
+      min_timestep: timesteps are drawn uniformly from [min_timestep, T) (0: all of them;
+        higher: only the noisier end, e.g. for layers that act only there).
     Returns:
       ``loss(x0, context, rng, weight=None) -> [B]`` per-sample (weighted) mean squared
       error; ``weight`` [B, h, w, 1] (or broadcastable) weights the squared error per
@@ -59,7 +61,7 @@ def denoising_loss(denoise: Callable, alphas_cumprod, prediction_type: str,
 
     def loss(x0, context, rng, weight=None):
         k_t, k_n = jax.random.split(rng)
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, alphas_cumprod.shape[0])
+        t = jax.random.randint(k_t, (x0.shape[0],), min_timestep, alphas_cumprod.shape[0])
         noise = jax.random.normal(k_n, x0.shape, x0.dtype)
         a = alphas_cumprod[t][:, None, None, None]
         x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
