@@ -22,13 +22,14 @@ resumes from the last checkpoint.
 
 The training scenes have their objects moved up to 0.3 of the side from the five named
 anchors (``data.jitter``), so boxes cover the whole image. No GLIGEN layers are shipped
-yet: a run of this default, measured at its 2000-step checkpoint, had learnt to render
-objects away from the anchors (loss on jittered held-out scenes 0.179 -> 0.052) but not
-from the boxes (the same loss with boxes dropped or random: 0.052), so the boxes do not
-move the objects (bench/README.md). The default now draws training timesteps from [500,
-1000) only (``train.min_timestep``: the noisy steps that beta <= 0.5 grounds, where only
-the box says where the object goes); that schedule has not been run to completion yet. Once
-a run does, ``--config.export_dir=jaxdiff/assets/shapes_gligen --config.export_layers=True
+yet: a run of this default but with timesteps from all of [0, 1000), measured at its
+2000-step checkpoint, had learnt to render objects away from the anchors (loss on jittered
+held-out scenes 0.179 -> 0.052) but not from the boxes (the same loss with boxes dropped or
+random: 0.052), so the boxes do not move the objects (bench/README.md). The default now
+draws training timesteps from [500, 1000) only (``train.min_timestep``: the noisy steps
+that beta <= 0.5 grounds, where only the box says where the object goes); that schedule has
+not been run to completion yet. Once a run does,
+``--config.export_dir=jaxdiff/assets/shapes_gligen --config.export_layers=True
 --config.export_dtype=float16`` writes it as the float16 GLIGEN layers folder ``--gligen
 shipped`` reads (position net + fusers only).
 """
