@@ -7,8 +7,8 @@ Also jaxdiff's *GLIGEN layers* folder: the GLIGEN UNet's ``config.json`` and
 ``gligen_layers.safetensors`` holding only the ``position_net.*`` and ``*.fuser.*`` tensors
 (``save_gligen_layers``), a few MB where a whole UNet would repeat its base's weights;
 ``with_gligen`` puts the layers into the pipeline's own UNet (which must be the base they
-were trained on). The shipped layers for the embedded model (``SHAPES_GLIGEN``,
-``--gligen shipped``) are such a folder.
+were trained on). Layers for the embedded model are to ship as such a folder
+(``SHAPES_GLIGEN``, ``--gligen shipped``; none yet, see configs/gligen.py).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from jaxdiff.weights.diffusers_format import (DEFAULT_MODEL, component_module, i
 
 _STEM = "diffusion_pytorch_model"
 LAYERS_FILE = "gligen_layers.safetensors"
-# The embedded model's shipped GLIGEN layers (configs/gligen.py; bench/README.md).
+# Where the embedded model's GLIGEN layers ship (none yet: configs/gligen.py, bench/README.md).
 SHAPES_GLIGEN = os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes_gligen")
 
 
@@ -106,7 +106,7 @@ def with_gligen(pipe: Pipeline, params, folder: str, variant=None, allow_pickle=
     if is_layers_folder(folder):
         module, layers = load_gligen_layers(folder, pipe.unet.dtype, pipe.unet.config)
         base = split_params(params["unet"])[0]
-        unet_params = merge_params(base, files.to_device(layers))
+        unet_params = merge_params(base, layers)
     else:
         module, unet_params = load_gligen_unet(folder, pipe.unet.dtype, variant, allow_pickle)
         check_matches(module.config, pipe.unet.config, f"GLIGEN UNet {folder}")
