@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--adapter", default=None, help="T2I-Adapter folder (edge maps), or "
                    "'shipped' (jaxdiff/assets/shapes_adapter_edges)")
     p.add_argument("--gligen", default=None, help="GLIGEN UNet, pipeline or layers folder, or "
-                   "'shipped' (jaxdiff/assets/shapes_gligen, once shipped)")
+                   "'shipped' (jaxdiff/assets/shapes_gligen)")
     p.add_argument("--world", default="v2", help="shapes world: v1 or v2 (default)")
     p.add_argument("--num", type=int, default=200,
                    help="held-out scenes (ControlNet / adapter) and one-object layouts (GLIGEN)")

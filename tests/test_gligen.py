@@ -260,8 +260,9 @@ def test_cli_gligen_equals_library(gl, tiny_pipe_dir, tmp_path, monkeypatch):
     (["--gligen", "{gligen}", "--box", "0.1,0.2:dot"], r"expected 'x0,y0,x1,y1:phrase'"),
     (["--box", "0.1,0.2,0.5,0.6:dot"], "--box needs a GLIGEN UNet: pass --gligen DIR"),
     (["--gligen", "{gligen}"], "--gligen needs objects"),
+    # The shipped layers are the embedded model's: on another base, refused naming both.
     (["--gligen", "shipped", "--box", "0.1,0.2,0.5,0.6:dot"],
-     "--gligen shipped: this jaxdiff ships no such model yet"),
+     r"GLIGEN layers \S*shapes_gligen: \w+=.* but the base UNet has \w+="),
     (["--gligen", "{plain}", "--box", "0.1,0.2,0.5,0.6:dot"],
      r"attention_type='default'; a GLIGEN UNet has 'gated'"),
     (["--gligen", "{gligen}", "--box", "0.1,0.2,0.5,0.6:dot", "--controlnet", "{gligen}",
@@ -280,3 +281,13 @@ def test_cli_bad_gligen_input_is_refused_before_compiling(gl, tiny_pipe_dir, tmp
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(match, errors[0]), errors
     assert not out.exists()
+
+
+def test_shipped_name_without_its_folder_is_a_one_line_error(tmp_path):
+    """A jaxdiff installed without one of its shipped models says so, naming the path."""
+    from jaxdiff.cli.guided_args import shipped_folder
+    missing = str(tmp_path / "shapes_gligen")
+    with pytest.raises(FileNotFoundError, match=r"^--gligen shipped: this jaxdiff ships no "
+                                                r"such model yet \(.*shapes_gligen is missing\)"):
+        shipped_folder("shipped", missing, "--gligen")
+    assert shipped_folder(str(tmp_path), missing, "--gligen") == str(tmp_path)

@@ -1,5 +1,6 @@
 """Training GLIGEN layers (issue #14, point 3) on the embedded model: the TFDS records'
-grounding against their masks, the zero gates starting exactly at the base UNet, a few
+grounding against their masks, the zero gates (and the open-gate start) starting exactly
+at the base UNet, a few
 steps of the tiny recipe lowering the loss with the base weights untouched, exact resume,
 the export loading in diffusers' GLIGEN pipeline with equal outputs, and one-line errors
 for bad configs."""
@@ -139,6 +140,35 @@ def test_zero_gates_start_at_the_base_unet_and_training_lowers_the_loss(run):
     _, got, plain, loss1 = probe(run["params"], run["base"], run["full"], *run["data"])
     assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-4
     assert float(loss1) < float(loss0), (float(loss0), float(loss1))
+
+
+def test_open_attention_gates_start_at_the_base_unet_with_a_live_attention_path(run):
+    """``attn_gate`` (configs/gligen.py's ``gligen.attn_gate_init``): the same start, the
+    GLIGEN UNet's output equal to the base UNet's bit for bit, but the fusers' attention
+    output projections get gradients at the first step; with diffusers' closed gates
+    (tanh(0) = 0) they get none."""
+    pipe, params = run["pipe"], run["params"]
+    _, _, opened = gl.new_gligen_layers(pipe, params, seed=0, attn_gate=1.0)
+    leaves = {jax.tree_util.keystr(k): v for k, v in
+              jax.tree_util.tree_flatten_with_path(opened)[0]}
+    gates = [v for k, v in leaves.items() if "alpha_attn" in k]
+    outs = [v for k, v in leaves.items() if "fuser" in k and "to_out_0" in k]
+    assert gates and all(float(a) == 1.0 for a in gates)
+    assert outs and not any(np.asarray(v).any() for v in outs)
+    _, got, plain, _ = _probe(pipe, run["gpipe"].unet, run["max_objs"])(
+        params, run["base"], opened, *run["data"])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(plain))
+    loss = gl.make_gligen_loss(pipe, params, run["gpipe"].unet, run["base"],
+                               max_objs=run["max_objs"], caption_dropout=0.0,
+                               grounding_dropout=0.0)
+    latents, ids, grounding = run["data"]
+    grad = jax.jit(jax.grad(loss))
+    out_grad = lambda layers: max(
+        float(np.abs(np.asarray(v)).max()) for k, v in jax.tree_util.tree_flatten_with_path(
+            grad(layers, (latents, ids) + tuple(grounding), jax.random.key(3)))[0]
+        if "fuser" in jax.tree_util.keystr(k) and "to_out_0" in jax.tree_util.keystr(k))
+    assert out_grad(run["init"]) == 0.0
+    assert out_grad(opened) > 0.0
 
 
 def test_base_weights_are_bit_identical_and_only_gligen_layers_moved(run):

@@ -100,12 +100,26 @@ def torch_like_init(shapes, rng: np.random.Generator) -> dict:
     return traverse_util.unflatten_dict(out)
 
 
-def new_gligen_layers(pipe: Pipeline, params, seed: int = 0):
+def open_attention_gates(layers, alpha: float):
+    """``layers`` with every fuser's attention gate ``alpha_attn`` set to ``alpha`` and its
+    attention's output projection (``attn.to_out_0``) zeroed: the GLIGEN UNet still starts
+    exactly as the base UNet, but the gate is already open, so the attention's weights get
+    gradients from the first step instead of through a gate near tanh(0) = 0."""
+    flat = traverse_util.flatten_dict(layers)
+    for k, v in flat.items():
+        if "fuser" in k and (k[-1] == "alpha_attn" or k[-2:-1] == ("to_out_0",)):
+            flat[k] = jnp.full_like(v, alpha if k[-1] == "alpha_attn" else 0.0)
+    return traverse_util.unflatten_dict(flat)
+
+
+def new_gligen_layers(pipe: Pipeline, params, seed: int = 0, attn_gate: float = 0.0):
     """(GLIGEN pipeline, base UNet params, GLIGEN layers) for ``pipe``: fresh layers (a
     ``position_net`` and one ``fuser`` beside every transformer block's ``attn1``),
     initialised as diffusers' ``UNet2DConditionModel(attention_type="gated")`` is
     (``torch_like_init``): every fuser's gates at zero, so the GLIGEN UNet starts as the
-    base UNet. A base whose UNet already has text-box GLIGEN layers continues from them."""
+    base UNet. ``attn_gate`` != 0 starts the attention gates open instead
+    (``open_attention_gates``; still exactly the base UNet). A base whose UNet already has
+    text-box GLIGEN layers continues from them."""
     gpipe = gligen_pipeline(pipe)
     if pipe.unet.config.attention_type == "gated":
         base, layers = split_params(params["unet"])
@@ -117,6 +131,8 @@ def new_gligen_layers(pipe: Pipeline, params, seed: int = 0):
             shapes[k[:-3] + ("fuser",)] = _fuser_shapes(v.shape[0], dim)
     layers = torch_like_init(traverse_util.unflatten_dict(shapes),
                              np.random.default_rng(seed))
+    if attn_gate:
+        layers = open_attention_gates(layers, attn_gate)
     return gpipe, params["unet"], layers
 
 
@@ -251,7 +267,8 @@ def run_gligen(config, workdir: str) -> str:
                   min_timestep=train.get("min_timestep", 0))
     os.makedirs(workdir, exist_ok=True)
     pipe, params = load_base(config.init_from)
-    gpipe, base_unet, layers = new_gligen_layers(pipe, params, config.seed)
+    gpipe, base_unet, layers = new_gligen_layers(
+        pipe, params, config.seed, attn_gate=config.gligen.get("attn_gate_init", 0.0))
     latents, ids, grounding = prepare_data(config, pipe, params, workdir)
     trained = train_gligen(pipe, params, gpipe, base_unet, layers, latents, ids, grounding,
                            os.path.join(workdir, "gligen"), max_objs=config.gligen.max_objs,

@@ -7,8 +7,8 @@ Also jaxdiff's *GLIGEN layers* folder: the GLIGEN UNet's ``config.json`` and
 ``gligen_layers.safetensors`` holding only the ``position_net.*`` and ``*.fuser.*`` tensors
 (``save_gligen_layers``), a few MB where a whole UNet would repeat its base's weights;
 ``with_gligen`` puts the layers into the pipeline's own UNet (which must be the base they
-were trained on). Layers for the embedded model are to ship as such a folder
-(``SHAPES_GLIGEN``, ``--gligen shipped``; none yet, see configs/gligen.py).
+were trained on). The embedded model's GLIGEN layers ship as such a folder
+(``SHAPES_GLIGEN``, ``--gligen shipped``; trained by configs/gligen.py's default run).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from jaxdiff.weights.diffusers_format import (DEFAULT_MODEL, component_module, i
 
 _STEM = "diffusion_pytorch_model"
 LAYERS_FILE = "gligen_layers.safetensors"
-# Where the embedded model's GLIGEN layers ship (none yet: configs/gligen.py, bench/README.md).
+# The embedded model's GLIGEN layers (configs/gligen.py's default run, float16).
 SHAPES_GLIGEN = os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes_gligen")
 
 
