@@ -27,6 +27,7 @@ on held-out scenes of ``--world`` (v2 by default) at the model's image size:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -45,6 +46,13 @@ def parse_args(argv=None):
     p.add_argument("--gligen", default=None, help="GLIGEN UNet, pipeline or layers folder, or "
                    "'shipped' (jaxdiff/assets/shapes_gligen)")
     p.add_argument("--world", default="v2", help="shapes world: v1 or v2 (default)")
+    p.add_argument("--jitter", type=float, default=0.0,
+                   help="ControlNet / adapter scenes with objects moved up to this fraction "
+                   "of the side off their named positions (captions still name them; "
+                   "default 0: the world's own scenes)")
+    p.add_argument("--unnamed-layout", action="store_true",
+                   help="ControlNet / adapter prompts without position and size words, so "
+                   "only the condition gives the layout")
     p.add_argument("--num", type=int, default=200,
                    help="held-out scenes (ControlNet / adapter) and one-object layouts (GLIGEN)")
     p.add_argument("--num-two", type=int, default=100, help="GLIGEN two-object layouts")
@@ -150,7 +158,9 @@ def main(argv=None):
         ("controlnet", "segmentation", args.controlnet, load_controlnet),
         ("adapter", "edges", args.adapter, load_t2i_adapter)) if folder]
     if models:
-        cases = ce.condition_cases(spec, args.num)
+        cases = ce.condition_cases(dataclasses.replace(spec, jitter=args.jitter), args.num,
+                                   name_layout=not args.unnamed_layout)
+        result.update(jitter=args.jitter, unnamed_layout=args.unnamed_layout)
         images = control_images(pipe, params, cases, models, args)
         for name, kind, _, _ in models:
             result[name] = {"dir": getattr(args, name), "condition": kind,

@@ -45,13 +45,23 @@ class ConditionCase(NamedTuple):
     mask: np.ndarray
 
 
-def condition_cases(spec: WorldSpec, num: int, seed: int = 20_231_123) -> list:
-    """The first ``num`` held-out scenes of ``seed`` as ``ConditionCase``s."""
+def condition_cases(spec: WorldSpec, num: int, seed: int = 20_231_123,
+                    name_layout: bool = True) -> list:
+    """The first ``num`` held-out scenes of ``seed`` as ``ConditionCase``s. ``name_layout``
+    False: each prompt is its scene's caption without position and size words (colour,
+    shape and background as the scene states them), so only the condition gives the
+    layout."""
     out = []
     for ex in held_out_examples(spec, num, seed):
         k = int(ex["num_objects"])
-        targets, background = parse_caption(ex["caption"], spec)
-        out.append(ConditionCase(ex["caption"], tuple(targets), background,
+        prompt = ex["caption"]
+        if not name_layout:
+            prompt = caption(ex["objects"], spec.background_names[int(ex["background"])],
+                             mention_size=False, mention_position=False,
+                             mention_colour=ex["mention_colour"][:k],
+                             mention_shape=ex["mention_shape"][:k])
+        targets, background = parse_caption(prompt, spec)
+        out.append(ConditionCase(prompt, tuple(targets), background,
                                  cond_lib.conditions(ex["masks"], ex["shape"], k),
                                  np.any(ex["masks"][:k], axis=0)))
     return out
