@@ -29,7 +29,8 @@ start with their attention gate open (``gligen.attn_gate_init``, see below): wit
 diffusers' closed gates a run did not read the boxes in 2550 steps (bench/README.md).
 The default run (6000 steps, ~28 min on 2 CPU cores) is the shipped layers
 (``jaxdiff/assets/shapes_gligen``, ``--gligen shipped``; sample them with
-``--gligen-beta 0.5``); ``--config.export_dir=jaxdiff/assets/shapes_gligen
+``--gligen-beta`` 0.5-0.7: at 0.6 an object lands in a box no caption names 93.5 % of the
+time); ``--config.export_dir=jaxdiff/assets/shapes_gligen
 --config.export_layers=True --config.export_dtype=float16`` on the finished run writes them
 (position net + fusers only).
 """

@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
                    "model's (not needed when --model is a GLIGEN pipeline); a GLIGEN layers "
                    "folder (gligen_layers.safetensors), whose layers join the model's UNet; "
                    "or 'shipped' for the embedded model's layers (jaxdiff/assets/shapes_gligen; "
-                   "trained on the noisier half of the steps: use them with --gligen-beta 0.5)")
+                   "trained on the noisier half of the steps: use them with --gligen-beta 0.6)")
     g.add_argument("--box", action="append", default=[], metavar="x0,y0,x1,y1:PHRASE",
                    help="an object: its box as fractions of the image (left, top, right, "
                    "bottom) and its phrase, e.g. '0.1,0.1,0.5,0.6:a red circle' (also "
