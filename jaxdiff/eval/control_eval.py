@@ -48,9 +48,9 @@ class ConditionCase(NamedTuple):
 def condition_cases(spec: WorldSpec, num: int, seed: int = 20_231_123,
                     name_layout: bool = True) -> list:
     """The first ``num`` held-out scenes of ``seed`` as ``ConditionCase``s. ``name_layout``
-    False: each prompt is its scene's caption without position and size words (colour,
-    shape and background as the scene states them), so only the condition gives the
-    layout."""
+    False: each prompt is its scene's caption without position and size words (colour and
+    shape words as the caption has them, the background always named), so only the
+    condition gives the layout."""
     out = []
     for ex in held_out_examples(spec, num, seed):
         k = int(ex["num_objects"])

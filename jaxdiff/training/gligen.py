@@ -103,8 +103,9 @@ def torch_like_init(shapes, rng: np.random.Generator) -> dict:
 def open_attention_gates(layers, alpha: float):
     """``layers`` with every fuser's attention gate ``alpha_attn`` set to ``alpha`` and its
     attention's output projection (``attn.to_out_0``) zeroed: the GLIGEN UNet still starts
-    exactly as the base UNet, but the gate is already open, so the attention's weights get
-    gradients from the first step instead of through a gate near tanh(0) = 0."""
+    exactly as the base UNet, but the gate is already open: the output projection gets
+    gradients from the first step (and through it the attention's other weights), where
+    diffusers' init makes everything wait on a gate near tanh(0) = 0."""
     flat = traverse_util.flatten_dict(layers)
     for k, v in flat.items():
         if "fuser" in k and (k[-1] == "alpha_attn" or k[-2:-1] == ("to_out_0",)):
