@@ -18,9 +18,11 @@ on held-out scenes of ``--world`` (v2 by default) at the model's image size:
   read back right; ``all``: everything stated).
 * ``gligen``: ``--num`` one-object layouts (half ``named``: a box around the captioned
   position; half ``unnamed``: a box at a corner or an off-grid centre and size, the
-  prompt without position or size) and ``--num-two`` two-object layouts (a box per
-  object of a held-out scene); per group ``centre_in_box`` (some object's centre in the
-  box), ``right_object_in_box`` (an object of the phrase's shape and colour) and
+  prompt without position or size), ``--num-two`` ``two_object`` layouts (a box per
+  object of a held-out scene, whose caption names their positions) and
+  ``--num-two-unnamed`` ``two_unnamed`` ones (two objects in boxes at corners or off-grid
+  centres, the prompt naming neither position); per group ``centre_in_box`` (some
+  object's centre in the box), ``right_object_in_box`` (an object of the phrase's shape and colour) and
   ``layout_right`` (every box of the image right), grounded (``--gligen-beta``) and as
   ``baseline`` with the fusers off (beta 0, the same program).
 """
@@ -55,7 +57,10 @@ def parse_args(argv=None):
                    "only the condition gives the layout")
     p.add_argument("--num", type=int, default=200,
                    help="held-out scenes (ControlNet / adapter) and one-object layouts (GLIGEN)")
-    p.add_argument("--num-two", type=int, default=100, help="GLIGEN two-object layouts")
+    p.add_argument("--num-two", type=int, default=100,
+                   help="GLIGEN two-object layouts at the positions their captions name")
+    p.add_argument("--num-two-unnamed", type=int, default=100,
+                   help="GLIGEN two-object layouts at positions no caption names")
     p.add_argument("--control-scale", type=float, default=1.0)
     p.add_argument("--gligen-beta", type=float, default=0.3,
                    help="gligen_scheduled_sampling_beta (default 0.3, diffusers')")
@@ -170,10 +175,11 @@ def main(argv=None):
                                                            spec)}
     if args.gligen:
         gpipe, gparams = with_gligen(pipe, params, args.gligen)
-        cases = ce.grounding_cases(spec, args.num, args.num_two)
+        cases = ce.grounding_cases(spec, args.num, args.num_two,
+                                   num_two_unnamed=args.num_two_unnamed)
         images = gligen_images(gpipe, gparams, cases, args)
         result["gligen"] = {"dir": args.gligen, "beta": args.gligen_beta,
-                            "num_two": args.num_two,
+                            "num_two": args.num_two, "num_two_unnamed": args.num_two_unnamed,
                             "grounded": ce.score_grounding(images["grounded"], cases, spec),
                             "baseline": ce.score_grounding(images["baseline"], cases, spec)}
     result["timing_s"] = round(time.perf_counter() - t0, 1)

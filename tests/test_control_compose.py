@@ -191,7 +191,7 @@ def test_condition_cases_off_the_anchors_and_without_layout_words():
 def test_box_scoring_on_ground_truth():
     """An object rendered at a box's centre (corners and off-grid sizes too) is inside it
     and right; the box shifted away, or a phrase of another colour, is not."""
-    cases = ce.grounding_cases(V2, 8, 3)
+    cases = ce.grounding_cases(V2, 8, 3, num_two_unnamed=3)
     assert {c.group for c in cases} == set(ce.GROUPS)
     for case in cases:
         objs = []
@@ -245,7 +245,7 @@ def test_control_quality_bench_smoke(cc, tmp_path, monkeypatch):
     got = bench.main(["--model", cc["pipe_dir"], "--controlnet", cc["cn_dir"], "--adapter",
                       str(tmp_path / "adapter"), "--gligen",
                       _gligen_dir(pipe, params, str(tmp_path / "gligen")), "--num", "2",
-                      "--num-two", "1", "--steps", "4", "--sampler", "ddim", "--guidance", "5",
+                      "--num-two", "1", "--num-two-unnamed", "1", "--steps", "4", "--sampler", "ddim", "--guidance", "5",
                       "--chunk", "2", "--out", str(out)])
     assert json.load(open(out)) == json.loads(json.dumps(got))
     for name, kind in (("controlnet", "segmentation"), ("adapter", "edges")):
@@ -256,6 +256,6 @@ def test_control_quality_bench_smoke(cc, tmp_path, monkeypatch):
     for row in ("grounded", "baseline"):
         g = got["gligen"][row]
         assert set(g) == set(ce.GROUPS)
-        assert g["named"]["n"] == g["unnamed"]["n"] == g["two_object"]["n"] == 1
+        assert all(g[group]["n"] == 1 for group in ce.GROUPS)
         assert all(0.0 <= v <= 1.0 for group in g.values() for k, v in group.items()
                    if k != "n")

@@ -77,12 +77,15 @@ def test_gligen_puts_objects_in_their_boxes(embedded, spec, bench):
     0.92. Floors on 48 fixed one-object layouts (24 unnamed) and 16 two-object ones, the
     fusers-off baseline in the same program (measured 0.958, baseline 0.375; named and
     two-object 1.00): unnamed centre in box >= 0.8 and above the
-    baseline by >= 0.3, the right object there >= 0.75; named and two-object >= 0.85."""
+    baseline by >= 0.3, the right object there >= 0.75; named and two-object >= 0.85; 16
+    two-object layouts at unnamed positions (measured 0.875 vs 0.531): centre in box >= 0.6
+    and above the baseline by >= 0.1."""
     pipe, params = embedded
     args = bench.parse_args(["--gligen", "shipped", "--gligen-beta", "0.6", "--num", "48",
-                             "--num-two", "16", "--chunk", "64"])
+                             "--num-two", "16", "--num-two-unnamed", "16", "--chunk", "80"])
     gpipe, gparams = with_gligen(pipe, params, SHAPES_GLIGEN)
-    cases = ce.grounding_cases(spec, args.num, args.num_two)
+    cases = ce.grounding_cases(spec, args.num, args.num_two,
+                               num_two_unnamed=args.num_two_unnamed)
     images = bench.gligen_images(gpipe, gparams, cases, args)
     scores = {name: ce.score_grounding(images[name], cases, spec)
               for name in ("grounded", "baseline")}
@@ -94,6 +97,11 @@ def test_gligen_puts_objects_in_their_boxes(embedded, spec, bench):
     assert got["unnamed"]["right_object_in_box"] >= 0.75, scores
     assert got["named"]["centre_in_box"] >= 0.85, scores
     assert got["two_object"]["layout_right"] >= 0.85, scores
+    # Two objects where no caption puts them: the boxes still move them (README: centre in
+    # box 0.745 vs 0.48 with the fusers off) though both are right only ~40 % of the time.
+    two = got["two_unnamed"]
+    assert two["centre_in_box"] >= 0.6, scores
+    assert two["centre_in_box"] >= base["two_unnamed"]["centre_in_box"] + 0.1, scores
 
 
 def test_controlnet_follows_a_map_off_the_anchors(embedded, spec, bench):

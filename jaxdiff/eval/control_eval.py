@@ -115,10 +115,13 @@ def score_condition(images, cases: Sequence[ConditionCase], kind: str,
 
 # --- GLIGEN: boxes ---------------------------------------------------------------------
 
-GROUPS = ("named", "unnamed", "two_object")
+GROUPS = ("named", "unnamed", "two_object", "two_unnamed")
 # Centres (fractions) that no caption names: the four corners, and off-grid points.
 UNNAMED_CENTRES = ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75),
                    (0.4, 0.6), (0.62, 0.38), (0.35, 0.3), (0.68, 0.7))
+# Pairs of such centres for two objects, far enough apart for two big objects' boxes.
+UNNAMED_PAIRS = (((0.25, 0.25), (0.75, 0.75)), ((0.75, 0.25), (0.25, 0.75)),
+                 ((0.3, 0.35), (0.7, 0.65)), ((0.68, 0.3), (0.32, 0.72)))
 
 
 class GroundingCase(NamedTuple):
@@ -146,12 +149,15 @@ def _phrase(obj: ShapeObject) -> str:
 
 
 def grounding_cases(spec: WorldSpec, num_one: int, num_two: int,
-                    seed: int = 20_231_123) -> list:
+                    seed: int = 20_231_123, num_two_unnamed: int = 0) -> list:
     """``num_one`` one-object layouts (alternately ``named``: the box around the held-out
     scene's captioned position; ``unnamed``: a box at a corner or an off-grid centre, of a
-    size from 0.8 to 1.5 times the object's, the prompt without position or size) and
+    size from 0.8 to 1.5 times the object's, the prompt without position or size),
     ``num_two`` ``two_object`` layouts (a box around each object of a held-out two-object
-    scene). Returns ``GroundingCase``s."""
+    scene, whose caption names both positions) and ``num_two_unnamed`` ``two_unnamed`` ones
+    (the objects of held-out two-object scenes in boxes at a pair of corners or off-grid
+    centres, ``UNNAMED_PAIRS``, the prompt "a red star and a blue square on a BG
+    background" naming neither position nor size). Returns ``GroundingCase``s."""
     rng = np.random.default_rng(seed)
     out = []
     ones = held_out_examples(spec, num_one, seed, num_objects=1) if num_one else []
@@ -178,6 +184,16 @@ def grounding_cases(spec: WorldSpec, num_one: int, num_two: int,
         boxes = tuple(box_around(spec, o.size, dict(spec.positions)[o.position]) for o in objs)
         out.append(GroundingCase(caption(objs, bg), tuple(_phrase(o) for o in objs), boxes,
                                  tuple(_target(o) for o in objs), "two_object"))
+    pairs = itertools.cycle(UNNAMED_PAIRS)
+    # Scenes after the two_object ones (another slice of the same held-out stream).
+    more = held_out_examples(spec, num_two + num_two_unnamed, seed, num_objects=2)[num_two:]
+    for ex in more:
+        objs = ex["objects"]
+        bg = spec.background_names[int(ex["background"])]
+        boxes = tuple(box_around(spec, o.size, c) for o, c in zip(objs, next(pairs)))
+        out.append(GroundingCase(caption(objs, bg, mention_size=False, mention_position=False),
+                                 tuple(_phrase(o) for o in objs), boxes,
+                                 tuple(_target(o) for o in objs), "two_unnamed"))
     return out
 
 
