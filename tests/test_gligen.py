@@ -291,3 +291,23 @@ def test_shipped_name_without_its_folder_is_a_one_line_error(tmp_path):
                                                 r"such model yet \(.*shapes_gligen is missing\)"):
         shipped_folder("shipped", missing, "--gligen")
     assert shipped_folder(str(tmp_path), missing, "--gligen") == str(tmp_path)
+
+
+def test_gligen_beta_defaults_to_diffusers_or_the_shipped_layers(gl, embedded):
+    """``--gligen-beta`` unset: diffusers' 0.3 for a GLIGEN folder, the shipped layers' own
+    0.6 for ``--gligen shipped`` (they were trained on the noisier half of the steps);
+    an explicit value always wins."""
+    from argparse import Namespace
+
+    from jaxdiff.cli import gligen_args
+    from jaxdiff.weights.gligen import SHAPES_GLIGEN_BETA
+
+    def beta(pipe_params, **flags):
+        args = Namespace(**dict(dict(gligen=None, box=["0.1,0.1,0.5,0.5:red star"],
+                                     gligen_beta=None), **flags))
+        return gligen_args.load_gligen(args, *pipe_params)[2].beta
+
+    assert SHAPES_GLIGEN_BETA == 0.6
+    assert beta(embedded, gligen="shipped") == 0.6
+    assert beta(embedded, gligen="shipped", gligen_beta=0.2) == 0.2
+    assert beta(gl["base"], gligen=gl["dir"]) == gligen_args.DEFAULT_BETA == 0.3

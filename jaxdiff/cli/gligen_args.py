@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxdiff.cli.guided_args import shipped_folder
+from jaxdiff.cli.guided_args import SHIPPED, shipped_folder
 from jaxdiff.gligen_sampling import generate_gligen, parse_box
 from jaxdiff.models.gligen import ATTENTION_TYPES
-from jaxdiff.weights.gligen import SHAPES_GLIGEN, with_gligen
+from jaxdiff.weights.gligen import SHAPES_GLIGEN, SHAPES_GLIGEN_BETA, with_gligen
+
+DEFAULT_BETA = 0.3  # diffusers' gligen_scheduled_sampling_beta
 
 
 def add_arguments(p) -> None:
@@ -23,14 +25,16 @@ def add_arguments(p) -> None:
                    "model's (not needed when --model is a GLIGEN pipeline); a GLIGEN layers "
                    "folder (gligen_layers.safetensors), whose layers join the model's UNet; "
                    "or 'shipped' for the embedded model's layers (jaxdiff/assets/shapes_gligen; "
-                   "trained on the noisier half of the steps: use them with --gligen-beta 0.6)")
+                   "trained on the noisier half of the steps; --gligen-beta defaults to "
+                   f"{SHAPES_GLIGEN_BETA} for them)")
     g.add_argument("--box", action="append", default=[], metavar="x0,y0,x1,y1:PHRASE",
                    help="an object: its box as fractions of the image (left, top, right, "
                    "bottom) and its phrase, e.g. '0.1,0.1,0.5,0.6:a red circle' (also "
                    "'PHRASE:x0,y0,x1,y1'); repeatable, the same boxes for every image")
-    g.add_argument("--gligen-beta", type=float, default=0.3, metavar="BETA",
+    g.add_argument("--gligen-beta", type=float, default=None, metavar="BETA",
                    help="fraction of the steps with grounding on "
-                   "(gligen_scheduled_sampling_beta, default 0.3)")
+                   f"(gligen_scheduled_sampling_beta; default {DEFAULT_BETA}, diffusers', or "
+                   f"{SHAPES_GLIGEN_BETA} with --gligen shipped)")
 
 
 @dataclasses.dataclass
@@ -56,8 +60,11 @@ def load_gligen(args, pipe, params):
                          "run them separately.")
     if not args.box:
         raise ValueError("--gligen needs objects: pass --box 'x0,y0,x1,y1:phrase' (repeatable).")
-    if not 0.0 <= args.gligen_beta <= 1.0:
-        raise ValueError(f"--gligen-beta {args.gligen_beta} must be in [0, 1].")
+    beta = args.gligen_beta
+    if beta is None:
+        beta = SHAPES_GLIGEN_BETA if args.gligen == SHIPPED else DEFAULT_BETA
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"--gligen-beta {beta} must be in [0, 1].")
     parsed = [parse_box(text) for text in args.box]
     if args.gligen is not None:
         folder = shipped_folder(args.gligen, SHAPES_GLIGEN, "--gligen")
@@ -65,8 +72,7 @@ def load_gligen(args, pipe, params):
     elif pipe.unet.config.attention_type not in ATTENTION_TYPES:
         raise ValueError("--box needs a GLIGEN UNet: pass --gligen DIR (or a GLIGEN pipeline "
                          "as --model).")
-    return pipe, params, Grounding([p for p, _ in parsed], [b for _, b in parsed],
-                                   args.gligen_beta)
+    return pipe, params, Grounding([p for p, _ in parsed], [b for _, b in parsed], beta)
 
 
 def generate_chunk(grounding: Grounding, pipe, params, chunk, args, height, width, start):

@@ -29,6 +29,9 @@ _STEM = "diffusion_pytorch_model"
 LAYERS_FILE = "gligen_layers.safetensors"
 # The embedded model's GLIGEN layers (configs/gligen.py's default run, float16).
 SHAPES_GLIGEN = os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes_gligen")
+# Its gligen_scheduled_sampling_beta: trained on t in [500, 1000), it grounds best on the
+# first 0.5-0.7 of the steps (bench/README.md); `--gligen shipped`'s default.
+SHAPES_GLIGEN_BETA = 0.6
 
 
 def _unet_folder(folder: str) -> str:
