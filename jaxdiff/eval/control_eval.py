@@ -177,17 +177,16 @@ def grounding_cases(spec: WorldSpec, num_one: int, num_two: int,
                                      (_phrase(obj),),
                                      (box_around(spec, obj.size, next(corners), scale),),
                                      (_target(obj),), "unnamed"))
-    twos = held_out_examples(spec, num_two, seed, num_objects=2) if num_two else []
-    for ex in twos:
+    # One slice of the held-out two-object stream: two_object layouts, then two_unnamed.
+    twos = held_out_examples(spec, num_two + num_two_unnamed, seed, num_objects=2)
+    for ex in twos[:num_two]:
         objs = ex["objects"]
         bg = spec.background_names[int(ex["background"])]
         boxes = tuple(box_around(spec, o.size, dict(spec.positions)[o.position]) for o in objs)
         out.append(GroundingCase(caption(objs, bg), tuple(_phrase(o) for o in objs), boxes,
                                  tuple(_target(o) for o in objs), "two_object"))
     pairs = itertools.cycle(UNNAMED_PAIRS)
-    # Scenes after the two_object ones (another slice of the same held-out stream).
-    more = held_out_examples(spec, num_two + num_two_unnamed, seed, num_objects=2)[num_two:]
-    for ex in more:
+    for ex in twos[num_two:]:
         objs = ex["objects"]
         bg = spec.background_names[int(ex["background"])]
         boxes = tuple(box_around(spec, o.size, c) for o, c in zip(objs, next(pairs)))
