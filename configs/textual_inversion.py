@@ -34,6 +34,7 @@ def get_config(variant: str = ""):
     c.batch_size = 4
     c.lr = 5e-3
     c.warmup = 0
+    c.ema_decay = 0.0               # > 0: export the EMA of the learned rows (0 = last step)
 
     c.log_every = 10
     c.checkpoint_every = 100

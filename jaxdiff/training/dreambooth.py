@@ -191,7 +191,7 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
                      on_sample: Optional[Callable] = None, sample_every: int = 0,
                      dtype: str = "float32", remat: bool = False,
                      instance_masks: Optional[np.ndarray] = None, mask_weight: float = 0.0,
-                     mesh=None):
+                     ema_decay: float = 0.0, mesh=None):
     """Runs DreamBooth (resuming from ``workdir``'s checkpoints).
 
     Args:
@@ -215,12 +215,17 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
         share of it the mask covers)`` (``latents.mask_loss_weights``; class rows
         unweighted), the subject counting more than its background (kohya's masked loss,
         Break-A-Scene's softened). ``w = 0``: the plain loss.
+      ema_decay: > 0 keeps an exponential moving average of the trained weights (LoRA
+        factors, or the UNet / text encoder) with this decay; it is what is returned and
+        what ``on_sample`` sees. 0: the last step's weights (diffusers' DreamBooth).
       mesh: ``parallel.make_mesh(...)`` (default: all devices, data parallel; with
         ``fsdp > 1`` the train state is FSDP-sharded).
     Returns:
       ``(params, lora)``: the fine-tuned pipeline params (LoRA merged at scale 1) and the
       adapter pytree (None in full fine-tuning).
     """
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay={ema_decay}: use 0 (no average) or a decay in (0, 1).")
     if len(instance_images) < 1:
         raise ValueError("no instance images given.")
     paired = not isinstance(instance_prompt, str)
@@ -251,13 +256,15 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
                              paired=("instance",) if paired else (), weights=weights)
 
     opt = constant_adamw(lr, warmup)
-    state = state_lib.create(trainable.params, opt, seed, ema=False)
+    state = state_lib.create(trainable.params, opt, seed, ema=ema_decay > 0)
+    weights_of = state_lib.averaged if ema_decay > 0 else (lambda st: st.params)
     sample_cb = None
     if on_sample is not None:
-        sample_cb = lambda st, s: on_sample(trainable.merge(st.params), s)
-    state = train_loop(make_train_step(loss_fn, opt), state, batch_fn, steps, workdir,
+        sample_cb = lambda st, s: on_sample(trainable.merge(weights_of(st)), s)
+    step_fn = make_train_step(loss_fn, opt, **({"ema_decay": ema_decay} if ema_decay else {}))
+    state = train_loop(step_fn, state, batch_fn, steps, workdir,
                        log_every=log_every, ckpt_every=ckpt_every, desc="dreambooth",
                        on_sample=sample_cb, sample_every=sample_every, mesh=mesh)
-    trained = parallel.gather(state.params)  # also across hosts of an FSDP-sharded state
+    trained = parallel.gather(weights_of(state))  # also across hosts of an FSDP-sharded state
     lora = trained if lora_rank > 0 else None
     return trainable.merge(trained), lora

@@ -238,7 +238,7 @@ def run_dreambooth(config, workdir: str) -> str:
         lora_alpha=config.lora_alpha or None, seed=config.seed, log_every=config.log_every,
         ckpt_every=config.checkpoint_every, on_sample=grid,
         sample_every=config.sample_every, dtype=config.dtype, remat=config.remat,
-        instance_masks=masks, mask_weight=config.mask_weight,
+        instance_masks=masks, mask_weight=config.mask_weight, ema_decay=config.ema_decay,
         mesh=parallel.make_mesh(fsdp=config.mesh.fsdp))
     export = config.export_dir or os.path.join(workdir, "export")
     if lora is not None:
@@ -259,7 +259,8 @@ def run_textual_inversion(config, workdir: str) -> str:
         templates=list(config.templates), steps=config.steps, batch_size=config.batch_size,
         lr=config.lr, warmup=config.warmup, seed=config.seed, log_every=config.log_every,
         ckpt_every=config.checkpoint_every,
-        sample_folder=os.path.join(workdir, "samples"), sample_every=config.sample_every)
+        sample_folder=os.path.join(workdir, "samples"), sample_every=config.sample_every,
+        ema_decay=config.ema_decay)
     export = config.export_dir or os.path.join(workdir, "export")
     return textual_inversion.save(result, export)
 

@@ -34,3 +34,10 @@ def _init(params, *, optimizer, ema):
 def ema_update(ema_params, params, decay):
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
+
+
+def averaged(state: TrainState):
+    """The EMA weights of ``state`` (created with ``ema=True``)."""
+    if state.ema_params is None:
+        raise ValueError("this train state keeps no EMA (create(..., ema=True)).")
+    return state.ema_params

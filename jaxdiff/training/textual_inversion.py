@@ -116,7 +116,8 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
                             mask_weight: float = 0.0, steps: int, batch_size: int,
                             lr: float, warmup: int = 0, seed: int = 0, log_every: int = 10,
                             ckpt_every: int = 100, sample_folder: Optional[str] = None,
-                            sample_every: int = 0, mesh=None) -> TIResult:
+                            sample_every: int = 0, ema_decay: float = 0.0,
+                            mesh=None) -> TIResult:
     """Learns ``num_vectors`` rows for ``placeholder`` (resuming from ``workdir``).
 
     Args:
@@ -137,9 +138,13 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
       steps, batch_size, lr, warmup: optimisation (``optim.constant_adamw``).
       sample_folder, sample_every: write a grid of the templates' (captions') generations
         every N steps.
+      ema_decay: > 0 keeps an exponential moving average of the rows with this decay; it is
+        what is returned and sampled. 0: the last step's rows (diffusers' script).
     Returns:
       ``TIResult`` with the learned rows and a pipeline that knows the new tokens.
     """
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay={ema_decay}: use 0 (no average) or a decay in (0, 1).")
     if captions is not None:
         if templates is not None:
             raise ValueError("give templates (drawn per row) or captions (one per image), "
@@ -169,18 +174,20 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
     batch_fn = make_batch_fn(latents, ids, batch_size=batch_size, seed=seed,
                              paired=captions is not None, weights=weights)
 
+    weights_of = state_lib.averaged if ema_decay > 0 else (lambda st: st.params)
     sample_pipe, _ = merge_rows(pipe, params, toks, rows0)
     on_sample = None
     if sample_folder and sample_every:
         grid = sample_grid_callback(sample_pipe, prompts, sample_folder)
-        on_sample = lambda st, s: grid(merge_rows(pipe, params, toks, st.params)[1], s)
+        on_sample = lambda st, s: grid(merge_rows(pipe, params, toks, weights_of(st))[1], s)
     opt = constant_adamw(lr, warmup)
-    state = state_lib.create(rows0, opt, seed, ema=False)
-    state = train_loop(make_train_step(make_ti_loss(pipe, params, vocab), opt), state,
-                       batch_fn, steps, workdir, log_every=log_every, ckpt_every=ckpt_every,
-                       desc="textual_inversion", on_sample=on_sample,
+    state = state_lib.create(rows0, opt, seed, ema=ema_decay > 0)
+    step_fn = make_train_step(make_ti_loss(pipe, params, vocab), opt,
+                              **({"ema_decay": ema_decay} if ema_decay else {}))
+    state = train_loop(step_fn, state, batch_fn, steps, workdir, log_every=log_every,
+                       ckpt_every=ckpt_every, desc="textual_inversion", on_sample=on_sample,
                        sample_every=sample_every, mesh=mesh)
-    rows = jax.tree.map(np.asarray, parallel.gather(state.params))
+    rows = jax.tree.map(np.asarray, parallel.gather(weights_of(state)))
     _, merged = merge_rows(pipe, params, toks, rows)
     return TIResult(placeholder, rows, sample_pipe, merged)
 
