@@ -186,6 +186,14 @@ def main(argv=None):
     ap.add_argument("--colour-lora-lr", type=float, default=2e-3,
                     help="colours: DreamBooth-LoRA learning rate")
     ap.add_argument("--colour-lora-rank", type=int, default=4, help="colours: LoRA rank (= alpha)")
+    ap.add_argument("--colour-lora-text-encoder", action=argparse.BooleanOptionalAction,
+                    default=True, help="colours: DreamBooth-LoRA also adapts the text "
+                    "encoder's attention (diffusers' --train_text_encoder)")
+    ap.add_argument("--colour-ema", type=float, default=0.995,
+                    help="colours: every method keeps the EMA of its trained weights with "
+                    "this decay and is scored with it (0: the last step's weights)")
+    ap.add_argument("--colour-seed", type=int, default=0,
+                    help="colours: training seed (initialisation and batch order)")
     ap.add_argument("--colour-ti-steps", type=int, default=2000,
                     help="colours: Textual Inversion steps")
     ap.add_argument("--colour-ti-lr", type=float, default=1e-2,

@@ -38,10 +38,18 @@ with the captions ``--colour-captions`` picks (``CAPTIONS``):
 loss (``mask_weight=W``, the renders' exact object masks): each instance latent pixel's
 error x (1 + W x the object's coverage of it). ``--colour-methods`` picks the methods.
 
+DreamBooth-LoRA also trains rank-r adapters on the text encoder's attention
+(``--colour-lora-text-encoder``, default on; diffusers' ``--train_text_encoder``), and
+every method returns the EMA of its trained weights (``--colour-ema``, default 0.995;
+0 = the last step's), as measured in bench/README.md.
+
 Fidelity (``jaxdiff.eval.colour_fidelity``): for "a WORD SHAPE on a BG background", every
 shape, ``--colour-samples`` seeds each, the generated object's median colour inside the
 evaluator's mask; its RGB distance to the taught colour; the share within 40 units and
-the median distance. The base model's closest attempt is the best named colour word
+the median distance. Sampled twice from the same noise: ``SAMPLING`` (guidance 5 at every
+step) and, under ``"interval"``, guidance limited to the first 60 % of the steps
+(``INTERVAL``; Kynkaanniemi et al. 2024), which keeps late steps from shifting the
+colour of thin shapes (crosses, stars). The base model's closest attempt is the best named colour word
 (every colour allowed on BG) in the same prompts. ``object_prompt``: the same for "a WORD
 object on a BG background", the form the methods were taught with. ``vae_ceiling``: the same figures for
 the five instance images after a VAE round trip (encoder mean, decoder): what reproducing
@@ -89,6 +97,7 @@ METHODS = ("textual_inversion", "dreambooth", "dreambooth_lora")  # --colour-met
 CAPTIONS = ("object", "shape", "both")   # --colour-captions (module docstring)
 POSITIONS = ("centre", "left", "right", "top", "bottom")
 SAMPLING = dict(sampler="dpmpp_2m", steps=25, guidance_scale=5.0)
+INTERVAL = (0.0, 0.6)   # the second protocol: guidance in the first 60 % of the steps only
 
 
 def scenes(rgb, background: str) -> dict:
@@ -159,16 +168,21 @@ def shape_prompts(word: str, background: str, per_shape: int) -> list[str]:
 
 
 def colour_scores(pipe, params, word: str, rgb, background: str, per_shape: int,
-                  object_prompt: bool = False) -> dict:
+                  object_prompt: bool = False, interval: bool = False) -> dict:
     """Fidelity of ``word`` to ``rgb`` over every shape (see the module docstring); with
     ``object_prompt`` also for "a WORD object on a BG background" (as many generations;
-    the form the methods were taught with)."""
-    images = generate(pipe, params, shape_prompts(word, background, per_shape), seed=5,
-                      **SAMPLING)
+    the form the methods were taught with); with ``interval`` also the shape prompts
+    sampled with guidance in ``INTERVAL`` only (same noise), under ``"interval"``."""
+    prompts = shape_prompts(word, background, per_shape)
+    images = generate(pipe, params, prompts, seed=5, **SAMPLING)
     out = fidelity(colour_distances(images, rgb, SPEC))
+    if interval:
+        images = generate(pipe, params, prompts, seed=5, guidance_interval=INTERVAL,
+                          **SAMPLING)
+        out["interval"] = fidelity(colour_distances(images, rgb, SPEC))
     if object_prompt:
         prompt = f"{_article(word)} {word} object on a {background} background"
-        images = generate(pipe, params, [prompt] * len(images), seed=8, **SAMPLING)
+        images = generate(pipe, params, [prompt] * len(prompts), seed=8, **SAMPLING)
         out["object_prompt"] = fidelity(colour_distances(images, rgb, SPEC))
     return out
 
@@ -189,7 +203,7 @@ def base_closest(pipe, params, rgb, background: str, per_shape: int) -> dict:
     far = float("inf")
     best = max(scores, key=lambda w: (scores[w]["within"],
                                       -(scores[w]["median_distance"] or far)))
-    best_scores = colour_scores(pipe, params, best, rgb, background, per_shape, True)
+    best_scores = colour_scores(pipe, params, best, rgb, background, per_shape, True, True)
     return dict(word=best, **best_scores,
                 median_distance_by_word={w: s["median_distance"] for w, s in scores.items()})
 
@@ -249,7 +263,8 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
         return dict(world="v2", within=WITHIN, vae_scan=vae_scan(pipe, params, work))
     per = args.colour_samples
     out = dict(world="v2", within=WITHIN, generations_per_row=len(SHAPES) * per,
-               sampling=SAMPLING, captions=args.colour_captions,
+               sampling=SAMPLING, interval=INTERVAL, captions=args.colour_captions,
+               seed=args.colour_seed, ema_decay=args.colour_ema,
                textual_inversion=dict(steps=args.colour_ti_steps, lr=args.colour_ti_lr,
                                       batch=4),
                mask_weight=args.colour_mask_weight,
@@ -257,6 +272,7 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
                                prior_loss_weight=1.0, num_class_images=args.colour_num_class),
                dreambooth_lora=dict(steps=args.colour_steps, lr=args.colour_lora_lr,
                                     rank=args.colour_lora_rank, alpha=args.colour_lora_rank,
+                                    text_encoder=args.colour_lora_text_encoder,
                                     batch="4 + 4", prior_loss_weight=1.0),
                colours={})
     report = on_colour or (lambda _: None)
@@ -284,10 +300,10 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
                 placeholder=placeholder, initializer_token=nearest, **ti_captions,
                 **masked, steps=args.colour_ti_steps,
                 batch_size=4, lr=args.colour_ti_lr, log_every=max(1, args.colour_ti_steps),
-                ckpt_every=10 ** 9)
+                ckpt_every=10 ** 9, seed=args.colour_seed, ema_decay=args.colour_ema)
             row["textual_inversion"] = dict(placeholder=placeholder, initializer=nearest,
                                             **colour_scores(r.pipe, r.params, placeholder,
-                                                            rgb, bg, per, True))
+                                                            rgb, bg, per, True, True))
             report(out)
         if not {"dreambooth", "dreambooth_lora"} & methods:
             continue
@@ -305,8 +321,9 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
                 instance_prompt=instance_prompt, class_images=classes,
                 class_prompt=class_prompt, prior_loss_weight=1.0, steps=args.colour_steps,
                 batch_size=4, lr=lr, lora_rank=rank, log_every=max(1, args.colour_steps),
-                ckpt_every=10 ** 9, **masked)
-            row[mode] = dict(**colour_scores(pipe, tuned, "sks", rgb, bg, per, True),
+                ckpt_every=10 ** 9, seed=args.colour_seed, ema_decay=args.colour_ema,
+                train_text_encoder=rank > 0 and args.colour_lora_text_encoder, **masked)
+            row[mode] = dict(**colour_scores(pipe, tuned, "sks", rgb, bg, per, True, True),
                              drift=drift(pipe, tuned, rgb, bg, per))
             report(out)
     return out
