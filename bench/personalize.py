@@ -192,6 +192,9 @@ def main(argv=None):
     ap.add_argument("--colour-ema", type=float, default=0.995,
                     help="colours: every method keeps the EMA of its trained weights with "
                     "this decay and is scored with it (0: the last step's weights)")
+    ap.add_argument("--colour-caption-dropout", type=float, default=0.0,
+                    help="colours: DreamBooth / DreamBooth-LoRA train this share of instance "
+                    "rows under the empty prompt (kohya's caption dropout)")
     ap.add_argument("--colour-seed", type=int, default=0,
                     help="colours: training seed (initialisation and batch order)")
     ap.add_argument("--colour-ti-steps", type=int, default=2000,

@@ -58,9 +58,10 @@ nearer the colour).
 
 DreamBooth drift, before vs after, with colour-free prompts the v2 model follows: the
 class prompt "an object on a BG background" (background, one object, a world shape, and
-the share that came out in the taught colour: the subject leaking into the class) and
+the share that came out in the taught colour: the subject leaking into the class),
 "a SHAPE on a BG background" for every shape (the evaluator's shape / background /
-count accuracy).
+count accuracy) and the empty prompt (the share in the taught colour:
+``--colour-caption-dropout`` trains the empty prompt on the subject).
 """
 from __future__ import annotations
 
@@ -220,6 +221,7 @@ def drift(pipe, params, rgb, background: str, per_shape: int) -> dict:
                for s in SHAPES for _ in range(per_shape)]
     acc = aggregate([attribute_accuracy(x, [t], SPEC, background=background)
                      for x, t in zip(shaped, targets)])
+    empty = generate(pipe, params, [""] * n, seed=9, **SAMPLING)
     return dict(
         class_background=float(np.mean([r["background"] == background for r in reads])),
         class_one_object=float(np.mean([len(r["objects"]) == 1 for r in reads])),
@@ -227,7 +229,8 @@ def drift(pipe, params, rgb, background: str, per_shape: int) -> dict:
                                          >= 0.6 for r in reads])),
         class_taught_colour=fidelity(colour_distances(cls, rgb, SPEC))["within"],
         shape_prompts_shape=acc["shape"], shape_prompts_background=acc["background"],
-        shape_prompts_count=acc["count"])
+        shape_prompts_count=acc["count"],
+        empty_prompt_taught_colour=fidelity(colour_distances(empty, rgb, SPEC))["within"])
 
 
 def chosen(names) -> list[tuple[str, tuple, str, str]]:
@@ -265,6 +268,7 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
     out = dict(world="v2", within=WITHIN, generations_per_row=len(SHAPES) * per,
                sampling=SAMPLING, interval=INTERVAL, captions=args.colour_captions,
                seed=args.colour_seed, ema_decay=args.colour_ema,
+               caption_dropout=args.colour_caption_dropout,
                textual_inversion=dict(steps=args.colour_ti_steps, lr=args.colour_ti_lr,
                                       batch=4),
                mask_weight=args.colour_mask_weight,
@@ -322,7 +326,8 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
                 class_prompt=class_prompt, prior_loss_weight=1.0, steps=args.colour_steps,
                 batch_size=4, lr=lr, lora_rank=rank, log_every=max(1, args.colour_steps),
                 ckpt_every=10 ** 9, seed=args.colour_seed, ema_decay=args.colour_ema,
-                train_text_encoder=rank > 0 and args.colour_lora_text_encoder, **masked)
+                train_text_encoder=rank > 0 and args.colour_lora_text_encoder,
+                caption_dropout=args.colour_caption_dropout, **masked)
             row[mode] = dict(**colour_scores(pipe, tuned, "sks", rgb, bg, per, True, True),
                              drift=drift(pipe, tuned, rgb, bg, per))
             report(out)

@@ -61,6 +61,7 @@ def get_config(variant: str = ""):
     c.lr = 1e-4
     c.warmup = 0
     c.ema_decay = 0.0               # > 0: export the EMA of the trained weights (0 = last step)
+    c.caption_dropout = 0.0         # share of instance rows trained under the empty prompt
     c.dtype = "float32"             # UNet compute: float32 | bfloat16 (state stays float32)
     c.remat = False                 # recompute UNet blocks in the backward pass (memory plan)
     c.mesh = ml_collections.ConfigDict()

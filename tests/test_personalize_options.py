@@ -1,8 +1,12 @@
-"""``ema_decay`` of DreamBooth and Textual Inversion: what they return is the exponential
-moving average of the weights along the very trajectory the plain run takes (checked
-against the definition, d^2 p0 + d (1 - d) p1 + (1 - d) p2 after two steps, with p1 / p2
-the plain runs' weights after one / two steps), and a decay outside [0, 1) is refused
-before anything is written."""
+"""Options of DreamBooth and Textual Inversion training.
+
+``ema_decay``: what they return is the exponential moving average of the weights along the
+very trajectory the plain run takes (checked against the definition, d^2 p0 + d (1 - d) p1
++ (1 - d) p2 after two steps, with p1 / p2 the plain runs' weights after one / two steps),
+and a decay outside [0, 1) is refused before anything is written.
+
+``caption_dropout`` (DreamBooth): that share of instance rows carries the empty prompt's
+encoding, the other rows their own prompt, class rows always the class prompt."""
 import jax
 import numpy as np
 import pytest
@@ -73,4 +77,38 @@ def test_a_decay_outside_the_unit_interval_is_refused_before_any_file(micro, tmp
         ti_train.train_textual_inversion(pipe, params, _images(), str(tmp_path / "ti"),
                                          placeholder="<c>", initializer_token="o", steps=1,
                                          batch_size=1, lr=1e-3, ema_decay=decay)
+    assert not any(tmp_path.iterdir())
+
+
+def test_caption_dropout_puts_the_empty_prompt_on_that_share_of_instance_rows():
+    rng = np.random.default_rng(0)
+    lat = {"instance": rng.normal(size=(5, 2, 2, 1)).astype(np.float32),
+           "class": rng.normal(size=(3, 2, 2, 1)).astype(np.float32)}
+    texts = {"instance": np.arange(5 * 3, dtype=np.float32).reshape(5, 3) + 1,
+             "class": np.full((1, 3), -1.0, np.float32)}
+    empty = np.full((1, 3), 100.0, np.float32)
+    kw = dict(batch_size=4, seed=2, prior_loss_weight=1.0, paired=("instance",))
+    plain = db.make_batch_fn(lat, texts, **kw)
+    same = db.make_batch_fn(lat, texts, **kw, caption_dropout=0.0, uncond_text=empty)
+    dropping = db.make_batch_fn(lat, texts, **kw, caption_dropout=0.25, uncond_text=empty)
+    dropped = rows = 0
+    for s in range(200):
+        a, b, c = plain(s), same(s), dropping(s)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+        np.testing.assert_array_equal(a["instance_latents"], c["instance_latents"])
+        np.testing.assert_array_equal(c["class_text"], a["class_text"])
+        is_empty = (c["instance_text"] == 100.0).all(axis=1)
+        np.testing.assert_array_equal(c["instance_text"][~is_empty], a["instance_text"][~is_empty])
+        dropped += is_empty.sum()
+        rows += len(is_empty)
+    assert 0.20 < dropped / rows < 0.30      # 800 rows: binomial s.d. 0.015 around 0.25
+
+
+def test_caption_dropout_outside_zero_one_is_refused_before_any_file(micro, tmp_path):
+    _, pipe, params = micro
+    with pytest.raises(ValueError, match=r"^caption_dropout=1\.0: use a share in \[0, 1\)\.$"):
+        db.train_dreambooth(pipe, params, _images(), str(tmp_path / "db"),
+                            instance_prompt="sks o", steps=1, batch_size=1, lr=1e-3,
+                            caption_dropout=1.0)
     assert not any(tmp_path.iterdir())

@@ -151,7 +151,8 @@ def encode_prompts(pipe: Pipeline, params, prompts: Sequence[str], train_text_en
 
 def make_batch_fn(latents: dict, texts: dict, *, batch_size: int, seed: int,
                   prior_loss_weight: float = 1.0, paired: Sequence[str] = (),
-                  weights: Optional[np.ndarray] = None) -> Callable:
+                  weights: Optional[np.ndarray] = None, caption_dropout: float = 0.0,
+                  uncond_text=None) -> Callable:
     """``batch_fn(step) -> batch`` of ``make_dreambooth_loss`` (this host's rows).
 
     Args:
@@ -164,14 +165,24 @@ def make_batch_fn(latents: dict, texts: dict, *, batch_size: int, seed: int,
         the k-th key).
       weights: [N,h,w,1] loss weights of the instance latents (masked loss): the batch
         holds ``instance_weights``, each row its latent's.
+      caption_dropout, uncond_text: each instance row's prompt is replaced by ``uncond_text``
+        (``encode_prompts`` of the empty prompt) with this probability (drawn per global
+        row and step from ``seed``).
     """
     def batch_fn(s):
         out = {}
         for i, name in enumerate(latents):
-            idx = host_slice(stream_indices(len(latents[name]), batch_size, s, seed + i))
+            idx = stream_indices(len(latents[name]), batch_size, s, seed + i)
+            drop = np.zeros(len(idx), bool)
+            if name == "instance" and caption_dropout > 0:
+                drop = np.random.default_rng((seed, s, 7)).random(len(idx)) < caption_dropout
+            idx, drop = host_slice(idx), host_slice(drop)
             rows = idx if name in paired else np.zeros(len(idx), np.int64)
             out[f"{name}_latents"] = latents[name][idx]
-            out[f"{name}_text"] = jax.tree.map(lambda v: v[rows], texts[name])
+            out[f"{name}_text"] = jax.tree.map(
+                lambda v, u: np.where(drop.reshape((-1,) + (1,) * (v.ndim - 1)), u[0], v[rows]),
+                texts[name], uncond_text) if drop.any() else jax.tree.map(
+                lambda v: v[rows], texts[name])
             if name == "instance" and weights is not None:
                 out["instance_weights"] = weights[idx]
         if "class" in latents:
@@ -191,7 +202,7 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
                      on_sample: Optional[Callable] = None, sample_every: int = 0,
                      dtype: str = "float32", remat: bool = False,
                      instance_masks: Optional[np.ndarray] = None, mask_weight: float = 0.0,
-                     ema_decay: float = 0.0, mesh=None):
+                     ema_decay: float = 0.0, caption_dropout: float = 0.0, mesh=None):
     """Runs DreamBooth (resuming from ``workdir``'s checkpoints).
 
     Args:
@@ -218,6 +229,11 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
       ema_decay: > 0 keeps an exponential moving average of the trained weights (LoRA
         factors, or the UNet / text encoder) with this decay; it is what is returned and
         what ``on_sample`` sees. 0: the last step's weights (diffusers' DreamBooth).
+      caption_dropout: the share of instance rows trained under the empty prompt (the
+        unconditional branch of classifier-free guidance) instead of their instance
+        prompt (kohya's ``--caption_dropout_rate``); 0 (diffusers' DreamBooth): the
+        unconditional branch never sees the subject. The empty prompt then draws the
+        subject too (bench/README.md, off-palette colours).
       mesh: ``parallel.make_mesh(...)`` (default: all devices, data parallel; with
         ``fsdp > 1`` the train state is FSDP-sharded).
     Returns:
@@ -226,6 +242,8 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay={ema_decay}: use 0 (no average) or a decay in (0, 1).")
+    if not 0.0 <= caption_dropout < 1.0:
+        raise ValueError(f"caption_dropout={caption_dropout}: use a share in [0, 1).")
     if len(instance_images) < 1:
         raise ValueError("no instance images given.")
     paired = not isinstance(instance_prompt, str)
@@ -251,9 +269,11 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
     latents = {"instance": encode_latents(pipe, params, instance_images)}
     if prior:
         latents["class"] = encode_latents(pipe, params, class_images)
+    uncond = encode_prompts(pipe, params, [""], train_text_encoder) if caption_dropout else None
     batch_fn = make_batch_fn(latents, texts, batch_size=batch_size, seed=seed,
                              prior_loss_weight=prior_loss_weight,
-                             paired=("instance",) if paired else (), weights=weights)
+                             paired=("instance",) if paired else (), weights=weights,
+                             caption_dropout=caption_dropout, uncond_text=uncond)
 
     opt = constant_adamw(lr, warmup)
     state = state_lib.create(trainable.params, opt, seed, ema=ema_decay > 0)

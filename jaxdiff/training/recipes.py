@@ -239,6 +239,7 @@ def run_dreambooth(config, workdir: str) -> str:
         ckpt_every=config.checkpoint_every, on_sample=grid,
         sample_every=config.sample_every, dtype=config.dtype, remat=config.remat,
         instance_masks=masks, mask_weight=config.mask_weight, ema_decay=config.ema_decay,
+        caption_dropout=config.caption_dropout,
         mesh=parallel.make_mesh(fsdp=config.mesh.fsdp))
     export = config.export_dir or os.path.join(workdir, "export")
     if lora is not None:
