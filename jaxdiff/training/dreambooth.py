@@ -179,10 +179,11 @@ def make_batch_fn(latents: dict, texts: dict, *, batch_size: int, seed: int,
             idx, drop = host_slice(idx), host_slice(drop)
             rows = idx if name in paired else np.zeros(len(idx), np.int64)
             out[f"{name}_latents"] = latents[name][idx]
-            out[f"{name}_text"] = jax.tree.map(
-                lambda v, u: np.where(drop.reshape((-1,) + (1,) * (v.ndim - 1)), u[0], v[rows]),
-                texts[name], uncond_text) if drop.any() else jax.tree.map(
-                lambda v: v[rows], texts[name])
+            text = jax.tree.map(lambda v: v[rows], texts[name])
+            if drop.any():  # those rows carry the empty prompt's ids / embeddings
+                text = jax.tree.map(lambda v, u: np.where(
+                    drop.reshape((-1,) + (1,) * (v.ndim - 1)), u[0], v), text, uncond_text)
+            out[f"{name}_text"] = text
             if name == "instance" and weights is not None:
                 out["instance_weights"] = weights[idx]
         if "class" in latents:
@@ -281,9 +282,8 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
     sample_cb = None
     if on_sample is not None:
         sample_cb = lambda st, s: on_sample(trainable.merge(weights_of(st)), s)
-    step_fn = make_train_step(loss_fn, opt, **({"ema_decay": ema_decay} if ema_decay else {}))
-    state = train_loop(step_fn, state, batch_fn, steps, workdir,
-                       log_every=log_every, ckpt_every=ckpt_every, desc="dreambooth",
+    state = train_loop(make_train_step(loss_fn, opt, ema_decay), state, batch_fn, steps,
+                       workdir, log_every=log_every, ckpt_every=ckpt_every, desc="dreambooth",
                        on_sample=sample_cb, sample_every=sample_every, mesh=mesh)
     trained = parallel.gather(weights_of(state))  # also across hosts of an FSDP-sharded state
     lora = trained if lora_rank > 0 else None

@@ -35,7 +35,6 @@ def ema_update(ema_params, params, decay):
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
-
 def averaged(state: TrainState):
     """The EMA weights of ``state`` (created with ``ema=True``)."""
     if state.ema_params is None:

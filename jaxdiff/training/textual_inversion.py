@@ -182,8 +182,7 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
         on_sample = lambda st, s: grid(merge_rows(pipe, params, toks, weights_of(st))[1], s)
     opt = constant_adamw(lr, warmup)
     state = state_lib.create(rows0, opt, seed, ema=ema_decay > 0)
-    step_fn = make_train_step(make_ti_loss(pipe, params, vocab), opt,
-                              **({"ema_decay": ema_decay} if ema_decay else {}))
+    step_fn = make_train_step(make_ti_loss(pipe, params, vocab), opt, ema_decay)
     state = train_loop(step_fn, state, batch_fn, steps, workdir, log_every=log_every,
                        ckpt_every=ckpt_every, desc="textual_inversion", on_sample=on_sample,
                        sample_every=sample_every, mesh=mesh)
