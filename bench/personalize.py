@@ -172,6 +172,8 @@ def main(argv=None):
                     help="Textual Inversion steps (ring, star, pink; 0: skip them)")
     ap.add_argument("--num-class", type=int, default=32, help="class images (ring)")
     ap.add_argument("--lr", type=float, default=1e-4, help="DreamBooth learning rate (ring)")
+    ap.add_argument("--train-text-encoder", action="store_true",
+                    help="ring: DreamBooth trains the text encoder too")
     ap.add_argument("--ti-lr", type=float, default=5e-3,
                     help="Textual Inversion learning rate (ring, star, pink)")
     ap.add_argument("--colours", default="dark violet,light lime",
@@ -248,7 +250,8 @@ def main(argv=None):
         result.update(subject="hollow red ring, 5 images", instance_prompt="a sks circle",
                       class_prompt="a circle",
                       dreambooth=dict(steps=args.steps, lr=args.lr, batch=4,
-                                      num_class_images=args.num_class))
+                                      num_class_images=args.num_class,
+                                      train_text_encoder=args.train_text_encoder))
         result["before"] = evaluate_model(pipe, params, spec, "a sks circle")
         classes, _, _ = class_lib.class_images(pipe, params, "a circle", args.num_class,
                                                os.path.join(work, "cache"))
@@ -257,7 +260,8 @@ def main(argv=None):
                 pipe, params, instances, os.path.join(work, f"db_{lam}"),
                 instance_prompt="a sks circle", class_images=classes, class_prompt="a circle",
                 prior_loss_weight=lam, steps=args.steps, batch_size=4, lr=args.lr,
-                log_every=max(1, args.steps), ckpt_every=10 ** 9)
+                train_text_encoder=args.train_text_encoder, log_every=max(1, args.steps),
+                ckpt_every=10 ** 9)
             result[f"dreambooth_lambda_{lam:g}"] = evaluate_model(pipe, tuned, spec,
                                                                   "a sks circle")
         if args.ti_steps:
