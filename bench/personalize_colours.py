@@ -49,7 +49,8 @@ evaluator's mask; its RGB distance to the taught colour; the share within 40 uni
 the median distance. Sampled twice from the same noise: ``SAMPLING`` (guidance 5 at every
 step) and, under ``"interval"``, guidance limited to the first 60 % of the steps
 (``INTERVAL``; Kynkaanniemi et al. 2024), which keeps late steps from shifting the
-colour of thin shapes (crosses, stars). The base model's closest attempt is the best named colour word
+colour of thin shapes (crosses, stars). The base model's closest attempt is the best
+named colour word
 (every colour allowed on BG) in the same prompts. ``object_prompt``: the same for "a WORD
 object on a BG background", the form the methods were taught with. ``vae_ceiling``: the same figures for
 the five instance images after a VAE round trip (encoder mean, decoder): what reproducing

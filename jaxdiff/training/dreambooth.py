@@ -241,8 +241,7 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
       ``(params, lora)``: the fine-tuned pipeline params (LoRA merged at scale 1) and the
       adapter pytree (None in full fine-tuning).
     """
-    if not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"ema_decay={ema_decay}: use 0 (no average) or a decay in (0, 1).")
+    state_lib.check_ema_decay(ema_decay)
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"caption_dropout={caption_dropout}: use a share in [0, 1).")
     if len(instance_images) < 1:
@@ -278,13 +277,14 @@ def train_dreambooth(pipe: Pipeline, params, instance_images, workdir: str, *,
 
     opt = constant_adamw(lr, warmup)
     state = state_lib.create(trainable.params, opt, seed, ema=ema_decay > 0)
-    weights_of = state_lib.averaged if ema_decay > 0 else (lambda st: st.params)
     sample_cb = None
     if on_sample is not None:
-        sample_cb = lambda st, s: on_sample(trainable.merge(weights_of(st)), s)
+        sample_cb = lambda st, s: on_sample(
+            trainable.merge(state_lib.trained_weights(st)), s)
     state = train_loop(make_train_step(loss_fn, opt, ema_decay), state, batch_fn, steps,
                        workdir, log_every=log_every, ckpt_every=ckpt_every, desc="dreambooth",
                        on_sample=sample_cb, sample_every=sample_every, mesh=mesh)
-    trained = parallel.gather(weights_of(state))  # also across hosts of an FSDP-sharded state
+    # the EMA when one is kept; gathered across hosts of an FSDP-sharded state too
+    trained = parallel.gather(state_lib.trained_weights(state))
     lora = trained if lora_rank > 0 else None
     return trainable.merge(trained), lora

@@ -35,8 +35,12 @@ def ema_update(ema_params, params, decay):
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
-def averaged(state: TrainState):
-    """The EMA weights of ``state`` (created with ``ema=True``)."""
-    if state.ema_params is None:
-        raise ValueError("this train state keeps no EMA (create(..., ema=True)).")
-    return state.ema_params
+def check_ema_decay(decay: float) -> None:
+    """One-line error for an EMA decay outside [0, 1) (0: no average)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema_decay={decay}: use 0 (no average) or a decay in (0, 1).")
+
+
+def trained_weights(state: TrainState):
+    """What a run returns: the EMA weights when ``state`` keeps them, else its params."""
+    return state.params if state.ema_params is None else state.ema_params

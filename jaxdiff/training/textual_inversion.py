@@ -143,8 +143,7 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
     Returns:
       ``TIResult`` with the learned rows and a pipeline that knows the new tokens.
     """
-    if not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"ema_decay={ema_decay}: use 0 (no average) or a decay in (0, 1).")
+    state_lib.check_ema_decay(ema_decay)
     if captions is not None:
         if templates is not None:
             raise ValueError("give templates (drawn per row) or captions (one per image), "
@@ -174,19 +173,19 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
     batch_fn = make_batch_fn(latents, ids, batch_size=batch_size, seed=seed,
                              paired=captions is not None, weights=weights)
 
-    weights_of = state_lib.averaged if ema_decay > 0 else (lambda st: st.params)
     sample_pipe, _ = merge_rows(pipe, params, toks, rows0)
     on_sample = None
     if sample_folder and sample_every:
         grid = sample_grid_callback(sample_pipe, prompts, sample_folder)
-        on_sample = lambda st, s: grid(merge_rows(pipe, params, toks, weights_of(st))[1], s)
+        on_sample = lambda st, s: grid(
+            merge_rows(pipe, params, toks, state_lib.trained_weights(st))[1], s)
     opt = constant_adamw(lr, warmup)
     state = state_lib.create(rows0, opt, seed, ema=ema_decay > 0)
     step_fn = make_train_step(make_ti_loss(pipe, params, vocab), opt, ema_decay)
     state = train_loop(step_fn, state, batch_fn, steps, workdir, log_every=log_every,
                        ckpt_every=ckpt_every, desc="textual_inversion", on_sample=on_sample,
                        sample_every=sample_every, mesh=mesh)
-    rows = jax.tree.map(np.asarray, parallel.gather(weights_of(state)))
+    rows = jax.tree.map(np.asarray, parallel.gather(state_lib.trained_weights(state)))
     _, merged = merge_rows(pipe, params, toks, rows)
     return TIResult(placeholder, rows, sample_pipe, merged)
 
