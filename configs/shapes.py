@@ -12,11 +12,15 @@ The first (no variant) trains the autoencoder and the text encoder + U-Net from 
 world v1; ``finetune`` continues the diffusion stage of an existing pipeline
 (``init_from``). The ``tiny`` variant shrinks everything for a smoke run (tests use it).
 
-``dit`` trains the embedded text-DiT model (``embedded:dit``): a PixArt-style transformer
-from scratch on model v1's frozen VAE and text encoder (``candidates/shapes_v1``), as the
-dit-L run of bench/backbones_study.py (its export is ``jaxdiff/assets/shapes_dit``):
-``--config configs/shapes.py:dit --workdir runs/shapes_dit`` (bench/README.md, "Backbones
-trained").
+``dit_v2`` trains the embedded text-DiT model (``embedded:dit``, ``jaxdiff/assets/shapes_dit``):
+a PixArt-style transformer of dit-L's size from scratch on the shipped model v2's frozen VAE
+and text encoder, 10 000 steps on world "v2_brief" (bench/README.md, "The shipped text DiT"):
+
+    python train/text_to_image.py --config configs/shapes.py:dit_v2 --workdir runs/shapes_dit_v2
+
+``dit`` is the first one (shipped until 2026-12-04): the dit-L run of
+bench/backbones_study.py, 450 steps on model v1's VAE and text encoder
+(``--config configs/shapes.py:dit --workdir runs/shapes_dit``).
 
 Model v2 (shipped) is four commands on model v1's export. ``v2_vae`` fine-tunes only
 v1's VAE decoder on world v2 (``jaxdiff.data.shapes.WORLD_V2``; encoder, latent space,
@@ -92,6 +96,10 @@ def get_config(variant: str = ""):
     c.model.deepen = False
     c.model.dit = dict(num_attention_heads=6, attention_head_dim=16, num_layers=6,
                        patch_size=2)
+    # A fresh text DiT's cross-attention reads the prompt's tokens only (PixArt's caption
+    # mask, as diffusers' PixArtAlphaPipeline) or, False, every token ("_caption_mask":
+    # false in model_index.json; what Imagic / UniTune and null-text inversion need).
+    c.model.caption_mask = True
     c.model.uvit = dict(embed_dim=112, depth=7, num_heads=7, patch_size=2)
     c.model.unet = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
                         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -149,6 +157,20 @@ def get_config(variant: str = ""):
                            train_text_encoder=False)
         c.checkpoint_every = 150
         c.sample_every = 150
+    elif variant == "dit_v2":
+        # The embedded text DiT on model v2 (``embedded:dit`` since 2026-12-04): a fresh
+        # PixArt-style transformer of dit-L's size on the shipped model v2's frozen VAE and
+        # text encoder, trained on 40 000 scenes of world "v2_brief" (the shipped U-Net's
+        # last worlds) for 10 000 steps at batch 64 (Min-SNR-5, EMA 0.999), data parallel
+        # over two XLA CPU devices.
+        _v2_diffusion(c, "embedded", seed=20, world="v2_brief", steps=10_000, lr=5e-4)
+        c.model.backbone = "dit"
+        c.model.caption_mask = False   # as the first embedded:dit (README "caption mask")
+        c.data.num_train = 40_000
+        c.diffusion.update(warmup=300, train_text_encoder=False)
+        c.cpu_devices = 2
+        c.checkpoint_every = 1000
+        c.sample_every = 0
     elif variant == "v2":
         # An early model v2: model v1's diffusion stage fine-tuned on world v2 (colour
         # and shape mention dropout, shades, unnamed colours, anti-aliased edges), keeping
@@ -252,7 +274,7 @@ def get_config(variant: str = ""):
         c.sample_prompts = ("a red circle",)
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of configs/shapes.py "
-                         "(use '', 'finetune', 'dit', 'v2', 'v2_stage2', 'v2_decoder', "
+                         "(use '', 'finetune', 'dit', 'dit_v2', 'v2', 'v2_stage2', 'v2_decoder', "
                          "'v2_stage3', 'v2_zsnr', 'v2_deep', 'v2_deep2', 'v2_vae', 'v2_grown', "
                          "'v2_grown2', 'v2_brief', 'v2_focus' or 'tiny').")
     return c

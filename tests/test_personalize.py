@@ -274,7 +274,8 @@ def test_dreambooth_entrypoint_end_to_end(micro, subject, tmp_path, torch, capsy
     got, want = ref.unet_outputs(tp.unet, pipe.unet, trained["unet"])
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     # A second experiment with the same class prompt reuses the cached class images; LoRA
-    # mode exports only the adapters, which diffusers loads. (In-process: same recipe.)
+    # mode exports only the adapters (UNet and, the config's default, text encoder), which
+    # diffusers loads. (In-process: same recipe.)
     config = _config("dreambooth", "tiny")
     # lr 0.1 so that one step moves the adapters measurably; alpha 8 (scale 4, not the
     # default 1) so that the file's alpha metadata must reach diffusers; the step in bf16
@@ -290,7 +291,8 @@ def test_dreambooth_entrypoint_end_to_end(micro, subject, tmp_path, torch, capsy
     # diffusers' UNet with the LoRA file loaded computes jaxdiff's UNet with the same
     # adapters merged at scale alpha / rank; the adapters change the output well beyond that.
     lora, alpha = lora_lib.load_lora(lora_file)
-    assert alpha == 8.0 and lora_lib.lora_rank(lora) == 2 and set(lora) == {"unet"}
+    assert alpha == 8.0 and lora_lib.lora_rank(lora) == 2
+    assert set(lora) == {"unet", "text_encoder"}
     merged = lora_lib.merge_lora(params, lora, lora_lib.lora_scale(alpha, 2))
     tp = StableDiffusionPipeline.from_pretrained(folder)
     base, want_base = ref.unet_outputs(tp.unet, pipe.unet, params["unet"])
@@ -299,6 +301,11 @@ def test_dreambooth_entrypoint_end_to_end(micro, subject, tmp_path, torch, capsy
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     np.testing.assert_allclose(base, want_base, atol=1e-4, rtol=0)
     assert np.abs(want - want_base).max() > 1e-3  # 10x the tolerance
+    ids = pipe.tokenize(["sks o"])
+    with torch.no_grad():
+        want_text = tp.text_encoder(torch.from_numpy(ids.astype(np.int64)))[0].numpy()
+    np.testing.assert_allclose(pipe.encode_text(merged, ids), want_text, atol=1e-4, rtol=0)
+    assert np.abs(want_text - np.asarray(pipe.encode_text(params, ids))).max() > 1e-3
     # Bad input: one line naming the folder.
     config.instance_dir = str(tmp_path / "none")
     with pytest.raises(ValueError) as e:

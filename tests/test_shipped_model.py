@@ -75,20 +75,23 @@ def test_model_v2_keeps_model_v1_latent_space(embedded, shapes_v1):
     assert pipe.unet.config.layers_per_block == v1.unet.config.layers_per_block + 1 == 2
 
 
-def test_embedded_text_dit_loads_and_generates(embedded, shapes_v1):
-    """``embedded:dit`` (jaxdiff/assets/shapes_dit): a text-DiT pipeline on model v1's
-    VAE, text encoder and tokenizer (bit for bit; ``candidates/shapes_v1``), generating at
-    its native size through the same ``generate`` (2 DPM-Solver++ steps: one compile). Its
-    accuracy is a bench figure (bench/README.md, "Backbones trained on the shapes world"),
-    not a floor."""
+def test_embedded_text_dit_loads_and_draws_what_is_asked(embedded, spec):
+    """``embedded:dit`` (jaxdiff/assets/shapes_dit): a text-DiT pipeline on the shipped
+    model v2's VAE, text encoder and tokenizer (bit for bit, as ``configs/shapes.py:dit_v2``
+    trains it), generating at its native size through the same ``generate``. README: on
+    200 one-object prompts colour right 86 %, shape 75 %, every attribute 61 % (the U-Net:
+    98 %). Floors on the 48 fixed held-out prompts of ``test_one_object_prompts_are_right``
+    (measured 0.875 / 0.833 / 0.688): colour >= 0.75, shape >= 0.65, all >= 0.5."""
     pipe, params = jaxdiff.load_pipeline("embedded:dit")
-    base, base_params = shapes_v1
-    assert pipe.is_transformer and not base.is_transformer and not embedded[0].is_transformer
+    base, base_params = embedded
+    assert pipe.is_transformer and not base.is_transformer and not pipe.uses_caption_mask
     assert pipe.vae.config.scaling_factor == base.vae.config.scaling_factor
     for kind in ("vae", "text_encoder"):
         for a, b in zip(jax.tree.leaves(params[kind]), jax.tree.leaves(base_params[kind])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    images = jaxdiff.generate(pipe, params, ["a big red circle", "a small blue square"],
-                              sampler="dpmpp_2m", steps=2, guidance_scale=5.0, seed=0)
-    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
-    assert images[0].std() > 0
+    cases = gen.prompt_set(spec, num_one=48, num_two=0)
+    images = jaxdiff.generate(pipe, params, [c.prompt for c in cases], **SETTINGS)
+    assert images.shape == (48, 32, 32, 3) and images.dtype == np.uint8
+    scores = gen.score_images(images, cases, spec)
+    print(scores)
+    assert scores["colour"] >= 0.75 and scores["shape"] >= 0.65 and scores["all"] >= 0.5, scores

@@ -171,6 +171,7 @@ def test_recipe_trains_a_text_dit_on_the_frozen_vae_and_text_encoder(trained, tm
     out = recipes.train_and_evaluate(cfg, str(tmp_path / "dit"))
     (p0, before), (p1, after) = jaxdiff.load_pipeline(export), jaxdiff.load_pipeline(out)
     assert p1.is_transformer and not p0.is_transformer
+    assert p1.uses_caption_mask  # config.model.caption_mask's default (PixArt's)
     c = p1.unet.config
     assert (c.num_layers, c.inner_dim, c.sample_size, c.caption_channels) == (
         1, 16, p0.unet.config.sample_size, p0.text_encoder.config.hidden_size)

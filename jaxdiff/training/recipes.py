@@ -128,6 +128,10 @@ def train_and_evaluate(config, workdir: str) -> str:
         if backbone:
             pipe, params = fresh_denoiser(pipe, params, config.model.to_dict(), backbone,
                                           config.seed)
+            # A text DiT reads the prompt's tokens only (PixArt's caption mask) unless
+            # config.model.caption_mask is False (saved as "_caption_mask": false).
+            pipe = dataclasses.replace(pipe, caption_mask=config.model.get("caption_mask",
+                                                                           True))
         # config.scheduler_update: fields of the loaded scheduler to change (e.g. to move a
         # fine-tune to v-prediction with zero terminal SNR); {} keeps it.
         update = config.get("scheduler_update") or {}
