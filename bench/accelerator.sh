@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every accelerator figure the benchmarks define, in one run (<= 8 minutes on one GPU),
+# Every accelerator figure the benchmarks define, in one run (<= 12 minutes on one GPU,
+# the sum of the steps' limits),
 # written to one JSON file (issue #20, point 4).
 #
 #   bench/accelerator.sh [--out runs/accelerator.json]      # on the accelerator
@@ -19,7 +20,9 @@
 #   p2p_b8       pipeline: it has no SD 1.5 size yet)
 #   train        DreamBooth / full fine-tune step, SD 1.5 bf16 + remat, batch 1: s/step and
 #                peak device memory of both sides (bench/train_step.py)
-#   controlnet   ControlNet overhead: no benchmark defines it yet (recorded as missing)
+#   controlnet_b1  SD 1.5 + one ControlNet, bf16, 50 DDIM steps, batch 1 and 8: img/s and
+#   controlnet_b8  seconds with / without the ControlNet, both sides (bench/control_speed.py;
+#                  issue #14's target: jaxdiff_control_overhead <= 1.35)
 set -u
 cd "$(dirname "$0")/.."
 OUT=runs/accelerator.json
@@ -151,7 +154,16 @@ else
   missing train "torch or diffusers not installed (the reference side of bench/train_step.py)"
 fi
 
-want controlnet && missing controlnet "no benchmark defines ControlNet overhead yet (bench/ has none)"
+if ! want controlnet; then :
+elif have_reference; then
+  for b in 1 "$BIG"; do
+    step "controlnet_b$b" 120 "$PY" bench/control_speed.py --sizes "$SIZE" --dtype "$DTYPE" \
+      --steps "$STEPS" --batch "$b" --repeats "$REPEATS"
+  done
+else
+  missing controlnet_b1 "torch or diffusers not installed (the reference side of bench/control_speed.py)"
+  missing "controlnet_b$BIG" "torch or diffusers not installed (the reference side of bench/control_speed.py)"
+fi
 
 mkdir -p "$(dirname "$OUT")"
 "$PY" - "$TMP" "$OUT" "$SMOKE" <<'EOF'

@@ -156,7 +156,8 @@ def test_attention_choice_is_made_in_one_place_logged_and_overridable(monkeypatc
 
 @pytest.mark.slow
 def test_accelerator_script_smoke(tmp_path):
-    """bench/accelerator.sh --smoke: the steps that need no reference side, one JSON file."""
+    """bench/accelerator.sh --smoke: the recompile count and the ControlNet overhead rows
+    (bench/control_speed.py, tiny, both sides), one JSON file."""
     import os
     import subprocess
     root = os.path.join(os.path.dirname(__file__), "..")
@@ -166,7 +167,11 @@ def test_accelerator_script_smoke(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())["results"]
-    assert sorted(res) == ["controlnet", "recompile"]
+    assert sorted(res) == ["controlnet_b1", "controlnet_b2", "recompile"]
     assert res["recompile"][0]["recompiles"] == 0 and res["recompile"][0]["generate_calls"] == 3
-    assert "missing" in res["controlnet"][0]
-    assert "controlnet: missing" in proc.stdout
+    for name in ("controlnet_b1", "controlnet_b2"):
+        row = res[name][0]
+        assert "missing" not in row, row
+        assert row["jaxdiff_control_overhead"] > 0 and row["torch_control_overhead"] > 0
+        assert row["control_effect"] > 0  # the ControlNet acts on the result
+    assert "controlnet_b1: ok" in proc.stdout
