@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every accelerator figure the benchmarks define, in one run (<= 12 minutes on one GPU,
-# the sum of the steps' limits),
+# Every accelerator figure the benchmarks define, in one run (<= 8 minutes on one GPU:
+# the steps' limits add up to 475 s),
 # written to one JSON file (issue #20, point 4).
 #
 #   bench/accelerator.sh [--out runs/accelerator.json]      # on the accelerator
@@ -86,7 +86,7 @@ missing() {  # missing NAME WHY
   "$PY" -c 'import json,sys; print(json.dumps({"missing": sys.argv[1]}))' "$2" > "$TMP/$1.jsonl"
 }
 
-want device && step device 30 "$PY" -c '
+want device && step device 20 "$PY" -c '
 import json, jax
 out = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
        "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
@@ -100,7 +100,7 @@ print(json.dumps(out))'
 if ! want generate; then :
 elif have_reference; then
   for b in 1 "$BIG"; do
-    step "generate_b$b" 100 "$PY" bench/sample.py --sizes "$SIZE" --samplers ddim \
+    step "generate_b$b" 75 "$PY" bench/sample.py --sizes "$SIZE" --samplers ddim \
       --dtype "$DTYPE" --steps "$STEPS" --batch "$b" --repeats "$REPEATS"
   done
 else
@@ -108,7 +108,7 @@ else
   missing "generate_b$BIG" "torch or diffusers not installed (pip install torch diffusers)"
 fi
 
-want recompile && step recompile 40 "$PY" - <<'EOF'
+want recompile && step recompile 30 "$PY" - <<'EOF'
 import json, jax
 from jaxdiff import sampling
 from jaxdiff.pipeline import init_params
@@ -138,7 +138,7 @@ EOF
 if ! want p2p; then :
 elif have_reference; then
   for b in 1 "$BIG"; do
-    step "p2p_b$b" 60 "$PY" bench/edit_speed.py --steps "$STEPS" --batch "$b" \
+    step "p2p_b$b" 45 "$PY" bench/edit_speed.py --steps "$STEPS" --batch "$b" \
       --repeats 1
   done
 else
@@ -148,7 +148,7 @@ fi
 
 if ! want train; then :
 elif have_reference; then
-  step train 90 "$PY" bench/train_step.py --sizes "$SIZE" --batches 1 --dtype "$DTYPE" \
+  step train 75 "$PY" bench/train_step.py --sizes "$SIZE" --batches 1 --dtype "$DTYPE" \
     --remat --repeats "$REPEATS"
 else
   missing train "torch or diffusers not installed (the reference side of bench/train_step.py)"
@@ -157,7 +157,7 @@ fi
 if ! want controlnet; then :
 elif have_reference; then
   for b in 1 "$BIG"; do
-    step "controlnet_b$b" 120 "$PY" bench/control_speed.py --sizes "$SIZE" --dtype "$DTYPE" \
+    step "controlnet_b$b" 55 "$PY" bench/control_speed.py --sizes "$SIZE" --dtype "$DTYPE" \
       --steps "$STEPS" --batch "$b" --repeats "$REPEATS"
   done
 else
