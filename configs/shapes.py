@@ -14,7 +14,7 @@ world v1; ``finetune`` continues the diffusion stage of an existing pipeline
 
 ``dit_v2`` trains the embedded text-DiT model (``embedded:dit``, ``jaxdiff/assets/shapes_dit``):
 a PixArt-style transformer of dit-L's size from scratch on the shipped model v2's frozen VAE
-and text encoder, 10 000 steps on world "v2_brief" (bench/README.md, "The shipped text DiT"):
+and text encoder, 20 000 steps on world "v2_brief" (bench/README.md, "The shipped text DiT"):
 
     python train/text_to_image.py --config configs/shapes.py:dit_v2 --workdir runs/shapes_dit_v2
 
@@ -161,9 +161,9 @@ def get_config(variant: str = ""):
         # The embedded text DiT on model v2 (``embedded:dit`` since 2026-12-04): a fresh
         # PixArt-style transformer of dit-L's size on the shipped model v2's frozen VAE and
         # text encoder, trained on 40 000 scenes of world "v2_brief" (the shipped U-Net's
-        # last worlds) for 10 000 steps at batch 64 (Min-SNR-5, EMA 0.999), data parallel
+        # last worlds) for 20 000 steps at batch 64 (Min-SNR-5, EMA 0.999), data parallel
         # over two XLA CPU devices.
-        _v2_diffusion(c, "embedded", seed=20, world="v2_brief", steps=10_000, lr=5e-4)
+        _v2_diffusion(c, "embedded", seed=20, world="v2_brief", steps=20_000, lr=5e-4)
         c.model.backbone = "dit"
         c.model.caption_mask = False   # as the first embedded:dit (README "caption mask")
         c.data.num_train = 40_000
