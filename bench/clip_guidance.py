@@ -2,16 +2,18 @@
 
     python bench/clip_guidance.py [--num 32] [--scales 0,10,30,100] [--steps 20] \\
         [--mode x0] [--clip DIR] [--target text|image] [--normalize] [--recurrence K] \\
-        [--views V] [--model candidates/shapes_v1 --world v1] [--out results.json]
+        [--views V] [--candidates N] [--model candidates/shapes_v1 --world v1] \\
+        [--out results.json]
 
 ``--target text``: each image is guided towards "a {colour} {shape}" (colours in turn,
 shapes drawn with a fixed seed); ``--target image``: towards the CLIP embedding of a
 reference image, a held-out one-object world scene (its colour and shape are the target).
 ``jaxdiff.clip_guidance.generate_clip_guided`` runs it (DDIM, the empty prompt, no
 classifier-free guidance, one vmapped program over the scales; ``--normalize``: unit-RMS
-gradients, ``--recurrence``: self-recurrence); the shapes-world evaluator reads colour and
-shape back. Scale 0 is the unconditional model (chance-level agreement). Prints one JSON
-object (also written atomically to ``--out``).
+gradients, ``--recurrence``: self-recurrence, ``--candidates``: the best of N guided samples
+by CLIP similarity); the shapes-world evaluator reads colour and shape back. Scale 0 is the
+unconditional model (chance-level agreement). Prints one JSON object (also written
+atomically to ``--out``).
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ def main(argv=None):
                    help="universal guidance backward steps on the predicted x0 per step")
     p.add_argument("--backward-size", type=float, default=0.1,
                    help="each backward step's size per unit of CLIP scale (unit RMS)")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="guided samples per target, the CLIP's most similar kept (re-ranking)")
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     p.add_argument("--world", default="v2",
                    help="shapes world of the targets (v2: the embedded model's | v1)")
@@ -75,10 +79,12 @@ def main(argv=None):
                                      steps=args.steps, mode=args.mode,
                                      normalize=args.normalize, recurrence=args.recurrence,
                                      views=args.views, backward_steps=args.backward_steps,
-                                     backward_size=args.backward_size, **what)
+                                     backward_size=args.backward_size,
+                                     candidates=args.candidates, **what)
     result = {"num": args.num, "steps": args.steps, "mode": args.mode, "target": args.target,
               "normalize": args.normalize, "recurrence": args.recurrence, "views": args.views,
               "backward_steps": args.backward_steps, "backward_size": args.backward_size,
+              "candidates": args.candidates,
               "model": args.model or "embedded", "world": args.world, "by_scale": {}}
     for s, row in zip(scales, images):
         reads = [shapes_eval.attribute_accuracy(img, [o], spec) for img, o in zip(row, targets)]

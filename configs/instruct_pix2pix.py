@@ -9,8 +9,10 @@ starts from the base model exactly; instruction and image are dropped (5 % each,
 both) so that both guidance scales work when sampling. Training pairs
 (``jaxdiff.data.instructions``: colour, shape, size, position and background edits from
 templates such as "make the circle blue") come from the world's exact renderer
-(``data.source="renderer"``) or from the base model with Prompt-to-Prompt filtered by
-the evaluator (``data.source="p2p"``, settings in ``p2p``). The export
+(``data.source="renderer"``), from the base model with Prompt-to-Prompt filtered by
+the evaluator (``data.source="p2p"``, settings in ``p2p``), or both
+(``"p2p+renderer"``: the generated pair where the filter keeps it, the renderer's where
+it does not). The export
 (``<workdir>/export``) is a diffusers ``StableDiffusionInstructPix2PixPipeline`` folder
 with an 8-channel UNet. ``tiny`` (``--config configs/instruct_pix2pix.py:tiny``) is a
 smoke run. Re-running the same command resumes from the last checkpoint.
@@ -27,8 +29,10 @@ Not shipped yet: ``runs/instruct_pix2pix_renderer_v2`` (this config, renderer pa
 all 6000 steps) keeps the input better (26-32 dB outside colour/shape/size/position edits
 at s_T 3, s_I 3) but misses the targets, the same at step 4750 and 6000: success
 0.10-0.41 (colour / background >= 90 % with >= 30 dB, shape >= 75 % wanted; bench/README.md,
-``bench/instruct_quality.py``). ``jaxdiff/assets/shapes_instruct`` is meant to be this
-config's full export.
+``bench/instruct_quality.py``). From model v2 with ``--config.data.source=p2p+renderer
+--config.data.num_pairs=6000`` (3331 pairs generated) success rises to 0.44 / 0.49 / 0.57 /
+0.17 / 0.31 (colour / shape / size / position / background at s_T 3, s_I 3), still short
+of every target. ``jaxdiff/assets/shapes_instruct`` is meant to be this config's export.
 """
 import ml_collections
 
@@ -40,7 +44,7 @@ def get_config(variant: str = ""):
     c.export_dir = ""                  # "" = <workdir>/export
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "renderer"         # "renderer" (exact pairs) or "p2p" (generated)
+    c.data.source = "renderer"         # "renderer" (exact) | "p2p" (generated) | "p2p+renderer"
     c.data.world = "v1"                # jaxdiff.data.shapes.WORLDS name (the base's world)
     c.data.num_pairs = 12_000          # triples drawn (p2p: before the filter)
 

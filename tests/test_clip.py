@@ -248,6 +248,36 @@ def test_shifted_views_average_the_similarity_of_translated_images():
                                 views=2)
 
 
+def test_candidates_keep_the_sample_the_clip_finds_most_similar():
+    """``candidates=N``: target i's N guided samples are the plain run's samples i * N + j
+    (the targets repeated N times), and the one kept is the argmax of the CLIP similarity
+    of its decoded image to the target, recomputed here; N > 1 needs a clean CLIP."""
+    import jaxdiff
+    from jaxdiff import clip_guidance as cg
+    pipe, params = jaxdiff.load_pipeline(None)
+    tok = load_tokenizer(os.path.join(DEFAULT_MODEL, "tokenizer"))
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    clip = clip_train.build_clip(tok, text, dict(text, image_size=8, patch_size=2), 16)
+    clip_params = clip_train.init_params(clip, seed=3)
+    texts, n = ["a red circle", "a blue square"], 3
+    kw = dict(clip_scale=1.0, steps=2, normalize=True, output="latents", seed=4)
+    best = cg.generate_clip_guided(pipe, params, clip, clip_params, texts=texts,
+                                   candidates=n, **kw)
+    each = cg.generate_clip_guided(pipe, params, clip, clip_params,
+                                   texts=[t for t in texts for _ in range(n)], **kw)
+    images = pipe.decode_latents(params, jnp.asarray(each))
+    target = cg.text_target(clip, clip_params, jnp.asarray(clip.tokenize(texts)))
+    sim = np.asarray(jnp.sum(clip.image_embeds(clip_params, cg._fit(clip, images))
+                             .reshape(2, n, -1) * target[:, None], axis=-1))
+    assert np.all(np.abs(np.sort(sim, -1)[:, -1] - np.sort(sim, -1)[:, -2]) > 1e-6)
+    pick = np.asarray(each).reshape((2, n) + each.shape[1:])[np.arange(2), sim.argmax(-1)]
+    np.testing.assert_allclose(best, pick, atol=1e-5)
+    assert sim.argmax(-1).any()  # not merely the first candidate
+    assert not np.allclose(each[0], each[1])  # the candidates differ
+    with pytest.raises(ValueError, match="^candidates=0: needs an integer >= 1"):
+        cg.generate_clip_guided(pipe, params, clip, clip_params, texts="a", candidates=0)
+
+
 def test_normalized_gradient_and_ddim_renoise_are_exact():
     """``unit_rms``: each sample's gradient keeps its direction at RMS 1, and a normalized
     ``clip_guided`` moves the output by ``scale * sqrt(1 - abar)`` of it; ``ddim_renoise``

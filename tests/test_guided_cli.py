@@ -138,7 +138,7 @@ def test_clip_flags_write_what_the_library_makes(embedded, guides, monkeypatch):
     with open(os.path.join(out2, "settings.json")) as f:
         settings = json.load(f)
     assert settings["clip_normalize"] is True and settings["clip_recurrence"] == 2
-    assert settings["clip_views"] == 1
+    assert settings["clip_views"] == 1 and settings["clip_candidates"] == 1
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -163,6 +163,9 @@ def test_clip_flags_write_what_the_library_makes(embedded, guides, monkeypatch):
     (["--clip-views", "3"], "need --clip DIR"),
     (["--clip", "shipped", "--clip-prompt", "a", "--clip-mode", "xt", "--clip-views", "2"],
      "V > 1 only with --clip-mode x0"),
+    (["--clip-candidates", "2"], "need --clip DIR"),
+    (["--clip", "shipped", "--clip-prompt", "a", "--clip-mode", "xt", "--clip-candidates",
+      "2"], "N > 1 only with --clip-mode x0"),
 ])
 def test_bad_guidance_flags_are_one_error_line_and_no_files(embedded, guides, tmp_path, capsys,
                                                              monkeypatch, extra, match):

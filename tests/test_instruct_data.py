@@ -2,7 +2,8 @@
 
 Triples: the edited scene differs from the source in exactly the instructed attribute;
 renderer pairs: the exact images agree outside the edited region and the evaluator reads
-both scenes; the P2P filter keeps exact pairs and rejects a damaged one; condition dropout
+both scenes; the P2P filter keeps exact pairs and rejects a damaged one, and the mixed
+source fills rejected triples with the renderer's pairs; condition dropout
 has the paper's rates; the zero-initialised widened UNet equals the base UNet.
 """
 import dataclasses
@@ -89,6 +90,29 @@ def test_filter_keeps_exact_pairs_and_rejects_damaged_ones(data):
     assert not ip2p.keep_pair(r)
     wrong = dataclasses.replace(t, edited_objects=t.objects)  # the edit did not happen
     assert not ip2p.keep_pair(ip2p.read_pair(SPEC, wrong, src, dst))
+
+
+def test_fill_from_renderer_keeps_generated_pairs_and_renders_the_rest(data):
+    """"p2p+renderer" pairs: a kept triple's pair is the generated one, a rejected triple's
+    the renderer's exact pair, in the triples' order."""
+    ts = data["triples"][:6]
+    kept = np.array([True, False, True, False, False, True])
+    rng = np.random.default_rng(0)
+    gen = rng.integers(0, 256, (2, int(kept.sum()), 32, 32, 3), dtype=np.uint8)
+    pairs = {"source": gen[0], "edited": gen[1], "kept": kept}
+    out = ip2p.fill_from_renderer(SPEC, ts, pairs)
+    assert out["instruction"] == [t.instruction for t in ts]
+    k = 0
+    for i, t in enumerate(ts):
+        if kept[i]:
+            np.testing.assert_array_equal(out["source"][i], gen[0][k])
+            np.testing.assert_array_equal(out["edited"][i], gen[1][k])
+            k += 1
+        else:
+            ref_src, ref_dst, _, _ = instructions.render_pair(SPEC, t)
+            np.testing.assert_array_equal(out["source"][i], ref_src)
+            np.testing.assert_array_equal(out["edited"][i], ref_dst)
+    np.testing.assert_array_equal(out["generated"], kept)
 
 
 def test_held_out_triples_are_held_out():

@@ -62,6 +62,9 @@ def add_arguments(p) -> None:
     g.add_argument("--clip-views", type=int, default=1, metavar="V",
                    help="--clip-mode x0: CLIP's similarity averaged over V shifted views of the "
                    "decoded x0 (augmentations; V CLIP passes; default 1)")
+    g.add_argument("--clip-candidates", type=int, default=1, metavar="N",
+                   help="--clip-mode x0: guide N samples per image and keep the one CLIP finds "
+                   "most similar to the target (re-ranking; N times the cost; default 1)")
 
 
 @dataclasses.dataclass
@@ -84,7 +87,8 @@ class Guidance:
         return dict(clip=args.clip, clip_mode=args.clip_mode, clip_prompt=args.clip_prompt,
                     clip_image=args.clip_image, clip_scale=list(self.scales),
                     clip_normalize=args.clip_normalize,
-                    clip_recurrence=args.clip_recurrence, clip_views=args.clip_views)
+                    clip_recurrence=args.clip_recurrence, clip_views=args.clip_views,
+                    clip_candidates=args.clip_candidates)
 
 
 def _per_prompt(values, n, flag):
@@ -145,11 +149,15 @@ def load_guidance(args, pipe, height: int, width: int) -> Optional[Guidance]:
     if args.clip_views < 1 or (args.clip_views > 1 and args.clip_mode != "x0"):
         raise ValueError(f"--clip-views {args.clip_views}: needs V >= 1, and V > 1 only with "
                          f"--clip-mode x0 (got {args.clip_mode}).")
+    if args.clip_candidates < 1 or (args.clip_candidates > 1 and args.clip_mode != "x0"):
+        raise ValueError(f"--clip-candidates {args.clip_candidates}: needs N >= 1, and N > 1 "
+                         f"only with --clip-mode x0 (got {args.clip_mode}).")
     clip_flags = (clip_flags or args.clip_normalize or args.clip_recurrence != 1
-                  or args.clip_views != 1)
+                  or args.clip_views != 1 or args.clip_candidates != 1)
     if args.clip is None and clip_flags:
         raise ValueError("--clip-prompt / --clip-image / --clip-scale / --clip-normalize / "
-                         "--clip-recurrence / --clip-views need --clip DIR.")
+                         "--clip-recurrence / --clip-views / --clip-candidates need --clip "
+                         "DIR.")
     if args.classifier is None and args.clip is None:
         return None
     if args.classifier is not None and args.clip is not None:
@@ -218,4 +226,4 @@ def generate_chunk(g: Guidance, pipe, params, prompts, rows, args, sample_offset
     return generate_clip_guided(pipe, params, g.model, g.params, mode=args.clip_mode,
                                 clip_scale=scales, normalize=args.clip_normalize,
                                 recurrence=args.clip_recurrence, views=args.clip_views,
-                                **target, **kw)
+                                candidates=args.clip_candidates, **target, **kw)

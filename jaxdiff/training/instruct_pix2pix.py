@@ -21,7 +21,10 @@
 * Pairs come from the world's exact renderer (``jaxdiff.data.instructions``) or from the
   embedded model with Prompt-to-Prompt (``p2p_pairs``: both captions sampled from the
   same noise with cross/self-attention injection, kept when the evaluator reads the
-  source and edited scenes right and the preserved region did not change).
+  source and edited scenes right and the preserved region did not change), or both:
+  ``"p2p+renderer"`` keeps every triple, its generated pair where the filter passed it and
+  the renderer's exact pair where it did not (P2P cannot move an object or repaint the
+  background, so those kinds come mostly from the renderer).
 * ``run_instruct_pix2pix``: ``configs/instruct_pix2pix.py`` -> a diffusers
   ``StableDiffusionInstructPix2PixPipeline`` folder (8-channel UNet).
 """
@@ -57,7 +60,7 @@ from jaxdiff.weights import load_pipeline, save_pipeline
 PIPELINE_CLASS = "StableDiffusionInstructPix2PixPipeline"
 # The denoiser layers that read the input latents (U-Net, text DiT's patch embedding).
 INPUT_LAYERS = ("conv_in", "pos_embed")
-SOURCES = ("renderer", "p2p")
+SOURCES = ("renderer", "p2p", "p2p+renderer")
 
 
 # --------------------------------------------------------------------------- the model
@@ -284,13 +287,14 @@ def keep_pair(reading: dict, min_psnr: float = 25.0) -> bool:
 def p2p_pairs(pipe: Pipeline, params, triples, *, seed: int = 0, steps: int = 20,
               guidance: float = 7.5, cross_replace_steps: float = 0.8,
               self_replace_steps: float = 0.4, min_psnr: float = 25.0,
-              batch_size: int = 64) -> dict:
+              batch_size: int = 64, world: str = "v1") -> dict:
     """Generated pairs for ``triples``: each (caption, edited caption) sampled by the base
     model from one noise with Prompt-to-Prompt (replace mode: the captions differ by
     swapped words), kept when ``read_pair`` finds both scenes right and the preserved
-    region at >= ``min_psnr`` dB. Returns {"source", "edited": uint8 [K, H, W, 3],
-    "instruction": list, "triples": the kept triples, "kept": bool [N]}."""
-    spec = shapes.world("v1", image_size=pipe.image_size)
+    region at >= ``min_psnr`` dB (the evaluator reads them as scenes of ``world``, the
+    triples' world). Returns {"source", "edited": uint8 [K, H, W, 3], "instruction": list,
+    "triples": the kept triples, "kept": bool [N]}."""
+    spec = shapes.world(world, image_size=pipe.image_size)
     run = _p2p_program(pipe, steps)
     empty = pipe.tokenize([""], warn=False)
     h = pipe.latent_shape(pipe.image_size, pipe.image_size)
@@ -329,7 +333,31 @@ def make_pairs(config, pipe: Pipeline, params) -> dict:
     if d.source == "renderer":
         return instructions.renderer_dataset(config.seed, spec, d.num_pairs)
     ts = instructions.triples(config.seed, spec, d.num_pairs, "train")
-    return p2p_pairs(pipe, params, ts, seed=config.seed, **config.p2p.to_dict())
+    pairs = p2p_pairs(pipe, params, ts, seed=config.seed, world=d.world,
+                      **config.p2p.to_dict())
+    if d.source == "p2p":
+        return pairs
+    return fill_from_renderer(spec, ts, pairs)
+
+
+def fill_from_renderer(spec: shapes.WorldSpec, triples, pairs: dict) -> dict:
+    """``p2p_pairs``' result for ``triples`` with every rejected triple's pair replaced by
+    the renderer's exact one (same order as ``triples``; ``"generated"``: bool [N], which
+    pairs are the model's)."""
+    kept = np.asarray(pairs["kept"], bool)
+    src, dst, k = [], [], 0
+    for t, ok in zip(triples, kept):
+        if ok:
+            src.append(pairs["source"][k])
+            dst.append(pairs["edited"][k])
+            k += 1
+        else:
+            a, b, _, _ = instructions.render_pair(spec, t)
+            src.append(a)
+            dst.append(b)
+    return {"source": np.stack(src), "edited": np.stack(dst),
+            "instruction": [t.instruction for t in triples], "triples": list(triples),
+            "kept": kept, "generated": kept}
 
 
 def run_instruct_pix2pix(config, workdir: str) -> str:
@@ -340,7 +368,8 @@ def run_instruct_pix2pix(config, workdir: str) -> str:
     if len(pairs["source"]) == 0:
         raise ValueError("no training pairs survived the evaluator's filter; raise "
                          "config.data.num_pairs or lower config.p2p.min_psnr.")
-    print(f"{len(pairs['source'])} training pairs ({config.data.source})")
+    print(f"{len(pairs['source'])} training pairs ({config.data.source}"
+          + (f", {int(np.sum(pairs['kept']))} generated" if "kept" in pairs else "") + ")")
     pipe, params = widen_unet(pipe, params)
     params = train_instruct(
         pipe, params, pairs["source"], pairs["edited"], pairs["instruction"],
