@@ -112,7 +112,7 @@ def test_fill_from_renderer_keeps_generated_pairs_and_renders_the_rest(data):
             ref_src, ref_dst, _, _ = instructions.render_pair(SPEC, t)
             np.testing.assert_array_equal(out["source"][i], ref_src)
             np.testing.assert_array_equal(out["edited"][i], ref_dst)
-    np.testing.assert_array_equal(out["generated"], kept)
+    np.testing.assert_array_equal(out["kept"], kept)
 
 
 def test_held_out_triples_are_held_out():

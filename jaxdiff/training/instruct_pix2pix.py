@@ -342,8 +342,8 @@ def make_pairs(config, pipe: Pipeline, params) -> dict:
 
 def fill_from_renderer(spec: shapes.WorldSpec, triples, pairs: dict) -> dict:
     """``p2p_pairs``' result for ``triples`` with every rejected triple's pair replaced by
-    the renderer's exact one (same order as ``triples``; ``"generated"``: bool [N], which
-    pairs are the model's)."""
+    the renderer's exact one (same order as ``triples``; ``"kept"``: bool [N], which pairs
+    are the model's)."""
     kept = np.asarray(pairs["kept"], bool)
     src, dst, k = [], [], 0
     for t, ok in zip(triples, kept):
@@ -357,7 +357,7 @@ def fill_from_renderer(spec: shapes.WorldSpec, triples, pairs: dict) -> dict:
             dst.append(b)
     return {"source": np.stack(src), "edited": np.stack(dst),
             "instruction": [t.instruction for t in triples], "triples": list(triples),
-            "kept": kept, "generated": kept}
+            "kept": kept}
 
 
 def run_instruct_pix2pix(config, workdir: str) -> str:
