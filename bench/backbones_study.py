@@ -2,16 +2,21 @@
 same data, steps and batch through the text-to-image recipe's diffusion stage, each scored
 by the shapes evaluator at several training-compute budgets.
 
-    python bench/backbones_study.py                      # the study of bench/README.md
-    python bench/backbones_study.py --backbones dit --sizes S --steps 30 --evals 1 \\
+    python bench/backbones_study.py                      # the first study (450 steps, model v1)
+    python bench/backbones_study.py --base embedded --world v2_brief --snr-gamma 5 \
+        --cpu-devices 2 --num-train 40000 --steps 4000 --evals 4 --num-one 200 --num-two 100 \
+        --warmup 200 --ema-decay 0.999 --workdir runs/backbones_v2 \
+        --out bench/backbones_study_v2.json --png bench/backbones_study_v2.png   # the second
+    python bench/backbones_study.py --backbones dit --sizes S --steps 30 --evals 1 \
         --num-one 8 --num-two 8 --num-train 256 --workdir /tmp/bbs --out /tmp/bbs.json
 
-Every model starts from the embedded model's VAE, tokenizer and text encoder (frozen) with
-a randomly initialised denoiser (``recipes.fresh_denoiser``: ``config.model.backbone``
-"unet" / "dit" / "uvit") and is trained by ``text_to_image.train_diffusion`` on the same
-cached latents of world-v1 scenes, in the same batch order. Sizes S / M / L have about the
-same parameter count across backbones (the U-Net's L is the shipped model's architecture);
-transformers use 2x2 latent patches (16 patch tokens at 8x8 latents).
+Every model starts from the VAE, tokenizer and text encoder of ``--base`` (frozen; model v1,
+``candidates/shapes_v1``, by default, as the first study) with a randomly initialised
+denoiser (``recipes.fresh_denoiser``: ``config.model.backbone`` "unet" / "dit" / "uvit") and
+is trained by ``text_to_image.train_diffusion`` on the same cached latents of ``--world``
+scenes, in the same batch order. Sizes S / M / L have about the same parameter count across
+backbones (the U-Net's L is model v1's architecture); transformers use 2x2 latent patches
+(16 patch tokens at 8x8 latents).
 
 Per model: parameters, GFLOPs per denoiser call (one image, no guidance; XLA's
 ``jax.jit(...).lower(...).compile().cost_analysis()``), training steps/s (wall time between
@@ -74,7 +79,17 @@ def parse_args(argv=None):
     p.add_argument("--evals", type=int, default=3, help="evaluations per run (budgets)")
     p.add_argument("--num-one", type=int, default=48, help="one-object prompts per evaluation")
     p.add_argument("--num-two", type=int, default=48, help="two-object prompts per evaluation")
-    p.add_argument("--num-train", type=int, default=10_000, help="world-v1 training scenes")
+    p.add_argument("--num-train", type=int, default=10_000, help="training scenes")
+    p.add_argument("--base", default="candidates/shapes_v1",
+                   help="pipeline whose VAE, tokenizer and text encoder every model uses "
+                        "(frozen): a folder or 'embedded' (model v2)")
+    p.add_argument("--world", default="v1",
+                   help="shapes world of the training scenes (jaxdiff.data.shapes.WORLDS); "
+                        "the held-out prompts are world v1's for v1, world v2's otherwise")
+    p.add_argument("--snr-gamma", type=float, default=0.0,
+                   help="Min-SNR-gamma loss weight (0: plain; the v2 recipes use 5)")
+    p.add_argument("--cpu-devices", type=int, default=0,
+                   help="split the CPU into this many XLA devices, data parallel (0: one)")
     p.add_argument("--workdir", default="runs/backbones_study")
     p.add_argument("--out", default="bench/backbones_study.json")
     p.add_argument("--png", default="bench/backbones_study.png")
@@ -104,12 +119,13 @@ def encoded_data(pipe, params, args):
     from jaxdiff.data import tfds_shapes
     from jaxdiff.training.text_to_image import encode_dataset
 
-    path = os.path.join(args.workdir, f"encoded_n{args.num_train}.npz")
+    path = os.path.join(args.workdir, f"encoded_{args.world}_n{args.num_train}.npz")
     if os.path.exists(path):
         with np.load(path) as z:
             return z["latents"], z["ids"]
     builder = tfds_shapes.prepare(os.path.join(args.workdir, "tfds"), tfds_shapes.ShapesConfig(
-        name=f"px32_n{args.num_train}", num_train=args.num_train, num_test=16, seed=0))
+        name=f"px32_n{args.num_train}", num_train=args.num_train, num_test=16, seed=0,
+        world=args.world))
     latents, ids = encode_dataset(pipe, params, builder.as_data_source()["train"])
     np.savez(path + ".tmp.npz", latents=latents, ids=ids)
     os.replace(path + ".tmp.npz", path)
@@ -169,6 +185,7 @@ def run_model(backbone, size, base, data, cases, spec, args, results, save):
     params = text_to_image.train_diffusion(
         pipe, params, None, workdir, steps=args.steps, batch_size=args.batch, lr=args.lr,
         warmup=args.warmup, ema_decay=args.ema_decay, caption_dropout=0.1,
+        snr_gamma=args.snr_gamma,
         train_text_encoder=False, log_every=50, ckpt_every=every, on_sample=on_eval,
         sample_every=every, encoded=data)
     if backbone != "uvit":  # a U-ViT pipeline has no diffusers layout

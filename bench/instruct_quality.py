@@ -17,7 +17,10 @@ method; the world's renderer draws the true edited scene. Per method and kind:
   must keep (``instructions.preserved_region``: outside the union of the target's old
   and new ground-truth masks; for background edits, the objects), per image capped at
   60 dB, then averaged;
-- ``psnr_truth_db``: PSNR of the edit against the renderer's edited scene (whole image).
+- ``psnr_truth_db``: PSNR of the edit against the renderer's edited scene (whole image);
+- ``failed``: per attribute of the evaluator (count, shape, colour, size, position,
+  background), the share of edits where the edited scene has it wrong (for any object):
+  what an unsuccessful edit got wrong.
 
 Methods are the ``METHODS`` table: name -> ``factory(args) -> edit(images uint8
 [N, H, W, 3], triples) -> uint8 [N, H, W, 3]``. Another editing method adds a row by adding
@@ -126,10 +129,11 @@ def _psnr(a, b, region=None) -> float:
 
 def score(spec, triples, sources, truths, regions, edited) -> dict:
     """Metrics of one method on one kind (see the module docstring)."""
-    succ, attr, keep, truth = [], [], [], []
+    succ, attr, keep, truth, wrong = [], [], [], [], []
     for t, src, gt, region, img in zip(triples, sources, truths, regions, edited):
         acc = shapes_eval.attribute_accuracy(img, t.edited_objects, spec, t.edited_background)
         succ.append(acc["all"])
+        wrong.append({k: not v for k, v in acc.items() if k != "all"})
         if t.kind == "background":
             attr.append(acc["background"])
         else:
@@ -141,8 +145,10 @@ def score(spec, triples, sources, truths, regions, edited) -> dict:
         keep.append(_psnr(img, src, region))
         truth.append(_psnr(img, gt))
     r = lambda v: round(float(np.mean(v)), 3)
+    failed = {k: r([w.get(k, False) for w in wrong])
+              for k in ("count", "shape", "colour", "size", "position", "background")}
     return {"success": r(succ), "attribute": r(attr), "psnr_preserved_db": r(keep),
-            "psnr_truth_db": r(truth), "num": len(triples)}
+            "psnr_truth_db": r(truth), "failed": failed, "num": len(triples)}
 
 
 def main():

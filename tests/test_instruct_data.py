@@ -4,7 +4,8 @@ Triples: the edited scene differs from the source in exactly the instructed attr
 renderer pairs: the exact images agree outside the edited region and the evaluator reads
 both scenes; the P2P filter keeps exact pairs and rejects a damaged one, and the mixed
 source fills rejected triples with the renderer's pairs; condition dropout
-has the paper's rates; the zero-initialised widened UNet equals the base UNet.
+has the paper's rates; the zero-initialised widened UNet equals the base UNet;
+bench/instruct_quality.py's scorer reads the true edit and names what an unedited image misses.
 """
 import dataclasses
 
@@ -162,3 +163,24 @@ def test_instruct_optimizer_steps_the_image_input_faster():
     np.testing.assert_allclose(updates["unet"]["conv_in"]["bias"], -1e-2, rtol=1e-3)
     np.testing.assert_allclose(updates["unet"]["conv_out"]["kernel"], -1e-3, rtol=1e-3)
     np.testing.assert_allclose(updates["text_encoder"]["conv_in"]["kernel"], -1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["colour", "background"])
+def test_instruct_bench_scores_the_true_edit_and_names_what_an_unedited_image_misses(kind):
+    """bench/instruct_quality.py's scorer on the renderer's images: the true edited scene is
+    a success with the input kept (PSNR at the cap); the unedited input fails exactly the
+    instructed attribute ("failed" names it) and still keeps the input."""
+    from torchref.scripts import load_script
+    bench = load_script("bench", "instruct_quality")
+    ts = instructions.held_out_triples(SPEC, kind, 12)
+    pairs = [instructions.render_pair(SPEC, t) for t in ts]
+    src, gt = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    regions = [instructions.preserved_region(t, p[2], p[3]) for t, p in zip(ts, pairs)]
+    truth = bench.score(SPEC, ts, src, gt, regions, gt)
+    assert (truth["success"], truth["attribute"]) == (1.0, 1.0)
+    assert truth["psnr_preserved_db"] == bench.PSNR_CAP and set(truth["failed"].values()) == {0}
+    same = bench.score(SPEC, ts, src, gt, regions, src)
+    assert (same["success"], same["attribute"]) == (0.0, 0.0)
+    assert same["psnr_preserved_db"] == bench.PSNR_CAP
+    assert same["failed"][kind] == 1.0
+    assert all(v == 0 for k, v in same["failed"].items() if k != kind)
