@@ -3,11 +3,12 @@ same data, steps and batch through the text-to-image recipe's diffusion stage, e
 by the shapes evaluator at several training-compute budgets.
 
     python bench/backbones_study.py                      # the first study (450 steps, model v1)
-    python bench/backbones_study.py --base embedded --world v2_brief --snr-gamma 5 \
-        --cpu-devices 2 --num-train 40000 --steps 4000 --evals 4 --num-one 200 --num-two 100 \
-        --warmup 200 --ema-decay 0.999 --workdir runs/backbones_v2 \
-        --out bench/backbones_study_v2.json --png bench/backbones_study_v2.png   # the second
-    python bench/backbones_study.py --backbones dit --sizes S --steps 30 --evals 1 \
+    python bench/backbones_study.py --base embedded --world v2_brief --snr-gamma 5 \\
+        --num-train 40000 --steps 4000 --evals 4 --num-one 200 --num-two 100 --warmup 200 \\
+        --ema-decay 0.999 --workdir runs/backbones_v2 --out bench/backbones_study_v2.json \\
+        --png bench/backbones_study_v2.png                # the second (model v2's encoders)
+    python bench/backbones_study.py ... --backbones dit --sizes L --init reference  # + a row
+    python bench/backbones_study.py --backbones dit --sizes S --steps 30 --evals 1 \\
         --num-one 8 --num-two 8 --num-train 256 --workdir /tmp/bbs --out /tmp/bbs.json
 
 Every model starts from the VAE, tokenizer and text encoder of ``--base`` (frozen; model v1,
@@ -22,7 +23,8 @@ Per model: parameters, GFLOPs per denoiser call (one image, no guidance; XLA's
 ``jax.jit(...).lower(...).compile().cost_analysis()``), training steps/s (wall time between
 evaluations, compile excluded) and, after every ``steps / evals`` steps, the EMA weights'
 one-object and two-object accuracy (every attribute right: ``all``; each attribute; their
-mean: ``attributes``) on the held-out prompts of ``jaxdiff.eval.generation.prompt_set``
+mean: ``attributes``) on world v1's held-out prompts (``jaxdiff.eval.generation.prompt_set``;
+the same in every study: fully specified captions, which every world's grammar includes)
 (DPM-Solver++ 20 steps, guidance 5). Training compute = 3 x GFLOPs per call x batch x steps (forward + backward, as
 the DiT paper counts). Writes the JSON (``--out``; updated after every evaluation, and
 re-running resumes: finished evaluations are kept, training continues from its last
@@ -85,9 +87,13 @@ def parse_args(argv=None):
                         "(frozen): a folder or 'embedded' (model v2)")
     p.add_argument("--world", default="v1",
                    help="shapes world of the training scenes (jaxdiff.data.shapes.WORLDS); "
-                        "the held-out prompts are world v1's for v1, world v2's otherwise")
+                        "the held-out prompts are world v1's in every study")
     p.add_argument("--snr-gamma", type=float, default=0.0,
                    help="Min-SNR-gamma loss weight (0: plain; the v2 recipes use 5)")
+    p.add_argument("--init", default="flax", choices=["flax", "reference"],
+                   help="denoiser initialisation: flax's defaults, or 'reference' (DiT only: "
+                        "PixArt-α's scheme, zero output projections); a non-default init "
+                        "names the rows '<backbone>-<size>+<init>'")
     p.add_argument("--cpu-devices", type=int, default=0,
                    help="split the CPU into this many XLA devices, data parallel (0: one)")
     p.add_argument("--workdir", default="runs/backbones_study")
@@ -147,15 +153,18 @@ def evaluate(pipe, params, cases, spec) -> dict:
     return out
 
 
-def run_model(backbone, size, base, data, cases, spec, args, results, save):
+def run_model(backbone, size, base, data, cases, spec, args, results, save, settings):
     """Trains one model, evaluating every ``steps / evals`` steps into ``results``."""
     from jaxdiff.training import recipes, text_to_image
     from jaxdiff.weights import save_pipeline
 
-    name = f"{backbone}-{size}"
-    row = results.setdefault(name, {"backbone": backbone, "size": size, "evals": []})
+    name = f"{backbone}-{size}" + ("" if args.init == "flax" else f"+{args.init}")
+    row = results.setdefault(name, {"backbone": backbone, "size": size, "init": args.init,
+                                    "evals": []})
+    row["settings"] = settings        # the command's settings (several commands, one JSON)
     done = {e["step"] for e in row["evals"]}
-    pipe, params = recipes.fresh_denoiser(*base, {backbone: SIZES[backbone][size]}, backbone)
+    pipe, params = recipes.fresh_denoiser(*base, {backbone: SIZES[backbone][size]}, backbone,
+                                          init=args.init)
     row["params_m"] = round(sum(int(np.size(a)) for a in
                                 jax.tree.leaves(params["unet"])) / 1e6, 4)
     row["gflops_per_call"] = round(denoiser_gflops(pipe, params), 5)
@@ -207,13 +216,13 @@ def plot(results, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, key, title in ((axes[0], "one_object", "one object"),
                            (axes[1], "two_object", "two objects")):
-        for row in results.values():
+        for name, row in results.items():
             ev = [e for e in row["evals"] if key in e]
             if not ev:
                 continue
             ax.plot([e["train_gflops"] for e in ev], [e[key]["attributes"] for e in ev],
-                    color=COLOURS[row["backbone"]], marker=MARKERS[row["size"]],
-                    label=f"{row['backbone']}-{row['size']}")
+                    color=COLOURS[row["backbone"]], marker=MARKERS[row["size"]], label=name,
+                    linestyle="-" if row.get("init", "flax") == "flax" else "--")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training GFLOPs (3 x per-call x batch x steps)")
@@ -229,11 +238,13 @@ def plot(results, path):
 def main(argv=None):
     args = parse_args(argv)
     import jaxdiff
+    from jaxdiff import parallel
     from jaxdiff.data.shapes import world
     from jaxdiff.eval import generation as gen
 
-    base = jaxdiff.load_pipeline(None)
-    spec = world("v1", image_size=base[0].image_size)
+    parallel.set_cpu_devices(args.cpu_devices)
+    base = jaxdiff.load_pipeline(None if args.base == "embedded" else args.base)
+    spec = world("v1", image_size=base[0].image_size)  # the held-out prompts of every study
     cases = gen.prompt_set(spec, args.num_one, args.num_two)
     data = encoded_data(*base, args)
     results = {}
@@ -241,16 +252,17 @@ def main(argv=None):
         with open(args.out) as f:
             results = json.load(f).get("models", {})
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "png", "workdir")}
+    first = {k: v for k, v in settings.items() if k not in ("init",)}   # rows keep their own
 
     def save():
         with open(args.out + ".tmp", "w") as f:
-            json.dump({"settings": settings, "sizes": SIZES, "models": results}, f, indent=1)
+            json.dump({"settings": first, "sizes": SIZES, "models": results}, f, indent=1)
         os.replace(args.out + ".tmp", args.out)
         plot(results, args.png)
 
     for size in args.sizes:          # all backbones of a size before the next size
         for backbone in args.backbones:
-            run_model(backbone, size, base, data, cases, spec, args, results, save)
+            run_model(backbone, size, base, data, cases, spec, args, results, save, settings)
     print(json.dumps(results, indent=1))
 
 

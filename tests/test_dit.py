@@ -14,6 +14,7 @@ from jaxdiff import dit_sampling
 from jaxdiff.denoiser import denoise
 from jaxdiff.models import UnsupportedConfigError
 from jaxdiff.models.dit import DiTConfig
+from jaxdiff.models import pixart
 from jaxdiff.models.pixart import PixArtConfig
 from jaxdiff.samplers import SampleState
 from jaxdiff.samplers.ddpm_learned import make_learned_range_ddpm
@@ -100,6 +101,42 @@ def test_pixart_matches_diffusers(torch, nets, size):
                                atol=TOL, rtol=0)
     if mask is not None:  # the mask really changes the output
         assert np.abs(want - _pixart_torch(torch, nets["tpix"], nets["inputs"], x)).max() > 1e-3
+
+
+def test_reference_init_is_pixarts_and_predicts_zero(nets):
+    """``pixart.reference_init`` (PixArt-α's initialize_weights): zero biases, zero
+    cross-attention outputs and final projection (so the output is exactly 0), N(0, 0.02)
+    timestep / t_block / caption MLPs, xavier-uniform elsewhere with the fused qkv / kv fans;
+    the scale-shift tables are kept."""
+    module, params = nets["pixart"]
+    new = pixart.reference_init(params, jax.random.key(0))
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(new)[0]}
+    old = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+           for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    d = PIXART["num_attention_heads"] * PIXART["attention_head_dim"]
+    for name, w in flat.items():
+        if name.endswith("bias") or name.startswith("proj_out") or "attn2/to_out_0" in name:
+            assert not w.any(), name
+        elif name.endswith("scale_shift_table"):
+            np.testing.assert_array_equal(w, old[name])
+    for name, fan_out in (("transformer_blocks_0/attn1/to_q", 3 * d),
+                          ("transformer_blocks_1/attn2/to_v", 2 * d),
+                          ("transformer_blocks_0/ff/net_2", d), ("pos_embed/proj", d)):
+        w = flat[name + "/kernel"]
+        bound = np.sqrt(6.0 / (w[..., 0].size + fan_out))
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.8 * bound, name
+    small = np.concatenate([flat[n + "/kernel"].ravel() for n in (
+        "adaln_single/linear", "adaln_single/emb/timestep_embedder/linear_1",
+        "caption_projection/linear_1", "caption_projection/linear_2")])
+    assert 0.018 < small.std() < 0.022
+    x = nets["inputs"]["x"]
+    assert not _pixart_jax(module, new, nets["inputs"], x).any()
+    assert _pixart_jax(module, params, nets["inputs"], x).any()
+    from jaxdiff.training import recipes   # the recipe's switch: DiT only, one line
+    for backbone, init in (("unet", "reference"), ("dit", "xavier")):
+        with pytest.raises(ValueError, match="'flax', or 'reference' with 'dit'"):
+            recipes.fresh_denoiser(None, {}, {}, backbone, init=init)
 
 
 def test_saved_folders_load_in_diffusers(torch, nets, tmp_path):

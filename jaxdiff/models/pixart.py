@@ -21,7 +21,9 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.models import config as config_lib
 from jaxdiff.models.attention import Attention
@@ -240,3 +242,36 @@ def pixart_dummy_inputs(module: PixArtTransformer2DModel):
     added = ({"resolution": jnp.zeros((1, 2)), "aspect_ratio": jnp.zeros((1, 1))}
              if c.micro_conditions else None)
     return (jnp.zeros((1, p, p, c.in_channels)), jnp.zeros((1,)), context, added)
+
+
+def reference_init(params, key):
+    """PixArt-α's own initialisation (its ``initialize_weights``) of a params tree that
+    flax initialised, for training from scratch: xavier-uniform kernels of every Dense and
+    of the patch embedding (the fans of the reference's fused ``qkv`` / ``kv_linear`` for
+    ``to_q``/``to_k``/``to_v``), zero biases, N(0, 0.02) for the timestep MLP, the
+    ``t_block`` (``adaln_single.linear``) and the caption MLP, and zero for every block's
+    cross-attention output and the final projection (``proj_out``), so the model
+    predicts 0 at step 0. The scale-shift tables (N(0, 1/D)) and the fixed sin-cos
+    position table are already the reference's; LayerNorms have no parameters."""
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, w), k in zip(leaves, keys):
+        names = [str(getattr(p, "key", p)) for p in path]
+        name, module = names[-1], "/".join(names[:-1])
+        if name == "bias" or module == "proj_out" or module.endswith("attn2/to_out_0"):
+            w = jnp.zeros_like(w) if name in ("bias", "kernel") else w
+        elif name == "kernel" and (module.startswith(("adaln_single/emb/timestep_embedder",
+                                                      "caption_projection"))
+                                   or module == "adaln_single/linear"):
+            w = 0.02 * jax.random.normal(k, w.shape, w.dtype)
+        elif name == "kernel":
+            fan_in, fan_out = int(np.prod(w.shape[:-1])), w.shape[-1]
+            if module.endswith(("attn1/to_q", "attn1/to_k", "attn1/to_v")):
+                fan_out *= 3                        # the reference's fused qkv
+            elif module.endswith(("attn2/to_k", "attn2/to_v")):
+                fan_out *= 2                        # the reference's fused kv_linear
+            bound = float(np.sqrt(6.0 / (fan_in + fan_out)))
+            w = jax.random.uniform(k, w.shape, w.dtype, -bound, bound)
+        out.append(w)
+    return jax.tree_util.tree_unflatten(tree, out)

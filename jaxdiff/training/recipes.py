@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Callable
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -31,7 +32,7 @@ from jaxdiff.data.image_folder import load_image_folder, load_mask_folder
 from jaxdiff.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
                             UNetConfig, VAEConfig)
-from jaxdiff.models.pixart import PixArtConfig, PixArtTransformer2DModel
+from jaxdiff.models.pixart import PixArtConfig, PixArtTransformer2DModel, reference_init
 from jaxdiff.models.uvit import UViT, UViTConfig
 from jaxdiff.pipeline import Pipeline, init_params
 from jaxdiff.schedules import SchedulerConfig
@@ -184,9 +185,15 @@ def train_and_evaluate(config, workdir: str) -> str:
     return export
 
 
-def fresh_denoiser(pipe: Pipeline, params, model_cfg, backbone: str, seed: int = 0):
+def fresh_denoiser(pipe: Pipeline, params, model_cfg, backbone: str, seed: int = 0,
+                   init: str = "flax"):
     """``pipe`` with a randomly initialised denoiser of ``backbone`` (``build_denoiser``)
-    in place of its own; VAE, text encoder, tokenizer and scheduler kept."""
+    in place of its own; VAE, text encoder, tokenizer and scheduler kept. ``init``:
+    "flax" (the modules' default initialisers) or, for "dit", "reference" (PixArt-α's
+    scheme, ``pixart.reference_init``: zero output and cross-attention projections)."""
+    if init not in ("flax", "reference") or (init == "reference" and backbone != "dit"):
+        raise ValueError(f"init={init!r} for backbone {backbone!r}: use 'flax', or "
+                         "'reference' with 'dit' (PixArt-α's initialisation).")
     vae = pipe.vae.config
     unet = build_denoiser(model_cfg, backbone, latent_size=pipe.unet.config.sample_size,
                           latent_channels=vae.latent_channels,
@@ -194,6 +201,8 @@ def fresh_denoiser(pipe: Pipeline, params, model_cfg, backbone: str, seed: int =
                           text_len=pipe.tokenizer.model_max_length)
     pipe = dataclasses.replace(pipe, unet=unet)
     net = init_params(dataclasses.replace(pipe, text_encoder=None, vae=None), seed)["unet"]
+    if init == "reference":
+        net = reference_init(net, jax.random.key(seed))
     return pipe, dict(params, unet=net)
 
 
