@@ -247,12 +247,12 @@ def main(argv=None):
     spec = world("v1", image_size=base[0].image_size)  # the held-out prompts of every study
     cases = gen.prompt_set(spec, args.num_one, args.num_two)
     data = encoded_data(*base, args)
-    results = {}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "png", "workdir")}
+    results, first = {}, settings      # "settings": the first command's; each row has its own
     if os.path.exists(args.out):
         with open(args.out) as f:
-            results = json.load(f).get("models", {})
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "png", "workdir")}
-    first = {k: v for k, v in settings.items() if k not in ("init",)}   # rows keep their own
+            old = json.load(f)
+        results, first = old.get("models", {}), old.get("settings", settings)
 
     def save():
         with open(args.out + ".tmp", "w") as f:
