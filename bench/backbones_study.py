@@ -91,9 +91,10 @@ def parse_args(argv=None):
     p.add_argument("--snr-gamma", type=float, default=0.0,
                    help="Min-SNR-gamma loss weight (0: plain; the v2 recipes use 5)")
     p.add_argument("--init", default="flax", choices=["flax", "reference"],
-                   help="denoiser initialisation: flax's defaults, or 'reference' (DiT only: "
-                        "PixArt-α's scheme, zero output projections); a non-default init "
-                        "names the rows '<backbone>-<size>+<init>'")
+                   help="denoiser initialisation: flax's defaults, or 'reference' (the "
+                        "transformers' papers: PixArt-α's scheme with zero output projections "
+                        "for dit, N(0, 0.02) Dense kernels for uvit); a non-default init names "
+                        "the rows '<backbone>-<size>+<init>'")
     p.add_argument("--cpu-devices", type=int, default=0,
                    help="split the CPU into this many XLA devices, data parallel (0: one)")
     p.add_argument("--workdir", default="runs/backbones_study")

@@ -135,7 +135,7 @@ def test_reference_init_is_pixarts_and_predicts_zero(nets):
     assert _pixart_jax(module, params, nets["inputs"], x).any()
     from jaxdiff.training import recipes   # the recipe's switch: DiT only, one line
     for backbone, init in (("unet", "reference"), ("dit", "xavier")):
-        with pytest.raises(ValueError, match="'flax', or 'reference' with 'dit'"):
+        with pytest.raises(ValueError, match="'flax', or 'reference' with 'dit' or 'uvit'"):
             recipes.fresh_denoiser(None, {}, {}, backbone, init=init)
 
 

@@ -74,3 +74,22 @@ def test_bad_latent_size_is_one_line(nets):
                                                 1, None, jnp.zeros((1,), jnp.int32)))
     with pytest.raises(ValueError, match="clip_dim and num_classes"):
         UViTConfig(clip_dim=8, num_classes=10)
+
+
+def test_reference_init_is_uvits(nets):
+    """``uvit.reference_init`` (the reference's _init_weights): Dense kernels N(0, 0.02),
+    Dense biases zero; convolutions, LayerNorms and the position table kept."""
+    from jaxdiff.models import uvit
+    _, _, params = nets["t2i"]
+    flat = lambda p: {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+                      for path, v in jax.tree_util.tree_flatten_with_path(p)[0]}
+    old, new = flat(params), flat(uvit.reference_init(params, jax.random.key(0)))
+    dense = np.concatenate([w.ravel() for n, w in new.items()
+                            if n.endswith("kernel") and w.ndim == 2])
+    assert dense.size > 1000 and 0.018 < dense.std() < 0.022 and abs(dense.mean()) < 0.002
+    for n, w in new.items():
+        if n.endswith("bias") and "norm" not in n and not n.startswith(("patch_embed",
+                                                                         "final_layer")):
+            assert not w.any(), n
+        elif w.ndim != 2 or not n.endswith("kernel"):
+            np.testing.assert_array_equal(w, old[n], err_msg=n)

@@ -25,6 +25,7 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.attention import attend
@@ -198,3 +199,23 @@ def uvit_dummy_inputs(module: UViT):
     context = None if c.clip_dim is None else jnp.zeros((1, c.num_clip_token, c.clip_dim))
     labels = jnp.zeros((1,), jnp.int32) if c.num_classes > 0 else None
     return (jnp.zeros((1, s, s, c.in_chans)), jnp.zeros((1,)), context, labels)
+
+
+def reference_init(params, key):
+    """U-ViT's own initialisation (its ``_init_weights``) of a params tree that flax
+    initialised, for training from scratch: every Dense kernel N(0, 0.02) (timm's
+    ``trunc_normal_(std=.02)`` cuts at +-2 absolute, i.e. 100 standard deviations: a plain
+    normal), zero biases. The patch embedding and the final 3x3 convolution keep their
+    initialisers (the reference leaves its convolutions at PyTorch's defaults), LayerNorms
+    are 1 / 0 and ``pos_embed`` is already truncated-normal 0.02."""
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(key, len(leaves))
+    names = [tuple(str(getattr(p, "key", p)) for p in path) for path, _ in leaves]
+    dense = {n[:-1] for n, (_, w) in zip(names, leaves) if n[-1] == "kernel" and w.ndim == 2}
+    out = []
+    for n, (_, w), k in zip(names, leaves, keys):
+        if n[:-1] in dense:          # a Dense layer: its kernel and its bias
+            w = (0.02 * jax.random.normal(k, w.shape, w.dtype) if n[-1] == "kernel"
+                 else jnp.zeros_like(w))
+        out.append(w)
+    return jax.tree_util.tree_unflatten(tree, out)

@@ -34,6 +34,7 @@ from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2D
                             UNetConfig, VAEConfig)
 from jaxdiff.models.pixart import PixArtConfig, PixArtTransformer2DModel, reference_init
 from jaxdiff.models.uvit import UViT, UViTConfig
+from jaxdiff.models.uvit import reference_init as uvit_reference_init
 from jaxdiff.pipeline import Pipeline, init_params
 from jaxdiff.schedules import SchedulerConfig
 from jaxdiff.training import class_images as class_lib
@@ -189,11 +190,12 @@ def fresh_denoiser(pipe: Pipeline, params, model_cfg, backbone: str, seed: int =
                    init: str = "flax"):
     """``pipe`` with a randomly initialised denoiser of ``backbone`` (``build_denoiser``)
     in place of its own; VAE, text encoder, tokenizer and scheduler kept. ``init``:
-    "flax" (the modules' default initialisers) or, for "dit", "reference" (PixArt-α's
-    scheme, ``pixart.reference_init``: zero output and cross-attention projections)."""
-    if init not in ("flax", "reference") or (init == "reference" and backbone != "dit"):
+    "flax" (the modules' default initialisers) or, for a transformer, "reference" (its
+    paper's code: ``pixart.reference_init`` for "dit", zero output and cross-attention
+    projections; ``uvit.reference_init`` for "uvit", N(0, 0.02) Dense kernels)."""
+    if init not in ("flax", "reference") or (init == "reference" and backbone == "unet"):
         raise ValueError(f"init={init!r} for backbone {backbone!r}: use 'flax', or "
-                         "'reference' with 'dit' (PixArt-α's initialisation).")
+                         "'reference' with 'dit' or 'uvit' (their papers' initialisation).")
     vae = pipe.vae.config
     unet = build_denoiser(model_cfg, backbone, latent_size=pipe.unet.config.sample_size,
                           latent_channels=vae.latent_channels,
@@ -202,7 +204,8 @@ def fresh_denoiser(pipe: Pipeline, params, model_cfg, backbone: str, seed: int =
     pipe = dataclasses.replace(pipe, unet=unet)
     net = init_params(dataclasses.replace(pipe, text_encoder=None, vae=None), seed)["unet"]
     if init == "reference":
-        net = reference_init(net, jax.random.key(seed))
+        reinit = reference_init if backbone == "dit" else uvit_reference_init
+        net = reinit(net, jax.random.key(seed))
     return pipe, dict(params, unet=net)
 
 
