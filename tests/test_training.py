@@ -156,8 +156,8 @@ def test_decoder_stage_moves_only_the_decoder_and_lowers_its_loss(trained, tmp_p
 
 def test_recipe_trains_a_text_dit_on_the_frozen_vae_and_text_encoder(trained, tmp_path):
     """config.model.backbone="dit" with init_from: a fresh PixArt text DiT replaces the
-    loaded U-Net and trains (2 steps) on its VAE and text encoder, which are exported bit
-    for bit; the export loads as a text-DiT pipeline. "uvit" is refused before any work."""
+    loaded U-Net and trains (2 steps, PixArt-α's initialisation) on its VAE and text encoder,
+    which are exported bit for bit; the export loads as a text-DiT pipeline. "uvit" is refused before any work."""
     _, export = trained
     cfg = _tiny_config()
     cfg.model.backbone = "uvit"
@@ -168,10 +168,13 @@ def test_recipe_trains_a_text_dit_on_the_frozen_vae_and_text_encoder(trained, tm
     cfg.model.dit.update(num_attention_heads=2, attention_head_dim=8, num_layers=1)
     cfg.diffusion.update(steps=2, train_text_encoder=False)
     cfg.sample_every = 0
+    cfg.model.init = "reference"   # PixArt-α's: the output projection starts at zero
     out = recipes.train_and_evaluate(cfg, str(tmp_path / "dit"))
     (p0, before), (p1, after) = jaxdiff.load_pipeline(export), jaxdiff.load_pipeline(out)
     assert p1.is_transformer and not p0.is_transformer
     assert p1.uses_caption_mask  # config.model.caption_mask's default (PixArt's)
+    # two Adam steps from zero, where flax's default init draws O(0.1) weights
+    assert 0 < np.abs(np.asarray(after["unet"]["proj_out"]["kernel"])).max() < 0.01
     c = p1.unet.config
     assert (c.num_layers, c.inner_dim, c.sample_size, c.caption_channels) == (
         1, 16, p0.unet.config.sample_size, p0.text_encoder.config.hidden_size)

@@ -129,7 +129,7 @@ def train_and_evaluate(config, workdir: str) -> str:
         pipe, params = load_pipeline(config.init_from)  # a folder or "embedded[:NAME]"
         if backbone:
             pipe, params = fresh_denoiser(pipe, params, config.model.to_dict(), backbone,
-                                          config.seed)
+                                          config.seed, config.model.get("init", "flax"))
             # A text DiT reads the prompt's tokens only (PixArt's caption mask) unless
             # config.model.caption_mask is False (saved as "_caption_mask": false).
             pipe = dataclasses.replace(pipe, caption_mask=config.model.get("caption_mask",
