@@ -54,10 +54,13 @@ def get_config(variant: str = ""):
                                            batch_size=64))
 
     # snr_gamma: Min-SNR weighting (as the base's diffusion stages); input_lr_multiplier:
-    # conv_in (the zero-initialised image channels) steps 10x faster (see the docstring).
+    # conv_in (the zero-initialised image channels) steps 10x faster (see the docstring);
+    # object_weight > 0: each latent pixel's loss x (1 + object_weight x the share of it
+    # covered by an object of either image), as model v2's configs/shapes.py:v2_focus.
     c.train = ml_collections.ConfigDict(dict(
         steps=6000, batch_size=64, lr=3e-4, warmup=100, dropout=0.05,
-        train_text_encoder=True, ema_decay=0.995, snr_gamma=5.0, input_lr_multiplier=10.0))
+        train_text_encoder=True, ema_decay=0.995, snr_gamma=5.0, input_lr_multiplier=10.0,
+        object_weight=0.0))
     c.log_every = 50
     c.checkpoint_every = 250
 

@@ -65,12 +65,18 @@ def test_triples_differ_exactly_by_the_instructed_attribute(data):
 
 def test_render_pairs_change_only_the_edit_region(data):
     reads = []
-    for src, dst, t in zip(data["source"], data["edited"], data["triples"]):
+    for src, dst, mask, t in zip(data["source"], data["edited"], data["masks"],
+                                 data["triples"]):
         ref_src, ref_dst, m_src, m_dst = instructions.render_pair(SPEC, t)
         np.testing.assert_array_equal(src, ref_src)
         keep = instructions.preserved_region(t, m_src, m_dst)
         np.testing.assert_array_equal(src[keep], dst[keep])
         assert (src[~keep] != dst[~keep]).any(-1).sum() > 0
+        # The object masks cover every object of both scenes: outside them each image is
+        # its background colour (the loss weights of ``train.object_weight``).
+        np.testing.assert_array_equal(mask, m_src.any(0) | m_dst.any(0))
+        for img, bg in ((src, t.background), (dst, t.edited_background)):
+            assert (img[~mask] == dict(SPEC.backgrounds)[bg]).all()
         if sum(r[0] == t.kind for r in reads) < 2:  # the evaluator on two pairs per kind
             reads.append((t.kind, ip2p.read_pair(SPEC, t, src, dst)))
     assert len(reads) == 2 * len(instructions.KINDS)
@@ -86,6 +92,9 @@ def test_filter_keeps_exact_pairs_and_rejects_damaged_ones(data):
     keep = instructions.preserved_region(t, m_src, m_dst)[..., None]
     # Every preserved pixel 40 levels off (still nearest its own colour): 16 dB.
     damaged = np.where(keep, np.where(dst < 128, dst + 40, dst - 40), dst).astype(np.uint8)
+    # The evaluator's masks of a generated pair (``object_masks``) are the exact ones here.
+    np.testing.assert_array_equal(ip2p.object_masks(SPEC, src, dst),
+                                  m_src.any(0) | m_dst.any(0))
     r = ip2p.read_pair(SPEC, t, src, damaged)
     assert r["source_ok"] and r["edit_ok"] and 15.0 < r["psnr"] < 20.0
     assert not ip2p.keep_pair(r)
@@ -100,7 +109,8 @@ def test_fill_from_renderer_keeps_generated_pairs_and_renders_the_rest(data):
     kept = np.array([True, False, True, False, False, True])
     rng = np.random.default_rng(0)
     gen = rng.integers(0, 256, (2, int(kept.sum()), 32, 32, 3), dtype=np.uint8)
-    pairs = {"source": gen[0], "edited": gen[1], "kept": kept}
+    gen_masks = rng.random((int(kept.sum()), 32, 32)) < 0.5
+    pairs = {"source": gen[0], "edited": gen[1], "masks": gen_masks, "kept": kept}
     out = ip2p.fill_from_renderer(SPEC, ts, pairs)
     assert out["instruction"] == [t.instruction for t in ts]
     k = 0
@@ -108,11 +118,13 @@ def test_fill_from_renderer_keeps_generated_pairs_and_renders_the_rest(data):
         if kept[i]:
             np.testing.assert_array_equal(out["source"][i], gen[0][k])
             np.testing.assert_array_equal(out["edited"][i], gen[1][k])
+            np.testing.assert_array_equal(out["masks"][i], gen_masks[k])
             k += 1
         else:
-            ref_src, ref_dst, _, _ = instructions.render_pair(SPEC, t)
+            ref_src, ref_dst, m_src, m_dst = instructions.render_pair(SPEC, t)
             np.testing.assert_array_equal(out["source"][i], ref_src)
             np.testing.assert_array_equal(out["edited"][i], ref_dst)
+            np.testing.assert_array_equal(out["masks"][i], m_src.any(0) | m_dst.any(0))
     np.testing.assert_array_equal(out["kept"], kept)
 
 
@@ -148,6 +160,38 @@ def test_widened_unet_equals_the_base_unet_at_step_0(embedded):
 
     base, widened = both(params["unet"], wparams["unet"])
     np.testing.assert_allclose(widened, base, atol=1e-5)
+
+
+def test_object_weighted_loss_is_the_weighted_mean_of_the_error(embedded, tmp_path):
+    """``make_instruct_loss`` with per-pixel weights: constant weights give the plain loss
+    (the weights are normalised), weights on one latent pixel give that pixel's error
+    alone, so an up-weighted object region moves the loss toward the objects' error; and
+    ``train_instruct`` refuses ``object_weight`` without masks in one line."""
+    pipe, params = embedded
+    wide, wparams = ip2p.widen_unet(pipe, params)
+    loss = ip2p.make_instruct_loss(wide, wparams, dropout=0.0)
+    rng = np.random.default_rng(1)
+    x0, img = (jnp.asarray(rng.normal(size=(1, 8, 8, 4)), jnp.float32) for _ in range(2))
+    batch = (x0, img, jnp.asarray(pipe.tokenize(["make it blue"])))
+    p = {"unet": wparams["unet"]}
+    key = jax.random.key(3)
+    f = jax.jit(lambda b: loss(p, b, key))
+    plain = f(batch)
+    np.testing.assert_allclose(f(batch + (jnp.full((1, 8, 8, 1), 7.0),)), plain, rtol=1e-5)
+
+    def at(*cells):  # weights w at latent pixels (row, col, w), zero elsewhere
+        w = np.zeros((1, 8, 8, 1), np.float32)
+        for r, c, v in cells:
+            w[0, r, c] = v
+        return float(f(batch + (jnp.asarray(w),)))
+
+    e_a, e_b = at((3, 5, 1.0)), at((6, 1, 1.0))  # one pixel's error alone (same t, noise)
+    assert e_a != pytest.approx(e_b, rel=1e-3)
+    np.testing.assert_allclose(at((3, 5, 3.0), (6, 1, 1.0)), (3 * e_a + e_b) / 4, rtol=1e-5)
+    with pytest.raises(ValueError, match="mask_weight > 0 needs"):
+        ip2p.train_instruct(wide, wparams, np.zeros((2, 32, 32, 3), np.uint8),
+                            np.zeros((2, 32, 32, 3), np.uint8), ["a", "b"], str(tmp_path),
+                            steps=1, batch_size=2, lr=1e-3, object_weight=4.0)
 
 
 def test_instruct_optimizer_steps_the_image_input_faster():

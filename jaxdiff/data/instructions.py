@@ -183,11 +183,13 @@ def preserved_region(triple: EditTriple, source_masks: np.ndarray,
 def renderer_dataset(seed: int, spec: WorldSpec, num: int,
                      split: Optional[str] = "train") -> dict:
     """``num`` renderer pairs: {"source", "edited": uint8 [N, H, W, 3], "instruction":
-    list[str], "kind": int32 [N] (index into ``KINDS``), "triples": list}."""
+    list[str], "kind": int32 [N] (index into ``KINDS``), "masks": bool [N, H, W] (where an
+    object of either scene is), "triples": list}."""
     ts = triples(seed, spec, num, split)
     pairs = [render_pair(spec, t) for t in ts]
     return {"source": np.stack([p[0] for p in pairs]),
             "edited": np.stack([p[1] for p in pairs]),
+            "masks": np.stack([p[2].any(0) | p[3].any(0) for p in pairs]),
             "instruction": [t.instruction for t in ts],
             "kind": np.array([KINDS.index(t.kind) for t in ts], np.int32),
             "triples": ts}

@@ -51,7 +51,7 @@ from jaxdiff.pipeline import Pipeline, from_uint8, to_uint8
 from jaxdiff.samplers.ddim import ddim_tables
 from jaxdiff.training import batching, losses
 from jaxdiff.training import state as state_lib
-from jaxdiff.training.latents import encode_latents, posterior_mean
+from jaxdiff.training.latents import encode_latents, mask_loss_weights, posterior_mean
 from jaxdiff.training.loop import train_loop
 from jaxdiff.training.optim import adamw_with_warmup
 from jaxdiff.training.step import make_train_step
@@ -123,13 +123,16 @@ def condition_dropout(rng, batch: int, prob: float = 0.05):
 
 def make_instruct_loss(pipe: Pipeline, frozen_params, dropout: float = 0.05,
                        snr_gamma: float | None = None):
-    """``loss(p, (edited_latents, image_latents, ids), rng) -> scalar`` for the widened
-    ``pipe``; ``p`` holds "unet" and optionally "text_encoder" (else the frozen one)."""
+    """``loss(p, (edited_latents, image_latents, ids[, weights]), rng) -> scalar`` for the
+    widened ``pipe``; ``p`` holds "unet" and optionally "text_encoder" (else the frozen
+    one); ``weights`` [B, h, w, 1] weight each latent pixel's squared error (normalised
+    by their sum, ``losses.denoising_loss``), e.g. objects up-weighted."""
     empty = jnp.asarray(pipe.tokenize([""], warn=False)[0])
     alphas = schedules.alphas_cumprod(pipe.scheduler)
 
     def loss(p, batch, rng):
-        x0, image, ids = batch
+        x0, image, ids = batch[:3]
+        weight = batch[3] if len(batch) > 3 else None
         k_drop, k_loss = jax.random.split(rng)
         drop_text, drop_image = condition_dropout(k_drop, ids.shape[0], dropout)
         ids = jnp.where(drop_text[:, None], empty[None], ids)
@@ -145,7 +148,7 @@ def make_instruct_loss(pipe: Pipeline, frozen_params, dropout: float = 0.05,
 
         per = losses.denoising_loss(with_image, alphas, pipe.scheduler.prediction_type,
                                     snr_gamma)(
-            x0, (context, image), k_loss)
+            x0, (context, image), k_loss, weight)
         return jnp.mean(per)
 
     return loss
@@ -186,18 +189,22 @@ def train_instruct(pipe: Pipeline, params, source, edited, instruction_texts: Se
                    warmup: int = 100, dropout: float = 0.05,
                    train_text_encoder: bool = True, ema_decay: float = 0.995,
                    snr_gamma: float | None = None, input_lr_multiplier: float = 1.0,
-                   seed: int = 0,
+                   object_masks=None, object_weight: float = 0.0, seed: int = 0,
                    log_every: int = 50, ckpt_every: int = 500, mesh=None,
                    rules: Sequence = parallel.DEFAULT_RULES, fsdp_min_size: int = 0):
     """Trains the widened ``pipe`` on uint8 pairs (source, edited) [N, H, W, 3] and their
     instructions; resumes from ``workdir``'s checkpoints (a checkpoint of another
     ``input_lr_multiplier`` == 1 / != 1 choice has another optimizer state: use a new
     ``workdir``). ``snr_gamma``: Min-SNR loss weighting (None: plain MSE);
-    ``input_lr_multiplier``: ``instruct_optimizer``'s. Returns params with the EMA weights
-    of the trained parts."""
+    ``input_lr_multiplier``: ``instruct_optimizer``'s; ``object_masks`` bool [N, H, W]
+    and ``object_weight`` > 0: each latent pixel's error weighted ``1 + object_weight x``
+    the share of it the mask covers (``latents.mask_loss_weights``; objects are a small
+    share of a shapes-world image, so the plain loss is mostly background). Returns params
+    with the EMA weights of the trained parts."""
     os.makedirs(workdir, exist_ok=True)
     if pipe.unet.config.in_channels != 2 * pipe.unet.config.out_channels:
         raise ValueError("train_instruct needs the widened UNet (widen_unet).")
+    weights = mask_loss_weights(object_masks, object_weight, source, pipe.vae_scale_factor)
     target, image = encode_pairs(pipe, params, source, edited)
     ids = pipe.tokenize(list(instruction_texts), warn=False)
     trainable = {"unet": params["unet"]}
@@ -207,7 +214,8 @@ def train_instruct(pipe: Pipeline, params, source, edited, instruction_texts: Se
 
     def batch_fn(s):
         idx = batching.host_slice(batching.batch_indices(len(target), batch_size, s, seed))
-        return jnp.asarray(target[idx]), jnp.asarray(image[idx]), jnp.asarray(ids[idx])
+        out = (jnp.asarray(target[idx]), jnp.asarray(image[idx]), jnp.asarray(ids[idx]))
+        return out if weights is None else out + (jnp.asarray(weights[idx]),)
 
     state = state_lib.create(trainable, opt, seed)
     state = train_loop(make_train_step(make_instruct_loss(pipe, params, dropout, snr_gamma),
@@ -278,6 +286,16 @@ def read_pair(spec: shapes.WorldSpec, triple, source_image, edited_image) -> dic
     return out
 
 
+def object_masks(spec: shapes.WorldSpec, source_image, edited_image) -> np.ndarray:
+    """bool [H, W]: where the evaluator finds an object in either image of a pair."""
+    found = (shapes_eval.evaluate(source_image, spec)["objects"]
+             + shapes_eval.evaluate(edited_image, spec)["objects"])
+    out = np.zeros(source_image.shape[:2], bool)
+    for o in found:
+        out |= o["mask"]
+    return out
+
+
 def keep_pair(reading: dict, min_psnr: float = 25.0) -> bool:
     """The filter of generated pairs on a ``read_pair`` result: both scenes read right and
     the preserved region at >= ``min_psnr`` dB (False when it could not be located)."""
@@ -293,7 +311,8 @@ def p2p_pairs(pipe: Pipeline, params, triples, *, seed: int = 0, steps: int = 20
     swapped words), kept when ``read_pair`` finds both scenes right and the preserved
     region at >= ``min_psnr`` dB (the evaluator reads them as scenes of ``world``, the
     triples' world). Returns {"source", "edited": uint8 [K, H, W, 3], "instruction": list,
-    "triples": the kept triples, "kept": bool [N]}."""
+    "masks": bool [K, H, W] (the evaluator's objects of either image), "triples": the
+    kept triples, "kept": bool [N]}."""
     spec = shapes.world(world, image_size=pipe.image_size)
     run = _p2p_program(pipe, steps)
     empty = pipe.tokenize([""], warn=False)
@@ -318,7 +337,9 @@ def p2p_pairs(pipe: Pipeline, params, triples, *, seed: int = 0, steps: int = 20
     kept = np.array(kept, bool)
     src_all, dst_all = np.concatenate(src_all)[kept], np.concatenate(dst_all)[kept]
     keep_t = [t for t, k in zip(triples, kept) if k]
-    return {"source": src_all, "edited": dst_all,
+    masks = np.stack([object_masks(spec, a, b) for a, b in zip(src_all, dst_all)]
+                     ) if len(src_all) else np.zeros((0,) + src_all.shape[1:3], bool)
+    return {"source": src_all, "edited": dst_all, "masks": masks,
             "instruction": [t.instruction for t in keep_t], "triples": keep_t, "kept": kept}
 
 
@@ -345,17 +366,19 @@ def fill_from_renderer(spec: shapes.WorldSpec, triples, pairs: dict) -> dict:
     the renderer's exact one (same order as ``triples``; ``"kept"``: bool [N], which pairs
     are the model's)."""
     kept = np.asarray(pairs["kept"], bool)
-    src, dst, k = [], [], 0
+    src, dst, masks, k = [], [], [], 0
     for t, ok in zip(triples, kept):
         if ok:
             src.append(pairs["source"][k])
             dst.append(pairs["edited"][k])
+            masks.append(pairs["masks"][k])
             k += 1
         else:
-            a, b, _, _ = instructions.render_pair(spec, t)
+            a, b, m_a, m_b = instructions.render_pair(spec, t)
             src.append(a)
             dst.append(b)
-    return {"source": np.stack(src), "edited": np.stack(dst),
+            masks.append(m_a.any(0) | m_b.any(0))
+    return {"source": np.stack(src), "edited": np.stack(dst), "masks": np.stack(masks),
             "instruction": [t.instruction for t in triples], "triples": list(triples),
             "kept": kept}
 
@@ -373,7 +396,8 @@ def run_instruct_pix2pix(config, workdir: str) -> str:
     pipe, params = widen_unet(pipe, params)
     params = train_instruct(
         pipe, params, pairs["source"], pairs["edited"], pairs["instruction"],
-        os.path.join(workdir, "instruct_pix2pix"), seed=config.seed,
+        os.path.join(workdir, "instruct_pix2pix"), object_masks=pairs["masks"],
+        seed=config.seed,
         log_every=config.log_every, ckpt_every=config.checkpoint_every,
         mesh=parallel.make_mesh(fsdp=config.mesh.fsdp),
         rules=[tuple(r) for r in config.mesh.rules], fsdp_min_size=config.mesh.fsdp_min_size,
