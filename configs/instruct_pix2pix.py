@@ -42,6 +42,7 @@ def get_config(variant: str = ""):
     c.seed = 0
     c.model = ""                       # base pipeline ("" = the embedded model)
     c.export_dir = ""                  # "" = <workdir>/export
+    c.export_dtype = "float32"         # tensors of the export (the shipped one: float16)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "renderer"         # "renderer" (exact) | "p2p" (generated) | "p2p+renderer"

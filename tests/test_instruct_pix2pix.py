@@ -117,6 +117,22 @@ def test_saved_folder_is_diffusers_instruct_pipeline(case, tmp_path, torch):
     want = case["tp"].unet.state_dict()
     for name, value in back.unet.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), want[name].numpy(), err_msg=name)
+    # float16 (how the embedded model's instruct weights ship): the same tensors rounded,
+    # read back by jaxdiff as float32 params.
+    half = jaxdiff.save_pipeline(case["pipe"], case["params"], str(tmp_path / "half"),
+                                 dtype=np.float16)
+    from safetensors.numpy import load_file
+    stored = load_file(os.path.join(half, "unet", "diffusion_pytorch_model.safetensors"))
+    back16 = StableDiffusionInstructPix2PixPipeline.from_pretrained(half)
+    for name, value in back16.unet.state_dict().items():
+        assert stored[name].dtype == np.float16, name
+        np.testing.assert_array_equal(value.numpy(), want[name].numpy().astype(np.float16),
+                                      err_msg=name)
+    _, params16 = jaxdiff.load_pipeline(half)
+    k = np.asarray(params16["unet"]["conv_in"]["kernel"])
+    assert k.dtype == np.float32
+    np.testing.assert_array_equal(
+        k, np.asarray(case["params"]["unet"]["conv_in"]["kernel"]).astype(np.float16))
 
 
 def test_cli_edits_like_the_library_and_refuses_a_plain_model(case, embedded, tmp_path,

@@ -226,12 +226,12 @@ def train_instruct(pipe: Pipeline, params, source, edited, instruction_texts: Se
     return dict(params, **parallel.gather(state.ema_params))
 
 
-def save_instruct_pipeline(pipe: Pipeline, params, out_dir: str) -> str:
+def save_instruct_pipeline(pipe: Pipeline, params, out_dir: str, dtype=np.float32) -> str:
     """Writes a diffusers ``StableDiffusionInstructPix2PixPipeline`` folder (atomically); a
     widened text DiT keeps ``save_pipeline``'s ``PixArtAlphaPipeline`` layout (diffusers
     has no InstructPix2Pix transformer pipeline; jaxdiff loads it as an instruct pipeline
-    by its 8 input channels)."""
-    save_pipeline(pipe, params, out_dir)
+    by its 8 input channels). ``dtype``: the tensors' (float16 for the shipped model)."""
+    save_pipeline(pipe, params, out_dir, dtype=dtype)
     if pipe.is_transformer:
         return out_dir
     path = os.path.join(out_dir, "model_index.json")
@@ -403,4 +403,5 @@ def run_instruct_pix2pix(config, workdir: str) -> str:
         rules=[tuple(r) for r in config.mesh.rules], fsdp_min_size=config.mesh.fsdp_min_size,
         **config.train.to_dict())
     return save_instruct_pipeline(pipe, params,
-                                  config.export_dir or os.path.join(workdir, "export"))
+                                  config.export_dir or os.path.join(workdir, "export"),
+                                  dtype=np.dtype(config.export_dtype))

@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.weights import diffusers_format, hf_cache, single_file, single_file_write
 
@@ -86,11 +87,13 @@ def save_pipeline(pipe, params, out: str, *, overwrite: bool = True,
         A1111, ComfyUI and diffusers' ``from_single_file`` read).
       overwrite: replace an existing output.
       format: ``"diffusers"`` or ``"single_file"``.
-      dtype: single files only: the tensors' dtype (default float32; ``numpy.float16``
-        halves the size as most released files).
+      dtype: the tensors' dtype (default float32; ``numpy.float16`` halves the size as
+        most released files; loading gives float32 params either way).
     """
     if format == "diffusers":
-        return diffusers_format.save_pipeline(pipe, params, out, overwrite=overwrite)
+        return diffusers_format.save_pipeline(
+            pipe, params, out, overwrite=overwrite,
+            dtype=np.dtype(dtype) if dtype is not None else np.float32)
     if format != "single_file":
         raise ValueError(f"format={format!r} is not one of {FORMATS}.")
     if os.path.exists(out) and not overwrite:
