@@ -35,8 +35,9 @@ at s_T 3, s_I 3) but misses the targets, the same at step 4750 and 6000: success
 of every target; 60 000 renderer pairs (``--config.data.num_pairs=60000``) and the
 object-weighted loss (``--config.train.object_weight=4``) give the same within +-0.05;
 a longer schedule helps (the 60 000-pair run resumed with ``--config.train.steps=9000``:
-position 0.21 -> 0.33, background 0.30 -> 0.44), so the 6000-step "plateau" was the cosine
-decay's small final learning rate.
+position 0.21 -> 0.33, background 0.30 -> 0.44; resumed again to 12 000: 0.57 / 0.51 /
+0.66 / 0.32 / 0.55), so the 6000-step "plateau" was the cosine decay's small final
+learning rate.
 ``jaxdiff/assets/shapes_instruct`` is meant to be this config's export, written in float16
 (``--config.export_dtype=float16``).
 """
