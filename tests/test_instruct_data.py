@@ -16,6 +16,7 @@ import pytest
 
 from jaxdiff.data import instructions, shapes
 from jaxdiff.eval import shapes_eval
+from jaxdiff.training import instruct_pairs as ipairs
 from jaxdiff.training import instruct_pix2pix as ip2p
 
 SPEC = shapes.world("v1")
@@ -78,7 +79,7 @@ def test_render_pairs_change_only_the_edit_region(data):
         for img, bg in ((src, t.background), (dst, t.edited_background)):
             assert (img[~mask] == dict(SPEC.backgrounds)[bg]).all()
         if sum(r[0] == t.kind for r in reads) < 2:  # the evaluator on two pairs per kind
-            reads.append((t.kind, ip2p.read_pair(SPEC, t, src, dst)))
+            reads.append((t.kind, ipairs.read_pair(SPEC, t, src, dst)))
     assert len(reads) == 2 * len(instructions.KINDS)
     reads = [r for _, r in reads]
     assert all(r["source_ok"] and r["edit_ok"] for r in reads)
@@ -88,18 +89,20 @@ def test_render_pairs_change_only_the_edit_region(data):
 def test_filter_keeps_exact_pairs_and_rejects_damaged_ones(data):
     t = next(t for t in data["triples"] if t.kind == "colour")
     src, dst, m_src, m_dst = instructions.render_pair(SPEC, t)
-    assert ip2p.keep_pair(ip2p.read_pair(SPEC, t, src, dst))
+    exact = ipairs.read_pair(SPEC, t, src, dst)
+    assert ipairs.keep_pair(exact)
     keep = instructions.preserved_region(t, m_src, m_dst)[..., None]
     # Every preserved pixel 40 levels off (still nearest its own colour): 16 dB.
     damaged = np.where(keep, np.where(dst < 128, dst + 40, dst - 40), dst).astype(np.uint8)
     # The evaluator's masks of a generated pair (``object_masks``) are the exact ones here.
-    np.testing.assert_array_equal(ip2p.object_masks(SPEC, src, dst),
+    np.testing.assert_array_equal(ipairs.object_masks(SPEC, src, dst),
                                   m_src.any(0) | m_dst.any(0))
-    r = ip2p.read_pair(SPEC, t, src, damaged)
+    np.testing.assert_array_equal(exact["masks"], m_src.any(0) | m_dst.any(0))
+    r = ipairs.read_pair(SPEC, t, src, damaged)
     assert r["source_ok"] and r["edit_ok"] and 15.0 < r["psnr"] < 20.0
-    assert not ip2p.keep_pair(r)
+    assert not ipairs.keep_pair(r)
     wrong = dataclasses.replace(t, edited_objects=t.objects)  # the edit did not happen
-    assert not ip2p.keep_pair(ip2p.read_pair(SPEC, wrong, src, dst))
+    assert not ipairs.keep_pair(ipairs.read_pair(SPEC, wrong, src, dst))
 
 
 def test_fill_from_renderer_keeps_generated_pairs_and_renders_the_rest(data):
@@ -111,7 +114,7 @@ def test_fill_from_renderer_keeps_generated_pairs_and_renders_the_rest(data):
     gen = rng.integers(0, 256, (2, int(kept.sum()), 32, 32, 3), dtype=np.uint8)
     gen_masks = rng.random((int(kept.sum()), 32, 32)) < 0.5
     pairs = {"source": gen[0], "edited": gen[1], "masks": gen_masks, "kept": kept}
-    out = ip2p.fill_from_renderer(SPEC, ts, pairs)
+    out = ipairs.fill_from_renderer(SPEC, ts, pairs)
     assert out["instruction"] == [t.instruction for t in ts]
     k = 0
     for i, t in enumerate(ts):

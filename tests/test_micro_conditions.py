@@ -26,6 +26,7 @@ from jaxdiff.editing import prompt_to_prompt as p2p
 from jaxdiff.eval import diffusion_classifier as dc
 from jaxdiff.samplers.ddim import ddim_tables
 from jaxdiff.sampling import initial_noise, sample_keys
+from jaxdiff.training import instruct_pairs
 from jaxdiff.training import instruct_pix2pix as ip2p
 from text_dit import tiny_text_dit
 
@@ -143,7 +144,7 @@ def test_p2p_pairs_program(micro):
     caps, edits = ["a red circle", "a blue square"], ["a blue circle", "a red square"]
     control = p2p.make_control(pipe, caps, edits, STEPS, mode="replace",
                                cross_replace_steps=0.8, self_replace_steps=0.4)
-    src, dst = ip2p._p2p_program(pipe, STEPS)(
+    src, dst = instruct_pairs._p2p_program(pipe, STEPS)(
         params, noise, pipe.tokenize(caps), pipe.tokenize(edits), pipe.tokenize(["", ""]),
         control, jnp.float32(SCALE))
     _check(src, *_ddim_by_hand(pipe, True, params, noise, pipe.tokenize(caps),
