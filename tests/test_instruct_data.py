@@ -191,7 +191,7 @@ def test_object_weighted_loss_is_the_weighted_mean_of_the_error(embedded, tmp_pa
     e_a, e_b = at((3, 5, 1.0)), at((6, 1, 1.0))  # one pixel's error alone (same t, noise)
     assert e_a != pytest.approx(e_b, rel=1e-3)
     np.testing.assert_allclose(at((3, 5, 3.0), (6, 1, 1.0)), (3 * e_a + e_b) / 4, rtol=1e-5)
-    with pytest.raises(ValueError, match="mask_weight > 0 needs"):
+    with pytest.raises(ValueError, match="^object_weight > 0 needs object_masks"):
         ip2p.train_instruct(wide, wparams, np.zeros((2, 32, 32, 3), np.uint8),
                             np.zeros((2, 32, 32, 3), np.uint8), ["a", "b"], str(tmp_path),
                             steps=1, batch_size=2, lr=1e-3, object_weight=4.0)

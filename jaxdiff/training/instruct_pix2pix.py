@@ -195,7 +195,8 @@ def train_instruct(pipe: Pipeline, params, source, edited, instruction_texts: Se
     os.makedirs(workdir, exist_ok=True)
     if pipe.unet.config.in_channels != 2 * pipe.unet.config.out_channels:
         raise ValueError("train_instruct needs the widened UNet (widen_unet).")
-    weights = mask_loss_weights(object_masks, object_weight, source, pipe.vae_scale_factor)
+    weights = mask_loss_weights(object_masks, object_weight, source, pipe.vae_scale_factor,
+                                names=("object_weight", "object_masks"))
     target, image = encode_pairs(pipe, params, source, edited)
     ids = pipe.tokenize(list(instruction_texts), warn=False)
     trainable = {"unet": params["unet"]}

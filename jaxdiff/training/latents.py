@@ -48,20 +48,24 @@ def mask_coverage(masks, factor: int) -> np.ndarray:
             .mean(axis=(2, 4), dtype=np.float32)[..., None])
 
 
-def mask_loss_weights(masks, weight: float, images, factor: int):
+def mask_loss_weights(masks, weight: float, images, factor: int,
+                      names=("mask_weight", "instance_masks")):
     """Per-latent-pixel loss weights [N, H/f, W/f, 1] = ``1 + weight * mask_coverage``
-    for personalization's masked loss (None when ``weight`` is 0: the plain loss); one-line
-    errors for a negative weight, missing masks or masks that do not match ``images``."""
+    for a masked loss (personalization's instance masks, InstructPix2Pix's object masks;
+    None when ``weight`` is 0: the plain loss); one-line errors, naming the caller's
+    arguments (``names``: the weight's and the masks'), for a negative weight, missing
+    masks or masks that do not match ``images``."""
+    weight_name, masks_name = names
     if weight < 0:
-        raise ValueError(f"mask_weight must be >= 0 (0: off), got {weight}.")
+        raise ValueError(f"{weight_name} must be >= 0 (0: off), got {weight}.")
     if weight == 0:
         return None
     if masks is None:
-        raise ValueError("mask_weight > 0 needs instance_masks [N, H, W], one per instance "
+        raise ValueError(f"{weight_name} > 0 needs {masks_name} [N, H, W], one per training "
                          "image.")
     masks = np.asarray(masks)
     if masks.shape != tuple(np.shape(images)[:3]):
-        raise ValueError(f"instance_masks: shape {masks.shape} does not match the instance "
+        raise ValueError(f"{masks_name}: shape {masks.shape} does not match the training "
                          f"images' {tuple(np.shape(images)[:3])} (one [H, W] mask per image).")
     return 1.0 + weight * mask_coverage(masks, factor)
 
