@@ -28,7 +28,9 @@ an entry (Imagic, UniTune). ``instruct_pix2pix`` runs ``jaxdiff.editing.instruct
 with each model of ``--instruct-models`` (default: the shipped
 ``jaxdiff/assets/shapes_instruct``) on the instruction; ``p2p`` runs Prompt-to-Prompt
 (issue #6: direct inversion + replace, the best setting of bench/p2p_quality.py) on the
-embedded model from the full source caption to the edited caption.
+embedded model from the full source caption to the edited caption. ``ceiling`` is no
+method but a reference row: the renderer's true edited scene through the base model's
+autoencoder, what an edit made in its latent space can at best score.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 
 import jaxdiff
@@ -116,8 +119,21 @@ def unitune_factory(args):
             for k, s in enumerate(strengths)}
 
 
+def ceiling_factory(args):
+    """Not an editing method: the true edited scene (the renderer's) through the base
+    model's autoencoder, the best any edit in its latent space can score."""
+    pipe, params = jaxdiff.load_pipeline(args.base_model)
+    spec = shapes.world("v1", image_size=pipe.image_size)
+    roundtrip = jax.jit(lambda p, x: pipe.decode_latents(p, pipe.encode_images(p, x)))
+
+    def edit(images, triples):
+        truth = np.stack([instructions.render_pair(spec, t)[1] for t in triples])
+        return to_uint8(np.asarray(roundtrip(params, from_uint8(truth))))
+    return {"autoencoder ceiling (true edit, VAE round trip)": edit}
+
+
 METHODS = {"instruct_pix2pix": instruct_factory, "p2p": p2p_factory, "imagic": imagic_factory,
-           "unitune": unitune_factory}
+           "unitune": unitune_factory, "ceiling": ceiling_factory}
 
 
 def _psnr(a, b, region=None) -> float:
