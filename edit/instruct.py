@@ -5,9 +5,9 @@
 
 --model must be an InstructPix2Pix pipeline (a diffusers StableDiffusionInstructPix2Pix
 folder: its UNet takes the noisy latents and the image latents, 8 channels for SD); by
-default the embedded model's instruct weights (jaxdiff/assets/shapes_instruct) when they
-are shipped, else a one-line error asks for --model. --guidance is the text guidance s_T,
---image-guidance the image guidance s_I; --source-prompt is not used. Per input it writes
+default the embedded model's instruct weights (jaxdiff/assets/shapes_instruct, best at
+--guidance 3 --image-guidance 3). --guidance is the text guidance s_T, --image-guidance
+the image guidance s_I; --source-prompt is not used. Per input it writes
 ``<out>/<name>/``: input.png, reconstruction.png (VAE round trip), edit.png (edit_<k>.png
 for several instructions), panel.png, settings.json; ``<out>/summary.json`` lists finished
 jobs and errors (a bad job is reported and the rest go on). One compiled program per
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     edit_args.add_common_args(p, steps=100, guidance=7.5, helps=dict(
         model="InstructPix2Pix pipeline directory (default: the embedded model's instruct "
-              "weights, jaxdiff/assets/shapes_instruct, once shipped)",
+              "weights, jaxdiff/assets/shapes_instruct)",
         steps="sampler steps (default 100, as diffusers)",
         guidance="text guidance scale s_T (default 7.5)",
         source_prompt="not used (the instruction alone describes the edit)",
