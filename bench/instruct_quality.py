@@ -167,6 +167,15 @@ def score(spec, triples, sources, truths, regions, edited) -> dict:
             "psnr_truth_db": r(truth), "failed": failed, "num": len(triples)}
 
 
+def kind_data(spec, kind: str, num: int):
+    """(triples, sources uint8 [N, H, W, 3], true edits, regions to keep [N][H, W]) of
+    ``num`` held-out triples of one kind, rendered exactly."""
+    ts = instructions.held_out_triples(spec, kind, num)
+    pairs = [instructions.render_pair(spec, t) for t in ts]
+    return (ts, np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
+            [instructions.preserved_region(t, p[2], p[3]) for t, p in zip(ts, pairs)])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num", type=int, default=100, help="held-out triples per kind")
@@ -193,12 +202,7 @@ def main():
     kinds = args.kinds.split(",")
     base, _ = jaxdiff.load_pipeline(args.base_model)
     spec = shapes.world("v1", image_size=base.image_size)
-    data = {}
-    for kind in kinds:
-        ts = instructions.held_out_triples(spec, kind, args.num)
-        pairs = [instructions.render_pair(spec, t) for t in ts]
-        data[kind] = (ts, np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
-                      [instructions.preserved_region(t, p[2], p[3]) for t, p in zip(ts, pairs)])
+    data = {kind: kind_data(spec, kind, args.num) for kind in kinds}
     result = {"bench": "instruct_quality", "num_per_kind": args.num, "world": "v1",
               "steps": args.steps, "sampler": args.sampler,
               "text_guidance": args.text_guidance, "image_guidance": args.image_guidance,

@@ -61,12 +61,7 @@ def test_shipped_instruct_model_edits_by_instruction(bench):
     attribute >= 0.75 per kind, kept >= 26 dB (background edits >= 18 dB)."""
     pipe, params = jaxdiff.load_pipeline(INSTRUCT_MODEL)
     spec = shapes.world("v1", image_size=pipe.image_size)
-    rows = []
-    for kind in instructions.KINDS:
-        ts = instructions.held_out_triples(spec, kind, NUM)
-        pairs = [instructions.render_pair(spec, t) for t in ts]
-        rows.append((kind, ts, np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
-                     [instructions.preserved_region(t, p[2], p[3]) for t, p in zip(ts, pairs)]))
+    rows = [(kind, *bench.kind_data(spec, kind, NUM)) for kind in instructions.KINDS]
     sources = np.concatenate([r[2] for r in rows])
     texts = [t.instruction for r in rows for t in r[1]]
     edited = np.asarray(instruct_pix2pix.edit(pipe, params, sources, texts, steps=20,
