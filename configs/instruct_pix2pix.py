@@ -45,7 +45,8 @@ import ml_collections
 def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = ""                       # base pipeline ("" = the embedded model)
+    c.model = ""                       # base pipeline ("" = the embedded model), or an
+    #                                    InstructPix2Pix one to train further (renderer pairs)
     c.export_dir = ""                  # "" = <workdir>/export
     c.export_dtype = "float32"         # tensors of the export (the shipped one: float16)
 

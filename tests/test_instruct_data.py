@@ -4,7 +4,8 @@ Triples: the edited scene differs from the source in exactly the instructed attr
 renderer pairs: the exact images agree outside the edited region and the evaluator reads
 both scenes; the P2P filter keeps exact pairs and rejects a damaged one, and the mixed
 source fills rejected triples with the renderer's pairs; condition dropout
-has the paper's rates; the zero-initialised widened UNet equals the base UNet;
+has the paper's rates; the zero-initialised widened UNet equals the base UNet; an
+InstructPix2Pix pipeline trains further without being widened again;
 bench/instruct_quality.py's scorer reads the true edit and names what an unedited image misses.
 """
 import dataclasses
@@ -195,6 +196,31 @@ def test_object_weighted_loss_is_the_weighted_mean_of_the_error(embedded, tmp_pa
         ip2p.train_instruct(wide, wparams, np.zeros((2, 32, 32, 3), np.uint8),
                             np.zeros((2, 32, 32, 3), np.uint8), ["a", "b"], str(tmp_path),
                             steps=1, batch_size=2, lr=1e-3, object_weight=4.0)
+
+
+def test_an_instruct_pipeline_trains_further_as_it_is(tmp_path):
+    """``config.model`` an InstructPix2Pix pipeline (the shipped one): trained on as it is,
+    not widened again (its export keeps 8 input channels and the source's image slice of
+    ``conv_in`` moves only by training); P2P pairs, which need a text-to-image base, are
+    refused in one line before any work."""
+    import configs.instruct_pix2pix as cfg_module
+    from jaxdiff.weights import load_pipeline
+    shipped = "jaxdiff/assets/shapes_instruct"
+    config = cfg_module.get_config()
+    config.model = shipped
+    config.data.source = "p2p"
+    with pytest.raises(ValueError, match="^config.model .* is an InstructPix2Pix pipeline"):
+        ip2p.run_instruct_pix2pix(config, str(tmp_path / "refused"))
+    config.data.source = "renderer"
+    config.data.num_pairs = 8
+    config.train.update(steps=1, batch_size=4, warmup=0, train_text_encoder=False)
+    config.checkpoint_every = config.log_every = 1
+    out = ip2p.run_instruct_pix2pix(config, str(tmp_path / "further"))
+    (_, before), (pipe, after) = load_pipeline(shipped), load_pipeline(out)
+    assert pipe.is_instruct and pipe.unet.config.in_channels == 8
+    k0, k1 = (np.asarray(p["unet"]["conv_in"]["kernel"]) for p in (before, after))
+    assert k1.shape == k0.shape
+    assert 0 < np.max(np.abs(k1 - k0)) < 0.01  # one small step from the shipped weights
 
 
 def test_instruct_optimizer_steps_the_image_input_faster():

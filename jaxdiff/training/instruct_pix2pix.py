@@ -22,7 +22,8 @@
   embedded model with Prompt-to-Prompt filtered by the evaluator, or both
   (``jaxdiff.training.instruct_pairs``).
 * ``run_instruct_pix2pix``: ``configs/instruct_pix2pix.py`` -> a diffusers
-  ``StableDiffusionInstructPix2PixPipeline`` folder (8-channel UNet).
+  ``StableDiffusionInstructPix2PixPipeline`` folder (8-channel UNet); from a base
+  pipeline (widened) or from an InstructPix2Pix pipeline (trained further as it is).
 """
 from __future__ import annotations
 
@@ -242,13 +243,19 @@ def run_instruct_pix2pix(config, workdir: str) -> str:
     """``configs/instruct_pix2pix.py`` -> an InstructPix2Pix pipeline folder; returns it."""
     os.makedirs(workdir, exist_ok=True)
     pipe, params = load_pipeline(config.model or None)
+    further = pipe.is_instruct  # an InstructPix2Pix pipeline: trained further as it is
+    if further and config.data.source != "renderer":
+        raise ValueError(f"config.model {config.model!r} is an InstructPix2Pix pipeline: "
+                         "training it further takes data.source='renderer' (P2P pairs "
+                         "need a text-to-image base).")
     pairs = make_pairs(config, pipe, params)
     if len(pairs["source"]) == 0:
         raise ValueError("no training pairs survived the evaluator's filter; raise "
                          "config.data.num_pairs or lower config.p2p.min_psnr.")
     print(f"{len(pairs['source'])} training pairs ({config.data.source}"
           + (f", {int(np.sum(pairs['kept']))} generated" if "kept" in pairs else "") + ")")
-    pipe, params = widen_unet(pipe, params)
+    if not further:
+        pipe, params = widen_unet(pipe, params)
     params = train_instruct(
         pipe, params, pairs["source"], pairs["edited"], pairs["instruction"],
         os.path.join(workdir, "instruct_pix2pix"), object_masks=pairs["masks"],
