@@ -20,7 +20,10 @@ method; the world's renderer draws the true edited scene. Per method and kind:
 - ``psnr_truth_db``: PSNR of the edit against the renderer's edited scene (whole image);
 - ``failed``: per attribute of the evaluator (count, shape, colour, size, position,
   background), the share of edits where the edited scene has it wrong (for any object):
-  what an unsuccessful edit got wrong.
+  what an unsuccessful edit got wrong;
+- ``by_objects``: ``success`` and ``num`` of the one- and the two-object scenes apart
+  (an edit of a two-object scene must find the named object: "make the circle blue"
+  leaves the square as it is).
 
 Methods are the ``METHODS`` table: name -> ``factory(args) -> edit(images uint8
 [N, H, W, 3], triples) -> uint8 [N, H, W, 3]``. Another editing method adds a row by adding
@@ -145,10 +148,11 @@ def _psnr(a, b, region=None) -> float:
 
 def score(spec, triples, sources, truths, regions, edited) -> dict:
     """Metrics of one method on one kind (see the module docstring)."""
-    succ, attr, keep, truth, wrong = [], [], [], [], []
+    succ, attr, keep, truth, wrong, count = [], [], [], [], [], []
     for t, src, gt, region, img in zip(triples, sources, truths, regions, edited):
         acc = shapes_eval.attribute_accuracy(img, t.edited_objects, spec, t.edited_background)
         succ.append(acc["all"])
+        count.append(len(t.objects))
         wrong.append({k: not v for k, v in acc.items() if k != "all"})
         if t.kind == "background":
             attr.append(acc["background"])
@@ -163,8 +167,11 @@ def score(spec, triples, sources, truths, regions, edited) -> dict:
     r = lambda v: round(float(np.mean(v)), 3)
     failed = {k: r([w.get(k, False) for w in wrong])
               for k in ("count", "shape", "colour", "size", "position", "background")}
+    by_objects = {str(n): {"success": r([s for s, c in zip(succ, count) if c == n]),
+                           "num": count.count(n)} for n in sorted(set(count))}
     return {"success": r(succ), "attribute": r(attr), "psnr_preserved_db": r(keep),
-            "psnr_truth_db": r(truth), "failed": failed, "num": len(triples)}
+            "psnr_truth_db": r(truth), "failed": failed, "by_objects": by_objects,
+            "num": len(triples)}
 
 
 def kind_data(spec, kind: str, num: int):

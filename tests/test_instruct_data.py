@@ -252,8 +252,13 @@ def test_instruct_bench_scores_the_true_edit_and_names_what_an_unedited_image_mi
     truth = bench.score(SPEC, ts, src, gt, regions, gt)
     assert (truth["success"], truth["attribute"]) == (1.0, 1.0)
     assert truth["psnr_preserved_db"] == bench.PSNR_CAP and set(truth["failed"].values()) == {0}
+    counts = {n: sum(len(t.objects) == int(n) for t in ts) for n in truth["by_objects"]}
+    assert {n: v["num"] for n, v in truth["by_objects"].items()} == counts
+    assert sum(counts.values()) == len(ts) and len(counts) == 2  # 1- and 2-object scenes
+    assert all(v["success"] == 1.0 for v in truth["by_objects"].values())
     same = bench.score(SPEC, ts, src, gt, regions, src)
     assert (same["success"], same["attribute"]) == (0.0, 0.0)
     assert same["psnr_preserved_db"] == bench.PSNR_CAP
     assert same["failed"][kind] == 1.0
+    assert all(v["success"] == 0.0 for v in same["by_objects"].values())
     assert all(v == 0 for k, v in same["failed"].items() if k != kind)
