@@ -69,6 +69,7 @@ HEAVY_FIRST = (
     "test_p2p_reference.py", "test_personalize.py", "test_training.py",
     "test_control_training.py", "test_guided_cli.py", "test_preemption.py",
     "test_sdxl_adapters.py", "test_edit_resume.py", "test_edit_batch.py", "test_sdxl.py",
+    "test_sdxl_handoff.py",
 )
 
 
@@ -138,6 +139,18 @@ def tiny_sdxl(tmp_path_factory, torch):
     legacy = ref.make_text_encoder_2(seed=2, eos_token_id=2)
     legacy.save_pretrained(str(root / "legacy_eos"), safe_serialization=True)
     out["legacy_eos"] = (legacy, str(root / "legacy_eos"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sdxl_loaded(tiny_sdxl):
+    """``tiny_sdxl`` and jaxdiff's (pipe, params) of its base and refiner loaded once
+    ("jax_base", "jax_refiner"): the same Pipeline objects across the tests/test_sdxl*.py
+    files, so their compiled programs (cached per pipeline) are shared."""
+    import jaxdiff
+    out = dict(tiny_sdxl)
+    out["jax_base"] = jaxdiff.load_pipeline(tiny_sdxl["pipeline"][1])
+    out["jax_refiner"] = jaxdiff.load_pipeline(tiny_sdxl["refiner_pipeline"][1])
     return out
 
 

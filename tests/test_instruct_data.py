@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from jaxdiff.data import instructions, shapes
-from jaxdiff.eval import shapes_eval
 from jaxdiff.training import instruct_pairs as ipairs
 from jaxdiff.training import instruct_pix2pix as ip2p
 
