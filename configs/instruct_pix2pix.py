@@ -62,6 +62,8 @@ def get_config(variant: str = ""):
     c.data.source = "renderer"         # "renderer" (exact) | "p2p" (generated) | "p2p+renderer"
     c.data.world = "v1"                # jaxdiff.data.shapes.WORLDS name (the base's world)
     c.data.num_pairs = 60_000          # triples drawn (p2p: before the filter)
+    c.data.p_two_objects = 0.5         # share of two-object source scenes (position edits:
+    #                                    always one object); 0.5 = worlds v1 / v2's own mix
 
     # Generated pairs: DDIM steps, CFG scale, P2P injection, filter threshold (dB).
     c.p2p = ml_collections.ConfigDict(dict(steps=20, guidance=7.5, cross_replace_steps=0.8,

@@ -222,6 +222,29 @@ def test_an_instruct_pipeline_trains_further_as_it_is(tmp_path):
     assert 0 < np.max(np.abs(k1 - k0)) < 0.01  # one small step from the shipped weights
 
 
+def test_pairs_take_the_configured_share_of_two_object_scenes(embedded):
+    """``config.data.p_two_objects``: the share of two-object source scenes of every kind
+    but position (one object always); the default is the world's own mix, unchanged."""
+    import configs.instruct_pix2pix as cfg_module
+    pipe, params = embedded
+    config = cfg_module.get_config()
+    config.data.num_pairs = 400
+
+    def two_share(p):
+        config.data.p_two_objects = p
+        ts = ipairs.make_pairs(config, pipe, params)["triples"]
+        assert all(len(t.objects) == 1 for t in ts if t.kind == "position")
+        return np.mean([len(t.objects) == 2 for t in ts if t.kind != "position"])
+
+    assert two_share(1.0) == 1.0 and two_share(0.0) == 0.0
+    assert abs(two_share(0.85) - 0.85) < 0.06
+    config.data.p_two_objects = SPEC.p_two_objects
+    default = ipairs.make_pairs(config, pipe, params)
+    want = instructions.renderer_dataset(config.seed, SPEC, 400)
+    assert default["instruction"] == want["instruction"]
+    np.testing.assert_array_equal(default["edited"], want["edited"])
+
+
 def test_instruct_optimizer_steps_the_image_input_faster():
     """Adam's first step is lr * g / |g| per weight (analytic): conv_in of the UNet moves
     ``input_lr_multiplier`` times as far as any other weight, the text encoder included."""

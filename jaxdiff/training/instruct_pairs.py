@@ -15,6 +15,8 @@ right).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 
 import jax
@@ -144,6 +146,8 @@ def make_pairs(config, pipe: Pipeline, params) -> dict:
     if d.source not in SOURCES:
         raise ValueError(f"config.data.source={d.source!r}; use one of {list(SOURCES)}.")
     spec = shapes.world(d.world, image_size=pipe.image_size)
+    spec = dataclasses.replace(spec, p_two_objects=d.get("p_two_objects",
+                                                          spec.p_two_objects))
     if d.source == "renderer":
         return instructions.renderer_dataset(config.seed, spec, d.num_pairs)
     ts = instructions.triples(config.seed, spec, d.num_pairs, "train")
