@@ -141,7 +141,9 @@ def p2p_pairs(pipe: Pipeline, params, triples, *, seed: int = 0, steps: int = 20
 
 
 def make_pairs(config, pipe: Pipeline, params) -> dict:
-    """The training pairs of ``config.data`` (``source``: "renderer" or "p2p")."""
+    """The training pairs of ``config.data`` (``source``: "renderer", "p2p" or
+    "p2p+renderer"; ``p_two_objects``: the share of two-object source scenes, default the
+    world's own)."""
     d = config.data
     if d.source not in SOURCES:
         raise ValueError(f"config.data.source={d.source!r}; use one of {list(SOURCES)}.")
