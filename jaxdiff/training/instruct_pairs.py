@@ -16,7 +16,6 @@ right).
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 
 import jax
