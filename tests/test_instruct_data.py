@@ -5,7 +5,8 @@ renderer pairs: the exact images agree outside the edited region and the evaluat
 both scenes; the P2P filter keeps exact pairs and rejects a damaged one, and the mixed
 source fills rejected triples with the renderer's pairs; condition dropout
 has the paper's rates; the zero-initialised widened UNet equals the base UNet; an
-InstructPix2Pix pipeline trains further without being widened again;
+InstructPix2Pix pipeline trains further without being widened again; the pairs take the
+configured share of two-object scenes;
 bench/instruct_quality.py's scorer reads the true edit and names what an unedited image misses.
 """
 import dataclasses
