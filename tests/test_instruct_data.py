@@ -239,7 +239,7 @@ def test_pairs_take_the_configured_share_of_two_object_scenes(embedded):
 
     assert two_share(1.0) == 1.0 and two_share(0.0) == 0.0
     assert abs(two_share(0.85) - 0.85) < 0.06
-    config.data.p_two_objects = SPEC.p_two_objects
+    config.data.p_two_objects = cfg_module.get_config().data.p_two_objects  # the default
     default = ipairs.make_pairs(config, pipe, params)
     want = instructions.renderer_dataset(config.seed, SPEC, 400)
     assert default["instruction"] == want["instruction"]
