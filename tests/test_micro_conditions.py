@@ -2,7 +2,8 @@
 ``use_additional_conditions`` reads the image's resolution and aspect ratio (``Pipeline
 .condition`` / ``encode_prompts`` add them), so every method must encode its prompts with
 them. Here the Diffusion Classifier, the InstructPix2Pix sampler and InstructPix2Pix's
-generated-pair Prompt-to-Prompt program run on a tiny random one
+generated-pair Prompt-to-Prompt program (and ``p2p_pairs``, the loop around it) run on a
+tiny random one
 (``text_dit.tiny_text_dit``, one block). (Imagic, fixed alike, is checked by hand: its
 public program's compile alone would take this file over its CPU budget.)
 
@@ -21,9 +22,11 @@ import numpy as np
 import pytest
 
 from jaxdiff import denoiser, schedules
+from jaxdiff.data import instructions, shapes
 from jaxdiff.editing import instruct_pix2pix as ip_edit
 from jaxdiff.editing import prompt_to_prompt as p2p
 from jaxdiff.eval import diffusion_classifier as dc
+from jaxdiff.pipeline import to_uint8
 from jaxdiff.samplers.ddim import ddim_tables
 from jaxdiff.sampling import initial_noise, sample_keys
 from jaxdiff.training import instruct_pairs
@@ -150,3 +153,39 @@ def test_p2p_pairs_program(micro):
     _check(src, *_ddim_by_hand(pipe, True, params, noise, pipe.tokenize(caps),
                                pipe.tokenize(["", ""]), SCALE), tol=1e-3)
     assert np.abs(np.asarray(dst) - np.asarray(src)).max() > 1e-2  # the edit acts
+
+
+def test_p2p_pairs_loop_keeps_what_the_filter_accepts(micro, monkeypatch):
+    """``p2p_pairs`` around that program: triples in chunks of ``batch_size``, chunk k's
+    noise N(0, 1) from ``fold_in(key(seed), start)``; what comes back is exactly the pairs
+    the filter accepts, in triple order, each with its own instruction and the reader's
+    masks. The evaluator (which a random model never satisfies) is replaced by a reader
+    that accepts every other triple; each kept source image is checked against plain CFG
+    sampling of its caption."""
+    _, pipe, params, _, _ = micro
+    spec = shapes.world("v1", image_size=pipe.image_size)
+    ts = instructions.triples(1, spec, 4, "train")
+    accept = {t.caption + t.instruction: i % 2 == 0 for i, t in enumerate(ts)}
+
+    def reader(spec_, t, a, b):  # a deterministic mask of the source image
+        return {"source_ok": accept[t.caption + t.instruction], "edit_ok": True,
+                "psnr": 30.0, "masks": a[..., 0] > a[..., 1]}
+
+    monkeypatch.setattr(instruct_pairs, "read_pair", reader)
+    out = instruct_pairs.p2p_pairs(pipe, params, ts, seed=3, steps=STEPS, guidance=SCALE,
+                                   batch_size=2)
+    np.testing.assert_array_equal(out["kept"], [True, False, True, False])
+    assert out["triples"] == [ts[0], ts[2]]
+    assert out["instruction"] == [ts[0].instruction, ts[2].instruction]
+    assert out["source"].shape == out["edited"].shape == (2, pipe.image_size,
+                                                         pipe.image_size, 3)
+    shape = pipe.latent_shape(pipe.image_size, pipe.image_size)
+    for k, start in enumerate((0, 2)):  # the first triple of each chunk is the kept one
+        z = jax.random.normal(jax.random.fold_in(jax.random.key(3), start), (2,) + shape)
+        want, _ = _ddim_by_hand(pipe, True, params, z,
+                                pipe.tokenize([t.caption for t in ts[start:start + 2]]),
+                                pipe.tokenize(["", ""]), SCALE)
+        want = np.asarray(to_uint8(want))[0]
+        assert np.abs(out["source"][k].astype(int) - want.astype(int)).max() <= 1
+        np.testing.assert_array_equal(out["masks"][k],
+                                      out["source"][k][..., 0] > out["source"][k][..., 1])
