@@ -3,8 +3,8 @@
 .condition`` / ``encode_prompts`` add them), so every method must encode its prompts with
 them. Here the Diffusion Classifier, the InstructPix2Pix sampler and InstructPix2Pix's
 generated-pair Prompt-to-Prompt program (and ``p2p_pairs``, the loop around it) run on a
-tiny random one (``text_dit.tiny_text_dit``, one block). (Imagic, fixed alike, is checked by hand: its
-public program's compile alone would take this file over its CPU budget.)
+tiny random one (``text_dit.tiny_text_dit``, one block). (Imagic, fixed alike, is checked
+by hand: its public program's compile alone would take this file over its CPU budget.)
 
 Truth, written here without the code under test: eta-0 DDIM with classifier-free guidance
 as a plain loop of ``denoiser.denoise`` calls (``_ddim_by_hand``), and the Diffusion
