@@ -31,7 +31,11 @@ an entry (Imagic, UniTune). ``instruct_pix2pix`` runs ``jaxdiff.editing.instruct
 with each model of ``--instruct-models`` (default: the shipped
 ``jaxdiff/assets/shapes_instruct``) on the instruction; ``p2p`` runs Prompt-to-Prompt
 (issue #6: direct inversion + replace, the best setting of bench/p2p_quality.py) on the
-embedded model from the full source caption to the edited caption. ``ceiling`` is no
+embedded model from the full source caption to the edited caption. ``imagic`` and
+``unitune`` fine-tune per image toward the edited caption (stage sizes and learning rates:
+configs/imagic.py's unless ``--embedding-steps`` ... ``--finetune-lr`` say otherwise; DDIM
+``--p2p-steps``), one row per ``--imagic-etas`` / ``--unitune-strengths`` value, all from
+one fine-tuning per image. ``ceiling`` is no
 method but a reference row: the renderer's true edited scene through the base model's
 autoencoder, what an edit made in its latent space can at best score.
 """
@@ -98,6 +102,11 @@ def _sweep(fn):
     return row
 
 
+def stages(args) -> imagic.Stages:
+    """Imagic's / UniTune's stage sizes from the command line (defaults: configs/imagic.py)."""
+    return imagic.Stages(args.embedding_steps, args.finetune_steps, args.lora_rank, args.draws)
+
+
 def imagic_factory(args):
     """Imagic (``jaxdiff.editing.imagic``, stage sizes ``imagic.Stages()`` = configs/imagic.py)
     toward the edited caption, one row per ``--imagic-etas`` value, all etas sampled from
@@ -106,6 +115,7 @@ def imagic_factory(args):
     etas = [float(e) for e in args.imagic_etas.split(",")]
     run = _sweep(lambda x, ts: imagic.imagic(
         pipe, params, x, [t.edited_caption for t in ts], etas=etas, steps=args.p2p_steps,
+        embedding_lr=args.embedding_lr, finetune_lr=args.finetune_lr, stages=stages(args),
         seed=args.seed)["edited"])
     return {f"imagic (eta={e})": functools.partial(run, k) for k, e in enumerate(etas)}
 
@@ -117,7 +127,8 @@ def unitune_factory(args):
     strengths = [float(s) for s in args.unitune_strengths.split(",")]
     run = _sweep(lambda x, ts: unitune.unitune(
         pipe, params, x, [t.edited_caption for t in ts], strengths=strengths,
-        steps=args.p2p_steps, seed=args.seed)["edited"])
+        steps=args.p2p_steps, finetune_lr=args.finetune_lr,
+        stages=stages(args)._replace(embedding_steps=0), seed=args.seed)["edited"])
     return {f"unitune (strength={s})": functools.partial(run, k)
             for k, s in enumerate(strengths)}
 
@@ -195,10 +206,20 @@ def main():
     ap.add_argument("--sampler", default="euler_a")
     ap.add_argument("--text-guidance", type=float, default=7.5)
     ap.add_argument("--image-guidance", type=float, default=1.5)
-    ap.add_argument("--p2p-steps", type=int, default=50)
+    ap.add_argument("--p2p-steps", type=int, default=50,
+                    help="DDIM steps of P2P, Imagic and UniTune")
     ap.add_argument("--imagic-etas", default="0.5,0.7,0.9", help="Imagic rows' etas")
     ap.add_argument("--unitune-strengths", default="0.5,0.7,0.9",
                     help="UniTune rows' SDEdit strengths")
+    ap.add_argument("--embedding-steps", type=int, default=imagic.Stages().embedding_steps,
+                    help="Imagic stage (a) steps (default: configs/imagic.py)")
+    ap.add_argument("--finetune-steps", type=int, default=imagic.Stages().finetune_steps,
+                    help="Imagic stage (b) / UniTune fine-tuning steps")
+    ap.add_argument("--lora-rank", type=int, default=imagic.Stages().lora_rank)
+    ap.add_argument("--draws", type=int, default=imagic.Stages().draws,
+                    help="(t, noise) draws per fine-tuning step")
+    ap.add_argument("--embedding-lr", type=float, default=1e-3)
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
     args = ap.parse_args()
@@ -213,7 +234,10 @@ def main():
     result = {"bench": "instruct_quality", "num_per_kind": args.num, "world": "v1",
               "steps": args.steps, "sampler": args.sampler,
               "text_guidance": args.text_guidance, "image_guidance": args.image_guidance,
-              "p2p_steps": args.p2p_steps, "methods": {}}
+              "p2p_steps": args.p2p_steps, "seed": args.seed, "methods": {}}
+    if {"imagic", "unitune"} & set(args.methods.split(",")):
+        result.update(stages=stages(args)._asdict(), embedding_lr=args.embedding_lr,
+                      finetune_lr=args.finetune_lr)
     for method in args.methods.split(","):
         for name, edit in METHODS[method](args).items():
             rows, t0 = {}, time.perf_counter()
