@@ -108,9 +108,9 @@ def stages(args) -> imagic.Stages:
 
 
 def imagic_factory(args):
-    """Imagic (``jaxdiff.editing.imagic``, stage sizes and learning rates from ``stages``
-    and the command line) toward the edited caption, one row per ``--imagic-etas`` value, all etas sampled from
-    one fine-tuning per image."""
+    """Imagic (``jaxdiff.editing.imagic``, stage sizes and learning rates from the command
+    line) toward the edited caption, one row per ``--imagic-etas`` value, all etas sampled
+    from one fine-tuning per image."""
     pipe, params = jaxdiff.load_pipeline(args.base_model)
     etas = [float(e) for e in args.imagic_etas.split(",")]
     run = _sweep(lambda x, ts: imagic.imagic(
