@@ -27,8 +27,9 @@ posterior mean of the *source* image, concatenated after the noisy latents, as d
 
 The shipped model (``jaxdiff/assets/shapes_instruct``, the default of
 ``edit/instruct.py``) is four runs of this config from model v2: its defaults, then
-three times the previous run's model trained further (``model`` an InstructPix2Pix pipeline:
-not widened again) on new pairs at half the learning rate, each exported in float16:
+three times the previous run's model trained further (``model`` an InstructPix2Pix
+pipeline: not widened again) on new pairs at half the learning rate, each exported in
+float16:
 
     python train/instruct_pix2pix.py --config configs/instruct_pix2pix.py \
         --workdir runs/shapes_instruct_a --config.export_dtype=float16
@@ -55,10 +56,9 @@ each (after the first run: 0.64 / 0.67 / 0.83 / 0.68 / 0.88, the second: 0.74 / 
 0.93 / 0.81 / 0.91, the third: 0.85 / 0.88 / 0.96 / 0.93 / 0.93; bench/README.md,
 ``bench/instruct_quality.py``). What got there: the training length at a useful
 learning rate. 6000 steps (the cosine decays to lr / 10 at ``train.steps``) gave 0.47 /
-0.46 / 0.56 / 0.21 / 0.30; 10x more distinct pairs, P2P-generated pairs (``data.source="p2p+renderer"``), the object-weighted loss
-(``train.object_weight``) and more two-object scenes (``data.p_two_objects``) each moved
-it by <= 0.05.
-"""
+0.46 / 0.56 / 0.21 / 0.30; 10x more distinct pairs, P2P-generated pairs
+(``data.source="p2p+renderer"``), the object-weighted loss (``train.object_weight``) and
+more two-object scenes (``data.p_two_objects``) each moved it by <= 0.05."""
 import ml_collections
 
 
