@@ -203,6 +203,9 @@ def main(argv=None):
                     help="colours: Textual Inversion steps")
     ap.add_argument("--colour-ti-lr", type=float, default=1e-2,
                     help="colours: Textual Inversion learning rate")
+    ap.add_argument("--colour-ti-guidance", type=float, default=1.0,
+                    help="colours: Textual Inversion fits the prediction guided at this scale "
+                    "(train_textual_inversion's train_guidance; 1: the plain loss)")
     ap.add_argument("--colour-mask-weight", type=float, default=0.0,
                     help="colours: masked loss for every method, each instance latent pixel's "
                     "error x (1 + W x the object's coverage of it) (0: the plain loss)")

@@ -271,7 +271,7 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
                seed=args.colour_seed, ema_decay=args.colour_ema,
                caption_dropout=args.colour_caption_dropout,
                textual_inversion=dict(steps=args.colour_ti_steps, lr=args.colour_ti_lr,
-                                      batch=4),
+                                      batch=4, train_guidance=args.colour_ti_guidance),
                mask_weight=args.colour_mask_weight,
                dreambooth=dict(steps=args.colour_steps, lr=args.colour_lr, batch="4 + 4",
                                prior_loss_weight=1.0, num_class_images=args.colour_num_class),
@@ -305,7 +305,8 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
                 placeholder=placeholder, initializer_token=nearest, **ti_captions,
                 **masked, steps=args.colour_ti_steps,
                 batch_size=4, lr=args.colour_ti_lr, log_every=max(1, args.colour_ti_steps),
-                ckpt_every=10 ** 9, seed=args.colour_seed, ema_decay=args.colour_ema)
+                ckpt_every=10 ** 9, seed=args.colour_seed, ema_decay=args.colour_ema,
+                train_guidance=args.colour_ti_guidance)
             row["textual_inversion"] = dict(placeholder=placeholder, initializer=nearest,
                                             **colour_scores(r.pipe, r.params, placeholder,
                                                             rgb, bg, per, True, True))

@@ -35,6 +35,8 @@ def get_config(variant: str = ""):
     c.lr = 5e-3
     c.warmup = 0
     c.ema_decay = 0.0               # > 0: export the EMA of the learned rows (0 = last step)
+    c.train_guidance = 1.0          # > 1: fit the CFG-guided prediction at this scale
+                                    # (make_ti_loss; 1 = the paper's conditional loss)
 
     c.log_every = 10
     c.checkpoint_every = 100

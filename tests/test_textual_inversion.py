@@ -213,3 +213,37 @@ def test_masked_loss_weights_each_row_by_its_own_mask(sd, tmp_path):
         with pytest.raises(ValueError, match=message):
             ti_train.train_textual_inversion(pipe, params, imgs, str(tmp_path / "w"), **bad, **kw)
     assert not (tmp_path / "w").exists()
+
+
+def test_train_guidance_fits_the_guided_prediction(sd):
+    """``train_guidance=g``: the loss is ||u + g (c - u) - target||^2 with u the prediction
+    for the empty prompt, written out here from the DDPM forward process; g = 1 is the
+    plain loss."""
+    from jaxdiff import schedules
+    from jaxdiff.denoiser import denoise
+    pipe, params = _with_micro_unet(*sd[1:])
+    tok = ti.add_tokens(pipe.tokenizer, PLACEHOLDER, N)
+    rows = ti.init_embeddings(params, tok, "a", N) + 0.3
+    ids = jnp.asarray(_tokenize(pipe, tok, ["a <cat-toy> x", "<cat-toy> b"]))
+    empty = jnp.asarray(_tokenize(pipe, tok, [""]))
+    x0 = jnp.asarray(np.random.default_rng(2).normal(size=(2, 4, 4, 4)), jnp.float32)
+    rng = jax.random.key(3)
+    k_t, k_n = jax.random.split(rng)
+    alphas = jnp.asarray(schedules.alphas_cumprod(pipe.scheduler), jnp.float32)
+    t = jax.random.randint(k_t, (2,), 0, alphas.shape[0])
+    noise = jax.random.normal(k_n, x0.shape)
+    a = alphas[t][:, None, None, None]
+    x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
+    assert pipe.scheduler.prediction_type == "epsilon"
+    c = denoise(pipe, params["unet"], x_t, t, ti.encode_text(pipe, params, rows, ids))
+    u = denoise(pipe, params["unet"], x_t, t,
+                ti.encode_text(pipe, params, rows, jnp.concatenate([empty] * 2)))
+    for g in (1.0, 3.0):
+        got = make_ti_loss(pipe, params, train_guidance=g, uncond_ids=empty)(rows, (x0, ids),
+                                                                            rng)
+        want = jnp.mean((u + g * (c - u) - noise) ** 2)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    plain = make_ti_loss(pipe, params)(rows, (x0, ids), rng)
+    np.testing.assert_allclose(float(plain), float(jnp.mean((c - noise) ** 2)), rtol=1e-5)
+    with pytest.raises(ValueError, match="needs uncond_ids"):
+        make_ti_loss(pipe, params, train_guidance=2.0)

@@ -277,7 +277,7 @@ def run_textual_inversion(config, workdir: str) -> str:
         lr=config.lr, warmup=config.warmup, seed=config.seed, log_every=config.log_every,
         ckpt_every=config.checkpoint_every,
         sample_folder=os.path.join(workdir, "samples"), sample_every=config.sample_every,
-        ema_decay=config.ema_decay)
+        ema_decay=config.ema_decay, train_guidance=config.train_guidance)
     export = config.export_dir or os.path.join(workdir, "export")
     return textual_inversion.save(result, export)
 

@@ -78,7 +78,8 @@ def make_batch_fn(latents: np.ndarray, ids: np.ndarray, *, batch_size: int, seed
     return batch_fn
 
 
-def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Callable:
+def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None,
+                 train_guidance: float = 1.0, uncond_ids=None) -> Callable:
     """Denoising loss as a function of the new rows only.
 
     Args:
@@ -86,6 +87,12 @@ def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Calla
       frozen_params: pipeline params (text encoder, UNet) held fixed.
       vocab_size: V of the frozen table (default: its row count); SDXL: ``{encoder
         name: V_e}``.
+      train_guidance, uncond_ids: 1 (the paper's loss) regresses the conditional
+        prediction ``c`` on the target; ``g != 1`` regresses the classifier-free-guided
+        prediction ``u + g (c - u)`` instead, ``u`` the frozen model's prediction for the
+        unconditional ids ``uncond_ids`` [1, L] (SDXL [1, E, L]; the tokenized ``""``),
+        held constant: the rows are fitted to what sampling at guidance ``g`` draws (the
+        conditional branch's target becomes ``u + (target - u) / g``).
     Returns:
       ``loss(new_rows, batch, rng) -> scalar``, with ``batch = (latents [B,h,w,C],
       ids [B,L])`` (scaled latents, ids from the tokenizer returned by ``ti.add_tokens``;
@@ -96,13 +103,29 @@ def make_ti_loss(pipe, frozen_params, vocab_size: Optional[int] = None) -> Calla
     sched = pipe.scheduler
     alphas = schedules.alphas_cumprod(sched)
     unet = lambda x, t, c: denoise(pipe, frozen_params["unet"], x, t, c)
-    denoise_loss = losses.denoising_loss(unet, alphas, sched.prediction_type)
+    guided = train_guidance != 1.0
+    if guided and (uncond_ids is None or not train_guidance > 0):
+        raise ValueError(f"make_ti_loss: {train_guidance=} needs uncond_ids (the tokenized "
+                         "empty prompt) and a value > 0 (1: the plain loss).")
+
+    def guided_unet(x, t, contexts):
+        cond, uncond = contexts
+        u = jax.lax.stop_gradient(unet(x, t, uncond))
+        return u + train_guidance * (unet(x, t, cond) - u)
+
+    denoise_loss = losses.denoising_loss(guided_unet if guided else unet, alphas,
+                                         sched.prediction_type)
     f = pipe.vae_scale_factor
 
     def loss(new_rows, batch, rng):
         latents, ids, *weights = batch
-        context = ti.encode_text(pipe, frozen_params, new_rows, ids, vocab_size)
-        context = pipe.add_time_ids(context, latents.shape[1] * f, latents.shape[2] * f)
+        encode = lambda i: pipe.add_time_ids(
+            ti.encode_text(pipe, frozen_params, new_rows, i, vocab_size),
+            latents.shape[1] * f, latents.shape[2] * f)
+        context = encode(ids)
+        if guided:
+            u_ids = jnp.broadcast_to(uncond_ids, (latents.shape[0],) + uncond_ids.shape[1:])
+            context = (context, encode(u_ids))
         return jnp.mean(denoise_loss(latents, context, rng, *weights))
 
     return loss
@@ -117,7 +140,7 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
                             lr: float, warmup: int = 0, seed: int = 0, log_every: int = 10,
                             ckpt_every: int = 100, sample_folder: Optional[str] = None,
                             sample_every: int = 0, ema_decay: float = 0.0,
-                            mesh=None) -> TIResult:
+                            train_guidance: float = 1.0, mesh=None) -> TIResult:
     """Learns ``num_vectors`` rows for ``placeholder`` (resuming from ``workdir``).
 
     Args:
@@ -140,6 +163,11 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
         every N steps.
       ema_decay: > 0 keeps an exponential moving average of the rows with this decay; it is
         what is returned and sampled. 0: the last step's rows (diffusers' script).
+      train_guidance: 1 (the default, the paper's loss) fits the conditional prediction;
+        ``g`` > 1 fits the prediction guided at ``g`` against the empty prompt
+        (``make_ti_loss``). On the shapes model fine-tuned with colour mixup
+        (``bench/colour_mixup.py``), ``g`` 1.5-2 keeps a taught in-between colour at
+        sampling guidance 5 (bench/README.md, issue #22 point 4).
     Returns:
       ``TIResult`` with the learned rows and a pipeline that knows the new tokens.
     """
@@ -181,7 +209,10 @@ def train_textual_inversion(pipe: Pipeline, params, instance_images, workdir: st
             merge_rows(pipe, params, toks, state_lib.trained_weights(st))[1], s)
     opt = constant_adamw(lr, warmup)
     state = state_lib.create(rows0, opt, seed, ema=ema_decay > 0)
-    step_fn = make_train_step(make_ti_loss(pipe, params, vocab), opt, ema_decay)
+    uncond_ids = (_with_tokenizers(pipe, toks).tokenize([""]) if train_guidance != 1.0
+                  else None)
+    step_fn = make_train_step(make_ti_loss(pipe, params, vocab, train_guidance, uncond_ids),
+                              opt, ema_decay)
     state = train_loop(step_fn, state, batch_fn, steps, workdir, log_every=log_every,
                        ckpt_every=ckpt_every, desc="textual_inversion", on_sample=on_sample,
                        sample_every=sample_every, mesh=mesh)
