@@ -40,6 +40,7 @@ import numpy as np
 
 import jaxdiff
 from jaxdiff import generate, parallel, schedules
+from jaxdiff.adapters.textual_inversion import token_table
 from jaxdiff.data.shapes import SHAPES, WORLD_V2, WORLD_V2_BRIEF, ShapeObject, palette
 from jaxdiff.data.shapes.scenes import iterate, make_example
 from jaxdiff.denoiser import denoise
@@ -133,7 +134,7 @@ def mixup_loss(pipe, empty, caption_dropout: float = 0.1, snr_gamma: float = 5.0
         k_drop, k_loss = jax.random.split(key)
         drop = jax.random.uniform(k_drop, (tk.shape[0],)) < caption_dropout
         tk = jnp.where(drop[:, None], empty[None], tk)
-        table = p["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+        table = token_table(p)
         mixed = jnp.einsum("bk,bkd->bd", mw, table[mids])
         hot = (jax.nn.one_hot(mpos, tk.shape[1]) * (1.0 - drop[:, None]))[..., None]
         emb = table[tk] * (1 - hot) + hot * mixed[:, None, :]
@@ -184,7 +185,7 @@ def interp(args) -> None:
     def encode_mixed(p, ids, embeddings=None):
         if ids.shape[0] < n or embeddings is not None:
             return encode(p, ids, embeddings)
-        table = p["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+        table = token_table(p)
         lam = jnp.pad(lam_rows, (0, ids.shape[0] - n))[:, None, None]
         mixed = (1 - lam) * table[ids_of[args.a]] + lam * table[ids_of[args.b]]
         return encode(p, ids, jnp.where((ids == ids_of[args.a])[..., None], mixed, table[ids]))
