@@ -1,7 +1,8 @@
 """Trains the embedded default model: a tiny SD-architecture pipeline on the shapes world.
 
-The shipped model (``jaxdiff/assets/shapes``, model v2) is six commands: model v1's two
-(kept as ``candidates/shapes_v1``), then model v2's four on top of v1's export.
+The shipped model (``jaxdiff/assets/shapes``, model v2) is eight commands: model v1's two
+(kept as ``candidates/shapes_v1``), then model v2's four here on top of v1's export, then
+the two colour-mixup commands of ``configs/colour_mixup.py`` (``train/colour_mixup.py``).
 
     python train/text_to_image.py --config configs/shapes.py --workdir runs/shapes
     python train/text_to_image.py --config configs/shapes.py:finetune --workdir runs/shapes_ft \
@@ -13,8 +14,9 @@ world v1; ``finetune`` continues the diffusion stage of an existing pipeline
 (``init_from``). The ``tiny`` variant shrinks everything for a smoke run (tests use it).
 
 ``dit_v2`` trains the embedded text-DiT model (``embedded:dit``, ``jaxdiff/assets/shapes_dit``):
-a PixArt-style transformer of dit-L's size from scratch on the shipped model v2's frozen VAE
-and text encoder, 20 000 steps on world "v2_brief" (bench/README.md, "The shipped text DiT"):
+a PixArt-style transformer of dit-L's size from scratch on the frozen VAE and text encoder
+of ``candidates/shapes_v2_focus`` (model v2 before its colour-mixup stage), 20 000 steps on
+world "v2_brief" (bench/README.md, "The shipped text DiT"):
 
     python train/text_to_image.py --config configs/shapes.py:dit_v2 --workdir runs/shapes_dit_v2
 
@@ -22,7 +24,7 @@ and text encoder, 20 000 steps on world "v2_brief" (bench/README.md, "The shippe
 bench/backbones_study.py, 450 steps on model v1's VAE and text encoder
 (``--config configs/shapes.py:dit --workdir runs/shapes_dit``).
 
-Model v2 (shipped) is four commands on model v1's export. ``v2_vae`` fine-tunes only
+Model v2's first four commands, on model v1's export. ``v2_vae`` fine-tunes only
 v1's VAE decoder on world v2 (``jaxdiff.data.shapes.WORLD_V2``; encoder, latent space,
 text encoder and UNet kept), then ``v2_grown`` grows its U-Net one layer deeper per block
 and trains text encoder + U-Net on world ``v2_terse``, ``v2_brief`` trains that on a fresh
@@ -40,7 +42,8 @@ devices, and ``v2_focus`` trains that for 2500 more steps with the object-weight
 
 ``v2_vae`` starts from ``runs/shapes_ft/export`` (the v1 commands' output); the shipped
 model was made from the shipped v1 weights, ``--config.init_from=candidates/shapes_v1``.
-(``candidates/shapes_v2_brief`` is the third command's export.)
+(``candidates/shapes_v2_brief`` is the third command's export, ``candidates/shapes_v2_focus``
+the fourth's, the input of ``configs/colour_mixup.py``.)
 ``v2_grown2`` is the previous third command (``v2_terse``, 5500 steps, one device). The
 variants ``v2``, ``v2_stage2``, ``v2_decoder``, ``v2_stage3``, ``v2_zsnr``, ``v2_deep``
 and ``v2_deep2`` are an earlier, longer chain (each starts from the previous one's
@@ -164,11 +167,12 @@ def get_config(variant: str = ""):
         c.sample_every = 150
     elif variant == "dit_v2":
         # The embedded text DiT on model v2 (``embedded:dit`` since 2026-12-04): a fresh
-        # PixArt-style transformer of dit-L's size on the shipped model v2's frozen VAE and
-        # text encoder, trained on 40 000 scenes of world "v2_brief" (the shipped U-Net's
+        # PixArt-style transformer of dit-L's size on the frozen VAE and text encoder of
+        # model v2 before its colour-mixup stage (the embedded default then), trained on 40 000 scenes of world "v2_brief" (the shipped U-Net's
         # last worlds) for 20 000 steps at batch 64 (Min-SNR-5, EMA 0.999), data parallel
         # over two XLA CPU devices.
-        _v2_diffusion(c, "embedded", seed=20, world="v2_brief", steps=20_000, lr=5e-4)
+        _v2_diffusion(c, "candidates/shapes_v2_focus", seed=20, world="v2_brief", steps=20_000,
+                      lr=5e-4)
         c.model.backbone = "dit"
         c.model.caption_mask = False   # as the first embedded:dit (README "caption mask")
         c.data.num_train = 40_000
