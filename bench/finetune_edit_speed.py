@@ -105,6 +105,7 @@ def torch_lora(adapters):
 
 def load_model(name, folder):
     """(jaxdiff pipe, params, diffusers StableDiffusionPipeline) of ``name``."""
+    import torch
     from diffusers import StableDiffusionPipeline
 
     import jaxdiff
@@ -115,7 +116,8 @@ def load_model(name, folder):
     else:
         folder = DEFAULT_MODEL
     pipe, params = jaxdiff.load_pipeline(folder)
-    tpipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    tpipe = StableDiffusionPipeline.from_pretrained(  # the embedded folder is float16
+        folder, safety_checker=None, torch_dtype=torch.float32)
     return pipe, params, tpipe
 
 

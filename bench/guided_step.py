@@ -155,7 +155,7 @@ def torch_steps(folder, clip_folder, tclf):
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
-    clip = CLIPModel.from_pretrained(clip_folder).eval()
+    clip = CLIPModel.from_pretrained(clip_folder, dtype=torch.float32).eval()
     for m in (unet, vae, clip, tclf):
         m.requires_grad_(False)
     sf = vae.config.scaling_factor
@@ -254,7 +254,8 @@ def main(argv=None):
     def nchw(v):
         return torch.from_numpy(np.ascontiguousarray(np.asarray(v).transpose(0, 3, 1, 2)))
     from transformers import CLIPTextModel
-    tenc = CLIPTextModel.from_pretrained(DEFAULT_MODEL, subfolder="text_encoder").eval()
+    tenc = CLIPTextModel.from_pretrained(DEFAULT_MODEL, subfolder="text_encoder",
+                                         dtype=torch.float32).eval()  # stored in float16
     with torch.no_grad():
         tcond = tenc(torch.from_numpy(np.asarray(ids)).long()).last_hidden_state
         tuncond = tenc(torch.from_numpy(np.asarray(neg)).long()).last_hidden_state

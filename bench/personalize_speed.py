@@ -115,7 +115,8 @@ def ti_step_speed(pipe, params, root, iters=10, torch_threads=1):
     jax_s = (time.perf_counter() - t) / iters
 
     unet = UNet2DConditionModel.from_pretrained(os.path.join(root, "unet"))
-    text = CLIPTextModel.from_pretrained(os.path.join(root, "text_encoder"))
+    text = CLIPTextModel.from_pretrained(os.path.join(root, "text_encoder"),
+                                         dtype=torch.float32)  # the folder may be float16
     text.resize_token_embeddings(len(tok))
     emb = text.get_input_embeddings().weight
     with torch.no_grad():

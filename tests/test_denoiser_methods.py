@@ -305,7 +305,8 @@ def test_caption_mask_and_micro_conditions_match_diffusers(dit, torch, tmp_path)
     np.testing.assert_array_equal(both["mask"], tok.attention_mask.numpy())
     save_transformer(pipe.unet, params["unet"], str(tmp_path / "t"))
     tdit = PixArtTransformer2DModel.from_pretrained(str(tmp_path / "t")).eval()
-    text = CLIPTextModel.from_pretrained(os.path.join(DEFAULT_MODEL, "text_encoder")).eval()
+    text = CLIPTextModel.from_pretrained(os.path.join(DEFAULT_MODEL, "text_encoder"),
+                                         dtype=torch.float32).eval()  # stored in float16
     with torch.no_grad():
         emb = text(tok.input_ids, attention_mask=tok.attention_mask)[0]
         run = lambda mask: tdit(torch.tensor(ref.nchw(np.asarray(x))), encoder_hidden_states=emb,
