@@ -79,6 +79,9 @@ SMOKE = {  # script -> flags appended to every command that runs it
                                   " --config.train.batch_size=4 --config.train.warmup=0"
                                   " --config.checkpoint_every=1 --config.log_every=1"
                                   " --config.train.train_text_encoder=False"),
+    "train/colour_mixup.py": ("--config.num_train=64 --config.steps=2 --config.batch_size=8"
+                              " --config.warmup=1 --config.checkpoint_every=2"
+                              " --config.log_every=1"),
     "train/text_to_image.py": ("--config.data.num_train=64 --config.data.num_test=16"
                                " --config.autoencoder.steps=2 --config.diffusion.steps=2"
                                " --config.decoder.steps=2 --config.decoder.batch_size=16"
