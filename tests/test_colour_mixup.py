@@ -129,3 +129,8 @@ def test_recipe_exports_float16_and_refuses_bad_config(tmp_path):
     with pytest.raises(ValueError, match="mix must be"):
         cm.run_colour_mixup(c3, str(tmp_path / "bad3"))
     assert not (tmp_path / "bad3").exists()
+    c4 = get_config("tiny")
+    c4.init_from, c4.world = "embedded", "v9"
+    with pytest.raises(ValueError, match="world 'v9'"):
+        cm.run_colour_mixup(c4, str(tmp_path / "bad4"))
+    assert not (tmp_path / "bad4").exists()

@@ -61,6 +61,8 @@ def mixup_data(pipe: Pipeline, num: int, mix: float, seed: int, *, world: str = 
     object masks [N,H,W], mix ids [N,3], mix weights [N,3]). A mix row's ids are its anchors'
     token ids, heaviest first (the caption's word), padded with the first; its weights sum
     to 1. Rows that are ordinary world scenes have zero weights."""
+    if world not in WORLDS:
+        raise ValueError(f"world {world!r} is not one of {sorted(WORLDS)}.")
     spec = WORLDS[world]
     ids_of = word_ids(pipe, spec.colour_names)
     rng = np.random.default_rng(seed)
