@@ -55,7 +55,8 @@ named colour word
 object on a BG background", the form the methods were taught with. ``vae_ceiling``: the same figures for
 the five instance images after a VAE round trip (encoder mean, decoder): what reproducing
 the instance latents exactly gives; a reference, not a bound (other latents can decode
-nearer the colour).
+nearer the colour); ``vae_ceiling_all``: the same over all 50 renders (every shape, size
+and position). Shape-prompt rows also give ``by_shape``, each shape's share within 40.
 
 DreamBooth drift, before vs after, with colour-free prompts the v2 model follows: the
 class prompt "an object on a BG background" (background, one object, a world shape, and
@@ -177,16 +178,37 @@ def colour_scores(pipe, params, word: str, rgb, background: str, per_shape: int,
     sampled with guidance in ``INTERVAL`` only (same noise), under ``"interval"``."""
     prompts = shape_prompts(word, background, per_shape)
     images = generate(pipe, params, prompts, seed=5, **SAMPLING)
-    out = fidelity(colour_distances(images, rgb, SPEC))
+    out = with_shapes(colour_distances(images, rgb, SPEC), per_shape)
     if interval:
         images = generate(pipe, params, prompts, seed=5, guidance_interval=INTERVAL,
                           **SAMPLING)
-        out["interval"] = fidelity(colour_distances(images, rgb, SPEC))
+        out["interval"] = with_shapes(colour_distances(images, rgb, SPEC), per_shape)
     if object_prompt:
         prompt = f"{_article(word)} {word} object on a {background} background"
         images = generate(pipe, params, [prompt] * len(prompts), seed=8, **SAMPLING)
         out["object_prompt"] = fidelity(colour_distances(images, rgb, SPEC))
     return out
+
+
+def with_shapes(distances, per_shape: int) -> dict:
+    """``fidelity`` of ``distances`` (``shape_prompts``' order: ``per_shape`` per shape)
+    plus ``by_shape``: each shape's share within ``WITHIN``."""
+    d = np.asarray(distances).reshape(len(SHAPES), per_shape)
+    return dict(fidelity(d.ravel()),
+                by_shape={s: float(np.mean(row <= WITHIN)) for s, row in zip(SHAPES, d)})
+
+
+def vae_ceiling_all(pipe, params, rgb, background: str) -> dict:
+    """``vae_ceiling`` over every render of one object of colour ``rgb``: the five shapes
+    x both sizes x the five positions (50 images, ``by_shape``: 10 each). Thin shapes in
+    dark colours lose colour in the autoencoder (decoded lighter), which the five instance
+    images alone sample too sparsely to show."""
+    images = np.stack([render(SPEC, [ShapeObject(shape=s, colour=UNNAMED, size=size,
+                                                 position=p, rgb=tuple(rgb))], background)[0]
+                       for s in SHAPES for size in ("big", "small") for p in POSITIONS])
+    latents = encode_latents(pipe, params, images)
+    decoded = np.asarray(to_uint8(pipe.decode_latents(params, latents)))
+    return with_shapes(colour_distances(decoded, rgb, SPEC), 2 * len(POSITIONS))
 
 
 def vae_ceiling(pipe, params, images, rgb) -> dict:
@@ -254,7 +276,8 @@ def vae_scan(pipe, params, work: str) -> dict:
         images, _ = load_image_folder(folder, (SPEC.image_size,) * 2)
         out[name] = dict(rgb=list(rgb), background=bg,
                          nearest_anchor=[nearest, round(dist[nearest], 1)],
-                         vae_ceiling=vae_ceiling(pipe, params, images, rgb))
+                         vae_ceiling=vae_ceiling(pipe, params, images, rgb),
+                         vae_ceiling_all=vae_ceiling_all(pipe, params, rgb, bg))
     return out
 
 
@@ -294,6 +317,7 @@ def run(pipe, params, work: str, args, on_colour=None) -> dict:
                                                             paths, bg)
         row = dict(rgb=list(rgb), background=bg, nearest_anchor=[nearest, round(dist[nearest], 1)],
                    vae_ceiling=vae_ceiling(pipe, params, images, rgb),
+                   vae_ceiling_all=vae_ceiling_all(pipe, params, rgb, bg),
                    base_closest=base_closest(pipe, params, rgb, bg, per))
         out["colours"][name] = row
         report(out)
