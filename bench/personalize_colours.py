@@ -206,17 +206,20 @@ def vae_ceiling_all(pipe, params, rgb, background: str) -> dict:
     images = np.stack([render(SPEC, [ShapeObject(shape=s, colour=UNNAMED, size=size,
                                                  position=p, rgb=tuple(rgb))], background)[0]
                        for s in SHAPES for size in ("big", "small") for p in POSITIONS])
+    return with_shapes(colour_distances(round_trip(pipe, params, images), rgb, SPEC),
+                       2 * len(POSITIONS))
+
+
+def round_trip(pipe, params, images) -> np.ndarray:
+    """uint8 ``images`` through the VAE (posterior mean, decoder), as uint8."""
     latents = encode_latents(pipe, params, images)
-    decoded = np.asarray(to_uint8(pipe.decode_latents(params, latents)))
-    return with_shapes(colour_distances(decoded, rgb, SPEC), 2 * len(POSITIONS))
+    return np.asarray(to_uint8(pipe.decode_latents(params, latents)))
 
 
 def vae_ceiling(pipe, params, images, rgb) -> dict:
     """Fidelity of the five instance images after a VAE round trip (posterior mean): what
     reproducing their latents exactly gives (not a bound on generations)."""
-    latents = encode_latents(pipe, params, images)
-    decoded = np.asarray(to_uint8(pipe.decode_latents(params, latents)))
-    return fidelity(colour_distances(decoded, rgb, SPEC))
+    return fidelity(colour_distances(round_trip(pipe, params, images), rgb, SPEC))
 
 
 def base_closest(pipe, params, rgb, background: str, per_shape: int) -> dict:
