@@ -21,6 +21,9 @@ Prints one JSON object (also written to ``--out``):
 * ``evaluator_on_real``: the evaluator on those real images against their ground truth
   (unnamed colours not scored), a sanity line (should be ~1.0: generation scores are only
   as good as the reader).
+* ``evaluator_on_vae``: the evaluator on the same images after the autoencoder round trip
+  (posterior mean, decoder): what a model that drew exactly the real images' latents would
+  score, a ceiling that the decoder sets.
 """
 from __future__ import annotations
 
@@ -72,6 +75,9 @@ def generate_all(pipe, params, prompts, args):
     import jaxdiff
 
     n, chunk = len(prompts), max(1, min(args.chunk, len(prompts)))
+    if n == 0:   # every row 0: only the autoencoder lines (--num-real)
+        size = pipe.image_size
+        return np.zeros((len(args.guidance), 0, size, size, 3), np.uint8)
     out = []
     for start in range(0, n, chunk):
         batch = prompts[start:start + chunk]
@@ -163,12 +169,16 @@ def main(argv=None):
         real_images = np.stack([ex["image"] for ex in real])
         result["vae"] = {k: (round(v, 3) if isinstance(v, float) else v)
                          for k, v in gen.vae_psnr(pipe, params, real_images).items()}
+        round_trip = gen.vae_reconstruct(pipe, params, real_images)
         truth = [([dataclasses.replace(o, colour=None) if o.colour == UNNAMED else o
                    for o in ex["objects"]], spec.background_names[int(ex["background"])])
                  for ex in real]
         result["evaluator_on_real"] = {k: round(v, 4)
                                        for k, v in gen.score_images(real_images, truth,
                                                                     spec).items()}
+        result["evaluator_on_vae"] = {k: round(v, 4)
+                                      for k, v in gen.score_images(round_trip, truth,
+                                                                   spec).items()}
 
     text = json.dumps(result, indent=1)
     print(text)

@@ -1,8 +1,9 @@
 """Trains the embedded default model: a tiny SD-architecture pipeline on the shapes world.
 
-The shipped model (``jaxdiff/assets/shapes``, model v2) is eight commands: model v1's two
+The shipped model (``jaxdiff/assets/shapes``, model v2) is nine commands: model v1's two
 (kept as ``candidates/shapes_v1``), then model v2's four here on top of v1's export, then
-the two colour-mixup commands of ``configs/colour_mixup.py`` (``train/colour_mixup.py``).
+the two colour-mixup commands of ``configs/colour_mixup.py`` (``train/colour_mixup.py``),
+then ``v2_sharp`` here (the VAE decoder fine-tuned with the object-weighted loss, below).
 
     python train/text_to_image.py --config configs/shapes.py --workdir runs/shapes
     python train/text_to_image.py --config configs/shapes.py:finetune --workdir runs/shapes_ft \
@@ -44,6 +45,15 @@ devices, and ``v2_focus`` trains that for 2500 more steps with the object-weight
 model was made from the shipped v1 weights, ``--config.init_from=candidates/shapes_v1``.
 (``candidates/shapes_v2_brief`` is the third command's export, ``candidates/shapes_v2_focus``
 the fourth's, the input of ``configs/colour_mixup.py``.)
+The last command, after the colour-mixup ones:
+
+    python train/text_to_image.py --config configs/shapes.py:v2_sharp \
+        --workdir runs/shapes_v2_sharp
+
+``v2_sharp`` starts from ``runs/shapes_v2_mixup_b/export`` (the second colour-mixup
+command's float16 export); the shipped model was made from the shipped one,
+``--config.init_from=jaxdiff/assets/shapes`` as it was at commit ``2628910``, before this
+command's decoder replaced its own (the other files are unchanged, byte for byte).
 ``v2_grown2`` is the previous third command (``v2_terse``, 5500 steps, one device). The
 variants ``v2``, ``v2_stage2``, ``v2_decoder``, ``v2_stage3``, ``v2_zsnr``, ``v2_deep``
 and ``v2_deep2`` are an earlier, longer chain (each starts from the previous one's
@@ -65,6 +75,7 @@ def get_config(variant: str = ""):
     c.stages = "autoencoder,diffusion"   # comma-separated: autoencoder, decoder, diffusion
     c.export_dir = ""                    # diffusers-layout output ("" = <workdir>/export)
     c.init_from = ""                     # "" = random init; a pipeline dir or "embedded"
+    c.export_dtype = "float32"           # the export's tensors (float16 halves the file)
     # With init_from: scheduler fields to change, e.g. dict(prediction_type="v_prediction",
     # rescale_betas_zero_snr=True, timestep_spacing="trailing") ({} keeps the loaded one).
     c.scheduler_update = {}
@@ -121,7 +132,10 @@ def get_config(variant: str = ""):
     c.autoencoder = ml_collections.ConfigDict(dict(
         steps=4000, batch_size=32, lr=1e-3, warmup=100, kl_weight=1e-6))
     # Decoder-only fine-tuning (stage "decoder"): encoder and latent space kept.
-    c.decoder = ml_collections.ConfigDict(dict(steps=400, batch_size=16, lr=1e-3, warmup=50))
+    # object_weight > 0: each pixel's loss weighted by 1 + object_weight * its ground-truth
+    # object coverage (text_to_image.train_decoder).
+    c.decoder = ml_collections.ConfigDict(dict(steps=400, batch_size=16, lr=1e-3, warmup=50,
+                                               object_weight=0.0))
     # object_weight > 0: each latent pixel's loss weighted by 1 + object_weight * its
     # ground-truth object coverage (text_to_image.train_diffusion); 0 in every variant.
     c.diffusion = ml_collections.ConfigDict(dict(
@@ -268,6 +282,17 @@ def get_config(variant: str = ""):
         c.diffusion.object_weight = 4.0
         c.cpu_devices = 2
         c.sample_every = 0
+    elif variant == "v2_sharp":
+        # Model v2, last command: only the colour-mixup export's VAE decoder fine-tuned
+        # for 2000 steps with the object-weighted loss (each pixel's error x (1 + 3 x its
+        # ground-truth object coverage)) on a fresh draw (seed 14) of world v2: thin dark
+        # shapes (crosses, stars) decoded in their colour, not lighter. Encoder, latent
+        # space, text encoder and U-Net kept; exported in float16 (bench/README.md, "The
+        # decoder command").
+        _v2_decoder(c, "runs/shapes_v2_mixup_b/export")
+        c.seed = 14
+        c.decoder.update(steps=2000, batch_size=32, lr=5e-4, warmup=100, object_weight=3.0)
+        c.export_dtype = "float16"
     elif variant == "tiny":
         c.data.num_train, c.data.num_test = 64, 16
         c.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -285,7 +310,7 @@ def get_config(variant: str = ""):
         raise ValueError(f"unknown variant {variant!r} of configs/shapes.py "
                          "(use '', 'finetune', 'dit', 'dit_v2', 'v2', 'v2_stage2', 'v2_decoder', "
                          "'v2_stage3', 'v2_zsnr', 'v2_deep', 'v2_deep2', 'v2_vae', 'v2_grown', "
-                         "'v2_grown2', 'v2_brief', 'v2_focus' or 'tiny').")
+                         "'v2_grown2', 'v2_brief', 'v2_focus', 'v2_sharp' or 'tiny').")
     return c
 
 

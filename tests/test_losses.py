@@ -72,6 +72,26 @@ def test_pixel_weights_give_the_weighted_mean_of_the_squared_error():
                                loss(x0, None, rng), rtol=1e-6)
 
 
+def test_vae_loss_pixel_weights_give_the_weighted_mean_of_l1_plus_l2():
+    """vae_loss(weight=w): per sample sum(w (|d| + d^2)) / sum(w) over pixels and channels
+    (plus the KL term); uniform weights are the plain mean."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2, 4, 4, 3)).astype(np.float32)
+    recon = rng.uniform(-1, 1, (2, 4, 4, 3)).astype(np.float32)
+    zeros = np.zeros((2, 2, 2, 4), np.float32)
+    w = np.ones((2, 4, 4, 1), np.float32)
+    w[:, 1:3, 1:3] = 9.0                                   # an "object" in the middle
+    d = recon - images
+    wb = np.broadcast_to(w, d.shape)
+    want = np.sum(wb * (np.abs(d) + d ** 2), (1, 2, 3)) / np.sum(wb, (1, 2, 3))
+    np.testing.assert_allclose(losses.vae_loss(recon, images, zeros, zeros, 0.0, w), want,
+                               rtol=1e-5)
+    uniform = losses.vae_loss(recon, images, zeros, zeros, 0.0, 3 * np.ones_like(w))
+    np.testing.assert_allclose(uniform, losses.vae_loss(recon, images, zeros, zeros, 0.0),
+                               rtol=1e-6)
+    assert not np.allclose(want, losses.vae_loss(recon, images, zeros, zeros, 0.0))
+
+
 def test_object_coverage_pools_the_union_of_the_masks():
     from jaxdiff.training.text_to_image import object_coverage
     masks = np.zeros((2, 8, 8), bool)

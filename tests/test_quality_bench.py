@@ -206,4 +206,10 @@ def test_bench_runs_end_to_end_on_a_tiny_random_pipeline(tmp_path, torch):
             assert set(scores) >= {"all", "shape", "colour", "size", "position", "background"}
             assert all(0.0 <= v <= 1.0 for v in scores.values())
     assert result["vae"]["n"] == 4 and np.isfinite(result["vae"]["mean_db"])
-    assert result["evaluator_on_real"]["n"] == 4
+    assert result["evaluator_on_real"]["n"] == 4 and result["evaluator_on_vae"]["n"] == 4
+    # Every prompt row 0: only the autoencoder lines (what the decoder study reads).
+    vae_only = bench.main(["--model", folder, "--num-one", "0", "--num-two", "0",
+                           "--num-colour-free", "0", "--num-shape-free", "0",
+                           "--num-real", "4", "--guidance", "1", "--world", "v2"])
+    assert vae_only["generation"] == {} and vae_only["vae"] == result["vae"]
+    assert vae_only["evaluator_on_vae"] == result["evaluator_on_vae"]

@@ -119,24 +119,36 @@ def test_init_from_fine_tunes_an_existing_pipeline(trained, tmp_path):
                                                          jax.tree.leaves(after["unet"])))
 
 
-def test_decoder_stage_moves_only_the_decoder_and_lowers_its_loss(trained, tmp_path):
+@pytest.mark.parametrize("object_weight", [0.0, 4.0])
+def test_decoder_stage_moves_only_the_decoder_and_lowers_its_loss(trained, tmp_path,
+                                                                  object_weight):
     """stage "decoder": encoder, quant_conv, UNet, text encoder and scaling factor are kept
     bit for bit; post_quant_conv + decoder move, and reconstructions of the training images
-    get closer (L1 + L2 from the posterior mean, before vs after)."""
+    get closer (L1 + L2 from the posterior mean, before vs after). With
+    ``decoder.object_weight`` (``configs/shapes.py:v2_sharp``'s loss) the same holds, and
+    ``export_dtype="float16"`` writes float16 tensors."""
     _, export = trained
     cfg = _tiny_config()
     cfg.init_from, cfg.stages = export, "decoder"
-    cfg.decoder.update(steps=30, lr=3e-3)
+    cfg.decoder.update(steps=30, lr=3e-3, object_weight=object_weight)
     cfg.log_every = 10
+    if object_weight:
+        cfg.export_dtype = "float16"
     out = recipes.train_and_evaluate(cfg, str(tmp_path / "dec"))
+    from safetensors.numpy import load_file
+    stored = load_file(os.path.join(out, "vae", "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {np.dtype(np.float16 if object_weight
+                                                           else np.float32)}
     (p0, before), (p1, after) = jaxdiff.load_pipeline(export), jaxdiff.load_pipeline(out)
     assert p1.vae.config.scaling_factor == p0.vae.config.scaling_factor
     kept = [before["unet"], before["text_encoder"], before["vae"]["encoder"],
             before["vae"]["quant_conv"]]
     now = [after["unet"], after["text_encoder"], after["vae"]["encoder"],
            after["vae"]["quant_conv"]]
+    stored_as = np.float16 if object_weight else np.float32   # kept up to that rounding
     for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(now)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(a).astype(stored_as).astype(np.float32),
+                                      np.asarray(b))
     for part in ("decoder", "post_quant_conv"):
         assert not all(np.array_equal(a, b) for a, b in zip(
             jax.tree.leaves(before["vae"][part]), jax.tree.leaves(after["vae"][part])))

@@ -79,9 +79,18 @@ def denoising_loss(denoise: Callable, alphas_cumprod, prediction_type: str,
     return loss
 
 
-def vae_loss(recon, images, mean, logvar, kl_weight):
-    """L1 + L2 reconstruction plus a (small) KL term to N(0, I), per sample [B]."""
+def vae_loss(recon, images, mean, logvar, kl_weight, weight=None):
+    """L1 + L2 reconstruction plus a (small) KL term to N(0, I), per sample [B].
+
+    ``weight`` (optional, [B, H, W, 1] or broadcastable) weights each pixel's
+    reconstruction error, normalised by its sum (e.g. object pixels up-weighted).
+    """
     axes = tuple(range(1, images.ndim))
-    rec = jnp.mean(jnp.abs(recon - images), axes) + jnp.mean((recon - images) ** 2, axes)
+    err = jnp.abs(recon - images) + (recon - images) ** 2
+    if weight is None:
+        rec = jnp.mean(err, axes)
+    else:
+        w = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), err.shape)
+        rec = jnp.sum(w * err, axes) / jnp.sum(w, axes)
     kl = 0.5 * jnp.mean(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, tuple(range(1, mean.ndim)))
     return rec + kl_weight * kl

@@ -22,6 +22,7 @@ import sys
 from typing import Callable
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -182,7 +183,7 @@ def train_and_evaluate(config, workdir: str) -> str:
             **config.diffusion.to_dict(), **common, on_sample=grid,
             sample_every=config.sample_every)
     export = config.export_dir or os.path.join(workdir, "export")
-    save_pipeline(pipe, params, export)
+    save_pipeline(pipe, params, export, dtype=np.dtype(config.get("export_dtype", "float32")))
     return export
 
 

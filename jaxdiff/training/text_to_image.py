@@ -63,34 +63,45 @@ def train_autoencoder(pipe: Pipeline, params, source, workdir: str, *, steps: in
 
 def train_decoder(pipe: Pipeline, params, source, workdir: str, *, steps: int,
                   batch_size: int, lr: float, seed: int = 0, warmup: int = 100,
-                  log_every: int = 50, ckpt_every: int = 500, accum_steps: int = 1, mesh=None,
+                  object_weight: float = 0.0, log_every: int = 50, ckpt_every: int = 500,
+                  accum_steps: int = 1, mesh=None,
                   rules: Sequence = parallel.DEFAULT_RULES, fsdp_min_size: int = 0):
     """Fine-tunes only the VAE decoder (``post_quant_conv`` + ``decoder``) to reconstruct
     images from the frozen encoder's posterior mean (L1 + L2).
 
     The encoder, and so the latent space and its scaling factor, stay exactly as they were:
-    a UNet trained on this VAE's latents stays valid. Returns the raw (not EMA) weights, as
+    a UNet trained on this VAE's latents stays valid. ``object_weight > 0`` weights each
+    pixel's error by ``1 + object_weight * coverage`` (``object_coverage`` at image
+    resolution: the ground-truth object masks), so that thin objects, a few percent of the
+    pixels, are drawn in their colour. Returns the raw (not EMA) weights, as
     ``train_autoencoder`` does.
     """
+    if object_weight < 0:
+        raise ValueError(f"train_decoder: {object_weight=} must be >= 0 (0: off).")
     os.makedirs(workdir, exist_ok=True)
     vae = pipe.vae
     frozen = {k: v for k, v in params["vae"].items() if k in ("encoder", "quant_conv")}
     trainable = {k: v for k, v in params["vae"].items() if k not in frozen}
     opt = adamw_with_warmup(lr, warmup, steps, weight_decay=0.0)
 
-    def loss_fn(p, images, rng):
+    weight = (1.0 + object_weight * object_coverage(source, 1) if object_weight > 0
+              else None)
+
+    def loss_fn(p, batch, rng):
         del rng
+        images, *w = batch
         full = {**frozen, **p}
         mean, _ = vae.apply({"params": full}, images, method=type(vae).encode)
         recon = vae.apply({"params": full}, jax.lax.stop_gradient(mean),
                           method=type(vae).decode)
         zeros = jnp.zeros_like(mean)
-        return jnp.mean(losses.vae_loss(recon, images, zeros, zeros, 0.0))
+        return jnp.mean(losses.vae_loss(recon, images, zeros, zeros, 0.0, *w))
 
     def batch_fn(s):
         idx = batching.host_slice(batching.batch_indices(len(source), batch_size, s, seed))
         images, _ = batching.read_batch(source, idx)
-        return from_uint8(images)
+        images = (from_uint8(images),)
+        return images if weight is None else images + (jnp.asarray(weight[idx]),)
 
     state = state_lib.create(trainable, opt, seed)
     state = train_loop(make_train_step(loss_fn, opt, accum_steps=accum_steps), state,
