@@ -26,7 +26,9 @@ NUM = 16  # held-out triples per kind
 
 def test_shipped_instruct_model_is_a_small_float16_pipeline():
     """A diffusers StableDiffusionInstructPix2PixPipeline folder: 8-channel UNet, float16
-    tensors, the embedded model's VAE (frozen by the recipe, so its weights rounded)."""
+    tensors, the VAE of the model it was trained from (``candidates/shapes_v2_focus``,
+    frozen by the recipe, so its weights rounded), whose encoder the embedded model keeps
+    (``configs/shapes.py:v2_sharp`` fine-tuned only the embedded model's decoder)."""
     with open(os.path.join(INSTRUCT_MODEL, "model_index.json")) as f:
         assert json.load(f)["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
     with open(os.path.join(INSTRUCT_MODEL, "unet", "config.json")) as f:
@@ -39,9 +41,15 @@ def test_shipped_instruct_model_is_a_small_float16_pipeline():
         assert {v.dtype for v in tensors.values()} == {np.dtype(np.float16)}, kind
         total += os.path.getsize(path)
         if kind == "vae":
+            repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            focus = load_file(os.path.join(repo, "candidates", "shapes_v2_focus", kind,
+                                           name + ".safetensors"))
             base = load_file(os.path.join(DEFAULT_MODEL, kind, name + ".safetensors"))
-            for k, v in base.items():
+            assert set(tensors) == set(focus) == set(base)
+            for k, v in focus.items():
                 np.testing.assert_array_equal(tensors[k], v.astype(np.float16), err_msg=k)
+                if k.startswith(("encoder.", "quant_conv.")):   # one latent space
+                    np.testing.assert_array_equal(tensors[k], base[k], err_msg=k)
     assert total < 4.5 * 2 ** 20, total
 
 
