@@ -24,6 +24,7 @@ STAGES = imagic.Stages(embedding_steps=10, finetune_steps=30, lora_rank=4, draws
 STEPS = 6
 LR = np.array([3e-3, 3e-3, 0.0, 0.0], np.float32)  # rows: a, b fine-tuned; a, b base
 INDEX = np.array([0, 1, 0, 1])                      # a row's noise: its image's index
+EMB_LR = 1e-2  # stage (a): 10 Adam steps that move the embedding off the target text
 
 
 def _hollowed(examples, num: int = 2):
@@ -51,14 +52,17 @@ def world(embedded):
     pipe, params = embedded
     ex = _hollowed(held_out_examples(WorldSpec(image_size=pipe.image_size), 12, num_objects=1))
     images = np.asarray(from_uint8(np.stack([e["image"] for e in ex])))[[0, 1, 0, 1]]
-    captions = [e["caption"] for e in ex] * 2
+    # Each image's target text is the other image's caption: a different shape and colour,
+    # so eta (0 -> 1: the optimized embedding -> the target's) has somewhere to go.
+    captions = [e["caption"] for e in ex[::-1]] * 2
 
     def run(fn, x, prompts, index=INDEX, **kw):
         out = fn(pipe, params, x, prompts, stages=STAGES, steps=STEPS, seed=3,
                  sample_index=index, **kw)
         return {k: np.asarray(v) for k, v in out.items()}
 
-    tuned = run(imagic.imagic, images, captions, etas=(0.0, 0.5, 1.0), finetune_lr=LR)
+    tuned = run(imagic.imagic, images, captions, etas=(0.0, 0.5, 1.0), finetune_lr=LR,
+                embedding_lr=EMB_LR)
     program = imagic._compiled(pipe, STEPS, STAGES, batch_inputs.edit_mesh(None))
     return dict(pipe=pipe, params=params, images=images, captions=captions, run=run,
                 tuned=tuned, program=program)
@@ -107,6 +111,6 @@ def test_batch_rows_are_independent(world):
     x, c, out = world["images"], world["captions"], world["tuned"]
     perm = [3, 2, 1, 0]
     swapped = world["run"](imagic.imagic, x[perm], [c[i] for i in perm], index=INDEX[perm],
-                           etas=(0.0, 0.5, 1.0), finetune_lr=LR[perm])
+                           etas=(0.0, 0.5, 1.0), finetune_lr=LR[perm], embedding_lr=EMB_LR)
     np.testing.assert_allclose(swapped["edited"], out["edited"][perm], atol=2e-5)
     assert world["program"]._cache_size() == 1
